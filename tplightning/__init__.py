@@ -1,0 +1,14 @@
+"""tplightning: target-propagation learning rules as PyTorch Lightning modules.
+
+Implements A. Meulemans, *Towards a mathematical understanding of biologically plausible
+learning methods for deep neural networks* (MSc thesis, KU Leuven, 2019). Every rule and data
+module is importable from here, which LightningCLI short names and ``load_from_checkpoint`` need.
+"""
+from . import functional, networks
+from .callbacks import InitNearTeacher
+from .data import StudentTeacherDataModule, ToyDataModule
+from .rules import *  # noqa: F401,F403
+from .rules import __all__ as _rules
+
+__version__ = "0.1.0"
+__all__ = ["functional", "networks", "InitNearTeacher", "StudentTeacherDataModule", "ToyDataModule", *_rules]

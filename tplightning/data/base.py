@@ -1,0 +1,91 @@
+"""In-memory tensor data shared by every data module: no per-item decoding, seeded shuffling."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ["TensorData", "EpochSeededSampler", "TensorDataModule"]
+
+
+class TensorData(Dataset):
+    """``(x, y)`` tensors indexed together; a whole batch is gathered by one indexing op."""
+
+    def __init__(self, x: Tensor, y: Tensor):
+        if len(x) != len(y):
+            raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.x[idx], self.y[idx]
+
+
+def _as_batch(batch):
+    return batch
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation per epoch drawn from ``seed + epoch``.
+
+    Lightning calls ``set_epoch`` before each epoch, so the order depends only on the seed and the
+    epoch number: a run resumed from a checkpoint sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Base for data modules whose splits are tensors in memory.
+
+    Subclasses fill ``self.train_data``, ``self.val_data``, ``self.test_data`` (``TensorData``) in
+    ``setup`` and set ``input_dim``, ``output_dim`` and ``task`` (``regression`` or
+    ``classification``), which the rules check against their layer sizes.
+    """
+
+    task: str = "regression"
+
+    def __init__(self, batch_size: int = 32, eval_batch_size: int = 1000, shuffle_seed: int = 0):
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        self.batch_size, self.eval_batch_size, self.shuffle_seed = batch_size, eval_batch_size, shuffle_seed
+        self.train_data = self.val_data = self.test_data = None
+
+    def _loader(self, data: TensorData, train: bool) -> DataLoader:
+        if data is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
+        return DataLoader(
+            data,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=EpochSeededSampler(len(data), self.shuffle_seed) if train else None,
+            drop_last=False,
+            collate_fn=_as_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_data, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_data, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_data, False)

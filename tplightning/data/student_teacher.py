@@ -1,0 +1,85 @@
+"""Student-teacher regression (thesis sections 5.1.3 and 5.2.2)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..networks import MLP
+from .base import TensorData, TensorDataModule
+
+__all__ = ["StudentTeacherDataModule"]
+
+
+class StudentTeacherDataModule(TensorDataModule):
+    """A random teacher MLP labels Gaussian inputs; a student of the same architecture learns it.
+
+    The thesis' settings: 6-6-6 (one hidden layer), the contracting 6-6-4 and the deep
+    6-6-6-6-6-6, leaky-ReLU 0.35 hidden layers and a linear output, teacher weights standard
+    Gaussian. Batch size 1 with 2000 batches per epoch (section 5.1.3, exact inverses) or batch
+    size 32 with 60 batches per epoch (section 5.2.2). The teacher's weights are exposed as
+    :attr:`teacher_weights`; :class:`~tplightning.callbacks.InitNearTeacher` places a student at a
+    given Frobenius distance from them.
+
+    Args:
+        sizes: teacher layer sizes ``[n_0, ..., n_L]``.
+        activation: teacher hidden non-linearity.
+        output_activation: teacher output non-linearity.
+        negative_slope: leaky-ReLU slope.
+        teacher_std: std of the teacher's Gaussian weights (thesis: 1.0).
+        teacher_seed: seed of the teacher's weights and of the inputs.
+        num_train: training samples (batches per epoch = num_train / batch_size).
+        num_val: validation samples.
+        num_test: test samples.
+        input_std: std of the Gaussian inputs.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size.
+        shuffle_seed: seed of the per-epoch shuffling.
+    """
+
+    task = "regression"
+
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        teacher_std: float = 1.0,
+        teacher_seed: int = 0,
+        num_train: int = 1920,
+        num_val: int = 500,
+        num_test: int = 1000,
+        input_std: float = 1.0,
+        batch_size: int = 32,
+        eval_batch_size: int = 1000,
+        shuffle_seed: int = 0,
+    ):
+        super().__init__(batch_size, eval_batch_size, shuffle_seed)
+        for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+            if n < 1:
+                raise ValueError(f"{name} must be >= 1, got {n}")
+        self.save_hyperparameters()
+        g = torch.Generator().manual_seed(teacher_seed)
+        self.teacher = MLP(sizes, activation, output_activation, negative_slope, False, teacher_std, generator=g)
+        self.teacher.requires_grad_(False)
+        self._g = g
+        self.input_dim, self.output_dim = self.teacher.sizes[0], self.teacher.sizes[-1]
+        self.num_train, self.num_val, self.num_test, self.input_std = num_train, num_val, num_test, input_std
+
+    @property
+    def teacher_weights(self) -> list[Tensor]:
+        """The teacher's ``[W_1*, ..., W_L*]`` (copies)."""
+        return [W.detach().clone() for W in self.teacher.weights]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        g = torch.Generator().manual_seed(self.hparams.teacher_seed + 1)
+        splits = []
+        for n in (self.num_train, self.num_val, self.num_test):
+            x = torch.randn(n, self.input_dim, generator=g) * self.input_std
+            with torch.no_grad():
+                splits.append(TensorData(x, self.teacher(x)))
+        self.train_data, self.val_data, self.test_data = splits

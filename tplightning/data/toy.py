@@ -1,0 +1,65 @@
+"""The thesis' toy problem (section 5.1.1, fig. 5.1): one input, two hidden, two outputs."""
+from __future__ import annotations
+
+import torch
+
+from .student_teacher import StudentTeacherDataModule
+
+__all__ = ["ToyDataModule"]
+
+
+class ToyDataModule(StudentTeacherDataModule):
+    """Scalar input ``h_0 ~ N(0, 1)``, a 1-2-2 teacher with hidden weights ``W_1*`` and output ``W_2``.
+
+    The student shares ``W_2`` and learns only ``W_1`` (use ``train_layers: [1]`` on the rule and
+    :class:`~tplightning.callbacks.InitNearTeacher` with ``copy_layers: [2]``). ``nonlinear=False``
+    is the linear case (eqs. 5.1-5.12); ``nonlinear=True`` puts a leaky-ReLU with slope 0.1 on the
+    hidden layer (eq. 5.13).
+
+    Args:
+        nonlinear: leaky-ReLU(0.1) hidden layer instead of a linear one.
+        teacher_seed: seed of ``W_1*``, ``W_2`` and the inputs.
+        num_train: training samples.
+        num_val: validation samples.
+        num_test: test samples.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size.
+        shuffle_seed: seed of the per-epoch shuffling.
+    """
+
+    def __init__(
+        self,
+        nonlinear: bool = False,
+        teacher_seed: int = 0,
+        num_train: int = 256,
+        num_val: int = 256,
+        num_test: int = 1000,
+        batch_size: int = 16,
+        eval_batch_size: int = 1000,
+        shuffle_seed: int = 0,
+    ):
+        super().__init__(
+            sizes=(1, 2, 2),
+            activation="leaky_relu" if nonlinear else "linear",
+            output_activation="linear",
+            negative_slope=0.1,
+            teacher_seed=teacher_seed,
+            num_train=num_train,
+            num_val=num_val,
+            num_test=num_test,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            shuffle_seed=shuffle_seed,
+        )
+        self.nonlinear = nonlinear
+        # W_2 must be invertible for exact-inverse targets (eq. 5.3): redraw until well conditioned.
+        g = torch.Generator().manual_seed(teacher_seed + 7919)
+        W2 = self.teacher.weights[1]
+        with torch.no_grad():
+            while torch.linalg.svdvals(W2).min() < 0.3:
+                W2.copy_(torch.randn(2, 2, generator=g))
+
+    @property
+    def output_weights(self):
+        """The fixed ``W_2`` shared by teacher and student."""
+        return self.teacher_weights[1]

@@ -1,0 +1,304 @@
+"""Pure tensor math of target propagation, without Lightning.
+
+Every function works on batches: activations are ``(B, n)`` tensors, weights ``(n_out, n_in)``
+matrices as in the thesis (``h_i = s_i(W_i h_{i-1})``, eq. 4.1), so a batch computes
+``h_i = s_i(h_{i-1} @ W_i.T)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Activation",
+    "LeakyReLU",
+    "Identity",
+    "Tanh",
+    "ReLU",
+    "get_activation",
+    "output_error",
+    "output_target",
+    "per_sample_loss",
+    "local_update",
+    "robust_sherman_morrison",
+    "robust_woodbury",
+    "robust_invertible_gaussian",
+    "is_robustly_invertible",
+    "cosine",
+]
+
+
+class Activation:
+    """An element-wise non-linearity ``s`` with its derivative and (where it exists) inverse.
+
+    ``derivative`` takes the pre-activation ``a`` and returns the diagonal of ``D_s`` (eq. 4.11).
+    """
+
+    name: str = "activation"
+    invertible: bool = True
+
+    def __call__(self, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def inverse(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def derivative(self, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LeakyReLU(Activation):
+    """``s(a) = a`` for ``a >= 0`` and ``slope * a`` otherwise; the thesis uses 0.1 and 0.35."""
+
+    name = "leaky_relu"
+
+    def __init__(self, negative_slope: float = 0.35):
+        if not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
+            raise ValueError(f"leaky_relu negative_slope must be a finite number, got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+        self.invertible = self.negative_slope > 0
+
+    def __call__(self, a: Tensor) -> Tensor:
+        return torch.where(a >= 0, a, a * self.negative_slope)
+
+    def inverse(self, h: Tensor) -> Tensor:
+        if not self.invertible:
+            raise ValueError(
+                f"leaky_relu with negative_slope={self.negative_slope} has no inverse: "
+                "target propagation needs a negative slope > 0 (the thesis uses 0.1 or 0.35)"
+            )
+        return torch.where(h >= 0, h, h / self.negative_slope)
+
+    def derivative(self, a: Tensor) -> Tensor:
+        return torch.where(a >= 0, torch.ones_like(a), torch.full_like(a, self.negative_slope))
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU(negative_slope={self.negative_slope})"
+
+
+class Identity(Activation):
+    """The linear output layer of the thesis' regression experiments."""
+
+    name = "linear"
+
+    def __call__(self, a: Tensor) -> Tensor:
+        return a
+
+    def inverse(self, h: Tensor) -> Tensor:
+        return h
+
+    def derivative(self, a: Tensor) -> Tensor:
+        return torch.ones_like(a)
+
+
+class Tanh(Activation):
+    """``tanh``; its inverse ``atanh`` is clamped just inside (-1, 1) so targets stay finite."""
+
+    name = "tanh"
+    eps = 1e-6
+
+    def __call__(self, a: Tensor) -> Tensor:
+        return torch.tanh(a)
+
+    def inverse(self, h: Tensor) -> Tensor:
+        return torch.atanh(h.clamp(-1 + self.eps, 1 - self.eps))
+
+    def derivative(self, a: Tensor) -> Tensor:
+        return 1 - torch.tanh(a) ** 2
+
+
+class ReLU(Activation):
+    """ReLU, for backprop baselines only: it is not invertible."""
+
+    name = "relu"
+    invertible = False
+
+    def __call__(self, a: Tensor) -> Tensor:
+        return torch.relu(a)
+
+    def inverse(self, h: Tensor) -> Tensor:
+        raise ValueError(
+            "relu has no inverse (it maps every negative input to 0): use 'leaky_relu' with a "
+            "negative_slope > 0, 'tanh' or 'linear' for target propagation"
+        )
+
+    def derivative(self, a: Tensor) -> Tensor:
+        return (a > 0).to(a.dtype)
+
+
+_ACTIVATIONS = {"leaky_relu": LeakyReLU, "linear": Identity, "identity": Identity, "tanh": Tanh, "relu": ReLU}
+
+
+def get_activation(name: str, negative_slope: float = 0.35) -> Activation:
+    """Activation by name: ``leaky_relu`` (with ``negative_slope``), ``linear``, ``tanh``, ``relu``."""
+    if isinstance(name, Activation):
+        return name
+    key = str(name).lower()
+    if key not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}")
+    if key == "leaky_relu":
+        return LeakyReLU(negative_slope)
+    return _ACTIVATIONS[key]()
+
+
+# --------------------------------------------------------------------------------------------
+# Losses and output targets
+# --------------------------------------------------------------------------------------------
+
+
+def output_error(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
+    """``e_L = dl/dh_L`` of the per-sample loss (eq. 4.5), shape ``(B, n_L)``.
+
+    ``mse``: ``l = 1/2 ||h_L - y||^2`` so ``e_L = h_L - y``; ``cross_entropy`` on logits ``h_L``
+    with integer labels ``y``: ``e_L = softmax(h_L) - onehot(y)``.
+    """
+    if loss == "mse":
+        return h_L - y
+    if loss == "cross_entropy":
+        p = torch.softmax(h_L, dim=-1)
+        return p - torch.nn.functional.one_hot(y.long(), h_L.shape[-1]).to(p.dtype)
+    raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
+
+
+def per_sample_loss(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
+    """The per-sample loss ``l`` whose gradient :func:`output_error` returns, shape ``(B,)``."""
+    if loss == "mse":
+        return 0.5 * ((h_L - y) ** 2).sum(-1)
+    if loss == "cross_entropy":
+        return torch.nn.functional.cross_entropy(h_L, y.long(), reduction="none")
+    raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
+
+
+def output_target(h_L: Tensor, y: Tensor, loss: str, target_stepsize: float) -> Tensor:
+    """``h^_L = h_L - eta^ * dl/dh_L`` (eq. 4.4)."""
+    return h_L - target_stepsize * output_error(h_L, y, loss)
+
+
+def local_update(d: Tensor, h: Tensor, h_hat: Tensor, h_prev: Tensor, modified: bool = False) -> Tensor:
+    """Gradient of the local loss ``mean_b 1/2 ||h_i - h^_i||^2`` w.r.t. ``W_i`` (eq. 4.12, Alg. A.10).
+
+    ``(1/B) sum_b D_i (h_i - h^_i) h_{i-1}^T`` with ``d`` the diagonal of ``D_i`` per sample; the
+    modified rules (Alg. A.1, A.6) use ``D_i^{-1}`` instead. A step ``W <- W - eta * result`` is
+    the thesis' ``Delta W_i``.
+    """
+    delta = (h - h_hat) / d if modified else d * (h - h_hat)  # (B, n_i)
+    return delta.T @ h_prev / h.shape[0]  # (n_i, n_{i-1})
+
+
+def cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
+    """Per-sample cosine of the angle between rows of ``a`` and ``b`` (flattened per sample)."""
+    a = a.reshape(a.shape[0], -1)
+    b = b.reshape(b.shape[0], -1)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact inverses: robust Sherman-Morrison (Alg. 4.1) and its mini-batch generalisation
+# --------------------------------------------------------------------------------------------
+
+
+def robust_sherman_morrison(
+    W: Tensor, W_inv: Tensor, u: Tensor, v: Tensor, threshold: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Robust Sherman-Morrison update, exactly Alg. 4.1 of the thesis.
+
+    With ``d = v^T W^{-1} u``: if ``|1 + d| >= threshold`` then ``W + u v^T`` and its inverse by
+    Sherman-Morrison (eq. 4.19), ``beta = 1``; else ``beta = 1/(threshold - d)``, ``W + beta u v^T``
+    and ``W^{-1} - W^{-1} u v^T W^{-1} / threshold`` (eq. 4.80), which is exactly its inverse.
+
+    Args:
+        W: ``(n, m)`` forward matrix (square for an inverse to exist).
+        W_inv: its inverse.
+        u: ``(n,)`` left vector (``-eta D (h - h^)``, eq. 4.17).
+        v: ``(m,)`` right vector (``h_{i-1}``, eq. 4.18).
+        threshold: ``epsilon`` of Alg. 4.1.
+
+    Returns:
+        ``(W_new, W_inv_new, beta)``, ``beta`` a 0-d tensor.
+    """
+    if u.dim() != 1 or v.dim() != 1:
+        raise ValueError(f"u and v must be 1-D vectors, got shapes {tuple(u.shape)} and {tuple(v.shape)}")
+    Wu = W_inv @ u  # (n,)
+    vW = v @ W_inv  # (n,)
+    d = v @ Wu
+    clipped = (1 + d).abs() < threshold
+    beta = torch.where(clipped, 1 / (threshold - d), torch.ones_like(d))
+    denom = torch.where(clipped, torch.full_like(d, threshold), 1 + d)
+    return W + beta * torch.outer(u, v), W_inv - torch.outer(Wu, vW) / denom, beta
+
+
+def robust_woodbury(
+    W: Tensor, W_inv: Tensor, U: Tensor, V: Tensor, threshold: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Exact inverse after a rank-B update ``W + beta U V^T`` (Woodbury), robust in the spirit of Alg. 4.1.
+
+    The thesis restricts exact inverses to batch size 1 (section 4.1.3). A mini-batch update
+    ``Delta W = U V^T`` (columns ``u_b = -eta/B D_b (h_b - h^_b)``, ``v_b = h_{i-1,b}``) has rank B,
+    and Woodbury keeps the inverse exact at O(n^2 B + B^3)::
+
+        (W + beta U V^T)^{-1} = W^{-1} - W^{-1} U (I/beta + K)^{-1} V^T W^{-1},   K = V^T W^{-1} U.
+
+    Robustness rule (our generalisation of Alg. 4.1, whose role ``1 + d`` is played by the
+    capacitance ``C = I + K``): if ``sigma_min(C) >= threshold`` take ``beta = 1``; otherwise
+    ``beta = 1 / (threshold - lambda_min(sym K))`` with ``sym K = (K + K^T)/2``. Then
+    ``sigma_min(I/beta + K) >= lambda_min(sym(I/beta + K)) = threshold``, so the correction's
+    gain ``||(I/beta + K)^{-1}||_2`` is at most ``1/threshold`` exactly as in Alg. 4.1, and
+    ``0 < beta <= 1`` (a shortened step, never a reversed one). For B = 1, ``sym K = d`` and
+    ``sigma_min(C) = |1 + d|``, so this is Alg. 4.1 to the letter.
+
+    Args:
+        W: ``(n, n)`` forward matrix. W_inv: its inverse. U: ``(n, B)``. V: ``(n, B)``.
+        threshold: ``epsilon``.
+
+    Returns:
+        ``(W_new, W_inv_new, beta, sigma_min(C))`` with ``beta`` and ``sigma_min(C)`` 0-d tensors.
+    """
+    if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[1]:
+        raise ValueError(f"U and V must be (n, B) matrices with the same B, got {tuple(U.shape)} and {tuple(V.shape)}")
+    B = U.shape[1]
+    WU = W_inv @ U  # (n, B)
+    VW = V.T @ W_inv  # (B, n)
+    K = V.T @ WU  # (B, B)
+    eye = torch.eye(B, dtype=K.dtype, device=K.device)
+    s_min = torch.linalg.svdvals(eye + K)[-1]
+    lam_min = torch.linalg.eigvalsh(0.5 * (K + K.T))[0]
+    clipped = s_min < threshold
+    beta = torch.where(clipped, 1 / (threshold - lam_min), torch.ones_like(lam_min))
+    X = torch.linalg.solve(eye / beta + K, VW)  # (B, n)
+    return W + beta * (U @ V.T), W_inv - WU @ X, beta, s_min
+
+
+def robust_invertible_gaussian(
+    n: int,
+    tau: float = 0.4,
+    std: float = 1.0,
+    max_attempts: int = 1000,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Gaussian ``(n, n)`` matrix redrawn until ``sigma_min * sigma_max > tau`` (section 4.2.3, method 1).
+
+    The thesis uses ``tau = 0.4``. Raises ``ValueError`` after ``max_attempts`` draws (large ``n``
+    with small ``std`` rarely passes: the expected ``sigma_min`` is ``O(std / sqrt(n))``).
+    """
+    for _ in range(max_attempts):
+        W = torch.randn(n, n, generator=generator, dtype=dtype) * std
+        if is_robustly_invertible(W, tau):
+            return W
+    raise ValueError(
+        f"no {n}x{n} Gaussian matrix (std={std}) with sigma_min*sigma_max > tau_init={tau} after "
+        f"{max_attempts} attempts; lower tau_init or raise the init std"
+    )
+
+
+def is_robustly_invertible(W: Tensor, tau: float) -> bool:
+    """``sigma_min(W) * sigma_max(W) > tau`` for a square ``W`` (the thesis' initialisation test)."""
+    if W.dim() != 2 or W.shape[0] != W.shape[1]:
+        return False
+    s = torch.linalg.svdvals(W.double())
+    return bool(s[-1] * s[0] > tau)

@@ -1,0 +1,38 @@
+"""Error backpropagation baselines: ``BP`` (Alg. A.7) and ``BPFixed`` (only the output layer learns)."""
+from __future__ import annotations
+
+from .base import LearningRule
+
+__all__ = ["BP", "BPFixed"]
+
+
+class BP(LearningRule):
+    """Error backpropagation with the forward optimizer (plain SGD in the thesis, Alg. A.7).
+
+    Run: ``python train.py --config bp.yaml``. Takes every argument of
+    :class:`~tplightning.rules.base.LearningRule`.
+    """
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        (opt,) = self.optimizer_list()
+        out = self(x)
+        loss = self.loss_from_output(out, y)
+        self.check_finite(loss, [out])
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        self.log_train(loss.detach(), x.shape[0])
+        return loss.detach()
+
+
+class BPFixed(BP):
+    """Backprop that trains only the output layer: the control of thesis sections 5.1.3 and 5.2.2.
+
+    A rule that beats BPFixed sends useful learning signals to its hidden layers.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if "train_layers" in kwargs:
+            raise ValueError("BPFixed always trains only the output layer; do not pass train_layers")
+        super().__init__(*args, train_layers=[-1], **kwargs)

@@ -1,0 +1,268 @@
+"""The shared base of every learning rule: forward, loss, eval steps, metrics, schedule, safety."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from pytorch_lightning.cli import OptimizerCallable
+from torch import Tensor
+
+from .. import functional as F
+from ..networks import MLP
+
+__all__ = ["LearningRule", "DivergenceError", "LinearDecay"]
+
+
+class DivergenceError(RuntimeError):
+    """Raised when a loss becomes NaN/inf; no checkpoint is written after the bad step."""
+
+
+class LinearDecay:
+    """Learning-rate factor decaying linearly from 1 to ``final`` over ``epochs`` epochs.
+
+    The thesis' schedule (captions of figs. 5.7 and 5.13-5.19): every learning rate decays
+    linearly from its initial value to 1/5 of it over training. Epoch ``e`` (0-based) of ``E``
+    uses ``1 - (1 - final) * e / (E - 1)``, so the last epoch runs at ``final``.
+    """
+
+    def __init__(self, epochs: int, final: float):
+        self.epochs, self.final = int(epochs), float(final)
+
+    def __call__(self, epoch: int) -> float:
+        if self.epochs <= 1:
+            return 1.0
+        return 1.0 - (1.0 - self.final) * min(epoch, self.epochs - 1) / (self.epochs - 1)
+
+
+class LearningRule(pl.LightningModule):
+    """Base of all rules: an :class:`~tplightning.networks.MLP` trained with manual optimization.
+
+    Subclasses implement ``training_step``. The base provides the forward pass, the output loss
+    (per-sample ``1/2 ||h_L - y||^2`` for ``mse``, cross-entropy on logits for
+    ``cross_entropy``), validation/test steps with torchmetrics, the learning-rate schedule,
+    divergence checks and the bookkeeping a resumed run needs to continue identically.
+
+    Args:
+        sizes: layer sizes ``[n_0, ..., n_L]``.
+        activation: hidden non-linearity (``leaky_relu``, ``tanh``, ``linear``, ``relu``).
+        output_activation: output non-linearity (``linear`` for regression and logits).
+        negative_slope: leaky-ReLU slope for negative inputs (thesis: 0.35, toy: 0.1).
+        bias: give every layer a bias (the thesis uses none).
+        loss: ``mse`` (regression) or ``cross_entropy`` (classification on logits).
+        init_std: std of the Gaussian initial weights (``None``: ``1/sqrt(n_in)``).
+        forward_optimizer: optimizer of the forward weights ``W_i`` (SGD in the thesis).
+        lr_final_factor: the learning rate decays linearly to this fraction of its initial
+            value over ``trainer.max_epochs`` (thesis: 0.2); 1.0 keeps it constant.
+        train_layers: 1-based indices of the layers whose weights learn (negative counts
+            from the output, ``-1`` is the output layer); ``None`` trains all.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["forward_optimizer", "feedback_optimizer"])
+        self.automatic_optimization = False
+        if loss not in ("mse", "cross_entropy"):
+            raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
+        if not 0 < lr_final_factor <= 1:
+            raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
+        self.net = MLP(sizes, activation, output_activation, negative_slope, bias, init_std)
+        self.loss_name = loss
+        self.forward_optimizer = forward_optimizer
+        self.lr_final_factor = lr_final_factor
+        self.train_layers = self._resolve_layers(train_layers)
+        for i, W in enumerate(self.net.weights, start=1):
+            if i not in self.train_layers:
+                W.requires_grad_(False)
+                if self.net.biases is not None:
+                    self.net.biases[i - 1].requires_grad_(False)
+        self.batches_seen = 0  # training batches, saved in checkpoints (global_step counts optimizer steps)
+        metrics = (
+            {"mse": torchmetrics.MeanSquaredError()}
+            if loss == "mse"
+            else {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.net.sizes[-1])}
+        )
+        self.val_metrics = torchmetrics.MetricCollection(metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+
+    # ----------------------------------------------------------------------------- structure
+    def _resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
+        L = self.net.num_layers
+        if layers is None:
+            return list(range(1, L + 1))
+        out = []
+        for i in layers:
+            j = i + L + 1 if i < 0 else i
+            if not 1 <= j <= L:
+                raise ValueError(f"train_layers entry {i} is out of range for a network with {L} layers")
+            out.append(j)
+        return sorted(set(out))
+
+    @property
+    def num_layers(self) -> int:
+        return self.net.num_layers
+
+    @property
+    def forward_weights(self) -> list[Tensor]:
+        """The live forward weight tensors ``[W_1, ..., W_L]``, ``W_i`` of shape ``(n_i, n_{i-1})``."""
+        return list(self.net.weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def load_forward_weights(self, weights: Sequence[Tensor]) -> None:
+        """Overwrite ``[W_1..W_L]`` in place (e.g. a student near its teacher) and refresh derived state."""
+        if len(weights) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} weight matrices, got {len(weights)}")
+        with torch.no_grad():
+            for i, (W, new) in enumerate(zip(self.net.weights, weights), start=1):
+                if tuple(new.shape) != tuple(W.shape):
+                    raise ValueError(f"weight {i} must have shape {tuple(W.shape)}, got {tuple(new.shape)}")
+                W.copy_(new)
+        self.on_forward_weights_changed()
+
+    def on_forward_weights_changed(self) -> None:
+        """Hook: recompute state derived from ``W`` (inverses, feedback initialisation)."""
+
+    def weight_is_acceptable(self, i: int, W: Tensor) -> bool:
+        """Whether ``W`` may serve as layer ``i``'s weights (exact-inverse rules demand robust invertibility)."""
+        return True
+
+    # ----------------------------------------------------------------------------- losses
+    def loss_from_output(self, h_L: Tensor, y: Tensor) -> Tensor:
+        """Batch mean of the per-sample loss."""
+        return F.per_sample_loss(h_L, y, self.loss_name).mean()
+
+    def check_finite(self, loss: Tensor, activations: Sequence[Tensor]) -> None:
+        """Stop with :class:`DivergenceError` naming the step and the layer when ``loss`` is NaN/inf."""
+        if bool(torch.isfinite(loss)):
+            return
+        layer = next((i for i, h in enumerate(activations) if not bool(torch.isfinite(h).all())), None)
+        bad_w = [i for i, W in enumerate(self.net.weights, start=1) if not bool(torch.isfinite(W).all())]
+        where = f"layer {layer}" if layer is not None else "the output loss"
+        raise DivergenceError(
+            f"training diverged at batch {self.batches_seen} (epoch {self.current_epoch}): loss is "
+            f"{loss.item()}, first non-finite activation in {where}, non-finite weights in layers "
+            f"{bad_w or 'none'}. No checkpoint was written after this step; resume from the last good "
+            "one with --ckpt_path, with a smaller learning rate or target_stepsize."
+        )
+
+    # ----------------------------------------------------------------------------- optimizers
+    def forward_parameters(self) -> list[Tensor]:
+        ps = [self.net.weights[i - 1] for i in self.train_layers]
+        if self.net.biases is not None:
+            ps += [self.net.biases[i - 1] for i in self.train_layers]
+        return ps
+
+    def feedback_parameters(self) -> list[Tensor]:
+        return []
+
+    def build_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The forward optimizer, then (in rules with learned feedback) the feedback optimizer."""
+        return [self.forward_optimizer(self.forward_parameters())]
+
+    def configure_optimizers(self):
+        optimizers = self.build_optimizers()
+        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if self.lr_final_factor == 1.0 or not epochs or epochs < 1:
+            return optimizers
+        decay = LinearDecay(epochs, self.lr_final_factor)
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in optimizers]
+        return optimizers, schedulers
+
+    def optimizer_list(self) -> list:
+        opts = self.optimizers()
+        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for s in schedulers if isinstance(schedulers, list) else [schedulers]:
+            s.step()
+
+    def apply_gradients(self, optimizer, grads: dict[Tensor, Tensor]) -> None:
+        """Set ``p.grad`` (averaged over DDP replicas) for each ``p`` and take one optimizer step.
+
+        Target-propagation updates are computed in closed form, not by autograd, so DDP does not
+        all-reduce them; :meth:`reduce_mean` does, which keeps replicas identical.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        for p, g in grads.items():
+            p.grad = self.reduce_mean(g)
+        optimizer.step()
+
+    def reduce_mean(self, t: Tensor) -> Tensor:
+        """Mean over DDP replicas (identity on one device)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return t
+        return self.trainer.strategy.reduce(t, reduce_op="mean")
+
+    # ----------------------------------------------------------------------------- eval
+    def _eval_step(self, batch, metrics, prefix: str) -> Tensor:
+        x, y = batch
+        out = self(x)
+        loss = self.loss_from_output(out, y)
+        metrics.update(out, y)
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True, batch_size=x.shape[0])
+        self.log_dict(metrics, prog_bar=prefix == "val")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        return self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        return self._eval_step(batch, self.test_metrics, "test")
+
+    def log_train(self, loss: Tensor, batch_size: int, **extra: Tensor) -> None:
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=batch_size)
+        for k, v in extra.items():
+            self.log(f"train/{k}", v, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    # ----------------------------------------------------------------------------- data checks
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        n_in, n_out = self.net.sizes[0], self.net.sizes[-1]
+        d_in = getattr(dm, "input_dim", None)
+        d_out = getattr(dm, "output_dim", None)
+        if d_in is not None and d_in != n_in:
+            raise ValueError(f"model sizes[0]={n_in} does not match the data's input dimension {d_in}")
+        if d_out is not None and d_out != n_out:
+            raise ValueError(f"model sizes[-1]={n_out} does not match the data's output dimension {d_out}")
+        task = getattr(dm, "task", None)
+        expected = {"regression": "mse", "classification": "cross_entropy"}.get(task)
+        if expected is not None and expected != self.loss_name:
+            raise ValueError(f"loss={self.loss_name!r} does not fit the data's task {task!r}; use loss={expected!r}")
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.batches_seen += 1
+
+    def extra_state(self) -> dict:
+        """State outside parameters/buffers/optimizers that a resumed run needs."""
+        return {"batches_seen": self.batches_seen}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.batches_seen = int(state.get("batches_seen", 0))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tplightning"] = self.extra_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.load_extra_state(checkpoint.get("tplightning", {}))

@@ -1,0 +1,118 @@
+"""The target-propagation core shared by every TP rule (thesis chapter 4, appendix A).
+
+One training step: forward pass -> output target ``h^_L = h_L - eta^ dl/dh_L`` (eq. 4.4) ->
+targets down the network through the rule's map ``g`` -> forward update, SGD (or any forward
+optimizer) on ``mean_b 1/2 ||h_i - h^_i||^2`` with ``h^_i`` and ``h_{i-1}`` fixed (eq. 4.12,
+Alg. A.10) -> feedback update (rules with learned inverses). Randomized rules (Alg. A.2) update
+one layer ``k`` drawn uniformly per batch; modified rules (Alg. A.1) use ``D_i^{-1}`` for ``D_i``.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from .base import LearningRule
+
+__all__ = ["TargetPropRule"]
+
+
+class TargetPropRule(LearningRule):
+    """Base of the target-propagation rules; subclasses define the target map :meth:`propagate`.
+
+    Args:
+        target_stepsize: output target step size ``eta^`` (eq. 4.4; thesis 0.1).
+        layer_seed: seed of the generator that draws the layer of randomized rules. It is the same
+            on every DDP replica, so all replicas update the same layer (a choice, not a reduction:
+            replicas must stay identical and the draw carries no data).
+        **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
+    """
+
+    randomized: ClassVar[bool] = False
+    modified: ClassVar[bool] = False
+
+    def __init__(self, *args, target_stepsize: float = 0.1, layer_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not target_stepsize > 0:
+            raise ValueError(f"target_stepsize must be > 0, got {target_stepsize}")
+        self.target_stepsize = target_stepsize
+        self.layer_seed = layer_seed
+        self.layer_generator = torch.Generator().manual_seed(layer_seed)
+        self.last_layer = 0  # layer updated by the last randomized step (0: all)
+
+    # ----------------------------------------------------------------------------- targets
+    def propagate(self, i: int, h_hat_next: Tensor, hs: list[Tensor], pre: list[Tensor]) -> Tensor:
+        """``h^_i`` from ``h^_{i+1}``, for ``i = L-1, ..., 1``; ``hs = [h_0..h_L]``, ``pre = [a_1..a_L]``."""
+        raise NotImplementedError
+
+    def output_target(self, h_L: Tensor, y: Tensor) -> Tensor:
+        return F.output_target(h_L, y, self.loss_name, self.target_stepsize)
+
+    def targets_from(self, hs: list[Tensor], pre: list[Tensor], y: Tensor, down_to: int = 1) -> list[Tensor | None]:
+        """``[h^_1, ..., h^_L]`` with entries below ``down_to`` left ``None`` (not computed)."""
+        L = self.num_layers
+        targets: list[Tensor | None] = [None] * L
+        targets[L - 1] = self.output_target(hs[L], y)
+        for i in range(L - 1, down_to - 1, -1):
+            targets[i - 1] = self.propagate(i, targets[i], hs, pre)
+        return targets
+
+    @torch.no_grad()
+    def compute_targets(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Forward pass and targets of every layer; changes no weight.
+
+        Returns:
+            ``([h_0, ..., h_L], [h^_1, ..., h^_L])`` with ``h^_L`` the output target.
+        """
+        hs, pre = self.net.forward_all(x)
+        return hs, self.targets_from(hs, pre, y, 1)
+
+    # ----------------------------------------------------------------------------- updates
+    def draw_layer(self) -> int:
+        """Uniform draw from the trainable layers (Alg. A.2) with the seeded layer generator."""
+        j = int(torch.randint(len(self.train_layers), (1,), generator=self.layer_generator))
+        return self.train_layers[j]
+
+    def forward_grads(self, layers: list[int], hs, pre, targets) -> dict[Tensor, Tensor]:
+        """Closed-form gradients of the local losses (eq. 4.12) for ``layers``."""
+        grads = {}
+        for i in layers:
+            act = self.net.activations[i - 1]
+            d = act.derivative(pre[i - 1])
+            grads[self.net.weights[i - 1]] = F.local_update(d, hs[i], targets[i - 1], hs[i - 1], self.modified)
+            if self.net.biases is not None:
+                delta = (hs[i] - targets[i - 1]) / d if self.modified else d * (hs[i] - targets[i - 1])
+                grads[self.net.biases[i - 1]] = delta.mean(0)
+        return grads
+
+    def update_forward(self, layers: list[int], hs, pre, targets) -> None:
+        """Apply the forward update to ``layers`` through the forward optimizer."""
+        self.apply_gradients(self.optimizer_list()[0], self.forward_grads(layers, hs, pre, targets))
+
+    def update_feedback(self, hs: list[Tensor], pre: list[Tensor]) -> None:
+        """Hook for rules with learned feedback weights (Alg. A.8 / A.9); nothing by default."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            hs, pre = self.net.forward_all(x)
+            loss = self.loss_from_output(hs[-1], y)
+            self.check_finite(loss, hs)
+            layers = [self.draw_layer()] if self.randomized else self.train_layers
+            self.last_layer = layers[0] if self.randomized else 0
+            targets = self.targets_from(hs, pre, y, down_to=min(layers))
+            self.update_forward(layers, hs, pre, targets)
+            self.update_feedback(hs, pre)
+        self.log_train(loss, x.shape[0])
+        return loss
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "layer_generator": self.layer_generator.get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if "layer_generator" in state:
+            self.layer_generator.set_state(state["layer_generator"])
