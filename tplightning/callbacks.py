@@ -6,6 +6,8 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 
+from .data.base import derive_seed
+
 __all__ = ["InitNearTeacher"]
 
 
@@ -44,7 +46,7 @@ class InitNearTeacher(pl.Callback):
                 f"student weight shapes {[tuple(W.shape) for W in student]} differ from the teacher's "
                 f"{[tuple(W.shape) for W in teacher]}"
             )
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "init near teacher"))
         new = []
         for i, Wt in enumerate(teacher, start=1):
             if i in self.copy_layers:

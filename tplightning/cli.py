@@ -74,6 +74,7 @@ def _build_cli(args: list[str]) -> TPLightningCLI:
         auto_configure_optimizers=False,
         args=args,
         parser_kwargs={"exit_on_error": False},
+        save_config_kwargs={"overwrite": True},
     )
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..networks import MLP
-from .base import TensorData, TensorDataModule
+from .base import TensorData, TensorDataModule, derive_seed
 
 __all__ = ["StudentTeacherDataModule"]
 
@@ -61,7 +61,7 @@ class StudentTeacherDataModule(TensorDataModule):
             if n < 1:
                 raise ValueError(f"{name} must be >= 1, got {n}")
         self.save_hyperparameters()
-        g = torch.Generator().manual_seed(teacher_seed)
+        g = torch.Generator().manual_seed(derive_seed(teacher_seed, "teacher"))
         self.teacher = MLP(sizes, activation, output_activation, negative_slope, False, teacher_std, generator=g)
         self.teacher.requires_grad_(False)
         self._g = g
@@ -76,7 +76,7 @@ class StudentTeacherDataModule(TensorDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is not None:
             return
-        g = torch.Generator().manual_seed(self.hparams.teacher_seed + 1)
+        g = torch.Generator().manual_seed(derive_seed(self.hparams.teacher_seed, "inputs"))
         splits = []
         for n in (self.num_train, self.num_val, self.num_test):
             x = torch.randn(n, self.input_dim, generator=g) * self.input_std

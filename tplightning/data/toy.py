@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import derive_seed
 from .student_teacher import StudentTeacherDataModule
 
 __all__ = ["ToyDataModule"]
@@ -53,7 +54,7 @@ class ToyDataModule(StudentTeacherDataModule):
         )
         self.nonlinear = nonlinear
         # W_2 must be invertible for exact-inverse targets (eq. 5.3): redraw until well conditioned.
-        g = torch.Generator().manual_seed(teacher_seed + 7919)
+        g = torch.Generator().manual_seed(derive_seed(teacher_seed, "toy output weights"))
         W2 = self.teacher.weights[1]
         with torch.no_grad():
             while torch.linalg.svdvals(W2).min() < 0.3:

@@ -90,6 +90,7 @@ class LearningRule(pl.LightningModule):
                 W.requires_grad_(False)
                 if self.net.biases is not None:
                     self.net.biases[i - 1].requires_grad_(False)
+        self._train_sums: Tensor | None = None
         self.batches_seen = 0  # training batches, saved in checkpoints (global_step counts optimizer steps)
         metrics = (
             {"mse": torchmetrics.MeanSquaredError()}
@@ -189,6 +190,10 @@ class LearningRule(pl.LightningModule):
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
     def on_train_epoch_end(self) -> None:
+        self._log_epoch_loss()
+        self.step_schedulers()
+
+    def step_schedulers(self) -> None:
         schedulers = self.lr_schedulers()
         if schedulers is None:
             return
@@ -228,10 +233,27 @@ class LearningRule(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         return self._eval_step(batch, self.test_metrics, "test")
 
-    def log_train(self, loss: Tensor, batch_size: int, **extra: Tensor) -> None:
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=batch_size)
-        for k, v in extra.items():
-            self.log(f"train/{k}", v, on_step=True, on_epoch=False, batch_size=batch_size)
+    def log_train(self, loss: Tensor, batch_size: int) -> None:
+        """Accumulate the training loss on-device; log it every ``log_every_n_steps`` batches.
+
+        ``self.log`` costs about as much as a small TP step, so the hot path only adds to a
+        running sum (no host sync); the window mean goes out as ``train/loss`` and the epoch
+        mean as ``train/loss_epoch``.
+        """
+        if self._train_sums is None:
+            self._train_sums = torch.zeros(4, device=loss.device)  # window sum, window n, epoch sum, epoch n
+        self._train_sums += torch.stack([loss.detach().float(), loss.new_ones((), dtype=torch.float)] * 2)
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if (self.batches_seen + 1) % every == 0:
+            self.log("train/loss", self._train_sums[0] / self._train_sums[1], prog_bar=True, on_step=True, on_epoch=False)
+            self._train_sums[:2] = 0
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums = None
+
+    def _log_epoch_loss(self) -> None:
+        if self._train_sums is not None and self._train_sums[3] > 0:
+            self.log("train/loss_epoch", self._train_sums[2] / self._train_sums[3], on_step=False, on_epoch=True, sync_dist=True)
 
     # ----------------------------------------------------------------------------- data checks
     def setup(self, stage: str) -> None:

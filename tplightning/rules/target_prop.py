@@ -50,13 +50,19 @@ class TargetPropRule(LearningRule):
     def output_target(self, h_L: Tensor, y: Tensor) -> Tensor:
         return F.output_target(h_L, y, self.loss_name, self.target_stepsize)
 
+    def top_targets(self, hs: list[Tensor], pre: list[Tensor], y: Tensor) -> dict[int, Tensor]:
+        """Targets that do not come from :meth:`propagate`: ``{L: h^_L}`` (rules may add more)."""
+        return {self.num_layers: self.output_target(hs[-1], y)}
+
     def targets_from(self, hs: list[Tensor], pre: list[Tensor], y: Tensor, down_to: int = 1) -> list[Tensor | None]:
         """``[h^_1, ..., h^_L]`` with entries below ``down_to`` left ``None`` (not computed)."""
         L = self.num_layers
         targets: list[Tensor | None] = [None] * L
-        targets[L - 1] = self.output_target(hs[L], y)
+        for i, t in self.top_targets(hs, pre, y).items():
+            targets[i - 1] = t
         for i in range(L - 1, down_to - 1, -1):
-            targets[i - 1] = self.propagate(i, targets[i], hs, pre)
+            if targets[i - 1] is None:
+                targets[i - 1] = self.propagate(i, targets[i], hs, pre)
         return targets
 
     @torch.no_grad()

@@ -1,0 +1,197 @@
+"""MNIST from the four original IDX files, verified, held in memory as flat float32 tensors."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import struct
+import urllib.request
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .base import TensorData, TensorDataModule
+
+__all__ = ["MNISTDataModule", "MD5", "MIRRORS", "download_file", "find_files", "read_idx"]
+
+#: md5 of the *decompressed* IDX files (the gzip wrappers differ between sources).
+MD5: dict[str, str] = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://yann.lecun.com/exdb/mnist/")
+MEAN, STD = 0.1307, 0.3081
+_IDX_UBYTE = 0x08
+
+
+def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
+    """Download ``url`` to ``dest`` with a progress bar; ``dest`` only appears once complete."""
+    from tqdm.auto import tqdm
+
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _raw_dir(data_dir: Path) -> Path:
+    return data_dir / "MNIST" / "raw"
+
+
+def find_files(data_dir: Path) -> dict[str, Path | None]:
+    """Each MNIST file name -> its path (``<name>.gz`` or raw, in ``data_dir`` or ``data_dir/MNIST/raw``)."""
+    found = {}
+    for name in MD5:
+        candidates = (folder / (name + ext) for folder in (data_dir, _raw_dir(data_dir)) for ext in (".gz", ""))
+        found[name] = next((p for p in candidates if p.is_file()), None)
+    return found
+
+
+def _missing_error(data_dir: Path, missing: list[str], reason: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"MNIST files missing from {data_dir}: {', '.join(missing)}. Put each at "
+        f"{_raw_dir(data_dir)}/<name>.gz (or the uncompressed <name>, or directly in {data_dir}). {reason}"
+    )
+
+
+def read_idx(path: Path, ndim: int) -> Tensor:
+    """Read an unsigned-byte IDX file (gzip or raw) with ``ndim`` dimensions, verifying its md5 against ``MD5``."""
+    name = path.name.removesuffix(".gz")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = bytearray(f.read())
+    expected, actual = MD5.get(name), hashlib.md5(data).hexdigest()
+    if actual != expected:
+        raise ValueError(f"md5 mismatch for {path} (decompressed bytes): expected {expected}, got {actual}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"malformed IDX file {path}: {len(data)} bytes is shorter than its {header}-byte header")
+    zero, dtype, dims_in_file = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != _IDX_UBYTE or dims_in_file != ndim:
+        raise ValueError(
+            f"malformed IDX file {path}: magic number {bytes(data[:4]).hex()} is not an unsigned-byte {ndim}-d IDX file"
+        )
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) != header + math.prod(dims):
+        raise ValueError(f"malformed IDX file {path}: header says dims {dims} but the file holds {len(data) - header} data bytes")
+    return torch.frombuffer(data, dtype=torch.uint8, offset=header).reshape(dims)
+
+
+class MNISTDataModule(TensorDataModule):
+    """MNIST digits as 784-dim float vectors, a seeded train/validation split of the 60k training images.
+
+    The four IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``), gzip-compressed (``.gz``) or raw, are
+    looked for in ``data_dir`` and in ``data_dir/MNIST/raw`` (torchvision's layout). Their
+    decompressed bytes are checked against known md5 sums. Missing files are downloaded into
+    ``data_dir/MNIST/raw`` by :meth:`prepare_data` when ``download`` is set; offline, a
+    ``FileNotFoundError`` lists them. The test split is the 10k ``t10k`` images.
+
+    Args:
+        data_dir: folder holding the MNIST files (relative paths resolve against the working directory).
+        num_train: training images, drawn from the training files.
+        num_val: validation images, drawn from the training files, disjoint from the training ones.
+        split_seed: seed of the train/validation split.
+        subset: use only the first ``subset`` training images before splitting (quick runs); None: all 60k.
+        normalize: standardise pixels (scaled to [0, 1]) with MNIST's mean 0.1307 and std 0.3081.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size.
+        shuffle_seed: seed of the per-epoch shuffling.
+        download: download missing files from the usual mirrors (never overwrites present files).
+    """
+
+    task = "classification"
+    input_dim, output_dim = 784, 10
+
+    def __init__(
+        self,
+        data_dir: str = "../shared/data",
+        num_train: int = 55000,
+        num_val: int = 5000,
+        split_seed: int = 0,
+        subset: int | None = None,
+        normalize: bool = True,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        shuffle_seed: int = 0,
+        download: bool = True,
+    ):
+        super().__init__(batch_size, eval_batch_size, shuffle_seed)
+        if num_train < 1 or num_val < 0:
+            raise ValueError(f"need num_train >= 1 and num_val >= 0, got num_train={num_train}, num_val={num_val}")
+        if subset is not None and subset < num_train + num_val:
+            raise ValueError(f"subset={subset} is smaller than num_train + num_val = {num_train} + {num_val}")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.num_train, self.num_val, self.split_seed = num_train, num_val, split_seed
+        self.subset, self.normalize, self.download = subset, normalize, download
+
+    def prepare_data(self) -> None:
+        """Check that the files are present; download the missing ones when ``download`` is set."""
+        missing = [name for name, path in find_files(self.data_dir).items() if path is None]
+        if not missing:
+            return
+        if not self.download:
+            raise _missing_error(self.data_dir, missing, "(download=False)")
+        for name in list(missing):
+            dest = _raw_dir(self.data_dir) / f"{name}.gz"
+            errors = []
+            for mirror in MIRRORS:
+                try:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    download_file(f"{mirror}{name}.gz", dest)
+                    break
+                except OSError as e:  # URLError, timeouts, HTTP errors, read-only folder
+                    errors.append(f"{mirror}: {e}")
+            else:
+                raise _missing_error(self.data_dir, missing, "Download failed: " + "; ".join(errors))
+            try:
+                read_idx(dest, 3 if "images" in name else 1)
+            except ValueError:
+                dest.unlink(missing_ok=True)
+                raise
+            missing.remove(name)
+
+    def _load(self, files: dict[str, Path], split: str) -> tuple[Tensor, Tensor]:
+        images = read_idx(files[f"{split}-images-idx3-ubyte"], 3)
+        labels = read_idx(files[f"{split}-labels-idx1-ubyte"], 1).long()
+        if images.shape[1:] != (28, 28) or len(images) != len(labels):
+            raise ValueError(f"MNIST {split} files disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+        return images, labels
+
+    def _to_float(self, images: Tensor) -> Tensor:
+        x = images.reshape(len(images), -1).float().div_(255.0)
+        return x.sub_(MEAN).div_(STD) if self.normalize else x
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        files = find_files(self.data_dir)
+        missing = [name for name, path in files.items() if path is None]
+        if missing:
+            raise _missing_error(self.data_dir, missing, "prepare_data() downloads them when download=True.")
+        images, labels = self._load(files, "train")
+        available = len(images) if self.subset is None else min(self.subset, len(images))
+        if self.num_train + self.num_val > available:
+            raise ValueError(
+                f"num_train + num_val = {self.num_train} + {self.num_val} exceeds the {available} training images "
+                f"available (subset={self.subset}, {len(images)} in the file)"
+            )
+        g = torch.Generator().manual_seed(self.split_seed)
+        perm = torch.randperm(available, generator=g)
+        train, val = perm[: self.num_train], perm[self.num_train : self.num_train + self.num_val]
+        self.train_data = TensorData(self._to_float(images[train]), labels[train])
+        self.val_data = TensorData(self._to_float(images[val]), labels[val])
+        test_images, test_labels = self._load(files, "t10k")
+        self.test_data = TensorData(self._to_float(test_images), test_labels)

@@ -1,0 +1,144 @@
+"""Helpers shared by the experiments: CLI, JSON/PNG output, batched random matrices, statistics.
+
+All experiments compute in float64 on the CPU and draw every random number from one
+``torch.Generator`` seeded by ``--seed``, so a run is reproducible.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+DTYPE = torch.float64
+
+
+def parse_args(
+    name: str,
+    description: str,
+    argv: Sequence[str] | None = None,
+    sizes: dict[str, tuple[int, int, str]] | None = None,
+    extra: dict[str, tuple[type, Any, str]] | None = None,
+) -> argparse.Namespace:
+    """Parse ``--out`` (default ``out/<name>``), ``--full``, ``--seed`` and the experiment's options.
+
+    ``sizes`` maps an option to ``(default, full, help)``: it takes ``full`` under ``--full``
+    unless given explicitly, so a test can shrink a run with e.g. ``--trials 200``. ``extra``
+    maps an option to ``(type, default, help)``.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m tplightning.experiments.{name}", description=description)
+    parser.add_argument("--out", type=Path, default=Path("out") / name, help="output folder (default: %(default)s)")
+    parser.add_argument("--full", action="store_true", help="use the thesis' sizes")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    for opt, (default, full, help_) in (sizes or {}).items():
+        parser.add_argument(f"--{opt}", type=int, default=None, help=f"{help_} (default {default}, --full {full})")
+    for opt, (type_, default, help_) in (extra or {}).items():
+        parser.add_argument(f"--{opt}", type=type_, default=default, help=f"{help_} (default: %(default)s)")
+    args = parser.parse_args(argv)
+    for opt, (default, full, _) in (sizes or {}).items():
+        key = opt.replace("-", "_")
+        if getattr(args, key) is None:
+            setattr(args, key, full if args.full else default)
+    return args
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def save_json(out: Path, name: str, data: dict) -> Path:
+    """Write ``data`` to ``out/name.json`` (creating ``out``) and return the path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=_to_builtin) + "\n")
+    return path
+
+
+def _to_builtin(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def subplots(ncols: int, width: float = 3.6, height: float = 3.0):
+    """A ``1 x ncols`` matplotlib figure on the non-interactive Agg backend; returns ``(fig, axes)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, out: Path, name: str, dpi: int = 100) -> Path:
+    """Save ``fig`` as a small PNG ``out/name.png`` and close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def robust_gaussian(
+    batch: int, rows: int, cols: int, tau: float = 0.4, gen: torch.Generator | None = None, diagonal: bool = False
+) -> Tensor:
+    """``batch`` Gaussian ``rows x cols`` matrices with ``sigma_min * sigma_max > tau`` (section 4.2.3, method 1).
+
+    The batched form of :func:`tplightning.functional.robust_invertible_gaussian` (same test,
+    also for non-square matrices): failing matrices are redrawn until all pass. With
+    ``diagonal`` (``rows == cols``) they are diagonal, like the ``D_{s_i}`` of fig. 5.12.
+    """
+    if diagonal and rows != cols:
+        raise ValueError(f"a diagonal matrix must be square, got {rows}x{cols}")
+    M = torch.empty(batch, rows, cols, dtype=DTYPE)
+    todo = torch.arange(batch)
+    for _ in range(1000):
+        if diagonal:
+            draw = torch.diag_embed(torch.randn(len(todo), rows, generator=gen, dtype=DTYPE))
+        else:
+            draw = torch.randn(len(todo), rows, cols, generator=gen, dtype=DTYPE)
+        M[todo] = draw
+        s = torch.linalg.svdvals(draw)
+        todo = todo[s[:, 0] * s[:, -1] <= tau]
+        if len(todo) == 0:
+            return M
+    raise ValueError(f"could not draw {rows}x{cols} Gaussian matrices with sigma_min*sigma_max > {tau}")
+
+
+def pearson(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation coefficient of two 1-D tensors (``nan`` with fewer than 2 samples)."""
+    if x.numel() < 2:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+
+
+def apply_pinv(A: Tensor, b: Tensor) -> Tensor:
+    """``A^+ b`` for batched ``A (..., m, n)`` and ``b (..., m)``: the min-norm least-squares solution.
+
+    Solved by LAPACK's SVD-based ``gelsd`` (CPU), much faster than forming ``pinv(A)`` for tall ``A``.
+    """
+    return torch.linalg.lstsq(A, b.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+
+
+def output_jacobians(layer_jacobians: Sequence[Tensor]) -> list[Tensor]:
+    """Blocks ``J_i = dh_L/dh_i = prod_{k=L}^{i+1} J_{h_k}``, ``i = 1..L-1`` (eq. 4.43, 4.50, 5.35).
+
+    ``layer_jacobians`` are ``J_{h_2}, ..., J_{h_L}`` (``J_{h_k} = dh_k/dh_{k-1} = D_{s_k} W_k``,
+    batched ``(..., n_k, n_{k-1})``); returns ``[J_1, ..., J_{L-1}]``, ``J_i`` of shape ``(..., n_L, n_i)``.
+    """
+    blocks = [layer_jacobians[-1]]
+    for J_h in reversed(layer_jacobians[:-1]):
+        blocks.insert(0, blocks[0] @ J_h)
+    return blocks

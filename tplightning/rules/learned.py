@@ -1,0 +1,299 @@
+"""Target propagation with learned (approximate) inverses (thesis 4.3, 5.2; Alg. A.8-A.17).
+
+Two forms of the feedback map ``g_i`` (``Q_i`` of shape ``(n_i, n_{i+1})``):
+
+* thesis form ``g_i(h) = Q_i s_{i+1}^{-1}(h)`` (eq. 4.90 / 5.51), trained by Alg. A.8 on fresh
+  white noise ``h_i ~ N(0, sigma^2 I)`` with the regularised inverse loss (eq. 4.97): its
+  minimiser is ``W^T (W W^T + lambda/sigma^2 I)^{-1}`` (theorem 4.7), ``W^{-1}`` / ``W^dagger``
+  for ``lambda -> 0`` (theorem 4.6);
+* original form ``g_i(h) = s_i(Q_i h)`` (eq. 5.54; Bengio 2014, Lee et al. 2015), trained by
+  Alg. A.9 on the current activations, optionally with noise injection (eq. 3.13).
+
+Targets propagate plainly ``h^_i = g_i(h^_{i+1})`` or by difference
+``h^_i = h_i + g_i(h^_{i+1}) - g_i(h_{i+1})`` (eq. 4.101), which cancels reconstruction errors.
+
+DDP: the forward and feedback updates are gradients averaged over replicas before the optimizer
+step, so all replicas stay identical. The noise of Alg. A.8 / eq. 3.13 is drawn per replica
+(seeded ``feedback_seed + rank``): averaging the replicas' feedback gradients then uses
+``world_size`` times more noise samples, which is what a larger batch would do. The layer
+drawn by randomized rules is identical on every replica (same seed, no data involved).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pytorch_lightning.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from .. import functional as F
+from .target_prop import TargetPropRule
+
+__all__ = [
+    "LearnedInverseRule",
+    "TPAI",
+    "RTPAI",
+    "DTPAI",
+    "RDTPAI",
+    "OriginalTP",
+    "OriginalRTP",
+    "OriginalDTP",
+    "OriginalRDTP",
+    "LeeDTP",
+]
+
+
+class LearnedInverseRule(TargetPropRule):
+    """Shared machinery of the rules whose feedback weights ``Q_i`` are learned.
+
+    Args:
+        feedback_optimizer: optimizer of the feedback weights ``Q_i`` (SGD in the thesis).
+        feedback_noise_std: ``sigma`` of the white-noise inputs of Alg. A.8 (thesis form) or of the
+            noise injection of eq. 3.13 (original form; 0 disables it).
+        feedback_weight_decay: ``lambda`` of the regularised inverse loss (eq. 4.97): the update is
+            ``Q <- (1 - eta_b lambda) Q - eta_b grad`` for SGD.
+        feedback_iterations: feedback updates per training batch.
+        feedback_batch_size: noise samples per feedback update (thesis form); ``None``: the
+            training batch size.
+        feedback_pretrain_epochs: epochs at the start of training that update only ``Q``.
+        feedback_init: ``pinv`` sets ``Q_i = W_{i+1}^dagger`` at the start and whenever the forward
+            weights are replaced (what the thesis' experiments do, section 5.2.2); ``random``
+            draws Gaussian ``Q_i`` with std ``1/sqrt(n_{i+1})``.
+        feedback_seed: seed of the feedback noise (offset by the DDP rank).
+        **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
+    """
+
+    form: ClassVar[Literal["thesis", "original"]] = "thesis"
+    difference: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *args,
+        feedback_optimizer: OptimizerCallable = torch.optim.SGD,
+        feedback_noise_std: float = 1.0,
+        feedback_weight_decay: float = 0.0,
+        feedback_iterations: int = 1,
+        feedback_batch_size: int | None = None,
+        feedback_pretrain_epochs: int = 0,
+        feedback_init: Literal["pinv", "random"] = "pinv",
+        feedback_seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if feedback_noise_std < 0 or feedback_weight_decay < 0:
+            raise ValueError(
+                f"feedback_noise_std and feedback_weight_decay must be >= 0, got {feedback_noise_std} and {feedback_weight_decay}"
+            )
+        if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
+            raise ValueError(
+                f"feedback_iterations must be >= 1 and feedback_pretrain_epochs >= 0, got {feedback_iterations} and {feedback_pretrain_epochs}"
+            )
+        if feedback_init not in ("pinv", "random"):
+            raise ValueError(f"feedback_init must be 'pinv' or 'random', got {feedback_init!r}")
+        if self.form == "thesis":
+            for i in range(2, self.num_layers + 1):
+                act = self.net.activations[i - 1]
+                if i - 1 in self.feedback_layers and not act.invertible:
+                    raise ValueError(
+                        f"layer {i} activation {act!r} has no inverse, which g_{i - 1}(h) = Q s^-1(h) needs; use "
+                        "leaky_relu with negative_slope > 0, tanh or linear, or an original-form rule"
+                    )
+        self.feedback_optimizer = feedback_optimizer
+        self.feedback_noise_std, self.feedback_weight_decay = feedback_noise_std, feedback_weight_decay
+        self.feedback_iterations, self.feedback_batch_size = feedback_iterations, feedback_batch_size
+        self.feedback_pretrain_epochs, self.feedback_init, self.feedback_seed = feedback_pretrain_epochs, feedback_init, feedback_seed
+        sizes = self.net.sizes
+        self.feedback = nn.ParameterList(
+            [nn.Parameter(torch.randn(sizes[i], sizes[i + 1]) / sizes[i + 1] ** 0.5) for i in self.feedback_layers]
+        )
+        self._noise_gen: torch.Generator | None = None
+        self._noise_state: Tensor | None = None
+        if feedback_init == "pinv":
+            self.init_feedback_pinv()
+
+    # ----------------------------------------------------------------------------- structure
+    @property
+    def feedback_layers(self) -> list[int]:
+        """Indices ``i`` of the feedback maps ``g_i`` this rule learns (``1..L-1``)."""
+        return list(range(1, self.num_layers))
+
+    def Q(self, i: int) -> Tensor:
+        return self.feedback[i - 1]
+
+    @property
+    def feedback_weights(self) -> list[Tensor]:
+        """The live feedback tensors ``[Q_1, ..., Q_{L-1}]``, ``Q_i`` of shape ``(n_i, n_{i+1})``."""
+        return list(self.feedback)
+
+    def feedback_parameters(self) -> list[Tensor]:
+        return list(self.feedback)
+
+    @torch.no_grad()
+    def init_feedback_pinv(self) -> None:
+        """``Q_i = W_{i+1}^dagger`` for every feedback layer."""
+        for i in self.feedback_layers:
+            W = self.net.weights[i]
+            self.Q(i).copy_(torch.linalg.pinv(W.double()).to(W.dtype))
+
+    def on_forward_weights_changed(self) -> None:
+        if self.feedback_init == "pinv":
+            self.init_feedback_pinv()
+
+    def build_optimizers(self):
+        fb = self.feedback_parameters()
+        return super().build_optimizers() + ([self.feedback_optimizer(fb)] if fb else [])
+
+    # ----------------------------------------------------------------------------- the map g
+    def g(self, i: int, h_next: Tensor) -> Tensor:
+        """The feedback map ``g_i`` applied to a batch of layer-``(i+1)`` activations."""
+        if self.form == "thesis":
+            a = self.net.activations[i].inverse(h_next)
+            if self.net.biases is not None:
+                a = a - self.net.biases[i]
+            return a @ self.Q(i).T
+        return self.net.activations[i - 1](h_next @ self.Q(i).T)
+
+    def propagate(self, i, h_hat_next, hs, pre):
+        if self.difference:
+            return hs[i] + self.g(i, h_hat_next) - self.g(i, hs[i + 1])
+        return self.g(i, h_hat_next)
+
+    # ----------------------------------------------------------------------------- feedback training
+    def noise(self, shape: tuple[int, ...]) -> Tensor:
+        """Gaussian noise from the rule's seeded generator on the rule's device."""
+        if self._noise_gen is None or self._noise_gen.device != self.device:
+            rank = self.global_rank if self._trainer is not None else 0
+            self._noise_gen = torch.Generator(self.device).manual_seed(self.feedback_seed + rank)
+            if self._noise_state is not None:
+                self._noise_gen.set_state(self._noise_state)
+                self._noise_state = None
+        return torch.randn(shape, generator=self._noise_gen, device=self.device, dtype=self.dtype)
+
+    def feedback_grads(self, hs: list[Tensor]) -> dict[Tensor, Tensor]:
+        """Gradients of the (regularised) inverse losses for every ``Q_i`` (Alg. A.8 / A.9)."""
+        grads = {}
+        B = self.feedback_batch_size or hs[0].shape[0]
+        lam, sigma = self.feedback_weight_decay, self.feedback_noise_std
+        for i in self.feedback_layers:
+            Q = self.Q(i)
+            if self.form == "thesis":  # Alg. A.8: white noise h_i; g(f(h_i)) = Q W h_i (+ bias terms)
+                h = sigma * self.noise((B, Q.shape[0]))
+                a_next = self.net.layer(i + 1, h)[0]  # s_{i+1}^{-1}(f_{i+1}(h_i)), (B, n_{i+1})
+                if self.net.biases is not None:
+                    a_next = a_next - self.net.biases[i]
+                grads[Q] = (a_next @ Q.T - h).T @ a_next / B
+            else:  # Alg. A.9 on the current activations, noise injection of eq. 3.13
+                h = hs[i]
+                if sigma > 0:
+                    h = h + sigma * self.noise(tuple(h.shape))
+                h_next = self.net.layer(i + 1, h)[1] if sigma > 0 else hs[i + 1]
+                c = h_next @ Q.T
+                d = self.net.activations[i - 1].derivative(c)
+                grads[Q] = (d * (self.net.activations[i - 1](c) - h)).T @ h_next / h.shape[0]
+            if lam:
+                grads[Q] = grads[Q] + lam * Q
+        return grads
+
+    def update_feedback(self, hs, pre) -> None:
+        if not self.feedback_layers:
+            return
+        opt = self.optimizer_list()[1]
+        for _ in range(self.feedback_iterations):
+            self.apply_gradients(opt, self.feedback_grads(hs))
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch >= self.feedback_pretrain_epochs:
+            return super().training_step(batch, batch_idx)
+        x, y = batch  # feedback pre-training: only Q learns
+        with torch.no_grad():
+            hs, _ = self.net.forward_all(x)
+            loss = self.loss_from_output(hs[-1], y)
+            self.check_finite(loss, hs)
+            self.update_feedback(hs, None)
+        self.log_train(loss, x.shape[0])
+        return loss
+
+    def step_schedulers(self) -> None:
+        if self.current_epoch >= self.feedback_pretrain_epochs:  # the schedule starts with forward training
+            super().step_schedulers()
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def extra_state(self) -> dict:
+        state = super().extra_state()
+        if self._noise_gen is not None:
+            state["noise_generator"] = self._noise_gen.get_state()
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if "noise_generator" in state:
+            self._noise_gen, self._noise_state = None, state["noise_generator"]
+
+
+class TPAI(LearnedInverseRule):
+    """TP-AI: plain targets through ``g_i = Q_i s_{i+1}^{-1}``, ``Q`` by Alg. A.8 (Alg. A.10)."""
+
+
+class RTPAI(TPAI):
+    """RTP-AI: randomized TP-AI, one forward layer per batch, every ``Q_i`` trained (Alg. A.11)."""
+
+    randomized = True
+
+
+class DTPAI(LearnedInverseRule):
+    """DTP-AI: difference targets (eq. 4.101) through ``g_i = Q_i s_{i+1}^{-1}`` (Alg. A.12).
+
+    The thesis' flagship: theorem 4.9 shows it approximates block-diagonal Gauss-Newton targets.
+    Run: ``python train.py --config dtp.yaml``.
+    """
+
+    difference = True
+
+
+class RDTPAI(DTPAI):
+    """RDTP-AI: randomized DTP-AI (Alg. A.13)."""
+
+    randomized = True
+
+
+class OriginalTP(LearnedInverseRule):
+    """Original TP (Bengio 2014): ``g_i = s_i(Q_i h)``, ``Q`` by Alg. A.9 (Alg. A.14)."""
+
+    form = "original"
+
+
+class OriginalRTP(OriginalTP):
+    """Randomized original TP (Alg. A.15)."""
+
+    randomized = True
+
+
+class OriginalDTP(OriginalTP):
+    """Original DTP without the penultimate gradient step, i.e. simplified DTP (SDTP; Alg. A.16)."""
+
+    difference = True
+
+
+class OriginalRDTP(OriginalDTP):
+    """Randomized original DTP (Alg. A.17)."""
+
+    randomized = True
+
+
+class LeeDTP(OriginalDTP):
+    """DTP as Lee et al. (2015) ran it (thesis 3.1.2): the penultimate layer's target is a gradient step.
+
+    ``h^_{L-1} = h_{L-1} - eta^ dl/dh_{L-1}`` replaces the feedback map between the last two layers
+    (so an output layer narrower than the one below is no obstacle); lower layers use the
+    original-form difference targets; ``Q_1..Q_{L-2}`` are trained by Alg. A.9 with noise injection.
+    """
+
+    @property
+    def feedback_layers(self) -> list[int]:
+        return list(range(1, self.num_layers - 1))
+
+    def top_targets(self, hs, pre, y):
+        L = self.num_layers
+        e = F.output_error(hs[L], y, self.loss_name)  # dl/dh_L, (B, n_L)
+        delta = e * self.net.activations[L - 1].derivative(pre[L - 1])  # dl/da_L
+        return {**super().top_targets(hs, pre, y), L - 1: hs[L - 1] - self.target_stepsize * delta @ self.net.weights[L - 1]}
