@@ -16,9 +16,9 @@ class BP(LearningRule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         (opt,) = self.optimizer_list()
-        out = self(x)
-        loss = self.loss_from_output(out, y)
-        self.check_finite(loss, [out])
+        hs, _ = self.net.forward_all(x)
+        loss = self.loss_from_output(hs[-1], y)
+        self.check_finite(loss, hs)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
@@ -33,6 +33,7 @@ class BPFixed(BP):
     """
 
     def __init__(self, *args, **kwargs):
-        if "train_layers" in kwargs:
-            raise ValueError("BPFixed always trains only the output layer; do not pass train_layers")
+        layers = kwargs.pop("train_layers", None)  # saved in checkpoints' hyper-parameters as [-1]
+        if layers not in (None, [-1], (-1,)):
+            raise ValueError(f"BPFixed always trains only the output layer; got train_layers={layers}")
         super().__init__(*args, train_layers=[-1], **kwargs)

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny data, a quiet trainer, and the registry of every rule with test settings."""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import tplightning as tp
+
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+os.environ.setdefault("PL_DISABLE_FORK", "1")
+
+SGD = functools.partial(torch.optim.SGD, lr=0.01)
+
+# every rule with the constructor arguments the shared tests use (sizes come from the test)
+RULES: dict[str, tuple[type, dict]] = {
+    "BP": (tp.BP, {}),
+    "BPFixed": (tp.BPFixed, {}),
+    "TPEI": (tp.TPEI, {}),
+    "RTPEI": (tp.RTPEI, {}),
+    "RMTPEI": (tp.RMTPEI, {"forward_optimizer": functools.partial(torch.optim.SGD, lr=0.0005)}),
+    "TPAI": (tp.TPAI, {}),
+    "RTPAI": (tp.RTPAI, {}),
+    "DTPAI": (tp.DTPAI, {}),
+    "RDTPAI": (tp.RDTPAI, {}),
+    "OriginalTP": (tp.OriginalTP, {}),
+    "OriginalRTP": (tp.OriginalRTP, {}),
+    "OriginalDTP": (tp.OriginalDTP, {}),
+    "OriginalRDTP": (tp.OriginalRDTP, {}),
+    "LeeDTP": (tp.LeeDTP, {}),
+}
+TP_RULES = [n for n in RULES if n not in ("BP", "BPFixed")]
+
+
+def make_rule(name: str, sizes=(6, 6, 6), **kw):
+    cls, defaults = RULES[name]
+    args = {"sizes": list(sizes), "forward_optimizer": SGD, **defaults, **kw}
+    if issubclass(cls, tp.LearnedInverseRule):
+        args.setdefault("feedback_optimizer", SGD)
+    return cls(**args)
+
+
+def tiny_data(sizes=(6, 6, 6), **kw) -> tp.StudentTeacherDataModule:
+    args = {"sizes": list(sizes), "num_train": 64, "num_val": 32, "num_test": 32, "batch_size": 8, **kw}
+    return tp.StudentTeacherDataModule(**args)
+
+
+def quiet_trainer(**kw) -> pl.Trainer:
+    args = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        **kw,
+    }
+    return pl.Trainer(**args)
+
+
+def weights_of(rule) -> list[torch.Tensor]:
+    """Copies of every parameter and buffer of a rule, in a fixed order."""
+    return [t.detach().clone() for t in list(rule.parameters()) + list(rule.buffers())]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """Every test runs in its own folder: runs/, checkpoints and config.yaml land there."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
