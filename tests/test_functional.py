@@ -242,14 +242,19 @@ def test_sherman_morrison_clipped_branch(seed, one_plus_d):
 
 
 def test_sherman_morrison_threshold_boundary_is_not_clipped():
-    """Alg. 4.1 clips only for ``|1 + d| < eps``; ``|1 + d| = eps`` takes the plain branch."""
+    """Alg. 4.1 clips only for ``|1 + d| < eps``; ``|1 + d| = eps`` takes the plain branch.
+
+    At ``1 + d = -eps`` the two branches differ (beta = 1 vs 1/(1 + 2 eps)); at ``1 + d = +eps`` they coincide.
+    """
     W = torch.eye(3, dtype=DT) * 2
-    u = torch.tensor([-1.0, 0.0, 0.0], dtype=DT)  # d = v^T W^{-1} u = -0.5 * v_0
     v = torch.tensor([1.0, 0.0, 0.0], dtype=DT)
-    _, _, beta = F.robust_sherman_morrison(W, torch.linalg.inv(W), u, v, 0.5)  # 1 + d = 0.5 exactly
+    u = torch.tensor([-3.0, 0.0, 0.0], dtype=DT)  # d = v^T W^{-1} u = -1.5, 1 + d = -0.5 exactly
+    W_new, W_inv_new, beta = F.robust_sherman_morrison(W, torch.linalg.inv(W), u, v, 0.5)
     assert float(beta) == 1.0
+    torch.testing.assert_close(W_new, W + torch.outer(u, v), rtol=0, atol=0)
+    torch.testing.assert_close(W_inv_new, torch.linalg.inv(W + torch.outer(u, v)), rtol=1e-14, atol=1e-15)
     _, _, beta = F.robust_sherman_morrison(W, torch.linalg.inv(W), u, v, 0.5000001)
-    assert float(beta) < 1.0
+    assert math.isclose(float(beta), 1 / (0.5000001 + 1.5), rel_tol=1e-12)
 
 
 def test_sherman_morrison_chained_updates_stay_exact():

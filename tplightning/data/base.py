@@ -76,23 +76,22 @@ class TensorDataModule(pl.LightningDataModule):
 
     task: str = "regression"
 
-    def __init__(self, batch_size: int = 32, eval_batch_size: int = 1000, shuffle_seed: int = 0):
+    def __init__(self, batch_size: int = 32, eval_batch_size: int = 1000, shuffle_seed: int = 0, shuffle: bool = True):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
-        self.batch_size, self.eval_batch_size, self.shuffle_seed = batch_size, eval_batch_size, shuffle_seed
+        self.batch_size, self.eval_batch_size, self.shuffle_seed, self.shuffle = batch_size, eval_batch_size, shuffle_seed, shuffle
         self.train_data = self.val_data = self.test_data = None
 
     def _loader(self, data: TensorData, train: bool) -> DataLoader:
         if data is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
-        return DataLoader(
-            data,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochSeededSampler(len(data), self.shuffle_seed) if train else None,
-            drop_last=False,
-            collate_fn=_as_batch,
-        )
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if train and self.shuffle:
+            order = {"sampler": EpochSeededSampler(len(data), self.shuffle_seed)}
+        else:
+            order = {"shuffle": False}
+        return DataLoader(data, batch_size=batch_size, drop_last=False, collate_fn=_as_batch, **order)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_data, True)

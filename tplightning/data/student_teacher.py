@@ -36,6 +36,7 @@ class StudentTeacherDataModule(TensorDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test batch size.
         shuffle_seed: seed of the per-epoch shuffling.
+        shuffle: shuffle the training set every epoch (off: fixed order).
     """
 
     task = "regression"
@@ -55,8 +56,9 @@ class StudentTeacherDataModule(TensorDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 1000,
         shuffle_seed: int = 0,
+        shuffle: bool = True,
     ):
-        super().__init__(batch_size, eval_batch_size, shuffle_seed)
+        super().__init__(batch_size, eval_batch_size, shuffle_seed, shuffle)
         for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if n < 1:
                 raise ValueError(f"{name} must be >= 1, got {n}")
@@ -64,7 +66,6 @@ class StudentTeacherDataModule(TensorDataModule):
         g = torch.Generator().manual_seed(derive_seed(teacher_seed, "teacher"))
         self.teacher = MLP(sizes, activation, output_activation, negative_slope, False, teacher_std, generator=g)
         self.teacher.requires_grad_(False)
-        self._g = g
         self.input_dim, self.output_dim = self.teacher.sizes[0], self.teacher.sizes[-1]
         self.num_train, self.num_val, self.num_test, self.input_std = num_train, num_val, num_test, input_std
 

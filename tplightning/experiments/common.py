@@ -6,6 +6,7 @@ All experiments compute in float64 on the CPU and draw every random number from 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,6 +44,21 @@ def parse_args(
         if getattr(args, key) is None:
             setattr(args, key, full if args.full else default)
     return args
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one CPU thread inside the block (restored after).
+
+    The experiments batch thousands of tiny LAPACK calls; with several threads (especially on a
+    busy machine) the threading overhead makes them many times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def generator(seed: int) -> torch.Generator:
@@ -127,9 +143,10 @@ def pearson(x: Tensor, y: Tensor) -> float:
 def apply_pinv(A: Tensor, b: Tensor) -> Tensor:
     """``A^+ b`` for batched ``A (..., m, n)`` and ``b (..., m)``: the min-norm least-squares solution.
 
-    Solved by LAPACK's SVD-based ``gelsd`` (CPU), much faster than forming ``pinv(A)`` for tall ``A``.
+    Solved by LAPACK's ``gelsy`` (complete orthogonal factorisation, CPU): much faster than forming
+    ``pinv(A)`` or SVD-based ``gelsd`` for the tall, badly scaled matrices of the experiments.
     """
-    return torch.linalg.lstsq(A, b.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+    return torch.linalg.lstsq(A, b.unsqueeze(-1), driver="gelsy").solution.squeeze(-1)
 
 
 def output_jacobians(layer_jacobians: Sequence[Tensor]) -> list[Tensor]:

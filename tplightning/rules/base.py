@@ -20,6 +20,16 @@ class DivergenceError(RuntimeError):
     """Raised when a loss becomes NaN/inf; no checkpoint is written after the bad step."""
 
 
+class _PickledGenerator:
+    def __init__(self, device: str, state: bytes):
+        self.device, self.state = device, state
+
+    def restore(self) -> torch.Generator:
+        g = torch.Generator(self.device)
+        g.set_state(torch.frombuffer(bytearray(self.state), dtype=torch.uint8))
+        return g
+
+
 class LinearDecay:
     """Learning-rate factor decaying linearly from 1 to ``final`` over ``epochs`` epochs.
 
@@ -282,6 +292,19 @@ class LearningRule(pl.LightningModule):
 
     def load_extra_state(self, state: dict) -> None:
         self.batches_seen = int(state.get("batches_seen", 0))
+
+    def __getstate__(self) -> dict:
+        """Pickle generators as bytes: ddp_spawn sends the module to its workers, and a
+        ``torch.Generator``'s state tensor cannot always travel through shared memory."""
+        state = self.__dict__.copy()
+        for k, v in state.items():
+            if isinstance(v, torch.Generator):
+                state[k] = _PickledGenerator(str(v.device), bytes(v.get_state().numpy()))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = {k: v.restore() if isinstance(v, _PickledGenerator) else v for k, v in state.items()}
+        super().__setstate__(state)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tplightning"] = self.extra_state()

@@ -104,6 +104,7 @@ class ExactInverseRule(TargetPropRule):
     def weight_is_acceptable(self, i: int, W: Tensor) -> bool:
         return i == 1 or F.is_robustly_invertible(W, self.tau_init)
 
+    @torch.no_grad()
     def inverse_errors(self) -> list[Tensor]:
         """``max|W_i W_i^{-1} - I|`` for ``i = 2..L``."""
         out = []
