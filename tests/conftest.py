@@ -33,6 +33,8 @@ RULES: dict[str, tuple[type, dict]] = {
     "OriginalDTP": (tp.OriginalDTP, {}),
     "OriginalRDTP": (tp.OriginalRDTP, {}),
     "LeeDTP": (tp.LeeDTP, {}),
+    "AOSDTP": (tp.AOSDTP, {"aux_units": 2}),
+    "MTP": (tp.MTP, {}),
 }
 TP_RULES = [n for n in RULES if n not in ("BP", "BPFixed")]
 

@@ -16,7 +16,8 @@ class RuleContract:
     def test_forward_weights_are_live_and_shaped(self):
         rule = make_rule(self.rule_name, sizes=(5, 6, 6, 6))
         Ws = rule.forward_weights
-        assert [tuple(W.shape) for W in Ws] == [(6, 5), (6, 6), (6, 6)]
+        assert [tuple(W.shape) for W in Ws] == [(6, 5), (6, 6), (rule.net.sizes[-1], 6)]
+        assert rule.output_dim == 6
         with torch.no_grad():
             Ws[0].mul_(0)
         assert rule.net.weights[0].abs().sum() == 0  # the same tensors, not copies
@@ -61,9 +62,9 @@ class TargetPropContract(RuleContract):
         before = weights_of(rule)
         hs, targets = rule.compute_targets(x, y)
         assert len(hs) == 4 and len(targets) == 3
-        assert all(t.shape == (5, 6) for t in targets)
-        eta = rule.target_stepsize
-        torch.testing.assert_close(targets[-1], hs[-1] - eta * (hs[-1] - y))  # eq. 4.4 for mse
+        assert all(t.shape == h.shape and t.shape[0] == 5 for t, h in zip(targets, hs[1:]))
+        eta, out = rule.target_stepsize, hs[-1][:, :6]  # AOSDTP's auxiliary outputs follow the model's 6
+        torch.testing.assert_close(targets[-1][:, :6], out - eta * (out - y))  # eq. 4.4 for mse
         for a, b in zip(before, weights_of(rule)):
             assert torch.equal(a, b)
 
@@ -82,7 +83,7 @@ def _contract(name: str) -> type:
 
 
 for _name in ("BP", "BPFixed", "TPEI", "RTPEI", "RMTPEI", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP",
-              "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP"):
+              "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP"):
     globals()[f"Test{_name}Contract"] = _contract(_name)
 
 

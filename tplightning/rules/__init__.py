@@ -2,10 +2,10 @@
 from .backprop import BP, BPFixed
 from .base import DivergenceError, LearningRule
 from .exact import RMTPEI, RTPEI, TPEI, ExactInverseRule
-from .learned import DTPAI, RDTPAI, RTPAI, TPAI, LearnedInverseRule, LeeDTP, OriginalDTP, OriginalRDTP, OriginalRTP, OriginalTP
+from .learned import AOSDTP, DTPAI, MTP, RDTPAI, RTPAI, TPAI, LearnedInverseRule, LeeDTP, OriginalDTP, OriginalRDTP, OriginalRTP, OriginalTP
 from .target_prop import TargetPropRule
 
 __all__ = [
     "LearningRule", "DivergenceError", "BP", "BPFixed", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI",
-    "LearnedInverseRule", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP",
+    "LearnedInverseRule", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP",
 ]

@@ -90,7 +90,8 @@ class LearningRule(pl.LightningModule):
             raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
         if not 0 < lr_final_factor <= 1:
             raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
-        self.net = MLP(sizes, activation, output_activation, negative_slope, bias, init_std)
+        self.output_dim = list(sizes)[-1]  # the model's outputs (the network may have extra units: AOSDTP)
+        self.net = MLP(self.network_sizes(list(sizes)), activation, output_activation, negative_slope, bias, init_std)
         self.loss_name = loss
         self.forward_optimizer = forward_optimizer
         self.lr_final_factor = lr_final_factor
@@ -105,7 +106,7 @@ class LearningRule(pl.LightningModule):
         metrics = (
             {"mse": torchmetrics.MeanSquaredError()}
             if loss == "mse"
-            else {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.net.sizes[-1])}
+            else {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.output_dim)}
         )
         self.val_metrics = torchmetrics.MetricCollection(metrics, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
@@ -132,8 +133,13 @@ class LearningRule(pl.LightningModule):
         """The live forward weight tensors ``[W_1, ..., W_L]``, ``W_i`` of shape ``(n_i, n_{i-1})``."""
         return list(self.net.weights)
 
+    def network_sizes(self, sizes: list[int]) -> list[int]:
+        """Layer sizes of the network built for model ``sizes`` (hook: AOSDTP adds auxiliary outputs)."""
+        return sizes
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        h = self.net(x)
+        return h if h.shape[-1] == self.output_dim else h[..., : self.output_dim].contiguous()
 
     def load_forward_weights(self, weights: Sequence[Tensor]) -> None:
         """Overwrite ``[W_1..W_L]`` in place (e.g. a student near its teacher) and refresh derived state."""
@@ -155,8 +161,8 @@ class LearningRule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- losses
     def loss_from_output(self, h_L: Tensor, y: Tensor) -> Tensor:
-        """Batch mean of the per-sample loss."""
-        return F.per_sample_loss(h_L, y, self.loss_name).mean()
+        """Batch mean of the per-sample loss of the model's outputs (``h_L[:, :output_dim]``)."""
+        return F.per_sample_loss(h_L[..., : self.output_dim], y, self.loss_name).mean()
 
     def check_finite(self, loss: Tensor, activations: Sequence[Tensor]) -> None:
         """Stop with :class:`DivergenceError` naming the step and the layer when ``loss`` is NaN/inf."""
@@ -270,7 +276,7 @@ class LearningRule(pl.LightningModule):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
-        n_in, n_out = self.net.sizes[0], self.net.sizes[-1]
+        n_in, n_out = self.net.sizes[0], self.output_dim
         d_in = getattr(dm, "input_dim", None)
         d_out = getattr(dm, "output_dim", None)
         if d_in is not None and d_in != n_in:

@@ -150,7 +150,7 @@ class ExactInverseRule(TargetPropRule):
             diff = hs[i] - targets[i - 1]
             delta = diff / d if self.modified else d * diff  # (B, n)
             U = (-lr / (hs[i].shape[0] * world)) * delta.T  # (n, B)
-            V = hs[i - 1].T  # (n, B)
+            V = self.layer_input(i, hs).T  # (n, B)
             if world > 1:  # the same rank-(world*B) update on every replica
                 U, V = (torch.cat(list(self.all_gather(M)), dim=1) for M in (U, V))
             self._robust_update(i, U, V)

@@ -40,6 +40,8 @@ __all__ = [
     "OriginalDTP",
     "OriginalRDTP",
     "LeeDTP",
+    "AOSDTP",
+    "MTP",
 ]
 
 
@@ -206,7 +208,7 @@ class LearnedInverseRule(TargetPropRule):
             return super().training_step(batch, batch_idx)
         x, y = batch  # feedback pre-training: only Q learns
         with torch.no_grad():
-            hs, _ = self.net.forward_all(x)
+            hs, _ = self.forward_pass(x)
             loss = self.loss_from_output(hs[-1], y)
             self.check_finite(loss, hs)
             self.update_feedback(hs, None)
@@ -297,3 +299,109 @@ class LeeDTP(OriginalDTP):
         e = F.output_error(hs[L], y, self.loss_name)  # dl/dh_L, (B, n_L)
         delta = e * self.net.activations[L - 1].derivative(pre[L - 1])  # dl/da_L
         return {**super().top_targets(hs, pre, y), L - 1: hs[L - 1] - self.target_stepsize * delta @ self.net.weights[L - 1]}
+
+
+class AOSDTP(OriginalDTP):
+    """Auxiliary-output SDTP (thesis 3.1.2, eq. 3.16; Bartunov et al. 2018).
+
+    The output layer is ``h_L = [o, z]``: ``o`` the model's outputs (logits), ``z = s_L(W~ h_{L-1})``
+    auxiliary units whose fixed weights ``W~`` are the extra rows of ``W_L``. The output target
+    is ``[o^, z]`` (``z`` has no target, so ``W~`` never changes) and the penultimate target
+    ``h^_{L-1} = h_{L-1} + g_{L-1}(o^, z) - g_{L-1}(o, z)``: ``z`` carries sample-specific
+    information through the otherwise narrow inverse of the output layer. Lower layers use SDTP.
+
+    Args:
+        aux_units: number of auxiliary outputs; ``None`` makes the output block as wide as the
+            layer below (``n_{L-1} - n_L`` units), so ``Q_{L-1}`` inverts a square map.
+        **kwargs: the arguments of :class:`LearnedInverseRule`.
+    """
+
+    def __init__(self, *args, aux_units: int | None = None, **kwargs):
+        self.aux_units = aux_units  # read by network_sizes during the base constructor
+        super().__init__(*args, **kwargs)
+
+    def network_sizes(self, sizes):
+        aux = self.aux_units if self.aux_units is not None else sizes[-2] - sizes[-1]
+        if aux < 1:
+            raise ValueError(
+                f"AOSDTP needs at least one auxiliary output unit, got aux_units={self.aux_units} for sizes {sizes} "
+                "(the default adds n_{L-1} - n_L units, which needs a penultimate layer wider than the output)"
+            )
+        self.aux_units = aux
+        return sizes[:-1] + [sizes[-1] + aux]
+
+    def output_target(self, h_L, y):
+        o, z = h_L[:, : self.output_dim], h_L[:, self.output_dim :]
+        return torch.cat([F.output_target(o, y, self.loss_name, self.target_stepsize), z], dim=1)
+
+
+class MTP(TPAI):
+    """Modified TP on learned inverses with batch-normalised layer inputs (thesis 5.1.1, Alg. A.1).
+
+    Every layer ``i`` receives its input normalised per unit over the batch,
+    ``h~_{i-1} = (h_{i-1} - mu) / sigma``; at evaluation the running statistics are used (as
+    in batch normalisation, momentum ``bn_momentum``). ``g_i`` inverts ``f_{i+1}`` onto the
+    normalised ``h~_i``, and the target is de-normalised, ``h^_i = sigma * g_i(h^_{i+1}) + mu``
+    (Alg. A.1). The update uses ``D_i^{-1}`` (modified TP) and, where Alg. A.1 writes
+    ``h_{k-1}``, the normalised input ``h~_{k-1}`` that the layer actually received: the local
+    loss is a function of ``W_k`` through ``f_k(h~_{k-1})``, so this is its gradient. Batches
+    need at least two samples. The thesis reports this rule unstable (section 5.2.2); it is
+    here for completeness.
+
+    Args:
+        bn_momentum: momentum of the running mean/variance used at evaluation.
+        bn_eps: added to the variance.
+        **kwargs: the arguments of :class:`LearnedInverseRule`.
+    """
+
+    modified = True
+
+    def __init__(self, *args, bn_momentum: float = 0.1, bn_eps: float = 1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        for i in range(1, self.num_layers + 1):
+            if not self.net.activations[i - 1].invertible:
+                raise ValueError(f"MTP divides by D_{i}; layer {i} activation {self.net.activations[i - 1]!r} is not invertible")
+        self.bn_momentum, self.bn_eps = bn_momentum, bn_eps
+        for j, n in enumerate(self.net.sizes[:-1]):
+            self.register_buffer(f"running_mean_{j}", torch.zeros(n))
+            self.register_buffer(f"running_var_{j}", torch.ones(n))
+        self._stats: list[tuple[Tensor, Tensor]] = []
+        self._inputs: list[Tensor] = []
+
+    def _normalise(self, j: int, h: Tensor, train: bool, update: bool) -> Tensor:
+        mean, var = getattr(self, f"running_mean_{j}"), getattr(self, f"running_var_{j}")
+        if train:
+            if h.shape[0] < 2:
+                raise ValueError(f"MTP normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
+            mu, v = h.mean(0), h.var(0, unbiased=False)
+            if update:
+                mean.lerp_(mu, self.bn_momentum)
+                var.lerp_(v, self.bn_momentum)
+        else:
+            mu, v = mean, var
+        sigma = (v + self.bn_eps).sqrt()
+        self._stats.append((mu, sigma))
+        return (h - mu) / sigma
+
+    def _run(self, x: Tensor, train: bool, update: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+        hs, pre, self._stats, self._inputs = [x], [], [], []
+        for i in range(1, self.num_layers + 1):
+            h_in = self._normalise(i - 1, hs[-1], train, update)
+            self._inputs.append(h_in)
+            a, h = self.net.layer(i, h_in)
+            pre.append(a)
+            hs.append(h)
+        return hs, pre
+
+    def forward_pass(self, x, update_state=True):
+        return self._run(x, train=self.training, update=update_state)
+
+    def forward(self, x):
+        return self._run(x, train=False)[0][-1]
+
+    def layer_input(self, i, hs):
+        return self._inputs[i - 1]
+
+    def propagate(self, i, h_hat_next, hs, pre):
+        mu, sigma = self._stats[i]  # statistics of the input of layer i + 1, i.e. of h_i
+        return sigma * self.g(i, h_hat_next) + mu

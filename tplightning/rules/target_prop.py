@@ -65,6 +65,15 @@ class TargetPropRule(LearningRule):
                 targets[i - 1] = self.propagate(i, targets[i], hs, pre)
         return targets
 
+    def forward_pass(self, x: Tensor, update_state: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+        """``([h_0..h_L], [a_1..a_L])`` of a training batch (hook: MTP normalises layer inputs and,
+        with ``update_state``, updates its running statistics)."""
+        return self.net.forward_all(x)
+
+    def layer_input(self, i: int, hs: list[Tensor]) -> Tensor:
+        """The input that layer ``i`` received in :meth:`forward_pass` (``h_{i-1}`` by default)."""
+        return hs[i - 1]
+
     @torch.no_grad()
     def compute_targets(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Forward pass and targets of every layer; changes no weight.
@@ -72,7 +81,7 @@ class TargetPropRule(LearningRule):
         Returns:
             ``([h_0, ..., h_L], [h^_1, ..., h^_L])`` with ``h^_L`` the output target.
         """
-        hs, pre = self.net.forward_all(x)
+        hs, pre = self.forward_pass(x, update_state=False)
         return hs, self.targets_from(hs, pre, y, 1)
 
     # ----------------------------------------------------------------------------- updates
@@ -87,7 +96,7 @@ class TargetPropRule(LearningRule):
         for i in layers:
             act = self.net.activations[i - 1]
             d = act.derivative(pre[i - 1])
-            grads[self.net.weights[i - 1]] = F.local_update(d, hs[i], targets[i - 1], hs[i - 1], self.modified)
+            grads[self.net.weights[i - 1]] = F.local_update(d, hs[i], targets[i - 1], self.layer_input(i, hs), self.modified)
             if self.net.biases is not None:
                 delta = (hs[i] - targets[i - 1]) / d if self.modified else d * (hs[i] - targets[i - 1])
                 grads[self.net.biases[i - 1]] = delta.mean(0)
@@ -103,7 +112,7 @@ class TargetPropRule(LearningRule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         with torch.no_grad():
-            hs, pre = self.net.forward_all(x)
+            hs, pre = self.forward_pass(x)
             loss = self.loss_from_output(hs[-1], y)
             self.check_finite(loss, hs)
             layers = [self.draw_layer()] if self.randomized else self.train_layers
