@@ -166,3 +166,16 @@ def test_toy_data_shares_output_weights():
     quiet_trainer(max_epochs=2, callbacks=[cb, Keep()]).fit(rule, datamodule=dm)
     torch.testing.assert_close(before, dm.output_weights)
     torch.testing.assert_close(rule.forward_weights[1].detach(), dm.output_weights)  # W_2 never learns
+
+
+def test_exact_rule_cheap_diagnostics_match_exact_values():
+    rule = make_rule("TPEI", sizes=(8, 8, 8)).double()
+    rule.refresh_inverses()
+    true = torch.linalg.svdvals(rule.forward_weights[1].detach())[-1]
+    assert rule.estimate_sigma_min(2) >= true * (1 - 1e-9)  # a power-iteration estimate never undershoots
+    assert float(rule.estimate_sigma_min(2, iterations=500)) == pytest.approx(float(true), rel=1e-3)
+    assert rule.probe_inverse_error(2) < 1e-12
+    with torch.no_grad():
+        rule.inverse(2)[0, 0] += 1e-3
+    E = rule.forward_weights[1].detach() @ rule.inverse(2) - torch.eye(8, dtype=torch.float64)
+    assert 1e-6 < float(rule.probe_inverse_error(2)) <= float(E.abs().sum(1).max()) + 1e-12
