@@ -90,6 +90,10 @@ class LearnedInverseRule(TargetPropRule):
             raise ValueError(
                 f"feedback_iterations must be >= 1 and feedback_pretrain_epochs >= 0, got {feedback_iterations} and {feedback_pretrain_epochs}"
             )
+        if feedback_batch_size is not None and feedback_batch_size < 1:
+            raise ValueError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {feedback_batch_size}")
+        if self.form == "thesis" and feedback_noise_std == 0:
+            raise ValueError("feedback_noise_std must be > 0 for the thesis form: Alg. A.8 learns Q from white noise of that std")
         if feedback_init not in ("pinv", "random"):
             raise ValueError(f"feedback_init must be 'pinv' or 'random', got {feedback_init!r}")
         if self.form == "thesis":
@@ -289,6 +293,11 @@ class LeeDTP(OriginalDTP):
     (so an output layer narrower than the one below is no obstacle); lower layers use the
     original-form difference targets; ``Q_1..Q_{L-2}`` are trained by Alg. A.9 with noise injection.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.num_layers < 2:
+            raise ValueError(f"LeeDTP needs a hidden layer (its target is a gradient step), got sizes {self.net.sizes}")
 
     @property
     def feedback_layers(self) -> list[int]:
