@@ -174,8 +174,8 @@ class ExactInverseRule(TargetPropRule):
         W_inv.copy_(inv_new)
         st = self._stats[i]
         st["updates"] += 1
-        st["clipped"] += (beta < 1).to(st["clipped"].dtype)
-        st["min_capacitance"] = torch.minimum(st["min_capacitance"], s_min.to(st["min_capacitance"].dtype))
+        st["clipped"] = st["clipped"].to(beta.device) + (beta < 1).float()
+        st["min_capacitance"] = torch.minimum(st["min_capacitance"].to(beta.device), s_min.float())
 
     def _reset_stats(self) -> None:
         self._stats = {

@@ -1,0 +1,223 @@
+"""Speed of a training step, every rule against BP measured in the same process.
+
+``python -m tplightning.benchmarks.speed`` measures, for each rule,
+
+* (a) the MNIST network 784-256x5-10 (tanh, cross-entropy, batch 128, synthetic inputs of
+  MNIST's shape): the median time per training batch with Lightning's loop included, and the
+  rule's own ``training_step`` alone (forward, targets, forward and feedback updates);
+* (b) square networks n-n-n-n of width n in {256, 512, 1024, 2048} for the exact-inverse rules at
+  batch 1 (Sherman-Morrison) and batch 32 (Woodbury), against BP at the same size and against
+  re-inverting every ``W`` each step (O(n^3)); a log-log fit gives the scaling exponent of the
+  step time in n;
+* (c) memory: the peak GPU allocation on CUDA; on CPU the bytes of the rule's state
+  (parameters, buffers, optimizer state).
+
+Each figure is printed as a ratio to BP, and the tables are written into docs/RESULTS.md
+between ``<!-- speed:...:start/end -->`` markers, with the machine they ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+import tplightning as tp
+from tplightning.benchmarks.common import machine, write_block
+from tplightning.data.base import TensorData, TensorDataModule
+
+PROG = "python -m tplightning.benchmarks.speed"
+MNIST_RULES = ["BP", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP",
+               "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP"]  # fmt: skip
+EXACT_RULES = ["BP", "TPEI", "RTPEI", "RMTPEI", "TPEIReinvert"]
+
+
+class TPEIReinvert(tp.TPEI):
+    """TP-EI that recomputes every ``W^{-1}`` from scratch each step: the O(n^3) baseline."""
+
+    def _robust_update(self, i, U, V):
+        W = self.net.weights[i - 1]
+        W.add_(U @ V.T)
+        self.inverse(i).copy_(torch.linalg.inv(W))
+
+
+class SyntheticData(TensorDataModule):
+    """Random inputs and labels of a given shape: speed does not depend on the values."""
+
+    def __init__(self, input_dim: int, output_dim: int, n: int, batch_size: int, task: str):
+        super().__init__(batch_size=batch_size, eval_batch_size=batch_size)
+        self.input_dim, self.output_dim, self.task, self.n = input_dim, output_dim, task, n
+
+    def setup(self, stage=None):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.n, self.input_dim, generator=g)
+        y = torch.randint(self.output_dim, (self.n,), generator=g) if self.task == "classification" else torch.randn(self.n, self.output_dim, generator=g)
+        self.train_data = self.val_data = self.test_data = TensorData(x, y)
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each batch (loop included) and of ``training_step`` alone."""
+
+    def __init__(self, device):
+        self.device, self.batch, self.step, self._t0, self._last = device, [], [], 0.0, None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._sync()
+        now = time.perf_counter()
+        if self._last is not None:
+            self.batch.append(now - self._last)
+        self._last = self._t0 = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sync()
+        self.step.append(time.perf_counter() - self._t0)
+
+
+def build(name: str, sizes: list[int], classification: bool, **kw):
+    cls = TPEIReinvert if name == "TPEIReinvert" else getattr(tp, name)
+    args = dict(sizes=sizes, forward_optimizer=functools.partial(torch.optim.SGD, lr=1e-4), lr_final_factor=1.0, **kw)
+    if classification:  # MTP divides by D = tanh', unbounded when tanh saturates: leaky-ReLU for it
+        args.update(activation="leaky_relu" if name == "MTP" else "tanh", loss="cross_entropy")
+    if issubclass(cls, tp.LearnedInverseRule):
+        args["feedback_optimizer"] = functools.partial(torch.optim.SGD, lr=1e-4)
+    if issubclass(cls, tp.ExactInverseRule):
+        args["tau_init"] = 1e-9  # Gaussian matrices of large n rarely reach the thesis' 0.4 (section 4.2.3)
+    return cls(**args)
+
+
+def state_bytes(rule, trainer) -> int:
+    n = sum(t.numel() * t.element_size() for t in list(rule.parameters()) + list(rule.buffers()))
+    for opt in trainer.optimizers:
+        n += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return n
+
+
+def measure(name: str, sizes: list[int], batch: int, steps: int, warmup: int, device: torch.device, classification: bool) -> dict:
+    """Median seconds per batch (loop included) and per ``training_step``, and memory."""
+    pl.seed_everything(0, verbose=False)
+    rule = build(name, sizes, classification)
+    dm = SyntheticData(sizes[0], sizes[-1], batch * (steps + warmup), batch, "classification" if classification else "regression")
+    timer = StepTimer(device)
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=steps + warmup, limit_val_batches=0, accelerator=device.type, devices=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[timer], log_every_n_steps=10**9,
+    )  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.fit(rule, datamodule=dm)
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else state_bytes(rule, trainer)
+    return {
+        "rule": name, "sizes": sizes, "batch": batch,
+        "batch_s": statistics.median(timer.batch[warmup:]), "step_s": statistics.median(timer.step[warmup:]),
+        "memory": memory,
+    }  # fmt: skip
+
+
+def exponent(ns: Sequence[int], times: Sequence[float]) -> float:
+    """Least-squares slope of log(time) against log(n)."""
+    xs, ys = [math.log(n) for n in ns], [math.log(t) for t in times]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.3g}"
+
+
+def mnist_table(results: list[dict], device) -> str:
+    bp = next(r for r in results if r["rule"] == "BP")
+    mem = "peak GPU memory (MB)" if device.type == "cuda" else "state memory (MB)"
+    rows = [f"| rule | ms/batch (loop) | × BP | ms/step (rule alone) | × BP | {mem} |", "|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(
+            f"| {r['rule']} | {_ms(r['batch_s'])} | {r['batch_s'] / bp['batch_s']:.2f} | {_ms(r['step_s'])} | "
+            f"{r['step_s'] / bp['step_s']:.2f} | {r['memory'] / 2**20:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def exact_table(results: list[dict], widths: list[int], batches: list[int]) -> str:
+    lines = []
+    for b in batches:
+        lines += [f"\nBatch size {b} ({'Sherman-Morrison' if b == 1 else 'Woodbury'}); ms per `training_step`, × BP at the same width:\n",
+                  "| rule | " + " | ".join(f"n = {n}" for n in widths) + " | exponent |", "|---|" + "---|" * (len(widths) + 1)]  # fmt: skip
+        bp = {r["sizes"][0]: r["step_s"] for r in results if r["rule"] == "BP" and r["batch"] == b}
+        for name in EXACT_RULES:
+            rs = sorted((r for r in results if r["rule"] == name and r["batch"] == b), key=lambda r: r["sizes"][0])
+            if not rs:
+                continue
+            cells = [f"{_ms(r['step_s'])} ({r['step_s'] / bp[r['sizes'][0]]:.2f}×)" for r in rs]
+            fit = [r for r in rs if r["sizes"][0] >= 512] or rs
+            slope = exponent([r["sizes"][0] for r in fit], [r["step_s"] for r in fit]) if len(fit) > 1 else float("nan")
+            label = "TP-EI, re-inverting W each step" if name == "TPEIReinvert" else name
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {slope:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["mnist", "exact", "all"], default="all")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=30, help="measured steps per rule (median)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--rules", nargs="+", default=None, help="restrict part (a) to these rules (BP is always measured)")
+    p.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
+    return p.parse_args(argv)
+
+
+def command(args) -> str:
+    parts = [PROG, "--part", args.part, "--steps", str(args.steps)]
+    if args.part != "mnist":
+        parts += ["--widths", *map(str, args.widths), "--batches", *map(str, args.batches)]
+    if args.rules:
+        parts += ["--rules", *args.rules]
+    return " ".join(parts)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    out: dict = {}
+    if args.part in ("mnist", "all"):
+        rules = ["BP"] + [r for r in (args.rules or MNIST_RULES) if r != "BP"]
+        res = []
+        for name in rules:
+            res.append(measure(name, [784] + [256] * 5 + [10], 128, args.steps, args.warmup, device, True))
+            print(f"{name:14s} {_ms(res[-1]['batch_s'])} ms/batch  {_ms(res[-1]['step_s'])} ms/step  "
+                  f"{res[-1]['step_s'] / res[0]['step_s']:.2f}x BP", flush=True)  # fmt: skip
+        out["mnist"] = res
+        body = (f"### Step time on the MNIST network ({tag})\n\n784-256x5-10, tanh (MTP: leaky-ReLU), cross-entropy, batch 128, median "
+                f"of {args.steps} steps after {args.warmup} warm-up steps.\n\n{mnist_table(res, device)}\n\n"
+                f"Command: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
+        write_block(args.out, f"speed:mnist:{tag}", body)
+    if args.part in ("exact", "all"):
+        res = []
+        for b in args.batches:
+            for n in args.widths:
+                for name in EXACT_RULES:
+                    res.append(measure(name, [n] * 4, b, args.steps, args.warmup, device, False))
+                    print(f"batch {b:3d} n {n:5d} {name:14s} {_ms(res[-1]['step_s'])} ms/step", flush=True)
+        out["exact"] = res
+        body = (f"### Exact inverses at width ({tag})\n\nSquare networks n-n-n-n, leaky-ReLU, median of {args.steps} "
+                f"steps. The exponent is the log-log slope of step time against n (fitted on n >= 512).\n"
+                f"{exact_table(res, args.widths, args.batches)}\n\nCommand: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
+        write_block(args.out, f"speed:exact:{tag}", body)
+    return out
+
+
+if __name__ == "__main__":
+    main()
