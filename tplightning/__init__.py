@@ -6,9 +6,10 @@ module is importable from here, which LightningCLI short names and ``load_from_c
 """
 from . import functional, networks
 from .callbacks import InitNearTeacher
+from .diagnostics import TargetPropDiagnostics
 from .data import MNISTDataModule, StudentTeacherDataModule, ToyDataModule
 from .rules import *  # noqa: F401,F403
 from .rules import __all__ as _rules
 
 __version__ = "0.1.0"
-__all__ = ["functional", "networks", "InitNearTeacher", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", *_rules]
+__all__ = ["functional", "networks", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", *_rules]

@@ -1,0 +1,140 @@
+"""The toy, pseudo-inverse and student-teacher experiments: tiny runs write their outputs, and the
+toy's properties of thesis section 5.1.1 hold exactly (full-batch expectations, float64)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tplightning as tp
+from tplightning.experiments import pseudo_inverse, student_teacher, toy
+from tplightning.experiments.common import DTYPE, generator, robust_gaussian, single_thread
+
+EXACT = torch.tensor([[1.0], [-1.0]], dtype=DTYPE)  # E over h_0 ~ N(0, 1) of the homogeneous toy
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# Toy (figs. 5.2-5.4)
+# --------------------------------------------------------------------------------------------
+
+
+def test_exact_batch_is_the_gaussian_expectation():
+    t = toy.Toy(nonlinear=True, teacher_seed=1)
+    W = torch.tensor([[0.7], [-1.3]], dtype=DTYPE)
+    h0 = torch.randn(400_000, 1, generator=generator(0), dtype=DTYPE)
+    assert float(t.loss(W, EXACT)) == pytest.approx(float(t.loss(W, h0)), rel=1e-2)
+
+
+@pytest.mark.parametrize("teacher_seed", [0, 1, 2, 3, 4])
+def test_linear_toy_gauss_newton_reaches_the_optimum_in_one_step(teacher_seed):
+    t = toy.Toy(nonlinear=False, teacher_seed=teacher_seed)
+    W0 = toy.start_point(t)
+    W1 = t.step("GN", W0, EXACT, None)
+    torch.testing.assert_close(W1, t.W1_star, rtol=0, atol=1e-12)  # eq. 5.11
+    assert float(t.loss(W1, EXACT)) < 1e-20 < float(t.loss(W0, EXACT))
+    tp_step = t.step("TP", W0, EXACT, 0.8) - W0  # eq. 5.9: -eta^ E[h_0^2] (W_1 - W_1*)
+    torch.testing.assert_close(tp_step, -0.8 * (W0 - t.W1_star))
+
+
+@pytest.mark.parametrize("teacher_seed", [0, 1, 2, 3, 4])
+def test_nonlinear_toy_modified_tp_reaches_the_optimum_in_two_steps(teacher_seed):
+    t = toy.Toy(nonlinear=True, teacher_seed=teacher_seed)
+    W0 = toy.start_point(t)  # every unit on the other side of its kink
+    W1 = t.step("MTP", W0, EXACT, 1.0)
+    W2 = t.step("MTP", W1, EXACT, 1.0)
+    assert float(t.loss(W1, EXACT)) > 1e-3  # not in one step
+    assert torch.equal(torch.sign(W1), torch.sign(t.W1_star))  # the first step lands in the optimum's orthant
+    torch.testing.assert_close(W2, t.W1_star, rtol=0, atol=1e-12)  # fig. 5.4
+
+
+def test_nonlinear_toy_tp_is_slower_than_gn_and_bp_zigzags():
+    result = toy.run(steps=10, max_steps=400)
+    lin, non = result["cases"]["linear"]["methods"], result["cases"]["nonlinear"]["methods"]
+    assert lin["GN"]["steps_to_1e-6"] == 1 and non["MTP"]["steps_to_1e-6"] == 2
+    assert 1 < lin["TP"]["steps_to_1e-6"] < lin["BP"]["steps_to_1e-6"]
+    assert non["GN"]["steps_to_1e-6"] < non["TP"]["steps_to_1e-6"] < non["BP"]["steps_to_1e-6"]
+
+
+def test_toy_main_writes_figure_and_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    stats = toy.main(["--out", str(tmp_path), "--steps", "4", "--max-steps", "80"])
+    assert (tmp_path / "toy.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "toy.json").read_text())
+    assert saved["cases"]["linear"]["methods"]["GN"]["steps_to_1e-6"] == 1
+    assert set(saved["cases"]["nonlinear"]["methods"]) == {"GN", "TP", "BP", "MTP"}
+    assert len(stats["cases"]["linear"]["methods"]["TP"]["path"]) == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Pseudo-inverse (figs. 5.9-5.11)
+# --------------------------------------------------------------------------------------------
+
+
+def test_inverse_loss_grad_is_the_library_feedback_update():
+    torch.manual_seed(0)
+    rule = tp.TPAI(sizes=[5, 5, 3], output_activation="leaky_relu", feedback_batch_size=4, feedback_seed=7).double()
+    hs, _ = rule.net.forward_all(torch.randn(4, 5, dtype=DTYPE))
+    (Q,) = rule.feedback_weights
+    expected = rule.feedback_grads(hs)[Q]
+    h = torch.randn(4, 5, generator=torch.Generator().manual_seed(7), dtype=DTYPE)  # the rule's noise (Alg. A.8)
+    torch.testing.assert_close(pseudo_inverse.inverse_loss_grad(Q.detach(), rule.forward_weights[1].detach(), h), expected)
+    rule = tp.OriginalTP(sizes=[5, 5, 3], activation="tanh", output_activation="tanh", feedback_noise_std=0.0).double()
+    hs, _ = rule.net.forward_all(torch.randn(4, 5, dtype=DTYPE))
+    (Q,) = rule.feedback_weights
+    got = pseudo_inverse.inverse_loss_grad(Q.detach(), rule.forward_weights[1].detach(), hs[1].detach(), "original")
+    torch.testing.assert_close(got, rule.feedback_grads(hs)[Q])
+
+
+def test_predicted_limits_are_theorems_4_6_and_4_7():
+    gen = generator(0)
+    W = robust_gaussian(3, 5, 3, gen=gen)  # expanding 3 -> 5
+    eye = torch.eye(3, dtype=DTYPE).expand(3, -1, -1)
+    ridge = W.transpose(-1, -2) @ torch.linalg.inv(W @ W.transpose(-1, -2) + 0.2 * torch.eye(5, dtype=DTYPE))
+    torch.testing.assert_close(pseudo_inverse.predicted_limit(W, eye, 0.2), ridge)  # theorem 4.7, sigma = 1
+    assert pseudo_inverse.predicted_limit(W, eye, 0.0) is None  # W W^T singular: not unique (theorem 4.6)
+    W = robust_gaussian(3, 3, 5, gen=gen)  # contracting 5 -> 3, white: W^dagger
+    torch.testing.assert_close(pseudo_inverse.predicted_limit(W, torch.eye(5, dtype=DTYPE), 0.0), torch.linalg.pinv(W))
+
+
+def test_white_noise_contracting_q_converges_to_the_pseudo_inverse():
+    case = pseudo_inverse.Case("b", "white, batch 16", 5, 3, batch=16, lr=(0.05, 0.01), iterations=800)
+    r = pseudo_inverse.run_case(case, reps=4, gen=generator(0))
+    err = r["pinv_error"]["median"]
+    assert err[-1] < 0.05 < err[0]
+
+
+def test_pseudo_inverse_main_writes_figure_and_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = pseudo_inverse.main(["--out", str(tmp_path), "--reps", "2", "--iterations", "60"])
+    assert (tmp_path / "pseudo_inverse.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "pseudo_inverse.json").read_text())
+    assert len(saved["runs"]) == len(pseudo_inverse.CASES) == len(out["final_medians"])
+    assert all(r["iteration"][-1] == 60 for r in saved["runs"])
+
+
+# --------------------------------------------------------------------------------------------
+# Student-teacher with diagnostics (figs. 5.7/5.8, 5.13-5.19)
+# --------------------------------------------------------------------------------------------
+
+
+def test_student_teacher_main_writes_curves_and_diagnostics(tmp_path):
+    pytest.importorskip("matplotlib")
+    args = ["--out", str(tmp_path), "--seeds", "1", "--epochs", "2", "--num-train", "96", "--diag-every", "1",
+            "--rules", "DTPAI,OriginalTP"]  # fmt: skip
+    result = student_teacher.main(args)
+    assert (tmp_path / "student_teacher.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "student_teacher.json").read_text())
+    for rule in ("DTPAI", "OriginalTP"):
+        s = saved["summary"][rule]
+        assert len(s["train_mse"]) == len(s["test_mse"]) == 3  # before training and after each epoch
+        assert len(s["diagnostics"]["cos_gn"]) == 2
+    m = result["summary"]["DTPAI"]["diagnostics_mean"]
+    assert m["cos_tp"] > 0.99 and m["norm_approx"] < 1e-3  # difference targets: no reconstruction error
+    assert result["summary"]["OriginalTP"]["diagnostics_mean"]["norm_approx"] > 0.1

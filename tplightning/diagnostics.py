@@ -1,0 +1,397 @@
+"""Diagnostics that explain what every target-propagation rule sends to its hidden layers.
+
+For a hidden layer ``i`` the learning signal is ``Delta_i = h^_i - h_i`` (the target minus the
+activation). The thesis splits it by a first-order Taylor expansion (eq. 5.38) and compares it
+with the signals of second- and first-order optimisation (section 5.1.3 and 5.2.2):
+
+* ``e^TP_i = -eta^ [prod_{k=i}^{L-1} J_{g_k}] e_L`` (eq. 5.39 / 5.57), the useful signal, with
+  ``J_{g_k}`` the Jacobian of the rule's feedback map ``g_k`` at ``h_{k+1}`` and ``e_L = dl/dh_L``;
+* ``e^rec_i = r_i + sum_{j>i} (prod_{k=i}^{j-1} J_{g_k}) r_j`` with ``r_j = g_j(h_{j+1}) - h_j``
+  (eq. 5.40 / 5.58), the (propagated) reconstruction errors; it is zero by construction for the
+  difference rules, whose targets ``h_i + g_i(h^_{i+1}) - g_i(h_{i+1})`` cancel ``r_i`` (eq. 4.101);
+* ``e^approx_i = Delta_i - e^TP_i = e^rec_i + e^Taylor_i`` (eq. 5.41 / 5.59);
+* ``e^GN_i = -eta^ [prod_{k=i+1}^{L} W_k^dagger D_{s_k}^{-1}] e_L`` (eq. 5.60), the signal of
+  (block-diagonal) Gauss-Newton, and ``e^BP_i = -eta^ [prod_{k=i+1}^{L} W_k^T D_{s_k}] e_L``
+  (eq. 5.61), ``-eta^`` times the backpropagated gradient ``dl/dh_i``.
+
+The math lives in small functions on plain tensors (:func:`backprop_signals`,
+:func:`gauss_newton_signals`, :func:`target_prop_signals`) and in :func:`learning_signals`,
+which reads a rule's forward pass, targets and feedback maps without changing any weight or
+generator state. :class:`TargetPropDiagnostics` logs batch means of the cosines and norms during
+training (figs. 5.8, 5.16-5.19).
+
+``J_{g_k}`` is taken as the Jacobian of the rule's own ``propagate(k, ., hs, pre)`` with respect to
+``h^_{k+1}`` at ``h_{k+1}``: for plain rules that map is ``g_k`` itself, for difference rules it is
+``h_k + g_k(.) - g_k(h_{k+1})``, whose Jacobian is again ``J_{g_k}``. So the diagnostics need no
+per-rule code: exact rules (``g_k = W_{k+1}^{-1} s_{k+1}^{-1}``), the thesis form
+(``Q_k s_{k+1}^{-1}``) and the original form (``s_k(Q_k h)``) are all handled through
+``propagate``. Layers whose target a rule sets directly, not through a feedback map (LeeDTP's
+penultimate layer, whose target is a gradient step), count as their own useful signal:
+``e^TP = Delta``, ``e^rec = e^approx = 0`` there, and the layers below chain from it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = [
+    "TargetPropDiagnostics",
+    "backprop_signals",
+    "gauss_newton_signals",
+    "target_prop_signals",
+    "feedback_jvp",
+    "feedback_map",
+    "learning_signals",
+    "forward_pass",
+    "effective_weights",
+    "summarize",
+    "diagnostics",
+    "is_target_prop",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure tensor math
+# --------------------------------------------------------------------------------------------
+
+
+def backprop_signals(weights: Sequence[Tensor], derivs: Sequence[Tensor], e_L: Tensor, target_stepsize: float) -> list[Tensor]:
+    """``e^BP_i = -eta^ [prod_{k=i+1}^L W_k^T D_{s_k}] e_L`` for ``i = 1..L-1`` (eq. 5.61).
+
+    Args:
+        weights: ``[W_1, ..., W_L]``, ``W_k`` of shape ``(n_k, n_{k-1})``.
+        derivs: ``[d_1, ..., d_L]``, the diagonals of ``D_{s_k}`` per sample, ``(B, n_k)``.
+        e_L: output error ``dl/dh_L``, ``(B, n_L)``.
+        target_stepsize: ``eta^``.
+
+    Returns:
+        ``[e^BP_1, ..., e^BP_{L-1}]``, ``e^BP_i`` of shape ``(B, n_i)``: ``-eta^ dl/dh_i``.
+    """
+    L = len(weights)
+    out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
+    v = -target_stepsize * e_L
+    for k in range(L, 1, -1):
+        v = (derivs[k - 1] * v) @ weights[k - 1]  # W_k^T D_k v, row-wise
+        out[k - 2] = v
+    return out
+
+
+def gauss_newton_signals(
+    weights: Sequence[Tensor], derivs: Sequence[Tensor], e_L: Tensor, target_stepsize: float
+) -> list[Tensor]:
+    """``e^GN_i = -eta^ [prod_{k=i+1}^L W_k^dagger D_{s_k}^{-1}] e_L`` for ``i = 1..L-1`` (eq. 5.60).
+
+    The factorised pseudo-inverse of lemma 4.8 (``= -eta^ J_i^dagger e_L`` for the architectures
+    it allows). Arguments as in :func:`backprop_signals`; ``W_k^dagger`` is computed in float64.
+    """
+    L = len(weights)
+    out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
+    v = -target_stepsize * e_L
+    for k in range(L, 1, -1):
+        W = weights[k - 1]
+        pinv = torch.linalg.pinv(W.double()).to(W.dtype)  # (n_{k-1}, n_k)
+        v = (v / derivs[k - 1]) @ pinv.T  # W_k^dagger D_k^{-1} v, row-wise
+        out[k - 2] = v
+    return out
+
+
+def target_prop_signals(
+    jvps: Sequence[Callable[[Tensor], Tensor] | None],
+    e_out: Tensor,
+    residuals: Sequence[Tensor | None] | None = None,
+    direct: dict[int, Tensor] | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``e^TP_i`` (eq. 5.39 / 5.57) and ``e^rec_i`` (eq. 5.40 / 5.58) for ``i = 1..L-1``.
+
+    By the recursions ``e^TP_L = e_out``, ``e^TP_i = J_{g_i} e^TP_{i+1}`` and ``e^rec_L = 0``,
+    ``e^rec_i = r_i + J_{g_i} e^rec_{i+1}``, which unroll to the products of the thesis.
+
+    Args:
+        jvps: ``jvps[i-1](v) = J_{g_i} v`` (batched, row-wise) for ``i = 1..L-1``; ``None`` for
+            layers in ``direct``.
+        e_out: the output signal ``h^_L - h_L = -eta^ e_L``, ``(B, n_L)``.
+        residuals: ``residuals[i-1] = r_i = g_i(h_{i+1}) - h_i`` (``None``: zero, as for difference
+            rules).
+        direct: ``{i: Delta_i}`` for layers whose targets the rule sets without a feedback map:
+            there ``e^TP_i = Delta_i`` and ``e^rec_i = 0``.
+
+    Returns:
+        ``([e^TP_1, ..., e^TP_{L-1}], [e^rec_1, ..., e^rec_{L-1}])``.
+    """
+    L = len(jvps) + 1
+    direct = direct or {}
+    residuals = residuals or [None] * (L - 1)
+    e_tp: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
+    e_rec: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
+    tp, rec = e_out, torch.zeros_like(e_out)
+    for i in range(L - 1, 0, -1):
+        if i in direct:
+            tp, rec = direct[i], torch.zeros_like(direct[i])
+        else:
+            jvp = jvps[i - 1]
+            if jvp is None:
+                raise ValueError(f"layer {i} needs a Jacobian-vector product of g_{i} or a direct signal")
+            tp = jvp(tp)
+            rec = jvp(rec) if bool(rec.any()) else torch.zeros_like(tp)
+            if residuals[i - 1] is not None:
+                rec = rec + residuals[i - 1]
+        e_tp[i - 1], e_rec[i - 1] = tp, rec
+    return e_tp, e_rec
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a rule
+# --------------------------------------------------------------------------------------------
+
+
+def is_target_prop(rule) -> bool:
+    """Whether ``rule`` propagates targets (has ``targets_from`` and ``propagate``); BP rules do not."""
+    return all(callable(getattr(rule, name, None)) for name in ("targets_from", "propagate", "top_targets"))
+
+
+def feedback_jvp(rule, i: int, hs: Sequence[Tensor], pre: Sequence[Tensor]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``(propagate(i, h_{i+1}), v -> J_{g_i} v)``: the map of layer ``i`` at ``h^_{i+1} = h_{i+1}`` and its JVP.
+
+    The Jacobian is that of ``h^_{i+1} -> propagate(i, h^_{i+1}, hs, pre)`` at ``h_{i+1}``
+    (forward-mode autograd, :func:`torch.func.jvp`), i.e. ``J_{g_i}`` for plain and difference rules.
+    """
+    h_next = hs[i + 1]
+
+    def f(h: Tensor) -> Tensor:
+        return rule.propagate(i, h, list(hs), list(pre))
+
+    value = f(h_next)
+
+    def jvp(v: Tensor) -> Tensor:
+        return torch.func.jvp(f, (h_next,), (v.to(h_next.dtype),))[1]
+
+    return value, jvp
+
+
+def feedback_map(rule, i: int) -> Callable[[Tensor], Tensor] | None:
+    """The feedback map ``g_i`` of ``rule`` (``None`` where it has none, e.g. LeeDTP's top layer).
+
+    Learned rules: ``rule.g(i, .)`` for ``i`` in ``feedback_layers``; exact rules:
+    ``W_{i+1}^{-1} s_{i+1}^{-1}(.)`` (their ``propagate``).
+    """
+    if callable(getattr(rule, "g", None)):
+        layers = getattr(rule, "feedback_layers", range(1, rule.num_layers))
+        return (lambda h: rule.g(i, h)) if i in layers else None
+    if callable(getattr(rule, "inverse", None)):
+        return lambda h: rule.propagate(i, h, None, None)
+    return None
+
+
+def forward_pass(rule, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """The rule's training forward pass ``([h_0..h_L], [a_1..a_L])`` without its side effects.
+
+    Uses ``rule.forward_pass`` where it exists (MTP normalises layer inputs and keeps the batch
+    statistics its ``propagate`` needs) and restores every buffer afterwards, so running
+    statistics do not move.
+    """
+    fwd = getattr(rule, "forward_pass", None) or rule.net.forward_all
+    saved = [(b, b.detach().clone()) for b in rule.buffers()]
+    hs, pre = fwd(x)
+    with torch.no_grad():
+        for b, value in saved:
+            b.copy_(value)
+    return list(hs), list(pre)
+
+
+def effective_weights(rule, hs: Sequence[Tensor]) -> list[Tensor]:
+    """``W_k`` times the per-unit gain of the map from ``h_{k-1}`` to the input layer ``k`` received.
+
+    Plain rules feed ``h_{k-1}`` itself (gain 1, ``W_k`` returned as is). A rule whose
+    ``layer_input(k, hs)`` is a per-unit affine map ``c * h_{k-1} + b`` of ``h_{k-1}`` (MTP's
+    batch normalisation with the batch's statistics held fixed) has layer Jacobian
+    ``D_{s_k} W_k diag(c)``; ``c`` is recovered by least squares over the batch.
+    """
+    layer_input = getattr(rule, "layer_input", None)
+    out = []
+    for k, W in enumerate(rule.forward_weights, start=1):
+        W = W.detach()
+        h = hs[k - 1]
+        h_in = layer_input(k, list(hs)) if layer_input is not None else h
+        if h_in is h or h.shape[0] < 2:
+            out.append(W)
+            continue
+        hc, ic = h - h.mean(0), h_in - h_in.mean(0)
+        gain = (hc * ic).sum(0) / (hc * hc).sum(0).clamp_min(torch.finfo(h.dtype).tiny)
+        out.append(W * gain)
+    return out
+
+
+@torch.no_grad()
+def learning_signals(rule, x: Tensor, y: Tensor) -> dict:
+    """Every signal of the thesis' analysis for a batch ``(x, y)``; changes no weight, buffer or generator.
+
+    ``e_L`` is read off the rule's own output target, ``e_L = (h_L - h^_L) / eta^`` (``dl/dh_L``
+    for the losses of eq. 4.4; zero on AOSDTP's auxiliary outputs, which have no target).
+
+    Returns a dict with the forward pass (``hs``, ``pre``), ``targets``, ``e_L`` and, as lists over
+    the hidden layers ``i = 1..L-1`` of per-sample ``(B, n_i)`` tensors: ``delta``
+    (``h^_i - h_i``), ``e_tp``, ``e_rec``, ``e_approx``, ``e_gn``, ``e_bp``, ``rec``
+    (``g_i(h_{i+1}) - h_i`` of the feedback map, ``None`` where the layer has none) and
+    ``direct`` (the layers whose targets the rule sets directly). Runs under ``no_grad`` (the
+    Jacobian-vector products use forward-mode autograd, which ``no_grad`` leaves on).
+    """
+    L = rule.num_layers
+    hs, pre = forward_pass(rule, x)
+    targets = rule.targets_from(hs, pre, y, 1)
+    top = rule.top_targets(hs, pre, y)
+    delta = [targets[i - 1] - hs[i] for i in range(1, L)]
+    direct = {i: delta[i - 1] for i in top if i < L}
+    difference = bool(getattr(rule, "difference", False))
+    jvps: list = [None] * (L - 1)
+    residuals: list = [None] * (L - 1)
+    for i in range(1, L):
+        if i in direct:
+            continue
+        value, jvps[i - 1] = feedback_jvp(rule, i, hs, pre)
+        if not difference:  # difference rules cancel r_i by construction (eq. 4.101): e^rec = 0, not round-off
+            residuals[i - 1] = value - hs[i]
+    e_out = targets[L - 1] - hs[L]
+    e_tp, e_rec = target_prop_signals(jvps, e_out, residuals, direct)
+    eta = rule.target_stepsize
+    e_L = -e_out / eta
+    derivs = [act.derivative(a) for act, a in zip(rule.net.activations, pre)]
+    weights = effective_weights(rule, hs)
+    rec = []  # g_i(f_{i+1}(h_i)) - h_i = g_i(h_{i+1}) - h_i
+    for i in range(1, L):
+        if residuals[i - 1] is not None:
+            rec.append(residuals[i - 1])  # the rule's whole feedback map (MTP: de-normalised)
+        else:  # difference rules cancel r_i in their targets; report the map g_i itself
+            g = feedback_map(rule, i)
+            rec.append(None if g is None else g(hs[i + 1]) - hs[i])
+    return {
+        "hs": hs,
+        "pre": pre,
+        "targets": targets,
+        "e_L": e_L,
+        "delta": delta,
+        "e_tp": e_tp,
+        "e_rec": e_rec,
+        "e_approx": [d - t for d, t in zip(delta, e_tp)],
+        "e_gn": gauss_newton_signals(weights, derivs, e_L, eta),
+        "e_bp": backprop_signals(weights, derivs, e_L, eta),
+        "rec": rec,
+        "direct": sorted(direct),
+    }
+
+
+def pinv_errors(rule) -> dict[int, Tensor]:
+    """``||Q_i - W_{i+1}^dagger||_F`` for learned rules of the thesis form ``g_i = Q_i s^{-1}`` (else empty)."""
+    if getattr(rule, "form", None) != "thesis" or not callable(getattr(rule, "Q", None)):
+        return {}
+    out = {}
+    for i in rule.feedback_layers:
+        W, Q = rule.forward_weights[i], rule.Q(i).detach()
+        out[i] = torch.linalg.matrix_norm(Q.double() - torch.linalg.pinv(W.double())).to(Q.dtype)
+    return out
+
+
+def summarize(signals: dict, layers: Sequence[int] | None = None, prefix: str = "diag/") -> dict[str, Tensor]:
+    """Batch means of the cosines and norms of :func:`learning_signals`, keyed like ``diag/cos_gn_1``.
+
+    Per hidden layer ``i``: ``cos_tp_i``, ``cos_gn_i``, ``cos_bp_i`` (cosine between ``Delta_i``
+    and ``e^TP_i``, ``e^GN_i``, ``e^BP_i``), ``norm_signal_i`` (``||Delta_i||``), ``norm_tp_i``,
+    ``norm_approx_i``, ``norm_rec_i`` (``||e^rec_i||``) and ``rec_error_i``
+    (``||g_i(f_{i+1}(h_i)) - h_i||``, where layer ``i`` has a feedback map).
+    """
+    L = len(signals["delta"]) + 1
+    out: dict[str, Tensor] = {}
+    for i in layers or range(1, L):
+        d = signals["delta"][i - 1]
+        for name in ("tp", "gn", "bp"):
+            out[f"{prefix}cos_{name}_{i}"] = F.cosine(d, signals[f"e_{name}"][i - 1]).mean()
+        out[f"{prefix}norm_signal_{i}"] = d.norm(dim=-1).mean()
+        out[f"{prefix}norm_tp_{i}"] = signals["e_tp"][i - 1].norm(dim=-1).mean()
+        out[f"{prefix}norm_approx_{i}"] = signals["e_approx"][i - 1].norm(dim=-1).mean()
+        out[f"{prefix}norm_rec_{i}"] = signals["e_rec"][i - 1].norm(dim=-1).mean()
+        if signals["rec"][i - 1] is not None:
+            out[f"{prefix}rec_error_{i}"] = signals["rec"][i - 1].norm(dim=-1).mean()
+    return out
+
+
+def diagnostics(rule, x: Tensor, y: Tensor, layers: Sequence[int] | None = None, prefix: str = "diag/") -> dict[str, Tensor]:
+    """The scalars :class:`TargetPropDiagnostics` logs for a batch: :func:`summarize` plus ``q_pinv_error_i``.
+
+    ``{}`` for rules that do not propagate targets (BP, BPFixed).
+    """
+    if not is_target_prop(rule):
+        return {}
+    L = rule.num_layers
+    layers = list(range(1, L)) if layers is None else [i for i in layers if 1 <= i < L]
+    with torch.no_grad():
+        out = summarize(learning_signals(rule, x, y), layers, prefix)
+        for i, err in pinv_errors(rule).items():
+            if i in layers:
+                out[f"{prefix}q_pinv_error_{i}"] = err
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Callback
+# --------------------------------------------------------------------------------------------
+
+
+class TargetPropDiagnostics(pl.Callback):
+    """Log the thesis' learning-signal diagnostics of a target-propagation rule during training.
+
+    Every ``every_n_steps`` training batches (counted by the callback, the first batch included),
+    on the first ``max_samples`` rows of the batch, after the rule's update, it logs for each
+    hidden layer ``i`` (see :func:`summarize`): ``diag/cos_tp_i``, ``diag/cos_gn_i``,
+    ``diag/cos_bp_i``, ``diag/norm_signal_i``, ``diag/norm_tp_i``, ``diag/norm_approx_i``,
+    ``diag/norm_rec_i``, ``diag/rec_error_i`` and, for thesis-form learned rules,
+    ``diag/q_pinv_error_i`` (``||Q_i - W_{i+1}^dagger||_F``). Reads only: no weight, optimizer or
+    generator state changes, so training is identical with and without it. A no-op for BP rules.
+
+    Values go through ``pl_module.log`` (``on_step``; ``trainer.callback_metrics``, progress bar
+    off); on steps where Lightning would not write to the loggers (``log_every_n_steps``) they are
+    written to the loggers directly, so none is lost. With ``keep_history`` the floats are also kept
+    in :attr:`history` (``[{"step", "epoch", key: value, ...}]``), which the experiments average.
+
+    Args:
+        every_n_steps: batches between two diagnostics.
+        max_samples: rows of the batch used (bounds the cost).
+        layers: hidden layers to report (1-based; ``None``: all ``1..L-1``).
+        keep_history: keep every logged value in :attr:`history`.
+    """
+
+    def __init__(self, every_n_steps: int = 50, max_samples: int = 64, layers: Sequence[int] | None = None, keep_history: bool = True):
+        if every_n_steps < 1 or max_samples < 1:
+            raise ValueError(f"every_n_steps and max_samples must be >= 1, got {every_n_steps} and {max_samples}")
+        self.every_n_steps, self.max_samples = int(every_n_steps), int(max_samples)
+        self.layers = None if layers is None else [int(i) for i in layers]
+        self.keep_history = keep_history
+        self.history: list[dict] = []
+        self._batches = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        count = self._batches
+        self._batches += 1
+        if count % self.every_n_steps or not is_target_prop(pl_module):
+            return
+        x, y = batch[0][: self.max_samples], batch[1][: self.max_samples]
+        values = diagnostics(pl_module, x, y, self.layers)
+        if not values:
+            return
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        floats = {k: float(v) for k, v in values.items()}
+        connector = getattr(trainer, "_logger_connector", None)
+        if trainer.loggers and connector is not None and not connector.should_update_logs:
+            for logger in trainer.loggers:
+                logger.log_metrics(floats, step=trainer.global_step)
+        if self.keep_history:
+            self.history.append({"step": count, "epoch": trainer.current_epoch, **floats})
+
+    def state_dict(self) -> dict:
+        return {"batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._batches = int(state_dict.get("batches", 0))
