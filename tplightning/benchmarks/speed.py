@@ -174,12 +174,13 @@ def parse_args(argv=None):
     p.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rules", nargs="+", default=None, help="restrict part (a) to these rules (BP is always measured)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable ratios on a shared machine)")
     p.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     return p.parse_args(argv)
 
 
 def command(args) -> str:
-    parts = [PROG, "--part", args.part, "--steps", str(args.steps)]
+    parts = [PROG, "--part", args.part, "--steps", str(args.steps), "--threads", str(args.threads)]
     if args.part != "mnist":
         parts += ["--widths", *map(str, args.widths), "--batches", *map(str, args.batches)]
     if args.rules:
@@ -190,6 +191,15 @@ def command(args) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, device) -> dict:
     tag = "gpu" if device.type == "cuda" else "cpu"
     out: dict = {}
     if args.part in ("mnist", "all"):
