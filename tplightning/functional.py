@@ -33,7 +33,8 @@ __all__ = [
 class Activation:
     """An element-wise non-linearity ``s`` with its derivative and (where it exists) inverse.
 
-    ``derivative`` takes the pre-activation ``a`` and returns the diagonal of ``D_s`` (eq. 4.11).
+    ``derivative`` takes the pre-activation ``a`` (and optionally the activation ``h = s(a)``,
+    which some derivatives reuse) and returns the diagonal of ``D_s`` (eq. 4.11).
     """
 
     name: str = "activation"
@@ -45,7 +46,7 @@ class Activation:
     def inverse(self, h: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def derivative(self, a: Tensor) -> Tensor:
+    def derivative(self, a: Tensor, h: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -74,8 +75,8 @@ class LeakyReLU(Activation):
             )
         return torch.where(h >= 0, h, h / self.negative_slope)
 
-    def derivative(self, a: Tensor) -> Tensor:
-        return torch.where(a >= 0, torch.ones_like(a), torch.full_like(a, self.negative_slope))
+    def derivative(self, a: Tensor, h: Tensor | None = None) -> Tensor:
+        return (a >= 0).to(a.dtype) * (1 - self.negative_slope) + self.negative_slope
 
     def __repr__(self) -> str:
         return f"LeakyReLU(negative_slope={self.negative_slope})"
@@ -92,7 +93,7 @@ class Identity(Activation):
     def inverse(self, h: Tensor) -> Tensor:
         return h
 
-    def derivative(self, a: Tensor) -> Tensor:
+    def derivative(self, a: Tensor, h: Tensor | None = None) -> Tensor:
         return torch.ones_like(a)
 
 
@@ -108,8 +109,9 @@ class Tanh(Activation):
     def inverse(self, h: Tensor) -> Tensor:
         return torch.atanh(h.clamp(-1 + self.eps, 1 - self.eps))
 
-    def derivative(self, a: Tensor) -> Tensor:
-        return 1 - torch.tanh(a) ** 2
+    def derivative(self, a: Tensor, h: Tensor | None = None) -> Tensor:
+        t = torch.tanh(a) if h is None else h
+        return 1 - t * t
 
 
 class ReLU(Activation):
@@ -127,7 +129,7 @@ class ReLU(Activation):
             "negative_slope > 0, 'tanh' or 'linear' for target propagation"
         )
 
-    def derivative(self, a: Tensor) -> Tensor:
+    def derivative(self, a: Tensor, h: Tensor | None = None) -> Tensor:
         return (a > 0).to(a.dtype)
 
 
@@ -187,7 +189,7 @@ def local_update(d: Tensor, h: Tensor, h_hat: Tensor, h_prev: Tensor, modified: 
     the thesis' ``Delta W_i``.
     """
     delta = (h - h_hat) / d if modified else d * (h - h_hat)  # (B, n_i)
-    return delta.T @ h_prev / h.shape[0]  # (n_i, n_{i-1})
+    return (delta / h.shape[0]).T @ h_prev  # (n_i, n_{i-1})
 
 
 def cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:

@@ -115,11 +115,17 @@ def measure(name: str, sizes: list[int], batch: int, steps: int, warmup: int, de
     )  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer.fit(rule, datamodule=dm)
+    try:
+        trainer.fit(rule, datamodule=dm)
+    except tp.DivergenceError:  # reported as such; the steps before it were timed
+        if len(timer.step) <= warmup + 1:
+            return {"rule": name, "sizes": sizes, "batch": batch, "batch_s": math.nan, "step_s": math.nan, "memory": 0}
+        warmup = min(warmup, len(timer.step) // 2)
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else state_bytes(rule, trainer)
     return {
         "rule": name, "sizes": sizes, "batch": batch,
         "batch_s": statistics.median(timer.batch[warmup:]), "step_s": statistics.median(timer.step[warmup:]),
+        "steps": len(timer.step) - warmup,
         "memory": memory,
     }  # fmt: skip
 
@@ -135,13 +141,19 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.3g}"
 
 
-def mnist_table(results: list[dict], device) -> str:
+def _label(r: dict, steps: int) -> str:
+    if math.isnan(r["step_s"]):
+        return f"{r['rule']} (diverged before timing)"
+    return r["rule"] if r.get("steps", steps) >= steps else f"{r['rule']} (diverged; {r['steps']} steps timed)"
+
+
+def mnist_table(results: list[dict], device, steps: int) -> str:
     bp = next(r for r in results if r["rule"] == "BP")
     mem = "peak GPU memory (MB)" if device.type == "cuda" else "state memory (MB)"
     rows = [f"| rule | ms/batch (loop) | × BP | ms/step (rule alone) | × BP | {mem} |", "|---|---|---|---|---|---|"]
     for r in results:
         rows.append(
-            f"| {r['rule']} | {_ms(r['batch_s'])} | {r['batch_s'] / bp['batch_s']:.2f} | {_ms(r['step_s'])} | "
+            f"| {_label(r, steps)} | {_ms(r['batch_s'])} | {r['batch_s'] / bp['batch_s']:.2f} | {_ms(r['step_s'])} | "
             f"{r['step_s'] / bp['step_s']:.2f} | {r['memory'] / 2**20:.1f} |"
         )
     return "\n".join(rows)
@@ -211,7 +223,7 @@ def _run(args, device) -> dict:
                   f"{res[-1]['step_s'] / res[0]['step_s']:.2f}x BP", flush=True)  # fmt: skip
         out["mnist"] = res
         body = (f"### Step time on the MNIST network ({tag})\n\n784-256x5-10, tanh (MTP: leaky-ReLU), cross-entropy, batch 128, median "
-                f"of {args.steps} steps after {args.warmup} warm-up steps.\n\n{mnist_table(res, device)}\n\n"
+                f"of {args.steps} steps after {args.warmup} warm-up steps.\n\n{mnist_table(res, device, args.steps)}\n\n"
                 f"Command: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
         write_block(args.out, f"speed:mnist:{tag}", body)
     if args.part in ("exact", "all"):

@@ -160,9 +160,11 @@ class LearnedInverseRule(TargetPropRule):
         return self.net.activations[i - 1](h_next @ self.Q(i).T)
 
     def propagate(self, i, h_hat_next, hs, pre):
-        if self.difference:
-            return hs[i] + self.g(i, h_hat_next) - self.g(i, hs[i + 1])
-        return self.g(i, h_hat_next)
+        if not self.difference:
+            return self.g(i, h_hat_next)
+        if self.form == "thesis":  # g is linear after s^-1: g(h^) - g(h) = Q (s^-1(h^) - a), one matmul
+            return hs[i] + (self.net.activations[i].inverse(h_hat_next) - pre[i]) @ self.Q(i).T
+        return hs[i] + self.g(i, h_hat_next) - self.g(i, hs[i + 1])
 
     # ----------------------------------------------------------------------------- feedback training
     def noise(self, shape: tuple[int, ...]) -> Tensor:
@@ -184,10 +186,8 @@ class LearnedInverseRule(TargetPropRule):
             Q = self.Q(i)
             if self.form == "thesis":  # Alg. A.8: white noise h_i; g(f(h_i)) = Q W h_i (+ bias terms)
                 h = sigma * self.noise((B, Q.shape[0]))
-                a_next = self.net.layer(i + 1, h)[0]  # s_{i+1}^{-1}(f_{i+1}(h_i)), (B, n_{i+1})
-                if self.net.biases is not None:
-                    a_next = a_next - self.net.biases[i]
-                grads[Q] = (a_next @ Q.T - h).T @ a_next / B
+                a_next = h @ self.net.weights[i].T  # s_{i+1}^{-1}(f_{i+1}(h_i)) - b_{i+1}, (B, n_{i+1})
+                grads[Q] = ((a_next @ Q.T - h) / B).T @ a_next
             else:  # Alg. A.9 on the current activations, noise injection of eq. 3.13
                 h = hs[i]
                 if sigma > 0:

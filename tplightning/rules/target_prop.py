@@ -95,7 +95,7 @@ class TargetPropRule(LearningRule):
         grads = {}
         for i in layers:
             act = self.net.activations[i - 1]
-            d = act.derivative(pre[i - 1])
+            d = act.derivative(pre[i - 1], hs[i])
             grads[self.net.weights[i - 1]] = F.local_update(d, hs[i], targets[i - 1], self.layer_input(i, hs), self.modified)
             if self.net.biases is not None:
                 delta = (hs[i] - targets[i - 1]) / d if self.modified else d * (hs[i] - targets[i - 1])
