@@ -21,6 +21,7 @@ __all__ = [
     "output_error",
     "output_target",
     "per_sample_loss",
+    "local_delta",
     "local_update",
     "robust_sherman_morrison",
     "robust_woodbury",
@@ -181,14 +182,19 @@ def output_target(h_L: Tensor, y: Tensor, loss: str, target_stepsize: float) -> 
     return h_L - target_stepsize * output_error(h_L, y, loss)
 
 
+def local_delta(d: Tensor, h: Tensor, h_hat: Tensor, modified: bool = False) -> Tensor:
+    """``D_i (h_i - h^_i)`` per sample, or ``D_i^{-1} (h_i - h^_i)`` for the modified rules (Alg. A.1, A.6)."""
+    return (h - h_hat) / d if modified else d * (h - h_hat)
+
+
 def local_update(d: Tensor, h: Tensor, h_hat: Tensor, h_prev: Tensor, modified: bool = False) -> Tensor:
     """Gradient of the local loss ``mean_b 1/2 ||h_i - h^_i||^2`` w.r.t. ``W_i`` (eq. 4.12, Alg. A.10).
 
     ``(1/B) sum_b D_i (h_i - h^_i) h_{i-1}^T`` with ``d`` the diagonal of ``D_i`` per sample; the
-    modified rules (Alg. A.1, A.6) use ``D_i^{-1}`` instead. A step ``W <- W - eta * result`` is
-    the thesis' ``Delta W_i``.
+    modified rules use ``D_i^{-1}`` instead. A step ``W <- W - eta * result`` is the thesis'
+    ``Delta W_i``.
     """
-    delta = (h - h_hat) / d if modified else d * (h - h_hat)  # (B, n_i)
+    delta = local_delta(d, h, h_hat, modified)  # (B, n_i)
     return (delta / h.shape[0]).T @ h_prev  # (n_i, n_{i-1})
 
 

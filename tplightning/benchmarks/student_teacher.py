@@ -246,11 +246,16 @@ def run_all(tasks: Sequence[tuple], jobs: int) -> Iterable[dict]:
 
 
 # --------------------------------------------------------------------------------------------- tables
+def _num(x: float, digits: int) -> str:
+    s = f"{x:.{digits}g}"
+    return f"{float(s):.0f}" if "e+" in s and x < 1e6 else s
+
+
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return "–"
-    sd = f"{statistics.stdev(values):.2g}" if len(values) > 1 else "n/a"
-    return f"{statistics.mean(values):.3g} ± {sd}"
+    sd = _num(statistics.stdev(values), 2) if len(values) > 1 else "n/a"
+    return f"{_num(statistics.mean(values), 3)} ± {sd}"
 
 
 def _rule_overrides(table: Table, rule: Rule, args) -> tuple[str, ...]:

@@ -139,29 +139,22 @@ class ExactInverseRule(TargetPropRule):
 
     def update_forward(self, layers, hs, pre, targets):
         opt = self.optimizer_list()[0]
+        deltas = {i: self.layer_delta(i, hs, pre, targets) for i in layers if i > 1}  # (B, n) each
         grads = self.forward_grads([i for i in layers if i == 1], hs, pre, targets)
         if self.net.biases is not None:
-            grads.update({self.net.biases[i - 1]: g for i in layers if i > 1 for g in [self._bias_grad(i, hs, pre, targets)]})
+            grads.update({self.net.biases[i - 1]: delta.mean(0) for i, delta in deltas.items()})
         if grads:
             self.apply_gradients(opt, grads)
         lr = opt.param_groups[0]["lr"]
         world = self.trainer.world_size if self._trainer is not None else 1
-        for i in (i for i in layers if i > 1):
-            d = self.net.activations[i - 1].derivative(pre[i - 1])
-            diff = hs[i] - targets[i - 1]
-            delta = diff / d if self.modified else d * diff  # (B, n)
-            U = (-lr / (hs[i].shape[0] * world)) * delta.T  # (n, B)
+        for i, delta in deltas.items():
+            U = (-lr / (delta.shape[0] * world)) * delta.T  # (n, B): Delta W = U V^T is the SGD step
             V = self.layer_input(i, hs).T  # (n, B)
             if world > 1:  # the same rank-(world*B) update on every replica
                 U, V = (torch.cat(list(self.all_gather(M)), dim=1) for M in (U, V))
             self._robust_update(i, U, V)
         if self.batches_seen % self.inverse_check_every == self.inverse_check_every - 1:
             self._guard_and_log()
-
-    def _bias_grad(self, i, hs, pre, targets):
-        d = self.net.activations[i - 1].derivative(pre[i - 1])
-        diff = hs[i] - targets[i - 1]
-        return (diff / d if self.modified else d * diff).mean(0)
 
     def _robust_update(self, i: int, U: Tensor, V: Tensor) -> None:
         W, W_inv = self.net.weights[i - 1], self.inverse(i)

@@ -90,15 +90,18 @@ class TargetPropRule(LearningRule):
         j = int(torch.randint(len(self.train_layers), (1,), generator=self.layer_generator))
         return self.train_layers[j]
 
+    def layer_delta(self, i: int, hs, pre, targets) -> Tensor:
+        """``D_i (h_i - h^_i)`` (``D_i^{-1}`` for modified rules), ``(B, n_i)``."""
+        d = self.net.activations[i - 1].derivative(pre[i - 1], hs[i])
+        return F.local_delta(d, hs[i], targets[i - 1], self.modified)
+
     def forward_grads(self, layers: list[int], hs, pre, targets) -> dict[Tensor, Tensor]:
-        """Closed-form gradients of the local losses (eq. 4.12) for ``layers``."""
+        """Closed-form gradients of the local losses (eq. 4.12, :func:`~tplightning.functional.local_update`)."""
         grads = {}
         for i in layers:
-            act = self.net.activations[i - 1]
-            d = act.derivative(pre[i - 1], hs[i])
-            grads[self.net.weights[i - 1]] = F.local_update(d, hs[i], targets[i - 1], self.layer_input(i, hs), self.modified)
+            delta = self.layer_delta(i, hs, pre, targets)
+            grads[self.net.weights[i - 1]] = (delta / delta.shape[0]).T @ self.layer_input(i, hs)
             if self.net.biases is not None:
-                delta = (hs[i] - targets[i - 1]) / d if self.modified else d * (hs[i] - targets[i - 1])
                 grads[self.net.biases[i - 1]] = delta.mean(0)
         return grads
 

@@ -1,0 +1,362 @@
+"""MNIST with the fully connected network of thesis table 3.1 (Bartunov et al. 2018), 784-(256×5)-10.
+
+    python -m tplightning.benchmarks.mnist [--rules R ...] [--epochs N] [--seeds S ...] [--jobs J]
+        [--out docs/RESULTS.md] [--subset N --num-train N --num-val N] [--json PATH] [--dry-run]
+
+Each run is ``python train.py --config mnist/<rule>.yaml --test_on best <overrides>``: the config's
+loggers (``runs/mnist_<rule>``) and its ``ModelCheckpoint`` on ``val/acc`` stay on, and the 10k
+test images are scored with the checkpoint of the best validation epoch. One seed ``s`` sets
+``seed_everything`` (the initial weights), the shuffling and, for target-propagation rules, the
+layer draws and the feedback noise; the 55k/5k train/validation split is the data module's fixed
+``split_seed``. A run that diverges (``DivergenceError``) is reported as such.
+
+The table is written between ``<!-- mnist:start -->`` and ``<!-- mnist:end -->`` in ``--out``; the
+rest of the file is left as it is. The block keeps its per-run records in an HTML comment, so a
+later invocation with other ``--rules`` (or other epochs) replaces only the rows of the rules it
+runs and keeps the others, each row with the command that produced it. Run from the repository
+root (the configs' ``data_dir`` is ``../shared/data``, relative to it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from ..cli import main as cli_main
+from ..rules.base import DivergenceError
+from ..rules.learned import LearnedInverseRule
+from ..rules.target_prop import TargetPropRule
+from .student_teacher import HEADER, _init_worker, _quiet, config_value
+
+__all__ = ["RULES", "THESIS", "run_args", "run_one", "render", "write_block", "main"]
+
+PROG = "python -m tplightning.benchmarks.mnist"
+START, END = "<!-- mnist:start -->", "<!-- mnist:end -->"
+RUNS_TAG = "mnist:runs"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A table row: the rule's class name and its config in ``configs/``."""
+
+    name: str
+    config: str
+
+
+RULES = {
+    r.name: r
+    for r in [
+        Rule("BP", "mnist/bp.yaml"),
+        Rule("DTPAI", "mnist/dtp_ai.yaml"),
+        Rule("RDTPAI", "mnist/rdtp_ai.yaml"),
+        Rule("LeeDTP", "mnist/lee_dtp.yaml"),
+        Rule("OriginalDTP", "mnist/original_dtp.yaml"),
+        Rule("AOSDTP", "mnist/ao_sdtp.yaml"),
+    ]
+}
+
+#: thesis table 3.1 (from Bartunov et al. 2018): test error %, Adam, best of 500 epochs.
+THESIS = [("BP", "1.48"), ("DTP", "1.83"), ("AO-SDTP", "1.86"), ("SDTP", "2.28")]
+
+
+def _rule_class(config: str) -> type:
+    import importlib
+
+    module, name = config_value(config, (), "model.class_path").rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+# --------------------------------------------------------------------------------------------- one run
+def run_args(config: str, seed: int, epochs: int | None = None, overrides: Sequence[str] = ()) -> list[str]:
+    """The ``train.py`` arguments of one run of ``config`` with seed ``seed``."""
+    s = str(seed)
+    args = ["--config", config, "--test_on", "best", "--trainer.enable_progress_bar", "false"]
+    args += ["--seed_everything", s, "--data.init_args.shuffle_seed", s]
+    cls = _rule_class(config)
+    if issubclass(cls, TargetPropRule):
+        args += ["--model.init_args.layer_seed", s]
+    if issubclass(cls, LearnedInverseRule):
+        args += ["--model.init_args.feedback_seed", s]
+    if epochs is not None:
+        args += ["--trainer.max_epochs", str(epochs)]
+    return [*args, *overrides]
+
+
+def _best_epoch(trainer: pl.Trainer) -> int | None:
+    """1-based epoch of the best validation checkpoint (from its ``epoch=E-...`` name or contents)."""
+    ckpt = trainer.checkpoint_callback
+    path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    if not path:
+        return None
+    m = re.search(r"epoch=(\d+)", Path(path).name)
+    if m:
+        return int(m.group(1)) + 1
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"]) + 1
+
+
+def run_one(rule: str, config: str, seed: int, epochs: int | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Train ``config`` with seed ``seed``; test the best validation checkpoint.
+
+    Returns ``{"rule", "config", "seed", "args", "test_error", "best_val_acc", "best_epoch",
+    "epochs_run", "seconds", "seconds_per_epoch", "diverged", "error"}`` (errors in %).
+    """
+    args = run_args(config, seed, epochs, overrides)
+    result = {"rule": rule, "config": config, "seed": seed, "args": args, "test_error": None, "best_val_acc": None}
+    result.update(best_epoch=None, epochs_run=None, diverged=False, error=None)
+    start = time.perf_counter()
+    try:
+        out = cli_main(args)
+    except DivergenceError as err:
+        result.update(diverged=True, error=str(err).split(". ")[0])
+        fit_seconds = time.perf_counter() - start
+    else:
+        trainer = out["cli"].trainer
+        fit_seconds = getattr(trainer, "_mnist_fit_seconds", None) or time.perf_counter() - start
+        acc = out["test_metrics"].get("test/acc")
+        ckpt = trainer.checkpoint_callback
+        score = getattr(ckpt, "best_model_score", None) if ckpt is not None else None
+        result.update(
+            test_error=None if acc is None else 100.0 * (1.0 - float(acc)),
+            best_val_acc=None if score is None else float(score),
+            best_epoch=_best_epoch(trainer),
+            epochs_run=int(trainer.current_epoch),
+        )
+    result["seconds"] = time.perf_counter() - start
+    result["seconds_per_epoch"] = result["seconds"] / result["epochs_run"] if result["epochs_run"] else None
+    return result
+
+
+def _run_task(task: tuple) -> dict:
+    return run_one(*task)
+
+
+def run_all(tasks: Sequence[tuple], jobs: int):
+    """Results of ``tasks`` as they finish: in this process for ``jobs == 1``, else in a spawn pool."""
+    if jobs == 1:
+        yield from map(_run_task, tasks)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
+        yield from pool.imap_unordered(_run_task, tasks)
+
+
+# --------------------------------------------------------------------------------------------- table
+def hyper_parameters(config: str, overrides: Sequence[str] = ()) -> str:
+    """The optimizer and key hyper-parameters of a run of ``config`` with ``overrides``, in words."""
+
+    def get(key, default=None):
+        try:
+            return config_value(config, overrides, key)
+        except (KeyError, TypeError):
+            return default
+
+    def opt(key):
+        o = get(f"model.init_args.{key}")
+        if not isinstance(o, dict):
+            return None
+        kw = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in (o.get("init_args") or {}).items())
+        return f"{o['class_path'].rsplit('.', 1)[-1]}({kw})"
+
+    parts = [f"fwd {opt('forward_optimizer')}"]
+    if (fb := opt("feedback_optimizer")) is not None:
+        parts.append(f"fb {fb}")
+    for key, label in (
+        ("target_stepsize", "η̂"), ("feedback_noise_std", "σ"), ("feedback_weight_decay", "λ"),
+        ("feedback_iterations", "fb iters"), ("feedback_init", "fb init"), ("aux_units", "aux"),
+        ("lr_final_factor", "lr final"), ("bias", "bias"),
+    ):  # fmt: skip
+        v = get(f"model.init_args.{key}")
+        if v is not None:
+            parts.append(f"{label} {v:g}" if isinstance(v, float) else f"{label} {v}")
+    parts.append(f"batch {get('data.init_args.batch_size')}")
+    return ", ".join(parts)
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def command(rule: str, epochs: int | None, seeds: Sequence[int], extra: Sequence[str] = ()) -> str:
+    parts = ["--rules", rule]
+    if epochs is not None:
+        parts += ["--epochs", str(epochs)]
+    parts += ["--seeds", *map(str, seeds), *extra]
+    return f"{PROG} {shlex.join(parts)}"
+
+
+def render(records: Sequence[dict]) -> str:
+    """The Markdown block (without markers) of the per-rule records, plus the records as a comment."""
+    rows = []
+    for rec in records:
+        runs = rec["runs"]
+        ok = [r for r in runs if not r["diverged"] and r["test_error"] is not None]
+        errs = [r["test_error"] for r in ok]
+        best = ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in ok) or "–"
+        spe = [r["seconds_per_epoch"] for r in ok if r["seconds_per_epoch"]]
+        div = len(runs) - len(ok)
+        err = _fmt(errs) + (f" ({div}/{len(runs)} diverged)" if div else "")
+        key = statistics.mean(errs) if errs else math.inf
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        rows.append((key, f"| {rec['rule']} | `configs/{rec['config']}` | {err} | {best} | {_fmt(spe, 1)} s | {seeds} | "
+                          f"{rec['hparams']} | `{rec['command']}` | {rec['date']}, {rec['machine']} |"))  # fmt: skip
+    rows.sort(key=lambda kv: kv[0])
+    payload = json.dumps(list(records), separators=(",", ":"))
+    return "\n".join([
+        "### MNIST, fully connected 784-256-256-256-256-256-10 (thesis table 3.1, Bartunov et al. 2018)",
+        "",
+        "tanh hidden layers, linear output (logits), cross-entropy, 55k/5k train/validation split of the training "
+        "images (`split_seed` 0), batch 128; test error on the 10k test images with the weights of the best "
+        "validation-accuracy epoch. Time per epoch: wall time of the run (training, validation and the final test) "
+        "divided by the epochs run. Rows sorted by test error; one row per rule, from the latest run of that rule.",
+        "",
+        "| rule | config | test error % (best val epoch) | best epoch / epochs run | time per epoch | seed(s) | "
+        "optimizer and hyper-parameters | command | run |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(row for _, row in rows),
+        "",
+        "Thesis table 3.1 (numbers of Bartunov et al. 2018 as quoted in the thesis; Adam, best of 500 epochs):",
+        "",
+        "| rule (thesis) | test error % |",
+        "|---|---|",
+        *(f"| {n} | {e} |" for n, e in THESIS),
+        "",
+        f"<!-- {RUNS_TAG} {payload} -->",
+    ])  # fmt: skip
+
+
+def read_records(path: Path) -> list[dict]:
+    """The per-rule records kept in the MNIST block of ``path`` (empty if none)."""
+    if not path.exists():
+        return []
+    m = re.search(re.escape(START) + ".*?<!-- " + re.escape(RUNS_TAG) + r" (.*?) -->.*?" + re.escape(END), path.read_text(), re.S)
+    if not m:
+        return []
+    try:
+        return json.loads(m.group(1))
+    except json.JSONDecodeError:
+        return []
+
+
+def write_block(path: Path, body: str) -> None:
+    """Put ``body`` between the MNIST markers in ``path``: replaced if present, else appended."""
+    block = f"{START}\n{body}\n{END}"
+    text = path.read_text() if path.exists() else HEADER
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _rule_name(name: str, p: argparse.ArgumentParser) -> str:
+    by_stem = {Path(r.config).stem: r.name for r in RULES.values()}
+    lower = {n.lower(): n for n in RULES}
+    key = by_stem.get(name) or lower.get(name.lower())
+    if key is None:
+        p.error(f"unknown rule {name!r}; choose from {sorted(RULES)} (or config names {sorted(by_stem)})")
+    return key
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--rules", nargs="+", help=f"rules to run (default: all): {' '.join(RULES)}, or config names")
+    p.add_argument("--epochs", type=int, help="epochs of every run (default: each config's max_epochs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes, one torch thread each when > 1 (default: 1)")
+    p.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"), help="Markdown file (default: %(default)s)")
+    p.add_argument("--subset", type=int, help="smoke runs: use only this many training images")
+    p.add_argument("--num-train", type=int, help="smoke runs: training images")
+    p.add_argument("--num-val", type=int, help="smoke runs: validation images")
+    p.add_argument("--data-dir", help="MNIST folder (default: the configs' ../shared/data)")
+    p.add_argument("--json", type=Path, help="also write the per-run results here")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    args = p.parse_args(argv)
+    args.rules = list(dict.fromkeys(_rule_name(r, p) for r in (args.rules or RULES)))
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    return args
+
+
+def _extra(args) -> tuple[list[str], list[str]]:
+    """(train.py overrides, benchmark options) of the smoke-run flags."""
+    overrides, options = [], []
+    for opt, key, value in (
+        ("--subset", "subset", args.subset), ("--num-train", "num_train", args.num_train),
+        ("--num-val", "num_val", args.num_val), ("--data-dir", "data_dir", args.data_dir),
+    ):  # fmt: skip
+        if value is not None:
+            overrides += [f"--data.init_args.{key}", str(value)]
+            options += [opt, str(value)]
+    return overrides, options
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the selected rules and seeds, write the MNIST block of ``--out``; returns the per-run results."""
+    args = parse_args(argv)
+    overrides, options = _extra(args)
+    tasks = [(r, RULES[r].config, s, args.epochs, tuple(overrides)) for r in args.rules for s in args.seeds]
+    if args.dry_run:
+        for rule, config, seed, epochs, ov in tasks:
+            print(f"{rule} seed {seed}: python train.py {shlex.join(run_args(config, seed, epochs, ov))}")
+        print(f"{len(tasks)} runs")
+        return []
+    _quiet()
+    results = []
+    start = time.perf_counter()
+    for i, r in enumerate(run_all(tasks, args.jobs), start=1):
+        results.append(r)
+        score = r["error"] if r["diverged"] else f"test error {r['test_error']:.2f}% (best epoch {r['best_epoch']}/{r['epochs_run']})"
+        print(f"[{i}/{len(tasks)} {time.perf_counter() - start:.0f}s] {r['rule']} seed {r['seed']}: {score} "
+              f"({r['seconds']:.0f}s)", flush=True)  # fmt: skip
+    records = {rec["rule"]: rec for rec in read_records(args.out)}
+    machine = f"{platform.platform()} ({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, jobs {args.jobs}"
+    for rule in args.rules:
+        runs = sorted((r for r in results if r["rule"] == rule), key=lambda r: r["seed"])
+        config = RULES[rule].config
+        epochs = args.epochs if args.epochs is not None else config_value(config, (), "trainer.max_epochs")
+        records[rule] = {
+            "rule": rule,
+            "config": config,
+            "hparams": hyper_parameters(config, overrides),
+            "command": command(rule, args.epochs, args.seeds, options),
+            "date": date.today().isoformat(),
+            "machine": machine,
+            "epochs": epochs,
+            "runs": [{k: r[k] for k in ("seed", "test_error", "best_val_acc", "best_epoch", "epochs_run",
+                                         "seconds", "seconds_per_epoch", "diverged", "error")} for r in runs],
+        }  # fmt: skip
+    order = list(RULES)
+    write_block(args.out, render(sorted(records.values(), key=lambda rec: order.index(rec["rule"]) if rec["rule"] in order else 99)))
+    print(f"wrote the MNIST block to {args.out}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"done: {len(tasks)} runs in {time.perf_counter() - start:.0f}s wall")
+    return results
+
+
+if __name__ == "__main__":
+    main()
