@@ -25,7 +25,6 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import re
 import shlex
 import statistics
 import tempfile
@@ -44,6 +43,7 @@ from ..cli import CONFIG_DIR
 from ..cli import main as cli_main
 from ..rules.base import DivergenceError
 from ..rules.learned import LearnedInverseRule
+from .common import HEADER, write_block  # noqa: F401  (HEADER: mnist.py imports it from here)
 from ..rules.target_prop import TargetPropRule
 
 __all__ = ["Rule", "Table", "TABLES", "run_args", "run_one", "mse", "main"]
@@ -333,26 +333,6 @@ def command(args, name: str) -> str:
     return f"{PROG} {shlex.join(parts)}"
 
 
-HEADER = (
-    "# Results\n\nTables written by the benchmarks in `tplightning/benchmarks/`; each sits between "
-    "`<!-- ...:start -->`/`<!-- ...:end -->` markers and is rewritten by the command shown in it.\n"
-)
-
-
-def write_block(path: Path, name: str, body: str) -> None:
-    """Put ``body`` between the markers of table ``name`` in ``path``: replaced if present, else appended."""
-    start, end = f"<!-- student_teacher:{name}:start -->", f"<!-- student_teacher:{name}:end -->"
-    block = f"{start}\n{body}\n{end}"
-    text = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # --------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -409,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
               f"{score} ({r['seconds']:.0f}s)", flush=True)  # fmt: skip
     for name, (t, rules) in plan.items():
         runs = sorted(results[name], key=lambda r: (r["rule"], r["seed"]))
-        write_block(args.out, name, render(t, rules, runs, args, sum(r["seconds"] for r in runs)))
+        write_block(args.out, f"student_teacher:{name}", render(t, rules, runs, args, sum(r["seconds"] for r in runs)))
         print(f"wrote table {name!r} to {args.out}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
