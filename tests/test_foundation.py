@@ -179,3 +179,26 @@ def test_exact_rule_cheap_diagnostics_match_exact_values():
         rule.inverse(2)[0, 0] += 1e-3
     E = rule.forward_weights[1].detach() @ rule.inverse(2) - torch.eye(8, dtype=torch.float64)
     assert 1e-6 < float(rule.probe_inverse_error(2)) <= float(E.abs().sum(1).max()) + 1e-12
+
+
+def test_batch_norm_is_in_the_core_for_exact_and_learned_modified_rules():
+    """RMTP-EI with mini-batches (Woodbury) and MTP share Alg. A.1's normalisation and de-normalisation."""
+    pl.seed_everything(0)
+    rule = make_rule("RMTPEI", batch_norm=True)
+    x, y = torch.randn(8, 6) * 3 + 1, torch.randn(8, 6)
+    hs, pre = rule.forward_pass(x, update_state=False)
+    mu, sigma = x.mean(0), (x.var(0, unbiased=False) + rule.bn_eps).sqrt()
+    torch.testing.assert_close(rule.layer_input(1, hs), (x - mu) / sigma)
+    targets = rule.targets_from(hs, pre, y)
+    mu1, sigma1 = hs[1].mean(0), (hs[1].var(0, unbiased=False) + rule.bn_eps).sqrt()
+    s2_inv = rule.net.activations[1].inverse(targets[1])
+    torch.testing.assert_close(targets[0], sigma1 * (s2_inv @ rule.inverse(2).T) + mu1)  # de-normalised W^-1 s^-1
+    quiet_trainer(max_epochs=1).fit(rule, datamodule=tiny_data())
+    W2 = rule.forward_weights[1].detach()
+    torch.testing.assert_close(W2 @ rule.inverse(2), torch.eye(6), atol=1e-4, rtol=0)  # Woodbury kept it exact
+    assert not torch.equal(rule.running_mean_0, torch.zeros(6))
+    with pytest.raises(ValueError, match="batch_norm normalises over the batch and needs batches of at least 2"):
+        quiet_trainer(max_epochs=1).fit(make_rule("RMTPEI", batch_norm=True), datamodule=tiny_data(batch_size=1))
+    assert make_rule("MTP").batch_norm and not make_rule("TPAI").batch_norm
+    with pytest.raises(ValueError, match="modified rules divide by D_1; layer 1 activation ReLU"):
+        make_rule("RMTPEI", activation="relu")

@@ -65,12 +65,6 @@ class ExactInverseRule(TargetPropRule):
                     f"layer {i} activation {act!r} has no inverse; exact-inverse rules need invertible "
                     "activations above the first layer (leaky_relu with negative_slope > 0, tanh, linear)"
                 )
-        if self.modified and not self.net.activations[0].invertible:
-            # the modified update divides by D_1 (Alg. A.6), which is 0 where relu is flat
-            raise ValueError(
-                f"layer 1 activation {self.net.activations[0]!r} has no inverse; {type(self).__name__} divides "
-                "by its derivative D_1 (modified update), so it needs leaky_relu with negative_slope > 0, tanh or linear"
-            )
         self.threshold, self.tau_init = threshold, tau_init
         self.inverse_tolerance, self.inverse_check_every = inverse_tolerance, inverse_check_every
         n = sizes[1]

@@ -347,70 +347,17 @@ class AOSDTP(OriginalDTP):
 class MTP(TPAI):
     """Modified TP on learned inverses with batch-normalised layer inputs (thesis 5.1.1, Alg. A.1).
 
-    Every layer ``i`` receives its input normalised per unit over the batch,
-    ``h~_{i-1} = (h_{i-1} - mu) / sigma``; at evaluation the running statistics are used (as
-    in batch normalisation, momentum ``bn_momentum``). ``g_i`` inverts ``f_{i+1}`` onto the
-    normalised ``h~_i``, and the target is de-normalised, ``h^_i = sigma * g_i(h^_{i+1}) + mu``
-    (Alg. A.1). The update uses ``D_i^{-1}`` (modified TP) and, where Alg. A.1 writes
-    ``h_{k-1}``, the normalised input ``h~_{k-1}`` that the layer actually received: the local
-    loss is a function of ``W_k`` through ``f_k(h~_{k-1})``, so this is its gradient. Batches
-    need at least two samples. The thesis reports this rule unstable (section 5.2.2); it is
-    here for completeness.
+    ``D_i^{-1}`` replaces ``D_i`` in the update and every layer's input is normalised over the
+    batch with the targets de-normalised (``batch_norm`` of
+    :class:`~tplightning.rules.target_prop.TargetPropRule`, on by default here). The thesis
+    reports this rule unstable (section 5.2.2); it is here for completeness.
 
     Args:
-        bn_momentum: momentum of the running mean/variance used at evaluation.
-        bn_eps: added to the variance.
+        batch_norm: normalise layer inputs over the batch (Alg. A.1).
         **kwargs: the arguments of :class:`LearnedInverseRule`.
     """
 
     modified = True
 
-    def __init__(self, *args, bn_momentum: float = 0.1, bn_eps: float = 1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        for i in range(1, self.num_layers + 1):
-            if not self.net.activations[i - 1].invertible:
-                raise ValueError(f"MTP divides by D_{i}; layer {i} activation {self.net.activations[i - 1]!r} is not invertible")
-        self.bn_momentum, self.bn_eps = bn_momentum, bn_eps
-        for j, n in enumerate(self.net.sizes[:-1]):
-            self.register_buffer(f"running_mean_{j}", torch.zeros(n))
-            self.register_buffer(f"running_var_{j}", torch.ones(n))
-        self._stats: list[tuple[Tensor, Tensor]] = []
-        self._inputs: list[Tensor] = []
-
-    def _normalise(self, j: int, h: Tensor, train: bool, update: bool) -> Tensor:
-        mean, var = getattr(self, f"running_mean_{j}"), getattr(self, f"running_var_{j}")
-        if train:
-            if h.shape[0] < 2:
-                raise ValueError(f"MTP normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
-            mu, v = h.mean(0), h.var(0, unbiased=False)
-            if update:
-                mean.lerp_(mu, self.bn_momentum)
-                var.lerp_(v, self.bn_momentum)
-        else:
-            mu, v = mean, var
-        sigma = (v + self.bn_eps).sqrt()
-        self._stats.append((mu, sigma))
-        return (h - mu) / sigma
-
-    def _run(self, x: Tensor, train: bool, update: bool = False) -> tuple[list[Tensor], list[Tensor]]:
-        hs, pre, self._stats, self._inputs = [x], [], [], []
-        for i in range(1, self.num_layers + 1):
-            h_in = self._normalise(i - 1, hs[-1], train, update)
-            self._inputs.append(h_in)
-            a, h = self.net.layer(i, h_in)
-            pre.append(a)
-            hs.append(h)
-        return hs, pre
-
-    def forward_pass(self, x, update_state=True):
-        return self._run(x, train=self.training, update=update_state)
-
-    def forward(self, x):
-        return self._run(x, train=False)[0][-1]
-
-    def layer_input(self, i, hs):
-        return self._inputs[i - 1]
-
-    def propagate(self, i, h_hat_next, hs, pre):
-        mu, sigma = self._stats[i]  # statistics of the input of layer i + 1, i.e. of h_i
-        return sigma * self.g(i, h_hat_next) + mu
+    def __init__(self, *args, batch_norm: bool = True, **kwargs):
+        super().__init__(*args, batch_norm=batch_norm, **kwargs)

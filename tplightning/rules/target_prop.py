@@ -4,7 +4,9 @@ One training step: forward pass -> output target ``h^_L = h_L - eta^ dl/dh_L`` (
 targets down the network through the rule's map ``g`` -> forward update, SGD (or any forward
 optimizer) on ``mean_b 1/2 ||h_i - h^_i||^2`` with ``h^_i`` and ``h_{i-1}`` fixed (eq. 4.12,
 Alg. A.10) -> feedback update (rules with learned inverses). Randomized rules (Alg. A.2) update
-one layer ``k`` drawn uniformly per batch; modified rules (Alg. A.1) use ``D_i^{-1}`` for ``D_i``.
+one layer ``k`` drawn uniformly per batch; modified rules (Alg. A.1) use ``D_i^{-1}`` for ``D_i``
+and, with ``batch_norm``, normalise every layer's input over the batch and de-normalise the
+targets (Alg. A.1, A.3).
 """
 from __future__ import annotations
 
@@ -27,13 +29,32 @@ class TargetPropRule(LearningRule):
         layer_seed: seed of the generator that draws the layer of randomized rules. It is the same
             on every DDP replica, so all replicas update the same layer (a choice, not a reduction:
             replicas must stay identical and the draw carries no data).
+        batch_norm: Alg. A.1's batch normalisation: layer ``i`` receives
+            ``h~_{i-1} = (h_{i-1} - mu) / sigma`` (per unit, over the batch; running statistics
+            with momentum ``bn_momentum`` at evaluation); ``g_i`` inverts ``f_{i+1}`` onto ``h~_i``
+            and the target is de-normalised, ``h^_i = sigma * g_i(h^_{i+1}) + mu``. Where Alg. A.1
+            writes ``h_{k-1}`` in the update we use the normalised input ``h~_{k-1}`` the layer
+            received: the local loss depends on ``W_k`` through ``f_k(h~_{k-1})``, so this is its
+            gradient. Needs batches of at least two samples (the thesis' RMTP-EI at batch size 1
+            runs without it, section 5.1.3).
+        bn_momentum: momentum of the running mean/variance.
+        bn_eps: added to the variance.
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
     """
 
     randomized: ClassVar[bool] = False
     modified: ClassVar[bool] = False
 
-    def __init__(self, *args, target_stepsize: float = 0.1, layer_seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        target_stepsize: float = 0.1,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if not target_stepsize > 0:
             raise ValueError(f"target_stepsize must be > 0, got {target_stepsize}")
@@ -41,6 +62,17 @@ class TargetPropRule(LearningRule):
         self.layer_seed = layer_seed
         self.layer_generator = torch.Generator().manual_seed(layer_seed)
         self.last_layer = 0  # layer updated by the last randomized step (0: all)
+        self.batch_norm, self.bn_momentum, self.bn_eps = batch_norm, bn_momentum, bn_eps
+        if batch_norm:
+            for j, n in enumerate(self.net.sizes[:-1]):
+                self.register_buffer(f"running_mean_{j}", torch.zeros(n))
+                self.register_buffer(f"running_var_{j}", torch.ones(n))
+        self._bn_stats: list[tuple[Tensor, Tensor]] = []  # (mu, sigma) of each layer's input, last pass
+        self._bn_inputs: list[Tensor] = []  # the normalised inputs of the last pass
+        if self.modified:
+            for i, act in enumerate(self.net.activations, start=1):
+                if not act.invertible:
+                    raise ValueError(f"modified rules divide by D_{i}; layer {i} activation {act!r} has no inverse")
 
     # ----------------------------------------------------------------------------- targets
     def propagate(self, i: int, h_hat_next: Tensor, hs: list[Tensor], pre: list[Tensor]) -> Tensor:
@@ -62,17 +94,51 @@ class TargetPropRule(LearningRule):
             targets[i - 1] = t
         for i in range(L - 1, down_to - 1, -1):
             if targets[i - 1] is None:
-                targets[i - 1] = self.propagate(i, targets[i], hs, pre)
+                t = self.propagate(i, targets[i], hs, pre)
+                if self.batch_norm:  # g_i targets the normalised input of layer i + 1
+                    mu, sigma = self._bn_stats[i]
+                    t = sigma * t + mu
+                targets[i - 1] = t
         return targets
 
     def forward_pass(self, x: Tensor, update_state: bool = True) -> tuple[list[Tensor], list[Tensor]]:
-        """``([h_0..h_L], [a_1..a_L])`` of a training batch (hook: MTP normalises layer inputs and,
-        with ``update_state``, updates its running statistics)."""
-        return self.net.forward_all(x)
+        """``([h_0..h_L], [a_1..a_L])`` of a training batch; with ``batch_norm`` the layer inputs are
+        normalised and, if ``update_state``, the running statistics updated."""
+        if not self.batch_norm:
+            return self.net.forward_all(x)
+        return self._normalised_pass(x, train=self.training, update=update_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.batch_norm:
+            return super().forward(x)
+        h = self._normalised_pass(x, train=False, update=False)[0][-1]
+        return h if h.shape[-1] == self.output_dim else h[..., : self.output_dim].contiguous()
 
     def layer_input(self, i: int, hs: list[Tensor]) -> Tensor:
-        """The input that layer ``i`` received in :meth:`forward_pass` (``h_{i-1}`` by default)."""
-        return hs[i - 1]
+        """The input that layer ``i`` received in :meth:`forward_pass` (``h_{i-1}``, or normalised)."""
+        return self._bn_inputs[i - 1] if self.batch_norm else hs[i - 1]
+
+    def _normalised_pass(self, x: Tensor, train: bool, update: bool) -> tuple[list[Tensor], list[Tensor]]:
+        hs, pre, self._bn_stats, self._bn_inputs = [x], [], [], []
+        for i in range(1, self.num_layers + 1):
+            h = hs[-1]
+            mean, var = getattr(self, f"running_mean_{i - 1}"), getattr(self, f"running_var_{i - 1}")
+            if train:
+                if h.shape[0] < 2:
+                    raise ValueError(f"batch_norm normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
+                mu, v = h.mean(0), h.var(0, unbiased=False)
+                if update:
+                    mean.lerp_(mu, self.bn_momentum)
+                    var.lerp_(v, self.bn_momentum)
+            else:
+                mu, v = mean, var
+            sigma = (v + self.bn_eps).sqrt()
+            self._bn_stats.append((mu, sigma))
+            self._bn_inputs.append((h - mu) / sigma)
+            a, h = self.net.layer(i, self._bn_inputs[-1])
+            pre.append(a)
+            hs.append(h)
+        return hs, pre
 
     @torch.no_grad()
     def compute_targets(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
