@@ -4,7 +4,8 @@
         [--out docs/RESULTS.md] [--subset N --num-train N --num-val N] [--json PATH] [--dry-run]
 
 Each run is ``python train.py --config mnist/<rule>.yaml --test_on best <overrides>``: the config's
-loggers (``runs/mnist_<rule>``) and its ``ModelCheckpoint`` on ``val/acc`` stay on, and the 10k
+loggers and its ``ModelCheckpoint`` on ``val/acc`` stay on (each run in its own folder,
+``runs/mnist_<rule>/seed<s>-<date>-<time>/``, so parallel runs do not collide), and the 10k
 test images are scored with the checkpoint of the best validation epoch. One seed ``s`` sets
 ``seed_everything`` (the initial weights), the shuffling and, for target-propagation rules, the
 layer draws and the feedback noise; the 55k/5k train/validation split is the data module's fixed
@@ -39,9 +40,10 @@ from ..cli import main as cli_main
 from ..rules.base import DivergenceError
 from ..rules.learned import LearnedInverseRule
 from ..rules.target_prop import TargetPropRule
-from .student_teacher import HEADER, _init_worker, _quiet, config_value
+from . import common
+from .student_teacher import _init_worker, _quiet, config_value
 
-__all__ = ["RULES", "THESIS", "run_args", "run_one", "render", "write_block", "main"]
+__all__ = ["RULES", "THESIS", "run_args", "run_one", "render", "main"]
 
 PROG = "python -m tplightning.benchmarks.mnist"
 START, END = "<!-- mnist:start -->", "<!-- mnist:end -->"
@@ -92,6 +94,11 @@ def run_args(config: str, seed: int, epochs: int | None = None, overrides: Seque
         args += ["--model.init_args.feedback_seed", s]
     if epochs is not None:
         args += ["--trainer.max_epochs", str(epochs)]
+    loggers = config_value(config, (), "trainer.logger")
+    if isinstance(loggers, list) and loggers:  # one folder per run: runs/<name>/seed<s>-<time>/, safe with --jobs > 1
+        version = f"seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        loggers = [{**lg, "init_args": {**lg.get("init_args", {}), "version": version}} for lg in loggers]
+        args += ["--trainer.logger", json.dumps(loggers)]
     return [*args, *overrides]
 
 
@@ -255,19 +262,6 @@ def read_records(path: Path) -> list[dict]:
         return []
 
 
-def write_block(path: Path, body: str) -> None:
-    """Put ``body`` between the MNIST markers in ``path``: replaced if present, else appended."""
-    block = f"{START}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # --------------------------------------------------------------------------------------------- CLI
 def _rule_name(name: str, p: argparse.ArgumentParser) -> str:
     by_stem = {Path(r.config).stem: r.name for r in RULES.values()}
@@ -332,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         print(f"[{i}/{len(tasks)} {time.perf_counter() - start:.0f}s] {r['rule']} seed {r['seed']}: {score} "
               f"({r['seconds']:.0f}s)", flush=True)  # fmt: skip
     records = {rec["rule"]: rec for rec in read_records(args.out)}
-    machine = f"{platform.platform()} ({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, jobs {args.jobs}"
+    machine = f"{platform.platform()} ({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, jobs {args.jobs} × {torch.get_num_threads() if args.jobs == 1 else 1} torch thread(s)"
     for rule in args.rules:
         runs = sorted((r for r in results if r["rule"] == rule), key=lambda r: r["seed"])
         config = RULES[rule].config
@@ -349,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                                          "seconds", "seconds_per_epoch", "diverged", "error")} for r in runs],
         }  # fmt: skip
     order = list(RULES)
-    write_block(args.out, render(sorted(records.values(), key=lambda rec: order.index(rec["rule"]) if rec["rule"] in order else 99)))
+    common.write_block(args.out, "mnist", render(sorted(records.values(), key=lambda rec: order.index(rec["rule"]) if rec["rule"] in order else 99)))
     print(f"wrote the MNIST block to {args.out}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from ..cli import CONFIG_DIR
 from ..cli import main as cli_main
 from ..rules.base import DivergenceError
 from ..rules.learned import LearnedInverseRule
-from .common import HEADER, write_block  # noqa: F401  (HEADER: mnist.py imports it from here)
+from .common import write_block
 from ..rules.target_prop import TargetPropRule
 
 __all__ = ["Rule", "Table", "TABLES", "run_args", "run_one", "mse", "main"]

@@ -1,0 +1,110 @@
+"""Real MNIST: BP and DTP-AI learn within one short epoch; every configs/mnist/*.yaml runs; the benchmark writes its block.
+
+The shared MNIST files are looked for at ``<repo>/../shared/data``; the tests are skipped when absent.
+Torch runs on one thread here: on a loaded machine, several OpenMP threads spinning against other
+processes make these small runs ten times slower.
+
+The one-epoch check uses a 784-256-10 network (1500 training images, batch 16, Adam 1e-3): DTP-AI
+clears 80 % there with a margin (about 87 % over seeds 0-3). With a second hidden layer
+(784-256-256-10) one epoch of DTP-AI was not reliable (36-81 % over seeds and learning rates), so
+that deeper setting is left to the benchmark.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+import tplightning as tp
+from tplightning.benchmarks import mnist as bench
+from tplightning.benchmarks.common import write_block
+from tplightning.cli import CONFIG_DIR
+from tplightning.cli import main as train_main
+from tplightning.data.mnist import MNISTDataModule, find_files
+
+from conftest import quiet_trainer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HAVE_MNIST = DATA.is_dir() and all(p is not None for p in find_files(DATA).values())
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST files not found under {DATA}")
+MNIST_CONFIGS = sorted((CONFIG_DIR / "mnist").glob("*.yaml"))
+SMALL = ["--data.init_args.subset", "600", "--data.init_args.num_train", "500", "--data.init_args.num_val", "100"]
+
+Adam = functools.partial(torch.optim.Adam, lr=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_mnist() -> MNISTDataModule:
+    """1500 training / 500 validation images of the real MNIST, batch 16, loaded once for the module."""
+    dm = MNISTDataModule(str(DATA), subset=2000, num_train=1500, num_val=500, batch_size=16, download=False)
+    dm.setup()
+    return dm
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (tp.BP, {"forward_optimizer": Adam}),
+        (
+            tp.DTPAI,
+            {
+                "forward_optimizer": Adam,
+                "feedback_optimizer": functools.partial(torch.optim.SGD, lr=0.01),
+                "target_stepsize": 0.1,
+                "feedback_noise_std": 1.0,
+            },
+        ),
+    ],
+    ids=["BP", "DTPAI"],
+)
+def test_one_epoch_beats_80_percent(cls, kwargs, small_mnist):
+    torch.manual_seed(0)
+    rule = cls(sizes=[784, 256, 10], activation="tanh", loss="cross_entropy", lr_final_factor=1.0, **kwargs)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(rule, datamodule=small_mnist)
+    acc = float(trainer.callback_metrics["val/acc"])
+    assert acc > 0.8, f"{cls.__name__}: validation accuracy {acc:.3f} after one epoch on 1500 images"
+    assert trainer.current_epoch == 1
+
+
+def test_every_benchmark_rule_has_a_config():
+    names = {p.relative_to(CONFIG_DIR).as_posix() for p in MNIST_CONFIGS}
+    assert {r.config for r in bench.RULES.values()} <= names
+
+
+@needs_mnist
+@pytest.mark.parametrize("config", MNIST_CONFIGS, ids=lambda p: p.stem)
+def test_config_fast_dev_run(config):
+    args = ["--config", str(config), "--trainer.fast_dev_run", "true", "--test_on", "best", *SMALL]
+    out = train_main([*args, "--data.init_args.data_dir", str(DATA)])
+    cli = out["cli"]
+    assert cli.model.net.sizes[0] == 784 and cli.model.output_dim == 10
+    assert cli.model.loss_name == "cross_entropy"
+    assert 0.0 <= out["test_metrics"]["test/acc"] <= 1.0
+
+
+@needs_mnist
+def test_benchmark_writes_its_block(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Results\n\n<!-- other:start -->\nkeep me\n<!-- other:end -->\n")
+    smoke = ["--subset", "600", "--num-train", "500", "--num-val", "100", "--data-dir", str(DATA), "--out", str(out)]
+    results = bench.main(["--rules", "BP", "--epochs", "1", *smoke])
+    assert len(results) == 1 and results[0]["test_error"] is not None and results[0]["best_epoch"] == 1
+    text = out.read_text()
+    assert "keep me" in text and text.count(bench.START) == 1 and text.count(bench.END) == 1
+    assert "| BP | `configs/mnist/bp.yaml` |" in text and "| DTP | 1.83 |" in text
+    assert "python -m tplightning.benchmarks.mnist --rules BP --epochs 1" in text
+    # a second invocation for another rule keeps the BP row
+    write_block(out, "mnist", bench.render([*bench.read_records(out)]))
+    assert bench.read_records(out)[0]["rule"] == "BP" and "keep me" in out.read_text()
