@@ -91,8 +91,12 @@ def build(name: str, sizes: list[int], classification: bool, **kw):
     if issubclass(cls, tp.LearnedInverseRule):
         args["feedback_optimizer"] = functools.partial(torch.optim.SGD, lr=1e-4)
     if issubclass(cls, tp.ExactInverseRule):
-        args["tau_init"] = 1e-9  # Gaussian matrices of large n rarely reach the thesis' 0.4 (section 4.2.3)
-    return cls(**args)
+        args["tau_init"] = 1e-9  # Gaussian matrices of large n rarely reach the thesis' 0.4 (section 4.2.3) ...
+    rule = cls(**args)
+    if issubclass(cls, tp.ExactInverseRule):  # ... and their inverses blow targets up: start orthogonal instead
+        g = torch.Generator().manual_seed(0)
+        rule.load_forward_weights([torch.linalg.qr(torch.randn(W.shape, generator=g))[0] for W in rule.forward_weights])
+    return rule
 
 
 def state_bytes(rule, trainer) -> int:
