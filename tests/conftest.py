@@ -77,3 +77,12 @@ def _in_tmp_dir(tmp_path, monkeypatch):
     """Every test runs in its own folder: runs/, checkpoints and config.yaml land there."""
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (small matrices on a shared machine); restores the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,13 +22,7 @@ THESIS_FORM = ["TPAI", "RTPAI", "DTPAI", "RDTPAI"]
 DIFFERENCE = ["DTPAI", "RDTPAI", "OriginalDTP", "OriginalRDTP", "LeeDTP"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster and the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------

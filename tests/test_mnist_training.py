@@ -35,12 +35,7 @@ SMALL = ["--data.init_args.subset", "600", "--data.init_args.num_train", "500", 
 Adam = functools.partial(torch.optim.Adam, lr=1e-3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
