@@ -95,6 +95,25 @@ def test_mlp_returns_every_activation_and_pre_activation():
     assert MLP([3, 4, 2]).biases is None  # no bias by default, as in the thesis
 
 
+def test_orthogonal_init_gives_unit_singular_values_and_transpose_inverses():
+    net = MLP([12, 8, 8, 10], init="orthogonal")  # wide-to-narrow, square and narrow-to-wide layers
+    for W in net.weights:
+        torch.testing.assert_close(torch.linalg.svdvals(W.double()), torch.ones(min(W.shape), dtype=torch.float64), atol=1e-5, rtol=0)
+    learned = make_rule("DTPAI", sizes=(6, 6, 6, 6), init="orthogonal")  # Q_i = W_{i+1}^dagger = W_{i+1}^T
+    for i in learned.feedback_layers:
+        torch.testing.assert_close(learned.Q(i), learned.net.weights[i].T, atol=1e-5, rtol=0)
+    exact = make_rule("TPEI", sizes=(6, 6, 6, 6), init="orthogonal")  # kept: sigma_min sigma_max = 1 > tau_init
+    torch.testing.assert_close(exact.inverse(2), exact.net.weights[1].T, atol=1e-5, rtol=0)
+    torch.manual_seed(3)
+    a = MLP([5, 5], init="orthogonal").weights[0]
+    torch.manual_seed(3)
+    torch.testing.assert_close(MLP([5, 5], init="orthogonal").weights[0], a)  # seeded
+    with pytest.raises(ValueError, match="init must be 'gaussian' or 'orthogonal', got 'xavier'"):
+        MLP([3, 3], init="xavier")
+    with pytest.raises(ValueError, match=r"init_std=0.5 applies to Gaussian weights only"):
+        make_rule("BP", init="orthogonal", init_std=0.5)
+
+
 def test_student_teacher_data():
     dm = tp.StudentTeacherDataModule(sizes=[6, 6, 4], num_train=100, num_val=20, num_test=30, batch_size=10)
     dm.setup("fit")

@@ -34,6 +34,11 @@ class MLP(nn.Module):
         bias: add a bias ``b_i`` to every layer (off by default, as in the thesis).
         init_std: standard deviation of the Gaussian initial weights; ``None`` means
             ``1/sqrt(n_{i-1})``. The thesis' teachers use 1.0.
+        init: ``gaussian`` (i.i.d. entries of std ``init_std``) or ``orthogonal``: every ``W_i``
+            (semi-)orthogonal, all its singular values 1, so ``W_i^dagger = W_i^T`` and the
+            inverses that target propagation relies on start perfectly conditioned (a square
+            Gaussian matrix has ``sigma_min ~ 1/n`` of its scale; its inverse amplifies targets by
+            hundreds at ``n = 256``). ``init_std`` must be ``None`` with ``orthogonal``.
         generator: optional ``torch.Generator`` for the initial weights.
     """
 
@@ -46,9 +51,14 @@ class MLP(nn.Module):
         bias: bool = False,
         init_std: float | None = None,
         generator: torch.Generator | None = None,
+        init: str = "gaussian",
     ):
         super().__init__()
         self.sizes = check_sizes(sizes)
+        if init not in ("gaussian", "orthogonal"):
+            raise ValueError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
+        if init == "orthogonal" and init_std is not None:
+            raise ValueError(f"init_std={init_std} applies to Gaussian weights only; leave it None with init='orthogonal'")
         L = len(self.sizes) - 1
         hidden = get_activation(activation, negative_slope)
         self.activations: list[Activation] = [hidden] * (L - 1) + [get_activation(output_activation, negative_slope)]
@@ -56,7 +66,10 @@ class MLP(nn.Module):
         self.biases = nn.ParameterList() if bias else None
         for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]):
             std = init_std if init_std is not None else 1.0 / math.sqrt(n_in)
-            self.weights.append(nn.Parameter(torch.randn(n_out, n_in, generator=generator) * std))
+            W = torch.randn(n_out, n_in, generator=generator) * std
+            if init == "orthogonal":
+                nn.init.orthogonal_(W, generator=generator)
+            self.weights.append(nn.Parameter(W))
             if self.biases is not None:
                 self.biases.append(nn.Parameter(torch.zeros(n_out)))
 

@@ -63,6 +63,10 @@ class LearningRule(pl.LightningModule):
         bias: give every layer a bias (the thesis uses none).
         loss: ``mse`` (regression) or ``cross_entropy`` (classification on logits).
         init_std: std of the Gaussian initial weights (``None``: ``1/sqrt(n_in)``).
+        init: ``gaussian`` or ``orthogonal`` initial weights (all singular values 1; see
+            :class:`~tplightning.networks.MLP`). Deep tanh networks such as MNIST's need
+            ``orthogonal`` for target propagation: the inverses of square Gaussian layers are
+            so ill-conditioned that the propagated targets leave tanh's range.
         forward_optimizer: optimizer of the forward weights ``W_i`` (SGD in the thesis).
         lr_final_factor: the learning rate decays linearly to this fraction of its initial
             value over ``trainer.max_epochs`` (thesis: 0.2); 1.0 keeps it constant.
@@ -79,6 +83,7 @@ class LearningRule(pl.LightningModule):
         bias: bool = False,
         loss: Literal["mse", "cross_entropy"] = "mse",
         init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
@@ -91,7 +96,7 @@ class LearningRule(pl.LightningModule):
         if not 0 < lr_final_factor <= 1:
             raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
         self.output_dim = list(sizes)[-1]  # the model's outputs (the network may have extra units: AOSDTP)
-        self.net = MLP(self.network_sizes(list(sizes)), activation, output_activation, negative_slope, bias, init_std)
+        self.net = MLP(self.network_sizes(list(sizes)), activation, output_activation, negative_slope, bias, init_std, init=init)
         self.loss_name = loss
         self.forward_optimizer = forward_optimizer
         self.lr_final_factor = lr_final_factor

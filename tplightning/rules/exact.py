@@ -27,7 +27,7 @@ class ExactInverseRule(TargetPropRule):
 
     Args:
         threshold: ``epsilon`` of the robust Sherman-Morrison/Woodbury update (thesis: 0.5).
-        tau_init: initial ``W_2..W_L`` are Gaussian, redrawn until ``sigma_min * sigma_max > tau_init``
+        tau_init: with ``init="gaussian"``, initial ``W_2..W_L`` are Gaussian, redrawn until ``sigma_min * sigma_max > tau_init``
             (section 4.2.3; thesis 0.4).
         init_attempts: redraws before giving up with an error.
         inverse_tolerance: when the probed error ``|(W W^{-1} - I) r|_inf / |r|_inf`` exceeds it,
@@ -69,9 +69,10 @@ class ExactInverseRule(TargetPropRule):
         self.inverse_tolerance, self.inverse_check_every = inverse_tolerance, inverse_check_every
         n = sizes[1]
         std = self.hparams.get("init_std") or n**-0.5
-        with torch.no_grad():
-            for i in range(2, L + 1):
-                self.net.weights[i - 1].copy_(F.robust_invertible_gaussian(n, tau_init, std, init_attempts))
+        if self.hparams.get("init", "gaussian") == "gaussian":  # orthogonal weights have sigma_min = 1: kept
+            with torch.no_grad():
+                for i in range(2, L + 1):
+                    self.net.weights[i - 1].copy_(F.robust_invertible_gaussian(n, tau_init, std, init_attempts))
         for i in range(2, L + 1):
             self.register_buffer(f"W_inv_{i}", torch.empty(n, n))
         self.refresh_inverses()
