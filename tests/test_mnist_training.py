@@ -103,3 +103,13 @@ def test_benchmark_writes_its_block(tmp_path):
     # a second invocation for another rule keeps the BP row
     write_block(out, "mnist", bench.render([*bench.read_records(out)]))
     assert bench.read_records(out)[0]["rule"] == "BP" and "keep me" in out.read_text()
+
+
+def test_benchmark_reports_a_failed_run_and_goes_on(tmp_path):
+    # no MNIST files in tmp_path and download off: the run fails; the benchmark records it instead of dying
+    r = bench._run_task(("BP", "mnist/bp.yaml", 0, 1, ("--data.init_args.data_dir", str(tmp_path))))
+    assert r["test_error"] is None and not r["diverged"]
+    assert r["error"].startswith("failed: ") and "missing" in r["error"]
+    rec = {"rule": "BP", "config": "mnist/bp.yaml", "hparams": "h", "command": "c", "date": "d", "machine": "m",
+           "epochs": 1, "runs": [r]}  # fmt: skip
+    assert f"| BP | `configs/mnist/bp.yaml` | – ({r['error']}) |" in bench.render([rec])

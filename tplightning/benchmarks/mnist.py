@@ -147,7 +147,19 @@ def run_one(rule: str, config: str, seed: int, epochs: int | None = None, overri
 
 
 def _run_task(task: tuple) -> dict:
-    return run_one(*task)
+    """:func:`run_one`; a run that fails (not by divergence) is reported as failed, so one bad run of
+    a long benchmark does not lose the others."""
+    try:
+        return run_one(*task)
+    except Exception as err:  # noqa: BLE001 - reported in the table and printed in full
+        import traceback
+
+        traceback.print_exc()
+        rule, config, seed = task[:3]
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return {"rule": rule, "config": config, "seed": seed, "args": run_args(*task[1:]), "test_error": None,
+                "best_val_acc": None, "best_epoch": None, "epochs_run": None, "seconds": 0.0, "seconds_per_epoch": None,
+                "diverged": False, "error": f"failed: {type(err).__name__}: {first}"}  # fmt: skip
 
 
 def run_all(tasks: Sequence[tuple], jobs: int):
@@ -178,7 +190,10 @@ def hyper_parameters(config: str, overrides: Sequence[str] = ()) -> str:
         kw = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in (o.get("init_args") or {}).items())
         return f"{o['class_path'].rsplit('.', 1)[-1]}({kw})"
 
-    parts = [f"fwd {opt('forward_optimizer')}"]
+    act = get("model.init_args.activation", "leaky_relu")
+    slope = get("model.init_args.negative_slope", 0.35)
+    parts = [f"{act}{f' {slope:g}' if act == 'leaky_relu' else ''}, init {get('model.init_args.init', 'gaussian')}"]
+    parts.append(f"fwd {opt('forward_optimizer')}")
     if (fb := opt("feedback_optimizer")) is not None:
         parts.append(f"fb {fb}")
     for key, label in (
@@ -218,8 +233,10 @@ def render(records: Sequence[dict]) -> str:
         errs = [r["test_error"] for r in ok]
         best = ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in ok) or "–"
         spe = [r["seconds_per_epoch"] for r in ok if r["seconds_per_epoch"]]
-        div = len(runs) - len(ok)
+        div = sum(bool(r["diverged"]) for r in runs)
+        failed = [r["error"] for r in runs if not r["diverged"] and r["test_error"] is None]
         err = _fmt(errs) + (f" ({div}/{len(runs)} diverged)" if div else "")
+        err += "".join(f" ({e})" for e in failed)
         key = statistics.mean(errs) if errs else math.inf
         seeds = ", ".join(str(r["seed"]) for r in runs)
         rows.append((key, f"| {rec['rule']} | `configs/{rec['config']}` | {err} | {best} | {_fmt(spe, 1)} s | {seeds} | "
@@ -322,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     for i, r in enumerate(run_all(tasks, args.jobs), start=1):
         results.append(r)
-        score = r["error"] if r["diverged"] else f"test error {r['test_error']:.2f}% (best epoch {r['best_epoch']}/{r['epochs_run']})"
+        score = r["error"] if r["test_error"] is None else f"test error {r['test_error']:.2f}% (best epoch {r['best_epoch']}/{r['epochs_run']})"
         print(f"[{i}/{len(tasks)} {time.perf_counter() - start:.0f}s] {r['rule']} seed {r['seed']}: {score} "
               f"({r['seconds']:.0f}s)", flush=True)  # fmt: skip
     records = {rec["rule"]: rec for rec in read_records(args.out)}

@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "rules": (str, ",".join(DEFAULT_RULES), f"comma-separated rules, of {','.join(CONFIGS)}"),
             "feedback-lr": (float, 0.05, "feedback learning rate of the thesis-form rules (0: the configs' 0.01)"),
             "feedback-iterations": (int, 4, "Alg. A.8 steps per batch for the thesis-form rules"),
+            "feedback-weight-decay": (float, 0.0, "lambda of eq. 4.97 for the thesis-form rules (the configs' 0)"),
             "sizes": (str, "", "layer sizes, comma-separated, e.g. 6,6,4 (default: the configs' 6,6,6)"),
         },
     )  # fmt: skip
@@ -201,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     fb = ["--model.init_args.feedback_optimizer.init_args.lr", str(args.feedback_lr)]
                 if rule in THESIS_FORM:
                     fb += ["--model.init_args.feedback_iterations", str(args.feedback_iterations)]
+                    if args.feedback_weight_decay:
+                        fb += ["--model.init_args.feedback_weight_decay", str(args.feedback_weight_decay)]
                 r = run_rule(rule, seed, args.epochs, args.diag_every, extra + fb)
                 runs.append(r)
                 status = r["error"] if r["diverged"] else f"test MSE {r['test_mse'][-1]:.3g}"
@@ -221,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 findings[f"DTPAI closer to e^GN than {other} (fig. 5.17a)"] = d["cos_gn"] > means[other]["cos_gn"]
     result = {
         "rules": rules, "seeds": args.seeds, "epochs": args.epochs, "extra_overrides": extra,
-        "thesis_form_feedback": {"lr": args.feedback_lr or "config", "iterations": args.feedback_iterations},
+        "thesis_form_feedback": {"lr": args.feedback_lr or "config", "iterations": args.feedback_iterations, "weight_decay": args.feedback_weight_decay},
         "summary": summary, "findings": findings, "runs": runs,
     }  # fmt: skip
     save_json(args.out, NAME, result)

@@ -193,9 +193,10 @@ class LearnedInverseRule(TargetPropRule):
                 if sigma > 0:
                     h = h + sigma * self.noise(tuple(h.shape))
                 h_next = self.net.layer(i + 1, h)[1] if sigma > 0 else hs[i + 1]
+                act = self.net.activations[i - 1]
                 c = h_next @ Q.T
-                d = self.net.activations[i - 1].derivative(c)
-                grads[Q] = (d * (self.net.activations[i - 1](c) - h)).T @ h_next / h.shape[0]
+                g = act(c)
+                grads[Q] = (act.derivative(c, g) * (g - h)).T @ h_next / h.shape[0]  # s(c) evaluated once
             if lam:
                 grads[Q] = grads[Q] + lam * Q
         return grads
