@@ -246,7 +246,8 @@ def render(records: Sequence[dict]) -> str:
     return "\n".join([
         "### MNIST, fully connected 784-256-256-256-256-256-10 (thesis table 3.1, Bartunov et al. 2018)",
         "",
-        "tanh hidden layers, linear output (logits), cross-entropy, 55k/5k train/validation split of the training "
+        "tanh hidden layers (each row names its activation and initialisation), linear output (logits), cross-entropy, "
+        "55k/5k train/validation split of the training "
         "images (`split_seed` 0), batch 128; test error on the 10k test images with the weights of the best "
         "validation-accuracy epoch. Time per epoch: wall time of the run (training, validation and the final test) "
         "divided by the epochs run. Rows sorted by test error; one row per rule, from the latest run of that rule.",

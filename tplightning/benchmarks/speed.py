@@ -232,7 +232,7 @@ def _run(args, device) -> dict:
         rules = ["BP"] + [r for r in (args.rules or MNIST_RULES) if r != "BP"]
         res = best_of(args.repeats, [(name, [784] + [256] * 5 + [10], 128) for name in rules], args, device, True)
         out["mnist"] = res
-        body = (f"### Step time on the MNIST network ({tag})\n\n784-256x5-10, tanh (MTP: leaky-ReLU), cross-entropy, batch 128, median "
+        body = (f"### Step time on the MNIST network ({tag})\n\n784-256x5-10, tanh (MTP: leaky-ReLU), orthogonal initial weights, SGD lr 1e-4 for forward and feedback weights, the rules' other hyper-parameters at their defaults (original forms: noise injection sigma 1), cross-entropy, batch 128, median "
                 f"of {args.steps} steps after {args.warmup} warm-up steps, best of {args.repeats} rounds.\n\n{mnist_table(res, device, args.steps)}\n\n"
                 f"Command: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
         write_block(args.out, f"speed:mnist:{tag}", body)
@@ -240,7 +240,7 @@ def _run(args, device) -> dict:
         runs = [(name, [n] * 4, b) for b in args.batches for n in args.widths for name in EXACT_RULES]
         res = best_of(args.repeats, runs, args, device, False)
         out["exact"] = res
-        body = (f"### Exact inverses at width ({tag})\n\nSquare networks n-n-n-n, leaky-ReLU, median of {args.steps} "
+        body = (f"### Exact inverses at width ({tag})\n\nSquare networks n-n-n-n, leaky-ReLU, orthogonal initial weights, median of {args.steps} "
                 f"steps, best of {args.repeats} rounds. The exponent is the log-log slope of step time against n (fitted on n >= 512).\n"
                 f"{exact_table(res, args.widths, args.batches)}\n\nCommand: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
         write_block(args.out, f"speed:exact:{tag}", body)
