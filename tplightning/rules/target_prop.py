@@ -126,15 +126,18 @@ class TargetPropRule(LearningRule):
             if train:
                 if h.shape[0] < 2:
                     raise ValueError(f"batch_norm normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
-                mu, v = h.mean(0), h.var(0, unbiased=False)
+                mu = h.mean(0)
+                centred = h - mu
+                v = (centred * centred).mean(0)  # biased variance; reuses h - mu (torch.var's column reduction is slow on CPU)
                 if update:
                     mean.lerp_(mu, self.bn_momentum)
                     var.lerp_(v, self.bn_momentum)
             else:
                 mu, v = mean, var
+                centred = h - mu
             sigma = (v + self.bn_eps).sqrt()
             self._bn_stats.append((mu, sigma))
-            self._bn_inputs.append((h - mu) / sigma)
+            self._bn_inputs.append(centred / sigma)
             a, h = self.net.layer(i, self._bn_inputs[-1])
             pre.append(a)
             hs.append(h)
