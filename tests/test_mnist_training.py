@@ -103,6 +103,10 @@ def test_benchmark_writes_its_block(tmp_path):
     # a second invocation for another rule keeps the BP row
     write_block(out, "mnist", bench.render([*bench.read_records(out)]))
     assert bench.read_records(out)[0]["rule"] == "BP" and "keep me" in out.read_text()
+    # --rewrite renders the block again from the records it keeps, running nothing
+    out.write_text(out.read_text().replace("| BP | `configs/mnist/bp.yaml` |", "| BP | stale layout |"))
+    assert bench.main(["--rewrite", "--out", str(out)]) == []
+    assert "| BP | `configs/mnist/bp.yaml` |" in out.read_text() and "stale layout" not in out.read_text()
 
 
 def test_benchmark_reports_a_failed_run_and_goes_on(tmp_path):

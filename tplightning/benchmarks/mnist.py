@@ -1,7 +1,7 @@
 """MNIST with the fully connected network of thesis table 3.1 (Bartunov et al. 2018), 784-(256×5)-10.
 
     python -m tplightning.benchmarks.mnist [--rules R ...] [--epochs N] [--seeds S ...] [--jobs J]
-        [--out docs/RESULTS.md] [--subset N --num-train N --num-val N] [--json PATH] [--dry-run]
+        [--out docs/RESULTS.md] [--subset N --num-train N --num-val N] [--json PATH] [--dry-run] [--rewrite]
 
 Each run is ``python train.py --config mnist/<rule>.yaml --test_on best <overrides>``: the config's
 loggers and its ``ModelCheckpoint`` on ``val/acc`` stay on (each run in its own folder,
@@ -303,6 +303,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="MNIST folder (default: the configs' ../shared/data)")
     p.add_argument("--json", type=Path, help="also write the per-run results here")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    p.add_argument("--rewrite", action="store_true",
+                   help="run nothing: rewrite the block of --out from the run records it keeps (after a change of the table's layout)")
     args = p.parse_args(argv)
     args.rules = list(dict.fromkeys(_rule_name(r, p) for r in (args.rules or RULES)))
     if args.jobs < 1:
@@ -325,9 +327,19 @@ def _extra(args) -> tuple[list[str], list[str]]:
     return overrides, options
 
 
+def _ordered(records) -> list[dict]:
+    order = list(RULES)
+    return sorted(records, key=lambda rec: order.index(rec["rule"]) if rec["rule"] in order else len(order))
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the selected rules and seeds, write the MNIST block of ``--out``; returns the per-run results."""
     args = parse_args(argv)
+    if args.rewrite:
+        records = read_records(args.out)
+        common.write_block(args.out, "mnist", render(_ordered(records)))
+        print(f"rewrote the MNIST block of {args.out} from its {len(records)} rule records")
+        return []
     overrides, options = _extra(args)
     tasks = [(r, RULES[r].config, s, args.epochs, tuple(overrides)) for r in args.rules for s in args.seeds]
     if args.dry_run:
@@ -360,8 +372,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "runs": [{k: r[k] for k in ("seed", "test_error", "best_val_acc", "best_epoch", "epochs_run",
                                          "seconds", "seconds_per_epoch", "diverged", "error")} for r in runs],
         }  # fmt: skip
-    order = list(RULES)
-    common.write_block(args.out, "mnist", render(sorted(records.values(), key=lambda rec: order.index(rec["rule"]) if rec["rule"] in order else 99)))
+    common.write_block(args.out, "mnist", render(_ordered(records.values())))
     print(f"wrote the MNIST block to {args.out}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
