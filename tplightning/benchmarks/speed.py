@@ -12,7 +12,9 @@
 * (c) memory: the peak GPU allocation on CUDA; on CPU the bytes of the rule's state
   (parameters, buffers, optimizer state).
 
-Each figure is printed as a ratio to BP, and the tables are written into docs/RESULTS.md
+Each figure is printed as a ratio to BP; in (a) every rule is timed right after a BP run and the
+ratio is the median over rounds of these paired ratios (:func:`paired_with_bp`), because a shared
+host's speed drifts. The tables are written into docs/RESULTS.md
 between ``<!-- speed:...:start/end -->`` markers, with the machine they ran on.
 """
 from __future__ import annotations
