@@ -36,9 +36,10 @@ class MLP(nn.Module):
             ``1/sqrt(n_{i-1})``. The thesis' teachers use 1.0.
         init: ``gaussian`` (i.i.d. entries of std ``init_std``) or ``orthogonal``: every ``W_i``
             (semi-)orthogonal, all its singular values 1, so ``W_i^dagger = W_i^T`` and the
-            inverses that target propagation relies on start perfectly conditioned (a square
-            Gaussian matrix has ``sigma_min ~ 1/n`` of its scale; its inverse amplifies targets by
-            hundreds at ``n = 256``). ``init_std`` must be ``None`` with ``orthogonal``.
+            inverses that target propagation relies on start perfectly conditioned (the smallest
+            singular value of a square Gaussian matrix is about ``1/n`` of its typical one; at
+            ``n = 256`` its inverse amplified MNIST targets 20-80-fold per layer). ``init_std``
+            must be ``None`` with ``orthogonal``.
         generator: optional ``torch.Generator`` for the initial weights.
     """
 
