@@ -68,7 +68,7 @@ class MLP(nn.Module):
         for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]):
             std = init_std if init_std is not None else 1.0 / math.sqrt(n_in)
             W = torch.randn(n_out, n_in, generator=generator) * std
-            if init == "orthogonal":
+            if init == "orthogonal":  # drawn after the Gaussian one, which keeps the seeded stream the MNIST runs used
                 nn.init.orthogonal_(W, generator=generator)
             self.weights.append(nn.Parameter(W))
             if self.biases is not None:
