@@ -22,6 +22,7 @@ RULES: dict[str, tuple[type, dict]] = {
     "BP": (tp.BP, {}),
     "BPFixed": (tp.BPFixed, {}),
     "TPEI": (tp.TPEI, {}),
+    "DTPEI": (tp.DTPEI, {}),
     "RTPEI": (tp.RTPEI, {}),
     "RMTPEI": (tp.RMTPEI, {"forward_optimizer": functools.partial(torch.optim.SGD, lr=0.0005)}),
     "TPAI": (tp.TPAI, {}),

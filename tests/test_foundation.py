@@ -215,7 +215,7 @@ def test_batch_norm_is_in_the_core_for_exact_and_learned_modified_rules():
     quiet_trainer(max_epochs=1).fit(rule, datamodule=tiny_data())
     W2 = rule.forward_weights[1].detach()
     torch.testing.assert_close(W2 @ rule.inverse(2), torch.eye(6), atol=1e-4, rtol=0)  # Woodbury kept it exact
-    assert not torch.equal(rule.running_mean_0, torch.zeros(6))
+    assert not torch.equal(rule.normalization.running_mean_0, torch.zeros(6))
     with pytest.raises(ValueError, match="batch_norm normalises over the batch and needs batches of at least 2"):
         quiet_trainer(max_epochs=1).fit(make_rule("RMTPEI", batch_norm=True), datamodule=tiny_data(batch_size=1))
     assert make_rule("MTP").batch_norm and not make_rule("TPAI").batch_norm

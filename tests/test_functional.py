@@ -277,7 +277,7 @@ def test_sherman_morrison_chained_updates_stay_exact():
 )
 def test_sherman_morrison_bad_shapes(u_shape, v_shape):
     W = torch.eye(6, dtype=DT)
-    with pytest.raises(ValueError, match="1-D"):
+    with pytest.raises(ValueError, match="must be vectors"):
         F.robust_sherman_morrison(W, W, torch.ones(u_shape, dtype=DT), torch.ones(v_shape, dtype=DT), 0.5)
 
 

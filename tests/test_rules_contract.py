@@ -16,7 +16,7 @@ class RuleContract:
     def test_forward_weights_are_live_and_shaped(self):
         rule = make_rule(self.rule_name, sizes=(5, 6, 6, 6))
         Ws = rule.forward_weights
-        assert [tuple(W.shape) for W in Ws] == [(6, 5), (6, 6), (rule.net.sizes[-1], 6)]
+        assert [tuple(W.shape) for W in Ws] == [(6, 5), (6, 6), (rule.output_dim, 6)]
         assert rule.output_dim == 6
         with torch.no_grad():
             Ws[0].mul_(0)

@@ -4,7 +4,7 @@ Implements A. Meulemans, *Towards a mathematical understanding of biologically p
 learning methods for deep neural networks* (MSc thesis, KU Leuven, 2019). Every rule and data
 module is importable from here, which LightningCLI short names and ``load_from_checkpoint`` need.
 """
-from . import functional, networks
+from . import functional, layers, networks, selection, target_maps
 from .callbacks import InitNearTeacher
 from .diagnostics import TargetPropDiagnostics
 from .data import MNISTDataModule, StudentTeacherDataModule, ToyDataModule
@@ -12,4 +12,4 @@ from .rules import *  # noqa: F401,F403
 from .rules import __all__ as _rules
 
 __version__ = "0.1.0"
-__all__ = ["functional", "networks", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", *_rules]
+__all__ = ["functional", "layers", "networks", "selection", "target_maps", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", *_rules]

@@ -42,8 +42,6 @@ class InitNearTeacher(pl.Callback):
             raise ValueError(f"InitNearTeacher needs a data module with teacher_weights, got {type(dm).__name__}")
         student = pl_module.forward_weights
         shapes = [tuple(W.shape) for W in student]
-        # AOSDTP's output layer carries auxiliary rows below the model's outputs: they are kept
-        shapes[-1] = (min(shapes[-1][0], pl_module.output_dim), shapes[-1][1])
         if [tuple(W.shape) for W in teacher] != shapes:
             raise ValueError(
                 f"student weight shapes {shapes} differ from the teacher's {[tuple(W.shape) for W in teacher]}"
@@ -65,6 +63,4 @@ class InitNearTeacher(pl.Callback):
                     f"after {self.max_attempts} attempts"
                 )
             new.append(W)
-        if new[-1].shape != student[-1].shape:  # keep the auxiliary rows
-            new[-1] = torch.cat([new[-1], student[-1].detach().cpu()[new[-1].shape[0] :]])
         pl_module.load_forward_weights([W.to(student[0].device, student[0].dtype) for W in new])

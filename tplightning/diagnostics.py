@@ -20,13 +20,12 @@ which reads a rule's forward pass, targets and feedback maps without changing an
 generator state. :class:`TargetPropDiagnostics` logs batch means of the cosines and norms during
 training (figs. 5.8, 5.16-5.19).
 
-``J_{g_k}`` is taken as the Jacobian of the rule's own ``propagate(k, ., hs, pre)`` with respect to
-``h^_{k+1}`` at ``h_{k+1}``: for plain rules that map is ``g_k`` itself, for difference rules it is
+``J_{g_k}`` is taken as the Jacobian of the rule's own ``propagate(k, ., hs, pre)`` (its target map
+``rule.maps[k-1]``, :mod:`tplightning.target_maps`) with respect to ``h^_{k+1}`` at ``h_{k+1}``: for plain
+maps that is ``g_k`` itself, for :class:`~tplightning.target_maps.Difference` maps it is
 ``h_k + g_k(.) - g_k(h_{k+1})``, whose Jacobian is again ``J_{g_k}``. So the diagnostics need no
-per-rule code: exact rules (``g_k = W_{k+1}^{-1} s_{k+1}^{-1}``), the thesis form
-(``Q_k s_{k+1}^{-1}``) and the original form (``s_k(Q_k h)``) are all handled through
-``propagate``. Layers whose target a rule sets directly, not through a feedback map (LeeDTP's
-penultimate layer, whose target is a gradient step), count as their own useful signal:
+per-rule code. Maps that set the target directly, not through a feedback map (``direct``, e.g.
+LeeDTP's penultimate :class:`~tplightning.target_maps.GradientTarget`), count as their own useful signal:
 ``e^TP = Delta``, ``e^rec = e^approx = 0`` there, and the layers below chain from it.
 """
 from __future__ import annotations
@@ -38,6 +37,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .layers import Dense
+from .target_maps import Difference, ThesisInverse
 
 __all__ = [
     "TargetPropDiagnostics",
@@ -150,8 +151,8 @@ def target_prop_signals(
 
 
 def is_target_prop(rule) -> bool:
-    """Whether ``rule`` propagates targets (has ``targets_from`` and ``propagate``); BP rules do not."""
-    return all(callable(getattr(rule, name, None)) for name in ("targets_from", "propagate", "top_targets"))
+    """Whether ``rule`` propagates targets through target maps (``rule.maps``); BP rules do not."""
+    return callable(getattr(rule, "targets_from", None)) and isinstance(getattr(rule, "maps", None), torch.nn.ModuleList)
 
 
 def feedback_jvp(rule, i: int, hs: Sequence[Tensor], pre: Sequence[Tensor]) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -174,17 +175,9 @@ def feedback_jvp(rule, i: int, hs: Sequence[Tensor], pre: Sequence[Tensor]) -> t
 
 
 def feedback_map(rule, i: int) -> Callable[[Tensor], Tensor] | None:
-    """The feedback map ``g_i`` of ``rule`` (``None`` where it has none, e.g. LeeDTP's top layer).
-
-    Learned rules: ``rule.g(i, .)`` for ``i`` in ``feedback_layers``; exact rules:
-    ``W_{i+1}^{-1} s_{i+1}^{-1}(.)`` (their ``propagate``).
-    """
-    if callable(getattr(rule, "g", None)):
-        layers = getattr(rule, "feedback_layers", range(1, rule.num_layers))
-        return (lambda h: rule.g(i, h)) if i in layers else None
-    if callable(getattr(rule, "inverse", None)):
-        return lambda h: rule.propagate(i, h, None, None)
-    return None
+    """The feedback map ``g_i`` of ``rule`` (``None`` where its map sets the target directly, e.g. LeeDTP's top layer)."""
+    m = rule.maps[i - 1]
+    return None if m.direct else m
 
 
 def forward_pass(rule, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -213,7 +206,7 @@ def effective_weights(rule, hs: Sequence[Tensor]) -> list[Tensor]:
     """
     layer_input = getattr(rule, "layer_input", None)
     out = []
-    for k, W in enumerate(rule.forward_weights, start=1):
+    for k, W in enumerate((layer.full_weight() for layer in rule.net.layers), start=1):  # AOSDTP: with the auxiliary rows
         W = W.detach()
         h = hs[k - 1]
         h_in = layer_input(k, list(hs)) if layer_input is not None else h
@@ -243,17 +236,15 @@ def learning_signals(rule, x: Tensor, y: Tensor) -> dict:
     L = rule.num_layers
     hs, pre = forward_pass(rule, x)
     targets = rule.targets_from(hs, pre, y, 1)
-    top = rule.top_targets(hs, pre, y)
     delta = [targets[i - 1] - hs[i] for i in range(1, L)]
-    direct = {i: delta[i - 1] for i in top if i < L}
-    difference = bool(getattr(rule, "difference", False))
+    direct = {i: delta[i - 1] for i in range(1, L) if rule.maps[i - 1].direct}
     jvps: list = [None] * (L - 1)
     residuals: list = [None] * (L - 1)
     for i in range(1, L):
         if i in direct:
             continue
         value, jvps[i - 1] = feedback_jvp(rule, i, hs, pre)
-        if not difference:  # difference rules cancel r_i by construction (eq. 4.101): e^rec = 0, not round-off
+        if not isinstance(rule.maps[i - 1], Difference):  # difference maps cancel r_i by construction (eq. 4.101): e^rec = 0, not round-off
             residuals[i - 1] = value - hs[i]
     e_out = targets[L - 1] - hs[L]
     e_tp, e_rec = target_prop_signals(jvps, e_out, residuals, direct)
@@ -285,13 +276,12 @@ def learning_signals(rule, x: Tensor, y: Tensor) -> dict:
 
 
 def pinv_errors(rule) -> dict[int, Tensor]:
-    """``||Q_i - W_{i+1}^dagger||_F`` for learned rules of the thesis form ``g_i = Q_i s^{-1}`` (else empty)."""
-    if getattr(rule, "form", None) != "thesis" or not callable(getattr(rule, "Q", None)):
-        return {}
+    """``||Q_i - W_{i+1}^dagger||_F`` for the thesis-form maps ``g_i = Q_i s^{-1}`` of a rule (dense layers; else empty)."""
     out = {}
-    for i in rule.feedback_layers:
-        W, Q = rule.forward_weights[i], rule.Q(i).detach()
-        out[i] = torch.linalg.matrix_norm(Q.double() - torch.linalg.pinv(W.double())).to(Q.dtype)
+    for m in rule.maps:
+        if isinstance(m.base, ThesisInverse) and isinstance(m.upper, Dense):
+            Q = m.base.Q.detach()
+            out[m.index] = torch.linalg.matrix_norm(Q.double() - torch.linalg.pinv(m.upper.full_weight().detach().double())).to(Q.dtype)
     return out
 
 

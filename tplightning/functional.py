@@ -23,6 +23,9 @@ __all__ = [
     "per_sample_loss",
     "local_delta",
     "local_update",
+    "delta_update",
+    "inverse_loss_grad",
+    "original_inverse_loss_grad",
     "robust_sherman_morrison",
     "robust_woodbury",
     "robust_invertible_gaussian",
@@ -187,15 +190,41 @@ def local_delta(d: Tensor, h: Tensor, h_hat: Tensor, modified: bool = False) -> 
     return (h - h_hat) / d if modified else d * (h - h_hat)
 
 
+def delta_update(delta: Tensor, h_prev: Tensor) -> Tensor:
+    """``(1/B) sum_b delta_b h_{i-1,b}^T``: the weight gradient of a dense layer from its per-sample ``delta``."""
+    return (delta / delta.shape[0]).T @ h_prev
+
+
 def local_update(d: Tensor, h: Tensor, h_hat: Tensor, h_prev: Tensor, modified: bool = False) -> Tensor:
     """Gradient of the local loss ``mean_b 1/2 ||h_i - h^_i||^2`` w.r.t. ``W_i`` (eq. 4.12, Alg. A.10).
 
     ``(1/B) sum_b D_i (h_i - h^_i) h_{i-1}^T`` with ``d`` the diagonal of ``D_i`` per sample; the
     modified rules use ``D_i^{-1}`` instead. A step ``W <- W - eta * result`` is the thesis'
-    ``Delta W_i``.
+    ``Delta W_i``. :class:`~tplightning.layers.Dense` computes exactly this (from :func:`local_delta`
+    and :func:`delta_update`, whose composition this is).
     """
-    delta = local_delta(d, h, h_hat, modified)  # (B, n_i)
-    return (delta / h.shape[0]).T @ h_prev  # (n_i, n_{i-1})
+    return delta_update(local_delta(d, h, h_hat, modified), h_prev)
+
+
+def inverse_loss_grad(Q: Tensor, a_next: Tensor, h: Tensor) -> Tensor:
+    """Gradient of ``mean_b 1/2 ||Q a_b - h_b||^2`` w.r.t. ``Q``: the thesis-form inverse loss (Alg. A.8, eq. 4.91).
+
+    ``g_i(h_{i+1}) = Q_i (s_{i+1}^{-1}(h_{i+1}) - b_{i+1})`` and ``a_next = s^{-1}(f_{i+1}(h_i)) - b = W_{i+1} h_i``,
+    so ``g(f(h)) - h = Q a - h``. Batched: ``Q (..., n_i, n_{i+1})``, ``a_next (..., B, n_{i+1})``,
+    ``h (..., B, n_i)``. Adding ``lambda Q`` gives the regularised loss of eq. 4.97.
+    """
+    return ((a_next @ Q.transpose(-1, -2) - h) / h.shape[-2]).transpose(-1, -2) @ a_next
+
+
+def original_inverse_loss_grad(Q: Tensor, h_next: Tensor, h: Tensor, activation: Activation) -> Tensor:
+    """Gradient of ``mean_b 1/2 ||s(Q h_{i+1}) - h_i||^2`` w.r.t. ``Q``: the original-form inverse loss (Alg. A.9).
+
+    ``g_i(h_{i+1}) = s_i(Q_i h_{i+1})`` (eq. 5.54); ``h`` is the (noise-injected, eq. 3.13) layer-``i``
+    activation and ``h_next = f_{i+1}(h)``. Batched like :func:`inverse_loss_grad`; ``s(c)`` is evaluated once.
+    """
+    c = h_next @ Q.transpose(-1, -2)
+    g = activation(c)
+    return (activation.derivative(c, g) * (g - h)).transpose(-1, -2) @ h_next / h.shape[-2]
 
 
 def cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
@@ -219,6 +248,8 @@ def robust_sherman_morrison(
     Sherman-Morrison (eq. 4.19), ``beta = 1``; else ``beta = 1/(threshold - d)``, ``W + beta u v^T``
     and ``W^{-1} - W^{-1} u v^T W^{-1} / threshold`` (eq. 4.80), which is exactly its inverse.
 
+    Batched: leading dimensions of ``W (..., n, n)``, ``u (..., n)``, ``v (..., n)`` are trials.
+
     Args:
         W: ``(n, m)`` forward matrix (square for an inverse to exist).
         W_inv: its inverse.
@@ -227,17 +258,25 @@ def robust_sherman_morrison(
         threshold: ``epsilon`` of Alg. 4.1.
 
     Returns:
-        ``(W_new, W_inv_new, beta)``, ``beta`` a 0-d tensor.
+        ``(W_new, W_inv_new, beta)``, ``beta`` a 0-d tensor (one per trial when batched).
     """
-    if u.dim() != 1 or v.dim() != 1:
-        raise ValueError(f"u and v must be 1-D vectors, got shapes {tuple(u.shape)} and {tuple(v.shape)}")
-    Wu = W_inv @ u  # (n,)
-    vW = v @ W_inv  # (n,)
-    d = v @ Wu
+    if u.dim() < 1 or u.dim() != v.dim() or W.dim() != u.dim() + 1:
+        raise ValueError(f"u and v must be vectors (batched like W), got shapes {tuple(u.shape)}, {tuple(v.shape)} for W {tuple(W.shape)}")
+    if u.dim() == 1:
+        Wu, vW = W_inv @ u, v @ W_inv  # (n,)
+        d = v @ Wu
+        uv, WuvW = torch.outer(u, v), torch.outer(Wu, vW)
+    else:
+        Wu, vW = (W_inv @ u.unsqueeze(-1)).squeeze(-1), (v.unsqueeze(-2) @ W_inv).squeeze(-2)
+        d = (v * Wu).sum(-1)
+        uv, WuvW = u.unsqueeze(-1) * v.unsqueeze(-2), Wu.unsqueeze(-1) * vW.unsqueeze(-2)
     clipped = (1 + d).abs() < threshold
     beta = torch.where(clipped, 1 / (threshold - d), torch.ones_like(d))
     denom = torch.where(clipped, torch.full_like(d, threshold), 1 + d)
-    return W + beta * torch.outer(u, v), W_inv - torch.outer(Wu, vW) / denom, beta
+    if u.dim() > 1:
+        beta_, denom_ = beta[..., None, None], denom[..., None, None]
+        return W + beta_ * uv, W_inv - WuvW / denom_, beta
+    return W + beta * uv, W_inv - WuvW / denom, beta
 
 
 def robust_woodbury(
@@ -288,18 +327,41 @@ def robust_invertible_gaussian(
     max_attempts: int = 1000,
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
+    batch: int | None = None,
+    cols: int | None = None,
+    diagonal: bool = False,
 ) -> Tensor:
     """Gaussian ``(n, n)`` matrix redrawn until ``sigma_min * sigma_max > tau`` (section 4.2.3, method 1).
 
-    The thesis uses ``tau = 0.4``. Raises ``ValueError`` after ``max_attempts`` draws (large ``n``
-    with small ``std`` rarely passes: the expected ``sigma_min`` is ``O(std / sqrt(n))``).
+    The thesis uses ``tau = 0.4``. With ``batch``, ``batch`` independent matrices ``(batch, n, cols)``
+    (``cols`` defaults to ``n``; the same test for non-square ones), failing ones redrawn until all
+    pass; ``diagonal`` draws diagonal ones, like the ``D_{s_i}`` of fig. 5.12. Raises ``ValueError``
+    after ``max_attempts`` draws (large ``n`` with small ``std`` rarely passes: the expected
+    ``sigma_min`` is ``O(std / sqrt(n))``).
     """
-    for _ in range(max_attempts):
-        W = torch.randn(n, n, generator=generator, dtype=dtype) * std
-        if is_robustly_invertible(W, tau):
-            return W
+    cols = n if cols is None else cols
+    if diagonal and cols != n:
+        raise ValueError(f"a diagonal matrix must be square, got {n}x{cols}")
+    if batch is None:
+        for _ in range(max_attempts):
+            W = torch.randn(n, n, generator=generator, dtype=dtype) * std
+            if is_robustly_invertible(W, tau):
+                return W
+    else:
+        M = torch.empty(batch, n, cols, dtype=dtype)
+        todo = torch.arange(batch)
+        for _ in range(max_attempts):
+            if diagonal:
+                draw = torch.diag_embed(torch.randn(len(todo), n, generator=generator, dtype=dtype)) * std
+            else:
+                draw = torch.randn(len(todo), n, cols, generator=generator, dtype=dtype) * std
+            M[todo] = draw
+            s = torch.linalg.svdvals(draw)
+            todo = todo[s[:, 0] * s[:, -1] <= tau]
+            if len(todo) == 0:
+                return M
     raise ValueError(
-        f"no {n}x{n} Gaussian matrix (std={std}) with sigma_min*sigma_max > tau_init={tau} after "
+        f"no {n}x{cols} Gaussian matrix (std={std}) with sigma_min*sigma_max > tau_init={tau} after "
         f"{max_attempts} attempts; lower tau_init or raise the init std"
     )
 

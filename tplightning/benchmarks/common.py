@@ -1,16 +1,92 @@
-"""Helpers shared by the benchmark commands: the RESULTS.md block writer and the machine line."""
+"""What the benchmark commands share: the rule description, the seeded runs, the runner, the RESULTS.md block writer
+and the machine line."""
 from __future__ import annotations
 
+import importlib
+import logging
+import multiprocessing as mp
 import os
 import platform
 import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import yaml
 
-__all__ = ["HEADER", "write_block", "machine"]
+from ..cli import CONFIG_DIR
+from ..rules.learned import LearnedInverseRule
+from ..rules.target_prop import TargetPropRule
+
+__all__ = ["HEADER", "Rule", "config_value", "rule_class", "seed_overrides", "run_all", "quiet", "write_block", "machine"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A table row: ``name``, its config in ``configs/`` and the forward learning rate (``None``: the config's)."""
+
+    name: str
+    config: str
+    lr: float | None = None
+
+
+def _config_path(config: str | Path) -> Path:
+    return Path(config) if Path(config).exists() else CONFIG_DIR / config
+
+
+def config_value(config: str | Path, overrides: Sequence[str], key: str):
+    """The value of ``key`` (dotted) that a run of ``config`` with ``overrides`` uses (the last override wins)."""
+    flag = f"--{key}"
+    if flag in overrides:
+        return yaml.safe_load(overrides[len(overrides) - 1 - overrides[::-1].index(flag) + 1])
+    node = yaml.safe_load(_config_path(config).read_text())
+    for k in key.split("."):
+        node = node[k]
+    return node
+
+
+def rule_class(config: str | Path) -> type:
+    """The rule class a config trains (``model.class_path``)."""
+    module, name = config_value(config, (), "model.class_path").rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def seed_overrides(config: str | Path, seed: int) -> list[str]:
+    """``train.py`` overrides that give the initial weights, the shuffling and, for target-propagation rules, the
+    layer draws and the feedback noise of a run of ``config`` the seed ``seed``."""
+    s, cls = str(seed), rule_class(config)
+    args = ["--seed_everything", s, "--data.init_args.shuffle_seed", s]
+    if issubclass(cls, TargetPropRule):
+        args += ["--model.init_args.layer_seed", s]
+    if issubclass(cls, LearnedInverseRule):
+        args += ["--model.init_args.feedback_seed", s]
+    return args
+
+
+def quiet() -> None:
+    """Silence Lightning's info messages and warnings in a benchmark process."""
+    warnings.filterwarnings("ignore")
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    quiet()
+
+
+def run_all(fn: Callable[[tuple], dict], tasks: Sequence[tuple], jobs: int) -> Iterable[dict]:
+    """``fn(task)`` for every task, yielded as they finish: in this process for ``jobs == 1``, else in a spawn pool
+    of ``jobs`` workers with one torch thread each (``fn`` must be a module-level function)."""
+    if jobs == 1:
+        yield from map(fn, tasks)
+        return
+    with mp.get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
+        yield from pool.imap_unordered(fn, tasks)
 
 HEADER = (
     "# Results\n\nTables written by the benchmarks in `tplightning/benchmarks/`; each sits between "

@@ -29,7 +29,6 @@ import shlex
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -38,24 +37,14 @@ import torch
 
 from ..cli import main as cli_main
 from ..rules.base import DivergenceError
-from ..rules.learned import LearnedInverseRule
-from ..rules.target_prop import TargetPropRule
 from . import common
-from .student_teacher import _init_worker, _quiet, config_value
+from .common import Rule, config_value, seed_overrides
 
 __all__ = ["RULES", "THESIS", "run_args", "run_one", "render", "main"]
 
 PROG = "python -m tplightning.benchmarks.mnist"
 START, END = "<!-- mnist:start -->", "<!-- mnist:end -->"
 RUNS_TAG = "mnist:runs"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A table row: the rule's class name and its config in ``configs/``."""
-
-    name: str
-    config: str
 
 
 RULES = {
@@ -74,24 +63,10 @@ RULES = {
 THESIS = [("BP", "1.48"), ("DTP", "1.83"), ("AO-SDTP", "1.86"), ("SDTP", "2.28")]
 
 
-def _rule_class(config: str) -> type:
-    import importlib
-
-    module, name = config_value(config, (), "model.class_path").rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
-
-
 # --------------------------------------------------------------------------------------------- one run
 def run_args(config: str, seed: int, epochs: int | None = None, overrides: Sequence[str] = ()) -> list[str]:
     """The ``train.py`` arguments of one run of ``config`` with seed ``seed``."""
-    s = str(seed)
-    args = ["--config", config, "--test_on", "best", "--trainer.enable_progress_bar", "false"]
-    args += ["--seed_everything", s, "--data.init_args.shuffle_seed", s]
-    cls = _rule_class(config)
-    if issubclass(cls, TargetPropRule):
-        args += ["--model.init_args.layer_seed", s]
-    if issubclass(cls, LearnedInverseRule):
-        args += ["--model.init_args.feedback_seed", s]
+    args = ["--config", config, "--test_on", "best", "--trainer.enable_progress_bar", "false", *seed_overrides(config, seed)]
     if epochs is not None:
         args += ["--trainer.max_epochs", str(epochs)]
     loggers = config_value(config, (), "trainer.logger")
@@ -160,17 +135,6 @@ def _run_task(task: tuple) -> dict:
         return {"rule": rule, "config": config, "seed": seed, "args": run_args(*task[1:]), "test_error": None,
                 "best_val_acc": None, "best_epoch": None, "epochs_run": None, "seconds": 0.0, "seconds_per_epoch": None,
                 "diverged": False, "error": f"failed: {type(err).__name__}: {first}"}  # fmt: skip
-
-
-def run_all(tasks: Sequence[tuple], jobs: int):
-    """Results of ``tasks`` as they finish: in this process for ``jobs == 1``, else in a spawn pool."""
-    if jobs == 1:
-        yield from map(_run_task, tasks)
-        return
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
-        yield from pool.imap_unordered(_run_task, tasks)
 
 
 # --------------------------------------------------------------------------------------------- table
@@ -347,10 +311,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             print(f"{rule} seed {seed}: python train.py {shlex.join(run_args(config, seed, epochs, ov))}")
         print(f"{len(tasks)} runs")
         return []
-    _quiet()
+    common.quiet()
     results = []
     start = time.perf_counter()
-    for i, r in enumerate(run_all(tasks, args.jobs), start=1):
+    for i, r in enumerate(common.run_all(_run_task, tasks, args.jobs), start=1):
         results.append(r)
         score = r["error"] if r["test_error"] is None else f"test error {r['test_error']:.2f}% (best epoch {r['best_epoch']}/{r['epochs_run']})"
         print(f"[{i}/{len(tasks)} {time.perf_counter() - start:.0f}s] {r['rule']} seed {r['seed']}: {score} "

@@ -18,33 +18,25 @@ runs. Each table is written between ``<!-- student_teacher:NAME:start/end -->`` 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
 import math
-import multiprocessing as mp
 import os
 import platform
 import shlex
 import statistics
 import tempfile
 import time
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import yaml
 
-from ..cli import CONFIG_DIR
 from ..cli import main as cli_main
 from ..rules.base import DivergenceError
-from ..rules.learned import LearnedInverseRule
-from .common import write_block
-from ..rules.target_prop import TargetPropRule
+from .common import Rule, config_value, quiet, run_all, seed_overrides, write_block
 
 __all__ = ["Rule", "Table", "TABLES", "run_args", "run_one", "mse", "main"]
 
@@ -56,15 +48,6 @@ QUIET = [
     "--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "0",
     "--trainer.num_sanity_val_steps", "0", "--test_on", "none",
 ]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A table row: ``name``, its config in ``configs/`` and the forward learning rate (``None``: the config's)."""
-
-    name: str
-    config: str
-    lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -139,45 +122,20 @@ TABLES = {
 
 
 # --------------------------------------------------------------------------------------------- one run
-def _config_path(config: str | Path) -> Path:
-    return Path(config) if Path(config).exists() else CONFIG_DIR / config
-
-
-def config_value(config: str | Path, overrides: Sequence[str], key: str):
-    """The value of ``key`` (dotted) that a run of ``config`` with ``overrides`` uses (the last override wins)."""
-    flag = f"--{key}"
-    if flag in overrides:
-        return yaml.safe_load(overrides[len(overrides) - 1 - overrides[::-1].index(flag) + 1])
-    node = yaml.safe_load(_config_path(config).read_text())
-    for k in key.split("."):
-        node = node[k]
-    return node
-
-
 def seed_args(config: str | Path, seed: int) -> list[str]:
     """Overrides that give every random source of a run of ``config`` the seed ``seed``.
 
     The ``InitNearTeacher`` callback is replaced by passing the whole ``--trainer.callbacks`` list
     (which also drops the config's ``ModelCheckpoint``).
     """
-    cfg = yaml.safe_load(_config_path(config).read_text())
-    module, name = cfg["model"]["class_path"].rsplit(".", 1)
-    rule = getattr(importlib.import_module(module), name)
     callbacks = [
         {**cb, "init_args": {**cb.get("init_args", {}), "seed": seed}}
-        for cb in cfg["trainer"].get("callbacks", [])
+        for cb in config_value(config, (), "trainer").get("callbacks", [])
         if cb["class_path"].rsplit(".", 1)[-1] == "InitNearTeacher"
     ]
     if not callbacks:
         raise ValueError(f"{config} has no InitNearTeacher callback; it is not a student-teacher config")
-    s = str(seed)
-    args = ["--seed_everything", s, "--data.init_args.teacher_seed", s, "--data.init_args.shuffle_seed", s]
-    args += ["--trainer.callbacks", json.dumps(callbacks)]
-    if issubclass(rule, TargetPropRule):
-        args += ["--model.init_args.layer_seed", s]
-    if issubclass(rule, LearnedInverseRule):
-        args += ["--model.init_args.feedback_seed", s]
-    return args
+    return [*seed_overrides(config, seed), "--data.init_args.teacher_seed", str(seed), "--trainer.callbacks", json.dumps(callbacks)]
 
 
 def run_args(config: str | Path, seed: int, overrides: Sequence[str] = ()) -> list[str]:
@@ -220,29 +178,9 @@ def run_one(config: str | Path, seed: int, overrides: Sequence[str] = (), keep: 
 
 
 # --------------------------------------------------------------------------------------------- many runs
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-    _quiet()
-
-
 def _run_task(task: tuple[str, str, str, int, tuple[str, ...]]) -> dict:
     table, rule, config, seed, overrides = task
     return {"table": table, "rule": rule, **run_one(config, seed, overrides)}
-
-
-def run_all(tasks: Sequence[tuple], jobs: int) -> Iterable[dict]:
-    """Results of ``tasks`` as they finish: in this process for ``jobs == 1``, else in a spawn pool."""
-    if jobs == 1:
-        yield from map(_run_task, tasks)
-        return
-    with mp.get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
-        yield from pool.imap_unordered(_run_task, tasks)
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -379,10 +317,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
             print(f"[{name}] {rule} seed {seed}: python train.py {shlex.join(run_args(config, seed, overrides))}")
         print(f"{len(tasks)} runs")
         return {}
-    _quiet()
+    quiet()
     results: dict[str, list[dict]] = {name: [] for name in plan}
     start = time.perf_counter()
-    for i, r in enumerate(run_all(tasks, args.jobs), start=1):
+    for i, r in enumerate(run_all(_run_task, tasks, args.jobs), start=1):
         results[r["table"]].append(r)
         score = r["error"] if r["diverged"] else f"train {r['train_mse']:.4g} test {r['test_mse']:.4g}"
         print(f"[{i}/{len(tasks)} {time.perf_counter() - start:.0f}s] {r['table']} {r['rule']} seed {r['seed']}: "

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .. import functional as F
+
 DTYPE = torch.float64
 
 
@@ -110,27 +112,9 @@ def save_figure(fig, out: Path, name: str, dpi: int = 100) -> Path:
 def robust_gaussian(
     batch: int, rows: int, cols: int, tau: float = 0.4, gen: torch.Generator | None = None, diagonal: bool = False
 ) -> Tensor:
-    """``batch`` Gaussian ``rows x cols`` matrices with ``sigma_min * sigma_max > tau`` (section 4.2.3, method 1).
-
-    The batched form of :func:`tplightning.functional.robust_invertible_gaussian` (same test,
-    also for non-square matrices): failing matrices are redrawn until all pass. With
-    ``diagonal`` (``rows == cols``) they are diagonal, like the ``D_{s_i}`` of fig. 5.12.
-    """
-    if diagonal and rows != cols:
-        raise ValueError(f"a diagonal matrix must be square, got {rows}x{cols}")
-    M = torch.empty(batch, rows, cols, dtype=DTYPE)
-    todo = torch.arange(batch)
-    for _ in range(1000):
-        if diagonal:
-            draw = torch.diag_embed(torch.randn(len(todo), rows, generator=gen, dtype=DTYPE))
-        else:
-            draw = torch.randn(len(todo), rows, cols, generator=gen, dtype=DTYPE)
-        M[todo] = draw
-        s = torch.linalg.svdvals(draw)
-        todo = todo[s[:, 0] * s[:, -1] <= tau]
-        if len(todo) == 0:
-            return M
-    raise ValueError(f"could not draw {rows}x{cols} Gaussian matrices with sigma_min*sigma_max > {tau}")
+    """``batch`` Gaussian ``rows x cols`` float64 matrices with ``sigma_min * sigma_max > tau`` (section 4.2.3, method 1):
+    :func:`tplightning.functional.robust_invertible_gaussian` in its batched form."""
+    return F.robust_invertible_gaussian(rows, tau, generator=gen, dtype=DTYPE, batch=batch, cols=cols, diagonal=diagonal)
 
 
 def pearson(x: Tensor, y: Tensor) -> float:

@@ -38,6 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import functional as F
 from ..functional import LeakyReLU, Tanh
 from .common import DTYPE, generator, parse_args, robust_gaussian, save_figure, save_json, single_thread
 
@@ -80,20 +81,16 @@ LEAKY, TANH = LeakyReLU(0.35), Tanh()
 
 def inverse_loss_grad(Q: Tensor, W: Tensor, h: Tensor, form: str = "thesis") -> Tensor:
     """Batch-mean gradient of ``1/2 ||g(f(h_1)) - h_1||^2`` w.r.t. ``Q`` for batched ``Q (..., n1, n2)``,
-    ``W (..., n2, n1)``, ``h (..., B, n1)``.
+    ``W (..., n2, n1)``, ``h (..., B, n1)``: the library's feedback gradients, batched over draws.
 
-    ``thesis``: ``f = leaky-ReLU(W h)``, ``g = Q s^{-1}(h_2)``, the update of Alg. A.8
-    ``mean_b (g(f(h)) - h) s^{-1}(h_2)^T``; ``original``: ``f = tanh(W h)``, ``g = tanh(Q h_2)``
-    (eq. 5.46-5.47, Alg. A.9). The same expressions as
-    :meth:`tplightning.LearnedInverseRule.feedback_grads` (without ``lambda``).
+    ``thesis``: ``f = leaky-ReLU(W h)``, ``g = Q s^{-1}(h_2)``, Alg. A.8
+    (:func:`tplightning.functional.inverse_loss_grad` at ``s^{-1}(h_2) = W h``); ``original``:
+    ``f = tanh(W h)``, ``g = tanh(Q h_2)`` (eq. 5.46-5.47, Alg. A.9,
+    :func:`tplightning.functional.original_inverse_loss_grad`).
     """
-    B = h.shape[-2]
     if form == "thesis":
-        a = LEAKY.inverse(LEAKY(h @ W.transpose(-1, -2)))  # s^-1(h_2)
-        return (a @ Q.transpose(-1, -2) - h).transpose(-1, -2) @ a / B
-    h2 = TANH(h @ W.transpose(-1, -2))
-    c = h2 @ Q.transpose(-1, -2)
-    return (TANH.derivative(c) * (TANH(c) - h)).transpose(-1, -2) @ h2 / B
+        return F.inverse_loss_grad(Q, LEAKY.inverse(LEAKY(h @ W.transpose(-1, -2))), h)
+    return F.original_inverse_loss_grad(Q, TANH(h @ W.transpose(-1, -2)), h, TANH)
 
 
 def predicted_limit(W: Tensor, Gamma: Tensor, lam: float) -> Tensor | None:

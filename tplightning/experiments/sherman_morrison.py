@@ -30,17 +30,6 @@ from .common import generator, parse_args, pearson, robust_gaussian, save_figure
 NAME = "sherman_morrison"
 
 
-def robust_update(W: Tensor, W_inv: Tensor, u: Tensor, v: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched forward half of Alg. 4.1: ``(W + beta u v^T, d, beta)`` for ``W (T, n, n)``, ``u, v (T, n)``.
-
-    ``beta = 1`` where ``|1 + d| >= epsilon``, else ``1 / (epsilon - d)`` (eq. 4.80); the same as
-    :func:`tplightning.functional.robust_sherman_morrison` trial by trial.
-    """
-    d = torch.einsum("ti,tij,tj->t", v, W_inv, u)
-    beta = torch.where((1 + d).abs() < epsilon, 1 / (epsilon - d), torch.ones_like(d))
-    return W + beta[:, None, None] * u[:, :, None] * v[:, None, :], d, beta
-
-
 def run_trials(
     trials: int, n: int = 6, epsilon: float = 0.1, tau: float = 0.4, u_std: float = 1.0, seed: int = 0
 ) -> dict[str, Tensor]:
@@ -50,7 +39,8 @@ def run_trials(
     u = u_std * torch.randn(trials, n, generator=gen, dtype=W.dtype)
     v = torch.randn(trials, n, generator=gen, dtype=W.dtype)
     W_inv = torch.linalg.inv(W)
-    W_robust, d, beta = robust_update(W, W_inv, u, v, epsilon)
+    W_robust, _, beta = F.robust_sherman_morrison(W, W_inv, u, v, epsilon)  # batched over trials
+    d = torch.einsum("ti,tij,tj->t", v, W_inv, u)
     W_plain = W + u[:, :, None] * v[:, None, :]
     return {
         "W": W, "W_inv": W_inv, "u": u, "v": v, "beta": beta,

@@ -19,7 +19,7 @@ batch ``h_0 = +1, -1`` (``E[h_0^2 f(sign h_0)] = (f(+) + f(-))/2`` for ``h_0 ~ N
 makes the trajectories exact and deterministic; ``--batch B`` draws ``B`` Gaussian samples per
 step instead (the thesis' fig. 5.3 used ``B = 1``). The TP steps are the library's: targets from
 :class:`tplightning.TPEI` / :class:`tplightning.RMTPEI` (``targets_from``: ``h^_1 = W_2^{-1} h^_2``) and
-their local update (``forward_grads``, i.e. :func:`tplightning.functional.local_update`), with
+their local update (``forward_grads``: :meth:`tplightning.layers.Dense.local_grads`, i.e. :func:`tplightning.functional.local_update`), with
 forward learning rate 1 as in eq. 5.8.
 
     python -m tplightning.experiments.toy [--out DIR] [--steps N] [--batch B] [--teacher-seed S] [--seed S]

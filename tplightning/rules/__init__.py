@@ -1,11 +1,11 @@
 """Learning rules, one LightningModule family per file on the shared :class:`LearningRule` base."""
 from .backprop import BP, BPFixed
 from .base import DivergenceError, LearningRule
-from .exact import RMTPEI, RTPEI, TPEI, ExactInverseRule
+from .exact import DTPEI, RMTPEI, RTPEI, TPEI, ExactInverseRule
 from .learned import AOSDTP, DTPAI, MTP, RDTPAI, RTPAI, TPAI, LearnedInverseRule, LeeDTP, OriginalDTP, OriginalRDTP, OriginalRTP, OriginalTP
 from .target_prop import TargetPropRule
 
 __all__ = [
-    "LearningRule", "DivergenceError", "BP", "BPFixed", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI",
+    "LearningRule", "DivergenceError", "BP", "BPFixed", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI",
     "LearnedInverseRule", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP",
 ]

@@ -11,23 +11,14 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor
 
 from .. import functional as F
-from ..networks import MLP
+from ..layers import Layer, Network, build_network
+from .state import CheckpointState
 
 __all__ = ["LearningRule", "DivergenceError", "LinearDecay"]
 
 
 class DivergenceError(RuntimeError):
     """Raised when a loss becomes NaN/inf; no checkpoint is written after the bad step."""
-
-
-class _PickledGenerator:
-    def __init__(self, device: str, state: bytes):
-        self.device, self.state = device, state
-
-    def restore(self) -> torch.Generator:
-        g = torch.Generator(self.device)
-        g.set_state(torch.frombuffer(bytearray(self.state), dtype=torch.uint8))
-        return g
 
 
 class LinearDecay:
@@ -47,10 +38,13 @@ class LinearDecay:
         return 1.0 - (1.0 - self.final) * min(epoch, self.epochs - 1) / (self.epochs - 1)
 
 
-class LearningRule(pl.LightningModule):
-    """Base of all rules: an :class:`~tplightning.networks.MLP` trained with manual optimization.
+class LearningRule(CheckpointState, pl.LightningModule):
+    """Base of all rules: a :class:`~tplightning.layers.Network` trained with manual optimization.
 
-    Subclasses implement ``training_step``. The base provides the forward pass, the output loss
+    The network is given (``network``: a list of layers, or their ``{class_path, init_args}`` specs as in
+    a config) or built from ``sizes`` and the options below by
+    :func:`~tplightning.layers.build_network`, the thesis' MLP. Subclasses implement ``training_step``.
+    The base provides the forward pass, the output loss
     (per-sample ``1/2 ||h_L - y||^2`` for ``mse``, cross-entropy on logits for
     ``cross_entropy``), validation/test steps with torchmetrics, the learning-rate schedule,
     divergence checks and the bookkeeping a resumed run needs to continue identically.
@@ -72,6 +66,9 @@ class LearningRule(pl.LightningModule):
             value over ``trainer.max_epochs`` (thesis: 0.2); 1.0 keeps it constant.
         train_layers: 1-based indices of the layers whose weights learn (negative counts
             from the output, ``-1`` is the output layer); ``None`` trains all.
+        network: the layers to train instead of the MLP of ``sizes`` (e.g. a small CNN: a list of
+            :class:`~tplightning.layers.Conv2d` and :class:`~tplightning.layers.Dense`); ``sizes``,
+            ``activation``, ``negative_slope``, ``bias``, ``init_std`` and ``init`` then do not apply.
     """
 
     def __init__(
@@ -87,25 +84,29 @@ class LearningRule(pl.LightningModule):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["forward_optimizer", "feedback_optimizer"])
+        self.save_hyperparameters(ignore=["forward_optimizer", "feedback_optimizer", "network"])
         self.automatic_optimization = False
         if loss not in ("mse", "cross_entropy"):
             raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
         if not 0 < lr_final_factor <= 1:
             raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
-        self.output_dim = list(sizes)[-1]  # the model's outputs (the network may have extra units: AOSDTP)
-        self.net = MLP(self.network_sizes(list(sizes)), activation, output_activation, negative_slope, bias, init_std, init=init)
+        self.net = self.make_network(
+            sizes=sizes, activation=activation, output_activation=output_activation, negative_slope=negative_slope,
+            bias=bias, init_std=init_std, init=init, network=network,
+        )
+        if network is not None:
+            self.hparams["network"] = self.net.spec  # plain data: a checkpoint rebuilds the layers from it
+        self.output_dim = self.net.output_dim  # the model's outputs (AOSDTP's network has extra units)
         self.loss_name = loss
         self.forward_optimizer = forward_optimizer
         self.lr_final_factor = lr_final_factor
         self.train_layers = self._resolve_layers(train_layers)
-        for i, W in enumerate(self.net.weights, start=1):
+        for i, layer in enumerate(self.net.layers, start=1):
             if i not in self.train_layers:
-                W.requires_grad_(False)
-                if self.net.biases is not None:
-                    self.net.biases[i - 1].requires_grad_(False)
+                layer.requires_grad_(False)
         self._train_sums: Tensor | None = None
         self.batches_seen = 0  # training batches, saved in checkpoints (global_step counts optimizer steps)
         metrics = (
@@ -138,13 +139,12 @@ class LearningRule(pl.LightningModule):
         """The live forward weight tensors ``[W_1, ..., W_L]``, ``W_i`` of shape ``(n_i, n_{i-1})``."""
         return list(self.net.weights)
 
-    def network_sizes(self, sizes: list[int]) -> list[int]:
-        """Layer sizes of the network built for model ``sizes`` (hook: AOSDTP adds auxiliary outputs)."""
-        return sizes
+    def make_network(self, **options) -> Network:
+        """The network this rule trains (hook: AOSDTP adds its auxiliary outputs); see :func:`build_network`."""
+        return build_network(**options)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.net(x)
-        return h if h.shape[-1] == self.output_dim else h[..., : self.output_dim].contiguous()
+        return self.net(x)
 
     def load_forward_weights(self, weights: Sequence[Tensor]) -> None:
         """Overwrite ``[W_1..W_L]`` in place (e.g. a student near its teacher) and refresh derived state."""
@@ -167,7 +167,7 @@ class LearningRule(pl.LightningModule):
     # ----------------------------------------------------------------------------- losses
     def loss_from_output(self, h_L: Tensor, y: Tensor) -> Tensor:
         """Batch mean of the per-sample loss of the model's outputs (``h_L[:, :output_dim]``)."""
-        return F.per_sample_loss(h_L[..., : self.output_dim], y, self.loss_name).mean()
+        return F.per_sample_loss(self.net.model_output(h_L), y, self.loss_name).mean()
 
     def check_finite(self, loss: Tensor, activations: Sequence[Tensor]) -> None:
         """Stop with :class:`DivergenceError` naming the step and the layer when ``loss`` is NaN/inf."""
@@ -185,10 +185,9 @@ class LearningRule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- optimizers
     def forward_parameters(self) -> list[Tensor]:
-        ps = [self.net.weights[i - 1] for i in self.train_layers]
-        if self.net.biases is not None:
-            ps += [self.net.biases[i - 1] for i in self.train_layers]
-        return ps
+        """Weights of the trained layers, then their biases (the order optimizer states were saved in)."""
+        layers = [self.net.layers[i - 1] for i in self.train_layers]
+        return [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
 
     def feedback_parameters(self) -> list[Tensor]:
         return []
@@ -298,27 +297,8 @@ class LearningRule(pl.LightningModule):
         self.batches_seen += 1
 
     def extra_state(self) -> dict:
-        """State outside parameters/buffers/optimizers that a resumed run needs."""
-        return {"batches_seen": self.batches_seen}
+        return {**super().extra_state(), "batches_seen": self.batches_seen}
 
     def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
         self.batches_seen = int(state.get("batches_seen", 0))
-
-    def __getstate__(self) -> dict:
-        """Pickle generators as bytes: ddp_spawn sends the module to its workers, and a
-        ``torch.Generator``'s state tensor cannot always travel through shared memory."""
-        state = self.__dict__.copy()
-        for k, v in state.items():
-            if isinstance(v, torch.Generator):
-                state[k] = _PickledGenerator(str(v.device), bytes(v.get_state().numpy()))
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        state = {k: v.restore() if isinstance(v, _PickledGenerator) else v for k, v in state.items()}
-        super().__setstate__(state)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tplightning"] = self.extra_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.load_extra_state(checkpoint.get("tplightning", {}))

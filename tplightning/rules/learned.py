@@ -24,9 +24,9 @@ from typing import ClassVar, Literal
 
 import torch
 from pytorch_lightning.cli import OptimizerCallable
-from torch import Tensor, nn
+from torch import Tensor
 
-from .. import functional as F
+from ..target_maps import Difference, GradientTarget, OriginalInverse, Step, TargetMap, ThesisInverse, check_feedback_options
 from .target_prop import TargetPropRule
 
 __all__ = [
@@ -81,90 +81,59 @@ class LearnedInverseRule(TargetPropRule):
         feedback_seed: int = 0,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
-        if feedback_noise_std < 0 or feedback_weight_decay < 0:
-            raise ValueError(
-                f"feedback_noise_std and feedback_weight_decay must be >= 0, got {feedback_noise_std} and {feedback_weight_decay}"
-            )
         if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
             raise ValueError(
                 f"feedback_iterations must be >= 1 and feedback_pretrain_epochs >= 0, got {feedback_iterations} and {feedback_pretrain_epochs}"
             )
-        if feedback_batch_size is not None and feedback_batch_size < 1:
-            raise ValueError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {feedback_batch_size}")
-        if self.form == "thesis" and feedback_noise_std == 0:
-            raise ValueError("feedback_noise_std must be > 0 for the thesis form: Alg. A.8 learns Q from white noise of that std")
-        if feedback_init not in ("pinv", "random"):
-            raise ValueError(f"feedback_init must be 'pinv' or 'random', got {feedback_init!r}")
+        check_feedback_options(feedback_noise_std, feedback_weight_decay, feedback_init)
+        self.feedback_options = {"noise_std": feedback_noise_std, "weight_decay": feedback_weight_decay, "init": feedback_init}
         if self.form == "thesis":
-            for i in range(2, self.num_layers + 1):
-                act = self.net.activations[i - 1]
-                if i - 1 in self.feedback_layers and not act.invertible:
-                    raise ValueError(
-                        f"layer {i} activation {act!r} has no inverse, which g_{i - 1}(h) = Q s^-1(h) needs; use "
-                        "leaky_relu with negative_slope > 0, tanh or linear, or an original-form rule"
-                    )
+            self.feedback_options["batch_size"] = feedback_batch_size
+        elif feedback_batch_size is not None and feedback_batch_size < 1:
+            raise ValueError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {feedback_batch_size}")
+        super().__init__(*args, **kwargs)
         self.feedback_optimizer = feedback_optimizer
         self.feedback_noise_std, self.feedback_weight_decay = feedback_noise_std, feedback_weight_decay
         self.feedback_iterations, self.feedback_batch_size = feedback_iterations, feedback_batch_size
         self.feedback_pretrain_epochs, self.feedback_init, self.feedback_seed = feedback_pretrain_epochs, feedback_init, feedback_seed
-        sizes = self.net.sizes
-        self.feedback = nn.ParameterList(
-            [nn.Parameter(torch.randn(sizes[i], sizes[i + 1]) / sizes[i + 1] ** 0.5) for i in self.feedback_layers]
-        )
         self._noise_gen: torch.Generator | None = None
         self._noise_state: Tensor | None = None
-        if feedback_init == "pinv":
-            self.init_feedback_pinv()
 
-    # ----------------------------------------------------------------------------- structure
+    # ----------------------------------------------------------------------------- pieces
+    def make_maps(self):
+        """One learned map per hidden layer (:meth:`learned_map`), wrapped in :class:`Difference` for difference rules."""
+        maps = [self.learned_map(i) for i in range(1, self.num_layers)]
+        return [Difference(m) if self.difference and not m.direct else m for m in maps]
+
+    def learned_map(self, i: int) -> TargetMap:
+        """Layer ``i``'s map before the difference wrapper: the thesis or the original form."""
+        return (ThesisInverse if self.form == "thesis" else OriginalInverse)(**self.feedback_options)
+
     @property
     def feedback_layers(self) -> list[int]:
-        """Indices ``i`` of the feedback maps ``g_i`` this rule learns (``1..L-1``)."""
-        return list(range(1, self.num_layers))
+        """Indices ``i`` of the feedback maps ``g_i`` this rule learns."""
+        return [m.index for m in self.maps if m.feedback_parameters()]
 
     def Q(self, i: int) -> Tensor:
-        return self.feedback[i - 1]
+        return self.maps[i - 1].base.Q
 
     @property
     def feedback_weights(self) -> list[Tensor]:
         """The live feedback tensors ``[Q_1, ..., Q_{L-1}]``, ``Q_i`` of shape ``(n_i, n_{i+1})``."""
-        return list(self.feedback)
+        return [self.Q(i) for i in self.feedback_layers]
 
     def feedback_parameters(self) -> list[Tensor]:
-        return list(self.feedback)
+        return [p for m in self.maps for p in m.feedback_parameters()]
 
     @torch.no_grad()
     def init_feedback_pinv(self) -> None:
         """``Q_i = W_{i+1}^dagger`` for every feedback layer."""
         for i in self.feedback_layers:
-            W = self.net.weights[i]
-            self.Q(i).copy_(torch.linalg.pinv(W.double()).to(W.dtype))
-
-    def on_forward_weights_changed(self) -> None:
-        if self.feedback_init == "pinv":
-            self.init_feedback_pinv()
+            self.maps[i - 1].base.init_pinv()
 
     def build_optimizers(self):
         fb = self.feedback_parameters()
         return super().build_optimizers() + ([self.feedback_optimizer(fb)] if fb else [])
-
-    # ----------------------------------------------------------------------------- the map g
-    def g(self, i: int, h_next: Tensor) -> Tensor:
-        """The feedback map ``g_i`` applied to a batch of layer-``(i+1)`` activations."""
-        if self.form == "thesis":
-            a = self.net.activations[i].inverse(h_next)
-            if self.net.biases is not None:
-                a = a - self.net.biases[i]
-            return a @ self.Q(i).T
-        return self.net.activations[i - 1](h_next @ self.Q(i).T)
-
-    def propagate(self, i, h_hat_next, hs, pre):
-        if not self.difference:
-            return self.g(i, h_hat_next)
-        if self.form == "thesis":  # g is linear after s^-1: g(h^) - g(h) = Q (s^-1(h^) - a), one matmul
-            return hs[i] + (self.net.activations[i].inverse(h_hat_next) - pre[i]) @ self.Q(i).T
-        return hs[i] + self.g(i, h_hat_next) - self.g(i, hs[i + 1])
 
     # ----------------------------------------------------------------------------- feedback training
     def noise(self, shape: tuple[int, ...]) -> Tensor:
@@ -177,28 +146,12 @@ class LearnedInverseRule(TargetPropRule):
                 self._noise_state = None
         return torch.randn(shape, generator=self._noise_gen, device=self.device, dtype=self.dtype)
 
-    def feedback_grads(self, hs: list[Tensor]) -> dict[Tensor, Tensor]:
-        """Gradients of the (regularised) inverse losses for every ``Q_i`` (Alg. A.8 / A.9)."""
-        grads = {}
-        B = self.feedback_batch_size or hs[0].shape[0]
-        lam, sigma = self.feedback_weight_decay, self.feedback_noise_std
-        for i in self.feedback_layers:
-            Q = self.Q(i)
-            if self.form == "thesis":  # Alg. A.8: white noise h_i; g(f(h_i)) = Q W h_i (+ bias terms)
-                h = sigma * self.noise((B, Q.shape[0]))
-                a_next = h @ self.net.weights[i].T  # s_{i+1}^{-1}(f_{i+1}(h_i)) - b_{i+1}, (B, n_{i+1})
-                grads[Q] = ((a_next @ Q.T - h) / B).T @ a_next
-            else:  # Alg. A.9 on the current activations, noise injection of eq. 3.13
-                h = hs[i]
-                if sigma > 0:
-                    h = h + sigma * self.noise(tuple(h.shape))
-                h_next = self.net.layer(i + 1, h)[1] if sigma > 0 else hs[i + 1]
-                act = self.net.activations[i - 1]
-                c = h_next @ Q.T
-                g = act(c)
-                grads[Q] = (act.derivative(c, g) * (g - h)).T @ h_next / h.shape[0]  # s(c) evaluated once
-            if lam:
-                grads[Q] = grads[Q] + lam * Q
+    def feedback_grads(self, hs: list[Tensor], pre: list[Tensor] | None = None) -> dict[Tensor, Tensor]:
+        """Gradients of every map's (regularised) inverse loss (Alg. A.8 / A.9)."""
+        step = Step(hs, pre or [], self.target_stepsize)
+        grads: dict[Tensor, Tensor] = {}
+        for m in self.maps:
+            grads.update(m.feedback_grads(step, self.noise))
         return grads
 
     def update_feedback(self, hs, pre) -> None:
@@ -206,17 +159,17 @@ class LearnedInverseRule(TargetPropRule):
             return
         opt = self.optimizer_list()[1]
         for _ in range(self.feedback_iterations):
-            self.apply_gradients(opt, self.feedback_grads(hs))
+            self.apply_gradients(opt, self.feedback_grads(hs, pre))
 
     def training_step(self, batch, batch_idx):
         if self.current_epoch >= self.feedback_pretrain_epochs:
             return super().training_step(batch, batch_idx)
         x, y = batch  # feedback pre-training: only Q learns
         with torch.no_grad():
-            hs, _ = self.forward_pass(x)
+            hs, pre = self.forward_pass(x)
             loss = self.loss_from_output(hs[-1], y)
             self.check_finite(loss, hs)
-            self.update_feedback(hs, None)
+            self.update_feedback(hs, pre)
         self.log_train(loss, x.shape[0])
         return loss
 
@@ -290,25 +243,18 @@ class OriginalRDTP(OriginalDTP):
 class LeeDTP(OriginalDTP):
     """DTP as Lee et al. (2015) ran it (thesis 3.1.2): the penultimate layer's target is a gradient step.
 
-    ``h^_{L-1} = h_{L-1} - eta^ dl/dh_{L-1}`` replaces the feedback map between the last two layers
-    (so an output layer narrower than the one below is no obstacle); lower layers use the
-    original-form difference targets; ``Q_1..Q_{L-2}`` are trained by Alg. A.9 with noise injection.
+    ``h^_{L-1} = h_{L-1} - eta^ dl/dh_{L-1}`` (:class:`~tplightning.target_maps.GradientTarget`) replaces the feedback
+    map between the last two layers (so an output layer narrower than the one below is no obstacle); lower layers use
+    the original-form difference targets; ``Q_1..Q_{L-2}`` are trained by Alg. A.9 with noise injection.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def make_maps(self):
         if self.num_layers < 2:
             raise ValueError(f"LeeDTP needs a hidden layer (its target is a gradient step), got sizes {self.net.sizes}")
+        return super().make_maps()
 
-    @property
-    def feedback_layers(self) -> list[int]:
-        return list(range(1, self.num_layers - 1))
-
-    def top_targets(self, hs, pre, y):
-        L = self.num_layers
-        e = F.output_error(hs[L], y, self.loss_name)  # dl/dh_L, (B, n_L)
-        delta = e * self.net.activations[L - 1].derivative(pre[L - 1])  # dl/da_L
-        return {**super().top_targets(hs, pre, y), L - 1: hs[L - 1] - self.target_stepsize * delta @ self.net.weights[L - 1]}
+    def learned_map(self, i):
+        return GradientTarget() if i == self.num_layers - 1 else super().learned_map(i)
 
 
 class AOSDTP(OriginalDTP):
@@ -327,22 +273,21 @@ class AOSDTP(OriginalDTP):
     """
 
     def __init__(self, *args, aux_units: int | None = None, **kwargs):
-        self.aux_units = aux_units  # read by network_sizes during the base constructor
+        self.aux_units = aux_units  # read by make_network during the base constructor
         super().__init__(*args, **kwargs)
 
-    def network_sizes(self, sizes):
+    def make_network(self, **options):
+        sizes = list(options["sizes"])
         aux = self.aux_units if self.aux_units is not None else sizes[-2] - sizes[-1]
+        if options.get("network") is not None:
+            raise ValueError("AOSDTP builds its auxiliary output layer from sizes; with your own network use an AuxiliaryDense output layer and OriginalDTP")
         if aux < 1:
             raise ValueError(
                 f"AOSDTP needs at least one auxiliary output unit, got aux_units={self.aux_units} for sizes {sizes} "
                 "(the default adds n_{L-1} - n_L units, which needs a penultimate layer wider than the output)"
             )
         self.aux_units = aux
-        return sizes[:-1] + [sizes[-1] + aux]
-
-    def output_target(self, h_L, y):
-        o, z = h_L[:, : self.output_dim], h_L[:, self.output_dim :]
-        return torch.cat([F.output_target(o, y, self.loss_name, self.target_stepsize), z], dim=1)
+        return super().make_network(**options, aux_units=aux)
 
 
 class MTP(TPAI):

@@ -1,42 +1,48 @@
-"""The target-propagation core shared by every TP rule (thesis chapter 4, appendix A).
+"""One target-propagation rule assembled from pieces (thesis chapter 4, appendix A).
 
-One training step: forward pass -> output target ``h^_L = h_L - eta^ dl/dh_L`` (eq. 4.4) ->
-targets down the network through the rule's map ``g`` -> forward update, SGD (or any forward
-optimizer) on ``mean_b 1/2 ||h_i - h^_i||^2`` with ``h^_i`` and ``h_{i-1}`` fixed (eq. 4.12,
-Alg. A.10) -> feedback update (rules with learned inverses). Randomized rules (Alg. A.2) update
-one layer ``k`` drawn uniformly per batch; modified rules (Alg. A.1) use ``D_i^{-1}`` for ``D_i``
-and, with ``batch_norm``, normalise every layer's input over the batch and de-normalise the
-targets (Alg. A.1, A.3).
+A rule is a network (:mod:`tplightning.layers`), one target map per hidden layer
+(:mod:`tplightning.target_maps`), a layer selection (:mod:`tplightning.selection`), an update flavour
+(``D_i`` or, for the modified rules, ``D_i^{-1}``) and optionally batch-normalised layer inputs
+(:mod:`tplightning.normalization`). One training step:
+
+forward pass -> output target ``h^_L = h_L - eta^ dl/dh_L`` (eq. 4.4) -> ``h^_i`` from ``h^_{i+1}`` through each
+layer's map, top down -> forward update of the selected layers, the optimizer on the closed-form (or
+autograd) gradients of ``mean_b 1/2 ||f_i(h_{i-1}) - h^_i||^2`` (eq. 4.12, Alg. A.10), or the exact-inverse
+map's robust rank update where a map keeps ``W_{i+1}^{-1}`` -> feedback update (rules with learned maps).
+
+The thesis' names are presets that choose the pieces (``rules/exact.py``, ``rules/learned.py``).
 """
 from __future__ import annotations
 
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as F
+from ..layers import Dense
+from ..normalization import InputNormalization
+from ..selection import AllLayers, RandomLayer
+from ..target_maps import Step, TargetMap
 from .base import LearningRule
 
 __all__ = ["TargetPropRule"]
 
 
 class TargetPropRule(LearningRule):
-    """Base of the target-propagation rules; subclasses define the target map :meth:`propagate`.
+    """Base of the target-propagation rules; subclasses (presets) choose the maps in :meth:`make_maps`.
+
+    Class attributes name the pieces a preset takes: ``randomized`` (:class:`~tplightning.selection.RandomLayer`
+    instead of :class:`~tplightning.selection.AllLayers`) and ``modified`` (``D_i^{-1}`` for ``D_i``).
 
     Args:
         target_stepsize: output target step size ``eta^`` (eq. 4.4; thesis 0.1).
         layer_seed: seed of the generator that draws the layer of randomized rules. It is the same
             on every DDP replica, so all replicas update the same layer (a choice, not a reduction:
             replicas must stay identical and the draw carries no data).
-        batch_norm: Alg. A.1's batch normalisation: layer ``i`` receives
-            ``h~_{i-1} = (h_{i-1} - mu) / sigma`` (per unit, over the batch; running statistics
-            with momentum ``bn_momentum`` at evaluation); ``g_i`` inverts ``f_{i+1}`` onto ``h~_i``
-            and the target is de-normalised, ``h^_i = sigma * g_i(h^_{i+1}) + mu``. Where Alg. A.1
-            writes ``h_{k-1}`` in the update we use the normalised input ``h~_{k-1}`` the layer
-            received: the local loss depends on ``W_k`` through ``f_k(h~_{k-1})``, so this is its
-            gradient. Needs batches of at least two samples (the thesis' RMTP-EI at batch size 1
-            runs without it, section 5.1.3).
+        batch_norm: Alg. A.1's batch normalisation of every layer's input with de-normalised targets
+            (:class:`~tplightning.normalization.InputNormalization`). Needs batches of at least two samples
+            (the thesis' RMTP-EI at batch size 1 runs without it, section 5.1.3) and dense layers.
         bn_momentum: momentum of the running mean/variance.
         bn_eps: added to the variance.
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
@@ -60,88 +66,86 @@ class TargetPropRule(LearningRule):
             raise ValueError(f"target_stepsize must be > 0, got {target_stepsize}")
         self.target_stepsize = target_stepsize
         self.layer_seed = layer_seed
-        self.layer_generator = torch.Generator().manual_seed(layer_seed)
+        self.selection = RandomLayer(layer_seed) if self.randomized else AllLayers()
         self.last_layer = 0  # layer updated by the last randomized step (0: all)
+        layers = list(self.net.layers)
+        if (self.modified or batch_norm) and not all(isinstance(layer, Dense) for layer in layers):
+            kinds = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, Dense)})
+            raise ValueError(f"{'modified rules (D^-1)' if self.modified else 'batch_norm'} need dense layers, got {', '.join(kinds)}")
         self.batch_norm, self.bn_momentum, self.bn_eps = batch_norm, bn_momentum, bn_eps
-        if batch_norm:
-            for j, n in enumerate(self.net.sizes[:-1]):
-                self.register_buffer(f"running_mean_{j}", torch.zeros(n))
-                self.register_buffer(f"running_var_{j}", torch.ones(n))
+        self.normalization = InputNormalization(self.net.sizes[:-1], bn_momentum, bn_eps) if batch_norm else None
         self._bn_stats: list[tuple[Tensor, Tensor]] = []  # (mu, sigma) of each layer's input, last pass
         self._bn_inputs: list[Tensor] = []  # the normalised inputs of the last pass
         if self.modified:
             for i, act in enumerate(self.net.activations, start=1):
                 if not act.invertible:
                     raise ValueError(f"modified rules divide by D_{i}; layer {i} activation {act!r} has no inverse")
+        maps = self.make_maps()
+        if len(maps) != len(layers) - 1:
+            raise ValueError(f"{type(self).__name__} made {len(maps)} target maps for {len(layers) - 1} hidden layers")
+        self.maps = nn.ModuleList([m.bind(i, layers[i - 1], layers[i]) for i, m in enumerate(maps, start=1)])
+        self._keepers = {m.index + 1: m.base for m in self.maps if m.keeps_upper_weight}
 
-    # ----------------------------------------------------------------------------- targets
-    def propagate(self, i: int, h_hat_next: Tensor, hs: list[Tensor], pre: list[Tensor]) -> Tensor:
-        """``h^_i`` from ``h^_{i+1}``, for ``i = L-1, ..., 1``; ``hs = [h_0..h_L]``, ``pre = [a_1..a_L]``."""
+    # ----------------------------------------------------------------------------- pieces
+    def make_maps(self) -> list[TargetMap]:
+        """The target maps ``g_1, ..., g_{L-1}`` (unbound); presets define this."""
         raise NotImplementedError
 
-    def output_target(self, h_L: Tensor, y: Tensor) -> Tensor:
-        return F.output_target(h_L, y, self.loss_name, self.target_stepsize)
+    def propagate(self, i: int, h_hat_next: Tensor, hs: list[Tensor], pre: list[Tensor]) -> Tensor:
+        """``h^_i`` from ``h^_{i+1}`` through layer ``i``'s map (before batch-norm de-normalisation)."""
+        return self.maps[i - 1].target(h_hat_next, Step(hs, pre, self.target_stepsize))
 
-    def top_targets(self, hs: list[Tensor], pre: list[Tensor], y: Tensor) -> dict[int, Tensor]:
-        """Targets that do not come from :meth:`propagate`: ``{L: h^_L}`` (rules may add more)."""
-        return {self.num_layers: self.output_target(hs[-1], y)}
+    def g(self, i: int, h_next: Tensor) -> Tensor:
+        """The feedback map ``g_i`` applied to a batch of layer-``(i+1)`` activations."""
+        return self.maps[i - 1](h_next)
+
+    def on_forward_weights_changed(self) -> None:
+        for m in self.maps:
+            m.on_weights_changed()
+
+    def weight_is_acceptable(self, i: int, W: Tensor) -> bool:
+        keeper = self._keepers.get(i)
+        return keeper is None or keeper.accepts(W)
+
+    # ----------------------------------------------------------------------------- targets
+    def output_target(self, h_L: Tensor, y: Tensor) -> Tensor:
+        """``h^_L = h_L - eta^ dl/dh_L`` on the model's outputs (eq. 4.4); auxiliary units keep their values."""
+        o_hat = F.output_target(self.net.model_output(h_L), y, self.loss_name, self.target_stepsize)
+        last = self.net.layers[-1]
+        return last.output_target(o_hat, h_L) if hasattr(last, "output_target") else o_hat
 
     def targets_from(self, hs: list[Tensor], pre: list[Tensor], y: Tensor, down_to: int = 1) -> list[Tensor | None]:
         """``[h^_1, ..., h^_L]`` with entries below ``down_to`` left ``None`` (not computed)."""
         L = self.num_layers
+        step = Step(hs, pre, self.target_stepsize, lambda: F.output_error(hs[-1], y, self.loss_name))
         targets: list[Tensor | None] = [None] * L
-        for i, t in self.top_targets(hs, pre, y).items():
-            targets[i - 1] = t
+        targets[L - 1] = self.output_target(hs[-1], y)
         for i in range(L - 1, down_to - 1, -1):
-            if targets[i - 1] is None:
-                t = self.propagate(i, targets[i], hs, pre)
-                if self.batch_norm:  # g_i targets the normalised input of layer i + 1
-                    mu, sigma = self._bn_stats[i]
-                    t = sigma * t + mu
-                targets[i - 1] = t
+            m = self.maps[i - 1]
+            t = m.target(targets[i], step)
+            if self.normalization is not None and not m.direct:  # g_i targets the normalised input of layer i + 1
+                mu, sigma = self._bn_stats[i]
+                t = sigma * t + mu
+            targets[i - 1] = t
         return targets
 
     def forward_pass(self, x: Tensor, update_state: bool = True) -> tuple[list[Tensor], list[Tensor]]:
         """``([h_0..h_L], [a_1..a_L])`` of a training batch; with ``batch_norm`` the layer inputs are
         normalised and, if ``update_state``, the running statistics updated."""
-        if not self.batch_norm:
+        if self.normalization is None:
             return self.net.forward_all(x)
-        return self._normalised_pass(x, train=self.training, update=update_state)
+        hs, pre, self._bn_inputs, self._bn_stats = self.normalization.forward_all(self.net, x, self.training, update_state)
+        return hs, pre
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.batch_norm:
+        if self.normalization is None:
             return super().forward(x)
-        h = self._normalised_pass(x, train=False, update=False)[0][-1]
-        return h if h.shape[-1] == self.output_dim else h[..., : self.output_dim].contiguous()
+        hs = self.normalization.forward_all(self.net, x, train=False, update=False)[0]
+        return self.net.model_output(hs[-1]).contiguous()
 
     def layer_input(self, i: int, hs: list[Tensor]) -> Tensor:
         """The input that layer ``i`` received in :meth:`forward_pass` (``h_{i-1}``, or normalised)."""
-        return self._bn_inputs[i - 1] if self.batch_norm else hs[i - 1]
-
-    def _normalised_pass(self, x: Tensor, train: bool, update: bool) -> tuple[list[Tensor], list[Tensor]]:
-        hs, pre, self._bn_stats, self._bn_inputs = [x], [], [], []
-        for i in range(1, self.num_layers + 1):
-            h = hs[-1]
-            mean, var = getattr(self, f"running_mean_{i - 1}"), getattr(self, f"running_var_{i - 1}")
-            if train:
-                if h.shape[0] < 2:
-                    raise ValueError(f"batch_norm normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
-                mu = h.mean(0)
-                centred = h - mu
-                v = (centred * centred).mean(0)  # biased variance; reuses h - mu (torch.var's column reduction is slow on CPU)
-                if update:
-                    mean.lerp_(mu, self.bn_momentum)
-                    var.lerp_(v, self.bn_momentum)
-            else:
-                mu, v = mean, var
-                centred = h - mu
-            sigma = (v + self.bn_eps).sqrt()
-            self._bn_stats.append((mu, sigma))
-            self._bn_inputs.append(centred / sigma)
-            a, h = self.net.layer(i, self._bn_inputs[-1])
-            pre.append(a)
-            hs.append(h)
-        return hs, pre
+        return self._bn_inputs[i - 1] if self.normalization is not None else hs[i - 1]
 
     @torch.no_grad()
     def compute_targets(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -156,27 +160,39 @@ class TargetPropRule(LearningRule):
     # ----------------------------------------------------------------------------- updates
     def draw_layer(self) -> int:
         """Uniform draw from the trainable layers (Alg. A.2) with the seeded layer generator."""
-        j = int(torch.randint(len(self.train_layers), (1,), generator=self.layer_generator))
-        return self.train_layers[j]
-
-    def layer_delta(self, i: int, hs, pre, targets) -> Tensor:
-        """``D_i (h_i - h^_i)`` (``D_i^{-1}`` for modified rules), ``(B, n_i)``."""
-        d = self.net.activations[i - 1].derivative(pre[i - 1], hs[i])
-        return F.local_delta(d, hs[i], targets[i - 1], self.modified)
+        return self.selection(self.train_layers)[0]
 
     def forward_grads(self, layers: list[int], hs, pre, targets) -> dict[Tensor, Tensor]:
-        """Closed-form gradients of the local losses (eq. 4.12, :func:`~tplightning.functional.local_update`)."""
+        """``{parameter: gradient}`` of the local losses of ``layers`` (eq. 4.12; ``D^{-1}`` for modified rules),
+        each layer's :meth:`~tplightning.layers.Layer.local_grads` at the input it received."""
         grads = {}
         for i in layers:
-            delta = self.layer_delta(i, hs, pre, targets)
-            grads[self.net.weights[i - 1]] = (delta / delta.shape[0]).T @ self.layer_input(i, hs)
-            if self.net.biases is not None:
-                grads[self.net.biases[i - 1]] = delta.mean(0)
+            grads.update(self.net.layers[i - 1].local_grads(self.layer_input(i, hs), pre[i - 1], hs[i], targets[i - 1], self.modified))
         return grads
 
     def update_forward(self, layers: list[int], hs, pre, targets) -> None:
-        """Apply the forward update to ``layers`` through the forward optimizer."""
-        self.apply_gradients(self.optimizer_list()[0], self.forward_grads(layers, hs, pre, targets))
+        """Forward update of ``layers``: the optimizer on :meth:`forward_grads`, except for weights an exact-inverse
+        map keeps, which take its robust rank update (``Delta W = U V^T``, the SGD step, ``U = -lr/B D (h - h^)``,
+        ``V = h_{i-1}``; their biases still go through the optimizer)."""
+        opt = self.optimizer_list()[0]
+        grads = self.forward_grads([i for i in layers if i not in self._keepers], hs, pre, targets)
+        kept = {}
+        for i in (i for i in layers if i in self._keepers):
+            layer = self.net.layers[i - 1]
+            kept[i] = delta = layer.delta(pre[i - 1], hs[i], targets[i - 1], self.modified)  # (B, n)
+            if layer.bias is not None:
+                grads[layer.bias] = delta.mean(0)
+        if grads:
+            self.apply_gradients(opt, grads)
+        if kept:
+            lr = opt.param_groups[0]["lr"]
+            world = self.trainer.world_size if self._trainer is not None else 1
+            for i, delta in kept.items():
+                U = (-lr / (delta.shape[0] * world)) * delta.T  # (n, B): Delta W = U V^T is the SGD step
+                V = self.layer_input(i, hs).T  # (n, B)
+                if world > 1:  # the same rank-(world*B) update on every replica
+                    U, V = (torch.cat(list(self.all_gather(M)), dim=1) for M in (U, V))
+                self._keepers[i].rank_update(U, V)
 
     def update_feedback(self, hs: list[Tensor], pre: list[Tensor]) -> None:
         """Hook for rules with learned feedback weights (Alg. A.8 / A.9); nothing by default."""
@@ -187,7 +203,7 @@ class TargetPropRule(LearningRule):
             hs, pre = self.forward_pass(x)
             loss = self.loss_from_output(hs[-1], y)
             self.check_finite(loss, hs)
-            layers = [self.draw_layer()] if self.randomized else self.train_layers
+            layers = self.selection(self.train_layers)
             self.last_layer = layers[0] if self.randomized else 0
             targets = self.targets_from(hs, pre, y, down_to=min(layers))
             self.update_forward(layers, hs, pre, targets)
@@ -197,9 +213,26 @@ class TargetPropRule(LearningRule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def extra_state(self) -> dict:
-        return {**super().extra_state(), "layer_generator": self.layer_generator.get_state()}
+        return {**super().extra_state(), **self.selection.state()}
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
-        if "layer_generator" in state:
-            self.layer_generator.set_state(state["layer_generator"])
+        self.selection.load_state(state)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        _legacy_rule_keys(self, checkpoint.get("state_dict", {}))
+
+
+def _legacy_rule_keys(rule: TargetPropRule, sd: dict) -> None:
+    """Rename the keys of tplightning 0.1 checkpoints (``feedback.k``, ``W_inv_i``, ``running_mean_j``) in place."""
+    feedback = [name for m_name, m in rule.maps.named_children() for name in [f"maps.{m_name}.{n}" for n, _ in m.named_parameters()]]
+    for k, name in enumerate(feedback):
+        if f"feedback.{k}" in sd:
+            sd[name] = sd.pop(f"feedback.{k}")
+    for i in rule._keepers:
+        if f"W_inv_{i}" in sd:
+            prefix = "inner." if rule.maps[i - 2] is not rule._keepers[i] else ""
+            sd[f"maps.{i - 2}.{prefix}W_inv"] = sd.pop(f"W_inv_{i}")
+    for key in [k for k in sd if k.startswith(("running_mean_", "running_var_"))]:
+        sd[f"normalization.{key}"] = sd.pop(key)

@@ -1,0 +1,59 @@
+"""Batch normalisation of the layer inputs with de-normalised targets (thesis Alg. A.1, A.3), as a piece.
+
+Layer ``i`` receives ``h~_{i-1} = (h_{i-1} - mu) / sigma`` (per unit, over the batch; running statistics
+with momentum at evaluation). A target map inverts ``f_{i+1}`` onto ``h~_i``, so the target is
+de-normalised, ``h^_i = sigma * g_i(h^_{i+1}) + mu``. Where Alg. A.1 writes ``h_{k-1}`` in the update we
+use the normalised input ``h~_{k-1}`` the layer received: the local loss depends on ``W_k`` through
+``f_k(h~_{k-1})``, so this is its gradient.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["InputNormalization"]
+
+
+class InputNormalization(nn.Module):
+    """Running statistics of every layer's input and the normalised forward pass of a network.
+
+    Args:
+        sizes: input features of the layers, ``[n_0, ..., n_{L-1}]``.
+        momentum: of the running mean/variance.
+        eps: added to the variance.
+    """
+
+    def __init__(self, sizes: Sequence[int], momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        for j, n in enumerate(sizes):
+            self.register_buffer(f"running_mean_{j}", torch.zeros(n))
+            self.register_buffer(f"running_var_{j}", torch.ones(n))
+
+    def forward_all(self, net, x: Tensor, train: bool, update: bool):
+        """``(hs, pre, inputs, stats)``: the pass with normalised layer inputs, those inputs and ``(mu, sigma)`` per layer."""
+        hs, pre, inputs, stats = [x], [], [], []
+        for j, layer in enumerate(net.layers):
+            h = hs[-1]
+            mean, var = getattr(self, f"running_mean_{j}"), getattr(self, f"running_var_{j}")
+            if train:
+                if h.shape[0] < 2:
+                    raise ValueError(f"batch_norm normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
+                mu = h.mean(0)
+                centred = h - mu
+                v = (centred * centred).mean(0)  # biased variance; reuses h - mu (torch.var's column reduction is slow on CPU)
+                if update:
+                    mean.lerp_(mu, self.momentum)
+                    var.lerp_(v, self.momentum)
+            else:
+                mu, v = mean, var
+                centred = h - mu
+            sigma = (v + self.eps).sqrt()
+            stats.append((mu, sigma))
+            inputs.append(centred / sigma)
+            a, h = layer.forward_pre(inputs[-1])
+            pre.append(a)
+            hs.append(h)
+        return hs, pre, inputs, stats

@@ -1,0 +1,418 @@
+"""Target maps as values: ``g_i`` with its feedback parameters and its feedback-training rule (pure torch).
+
+A target map turns the target of layer ``i + 1`` into the target of layer ``i``. Each map is an
+``nn.Module`` bound to the layers below and above it (``lower = f_i``, ``upper = f_{i+1}``):
+
+* :class:`ExactInverse` ``g_i(h) = W_{i+1}^{-1} (s_{i+1}^{-1}(h) - b)`` (eq. 4.16); ``W^{-1}`` is a buffer
+  kept exact under every update of ``W_{i+1}`` by the robust Sherman-Morrison (Alg. 4.1) or Woodbury
+  update, so this map also *owns* the forward update of ``W_{i+1}`` (:attr:`keeps_upper_weight`);
+* :class:`ThesisInverse` ``g_i(h) = Q_i (s_{i+1}^{-1}(h) - b)`` (eq. 4.90 / 5.51), ``Q`` trained by Alg. A.8 on
+  white noise with the regularised inverse loss (eq. 4.97);
+* :class:`OriginalInverse` ``g_i(h) = s_i(Q_i h)`` (eq. 5.54; Bengio 2014, Lee et al. 2015), ``Q`` trained by
+  Alg. A.9 on the current activations with optional noise injection (eq. 3.13);
+* :class:`GradientTarget` ``h^_i = h_i - eta^ dl/dh_i`` for the layer below the output (Lee et al. 2015's
+  penultimate target), which needs no feedback weights;
+* :class:`Difference` wraps any of them: ``h^_i = h_i + g_i(h^_{i+1}) - g_i(h_{i+1})`` (eq. 4.101).
+
+With a dense ``f_{i+1}`` the maps and their feedback gradients are closed forms; with a convolution
+``Q`` is a transposed convolution (see :meth:`tplightning.layers.Layer.transpose`) and the feedback
+gradient comes from autograd on the same loss.
+
+A map sees one training step through a :class:`Step`: the forward pass ``[h_0..h_L]``, ``[a_1..a_L]`` and
+(for :class:`GradientTarget`) the output error ``e_L = dl/dh_L`` and ``eta^``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .layers import Dense, Layer
+
+__all__ = [
+    "Step",
+    "TargetMap",
+    "ExactInverse",
+    "ThesisInverse",
+    "OriginalInverse",
+    "GradientTarget",
+    "Difference",
+]
+
+
+@dataclass
+class Step:
+    """What a map may read of one training step: ``hs = [h_0..h_L]``, ``pre = [a_1..a_L]``; ``output_error()``
+    returns ``e_L = dl/dh_L`` (computed once, on first use) and ``target_stepsize`` is ``eta^``."""
+
+    hs: list[Tensor]
+    pre: list[Tensor]
+    target_stepsize: float = 0.0
+    error_fn: Callable[[], Tensor] | None = None
+    _error: Tensor | None = field(default=None, repr=False)
+
+    def output_error(self) -> Tensor:
+        if self._error is None:
+            if self.error_fn is None:
+                raise ValueError("this step carries no output error (no labels were given)")
+            self._error = self.error_fn()
+        return self._error
+
+
+class TargetMap(nn.Module):
+    """Base of the maps. :meth:`bind` attaches the layers; subclasses define :meth:`forward` (``g_i``)."""
+
+    #: sets the target itself rather than inverting the layer above (diagnostics: ``e^TP_i = Delta_i``)
+    direct: bool = False
+    #: the map keeps ``W_{i+1}``'s exact inverse and therefore applies ``W_{i+1}``'s update itself
+    keeps_upper_weight: bool = False
+
+    def bind(self, index: int, lower: Layer, upper: Layer) -> "TargetMap":
+        """Attach to layers ``index`` (``lower``) and ``index + 1`` (``upper``); returns ``self``."""
+        self.index = index
+        self._layers = (lower, upper)  # a tuple: the layers belong to the network, not to the map
+        self.check_layers(lower, upper)
+        return self
+
+    @property
+    def lower(self) -> Layer:
+        return self._layers[0]
+
+    @property
+    def upper(self) -> Layer:
+        return self._layers[1]
+
+    @property
+    def base(self) -> "TargetMap":
+        """The map itself (:class:`Difference` returns the map it wraps)."""
+        return self
+
+    def check_layers(self, lower: Layer, upper: Layer) -> None:
+        """Raise ``ValueError`` when the map cannot serve these layers."""
+
+    def forward(self, h_next: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _shape(self, v: Tensor) -> Tensor:
+        return v.reshape(v.shape[0], *self.lower.out_shape)
+
+    def target(self, h_hat_next: Tensor, step: Step) -> Tensor:
+        """Plain target ``h^_i = g_i(h^_{i+1})``."""
+        return self(h_hat_next)
+
+    def difference_target(self, h_hat_next: Tensor, step: Step) -> Tensor:
+        """``h_i + g_i(h^_{i+1}) - g_i(h_{i+1})`` (eq. 4.101)."""
+        i = self.index
+        return step.hs[i] + self(h_hat_next) - self(step.hs[i + 1])
+
+    def feedback_parameters(self) -> list[Tensor]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def feedback_grads(self, step: Step, noise: Callable[[tuple[int, ...]], Tensor]) -> dict[Tensor, Tensor]:
+        """``{Q: gradient}`` of this map's feedback loss for one step; empty for maps without learned weights."""
+        return {}
+
+    def on_weights_changed(self) -> None:
+        """Recompute state derived from the forward weights (they were replaced)."""
+
+
+class _LinearAfterInverse(TargetMap):
+    """``g_i(h) = M (s_{i+1}^{-1}(h) - b_{i+1})``: the exact inverse (``M = W^{-1}``) and the thesis form (``M = Q``)."""
+
+    def matrix(self) -> Tensor:
+        raise NotImplementedError
+
+    def check_layers(self, lower, upper):
+        if not upper.activation.invertible:
+            raise ValueError(
+                f"layer {self.index + 1} activation {upper.activation!r} has no inverse, which g_{self.index}(h) = M s^-1(h) needs; "
+                "use leaky_relu with negative_slope > 0, tanh or linear, or an original-form map"
+            )
+
+    def forward(self, h_next):
+        return self._shape(self.upper.transpose(self.upper.pre_output(h_next), self.matrix()))
+
+    def difference_target(self, h_hat_next, step):
+        """One matmul: ``g`` is linear after ``s^{-1}``, so ``g(h^) - g(h) = M (s^{-1}(h^) - a_{i+1})``."""
+        i = self.index
+        v = self.upper.activation.inverse(h_hat_next) - step.pre[i]
+        return step.hs[i] + self._shape(self.upper.transpose(v, self.matrix()))
+
+
+class ExactInverse(_LinearAfterInverse):
+    """``g_i(h) = W_{i+1}^{-1} s_{i+1}^{-1}(h)`` with ``W^{-1}`` kept exact (thesis 4.1, Alg. 4.1, A.4-A.6).
+
+    The map owns ``W_{i+1}``'s forward update: :meth:`rank_update` applies ``W <- W + beta U V^T`` and
+    updates ``W^{-1}`` by the robust Sherman-Morrison (rank 1) or Woodbury (rank B) formula
+    (:func:`~tplightning.functional.robust_sherman_morrison`, :func:`~tplightning.functional.robust_woodbury`).
+    Needs a square dense ``f_{i+1}`` with an invertible activation.
+
+    Args:
+        threshold: ``epsilon`` of the robust update (thesis 0.5).
+        tau_init: a weight is acceptable when ``sigma_min sigma_max > tau_init`` (section 4.2.3).
+        inverse_tolerance: the drift guard re-inverts ``W`` when the probed ``|(W W^{-1} - I) r|_inf / |r|_inf``
+            exceeds it (against the round-off of chained updates, cf. fig. 5.8).
+    """
+
+    keeps_upper_weight = True
+
+    def __init__(self, threshold: float = 0.5, tau_init: float = 0.4, inverse_tolerance: float = 1e-4):
+        super().__init__()
+        if not threshold > 0:
+            raise ValueError(f"threshold (epsilon) must be > 0, got {threshold}")
+        self.threshold, self.tau_init, self.inverse_tolerance = threshold, tau_init, inverse_tolerance
+        self.reset_stats()
+
+    def check_layers(self, lower, upper):
+        if not upper.supports_exact_inverse:
+            raise ValueError(
+                f"an exact inverse of layer {self.index + 1} ({type(upper).__name__} {upper.in_shape} -> {upper.out_shape}) "
+                "is not available: exact inverses need square dense layers; use a learned map (ThesisInverse, OriginalInverse)"
+            )
+        super().check_layers(lower, upper)
+        n = upper.weight.shape[0]
+        self.register_buffer("W_inv", torch.empty(n, n, dtype=upper.weight.dtype, device=upper.weight.device))
+        self.refresh()
+
+    def matrix(self):
+        return self.W_inv
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """``W^{-1}`` from ``W`` in float64; ``ValueError`` for a (numerically) singular ``W``."""
+        W = self.upper.weight
+        s = torch.linalg.svdvals(W.double())
+        if not bool(s[-1] > 0) or not bool(torch.isfinite(s).all()) or float(s[0] / s[-1]) > 1e12:
+            raise ValueError(f"W_{self.index + 1} is singular or numerically singular (singular values {s.tolist()})")
+        self.W_inv.copy_(torch.linalg.inv(W.double()).to(W.dtype))
+
+    def on_weights_changed(self):
+        self.refresh()
+
+    def accepts(self, W: Tensor) -> bool:
+        return F.is_robustly_invertible(W, self.tau_init)
+
+    @torch.no_grad()
+    def rank_update(self, U: Tensor, V: Tensor) -> None:
+        """``W <- W + beta U V^T`` and its exact inverse (``U, V`` of shape ``(n, B)``; ``beta`` by Alg. 4.1)."""
+        W, W_inv = self.upper.weight, self.W_inv
+        if U.shape[1] == 1:
+            W_new, inv_new, beta = F.robust_sherman_morrison(W, W_inv, U[:, 0], V[:, 0], self.threshold)
+            s_min = (1 + V[:, 0] @ W_inv @ U[:, 0]).abs()
+        else:
+            W_new, inv_new, beta, s_min = F.robust_woodbury(W, W_inv, U, V, self.threshold)
+        W.copy_(W_new)
+        W_inv.copy_(inv_new)
+        st = self.stats
+        st["updates"] += 1
+        st["clipped"] = st["clipped"].to(beta.device) + (beta < 1).float()
+        st["min_capacitance"] = torch.minimum(st["min_capacitance"].to(beta.device), s_min.float())
+
+    def reset_stats(self) -> None:
+        self.stats = {"updates": 0, "clipped": torch.zeros(()), "min_capacitance": torch.tensor(float("inf"))}
+
+    @torch.no_grad()
+    def probe_error(self, seed: int, probes: int = 4) -> Tensor:
+        """O(n^2) estimate of the drift: ``max_r |(W W^{-1} - I) r|_inf / |r|_inf`` over seeded Gaussian probes."""
+        W, W_inv = self.upper.weight, self.W_inv
+        g = torch.Generator(W.device).manual_seed(seed)
+        R = torch.randn(W.shape[0], probes, generator=g, device=W.device, dtype=W.dtype)
+        return ((W @ (W_inv @ R) - R).abs().amax(0) / R.abs().amax(0)).max()
+
+    @torch.no_grad()
+    def sigma_min(self, iterations: int = 8) -> Tensor:
+        """O(n^2) estimate of ``sigma_min(W) = 1/||W^{-1}||_2`` by power iteration on ``W^{-1}``."""
+        v = torch.ones(self.W_inv.shape[1], device=self.W_inv.device, dtype=self.W_inv.dtype)
+        for _ in range(iterations):
+            v = self.W_inv.T @ (self.W_inv @ v)
+            v = v / v.norm()
+        return 1 / (self.W_inv @ v).norm()
+
+    @torch.no_grad()
+    def guard(self, seed: int) -> tuple[dict[str, Tensor], bool]:
+        """Drift guard and O(n^2) diagnostics: ``(logs, reinverted)``; re-inverts (O(n^3), rare) past the tolerance."""
+        i = self.index + 1
+        err = self.probe_error(seed)
+        logs = {f"inverse/error_{i}": err, f"inverse/sigma_min_{i}": self.sigma_min()}
+        if self.stats["updates"]:
+            logs[f"inverse/clipped_fraction_{i}"] = self.stats["clipped"] / self.stats["updates"]
+            logs[f"inverse/min_capacitance_{i}"] = self.stats["min_capacitance"]
+        reinvert = float(err) > self.inverse_tolerance
+        if reinvert:
+            W = self.upper.weight
+            self.W_inv.copy_(torch.linalg.inv(W.double()).to(W.dtype))
+        self.reset_stats()
+        return logs, reinvert
+
+
+def check_feedback_options(noise_std: float, weight_decay: float, init: str) -> None:
+    """``ValueError`` for a negative noise std or weight decay, or an unknown initialisation."""
+    if noise_std < 0 or weight_decay < 0:
+        raise ValueError(f"feedback_noise_std and feedback_weight_decay must be >= 0, got {noise_std} and {weight_decay}")
+    if init not in ("pinv", "random"):
+        raise ValueError(f"feedback_init must be 'pinv' or 'random', got {init!r}")
+
+
+class _LearnedMap(TargetMap):
+    """Shared parts of the learned maps: ``Q`` (shape of ``f_{i+1}``'s transpose), its initialisation and loss options.
+
+    Args:
+        noise_std: ``sigma`` of Alg. A.8's white noise (thesis form) or of eq. 3.13's noise injection (original form).
+        weight_decay: ``lambda`` of the regularised inverse loss (eq. 4.97): the gradient gains ``lambda Q``.
+        init: ``pinv`` (``Q = W_{i+1}^dagger``, the thesis' experiments, section 5.2.2; the adjoint ``W^T`` for
+            convolutions) or ``random`` (Gaussian, std ``1/sqrt(fan-in)``).
+    """
+
+    def __init__(self, noise_std: float = 1.0, weight_decay: float = 0.0, init: str = "pinv"):
+        super().__init__()
+        check_feedback_options(noise_std, weight_decay, init)
+        self.noise_std, self.weight_decay, self.init = noise_std, weight_decay, init
+
+    def check_layers(self, lower, upper):
+        super().check_layers(lower, upper)
+        shape = upper.feedback_shape()
+        self.Q = nn.Parameter(torch.randn(*shape) / upper.feedback_fan_in**0.5)
+        if self.init == "pinv":
+            self.init_pinv()
+
+    def matrix(self):
+        return self.Q
+
+    @torch.no_grad()
+    def init_pinv(self) -> None:
+        self.Q.copy_(self.upper.pseudo_inverse())
+
+    def on_weights_changed(self):
+        if self.init == "pinv":
+            self.init_pinv()
+
+    def _decayed(self, grad: Tensor) -> dict[Tensor, Tensor]:
+        return {self.Q: grad + self.weight_decay * self.Q if self.weight_decay else grad}
+
+    def _autograd(self, loss_of_Q: Callable[[Tensor], Tensor]) -> Tensor:
+        with torch.enable_grad():
+            Q = self.Q.detach().requires_grad_(True)
+            return torch.autograd.grad(loss_of_Q(Q), Q)[0]
+
+
+class ThesisInverse(_LearnedMap, _LinearAfterInverse):
+    """``g_i(h) = Q_i s_{i+1}^{-1}(h)`` (eq. 4.90), ``Q`` trained on white noise by Alg. A.8.
+
+    Alg. A.8 draws ``h_i ~ N(0, sigma^2 I)`` and minimises ``mean_b 1/2 ||g_i(f_{i+1}(h_i)) - h_i||^2`` (+ ``lambda/2 ||Q||^2``,
+    eq. 4.97), whose minimiser is ``W^T (W W^T + lambda/sigma^2 I)^{-1}`` (theorem 4.7). ``g(f(h)) = Q W h``, so the
+    gradient is :func:`~tplightning.functional.inverse_loss_grad`.
+
+    Args:
+        batch_size: noise samples per update (``None``: the training batch size).
+        **kwargs: see :class:`_LearnedMap`.
+    """
+
+    def __init__(self, noise_std: float = 1.0, weight_decay: float = 0.0, init: str = "pinv", batch_size: int | None = None):
+        super().__init__(noise_std, weight_decay, init)
+        if not noise_std > 0:
+            raise ValueError("feedback_noise_std must be > 0 for the thesis form: Alg. A.8 learns Q from white noise of that std")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {batch_size}")
+        self.batch_size = batch_size
+
+    def feedback_grads(self, step, noise):
+        B = self.batch_size or step.hs[0].shape[0]
+        h = self.noise_std * noise((B, *self.lower.out_shape))
+        a_next = self.upper.linear_out(h)  # s^-1(f_{i+1}(h)) - b = W h
+        if isinstance(self.upper, Dense):
+            return self._decayed(F.inverse_loss_grad(self.Q, a_next, h.flatten(1)))
+        return self._decayed(self._autograd(lambda Q: 0.5 * (self._shape(self.upper.transpose(a_next, Q)) - h).pow(2).sum() / B))
+
+
+class OriginalInverse(_LearnedMap):
+    """``g_i(h) = s_i(Q_i h)`` (eq. 5.54), ``Q`` trained by Alg. A.9 on the current activations.
+
+    Alg. A.9 minimises ``mean_b 1/2 ||g_i(f_{i+1}(h_i)) - h_i||^2`` at the layer's activations, here with the noise
+    injection of eq. 3.13 (``h_i + sigma eps``; ``sigma = 0`` disables it). Any activation works (no inverse needed).
+    """
+
+    def forward(self, h_next):
+        return self.lower.activation(self._shape(self.upper.transpose(h_next, self.Q)))
+
+    def feedback_grads(self, step, noise):
+        i, h = self.index, step.hs[self.index]
+        if self.noise_std > 0:
+            h = h + self.noise_std * noise(tuple(h.shape))
+        h_next = self.upper(h) if self.noise_std > 0 else step.hs[i + 1]
+        if isinstance(self.upper, Dense):
+            return self._decayed(F.original_inverse_loss_grad(self.Q, h_next, h.flatten(1), self.lower.activation))
+        act = self.lower.activation
+        return self._decayed(self._autograd(lambda Q: 0.5 * (act(self._shape(self.upper.transpose(h_next, Q))) - h).pow(2).sum() / h.shape[0]))
+
+
+class GradientTarget(TargetMap):
+    """``h^_i = h_i - eta^ dl/dh_i``: the gradient target Lee et al. (2015) give the layer below the output (thesis 3.1.2).
+
+    Only for ``i = L - 1``; ``dl/dh_{L-1} = W_L^T D_{s_L} e_L`` in closed form for a dense output layer, by
+    autograd otherwise. An output layer narrower than the one below is no obstacle (nothing is inverted).
+    """
+
+    direct = True
+
+    def target(self, h_hat_next, step):
+        i = self.index
+        if i != len(step.hs) - 2:
+            raise ValueError(f"GradientTarget serves the layer below the output, not layer {i} of {len(step.hs) - 1}")
+        e = step.output_error()
+        if isinstance(self.upper, Dense):
+            delta = e * self.upper.activation.derivative(step.pre[i])  # dl/da_L
+            return step.hs[i] - step.target_stepsize * delta @ self.upper.full_weight()
+        with torch.enable_grad():
+            h = step.hs[i].detach().requires_grad_(True)
+            grad = torch.autograd.grad(self.upper(h), h, grad_outputs=e)[0]
+        return step.hs[i] - step.target_stepsize * grad
+
+    difference_target = target
+
+    def forward(self, h_next):
+        raise ValueError("GradientTarget has no feedback map g: it sets the target from the loss gradient")
+
+
+class Difference(TargetMap):
+    """Difference target propagation (eq. 4.101) on any map: ``h^_i = h_i + g_i(h^_{i+1}) - g_i(h_{i+1})``.
+
+    The correction ``h_i - g_i(h_{i+1})`` cancels the map's reconstruction error; with an exact inverse it vanishes up
+    to float error (``g_i(h_{i+1}) = h_i``).
+    """
+
+    def __init__(self, inner: TargetMap):
+        super().__init__()
+        if isinstance(inner, Difference):
+            raise ValueError("Difference(Difference(map)) is the same as Difference(map); wrap the map once")
+        self.inner = inner
+
+    def bind(self, index, lower, upper):
+        self.inner.bind(index, lower, upper)
+        return super().bind(index, lower, upper)
+
+    @property
+    def base(self):
+        return self.inner
+
+    @property
+    def direct(self):  # type: ignore[override]
+        return self.inner.direct
+
+    @property
+    def keeps_upper_weight(self):  # type: ignore[override]
+        return self.inner.keeps_upper_weight
+
+    def forward(self, h_next):
+        return self.inner(h_next)
+
+    def target(self, h_hat_next, step):
+        return self.inner.difference_target(h_hat_next, step)
+
+    def feedback_grads(self, step, noise):
+        return self.inner.feedback_grads(step, noise)
+
+    def on_weights_changed(self):
+        self.inner.on_weights_changed()
