@@ -25,6 +25,8 @@ def test_speed_benchmark_writes_tables(tmp_path):
     assert len(rows) == 2  # one per batch size, with an exponent in the last cell
     assert all(math.isfinite(float(row.rstrip(" |").rsplit("|", 1)[1])) for row in rows)
     assert "re-inverting W each step" in text
+    assert "<!-- speed:cnn:cpu:start -->" in text and {r["rule"] for r in res["cnn"]} == set(speed.CNN_RULES)
+    assert "Conv2d(input_shape [1, 28, 28]" in text
 
 
 def test_exponent_recovers_a_power_law():
@@ -47,7 +49,7 @@ def test_paired_ratios_cancel_a_drifting_machine(monkeypatch):
     # the host slows down round after round; BP and the rule timed back to back share each round's speed
     calls = []
 
-    def fake_measure(name, sizes, batch, steps, warmup, device, classification):
+    def fake_measure(name, sizes, batch, steps, warmup, device, classification, network=None):
         calls.append(name)
         speed_of_round = 1.0 + (len(calls) - 1) // 5  # per round: BP alone, then the pairs BP+DTPAI, BP+OriginalTP
         base = {"BP": 10.0, "DTPAI": 15.0, "OriginalTP": 22.0}[name]

@@ -56,8 +56,12 @@ RULES = {
         Rule("LeeDTP", "mnist/lee_dtp.yaml"),
         Rule("OriginalDTP", "mnist/original_dtp.yaml"),
         Rule("AOSDTP", "mnist/ao_sdtp.yaml"),
+        Rule("CNN-BP", "mnist/cnn_bp.yaml"),
+        Rule("CNN-LeeDTP", "mnist/cnn_lee_dtp.yaml"),
     ]
 }
+#: rows of the convolutional network (configs/mnist/cnn_*.yaml), rendered as a table of their own
+CNN = ("CNN-BP", "CNN-LeeDTP")
 
 #: thesis table 3.1 (from Bartunov et al. 2018): test error %, Adam, best of 500 epochs.
 THESIS = [("BP", "1.48"), ("DTP", "1.83"), ("AO-SDTP", "1.86"), ("SDTP", "2.28")]
@@ -157,6 +161,9 @@ def hyper_parameters(config: str, overrides: Sequence[str] = ()) -> str:
     act = get("model.init_args.activation", "leaky_relu")
     slope = get("model.init_args.negative_slope", 0.35)
     parts = [f"{act}{f' {slope:g}' if act == 'leaky_relu' else ''}, init {get('model.init_args.init', 'gaussian')}"]
+    if (network := get("model.init_args.network")) is not None:  # the layers name their own activation and init
+        parts = [f"{len(network)} layers ({', '.join(spec['class_path'].rsplit('.', 1)[-1] for spec in network)}), "
+                 f"{network[0]['init_args'].get('activation', 'tanh')}, init {network[0]['init_args'].get('init', 'gaussian')}"]
     parts.append(f"fwd {opt('forward_optimizer')}")
     if (fb := opt("feedback_optimizer")) is not None:
         parts.append(f"fb {fb}")
@@ -188,8 +195,7 @@ def command(rule: str, epochs: int | None, seeds: Sequence[int], extra: Sequence
     return f"{PROG} {shlex.join(parts)}"
 
 
-def render(records: Sequence[dict]) -> str:
-    """The Markdown block (without markers) of the per-rule records, plus the records as a comment."""
+def _rows(records: Sequence[dict]) -> list[str]:
     rows = []
     for rec in records:
         runs = rec["runs"]
@@ -206,7 +212,32 @@ def render(records: Sequence[dict]) -> str:
         rows.append((key, f"| {rec['rule']} | `configs/{rec['config']}` | {err} | {best} | {_fmt(spe, 1)} s | {seeds} | "
                           f"{rec['hparams']} | `{rec['command']}` | {rec['date']}, {rec['machine']} |"))  # fmt: skip
     rows.sort(key=lambda kv: kv[0])
+    return [row for _, row in rows]
+
+
+HEAD = [
+    "| rule | config | test error % (best val epoch) | best epoch / epochs run | time per epoch | seed(s) | "
+    "optimizer and hyper-parameters | command | run |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def render(records: Sequence[dict]) -> str:
+    """The Markdown block (without markers) of the per-rule records, plus the records as a comment."""
+    fc = [rec for rec in records if rec["rule"] not in CNN]
+    cnn = [rec for rec in records if rec["rule"] in CNN]
     payload = json.dumps(list(records), separators=(",", ":"))
+    cnn_table = [
+        "",
+        "### MNIST, a small convolutional network (`configs/mnist/cnn_*.yaml`)",
+        "",
+        "conv 5x5 1->16 + 2x2 max-pool, conv 5x5 16->32 + 2x2 max-pool, dense 1568->256, dense 256->10, tanh, biases, "
+        "orthogonal initial weights; AdamW 1e-3 to 5 % over 10 epochs; same split, batch and scoring as above. "
+        "LeeDTP's convolutions learn from difference targets through learned transposed convolutions.",
+        "",
+        *HEAD,
+        *_rows(cnn),
+    ] if cnn else []
     return "\n".join([
         "### MNIST, fully connected 784-256-256-256-256-256-10 (thesis table 3.1, Bartunov et al. 2018)",
         "",
@@ -216,16 +247,15 @@ def render(records: Sequence[dict]) -> str:
         "validation-accuracy epoch. Time per epoch: wall time of the run (training, validation and the final test) "
         "divided by the epochs run. Rows sorted by test error; one row per rule, from the latest run of that rule.",
         "",
-        "| rule | config | test error % (best val epoch) | best epoch / epochs run | time per epoch | seed(s) | "
-        "optimizer and hyper-parameters | command | run |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *(row for _, row in rows),
+        *HEAD,
+        *_rows(fc),
         "",
         "Thesis table 3.1 (numbers of Bartunov et al. 2018 as quoted in the thesis; Adam, best of 500 epochs):",
         "",
         "| rule (thesis) | test error % |",
         "|---|---|",
         *(f"| {n} | {e} |" for n, e in THESIS),
+        *cnn_table,
         "",
         f"<!-- {RUNS_TAG} {payload} -->",
     ])  # fmt: skip

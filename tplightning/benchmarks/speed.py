@@ -9,7 +9,8 @@
   batch 1 (Sherman-Morrison) and batch 32 (Woodbury), against BP at the same size and against
   re-inverting every ``W`` each step (O(n^3)); a log-log fit gives the scaling exponent of the
   step time in n;
-* (c) memory: the peak GPU allocation on CUDA; on CPU the bytes of the rule's state
+* (c) the small CNN of ``configs/mnist/cnn_bp.yaml`` (BP, LeeDTP, OriginalDTP, DTP-AI), paired with BP as in (a);
+* (d) memory: the peak GPU allocation on CUDA; on CPU the bytes of the rule's state
   (parameters, buffers, optimizer state).
 
 Each figure is printed as a ratio to BP; in (a) every rule is timed right after a BP run and the
@@ -31,22 +32,31 @@ import pytorch_lightning as pl
 import torch
 
 import tplightning as tp
-from tplightning.benchmarks.common import machine, write_block
+from tplightning.benchmarks.common import config_value, machine, write_block
 from tplightning.data.base import TensorData, TensorDataModule
 
 PROG = "python -m tplightning.benchmarks.speed"
 MNIST_RULES = ["BP", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP",
                "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP"]  # fmt: skip
 EXACT_RULES = ["BP", "TPEI", "RTPEI", "RMTPEI", "TPEIReinvert"]
+CNN_RULES = ["BP", "LeeDTP", "OriginalDTP", "DTPAI"]
+CNN_CONFIG = "mnist/cnn_bp.yaml"  # the network of the CNN configs
+
+
+class ReinvertingInverse(tp.target_maps.ExactInverse):
+    """An exact-inverse map that recomputes ``W^{-1}`` from scratch after every update: the O(n^3) baseline."""
+
+    @torch.no_grad()
+    def rank_update(self, U, V):
+        self.upper.weight.add_(U @ V.T)
+        self.W_inv.copy_(torch.linalg.inv(self.upper.weight))
 
 
 class TPEIReinvert(tp.TPEI):
-    """TP-EI that recomputes every ``W^{-1}`` from scratch each step: the O(n^3) baseline."""
+    """TP-EI on :class:`ReinvertingInverse` maps."""
 
-    def _robust_update(self, i, U, V):
-        W = self.net.weights[i - 1]
-        W.add_(U @ V.T)
-        self.inverse(i).copy_(torch.linalg.inv(W))
+    def make_maps(self):
+        return [ReinvertingInverse(m.threshold, m.tau_init, m.inverse_tolerance) for m in super().make_maps()]
 
 
 class SyntheticData(TensorDataModule):
@@ -85,11 +95,13 @@ class StepTimer(pl.Callback):
         self.step.append(time.perf_counter() - self._t0)
 
 
-def build(name: str, sizes: list[int], classification: bool, **kw):
+def build(name: str, sizes: list[int], classification: bool, network: list[dict] | None = None, **kw):
+    """The rule ``name`` on the MLP of ``sizes``, or on ``network`` (layer specs) when given."""
     cls = TPEIReinvert if name == "TPEIReinvert" else getattr(tp, name)
     # orthogonal initial weights, as the MNIST configs: square Gaussian layers are ill-conditioned (their inverses blow
     # the targets up), and Gaussian matrices of large n rarely pass the exact rules' tau_init = 0.4 (section 4.2.3)
-    args = dict(sizes=sizes, init="orthogonal", forward_optimizer=functools.partial(torch.optim.SGD, lr=1e-4), lr_final_factor=1.0, **kw)
+    args = dict(init="orthogonal", forward_optimizer=functools.partial(torch.optim.SGD, lr=1e-4), lr_final_factor=1.0, **kw)
+    args.update(network=network) if network is not None else args.update(sizes=sizes)
     if classification:  # MTP divides by D = tanh', unbounded when tanh saturates: leaky-ReLU for it
         args.update(activation="leaky_relu" if name == "MTP" else "tanh", loss="cross_entropy")
     if issubclass(cls, tp.LearnedInverseRule):
@@ -104,10 +116,11 @@ def state_bytes(rule, trainer) -> int:
     return n
 
 
-def measure(name: str, sizes: list[int], batch: int, steps: int, warmup: int, device: torch.device, classification: bool) -> dict:
+def measure(name: str, sizes: list[int], batch: int, steps: int, warmup: int, device: torch.device, classification: bool,
+            network: list[dict] | None = None) -> dict:
     """Median seconds per batch (loop included) and per ``training_step``, and memory."""
     pl.seed_everything(0, verbose=False)
-    rule = build(name, sizes, classification)
+    rule = build(name, sizes, classification, network)
     dm = SyntheticData(sizes[0], sizes[-1], batch * (steps + warmup), batch, "classification" if classification else "regression")
     timer = StepTimer(device)
     trainer = pl.Trainer(
@@ -145,7 +158,7 @@ def best_of(repeats: int, runs: list[tuple[str, list[int], int]], args, device, 
     return [best[k] for k in range(len(runs))]
 
 
-def paired_with_bp(repeats: int, names: list[str], sizes: list[int], batch: int, args, device) -> list[dict]:
+def paired_with_bp(repeats: int, names: list[str], sizes: list[int], batch: int, args, device, network: list[dict] | None = None) -> list[dict]:
     """Each rule timed right after a BP run, ``repeats`` rounds; ratios are medians of the paired ratios.
 
     The machine's speed drifts by 20 % and more over a minute on a shared host, so a ratio of two
@@ -158,8 +171,8 @@ def paired_with_bp(repeats: int, names: list[str], sizes: list[int], batch: int,
     rows = {}
     for round_ in range(repeats):
         for name in names:
-            bp = measure("BP", sizes, batch, args.steps, args.warmup, device, True)
-            r = measure(name, sizes, batch, args.steps, args.warmup, device, True) if name != "BP" else bp
+            bp = measure("BP", sizes, batch, args.steps, args.warmup, device, True, network)
+            r = measure(name, sizes, batch, args.steps, args.warmup, device, True, network) if name != "BP" else bp
             bp_runs.append(bp)
             rows.setdefault(name, []).append((r, r["step_s"] / bp["step_s"], r["batch_s"] / bp["batch_s"]))
             print(f"round {round_} {name:14s} {_ms(r['step_s'])} ms/step, BP just before {_ms(bp['step_s'])} ms/step: "
@@ -228,7 +241,7 @@ def exact_table(results: list[dict], widths: list[int], batches: list[int]) -> s
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["mnist", "exact", "all"], default="all")
+    p.add_argument("--part", choices=["mnist", "cnn", "exact", "all"], default="all")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=30, help="measured steps per rule (median)")
     p.add_argument("--warmup", type=int, default=5)
@@ -243,7 +256,7 @@ def parse_args(argv=None):
 
 def command(args) -> str:
     parts = [PROG, "--part", args.part, "--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    if args.part != "mnist":
+    if args.part in ("exact", "all"):
         parts += ["--widths", *map(str, args.widths), "--batches", *map(str, args.batches)]
     if args.rules:
         parts += ["--rules", *args.rules]
@@ -273,6 +286,16 @@ def _run(args, device) -> dict:
                 f"× BP is the median over rounds of these paired ratios (the host's speed drifts), ms are medians over rounds.\n\n{mnist_table(res, device, args.steps)}\n\n"
                 f"Command: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
         write_block(args.out, f"speed:mnist:{tag}", body)
+    if args.part in ("cnn", "all"):
+        network = config_value(CNN_CONFIG, (), "model.init_args.network")
+        res = paired_with_bp(args.repeats, CNN_RULES, [784, 10], 128, args, device, network)
+        out["cnn"] = res
+        layers = ", ".join(f"{spec['class_path'].rsplit('.', 1)[-1]}({', '.join(f'{k} {v}' for k, v in spec['init_args'].items() if k != 'init')})" for spec in network)
+        body = (f"### Step time on a small CNN ({tag})\n\nThe network of `configs/{CNN_CONFIG}`: {layers}; orthogonal initial weights, "
+                f"SGD lr 1e-4, the rules' defaults otherwise, cross-entropy, batch 128, median of {args.steps} steps after "
+                f"{args.warmup} warm-up steps, paired with BP as above ({args.repeats} rounds).\n\n{mnist_table(res, device, args.steps)}\n\n"
+                f"Command: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
+        write_block(args.out, f"speed:cnn:{tag}", body)
     if args.part in ("exact", "all"):
         runs = [(name, [n] * 4, b) for b in args.batches for n in args.widths for name in EXACT_RULES]
         res = best_of(args.repeats, runs, args, device, False)
