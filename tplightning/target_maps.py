@@ -274,7 +274,8 @@ class _LearnedMap(TargetMap):
     def check_layers(self, lower, upper):
         super().check_layers(lower, upper)
         shape = upper.feedback_shape()
-        self.Q = nn.Parameter(torch.randn(*shape) / upper.feedback_fan_in**0.5)
+        W = upper.weight
+        self.Q = nn.Parameter(torch.randn(*shape, dtype=W.dtype, device=W.device) / upper.feedback_fan_in**0.5)
         if self.init == "pinv":
             self.init_pinv()
 
