@@ -77,19 +77,21 @@ def test_toy_main_writes_figure_and_json(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_inverse_loss_grad_is_the_library_feedback_update():
-    torch.manual_seed(0)
-    rule = tp.TPAI(sizes=[5, 5, 3], output_activation="leaky_relu", feedback_batch_size=4, feedback_seed=7).double()
-    hs, _ = rule.net.forward_all(torch.randn(4, 5, dtype=DTYPE))
-    (Q,) = rule.feedback_weights
-    expected = rule.feedback_grads(hs)[Q]
-    h = torch.randn(4, 5, generator=torch.Generator().manual_seed(7), dtype=DTYPE)  # the rule's noise (Alg. A.8)
-    torch.testing.assert_close(pseudo_inverse.inverse_loss_grad(Q.detach(), rule.forward_weights[1].detach(), h), expected)
-    rule = tp.OriginalTP(sizes=[5, 5, 3], activation="tanh", output_activation="tanh", feedback_noise_std=0.0).double()
-    hs, _ = rule.net.forward_all(torch.randn(4, 5, dtype=DTYPE))
-    (Q,) = rule.feedback_weights
-    got = pseudo_inverse.inverse_loss_grad(Q.detach(), rule.forward_weights[1].detach(), hs[1].detach(), "original")
-    torch.testing.assert_close(got, rule.feedback_grads(hs)[Q])
+@pytest.mark.parametrize("form", ["thesis", "original"])
+def test_inverse_loss_grad_is_autograd_of_the_inverse_loss(form):
+    """The batched feedback gradient the figures use is the gradient of mean_b 1/2 ||g(f(h)) - h||^2 per draw."""
+    gen = generator(0)
+    Q, W = torch.randn(3, 4, 5, generator=gen, dtype=DTYPE), torch.randn(3, 5, 4, generator=gen, dtype=DTYPE)
+    h = torch.randn(3, 6, 4, generator=gen, dtype=DTYPE)
+    Qr = Q.clone().requires_grad_(True)
+    if form == "thesis":  # f = leaky-ReLU(W h), g = Q s^-1
+        s = lambda a: torch.nn.functional.leaky_relu(a, 0.35)  # noqa: E731
+        s_inv = lambda a: torch.where(a >= 0, a, a / 0.35)  # noqa: E731
+        rec = s_inv(s(h @ W.transpose(-1, -2))) @ Qr.transpose(-1, -2)
+    else:  # f = tanh(W h), g = tanh(Q h_2)
+        rec = torch.tanh(torch.tanh(h @ W.transpose(-1, -2)) @ Qr.transpose(-1, -2))
+    loss = 0.5 * (rec - h).pow(2).sum(-1).mean(-1).sum()  # summed over the independent draws
+    torch.testing.assert_close(pseudo_inverse.inverse_loss_grad(Q, W, h, form), torch.autograd.grad(loss, Qr)[0])
 
 
 def test_predicted_limits_are_theorems_4_6_and_4_7():

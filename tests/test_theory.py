@@ -65,10 +65,13 @@ def test_batched_robust_update_is_algorithm_4_1():
     r = sherman_morrison.run_trials(4000, n=5, seed=3)
     clipped = torch.nonzero(r["abs_denom"] < 0.1).flatten()
     assert len(clipped) > 10
-    for t in torch.cat([clipped[:20], torch.arange(20)]):
-        W_new, W_inv_new, beta = F.robust_sherman_morrison(r["W"][t], r["W_inv"][t], r["u"][t], r["v"][t], 0.1)
-        torch.testing.assert_close(r["W_robust"][t], W_new, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(r["beta"][t], beta)
+    for t in torch.cat([clipped[:20], torch.arange(20)]):  # Alg. 4.1 written out, d by a linear solve
+        W, u, v = r["W"][t], r["u"][t], r["v"][t]
+        d = v @ torch.linalg.solve(W, u)
+        beta = 1 / (0.1 - d) if abs(1 + d) < 0.1 else torch.ones(())
+        torch.testing.assert_close(r["W_robust"][t], W + beta * torch.outer(u, v), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(r["beta"][t], beta.to(DTYPE))
+        W_new, W_inv_new, _ = F.robust_sherman_morrison(W, r["W_inv"][t], u, v, 0.1)
         torch.testing.assert_close(W_new @ W_inv_new, torch.eye(5, dtype=DTYPE), rtol=0, atol=1e-8)
 
 
