@@ -21,6 +21,8 @@ SGD = functools.partial(torch.optim.SGD, lr=0.01)
 RULES: dict[str, tuple[type, dict]] = {
     "BP": (tp.BP, {}),
     "BPFixed": (tp.BPFixed, {}),
+    "FA": (tp.FA, {}),
+    "DFA": (tp.DFA, {}),
     "TPEI": (tp.TPEI, {}),
     "DTPEI": (tp.DTPEI, {}),
     "RTPEI": (tp.RTPEI, {}),

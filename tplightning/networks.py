@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from .layers import Network, check_sizes, dense_stack
 
 __all__ = ["MLP", "check_sizes"]
@@ -35,16 +33,5 @@ class MLP(Network):
         aux_units: AO-SDTP's fixed auxiliary output units (0: none).
     """
 
-    def __init__(
-        self,
-        sizes: Sequence[int],
-        activation: str = "leaky_relu",
-        output_activation: str = "linear",
-        negative_slope: float = 0.35,
-        bias: bool = False,
-        init_std: float | None = None,
-        generator: torch.Generator | None = None,
-        init: str = "gaussian",
-        aux_units: int = 0,
-    ):
-        super().__init__(dense_stack(sizes, activation, output_activation, negative_slope, bias, init_std, generator, init, aux_units))
+    def __init__(self, sizes: Sequence[int], *args, **kwargs):
+        super().__init__(dense_stack(sizes, *args, **kwargs))

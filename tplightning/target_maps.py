@@ -39,6 +39,8 @@ __all__ = [
     "ThesisInverse",
     "OriginalInverse",
     "GradientTarget",
+    "FeedbackAlignment",
+    "DirectFeedback",
     "Difference",
 ]
 
@@ -52,6 +54,7 @@ class Step:
     pre: list[Tensor]
     target_stepsize: float = 0.0
     error_fn: Callable[[], Tensor] | None = None
+    output_target: Tensor | None = None  # h^_L, once computed
     _error: Tensor | None = field(default=None, repr=False)
 
     def output_error(self) -> Tensor:
@@ -375,6 +378,66 @@ class GradientTarget(TargetMap):
 
     def forward(self, h_next):
         raise ValueError("GradientTarget has no feedback map g: it sets the target from the loss gradient")
+
+
+class _FixedFeedback(TargetMap):
+    """A fixed random feedback matrix ``B`` (a buffer: it never learns), Gaussian with std ``1/sqrt(fan-in)``, drawn from
+    torch's global generator when the map is bound (so ``seed_everything`` sets it)."""
+
+    def _draw(self, shape: tuple[int, ...], fan_in: int, like: Tensor) -> None:
+        self.register_buffer("B", torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
+
+    def forward(self, h_next):
+        raise ValueError(f"{type(self).__name__} propagates errors, not activations: it has no feedback map g of h")
+
+
+class FeedbackAlignment(_FixedFeedback):
+    """Feedback alignment (Lillicrap et al. 2016; thesis eqs. 3.18, 3.20) as a target map.
+
+    ``h^_i = h_i + B_i (D_{s_{i+1}} (h^_{i+1} - h_{i+1}))``, ``B_i`` fixed and random in the shape of ``W_{i+1}^T``. With
+    the output target ``h^_L - h_L = -eta^ e_L`` this makes ``D_{s_i} (h_i - h^_i) = eta^ delta_i^FA`` of eq. 3.18
+    (``delta`` in pre-activation coordinates), so the layer update is eta^ times eq. 3.20's; with ``B_i = W_{i+1}^T`` it is
+    backprop's (eq. 3.19). For a convolution above, ``B`` is a transposed convolution.
+    """
+
+    def check_layers(self, lower, upper):
+        self._draw(upper.feedback_shape(), upper.feedback_fan_in, upper.weight)
+
+    def target(self, h_hat_next, step):
+        i = self.index
+        delta = self.upper.derivative(step.pre[i], step.hs[i + 1]) * (h_hat_next - step.hs[i + 1])
+        return step.hs[i] + self._shape(self.upper.transpose(delta, self.B))
+
+    difference_target = target
+
+
+class DirectFeedback(_FixedFeedback):
+    """Direct feedback alignment (Noekland 2016; thesis eq. 3.21): every hidden layer hears the output error directly.
+
+    ``h^_i = h_i + B~_i (D_{s_L} (h^_L - h_L))``, ``B~_i`` fixed and random of shape ``(n_i, n_L)``. The target does not depend
+    on ``h^_{i+1}``, so the diagnostics count it as set directly (``direct``).
+
+    Args:
+        output: the network's output layer (``f_L``), whose derivative scales the output error.
+    """
+
+    direct = True
+
+    def __init__(self, output: Layer):
+        super().__init__()
+        self._output = (output,)
+
+    def check_layers(self, lower, upper):
+        out = self._output[0]
+        self._draw((lower.out_features, out.out_features), out.out_features, out.weight)
+
+    def target(self, h_hat_next, step):
+        if step.output_target is None:
+            raise ValueError("DirectFeedback needs the step's output target h^_L")
+        delta = self._output[0].derivative(step.pre[-1], step.hs[-1]) * (step.output_target - step.hs[-1])
+        return step.hs[self.index] + self._shape(delta.flatten(1) @ self.B.T)
+
+    difference_target = target
 
 
 class Difference(TargetMap):

@@ -56,6 +56,8 @@ RULES = {
         Rule("LeeDTP", "mnist/lee_dtp.yaml"),
         Rule("OriginalDTP", "mnist/original_dtp.yaml"),
         Rule("AOSDTP", "mnist/ao_sdtp.yaml"),
+        Rule("FA", "mnist/fa.yaml"),
+        Rule("DFA", "mnist/dfa.yaml"),
         Rule("CNN-BP", "mnist/cnn_bp.yaml"),
         Rule("CNN-LeeDTP", "mnist/cnn_lee_dtp.yaml"),
     ]
@@ -64,7 +66,7 @@ RULES = {
 CNN = ("CNN-BP", "CNN-LeeDTP")
 
 #: thesis table 3.1 (from Bartunov et al. 2018): test error %, Adam, best of 500 epochs.
-THESIS = [("BP", "1.48"), ("DTP", "1.83"), ("AO-SDTP", "1.86"), ("SDTP", "2.28")]
+THESIS = [("BP", "1.48"), ("FA", "1.85"), ("DTP", "1.83"), ("AO-SDTP", "1.86"), ("SDTP", "2.28"), ("DFA", "2.75")]
 
 
 # --------------------------------------------------------------------------------------------- one run

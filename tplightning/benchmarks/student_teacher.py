@@ -70,11 +70,11 @@ def _sizes(sizes: list[int]) -> tuple[str, ...]:
 AI_CONFIGS = {
     "TPAI": "tp_ai.yaml", "RTPAI": "rtp_ai.yaml", "DTPAI": "dtp.yaml", "RDTPAI": "rdtp_ai.yaml",
     "OriginalTP": "original_tp.yaml", "OriginalRTP": "original_rtp.yaml", "OriginalDTP": "original_dtp.yaml",
-    "OriginalRDTP": "original_rdtp.yaml", "BP": "bp.yaml", "BPFixed": "bp_fixed.yaml",
+    "OriginalRDTP": "original_rdtp.yaml", "BP": "bp.yaml", "BPFixed": "bp_fixed.yaml", "FA": "fa.yaml", "DFA": "dfa.yaml",
 }  # fmt: skip
 CONTRACTING_LR = {
     "TPAI": 0.09, "RTPAI": 0.09, "DTPAI": 0.1, "RDTPAI": 0.1, "OriginalTP": 0.005, "OriginalRTP": 0.005,
-    "OriginalDTP": 0.1, "OriginalRDTP": 0.1, "BP": 0.05, "BPFixed": 0.05,
+    "OriginalDTP": 0.1, "OriginalRDTP": 0.1, "BP": 0.05, "BPFixed": 0.05, "FA": 0.05, "DFA": 0.05,
 }  # fmt: skip
 
 TABLES = {

@@ -1,4 +1,5 @@
 """Learning rules, one LightningModule family per file on the shared :class:`LearningRule` base."""
+from .alignment import DFA, FA
 from .backprop import BP, BPFixed
 from .base import DivergenceError, LearningRule
 from .exact import DTPEI, RMTPEI, RTPEI, TPEI, ExactInverseRule
@@ -6,6 +7,6 @@ from .learned import AOSDTP, DTPAI, MTP, RDTPAI, RTPAI, TPAI, LearnedInverseRule
 from .target_prop import TargetPropRule
 
 __all__ = [
-    "LearningRule", "DivergenceError", "BP", "BPFixed", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI",
+    "LearningRule", "DivergenceError", "BP", "BPFixed", "FA", "DFA", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI",
     "LearnedInverseRule", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP",
 ]

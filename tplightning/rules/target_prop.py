@@ -119,7 +119,7 @@ class TargetPropRule(LearningRule):
         L = self.num_layers
         step = Step(hs, pre, self.target_stepsize, lambda: F.output_error(hs[-1], y, self.loss_name))
         targets: list[Tensor | None] = [None] * L
-        targets[L - 1] = self.output_target(hs[-1], y)
+        targets[L - 1] = step.output_target = self.output_target(hs[-1], y)
         for i in range(L - 1, down_to - 1, -1):
             m = self.maps[i - 1]
             t = m.target(targets[i], step)
