@@ -27,8 +27,9 @@ output. ``lambda h: h`` is the free phase's short circuit (eq. 6.29). :func:`nud
 eq. 6.10's target from a loss.
 
 **Equilibria** are found by damped Newton iteration on ``R(h) = -h + (1-mu) f(h) + mu g(h)`` with
-the analytic Jacobian of eq. 6.40 and a backtracking line search per sample, started from the
-forward pass (the ``mu -> 0`` solution); ``method="fixed_point"`` iterates
+the analytic Jacobian of eq. 6.40 and a backtracking line search per sample (a sample whose residual
+does not fall along the Newton direction, which happens at the kinks of leaky-ReLU, takes a damped
+Euler step of eq. 6.1 instead), started from the forward pass (the ``mu -> 0`` solution); ``method="fixed_point"`` iterates
 ``h <- h + damping R(h)`` (forward Euler of eq. 6.1 with step ``damping tau``). Both stop when
 ``max_b ||R(h_b)||_inf <= tol (1 + max |h|)`` and raise :class:`ConvergenceError` otherwise.
 **Trajectories** integrate the ODE with ``torchdiffeq.odeint`` (``dopri5`` by default).
@@ -294,7 +295,7 @@ class MixtureNetwork:
             norm = r.norm(dim=-1)
             t = torch.ones_like(norm)
             new_v, new_r = v + step, residual(v + step)
-            for _ in range(20):  # backtracking per sample
+            for _ in range(30):  # backtracking per sample
                 bad = ~(new_r.norm(dim=-1) <= (1 - 1e-4 * t) * norm)
                 bad &= norm > 0
                 if not bool(bad.any()):
@@ -302,6 +303,9 @@ class MixtureNetwork:
                 t = torch.where(bad, t / 2, t)
                 cand = v + t.unsqueeze(-1) * step
                 new_v = torch.where(bad.unsqueeze(-1), cand, new_v)
+                new_r = torch.where(bad.unsqueeze(-1), residual(new_v), new_r)
+            else:  # no decrease along the Newton step (a kink of a piecewise-linear s): a damped Euler step of eq. 6.1
+                new_v = torch.where(bad.unsqueeze(-1), v + damping * r, new_v)
                 new_r = torch.where(bad.unsqueeze(-1), residual(new_v), new_r)
             v, r = new_v, new_r
         raise ConvergenceError(

@@ -60,6 +60,19 @@ class _FeedbackMixin:
         return super().build_optimizers() + ([self.feedback_optimizer(fb)] if fb else [])
 
 
+def _double(params) -> list[Tensor]:
+    """float64 copies: the equilibria are solved in double precision (float32 Newton stalls near 1e-5)."""
+    return [p.detach().double() for p in params]
+
+
+def _cast(grads: list[Tensor], like: Tensor) -> list[Tensor]:
+    return [G.to(like.dtype) for G in grads]
+
+
+def _inputs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return x.double(), (y.double() if y.is_floating_point() else y)
+
+
 def _check_common(bias: bool, target_stepsize: float, weight_decay: float) -> None:
     if bias:
         raise ValueError("the chapter-6 dynamics have no biases (eqs. 6.2, 6.43); use bias=False")
@@ -123,8 +136,8 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
     def network(self) -> MixtureNetwork:
         """The dynamical network with the current weights."""
         return self.network_class(
-            list(self.net.weights), self.net.activations, self.mu,
-            feedback=None if self.feedback is None else list(self.feedback), tau=self.tau,
+            _double(self.net.weights), self.net.activations, self.mu,
+            feedback=None if self.feedback is None else _double(self.feedback), tau=self.tau,
         )  # fmt: skip
 
     def weight_is_acceptable(self, i: int, W: Tensor) -> bool:
@@ -146,12 +159,16 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
 
     @torch.no_grad()
     def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """``([G_W1..G_WL], [G_Q1..G_Q(L-1)])`` with ``dW/dt = -eta G``; the updates of one batch, unapplied."""
+        """``([G_W1..G_WL], [G_Q1..G_Q(L-1)])`` with ``dW/dt = -eta G``; the updates of one batch, unapplied.
+
+        Computed in float64 on ``x.double()``, returned in the weights' dtype.
+        """
+        x, y = _inputs(x, y)
         eq = self.equilibria(x, y)
         model = eq["model"]
         gw = self._compensate(model.forward_update(x, eq["learn"]))
-        gq = model.feedback_update(eq.get("free", eq["learn"]), self.feedback_weight_decay) if self.feedback is not None else []
-        return gw, gq
+        gq = model.feedback_update(eq["learn"], self.feedback_weight_decay) if self.feedback is not None else []
+        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -189,11 +206,12 @@ class TwoPhaseDTP(DynamicalTP):
 
     @torch.no_grad()
     def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        x, y = _inputs(x, y)
         eq = self.equilibria(x, y)
         model = eq["model"]
         gw = self._compensate(model.forward_update(x, eq["free"], eq["learn"]))
         gq = model.feedback_update(eq["free"], self.feedback_weight_decay) if self.feedback is not None else []
-        return gw, gq
+        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
 
 
 class MultiplexingDTP(_FeedbackMixin, LearningRule):
@@ -242,7 +260,7 @@ class MultiplexingDTP(_FeedbackMixin, LearningRule):
 
     def network(self) -> MultiplexingNetwork:
         return MultiplexingNetwork(
-            list(self.net.weights), list(self.feedback), self.net.activations,
+            _double(self.net.weights), _double(self.feedback), self.net.activations,
             feedback_activation=self.feedback_activation, negative_slope=self.hparams.negative_slope, tau=self.tau,
         )  # fmt: skip
 
@@ -254,11 +272,12 @@ class MultiplexingDTP(_FeedbackMixin, LearningRule):
 
     @torch.no_grad()
     def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        x, y = _inputs(x, y)
         eq = self.equilibria(x, y)
         model = eq["model"]
         gw = model.forward_update(x, eq["h"], eq["free"], eq["learn"])
         gq = model.feedback_update(eq["h"], eq["free"], self.feedback_weight_decay) if self.train_feedback else []
-        return gw, gq
+        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
 
     def training_step(self, batch, batch_idx):
         return DynamicalTP.training_step(self, batch, batch_idx)
