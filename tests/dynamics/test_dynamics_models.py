@@ -294,11 +294,14 @@ def test_non_convergence_raises():
     Ws, x, y, _ = setup(L=3, n=4)
     m = MixtureNetwork(Ws, "leaky_relu", 0.3)
     with pytest.raises(ConvergenceError, match=r"equilibrium not found: residual .* after 1 newton iterations \(mu=0.3"):
-        m.equilibrium(x, y, max_iter=1, tol=1e-14)
+        m.equilibrium(x, y, max_iter=1, tol=1e-14, ode_fallback=0)
     # feedback 5x the inverse: eq. 6.40's spectrum leaves the left half-plane and the iteration diverges
     big = MixtureNetwork(Ws, "leaky_relu", 0.5, feedback=[5 * torch.linalg.inv(W) for W in Ws[1:]])
     with pytest.raises(ConvergenceError, match="fixed_point iterations"):
         big.equilibrium(x, y, method="fixed_point", damping=1.0, max_iter=200)
+    # Newton fails there too (one iteration allowed), and so does the ODE it falls back on: the point is unstable
+    with pytest.raises(ConvergenceError, match=r"restarted after integrating eq. 6.1 over t = 100 tau|integrating eq. 6.1 failed"):
+        big.equilibrium(x, y, max_iter=1, tol=1e-14)
 
 
 def test_short_circuit_free_phase_keeps_the_forward_pass_with_exact_inverses():

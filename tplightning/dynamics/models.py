@@ -245,6 +245,7 @@ class MixtureNetwork:
         method: str = "newton",
         damping: float = 0.5,
         h0: Sequence[Tensor] | None = None,
+        ode_fallback: float = 100.0,
     ) -> list[Tensor]:
         """The fixed point ``h_i^* = (1-mu) f_i(h_{i-1}^*) + mu g_i(h_{i+1}^*)`` (eq. 6.5): ``[h_1^*, ..., h_L^*]``.
 
@@ -256,7 +257,24 @@ class MixtureNetwork:
             method: ``newton`` (damped, with line search) or ``fixed_point`` (``h <- h + damping R``).
             damping: step of the fixed-point iteration, in (0, 1].
             h0: start (default: the forward pass).
+            ode_fallback: if Newton fails, integrate eq. 6.1 from the start over ``ode_fallback * tau``
+                (``dopri5``) and run Newton again from there (0 disables). Newton can cycle between
+                the linear pieces of leaky-ReLU, or (tanh) step out of ``s^{-1}``'s domain, where the
+                dynamics still settle.
         """
+        try:
+            return self._solve(x, h_target, tol, max_iter, method, damping, h0)
+        except ConvergenceError:
+            if method != "newton" or not ode_fallback:
+                raise
+        t = torch.tensor([0.0, ode_fallback * self.tau], dtype=x.dtype)
+        try:
+            end = [h[-1] for h in MixtureNetwork.trajectory(self, x, h_target, t, h0=h0, rtol=1e-6, atol=1e-9)]
+        except (AssertionError, RuntimeError) as exc:  # torchdiffeq: step size underflow on a diverging run
+            raise ConvergenceError(f"equilibrium not found: Newton failed and integrating eq. 6.1 failed too ({exc}) (mu={self.mu})") from None
+        return self._solve(x, h_target, tol, max_iter, method, damping, end, after_ode=ode_fallback)
+
+    def _solve(self, x, h_target, tol, max_iter, method, damping, h0, after_ode: float = 0.0) -> list[Tensor]:
         if method not in ("newton", "fixed_point"):
             raise ValueError(f"method must be 'newton' or 'fixed_point', got {method!r}")
         if not 0 < damping <= 1:
@@ -310,7 +328,8 @@ class MixtureNetwork:
             v, r = new_v, new_r
         raise ConvergenceError(
             f"equilibrium not found: residual max|R| = {err:.3g} > tol*(1+max|h|) = {tol * scale:.3g} after "
-            f"{max_iter} {method} iterations (mu={self.mu}, {self.L} layers); raise max_iter, lower mu, or "
+            f"{max_iter} {method} iterations{f' (restarted after integrating eq. 6.1 over t = {after_ode:g} tau)' if after_ode else ''} "
+            f"(mu={self.mu}, {self.L} layers); raise max_iter, lower mu, or "
             "check that the fixed point is stable (tplightning.dynamics.stability)"
         )
 
