@@ -258,7 +258,7 @@ class MixtureNetwork:
             damping: step of the fixed-point iteration, in (0, 1].
             h0: start (default: the forward pass).
             ode_fallback: if Newton fails, integrate eq. 6.1 from the start over ``ode_fallback * tau``
-                (``dopri5``) and run Newton again from there (0 disables). Newton can cycle between
+                (``dopri5``, at most 2000 steps) and run Newton again from there (0 disables). Newton can cycle between
                 the linear pieces of leaky-ReLU, or (tanh) step out of ``s^{-1}``'s domain, where the
                 dynamics still settle.
         """
@@ -269,7 +269,7 @@ class MixtureNetwork:
                 raise
         t = torch.tensor([0.0, ode_fallback * self.tau], dtype=x.dtype)
         try:
-            end = [h[-1] for h in MixtureNetwork.trajectory(self, x, h_target, t, h0=h0, rtol=1e-6, atol=1e-9)]
+            end = [h[-1] for h in MixtureNetwork.trajectory(self, x, h_target, t, h0=h0, rtol=1e-6, atol=1e-9, options={"max_num_steps": 2000})]
         except (AssertionError, RuntimeError) as exc:  # torchdiffeq: step size underflow on a diverging run
             raise ConvergenceError(f"equilibrium not found: Newton failed and integrating eq. 6.1 failed too ({exc}) (mu={self.mu})") from None
         return self._solve(x, h_target, tol, max_iter, method, damping, end, after_ode=ode_fallback)
@@ -343,10 +343,12 @@ class MixtureNetwork:
         method: str = "dopri5",
         rtol: float = 1e-7,
         atol: float = 1e-9,
+        options: dict | None = None,
     ) -> list[Tensor]:
         """``[h_1(t), ..., h_L(t)]``, each ``(T, B, n_i)``, integrating eq. 6.1 with ``torchdiffeq.odeint``.
 
-        ``h0`` defaults to the forward pass (the state before a target is applied).
+        ``h0`` defaults to the forward pass (the state before a target is applied); ``options`` go to
+        ``odeint`` (e.g. ``{"max_num_steps": 1000}``).
         """
         from torchdiffeq import odeint
 
@@ -358,7 +360,7 @@ class MixtureNetwork:
         def rhs(_t, v):
             return torch.cat(self.velocity(x, _split(v, sizes), h_target), dim=-1)
 
-        return _split(odeint(rhs, v0, t.to(v0.dtype), rtol=rtol, atol=atol, method=method), sizes)
+        return _split(odeint(rhs, v0, t.to(v0.dtype), rtol=rtol, atol=atol, method=method, options=options), sizes)
 
     # ------------------------------------------------------------------- weight dynamics
     def learning_signals(self, x: Tensor, hs: Sequence[Tensor]) -> list[Tensor]:

@@ -21,8 +21,8 @@ import torch
 from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from ..rules.base import LearningRule
-from .models import MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target
+from ..rules.base import DivergenceError, LearningRule
+from .models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target
 
 __all__ = ["DynamicalTP", "TwoPhaseDTP", "MultiplexingDTP"]
 
@@ -176,7 +176,12 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
             hs, _ = self.net.forward_all(x)
             loss = self.loss_from_output(hs[-1], y)
             self.check_finite(loss, hs)
-            gw, gq = self.weight_updates(x, y)
+            try:
+                gw, gq = self.weight_updates(x, y)
+            except ConvergenceError as err:
+                raise DivergenceError(
+                    f"training diverged at batch {self.batches_seen} (epoch {self.current_epoch}): the network did not settle: {err}"
+                ) from None
             opts = self.optimizer_list()
             self.apply_gradients(opts[0], {self.net.weights[i - 1]: gw[i - 1] for i in self.train_layers})
             if gq:
