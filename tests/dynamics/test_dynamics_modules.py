@@ -90,3 +90,14 @@ def test_learned_modules_accept_a_narrowing_network():
     assert [tuple(G.shape) for G in gw] == [(5, 6), (4, 5)] and [tuple(G.shape) for G in gq] == [(5, 4)]
     rule = tp.MultiplexingDTP(sizes=[6, 5, 4])
     assert [tuple(G.shape) for G in rule.weight_updates(x, y)[0]] == [(5, 6), (4, 5)]
+
+
+MNIST_DIR = CONFIG_DIR.parent.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (MNIST_DIR / "MNIST" / "raw").is_dir(), reason=f"MNIST files not found under {MNIST_DIR}")
+@pytest.mark.parametrize("config", [c for c in DYN_CONFIGS if "mnist" in c])
+def test_mnist_dynamics_configs_run(config, one_thread):
+    args = ["--config", config, "--trainer.fast_dev_run", "1", "--trainer.callbacks", "[]", "--data.init_args.data_dir", str(MNIST_DIR), *QUIET]
+    out = main(args)
+    assert 0 <= out["test_metrics"]["test/acc"] <= 1

@@ -18,13 +18,15 @@ FIGURES = REPO / "docs" / "figures"
 DTYPE = torch.float64
 
 
-def parse_args(name: str, description: str, argv: Sequence[str] | None, sizes=None, extra=None):
+def parse_args(name: str, description: str, argv: Sequence[str] | None, sizes=None, extra=None, flags: Sequence[str] = ()):
     """:func:`tplightning.experiments.common.parse_args` plus the flag ``--docs`` (also write the figure
-    to docs/figures/ and the table into docs/experiments.md)."""
+    to docs/figures/ and the table into docs/experiments.md) and the boolean ``flags`` (``--name``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    docs = "--docs" in argv
-    args = _parse_args(name, description + " (add --docs to update docs/)", [a for a in argv if a != "--docs"], sizes, extra)
-    args.docs = docs
+    flags = {f: f"--{f}" in argv for f in ("docs", *(flags or ()))}
+    rest = [a for a in argv if a.lstrip("-") not in flags or not a.startswith("--")]
+    args = _parse_args(name, description + " (add --docs to update docs/)", rest, sizes, extra)
+    for f, on in flags.items():
+        setattr(args, f, on)
     return args
 
 

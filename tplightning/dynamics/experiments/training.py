@@ -244,9 +244,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(
         NAME, __doc__.split("\n")[0], argv, sizes={"seeds": (2, 5, "seeds per rule"), "epochs": (6, 30, "epochs")},
         extra={"rules": (str, ",".join(RULES), "comma-separated rules"), "mnist-epochs": (int, 2, "MNIST epochs (with --mnist)")},
+        flags=("mnist",),
     )  # fmt: skip
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    mnist = "--mnist" in argv_list
+    mnist = args.mnist
     rules = [r for r in args.rules.split(",") if r]
     _quiet()
     runs = []
