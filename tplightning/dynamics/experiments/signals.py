@@ -155,7 +155,7 @@ def plot(res: dict, out) -> object:
     for eps, v in ap.items():
         if eps == 0.0:
             continue
-        ax[1].plot(layers, v["recon"], "o-", label=f"reconstruction, eps={eps}")
+        ax[1].plot(layers[:-1], v["recon"][:-1], "o-", label=f"reconstruction, eps={eps}")  # zero at layer L
     ax[1].plot(layers, ap[0.0]["target"], "k^--", label="target part")
     ax[1].set(yscale="log", xlabel="layer i", ylabel="mean norm", title=f"B: single phase, L={len(layers)}, mu={res['mu']}")
     ax[1].legend(fontsize="x-small")
@@ -168,7 +168,7 @@ def plot(res: dict, out) -> object:
     ax[3].scatter([r["L"] + 1 - r["layer"] for r in rows], [r["ratio"] for r in rows], s=8, label="multiplexing")
     kk = sorted({r["L"] + 1 - r["layer"] for r in rows})
     ax[3].plot(kk, [(0.1 / 0.9) ** j for j in kk], "r-", lw=0.8, label="mixture decay, mu=0.1")
-    ax[3].set(yscale="log", xlabel="L+1-i", ylabel="|h^f - h^l| / |eta^ e_L|", title="D: multiplexing, no decay")
+    ax[3].set(yscale="log", xlabel="L+1-i", ylabel="|h^f - h^l| / |eta^ e_L|", title="D: multiplexing vs mixture decay")
     ax[3].legend(fontsize="x-small")
     return save_figure(fig, out, NAME, dpi=80)
 

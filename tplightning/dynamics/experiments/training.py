@@ -233,7 +233,8 @@ def plot(runs: list[dict], out):
                 continue
             n = min(len(r["angles"]) for r in rs)
             key = "cos_gn" if "cos_gn" in rs[0]["angles"][0] else "cos_dtp"
-            a.plot(range(n), [statistics.fmean(statistics.fmean(r["angles"][k][key]) for r in rs) for k in range(n)], marker=".", label=rule)
+            color = f"C{list(RULES).index(rule)}" if rule in RULES else None
+            a.plot(range(n), [statistics.fmean(statistics.fmean(r["angles"][k][key]) for r in rs) for k in range(n)], marker=".", label=rule, color=color)
         a.set(title=f"{arch}: mean cos({'GN' if 'MNIST' not in arch else 'DTP-AI'})", xlabel="epoch", ylim=(-1.05, 1.05))
         a.axhline(0, color="gray", lw=0.5)
         a.legend(fontsize="x-small")
