@@ -139,7 +139,7 @@ def test_two_phase_matches_eqs_6_31_6_33_and_cancels_reconstruction_errors():
     mu = 1e-2
     m = TwoPhaseNetwork(Ws, "tanh", mu, feedback=Qs)
     free, learn = m.equilibrium(x, nudged_target(y, "mse", ETA))
-    torch.testing.assert_close(free[-1], torch.tanh(free[-2] @ Ws[-1].T) if False else free[-2] @ Ws[-1].T)  # eq. 6.29
+    torch.testing.assert_close(free[-1], free[-2] @ Ws[-1].T)  # eq. 6.29: h_L^{f*} = f_L(h_{L-1}^{f*}), linear output
     pf = literal_6_22(Ws, Qs, m.activations, x, y, mu, 0.0)
     pl_ = literal_6_22(Ws, Qs, m.activations, x, y, mu, ETA)
     for sim, pred in ((m.learning_signals(x, free), pf), (m.learning_signals(x, learn), pl_)):
