@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for eps, v in ap.items():
         for i in range(L):
             rows_b.append([eps, i + 1, v["recon"][i], v["target"][i], v["cos_single"][i], v["phase"][i], v["clean"][i], v["cos_two"][i]])
-    hdr_b = ["eps", "layer", "|reconstruction|", "|target part|", "cos single", "|e^phase|", "|clean signal|", "cos two-phase"]
+    hdr_b = ["eps", "layer", "‖reconstruction‖", "‖target part‖", "cos single", "‖e^phase‖", "‖clean signal‖", "cos two-phase"]
     lines.append(f"B/C. approximate inverses, L={L}, mu={args.mu} (means over samples and networks)")
     lines += ["  " + " ".join(f"{h:>16}" for h in hdr_b)] + ["  " + " ".join(f"{c:>16.4g}" for c in r) for r in rows_b]
     mp = res["multiplexing"]
@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"**B/C.** Approximate inverses (`Q = W^-1` + relative noise `eps`), L={L}, mu={args.mu}: single-phase "
         "reconstruction part vs target part of `h^* - f(h^*)`, cosines with the clean signal of eq. 6.22, and the two-phase "
         "`e^phase` of eq. 6.36:\n\n" + markdown_table(hdr_b, rows_b),
-        f"**D.** Multiplexing: fitted per-layer factor of `|h^f - h^l| / |eta^ e_L|` = {mp['per_layer_factor_fit']:.3f} "
+        f"**D.** Multiplexing: fitted per-layer factor of `‖h^f - h^l‖ / ‖eta^ e_L‖` = {mp['per_layer_factor_fit']:.3f} "
         f"(no decay: 1; the mixture's at mu = 0.1: 0.111); worst mean relative error of eq. 6.59's first-order signal {worst:.3g}.",
         "Findings: " + "; ".join(f"{'holds' if ok else 'does not hold'}: {t}" for t, ok in findings.items()) + ".",
         f"![signals](figures/{NAME}.png)",

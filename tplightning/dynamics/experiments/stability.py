@@ -83,7 +83,7 @@ def plot(blocks: dict, nets: list[dict], out):
         sel = [r for r in ok if r["activation"] == act]
         ax[2].scatter([r["mu"] for r in sel], [r["max_real_eig"] - r["bound"] for r in sel], s=10, marker=marker, label=act)
     ax[2].axhline(0, color="k", lw=0.5)
-    ax[2].set(xlabel="mu", ylabel="max Re eig - closed form", title="simulated equilibria", yscale="symlog", )
+    ax[2].set(xlabel="mu", ylabel="max Re eig - closed form", title="simulated equilibria")
     ax[2].legend(fontsize="x-small")
     return save_figure(fig, out, NAME, dpi=80)
 
