@@ -101,3 +101,8 @@ def test_mnist_dynamics_configs_run(config, one_thread):
     args = ["--config", config, "--trainer.fast_dev_run", "1", "--trainer.callbacks", "[]", "--data.init_args.data_dir", str(MNIST_DIR), *QUIET]
     out = main(args)
     assert 0 <= out["test_metrics"]["test/acc"] <= 1
+
+
+def test_cli_short_name_resolves(one_thread):
+    out = main(["--model", "TwoPhaseDTP", "--data", "StudentTeacherDataModule", "--trainer.fast_dev_run", "1", *QUIET])
+    assert type(out["cli"].model).__name__ == "TwoPhaseDTP"
