@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"  symmetric part negative definite: {rb['symmetric_part_counterexamples']} counterexamples "
         f"({100 * rb['symmetric_part_counterexamples'] / rb['cases']:.1f} %); largest max eig((J+J^T)/2) {rb['max_sym_eig']:.3g} "
         f"(width {rb['worst_symmetric_case']['width']}, depth {rb['worst_symmetric_case']['depth']}, mu {rb['worst_symmetric_case']['mu']:.3f})",
-        f"simulated networks ({len(nets)} x {args.batch} samples): Newton equilibrium found in {len(ok)}; "
+        f"simulated networks ({len(nets)} x {args.batch} samples): equilibrium found in {len(ok)}; "
         f"{summary['networks_with_unstable_equilibria']} of them have unstable samples ({summary['unstable_samples']}/{summary['samples']} samples); "
         f"positive symmetric part in {summary['networks_with_positive_symmetric_part']}; max excess of max Re eig over the closed form "
         f"{summary['max_excess_over_closed_form']:.3g}",
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"Written by `{cmd}` (seed {args.seed}; widths {widths}, depths {depths}).",
         markdown_table(["setting", "cases", "eigenvalue counterexamples", "symmetric-part counterexamples", "largest max Re eig", "largest max eig of sym part"], rows_t),
         f"Random blocks: the largest deviation of `max Re eig` from `-1 + 2 sqrt(mu(1-mu)) cos(pi/(L+1))` is "
-        f"{rb['max_deviation_from_toeplitz']:.1e}. Simulated networks: {len(bad)} of {len(nets)} had no Newton equilibrium"
+        f"{rb['max_deviation_from_toeplitz']:.1e}. Simulated networks: {len(bad)} of {len(nets)} had no equilibrium (Newton, restarted from the ODE at t = 100 tau)"
         + (" (final ODE speeds " + ", ".join(f"{r['ode_final_speed']:.2g}" for r in bad[:6]) + (", ..." if len(bad) > 6 else "") + ")" if bad else "")
         + f"; the largest excess of `max Re eig` over the closed form at a converged equilibrium is {summary['max_excess_over_closed_form']:.3g}.",
         f"![stability](figures/{NAME}.png)",
