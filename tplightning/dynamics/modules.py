@@ -1,0 +1,288 @@
+"""LightningModules that train with the chapter-6 dynamics: one batch = run the phases to equilibrium,
+then apply the weight dynamics as one discrete step (``W <- W - eta G`` for ``dW/dt = -eta G``).
+
+* :class:`DynamicalTP`: the single-phase mixture network (eq. 6.1) with exact (eq. 6.4) or learned
+  (eq. 6.23) inverses; forward weights by eq. 6.17, learned ``Q_i`` by eq. 6.26 at the same equilibrium.
+* :class:`TwoPhaseDTP`: section 6.6; forward weights by eq. 6.35, ``Q_i`` by eq. 6.37 (free phase).
+* :class:`MultiplexingDTP`: section 6.9.2; forward weights by eq. 6.58, ``Q_i`` by our free-phase rule
+  (:class:`~tplightning.dynamics.models.MultiplexingNetwork`).
+
+The network's prediction (validation, test, the logged training loss) is the feed-forward pass,
+which is the free-phase equilibrium of every model with exact inverses or in the multiplexing
+network. The output target is eq. 6.10's nudge ``h_L - eta^ dl/dh_L`` of the current output
+(:func:`~tplightning.dynamics.models.nudged_target`). Run e.g.
+``python train.py --config dynamics/two_phase.yaml``.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pytorch_lightning.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from ..rules.base import DivergenceError, LearningRule
+from .models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target
+
+__all__ = ["DynamicalTP", "TwoPhaseDTP", "MultiplexingDTP"]
+
+
+class _FeedbackMixin:
+    """Feedback weights ``Q_1..Q_{L-1}`` (``Q_i`` of shape ``(n_i, n_{i+1})``) and their optimizer."""
+
+    def _init_feedback(self, init: str, seed: int) -> None:
+        if init not in ("pinv", "random"):
+            raise ValueError(f"feedback_init must be 'pinv' or 'random', got {init!r}")
+        sizes = self.net.sizes
+        g = torch.Generator().manual_seed(seed)
+        self.feedback = nn.ParameterList(
+            [nn.Parameter(torch.randn(sizes[i], sizes[i + 1], generator=g) / sizes[i + 1] ** 0.5) for i in range(1, len(sizes) - 1)]
+        )
+        if init == "pinv":
+            self.init_feedback_pinv()
+
+    @torch.no_grad()
+    def init_feedback_pinv(self) -> None:
+        """``Q_i = W_{i+1}^dagger``."""
+        for i, Q in enumerate(self.feedback, start=1):
+            W = self.net.weights[i]
+            Q.copy_(torch.linalg.pinv(W.double()).to(W.dtype))
+
+    def on_forward_weights_changed(self) -> None:
+        if getattr(self, "feedback", None) is not None and self.feedback_init == "pinv":
+            self.init_feedback_pinv()
+
+    def feedback_parameters(self) -> list[Tensor]:
+        return list(self.feedback) if getattr(self, "feedback", None) is not None else []
+
+    def build_optimizers(self):
+        fb = self.feedback_parameters()
+        return super().build_optimizers() + ([self.feedback_optimizer(fb)] if fb else [])
+
+
+def _double(params) -> list[Tensor]:
+    """float64 copies: the equilibria are solved in double precision (float32 Newton stalls near 1e-5)."""
+    return [p.detach().double() for p in params]
+
+
+def _cast(grads: list[Tensor], like: Tensor) -> list[Tensor]:
+    return [G.to(like.dtype) for G in grads]
+
+
+def _inputs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return x.double(), (y.double() if y.is_floating_point() else y)
+
+
+def _check_common(bias: bool, target_stepsize: float, weight_decay: float) -> None:
+    if bias:
+        raise ValueError("the chapter-6 dynamics have no biases (eqs. 6.2, 6.43); use bias=False")
+    if not target_stepsize > 0:
+        raise ValueError(f"target_stepsize must be > 0, got {target_stepsize}")
+    if weight_decay < 0:
+        raise ValueError(f"feedback_weight_decay must be >= 0, got {weight_decay}")
+
+
+class DynamicalTP(_FeedbackMixin, LearningRule):
+    """Single-phase dynamical target propagation with segregated dendrites (sections 6.3-6.5).
+
+    Args:
+        mu: mixing coefficient in (0, 1) (the thesis: (0, 0.5)).
+        target_stepsize: ``eta^`` of the output target (eq. 6.10).
+        inverses: ``exact`` (``g_i = f_{i+1}^{-1}``, eq. 6.4; square layers) or ``learned``
+            (``g_i = Q_i s_{i+1}^{-1}``, eq. 6.23, ``Q`` by eq. 6.26 / 6.37).
+        depth_compensation: multiply layer ``i``'s update by ``((1-mu)/mu)^{L+1-i}``, the layer-specific
+            learning rate that undoes the decay of eq. 6.19 (off: the plain eq. 6.17).
+        feedback_optimizer: optimizer of ``Q`` (learned inverses).
+        feedback_weight_decay: ``lambda`` of eq. 6.26.
+        feedback_init: ``pinv`` (``Q_i = W_{i+1}^dagger`` at the start and when the forward weights
+            are replaced) or ``random``.
+        feedback_seed: seed of the random ``Q`` initialisation.
+        tau: neural time constant (does not change equilibria).
+        tol, max_iter: of :meth:`~tplightning.dynamics.models.MixtureNetwork.equilibrium`.
+        **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
+    """
+
+    network_class: ClassVar[type] = MixtureNetwork
+
+    def __init__(
+        self,
+        *args,
+        mu: float = 0.1,
+        target_stepsize: float = 0.1,
+        inverses: Literal["exact", "learned"] = "exact",
+        depth_compensation: bool = False,
+        feedback_optimizer: OptimizerCallable = torch.optim.SGD,
+        feedback_weight_decay: float = 0.0,
+        feedback_init: Literal["pinv", "random"] = "pinv",
+        feedback_seed: int = 0,
+        tau: float = 1.0,
+        tol: float | None = None,
+        max_iter: int = 100,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        _check_common(self.net.biases is not None, target_stepsize, feedback_weight_decay)
+        if inverses not in ("exact", "learned"):
+            raise ValueError(f"inverses must be 'exact' or 'learned', got {inverses!r}")
+        self.mu, self.target_stepsize, self.inverses = mu, target_stepsize, inverses
+        self.depth_compensation, self.tau, self.tol, self.max_iter = depth_compensation, tau, tol, max_iter
+        self.feedback_optimizer, self.feedback_weight_decay = feedback_optimizer, feedback_weight_decay
+        self.feedback_init = feedback_init
+        self.feedback = None
+        if inverses == "learned":
+            self._init_feedback(feedback_init, feedback_seed)
+        self.network()  # validates mu, activations and (exact inverses) square layers now
+
+    def network(self) -> MixtureNetwork:
+        """The dynamical network with the current weights."""
+        return self.network_class(
+            _double(self.net.weights), self.net.activations, self.mu,
+            feedback=None if self.feedback is None else _double(self.feedback), tau=self.tau,
+        )  # fmt: skip
+
+    def weight_is_acceptable(self, i: int, W: Tensor) -> bool:
+        if self.inverses == "exact" and i > 1:
+            return bool(torch.linalg.svdvals(W.double())[-1] > 1e-3)
+        return True
+
+    def _compensate(self, grads: list[Tensor]) -> list[Tensor]:
+        if not self.depth_compensation:
+            return grads
+        r, L = self.mu / (1 - self.mu), len(grads)
+        return [G / r ** (L + 1 - i) for i, G in enumerate(grads, start=1)]
+
+    @torch.no_grad()
+    def equilibria(self, x: Tensor, y: Tensor) -> dict:
+        """The equilibrium (eq. 6.5) under the nudged target (eq. 6.10)."""
+        model = self.network()
+        return {"model": model, "learn": model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)}
+
+    @torch.no_grad()
+    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``([G_W1..G_WL], [G_Q1..G_Q(L-1)])`` with ``dW/dt = -eta G``; the updates of one batch, unapplied.
+
+        Computed in float64 on ``x.double()``, returned in the weights' dtype.
+        """
+        x, y = _inputs(x, y)
+        eq = self.equilibria(x, y)
+        model = eq["model"]
+        gw = self._compensate(model.forward_update(x, eq["learn"]))
+        gq = model.feedback_update(eq["learn"], self.feedback_weight_decay) if self.feedback is not None else []
+        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            hs, _ = self.net.forward_all(x)
+            loss = self.loss_from_output(hs[-1], y)
+            self.check_finite(loss, hs)
+            try:
+                gw, gq = self.weight_updates(x, y)
+            except ConvergenceError as err:
+                raise DivergenceError(
+                    f"training diverged at batch {self.batches_seen} (epoch {self.current_epoch}): the network did not settle: {err}"
+                ) from None
+            opts = self.optimizer_list()
+            self.apply_gradients(opts[0], {self.net.weights[i - 1]: gw[i - 1] for i in self.train_layers})
+            if gq:
+                self.apply_gradients(opts[1], dict(zip(self.feedback, gq)))
+        self.log_train(loss, x.shape[0])
+        return loss
+
+
+class TwoPhaseDTP(DynamicalTP):
+    """Two-phase dynamical (difference) target propagation (section 6.6).
+
+    Free phase (output short-circuited, eq. 6.29) and learning phase (nudged target, eq. 6.10) of
+    eq. 6.1; forward weights by eq. 6.35, ``Q`` by eq. 6.37 in the free phase. Arguments as
+    :class:`DynamicalTP`; ``inverses`` defaults to ``learned``.
+    """
+
+    network_class = TwoPhaseNetwork
+
+    def __init__(self, *args, inverses: Literal["exact", "learned"] = "learned", **kwargs):
+        super().__init__(*args, inverses=inverses, **kwargs)
+
+    @torch.no_grad()
+    def equilibria(self, x: Tensor, y: Tensor) -> dict:
+        model = self.network()
+        free, learn = model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)
+        return {"model": model, "free": free, "learn": learn}
+
+    @torch.no_grad()
+    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        x, y = _inputs(x, y)
+        eq = self.equilibria(x, y)
+        model = eq["model"]
+        gw = self._compensate(model.forward_update(x, eq["free"], eq["learn"]))
+        gq = model.feedback_update(eq["free"], self.feedback_weight_decay) if self.feedback is not None else []
+        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
+
+
+class MultiplexingDTP(_FeedbackMixin, LearningRule):
+    """Burst-multiplexing dynamical target propagation (section 6.9.2).
+
+    Args:
+        target_stepsize: ``eta^`` (eq. 6.54).
+        feedback_activation: ``t_i`` (``None``: ``t_i = s_i``).
+        feedback_optimizer: optimizer of ``Q`` (our free-phase rule, see
+            :class:`~tplightning.dynamics.models.MultiplexingNetwork`); ``train_feedback=False`` keeps
+            ``Q`` fixed, the other option section 6.9.2 names.
+        feedback_weight_decay: ``lambda`` of the feedback rule.
+        feedback_init: ``pinv`` or ``random`` (as :class:`DynamicalTP`).
+        feedback_seed: seed of the random initialisation.
+        train_feedback: learn ``Q``.
+        tau: time constant (trajectories only).
+        **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        target_stepsize: float = 0.1,
+        feedback_activation: str | None = None,
+        feedback_optimizer: OptimizerCallable = torch.optim.SGD,
+        feedback_weight_decay: float = 0.0,
+        feedback_init: Literal["pinv", "random"] = "pinv",
+        feedback_seed: int = 0,
+        train_feedback: bool = True,
+        tau: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        _check_common(self.net.biases is not None, target_stepsize, feedback_weight_decay)
+        self.target_stepsize, self.feedback_activation, self.tau = target_stepsize, feedback_activation, tau
+        self.feedback_optimizer, self.feedback_weight_decay = feedback_optimizer, feedback_weight_decay
+        self.feedback_init, self.train_feedback = feedback_init, train_feedback
+        self._init_feedback(feedback_init, feedback_seed)
+        if not train_feedback:
+            for Q in self.feedback:
+                Q.requires_grad_(False)
+        self.network()
+
+    def feedback_parameters(self) -> list[Tensor]:
+        return list(self.feedback) if self.train_feedback else []
+
+    def network(self) -> MultiplexingNetwork:
+        return MultiplexingNetwork(
+            _double(self.net.weights), _double(self.feedback), self.net.activations,
+            feedback_activation=self.feedback_activation, negative_slope=self.hparams.negative_slope, tau=self.tau,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def equilibria(self, x: Tensor, y: Tensor) -> dict:
+        model = self.network()
+        hs, free, learn = model.phases(x, nudged_target(y, self.loss_name, self.target_stepsize))
+        return {"model": model, "h": hs, "free": free, "learn": learn}
+
+    @torch.no_grad()
+    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        x, y = _inputs(x, y)
+        eq = self.equilibria(x, y)
+        model = eq["model"]
+        gw = model.forward_update(x, eq["h"], eq["free"], eq["learn"])
+        gq = model.feedback_update(eq["h"], eq["free"], self.feedback_weight_decay) if self.train_feedback else []
+        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
+
+    def training_step(self, batch, batch_idx):
+        return DynamicalTP.training_step(self, batch, batch_idx)
