@@ -40,7 +40,8 @@ import pytorch_lightning as pl
 import torch
 
 from ... import functional as F
-from ...benchmarks.student_teacher import _quiet, run_one
+from ...benchmarks.common import quiet as _quiet
+from ...benchmarks.student_teacher import run_one
 from ...rules import DTPAI
 from ...experiments.common import save_figure, save_json, single_thread, subplots
 from .common import REPO, markdown_table, parse_args, to_docs
