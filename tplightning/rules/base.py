@@ -4,13 +4,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import pytorch_lightning as pl
 import torch
 import torchmetrics
-from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor
 
 from .. import functional as F
+from .._lightning import OptimizerCallable, pl
 from ..networks import MLP
 
 __all__ = ["LearningRule", "DivergenceError", "LinearDecay"]

@@ -23,10 +23,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from .. import functional as F
+from .._lightning import OptimizerCallable
 from .target_prop import TargetPropRule
 
 __all__ = [
