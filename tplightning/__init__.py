@@ -5,11 +5,12 @@ learning methods for deep neural networks* (MSc thesis, KU Leuven, 2019). Every 
 module is importable from here, which LightningCLI short names and ``load_from_checkpoint`` need.
 """
 from . import functional, networks
-from .callbacks import InitNearTeacher
+from .callbacks import Checkpoint, InitNearTeacher, ReapplyOptimizerConfig
+from .checkpoints import load
 from .diagnostics import TargetPropDiagnostics
 from .data import MNISTDataModule, StudentTeacherDataModule, ToyDataModule
 from .rules import *  # noqa: F401,F403
 from .rules import __all__ as _rules
 
 __version__ = "0.1.0"
-__all__ = ["functional", "networks", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", *_rules]
+__all__ = ["functional", "networks", "load", "Checkpoint", "ReapplyOptimizerConfig", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", *_rules]

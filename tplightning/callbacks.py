@@ -120,9 +120,10 @@ class ReapplyOptimizerConfig(pl.Callback):
     rate, momentum, weight decay included: an ``--model.init_args.forward_optimizer.init_args.lr``
     given on resume would silently have no effect. With ``reapply=True`` (``train.py
     --reapply_optimizer_config true``) the configured values replace the restored ones after the
-    restore; the optimizer *state* (momentum buffers, Adam moments) is kept, and the learning-rate
-    schedule continues at the restored epoch from the new initial rate. With ``reapply=False`` a
-    warning names every configured value the checkpoint overrides. ``target_stepsize`` and the
+    restore, and the learning-rate schedule is rebuilt from the config (its horizon follows
+    ``trainer.max_epochs``, so a run can also be extended) and continues at the restored epoch
+    from the new initial rate; the optimizer *state* (momentum buffers, Adam moments) is kept.
+    With ``reapply=False`` a warning names every configured value the checkpoint overrides. ``target_stepsize`` and the
     other rule arguments are not optimizer state: they always come from the config.
     """
 
@@ -133,40 +134,55 @@ class ReapplyOptimizerConfig(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.ckpt_path or not hasattr(pl_module, "build_optimizers"):
             return
-        fresh = pl_module.build_optimizers()
+        configured = pl_module.configure_optimizers()
+        fresh, fresh_schedulers = configured if isinstance(configured, tuple) else (configured, [])
         restored = trainer.optimizers
         schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
         names = ["forward_optimizer", "feedback_optimizer"]
         self.ignored = []
         for i, (new, old) in enumerate(zip(fresh, restored)):
+            name = names[i] if i < len(names) else f"optimizer {i}"
             for j, (gn, go) in enumerate(zip(_hyperparameters(new), _hyperparameters(old))):
                 base_old = old.param_groups[j].get("initial_lr", go.get("lr"))
                 for key, value in gn.items():
                     was = base_old if key == "lr" else go.get(key)
                     if key in go and not _same(value, was):
-                        self.ignored.append(f"{names[i] if i < len(names) else f'optimizer {i}'}.{key}: config {value}, checkpoint {was}")
+                        self.ignored.append(f"{name}.{key}: config {value}, checkpoint {was}")
                 if self.reapply:
                     group = old.param_groups[j]
                     for key, value in gn.items():
                         if key != "lr":
                             group[key] = value
                     group["initial_lr"] = gn["lr"]
-                    group["lr"] = gn["lr"]
+            if i < len(schedulers) and i < len(fresh_schedulers):
+                s, f = schedulers[i], fresh_schedulers[i]
+                old_l, new_l = getattr(s, "lr_lambdas", None), getattr(f, "lr_lambdas", None)
+                if old_l is not None and new_l is not None:
+                    if [vars(x) for x in old_l if hasattr(x, "__dict__")] != [vars(x) for x in new_l if hasattr(x, "__dict__")]:
+                        self.ignored.append(f"{name} schedule: config {_describe(new_l)}, checkpoint {_describe(old_l)}")
+                    if self.reapply:
+                        s.lr_lambdas = list(new_l)
             if self.reapply and i < len(schedulers):
                 s = schedulers[i]
                 s.base_lrs = [g["initial_lr"] for g in old.param_groups]
                 lambdas = getattr(s, "lr_lambdas", None)
-                if lambdas is not None:
-                    for g, base, f in zip(old.param_groups, s.base_lrs, lambdas):
-                        g["lr"] = base * f(s.last_epoch)
+                for g, base, f in zip(old.param_groups, s.base_lrs, lambdas or [lambda e: 1.0] * len(s.base_lrs)):
+                    g["lr"] = base * f(s.last_epoch)
+            elif self.reapply:
+                for g in old.param_groups:
+                    g["lr"] = g["initial_lr"]
         if self.ignored and not self.reapply:
             warnings.warn(
-                "resuming from a checkpoint restores the optimizers' hyper-parameters, so these configured values "
+                "resuming from a checkpoint restores the optimizers and their schedules, so these configured values "
                 "are ignored: " + "; ".join(self.ignored) + ". Add --reapply_optimizer_config true "
                 "(or ReapplyOptimizerConfig(reapply=True)) to use the configured values.",
                 UserWarning,
                 stacklevel=2,
             )
+
+
+def _describe(lambdas) -> str:
+    return ", ".join(f"{type(f).__name__}({', '.join(f'{k}={v}' for k, v in vars(f).items())})" if hasattr(f, "__dict__") else repr(f) for f in lambdas)
 
 
 def _same(a, b) -> bool:

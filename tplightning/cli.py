@@ -157,13 +157,9 @@ class TPLightningCLI(LightningCLI):
     def _section(self) -> dict:
         return self.config[self.subcommand] if self.subcommand else self.config
 
-    def before_instantiate_classes(self) -> None:
-        trainer_cfg = self._section().get("trainer")
-        for name, value in _int_literals(getattr(self, "_raw_args", [])).items():
-            if trainer_cfg is not None and trainer_cfg.get(name) == value:
-                trainer_cfg[name] = value  # jsonargparse reads int | float "1" as 1.0 (a fraction: all batches)
-
     def instantiate_trainer(self, **kwargs):
+        # jsonargparse reads ``int | float`` "1" as 1.0, which Lightning takes as a fraction (all batches)
+        kwargs = {**_int_literals(getattr(self, "_raw_args", [])), **kwargs}
         trainer = super().instantiate_trainer(**kwargs)
         section = self._section()
         align_loggers(trainer, self.subcommand, section.get("ckpt_path"))

@@ -253,6 +253,10 @@ class LearningRule(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         return self._eval_step(batch, self.test_metrics, "test")
 
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):  # issue 12: (x, y) or x batches
+        """The model's outputs for a batch of inputs ``x`` or of ``(x, y)`` pairs (``y`` is ignored)."""
+        return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
     def log_train(self, loss: Tensor, batch_size: int) -> None:
         """Accumulate the training loss on-device; log it every ``log_every_n_steps`` batches.
 
@@ -318,6 +322,17 @@ class LearningRule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tplightning"] = self.extra_state()
+        checkpoint["tplightning"]["class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"  # issue 12: tplightning.load
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # issue 12: the base class builds the recorded rule
+        """Lightning's ``load_from_checkpoint``, building the rule class the checkpoint records (see :mod:`tplightning.checkpoints`)."""
+        from ..checkpoints import recorded_class
+
+        target = recorded_class(checkpoint_path, cls)
+        if target is not cls:
+            return target.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.load_extra_state(checkpoint.get("tplightning", {}))
