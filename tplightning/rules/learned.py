@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .._lightning import OptimizerCallable
+from ..robust import regularised_inverse  # issue 12
 from .target_prop import TargetPropRule
 
 __all__ = [
@@ -59,7 +60,10 @@ class LearnedInverseRule(TargetPropRule):
             training batch size.
         feedback_pretrain_epochs: epochs at the start of training that update only ``Q``.
         feedback_init: ``pinv`` sets ``Q_i = W_{i+1}^dagger`` at the start and whenever the forward
-            weights are replaced (what the thesis' experiments do, section 5.2.2); ``random``
+            weights are replaced (what the thesis' experiments do, section 5.2.2); ``regularised``
+            sets the regularised inverse of theorem 4.7, ``W^T (W W^T + lambda/sigma^2 I)^{-1}`` with
+            ``lambda = feedback_weight_decay`` (> 0) and ``sigma = feedback_noise_std``, the fixed
+            point of the feedback training (:func:`tplightning.robust.regularised_inverse`); ``random``
             draws Gaussian ``Q_i`` with std ``1/sqrt(n_{i+1})``.
         feedback_seed: seed of the feedback noise (offset by the DDP rank).
         **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
@@ -77,7 +81,7 @@ class LearnedInverseRule(TargetPropRule):
         feedback_iterations: int = 1,
         feedback_batch_size: int | None = None,
         feedback_pretrain_epochs: int = 0,
-        feedback_init: Literal["pinv", "random"] = "pinv",
+        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         **kwargs,
     ):
@@ -94,8 +98,13 @@ class LearnedInverseRule(TargetPropRule):
             raise ValueError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {feedback_batch_size}")
         if self.form == "thesis" and feedback_noise_std == 0:
             raise ValueError("feedback_noise_std must be > 0 for the thesis form: Alg. A.8 learns Q from white noise of that std")
-        if feedback_init not in ("pinv", "random"):
-            raise ValueError(f"feedback_init must be 'pinv' or 'random', got {feedback_init!r}")
+        if feedback_init not in ("pinv", "regularised", "random"):  # issue 12: + regularised
+            raise ValueError(f"feedback_init must be 'pinv', 'regularised' or 'random', got {feedback_init!r}")
+        if feedback_init == "regularised" and not (feedback_weight_decay > 0 and feedback_noise_std > 0):
+            raise ValueError(
+                "feedback_init='regularised' is theorem 4.7's inverse for lambda = feedback_weight_decay > 0 and "
+                f"sigma = feedback_noise_std > 0, got {feedback_weight_decay} and {feedback_noise_std}"
+            )
         if self.form == "thesis":
             for i in range(2, self.num_layers + 1):
                 act = self.net.activations[i - 1]
@@ -114,7 +123,7 @@ class LearnedInverseRule(TargetPropRule):
         )
         self._noise_gen: torch.Generator | None = None
         self._noise_state: Tensor | None = None
-        if feedback_init == "pinv":
+        if feedback_init != "random":  # issue 12: pinv or regularised
             self.init_feedback_pinv()
 
     # ----------------------------------------------------------------------------- structure
@@ -136,13 +145,14 @@ class LearnedInverseRule(TargetPropRule):
 
     @torch.no_grad()
     def init_feedback_pinv(self) -> None:
-        """``Q_i = W_{i+1}^dagger`` for every feedback layer."""
+        """``Q_i = W_{i+1}^dagger`` for every feedback layer (theorem 4.7's regularised inverse for ``feedback_init='regularised'``)."""
+        gamma = self.feedback_weight_decay / self.feedback_noise_std**2 if self.feedback_init == "regularised" else 0.0  # issue 12
         for i in self.feedback_layers:
             W = self.net.weights[i]
-            self.Q(i).copy_(torch.linalg.pinv(W.double()).to(W.dtype))
+            self.Q(i).copy_(regularised_inverse(W, gamma))  # issue 12: was torch.linalg.pinv(W.double()).to(W.dtype)
 
     def on_forward_weights_changed(self) -> None:
-        if self.feedback_init == "pinv":
+        if self.feedback_init != "random":  # issue 12: pinv or regularised
             self.init_feedback_pinv()
 
     def build_optimizers(self):
