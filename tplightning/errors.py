@@ -127,8 +127,20 @@ def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> st
     message = str(err)
     given = _given(argv)
     lines: list[str]
+    from ._lightning import ENV_VAR, PACKAGE
+
+    other = {"pytorch_lightning": "lightning", "lightning": "pytorch_lightning"}[PACKAGE]
+    foreign = re.search(r"\b(pytorch_lightning|lightning\.pytorch)\.[\w.]+", message)
+    foreign_package = {"pytorch_lightning": "pytorch_lightning", "lightning.pytorch": "lightning"}.get(foreign.group(1)) if foreign else None
     if isinstance(err, ConfigError) or isinstance(err, FileNotFoundError) and "config file" in message:
         lines = [f"error: {message}"]
+    elif foreign_package == other and "subclass" in message:
+        path, _ = _option_path(message)
+        lines = [
+            f"error: {path or 'a class'}: {foreign.group(0)} belongs to the {other!r} package, but tplightning runs on "
+            f"{PACKAGE!r}; the packages 'pytorch_lightning' and 'lightning' cannot be mixed",
+            f"  use the short name ({foreign.group(0).rsplit('.', 1)[1]}) or set {ENV_VAR}={other}",
+        ]
     elif m := re.search(r"unrecognized arguments: (\S+)", message):
         option = m.group(1).split("=", 1)[0]
         lines = [f"error: unknown option {option}" + (f" (value {given[option]!r})" if option in given else "")]

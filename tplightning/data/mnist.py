@@ -74,7 +74,8 @@ def find_files(data_dir: Path) -> dict[str, Path | None]:
 def _missing_error(data_dir: Path, missing: list[str], reason: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"MNIST files missing from {data_dir}: {', '.join(missing)}. Put each at "
-        f"{_raw_dir(data_dir)}/<name>.gz (or the uncompressed <name>, or directly in {data_dir}). {reason}"
+        f"{_raw_dir(data_dir)}/<name>.gz (or the uncompressed <name>, or directly in {data_dir}), or point "
+        f"{DATA_ENV} (or --data.init_args.data_dir) at a folder that has them. {reason}"
     )
 
 
