@@ -9,11 +9,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .cli import StockCLI, _cli_kwargs, report, resolve_config_args
+from .cli import StockCLI, _cli_kwargs, _quiet_lightning, report, resolve_config_args
 
 
 def stock_cli(args: Sequence[str] | None = None) -> StockCLI:
     """Run ``LightningCLI`` with subcommands (a bare ``--config`` name resolves inside ``configs/``)."""
+    _quiet_lightning()
     args = resolve_config_args([a for a in (sys.argv[1:] if args is None else args) if a != "--traceback"])
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:

@@ -21,8 +21,10 @@ What the CLI adds to the stock ``LightningCLI`` (also used by ``python -m tpligh
 """
 from __future__ import annotations
 
+import logging
 import os
 import shlex
+import warnings
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +42,22 @@ CONFIG_DIR = Path(os.environ.get("TPLIGHTNING_CONFIGS", Path(__file__).resolve()
 TRACEBACK_ENV = "TPLIGHTNING_TRACEBACK"
 #: trainer options whose integer value means "batches" and whose float means "fraction"
 _COUNT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches", "val_check_interval")
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertising line ("Tip: ... litlogger") adds nothing to a run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud logging" not in record.getMessage()
+
+
+def _quiet_lightning() -> None:
+    """A short console: drop Lightning's logger advertisement and a deprecation warning of its own internals."""
+    for name in (f"{pl.__name__}.utilities.rank_zero", "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -223,6 +241,7 @@ def main(args: Sequence[str] | None = None) -> dict:
     """
     raw = list(sys.argv[1:] if args is None else args)
     raw = [a for a in raw if a != "--traceback"]
+    _quiet_lightning()
     args = resolve_config_args(raw)
     argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads ``args``; keep it from also seeing argv
     try:
