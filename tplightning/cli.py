@@ -181,7 +181,8 @@ class TPLightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         section = self._section()
         align_loggers(trainer, self.subcommand, section.get("ckpt_path"))
-        trainer.callbacks.append(ReapplyOptimizerConfig(reapply=bool(section.get("reapply_optimizer_config", False))))
+        if section.get("ckpt_path") and self.subcommand in (None, "fit"):  # only a resumed fit restores optimizers
+            trainer.callbacks.append(ReapplyOptimizerConfig(reapply=bool(section.get("reapply_optimizer_config", False))))
         return trainer
 
 

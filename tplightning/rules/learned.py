@@ -99,7 +99,7 @@ class LearnedInverseRule(TargetPropRule):
         if self.form == "thesis" and feedback_noise_std == 0:
             raise ValueError("feedback_noise_std must be > 0 for the thesis form: Alg. A.8 learns Q from white noise of that std")
         if feedback_init not in ("pinv", "regularised", "random"):  # issue 12: + regularised
-            raise ValueError(f"feedback_init must be 'pinv', 'regularised' or 'random', got {feedback_init!r}")
+            raise ValueError(f"feedback_init must be 'pinv' or 'random' or 'regularised', got {feedback_init!r}")
         if feedback_init == "regularised" and not (feedback_weight_decay > 0 and feedback_noise_std > 0):
             raise ValueError(
                 "feedback_init='regularised' is theorem 4.7's inverse for lambda = feedback_weight_decay > 0 and "
