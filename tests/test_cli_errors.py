@@ -73,12 +73,22 @@ def test_traceback_switch_raises_the_original_error():
         report(main, [*BASE, "--model.init_args.nonexistent", "1", "--traceback"])
 
 
-@pytest.mark.parametrize("entry", [["train.py"], ["-m", "tplightning", "fit"]])
-def test_entry_points_exit_2_with_a_short_message(entry, tmp_path):
+def test_train_py_exits_2_with_a_short_message(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *([str(REPO / entry[0])] if entry == ["train.py"] else entry), "--config", "dtp.yaml", "--model", "tplightning.DTPIA"]
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", "dtp.yaml", "--model", "tplightning.DTPIA"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) <= 10, proc.stderr
     assert "did you mean tplightning.DTPAI?" in proc.stderr
+
+
+def test_python_m_tplightning_exits_2_with_a_short_message(capsys, monkeypatch):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["tplightning", "fit", "--config", "dtp.yaml", "--model", "tplightning.DTPIA"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("tplightning", run_name="__main__")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) <= 10 and "did you mean tplightning.DTPAI?" in err
