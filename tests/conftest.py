@@ -4,9 +4,10 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
+from tplightning._lightning import pl  # issue 12: the package TPLIGHTNING_LIGHTNING chose
 import torch
 
 import tplightning as tp
@@ -14,6 +15,8 @@ import tplightning as tp
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*The number of training batches.*")
 os.environ.setdefault("PL_DISABLE_FORK", "1")
+# issue 12: the configs' data cache is the shared MNIST folder next to the repository (CI sets the same)
+os.environ.setdefault("TPLIGHTNING_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 SGD = functools.partial(torch.optim.SGD, lr=0.01)
 
@@ -80,6 +83,17 @@ def _in_tmp_dir(tmp_path, monkeypatch):
     """Every test runs in its own folder: runs/, checkpoints and config.yaml land there."""
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _never_download(monkeypatch):
+    """Tests never download (issue 12); a test that fakes a download patches ``download_file`` itself."""
+    from tplightning.data import mnist
+
+    def refuse(url, dest, *args, **kwargs):
+        raise OSError(f"tests never download (asked for {url})")
+
+    monkeypatch.setattr(mnist, "download_file", refuse)
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ learning methods for deep neural networks* (MSc thesis, KU Leuven, 2019). Every 
 module is importable from here, which LightningCLI short names and ``load_from_checkpoint`` need.
 """
 from . import functional, layers, networks, selection, target_maps
-from .callbacks import InitNearTeacher
+from .callbacks import Checkpoint, InitNearTeacher, ReapplyOptimizerConfig
+from .checkpoints import load
 from .diagnostics import TargetPropDiagnostics
 from .data import MNISTDataModule, StudentTeacherDataModule, ToyDataModule
 from .rules import *  # noqa: F401,F403
@@ -13,4 +14,4 @@ from .rules import __all__ as _rules
 from .dynamics import DynamicalTP, MultiplexingDTP, TwoPhaseDTP  # noqa: F401 (chapter 6; not in __all__, see tplightning.dynamics)
 
 __version__ = "0.1.0"
-__all__ = ["functional", "layers", "networks", "selection", "target_maps", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", *_rules]
+__all__ = ["functional", "layers", "networks", "selection", "target_maps", "load", "Checkpoint", "ReapplyOptimizerConfig", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", *_rules]

@@ -2,36 +2,30 @@
 
 ``fit``, ``validate``, ``test`` and ``predict`` work as in any LightningCLI project; the config
 comes after the subcommand. ``train.py`` (fit, then test, in one call) is the simpler entry.
+Configuration errors print a few lines and exit with status 2 (``--traceback`` for the full one).
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
-
-from .cli import resolve_config_args
-from .rules.base import LearningRule
+from .cli import StockCLI, _cli_kwargs, _quiet_lightning, report, resolve_config_args
 
 
-def stock_cli(args: Sequence[str] | None = None) -> LightningCLI:
+def stock_cli(args: Sequence[str] | None = None) -> StockCLI:
     """Run ``LightningCLI`` with subcommands (a bare ``--config`` name resolves inside ``configs/``)."""
-    args = resolve_config_args(list(sys.argv[1:] if args is None else args))
+    _quiet_lightning()
+    args = resolve_config_args([a for a in (sys.argv[1:] if args is None else args) if a != "--traceback"])
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        return LightningCLI(
-            LearningRule,
-            pl.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-        )
+        return StockCLI(parser_kwargs={"exit_on_error": False}, **_cli_kwargs(args))
     finally:
         sys.argv = argv
 
 
+def run() -> None:
+    report(stock_cli, list(sys.argv[1:]))
+
+
 if __name__ == "__main__":
-    stock_cli()
+    run()

@@ -1,14 +1,16 @@
-"""Callbacks: place a student near its teacher (thesis 5.1.3 / 5.2.2)."""
+"""Callbacks: place a student near its teacher (thesis 5.1.3 / 5.2.2), checkpoints whose ``last.ckpt``
+is the last finished epoch, and optimizer settings that a resumed run can change."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
 
+from ._lightning import check_same_lightning, pl
 from .data.base import derive_seed
 
-__all__ = ["InitNearTeacher"]
+__all__ = ["InitNearTeacher", "Checkpoint", "ReapplyOptimizerConfig"]
 
 
 class InitNearTeacher(pl.Callback):
@@ -34,6 +36,7 @@ class InitNearTeacher(pl.Callback):
         self.distance, self.seed, self.copy_layers, self.max_attempts = distance, seed, list(copy_layers), max_attempts
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_same_lightning(trainer, "the trainer")
         if stage != "fit":
             return
         dm = trainer.datamodule
@@ -64,3 +67,122 @@ class InitNearTeacher(pl.Callback):
                 )
             new.append(W)
         pl_module.load_forward_weights([W.to(student[0].device, student[0].dtype) for W in new])
+
+
+class Checkpoint(pl.callbacks.ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the end of the last finished epoch.
+
+    Lightning's ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when it
+    also writes a top-k checkpoint, i.e. when the monitored metric improved; ``last.ckpt`` could then
+    hold an early epoch, and resuming from it re-ran epochs. This subclass writes ``last.ckpt`` at
+    every epoch end (after validation, where Lightning saves) and keeps the ``save_top_k`` best
+    checkpoints by ``monitor`` separately (``epoch=E-step=S.ckpt``). Every argument is
+    ``ModelCheckpoint``'s; ``save_last`` defaults to ``True``.
+    """
+
+    def __init__(self, *args, save_last: bool | str = True, **kwargs):
+        super().__init__(*args, save_last=save_last, **kwargs)
+
+    def _ensure_last(self, trainer, at_train_epoch_end: bool) -> None:
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._ensure_last(trainer, True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self._ensure_last(trainer, False)
+
+
+#: optimizer hyper-parameters that a resumed run may take from the config instead of the checkpoint
+_STATE_FREE = ("params", "initial_lr")
+
+
+def _hyperparameters(optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k not in _STATE_FREE} for g in optimizer.param_groups]
+
+
+class ReapplyOptimizerConfig(pl.Callback):
+    """On a resumed run, set the restored optimizers' hyper-parameters to the configured ones.
+
+    ``trainer.fit(..., ckpt_path=...)`` restores every optimizer from the checkpoint, its learning
+    rate, momentum, weight decay included: an ``--model.init_args.forward_optimizer.init_args.lr``
+    given on resume would silently have no effect. With ``reapply=True`` (``train.py
+    --reapply_optimizer_config true``) the configured values replace the restored ones after the
+    restore, and the learning-rate schedule is rebuilt from the config (its horizon follows
+    ``trainer.max_epochs``, so a run can also be extended) and continues at the restored epoch
+    from the new initial rate; the optimizer *state* (momentum buffers, Adam moments) is kept.
+    With ``reapply=False`` a warning names every configured value the checkpoint overrides. ``target_stepsize`` and the
+    other rule arguments are not optimizer state: they always come from the config.
+    """
+
+    def __init__(self, reapply: bool = False):
+        self.reapply = reapply
+        self.ignored: list[str] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.ckpt_path or not hasattr(pl_module, "build_optimizers"):
+            return
+        configured = pl_module.configure_optimizers()
+        fresh, fresh_schedulers = configured if isinstance(configured, tuple) else (configured, [])
+        restored = trainer.optimizers
+        schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
+        names = ["forward_optimizer", "feedback_optimizer"]
+        self.ignored = []
+        for i, (new, old) in enumerate(zip(fresh, restored)):
+            name = names[i] if i < len(names) else f"optimizer {i}"
+            for j, (gn, go) in enumerate(zip(_hyperparameters(new), _hyperparameters(old))):
+                base_old = old.param_groups[j].get("initial_lr", go.get("lr"))
+                for key, value in gn.items():
+                    was = base_old if key == "lr" else go.get(key)
+                    if key in go and not _same(value, was):
+                        self.ignored.append(f"{name}.{key}: config {value}, checkpoint {was}")
+                if self.reapply:
+                    group = old.param_groups[j]
+                    for key, value in gn.items():
+                        if key != "lr":
+                            group[key] = value
+                    group["initial_lr"] = gn["lr"]
+            if i < len(schedulers) and i < len(fresh_schedulers):
+                s, f = schedulers[i], fresh_schedulers[i]
+                old_l, new_l = getattr(s, "lr_lambdas", None), getattr(f, "lr_lambdas", None)
+                if old_l is not None and new_l is not None:
+                    if [vars(x) for x in old_l if hasattr(x, "__dict__")] != [vars(x) for x in new_l if hasattr(x, "__dict__")]:
+                        self.ignored.append(f"{name} schedule: config {_describe(new_l)}, checkpoint {_describe(old_l)}")
+                    if self.reapply:
+                        s.lr_lambdas = list(new_l)
+            if self.reapply and i < len(schedulers):
+                s = schedulers[i]
+                s.base_lrs = [g["initial_lr"] for g in old.param_groups]
+                lambdas = getattr(s, "lr_lambdas", None)
+                for g, base, f in zip(old.param_groups, s.base_lrs, lambdas or [lambda e: 1.0] * len(s.base_lrs)):
+                    g["lr"] = base * f(s.last_epoch)
+            elif self.reapply:
+                for g in old.param_groups:
+                    g["lr"] = g["initial_lr"]
+        if self.ignored and not self.reapply:
+            warnings.warn(
+                "resuming from a checkpoint restores the optimizers and their schedules, so these configured values "
+                "are ignored: " + "; ".join(self.ignored) + ". Add --reapply_optimizer_config true "
+                "(or ReapplyOptimizerConfig(reapply=True)) to use the configured values.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+def _describe(lambdas) -> str:
+    return ", ".join(f"{type(f).__name__}({', '.join(f'{k}={v}' for k, v in vars(f).items())})" if hasattr(f, "__dict__") else repr(f) for f in lambdas)
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # tensors, tuples of tensors
+        return repr(a) == repr(b)

@@ -4,39 +4,88 @@ Built on ``LightningCLI(run=False)``: any rule (``--model``) and any data module
 configs that compose (several ``--config``, later wins), overrides such as
 ``--trainer.max_epochs 3`` and ``--model.init_args.target_stepsize 0.05``, and ``--print_config``.
 A bare config name (``--config dtp.yaml``) is looked up in ``configs/``.
+
+What the CLI adds to the stock ``LightningCLI`` (also used by ``python -m tplightning``):
+
+* every logger of a run writes to one ``<save_dir>/<name>/version_N`` folder (the checkpoints land
+  in its ``checkpoints/``); ``validate``/``test``/``predict`` of a checkpoint log next to it, in
+  ``<run folder>/<subcommand>-<checkpoint name>/``;
+* ``--reapply_optimizer_config true`` resumes with the configured optimizer hyper-parameters
+  (:class:`~tplightning.callbacks.ReapplyOptimizerConfig`); without it a warning names each
+  configured value the checkpoint overrides;
+* a run that diverges raises :class:`~tplightning.rules.base.DivergenceError` whose message ends
+  with the exact command that resumes from the last good checkpoint with a smaller learning rate;
+* configuration errors print a few lines and exit with status 2 (``--traceback`` or
+  ``TPLIGHTNING_TRACEBACK=1`` for the full traceback); integer ``--trainer.limit_*_batches``
+  stay integers (a number of batches, not a fraction).
 """
 from __future__ import annotations
 
+import logging
 import os
+import shlex
+import warnings
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
+import yaml
 
+from ._lightning import LightningCLI, pl
+from .callbacks import ReapplyOptimizerConfig
+from .errors import ConfigError, is_config_error, short_error
 from .rules.base import DivergenceError, LearningRule
 
-__all__ = ["main", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args"]
+__all__ = ["main", "run", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args", "align_loggers"]
 
 CONFIG_DIR = Path(os.environ.get("TPLIGHTNING_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
+TRACEBACK_ENV = "TPLIGHTNING_TRACEBACK"
+#: trainer options whose integer value means "batches" and whose float means "fraction"
+_COUNT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches", "val_check_interval")
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertising line ("Tip: ... litlogger") adds nothing to a run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud logging" not in record.getMessage()
+
+
+def _quiet_lightning() -> None:
+    """A short console: drop Lightning's logger advertisement and a deprecation warning of its own internals."""
+    for name in (f"{pl.__name__}.utilities.rank_zero", "pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(str(p.relative_to(config_dir)) for p in config_dir.rglob("*.yaml")) if config_dir.is_dir() else []
 
 
+def _check_yaml(path: Path) -> None:
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {problem} at {where}") from err
+
+
 def resolve_config_args(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
     """Rewrite ``--config NAME`` to ``configs/NAME`` when ``NAME`` is not a path that exists.
 
-    Raises ``FileNotFoundError`` listing the available configs when neither exists.
+    Raises ``FileNotFoundError`` listing the available configs when neither exists and
+    :class:`~tplightning.errors.ConfigError` naming the file, line and column for invalid YAML.
     """
     out, it = [], iter(args)
     for a in it:
         if a == "--config" or a.startswith("--config="):
             value = a.split("=", 1)[1] if "=" in a else next(it, None)
             if value is None:
-                raise ValueError("--config needs a file name")
+                raise ConfigError("--config needs a file name")
             if not Path(value).exists():
                 candidate = config_dir / value
                 if not candidate.exists():
@@ -45,45 +94,156 @@ def resolve_config_args(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> l
                         + ", ".join(available_configs(config_dir))
                     )
                 value = str(candidate)
+            _check_yaml(Path(value))
             out += ["--config", value]
         else:
             out.append(a)
     return out
 
 
+def _int_literals(args: Sequence[str]) -> dict[str, int]:
+    """``{name: n}`` for ``--trainer.<name> n`` given as an integer literal on the command line."""
+    found, args = {}, list(args)
+    for k, a in enumerate(args):
+        for name in _COUNT_OR_FRACTION:
+            opt = f"--trainer.{name}"
+            value = a.split("=", 1)[1] if a.startswith(opt + "=") else args[k + 1] if a == opt and k + 1 < len(args) else None
+            if value is not None and value.strip().lstrip("+").isdigit():
+                found[name] = int(value)
+    return found
+
+
+def align_loggers(trainer, subcommand: str | None = None, ckpt_path: str | None = None) -> Path | None:
+    """One folder per run: give every logger of ``trainer`` the same version; returns that folder.
+
+    CSVLogger and TensorBoardLogger each pick ``version_N`` by counting the folders they find, so
+    two loggers of one run ended up in ``version_N`` and ``version_N+1``. For ``validate``,
+    ``test`` and ``predict`` of a checkpoint ``.../version_N/checkpoints/X.ckpt`` the loggers write
+    to ``.../version_N/<subcommand>-X/`` instead of starting a new version.
+    """
+    loggers = [lg for lg in trainer.loggers if hasattr(lg, "_version") and getattr(lg, "root_dir", None) is not None]
+    if not loggers:
+        return None
+    if subcommand in ("validate", "test", "predict") and ckpt_path and Path(ckpt_path).is_file():
+        ckpt = Path(ckpt_path).resolve()
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        version: int | str = str(run_dir / f"{subcommand}-{ckpt.stem}")  # absolute: os.path.join keeps it
+    else:
+        explicit = [lg._version for lg in loggers if lg._version is not None]
+        version = explicit[0] if explicit else max(lg.version for lg in loggers)
+    for lg in loggers:
+        lg._version = version
+    return Path(loggers[0].log_dir) if loggers[0].log_dir is not None else None
+
+
 class TPLightningCLI(LightningCLI):
-    """LightningCLI with ``--ckpt_path`` (resume) and ``--test_on`` (``final`` or ``best`` weights)."""
+    """LightningCLI with ``--ckpt_path`` (resume), ``--test_on`` and ``--reapply_optimizer_config``."""
+
+    subcommand_mode = False
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
+        if not self.subcommand_mode:
+            parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
+            parser.add_argument(
+                "--test_on",
+                type=str,
+                default="final",
+                help="test the 'final' weights, the 'best' validation checkpoint, or 'none' to skip testing",
+            )
         parser.add_argument(
-            "--test_on",
-            type=str,
-            default="final",
-            help="test the 'final' weights, the 'best' validation checkpoint, or 'none' to skip testing",
+            "--reapply_optimizer_config",
+            type=bool,
+            default=False,
+            help="on resume, use the configured optimizer hyper-parameters (learning rates, momentum, weight decay) "
+            "instead of the checkpoint's; the optimizer state and the schedule's position are kept",
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        self._raw_args = list(args or [])
+        try:
+            super().parse_arguments(parser, args)
+        except BaseException as err:
+            err.tplightning_parser = parser  # for close matches of unknown options
+            raise
+
+    def _parse_ckpt_path(self) -> None:
+        # The stock CLI overlays the checkpoint's hyper-parameters on the config, which silently
+        # undoes command-line changes on a resumed ``fit``; keep it for validate/test/predict only.
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
+    def _section(self) -> dict:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def instantiate_trainer(self, **kwargs):
+        # jsonargparse reads ``int | float`` "1" as 1.0, which Lightning takes as a fraction (all batches)
+        kwargs = {**_int_literals(getattr(self, "_raw_args", [])), **kwargs}
+        trainer = super().instantiate_trainer(**kwargs)
+        section = self._section()
+        align_loggers(trainer, self.subcommand, section.get("ckpt_path"))
+        if section.get("ckpt_path") and self.subcommand in (None, "fit"):  # only a resumed fit restores optimizers
+            trainer.callbacks.append(ReapplyOptimizerConfig(reapply=bool(section.get("reapply_optimizer_config", False))))
+        return trainer
+
+
+class StockCLI(TPLightningCLI):
+    """The subcommand CLI of ``python -m tplightning`` (``fit``, ``validate``, ``test``, ``predict``)."""
+
+    subcommand_mode = True
+
+
+def _cli_kwargs(args: list[str]) -> dict:
+    return dict(
+        model_class=LearningRule,
+        datamodule_class=pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
 
 
 def _build_cli(args: list[str]) -> TPLightningCLI:
-    return TPLightningCLI(
-        LearningRule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        auto_configure_optimizers=False,
-        args=args,
-        parser_kwargs={"exit_on_error": False},
-        save_config_kwargs={"overwrite": True},
-    )
+    return TPLightningCLI(run=False, parser_kwargs={"exit_on_error": False}, **_cli_kwargs(args))
+
+
+def _divergence_advice(cli, err: DivergenceError, args: Sequence[str]) -> str:
+    """The command that resumes from the last good checkpoint with a tenth of the forward learning rate."""
+    ckpt = getattr(cli.trainer.checkpoint_callback, "last_model_path", "") or ""
+    if not ckpt or not Path(ckpt).is_file():
+        return (
+            " No checkpoint had been written yet: rerun with a smaller learning rate "
+            "(--model.init_args.forward_optimizer.init_args.lr) or target_stepsize."
+        )
+    lr = None
+    fwd = cli.config.get("model", {}).get("init_args", {}).get("forward_optimizer")
+    if fwd is not None and hasattr(fwd, "get") and fwd.get("init_args") is not None:
+        lr = fwd["init_args"].get("lr")
+    keep, it = [], iter(args)
+    for a in it:  # drop options the advice sets itself
+        key = a.split("=", 1)[0]
+        if key in ("--ckpt_path", "--reapply_optimizer_config", "--model.init_args.forward_optimizer.init_args.lr"):
+            if "=" not in a:
+                next(it, None)
+            continue
+        keep.append(a)
+    new = ["--ckpt_path", ckpt, "--reapply_optimizer_config", "true"]
+    if lr:
+        new += ["--model.init_args.forward_optimizer.init_args.lr", f"{lr / 10:g}"]
+    return " To continue with a tenth of the learning rate: python train.py " + shlex.join([*keep, *new])
 
 
 def main(args: Sequence[str] | None = None) -> dict:
     """Fit and test as configured; returns ``{"cli", "fit_metrics", "test_metrics"}``.
 
-    Raises ``DivergenceError`` when training diverges (the last good checkpoint stays on disk).
+    Raises ``DivergenceError`` when training diverges (the last good checkpoint stays on disk);
+    its message ends with the command that resumes from it with a smaller learning rate.
     """
-    args = resolve_config_args(list(sys.argv[1:] if args is None else args))
+    raw = list(sys.argv[1:] if args is None else args)
+    raw = [a for a in raw if a != "--traceback"]
+    _quiet_lightning()
+    args = resolve_config_args(raw)
     argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads ``args``; keep it from also seeing argv
     try:
         cli = _build_cli(args)
@@ -92,8 +252,11 @@ def main(args: Sequence[str] | None = None) -> dict:
     cfg = cli.config
     test_on = cfg.get("test_on", "final")
     if test_on not in ("final", "best", "none"):
-        raise ValueError(f"--test_on must be 'final', 'best' or 'none', got {test_on!r}")
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"))
+        raise ConfigError(f"--test_on must be 'final', 'best' or 'none', got {test_on!r}")
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except DivergenceError as err:
+        raise DivergenceError(str(err) + _divergence_advice(cli, err, raw)) from err
     fit_metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     test_metrics = {}
     if test_on != "none":
@@ -103,13 +266,28 @@ def main(args: Sequence[str] | None = None) -> dict:
     return {"cli": cli, "fit_metrics": fit_metrics, "test_metrics": test_metrics}
 
 
-def run() -> None:
-    """Console entry: like :func:`main`, but a diverged run ends with its message and exit code 1."""
+def wants_traceback(args: Sequence[str]) -> bool:
+    return "--traceback" in args or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def report(fn, args: list[str]):
+    """Run ``fn(args)``; a configuration error prints a few lines and exits 2, a divergence exits 1."""
+    if wants_traceback(args):
+        return fn([a for a in args if a != "--traceback"])
     try:
-        main()
+        return fn(args)
     except DivergenceError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except SystemExit:
+        raise
+    except BaseException as err:
+        if not is_config_error(err):
+            raise
+        print(short_error(err, args, getattr(err, "tplightning_parser", None)), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run() -> None:
+    """Console entry (``train.py``, ``tplightning-train``): :func:`main` with short errors."""
+    report(main, list(sys.argv[1:]))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import pytorch_lightning as pl
+from ._lightning import pl
 import torch
 from torch import Tensor
 

@@ -112,9 +112,12 @@ class Layer(nn.Module):
         """The transposed weight ``W^T`` in :meth:`feedback_shape` (a feedback weight that starts as the adjoint)."""
         raise NotImplementedError
 
-    def pseudo_inverse(self) -> Tensor:
-        """``W^dagger`` in :meth:`feedback_shape` where it is cheap (dense layers); the adjoint ``W^T`` otherwise
-        (for a convolution the adjoint is a transposed convolution, and the pseudo-inverse is not one)."""
+    def pseudo_inverse(self, gamma: float = 0.0) -> Tensor:
+        """``W^dagger`` (``gamma = 0``) or theorem 4.7's ``W^T (W W^T + gamma I)^{-1}`` in :meth:`feedback_shape`, where it is
+        cheap (dense layers); the adjoint ``W^T`` otherwise (for a convolution the adjoint is a transposed convolution,
+        and the pseudo-inverse is not one)."""
+        if gamma:
+            raise ValueError(f"the regularised inverse needs a dense layer above, not a {type(self).__name__}")
         return self.adjoint()
 
     @property
@@ -208,9 +211,8 @@ class Dense(Layer):
     def full_weight(self) -> Tensor:
         return self.weight
 
-    def pseudo_inverse(self) -> Tensor:
-        W = self.full_weight().detach()
-        return torch.linalg.pinv(W.double()).to(W.dtype)
+    def pseudo_inverse(self, gamma: float = 0.0) -> Tensor:
+        return F.regularised_inverse(self.full_weight(), gamma)
 
 
 class AuxiliaryDense(Dense):

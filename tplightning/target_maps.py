@@ -255,8 +255,13 @@ def check_feedback_options(noise_std: float, weight_decay: float, init: str) -> 
     """``ValueError`` for a negative noise std or weight decay, or an unknown initialisation."""
     if noise_std < 0 or weight_decay < 0:
         raise ValueError(f"feedback_noise_std and feedback_weight_decay must be >= 0, got {noise_std} and {weight_decay}")
-    if init not in ("pinv", "random"):
-        raise ValueError(f"feedback_init must be 'pinv' or 'random', got {init!r}")
+    if init not in ("pinv", "regularised", "random"):
+        raise ValueError(f"feedback_init must be 'pinv' or 'random' or 'regularised', got {init!r}")
+    if init == "regularised" and not (weight_decay > 0 and noise_std > 0):
+        raise ValueError(
+            "feedback_init='regularised' is theorem 4.7's inverse for lambda = feedback_weight_decay > 0 and "
+            f"sigma = feedback_noise_std > 0, got {weight_decay} and {noise_std}"
+        )
 
 
 class _LearnedMap(TargetMap):
@@ -266,7 +271,9 @@ class _LearnedMap(TargetMap):
         noise_std: ``sigma`` of Alg. A.8's white noise (thesis form) or of eq. 3.13's noise injection (original form).
         weight_decay: ``lambda`` of the regularised inverse loss (eq. 4.97): the gradient gains ``lambda Q``.
         init: ``pinv`` (``Q = W_{i+1}^dagger``, the thesis' experiments, section 5.2.2; the adjoint ``W^T`` for
-            convolutions) or ``random`` (Gaussian, std ``1/sqrt(fan-in)``).
+            convolutions), ``regularised`` (theorem 4.7's ``W^T (W W^T + lambda/sigma^2 I)^{-1}``, the fixed point the
+            regularised feedback training moves to; :func:`~tplightning.functional.regularised_inverse`) or ``random``
+            (Gaussian, std ``1/sqrt(fan-in)``).
     """
 
     def __init__(self, noise_std: float = 1.0, weight_decay: float = 0.0, init: str = "pinv"):
@@ -279,7 +286,7 @@ class _LearnedMap(TargetMap):
         shape = upper.feedback_shape()
         W = upper.weight
         self.Q = nn.Parameter(torch.randn(*shape, dtype=W.dtype, device=W.device) / upper.feedback_fan_in**0.5)
-        if self.init == "pinv":
+        if self.init != "random":
             self.init_pinv()
 
     def matrix(self):
@@ -287,10 +294,12 @@ class _LearnedMap(TargetMap):
 
     @torch.no_grad()
     def init_pinv(self) -> None:
-        self.Q.copy_(self.upper.pseudo_inverse())
+        """``Q = W^dagger``, or theorem 4.7's regularised inverse with ``gamma = lambda / sigma^2`` for ``init='regularised'``."""
+        gamma = self.weight_decay / self.noise_std**2 if self.init == "regularised" else 0.0
+        self.Q.copy_(self.upper.pseudo_inverse(gamma))
 
     def on_weights_changed(self):
-        if self.init == "pinv":
+        if self.init != "random":
             self.init_pinv()
 
     def _decayed(self, grad: Tensor) -> dict[Tensor, Tensor]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import pytorch_lightning as pl
+from tplightning._lightning import pl
 import torch
 import yaml
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytorch_lightning as pl
+from tplightning._lightning import pl
 import torch
 
 import tplightning as tp

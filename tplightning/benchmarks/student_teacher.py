@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import pytorch_lightning as pl
+from tplightning._lightning import pl
 import torch
 
 from ..cli import main as cli_main

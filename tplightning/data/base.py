@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import zlib
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .._lightning import pl
 
 __all__ = ["TensorData", "EpochSeededSampler", "TensorDataModule", "derive_seed"]
 

@@ -7,6 +7,7 @@ import math
 import os
 import struct
 import urllib.request
+import zlib
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from .base import TensorData, TensorDataModule
 
-__all__ = ["MNISTDataModule", "MD5", "MIRRORS", "download_file", "find_files", "read_idx"]
+__all__ = ["MNISTDataModule", "MD5", "MIRRORS", "DATA_ENV", "NO_DOWNLOAD_ENV", "default_data_dir", "download_file", "find_files", "read_idx"]
 
 #: md5 of the *decompressed* IDX files (the gzip wrappers differ between sources).
 MD5: dict[str, str] = {
@@ -25,6 +26,18 @@ MD5: dict[str, str] = {
 }
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://yann.lecun.com/exdb/mnist/")
 MEAN, STD = 0.1307, 0.3081
+#: environment variable naming the data cache (a torchvision data root works: ``<root>/MNIST/raw``)
+DATA_ENV = "TPLIGHTNING_DATA"
+#: set to 1 to forbid downloads whatever the config says (tests, CI, offline machines)
+NO_DOWNLOAD_ENV = "TPLIGHTNING_NO_DOWNLOAD"
+
+
+def default_data_dir() -> Path:
+    """``$TPLIGHTNING_DATA`` if set, else ``$XDG_CACHE_HOME/tplightning`` (``~/.cache/tplightning``)."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser().resolve()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (cache / "tplightning").expanduser().resolve()
 _IDX_UBYTE = 0x08
 
 
@@ -61,7 +74,8 @@ def find_files(data_dir: Path) -> dict[str, Path | None]:
 def _missing_error(data_dir: Path, missing: list[str], reason: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"MNIST files missing from {data_dir}: {', '.join(missing)}. Put each at "
-        f"{_raw_dir(data_dir)}/<name>.gz (or the uncompressed <name>, or directly in {data_dir}). {reason}"
+        f"{_raw_dir(data_dir)}/<name>.gz (or the uncompressed <name>, or directly in {data_dir}), or point "
+        f"{DATA_ENV} (or --data.init_args.data_dir) at a folder that has them. {reason}"
     )
 
 
@@ -69,11 +83,15 @@ def read_idx(path: Path, ndim: int) -> Tensor:
     """Read an unsigned-byte IDX file (gzip or raw) with ``ndim`` dimensions, verifying its md5 against ``MD5``."""
     name = path.name.removesuffix(".gz")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = bytearray(f.read())
+    fix = f"delete {path} and run again with download: true (or put an intact copy there)"
+    try:
+        with opener(path, "rb") as f:
+            data = bytearray(f.read())
+    except (EOFError, OSError, zlib.error) as err:  # truncated gzip, not gzip at all, unreadable
+        raise ValueError(f"MNIST file {path} is truncated or corrupt ({err}); {fix}") from err
     expected, actual = MD5.get(name), hashlib.md5(data).hexdigest()
     if actual != expected:
-        raise ValueError(f"md5 mismatch for {path} (decompressed bytes): expected {expected}, got {actual}")
+        raise ValueError(f"md5 mismatch for {path} (decompressed bytes): expected {expected}, got {actual}; {fix}")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"malformed IDX file {path}: {len(data)} bytes is shorter than its {header}-byte header")
@@ -99,7 +117,9 @@ class MNISTDataModule(TensorDataModule):
     ``FileNotFoundError`` lists them. The test split is the 10k ``t10k`` images.
 
     Args:
-        data_dir: folder holding the MNIST files (relative paths resolve against the working directory).
+        data_dir: folder holding the MNIST files (relative paths resolve against the working directory);
+            ``None``: the data cache, ``$TPLIGHTNING_DATA`` or else ``~/.cache/tplightning``
+            (:func:`default_data_dir`). A torchvision data root (``<root>/MNIST/raw``) works as is.
         num_train: training images, drawn from the training files.
         num_val: validation images, drawn from the training files, disjoint from the training ones.
         split_seed: seed of the train/validation split.
@@ -108,7 +128,8 @@ class MNISTDataModule(TensorDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test batch size.
         shuffle_seed: seed of the per-epoch shuffling.
-        download: download missing files from the usual mirrors (never overwrites present files).
+        download: download missing files from the usual mirrors (never overwrites present files);
+            ``TPLIGHTNING_NO_DOWNLOAD=1`` in the environment forbids it whatever the config says.
     """
 
     task = "classification"
@@ -116,7 +137,7 @@ class MNISTDataModule(TensorDataModule):
 
     def __init__(
         self,
-        data_dir: str = "../shared/data",
+        data_dir: str | None = None,
         num_train: int = 55000,
         num_val: int = 5000,
         split_seed: int = 0,
@@ -133,7 +154,7 @@ class MNISTDataModule(TensorDataModule):
         if subset is not None and subset < num_train + num_val:
             raise ValueError(f"subset={subset} is smaller than num_train + num_val = {num_train} + {num_val}")
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
         self.num_train, self.num_val, self.split_seed = num_train, num_val, split_seed
         self.subset, self.normalize, self.download = subset, normalize, download
 
@@ -144,6 +165,8 @@ class MNISTDataModule(TensorDataModule):
             return
         if not self.download:
             raise _missing_error(self.data_dir, missing, "(download=False)")
+        if os.environ.get(NO_DOWNLOAD_ENV, "") not in ("", "0"):
+            raise _missing_error(self.data_dir, missing, f"(downloads are switched off by {NO_DOWNLOAD_ENV}=1)")
         for name in list(missing):
             dest = _raw_dir(self.data_dir) / f"{name}.gz"
             errors = []

@@ -23,10 +23,13 @@ class StudentTeacherDataModule(TensorDataModule):
     given Frobenius distance from them.
 
     Args:
-        sizes: teacher layer sizes ``[n_0, ..., n_L]``.
-        activation: teacher hidden non-linearity.
-        output_activation: teacher output non-linearity.
-        negative_slope: leaky-ReLU slope.
+        sizes: teacher layer sizes ``[n_0, ..., n_L]`` (the student's ``sizes`` must match).
+        teacher_activation: teacher hidden non-linearity. Named apart from the model's
+            ``activation``: the teacher is part of the problem, the student's non-linearity may
+            differ (and Lightning refuses a run whose model and data hyper-parameters share a
+            name with different values).
+        teacher_output_activation: teacher output non-linearity.
+        teacher_negative_slope: the teacher's leaky-ReLU slope.
         teacher_std: std of the teacher's Gaussian weights (thesis: 1.0).
         teacher_seed: seed of the teacher's weights and of the inputs.
         num_train: training samples (batches per epoch = num_train / batch_size).
@@ -44,9 +47,9 @@ class StudentTeacherDataModule(TensorDataModule):
     def __init__(
         self,
         sizes: Sequence[int] = (6, 6, 6),
-        activation: str = "leaky_relu",
-        output_activation: str = "linear",
-        negative_slope: float = 0.35,
+        teacher_activation: str = "leaky_relu",
+        teacher_output_activation: str = "linear",
+        teacher_negative_slope: float = 0.35,
         teacher_std: float = 1.0,
         teacher_seed: int = 0,
         num_train: int = 1920,
@@ -64,7 +67,7 @@ class StudentTeacherDataModule(TensorDataModule):
                 raise ValueError(f"{name} must be >= 1, got {n}")
         self.save_hyperparameters()
         g = torch.Generator().manual_seed(derive_seed(teacher_seed, "teacher"))
-        self.teacher = MLP(sizes, activation, output_activation, negative_slope, False, teacher_std, generator=g)
+        self.teacher = MLP(sizes, teacher_activation, teacher_output_activation, teacher_negative_slope, False, teacher_std, generator=g)
         self.teacher.requires_grad_(False)
         self.input_dim, self.output_dim = self.teacher.sizes[0], self.teacher.sizes[-1]
         self.num_train, self.num_val, self.num_test, self.input_std = num_train, num_val, num_test, input_std

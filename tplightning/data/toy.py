@@ -41,9 +41,9 @@ class ToyDataModule(StudentTeacherDataModule):
     ):
         super().__init__(
             sizes=(1, 2, 2),
-            activation="leaky_relu" if nonlinear else "linear",
-            output_activation="linear",
-            negative_slope=0.1,
+            teacher_activation="leaky_relu" if nonlinear else "linear",
+            teacher_output_activation="linear",
+            teacher_negative_slope=0.1,
             teacher_seed=teacher_seed,
             num_train=num_train,
             num_val=num_val,

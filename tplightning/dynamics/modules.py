@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pytorch_lightning.cli import OptimizerCallable
+from tplightning._lightning import OptimizerCallable
 from torch import Tensor, nn
 
 from ..rules.base import DivergenceError, LearningRule

@@ -41,7 +41,7 @@ import warnings
 from collections import defaultdict
 from typing import Sequence
 
-import pytorch_lightning as pl
+from tplightning._lightning import pl
 
 from ..benchmarks.student_teacher import AI_CONFIGS, mse, run_one, seed_args
 from .common import parse_args, save_figure, save_json, single_thread

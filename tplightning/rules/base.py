@@ -4,13 +4,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import pytorch_lightning as pl
 import torch
 import torchmetrics
-from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor
 
 from .. import functional as F
+from .._lightning import OptimizerCallable, pl
 from ..layers import Layer, Network, build_network
 from .state import CheckpointState
 
@@ -253,6 +252,10 @@ class LearningRule(CheckpointState, pl.LightningModule):
     def test_step(self, batch, batch_idx):
         return self._eval_step(batch, self.test_metrics, "test")
 
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        """The model's outputs for a batch of inputs ``x`` or of ``(x, y)`` pairs (``y`` is ignored)."""
+        return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
     def log_train(self, loss: Tensor, batch_size: int) -> None:
         """Accumulate the training loss on-device; log it every ``log_every_n_steps`` batches.
 
@@ -302,3 +305,13 @@ class LearningRule(CheckpointState, pl.LightningModule):
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         self.batches_seen = int(state.get("batches_seen", 0))
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``, building the rule class the checkpoint records (see :mod:`tplightning.checkpoints`)."""
+        from ..checkpoints import recorded_class
+
+        target = recorded_class(checkpoint_path, cls)
+        if target is not cls:
+            return target.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -23,9 +23,9 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor
 
+from .._lightning import OptimizerCallable
 from ..target_maps import Difference, GradientTarget, OriginalInverse, Step, TargetMap, ThesisInverse, check_feedback_options
 from .target_prop import TargetPropRule
 
@@ -59,7 +59,10 @@ class LearnedInverseRule(TargetPropRule):
             training batch size.
         feedback_pretrain_epochs: epochs at the start of training that update only ``Q``.
         feedback_init: ``pinv`` sets ``Q_i = W_{i+1}^dagger`` at the start and whenever the forward
-            weights are replaced (what the thesis' experiments do, section 5.2.2); ``random``
+            weights are replaced (what the thesis' experiments do, section 5.2.2); ``regularised``
+            sets the regularised inverse of theorem 4.7, ``W^T (W W^T + lambda/sigma^2 I)^{-1}`` with
+            ``lambda = feedback_weight_decay`` (> 0) and ``sigma = feedback_noise_std``, the fixed
+            point of the feedback training (:func:`tplightning.functional.regularised_inverse`); ``random``
             draws Gaussian ``Q_i`` with std ``1/sqrt(n_{i+1})``.
         feedback_seed: seed of the feedback noise (offset by the DDP rank).
         **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
@@ -77,7 +80,7 @@ class LearnedInverseRule(TargetPropRule):
         feedback_iterations: int = 1,
         feedback_batch_size: int | None = None,
         feedback_pretrain_epochs: int = 0,
-        feedback_init: Literal["pinv", "random"] = "pinv",
+        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         **kwargs,
     ):
@@ -127,7 +130,7 @@ class LearnedInverseRule(TargetPropRule):
 
     @torch.no_grad()
     def init_feedback_pinv(self) -> None:
-        """``Q_i = W_{i+1}^dagger`` for every feedback layer."""
+        """``Q_i = W_{i+1}^dagger`` for every feedback layer (theorem 4.7's regularised inverse for ``feedback_init='regularised'``)."""
         for i in self.feedback_layers:
             self.maps[i - 1].base.init_pinv()
 

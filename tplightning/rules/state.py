@@ -46,6 +46,7 @@ class CheckpointState:
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tplightning"] = self.extra_state()
+        checkpoint["tplightning"]["class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"  # read by tplightning.load
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.load_extra_state(checkpoint.get("tplightning", {}))

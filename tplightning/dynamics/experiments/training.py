@@ -36,7 +36,7 @@ import statistics
 import sys
 from typing import Sequence
 
-import pytorch_lightning as pl
+from tplightning._lightning import pl
 import torch
 
 from ... import functional as F

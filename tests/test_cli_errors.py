@@ -1,0 +1,94 @@
+"""Configuration errors print a few exact lines and exit 2 (issue 12, point 3).
+
+Each case checks the printed text of ``train.py``'s entry (:func:`tplightning.cli.run`, here
+through :func:`tplightning.cli.report`): the option path, the value given, what is expected, a close
+match for a misspelt name, at most ten lines, exit status 2; ``--traceback`` gives the exception.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tplightning.__main__ import stock_cli
+from tplightning.cli import report
+from train import main
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["--config", "dtp.yaml", "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false"]
+
+
+def _printed(capsys, fn, args) -> str:
+    with pytest.raises(SystemExit) as info:
+        report(fn, list(args))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) <= 10, err
+    assert "Traceback" not in err and "Namespace(" not in err and "NestedArg" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--model.init_args.nonexistent", "1"], r"error: --model\.init_args\.nonexistent: tplightning\.DTPAI has no argument 'nonexistent'.*\n  given: 1"),
+        (["--model.init_args.target_stepsiz", "0.2"], r"did you mean --model\.init_args\.target_stepsize\?\n  given: 0\.2"),
+        (["--model", "tplightning.DTPIA"], r"error: --model: tplightning\.DTPIA does not exist; did you mean tplightning\.DTPAI\?"),
+        (["--model.init_args.target_stepsize", "0"], r"error: --model\.init_args\.target_stepsize: target_stepsize must be > 0, got 0\.0\n  given: 0"),
+        (["--data.init_args.batch_size", "0"], r"error: --data\.init_args\.batch_size: batch sizes must be >= 1, got batch_size=0"),
+        (["--model.init_args.target_stepsize", "abc"], r"error: --model\.init_args\.target_stepsize: expected a float\n  given: abc"),
+        (["--trainer.max_epochz", "3"], r"error: unknown option --trainer\.max_epochz \(value '3'\)\n  did you mean --trainer\.max_epochs\?"),
+        (["--model.init_args.forward_optimizer.init_args.lrr", "3"], r"torch\.optim\.SGD has no argument 'lrr'; did you mean --model\.init_args\.forward_optimizer\.init_args\.lr\?"),
+        (
+            ["--model.init_args.activation", "relu", "--model.init_args.sizes", "[6,6,6,6]", "--data.init_args.sizes", "[6,6,6,6]"],
+            r"error: --model\.init_args\.activation: layer 2 activation ReLU\(\) has no inverse.*\n  given: relu",
+        ),
+    ],
+)
+def test_config_errors_are_short_and_exact(capsys, extra, expected):
+    err = _printed(capsys, main, [*BASE, *extra])
+    assert re.search(expected, err), err
+    assert err.endswith("--traceback for the full traceback; --help lists the options, --model.help CLASS a class's)")
+
+
+def test_stock_cli_errors_are_short_too(capsys):
+    err = _printed(capsys, stock_cli, ["fit", *BASE, "--model.init_args.nonexistent", "1"])
+    assert err.startswith("error: --model.init_args.nonexistent: tplightning.DTPAI has no argument 'nonexistent'")
+
+
+def test_yaml_error_names_the_file(capsys, tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("trainer:\n  max_epochs: [1\n  foo: 2\n")
+    err = _printed(capsys, main, ["--config", "dtp.yaml", "--config", str(bad)])
+    assert err.startswith(f"error: config file {bad} is not valid YAML: ") and "at line 3, column 6" in err
+
+
+def test_traceback_switch_raises_the_original_error():
+    with pytest.raises(argparse.ArgumentError, match="Option 'nonexistent' is not accepted"):
+        report(main, [*BASE, "--model.init_args.nonexistent", "1", "--traceback"])
+
+
+def test_train_py_exits_2_with_a_short_message(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", "dtp.yaml", "--model", "tplightning.DTPIA"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) <= 10, proc.stderr
+    assert "did you mean tplightning.DTPAI?" in proc.stderr
+
+
+def test_python_m_tplightning_exits_2_with_a_short_message(capsys, monkeypatch):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["tplightning", "fit", "--config", "dtp.yaml", "--model", "tplightning.DTPIA"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("tplightning", run_name="__main__")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) <= 10 and "did you mean tplightning.DTPAI?" in err

@@ -1,0 +1,68 @@
+"""The one place that chooses the Lightning package; every other module imports ``pl`` from here.
+
+tplightning works with the standalone ``pytorch_lightning`` (the default) and with the unified
+``lightning`` package (``import lightning as L``; its trainer lives in ``lightning.pytorch``).
+The choice, made once at import time:
+
+1. the environment variable ``TPLIGHTNING_LIGHTNING`` = ``pytorch_lightning`` or ``lightning``;
+2. otherwise ``lightning`` if only it has already been imported (``import lightning`` before
+   ``import tplightning``), else ``pytorch_lightning``.
+
+Rules, data modules and callbacks of one package cannot be mixed with a trainer of the other
+(Lightning checks classes, not behaviour); :func:`check_same_lightning` turns such a mix into an
+error that names both packages and the switch.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+__all__ = ["pl", "cli", "OptimizerCallable", "LightningCLI", "PACKAGE", "ENV_VAR", "check_same_lightning"]
+
+ENV_VAR = "TPLIGHTNING_LIGHTNING"
+_MODULES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}
+
+
+def _choose() -> str:
+    choice = os.environ.get(ENV_VAR, "").strip()
+    if choice:
+        if choice not in _MODULES:
+            raise ImportError(f"{ENV_VAR}={choice!r} is not a Lightning package; expected 'pytorch_lightning' or 'lightning'")
+        return choice
+    if "lightning" in sys.modules and "pytorch_lightning" not in sys.modules:
+        return "lightning"
+    return "pytorch_lightning"
+
+
+PACKAGE = _choose()
+try:
+    pl = importlib.import_module(_MODULES[PACKAGE])
+    cli = importlib.import_module(_MODULES[PACKAGE] + ".cli")
+except ImportError as err:
+    extra = "pip install 'tplightning[lightning]'" if PACKAGE == "lightning" else "pip install pytorch-lightning"
+    raise ImportError(f"tplightning was asked for the {PACKAGE!r} package ({ENV_VAR}), which is not installed: {extra}") from err
+OptimizerCallable = cli.OptimizerCallable
+LightningCLI = cli.LightningCLI
+
+
+def _package_of(obj) -> str | None:
+    root = type(obj).__module__.split(".")[0]
+    for klass in type(obj).__mro__:
+        mod = klass.__module__
+        if mod.startswith("lightning.pytorch") or mod.startswith("lightning.fabric"):
+            return "lightning"
+        if mod.startswith("pytorch_lightning") or mod.startswith("lightning_fabric"):
+            return "pytorch_lightning"
+    return root if root in _MODULES else None
+
+
+def check_same_lightning(obj, what: str) -> None:
+    """Raise ``TypeError`` when ``obj`` (a trainer, data module, ...) comes from the other Lightning package."""
+    other = _package_of(obj)
+    if other is not None and other != PACKAGE:
+        raise TypeError(
+            f"{what} {type(obj).__name__} is a {other!r} object, but tplightning was loaded for {PACKAGE!r}; "
+            f"the packages 'pytorch_lightning' and 'lightning' cannot be mixed. Use one of them throughout, "
+            f"or set {ENV_VAR}={other} before importing tplightning."
+        )

@@ -1,0 +1,195 @@
+"""Short, exact error messages for the command line (``train.py``, ``python -m tplightning``).
+
+jsonargparse reports a bad option as a nested tree (union subtypes, ``class_path`` problems,
+``Namespace`` dumps) and a constructor's ``ValueError`` arrives wrapped in it. :func:`short_error`
+boils that down to a few lines: the option path, the value given, what is expected and, for a
+misspelt name, the closest valid one. ``--traceback`` (or ``TPLIGHTNING_TRACEBACK=1``) shows the
+full traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import inspect
+import re
+from collections.abc import Sequence
+
+__all__ = ["ConfigError", "short_error", "close_matches", "accepted_arguments", "HINT"]
+
+HINT = "(add --traceback for the full traceback; --help lists the options, --model.help CLASS a class's)"
+_SECTIONS = {"LearningRule": "model", "LightningModule": "model", "LightningDataModule": "data", "Callback": "trainer.callbacks", "Logger": "trainer.logger"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: bad YAML, an option that does not exist, a value out of range."""
+
+
+def close_matches(word: str, candidates, n: int = 1) -> list[str]:
+    return difflib.get_close_matches(word, sorted(set(candidates)), n=n, cutoff=0.6)
+
+
+def _import(path: str):
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def accepted_arguments(cls) -> list[str]:
+    """Constructor arguments of ``cls``, following ``**kwargs`` up the class hierarchy as jsonargparse does."""
+    names: list[str] = []
+    for klass in getattr(cls, "__mro__", [cls]):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            break
+        more = False
+        for p in params:
+            if p.name == "self" or p.kind is p.VAR_POSITIONAL:
+                continue
+            if p.kind is p.VAR_KEYWORD:
+                more = True
+            elif p.name not in names:
+                names.append(p.name)
+        if not more:
+            break
+    return names
+
+
+def _given(argv: Sequence[str]) -> dict[str, str]:
+    """``{option: value}`` of the command line (``--a.b v`` and ``--a.b=v``)."""
+    out, args = {}, list(argv)
+    for k, a in enumerate(args):
+        if not a.startswith("--"):
+            continue
+        if "=" in a:
+            key, value = a.split("=", 1)
+            out[key.rstrip("+")] = value
+        elif k + 1 < len(args) and not args[k + 1].startswith("--"):
+            out[a] = args[k + 1]
+    return out
+
+
+def _leaves(message: str) -> list[str]:
+    """The innermost problem lines of a jsonargparse message (structure and dumps dropped)."""
+    skip = (
+        "Does not validate against any of the Union subtypes",
+        "Subtypes:",
+        "Errors:",
+        "Given value type:",
+        "Given value:",
+        "Problem with given class_path",
+        "Expected a <class 'NoneType'>",
+        "Parser key",
+        "Expected a path but",
+        "Not a valid subclass",
+    )
+    out = []
+    for line in message.splitlines():
+        text = line.strip().lstrip("- ").strip()
+        if text and not text.startswith(skip) and text not in out:
+            out.append(text)
+    return out
+
+
+def _section(message: str) -> str | None:
+    m = re.search(r'Parser key "([^"]+)"', message)
+    if m:
+        return m.group(1)
+    m = re.search(r"Subtypes: \[[^\]]*?\.(\w+)'>", message)
+    return _SECTIONS.get(m.group(1)) if m else None
+
+
+def _option_path(message: str) -> tuple[str | None, str | None]:
+    """(``--a.init_args.b...``, the class whose argument it is) from the nesting of a jsonargparse message."""
+    section = _section(message)
+    if section is None:
+        return None, None
+    parts, owner = [section], None
+    for m in re.finditer(r"Problem with given class_path '([^']+)'|Parser key \"([^\"]+)\"|class_path='([^']+)'", message):
+        class_path, key, inner = m.groups()
+        if class_path:
+            owner = class_path
+        elif key and key != section:
+            parts += ["init_args", key]
+        elif inner and len(parts) > 1:
+            owner = inner
+    return "--" + ".".join(parts), owner
+
+
+def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> str:
+    """A few lines for a configuration error: option, value, expectation, close match, and the hint."""
+    message = str(err)
+    given = _given(argv)
+    lines: list[str]
+    from ._lightning import ENV_VAR, PACKAGE
+
+    other = {"pytorch_lightning": "lightning", "lightning": "pytorch_lightning"}[PACKAGE]
+    foreign = re.search(r"\b(pytorch_lightning|lightning\.pytorch)\.[\w.]+", message)
+    foreign_package = {"pytorch_lightning": "pytorch_lightning", "lightning.pytorch": "lightning"}.get(foreign.group(1)) if foreign else None
+    if isinstance(err, ConfigError) or isinstance(err, FileNotFoundError) and "config file" in message:
+        lines = [f"error: {message}"]
+    elif foreign_package == other and "subclass" in message:
+        path, _ = _option_path(message)
+        lines = [
+            f"error: {path or 'a class'}: {foreign.group(0)} belongs to the {other!r} package, but tplightning runs on "
+            f"{PACKAGE!r}; the packages 'pytorch_lightning' and 'lightning' cannot be mixed",
+            f"  use the short name ({foreign.group(0).rsplit('.', 1)[1]}) or set {ENV_VAR}={other}",
+        ]
+    elif m := re.search(r"unrecognized arguments: (\S+)", message):
+        option = m.group(1).split("=", 1)[0]
+        lines = [f"error: unknown option {option}" + (f" (value {given[option]!r})" if option in given else "")]
+        options = list(getattr(parser, "_option_string_actions", {}) or [])
+        section = option[2:].split(".")[0]
+        if section == "trainer" and not options:
+            from ._lightning import pl
+
+            options = ["--trainer." + a for a in accepted_arguments(pl.Trainer)]
+        if match := close_matches(option, options):
+            lines.append(f"  did you mean {match[0]}?")
+    else:
+        path, owner = _option_path(message)
+        leaves = _leaves(message)
+        problem = leaves[0] if leaves else message.splitlines()[0] if message else type(err).__name__
+        value = None
+        m = re.search(r"Option '([^']+)' is not accepted", message)
+        if m and path:  # an argument the class does not have
+            name = m.group(1)
+            path = f"{path}.init_args.{name}" if not path.endswith(name) else path
+            value = next((v for k, v in given.items() if k.endswith("." + name)), None)
+            cls = _import(owner) if owner else None
+            problem = f"{owner or 'the class'} has no argument {name!r}"
+            if cls is not None and (match := close_matches(name, accepted_arguments(cls))):
+                problem += f"; did you mean {path.rsplit('.', 1)[0]}.{match[0]}?"
+            elif cls is not None:
+                problem += f"; it accepts: {', '.join(accepted_arguments(cls))}"
+        elif m := re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message):
+            module, name = m.groups()
+            value = f"{module}.{name}"
+            problem = f"{value} does not exist"
+            mod = _import(module + ".__name__") and importlib.import_module(module)
+            if mod is not None and (match := close_matches(name, [a for a in dir(mod) if not a.startswith("_")])):
+                problem += f"; did you mean {module}.{match[0]}?"
+        elif m := re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message):
+            problem, value = f"expected a {m.group(1)}", m.group(2)
+        else:  # a constructor's own check: name the option(s) of the section that the message mentions
+            if path and "init_args" not in path:
+                hits = [k for k in given if k.startswith(path + ".") and k.rsplit(".", 1)[-1] in problem]
+                if hits:
+                    path, value = hits[0], given[hits[0]]
+        head = f"error: {path}: " if path else "error: "
+        lines = [head + problem]
+        if value is not None:
+            lines.append(f"  given: {value}")
+    lines.append(HINT)
+    return "\n".join(line[:300] for line in lines)
+
+
+def is_config_error(err: BaseException) -> bool:
+    """Errors that come from the configuration (and print short) rather than from a bug."""
+    return isinstance(err, (argparse.ArgumentError, ConfigError, ValueError, TypeError, FileNotFoundError))
