@@ -28,7 +28,10 @@ def _python(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
 def test_default_is_pytorch_lightning():
     expected = os.environ.get("TPLIGHTNING_LIGHTNING") or "pytorch_lightning"
     assert tp._lightning.PACKAGE == expected
-    assert tp.LearningRule.__mro__[1].__module__.startswith({"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}[expected])
+    prefix = {"pytorch_lightning": "pytorch_lightning.", "lightning": "lightning.pytorch."}[expected]
+    other = {"pytorch_lightning": "lightning.pytorch.", "lightning": "pytorch_lightning."}[expected]
+    modules = [c.__module__ + "." for c in tp.LearningRule.__mro__]
+    assert any(m.startswith(prefix) for m in modules) and not any(m.startswith(other) for m in modules)
 
 
 def test_unified_package_works_and_a_mix_names_both_packages(tmp_path):

@@ -26,7 +26,21 @@ class ConfigError(ValueError):
 
 
 def close_matches(word: str, candidates, n: int = 1) -> list[str]:
-    return difflib.get_close_matches(word, sorted(set(candidates)), n=n, cutoff=0.6)
+    """The ``n`` closest names: difflib's candidates, ranked by edit distance with transpositions (``DTPIA`` is one
+    swap from ``DTPAI`` but two substitutions from ``DTPEI``), ties kept in difflib's order."""
+    near = difflib.get_close_matches(word, sorted(set(candidates)), n=max(n, 5), cutoff=0.6)
+    return sorted(near, key=lambda c: _edit_distance(word.lower(), c.lower()))[:n]
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions and adjacent transpositions."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 def _import(path: str):

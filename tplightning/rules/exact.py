@@ -65,7 +65,7 @@ class ExactInverseRule(TargetPropRule):
         if L < 2:
             raise ValueError(f"exact-inverse rules need at least one hidden layer, got sizes {sizes}")
         for i, layer in enumerate(self.net.layers[1:], start=2):
-            if not isinstance(layer, Dense) or not layer.supports_exact_inverse:
+            if not isinstance(layer, Dense):
                 raise ValueError(
                     f"layer {i} is a {type(layer).__name__} {layer.in_shape} -> {layer.out_shape}: an exact inverse of it is not "
                     "available (exact inverses need square dense layers above the first); use a learned-inverse rule (DTPAI, LeeDTP)"
