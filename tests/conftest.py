@@ -16,7 +16,10 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*The number of training batches.*")
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 # issue 12: the configs' data cache is the shared MNIST folder next to the repository (CI sets the same)
-os.environ.setdefault("TPLIGHTNING_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+REPO = Path(__file__).resolve().parents[1]  # the repository root
+SHARED_DATA = REPO.parent / "shared" / "data"  # the shared MNIST beside it (tests are skipped where it is absent)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+os.environ.setdefault("TPLIGHTNING_DATA", str(SHARED_DATA))
 
 SGD = functools.partial(torch.optim.SGD, lr=0.01)
 
@@ -103,3 +106,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class OneBatch(pl.LightningDataModule):
+    """The fixed tensors ``x, y`` as one training batch (a step-by-step reference needs exactly that batch)."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=len(self.x))

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import tplightning as tp
-from conftest import quiet_trainer
-from tests.rules.test_step_contract import OneBatch
+from conftest import OneBatch, quiet_trainer
 
 SGD = functools.partial(torch.optim.SGD, lr=0.05)
 

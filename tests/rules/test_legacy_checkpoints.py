@@ -15,9 +15,9 @@ import pytorch_lightning as pl
 import torch
 
 import tplightning as tp
-from tests.conftest import quiet_trainer
+from conftest import FIXTURES, quiet_trainer
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "legacy"
+DATA = FIXTURES / "legacy"
 SGD = functools.partial(torch.optim.SGD, lr=0.01)
 RULES = {
     "DTPAI": (tp.DTPAI, {}), "TPEI": (tp.TPEI, {}), "AOSDTP": (tp.AOSDTP, {"aux_units": 2}),

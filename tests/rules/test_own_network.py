@@ -10,14 +10,14 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 import tplightning as tp
-from conftest import quiet_trainer, weights_of
+from conftest import SHARED_DATA, quiet_trainer, weights_of
 from tplightning.data.base import TensorData, TensorDataModule
 from tplightning.layers import Conv2d, Dense
 
 SGD = functools.partial(torch.optim.SGD, lr=0.05)
 ADAM = functools.partial(torch.optim.Adam, lr=0.01)
 CNN_RULES = ["BP", "DTPAI", "OriginalDTP", "LeeDTP"]
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def cnn(activation="tanh"):

@@ -14,22 +14,12 @@ import functools
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 import tplightning as tp
-from conftest import RULES, TP_RULES, make_rule, quiet_trainer
+from conftest import RULES, TP_RULES, OneBatch, make_rule, quiet_trainer
 
 LR, LR_FB, B = 0.01, 0.02, 8
 SIZES = (5, 6, 6, 6)
-
-
-class OneBatch(pl.LightningDataModule):
-    def __init__(self, x, y):
-        super().__init__()
-        self.x, self.y = x, y
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(self.x, self.y), batch_size=len(self.x))
 
 
 def act(name):

@@ -24,9 +24,9 @@ from tplightning.cli import CONFIG_DIR
 from tplightning.cli import main as train_main
 from tplightning.data.mnist import MNISTDataModule, find_files
 
-from conftest import quiet_trainer
+from conftest import SHARED_DATA, quiet_trainer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 HAVE_MNIST = DATA.is_dir() and all(p is not None for p in find_files(DATA).values())
 needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST files not found under {DATA}")
 MNIST_CONFIGS = sorted((CONFIG_DIR / "mnist").glob("*.yaml"))

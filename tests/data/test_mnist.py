@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED_DATA
+
 from tplightning.data import mnist
 from tplightning.data.mnist import MNISTDataModule
 
 NAMES = list(mnist.MD5)
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_DATA = SHARED_DATA
 
 
 def idx_bytes(array: np.ndarray, magic_dtype: int = 0x08) -> bytes:

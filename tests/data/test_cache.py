@@ -10,9 +10,10 @@ import yaml
 from tplightning.cli import CONFIG_DIR, report
 from tplightning.data import mnist
 from tplightning.data.mnist import MNISTDataModule, default_data_dir, read_idx
+from conftest import SHARED_DATA
 from train import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 MNIST_CONFIGS = sorted((CONFIG_DIR / "mnist").glob("*.yaml"))
 
 

@@ -19,7 +19,7 @@ from tplightning.__main__ import stock_cli
 from tplightning.cli import report
 from train import main
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 BASE = ["--config", "dtp.yaml", "--trainer.fast_dev_run", "1", "--trainer.enable_progress_bar", "false"]
 
 
