@@ -1,0 +1,83 @@
+"""Step time of this checkout against another checkout of tplightning, interleaved in one process.
+
+    python scripts/ab_step_time.py OTHER_REPO [--steps 200] [RULE ...]
+
+Loads OTHER_REPO/tplightning under the name ``tpother`` next to this tree's ``tplightning``, builds each rule
+in both on the MNIST network of the speed benchmark (784-256x5-10, tanh, orthogonal, SGD 1e-4, batch 128, one torch
+thread) and times their ``training_step`` alternately, step by step, so both see the same machine state. Prints
+the medians and the median of the paired ratios this/other: the check a refactor needs ("no rule slower"), which
+two benchmark runs minutes apart on a shared host cannot resolve (their ratios drift by 10 % and more).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RULES = ["BP", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP"]
+
+
+def load_other(repo: Path):
+    init = repo / "tplightning" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"error: {init} not found; OTHER_REPO must be a checkout of tplightning")
+    spec = importlib.util.spec_from_file_location("tpother", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tpother"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(tp, name: str):
+    sgd = functools.partial(torch.optim.SGD, lr=1e-4)
+    kw = dict(sizes=[784] + [256] * 5 + [10], init="orthogonal", activation="leaky_relu" if name == "MTP" else "tanh",
+              loss="cross_entropy", forward_optimizer=sgd, lr_final_factor=1.0)  # fmt: skip
+    if issubclass(getattr(tp, name), tp.LearnedInverseRule):
+        kw["feedback_optimizer"] = sgd
+    torch.manual_seed(0)
+    rule = getattr(tp, name)(**kw)
+    opts = rule.build_optimizers()
+    rule.optimizer_list = lambda: opts  # no Trainer: the step alone
+    rule.log_train = lambda *a: None
+    rule.manual_backward = lambda loss: loss.backward()
+    return rule
+
+
+def main(argv=None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("other", type=Path)
+    p.add_argument("rules", nargs="*", default=RULES)
+    p.add_argument("--steps", type=int, default=200)
+    args = p.parse_intermixed_args(argv)
+    torch.set_num_threads(1)
+    other = load_other(args.other)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import tplightning as this
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)) for _ in range(8)]
+    ratios = {}
+    for name in args.rules:
+        a, b = build(other, name), build(this, name)
+        for k in range(10):
+            a.training_step(batches[k % 8], k), b.training_step(batches[k % 8], k)
+        ta, tb = [], []
+        for k in range(args.steps):
+            for rule, ts in ((a, ta), (b, tb)) if k % 2 else ((b, tb), (a, ta)):
+                t = time.perf_counter()
+                rule.training_step(batches[k % 8], k)
+                ts.append(time.perf_counter() - t)
+        ratios[name] = statistics.median(y / x for x, y in zip(ta, tb))
+        print(f"{name:12s} other {statistics.median(ta) * 1e3:7.3f} ms  this {statistics.median(tb) * 1e3:7.3f} ms  "
+              f"this/other {ratios[name]:.3f}", flush=True)  # fmt: skip
+    return ratios
+
+
+if __name__ == "__main__":
+    main()

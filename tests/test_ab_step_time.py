@@ -1,0 +1,26 @@
+"""scripts/ab_step_time.py runs (against this very checkout, so the ratio is about 1) and names a wrong folder."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+
+from conftest import REPO
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("ab_step_time", REPO / "scripts" / "ab_step_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_step_time_against_itself(one_thread):
+    ratios = _script().main([str(REPO), "--steps", "4", "BP", "DTPAI"])
+    assert set(ratios) == {"BP", "DTPAI"} and all(math.isfinite(r) and r > 0 for r in ratios.values())
+
+
+def test_ab_step_time_names_a_folder_that_is_not_a_checkout(tmp_path):
+    with pytest.raises(SystemExit, match="must be a checkout of tplightning"):
+        _script().main([str(tmp_path)])
