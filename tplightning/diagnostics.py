@@ -231,9 +231,13 @@ def learning_signals(rule, x: Tensor, y: Tensor) -> dict:
     (``h^_i - h_i``), ``e_tp``, ``e_rec``, ``e_approx``, ``e_gn``, ``e_bp``, ``rec``
     (``g_i(h_{i+1}) - h_i`` of the feedback map, ``None`` where the layer has none) and
     ``direct`` (the layers whose targets the rule sets directly). Runs under ``no_grad`` (the
-    Jacobian-vector products use forward-mode autograd, which ``no_grad`` leaves on).
+    Jacobian-vector products use forward-mode autograd, which ``no_grad`` leaves on). The Gauss-Newton and backprop
+    signals are matrix products of dense layers: a network with other layers (a CNN) gets a ``ValueError``.
     """
     L = rule.num_layers
+    other = [f"{k} ({type(layer).__name__})" for k, layer in enumerate(rule.net.layers, start=1) if not isinstance(layer, Dense)]
+    if other:
+        raise ValueError(f"the learning-signal diagnostics (e^GN, e^BP of eqs. 5.60-5.61) need dense layers; layers {', '.join(other)} are not")
     hs, pre = forward_pass(rule, x)
     targets = rule.targets_from(hs, pre, y, 1)
     delta = [targets[i - 1] - hs[i] for i in range(1, L)]

@@ -155,3 +155,11 @@ def test_cnn_configs_train_on_mnist(config):
     rule = out["cli"].model
     assert [type(m).__name__ for m in rule.net.layers] == ["Conv2d", "Conv2d", "Dense", "Dense"]
     assert out["test_metrics"]["test/acc"] > 0.5  # 4 batches of training already beat chance (0.1) by far
+
+
+def test_diagnostics_say_they_need_dense_layers():
+    from tplightning.diagnostics import diagnostics
+
+    rule = rule_on_cnn("LeeDTP")
+    with pytest.raises(ValueError, match=r"need dense layers; layers 1 \(Conv2d\), 2 \(Conv2d\) are not"):
+        diagnostics(rule, torch.randn(4, 64), torch.randint(0, 3, (4,)))
