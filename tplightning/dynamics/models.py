@@ -78,6 +78,13 @@ def _activations(L: int, activation, output_activation, negative_slope: float) -
     return [get_activation(activation, negative_slope)] * (L - 1) + [get_activation(output_activation, negative_slope)]
 
 
+def _network(weights, activation, output_activation, negative_slope):
+    """``(weights, L, sizes, activations)`` of a forward network given by its weight matrices."""
+    weights = _check_weights(weights)
+    L = len(weights)
+    return weights, L, [weights[0].shape[1]] + [W.shape[0] for W in weights], _activations(L, activation, output_activation, negative_slope)
+
+
 def _check_weights(weights: Sequence[Tensor]) -> list[Tensor]:
     weights = [W.detach() for W in weights]
     if not weights:
@@ -128,7 +135,27 @@ def _default_tol(dtype: torch.dtype) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-class MixtureNetwork:
+class _Feedforward:
+    """The feed-forward part both network families share: ``f_i`` and the plain forward pass."""
+
+    weights: list[Tensor]
+    activations: list[Activation]
+
+    def f(self, i: int, h_prev: Tensor) -> Tensor:
+        """``f_i(h_{i-1}) = s_i(W_i h_{i-1})`` (eqs. 6.2, 6.49)."""
+        return self.activations[i - 1](h_prev @ self.weights[i - 1].T)
+
+    def forward_pass(self, x: Tensor) -> list[Tensor]:
+        """``[h_1, ..., h_L]`` of the feed-forward network (the ``mu -> 0`` equilibrium)."""
+        _check_input(x, self.sizes[0])
+        hs, h = [], x
+        for i in range(1, self.L + 1):
+            h = self.f(i, h)
+            hs.append(h)
+        return hs
+
+
+class MixtureNetwork(_Feedforward):
     """The single-phase network of eq. 6.1 with exact (eq. 6.4) or learned (eq. 6.23) inverses.
 
     Args:
@@ -155,10 +182,7 @@ class MixtureNetwork:
         negative_slope: float = 0.35,
         tau: float = 1.0,
     ):
-        self.weights = _check_weights(weights)
-        self.L = len(self.weights)
-        self.sizes = [self.weights[0].shape[1]] + [W.shape[0] for W in self.weights]
-        self.activations = _activations(self.L, activation, output_activation, negative_slope)
+        self.weights, self.L, self.sizes, self.activations = _network(weights, activation, output_activation, negative_slope)
         self.mu = check_mu(mu)
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
@@ -188,10 +212,6 @@ class MixtureNetwork:
         return self.mu / (1 - self.mu)
 
     # ------------------------------------------------------------------- maps
-    def f(self, i: int, h_prev: Tensor) -> Tensor:
-        """``f_i(h_{i-1}) = s_i(W_i h_{i-1})`` (eq. 6.2)."""
-        return self.activations[i - 1](h_prev @ self.weights[i - 1].T)
-
     def g(self, i: int, h_next: Tensor) -> Tensor:
         """``g_i(h_{i+1}) = Q_i s_{i+1}^{-1}(h_{i+1})`` (eqs. 6.4, 6.23), ``i = 1..L-1``."""
         return self.activations[i].inverse(h_next) @ self.feedback[i - 1].T
@@ -201,15 +221,6 @@ class MixtureNetwork:
         act = self.activations[i]
         d = 1 / act.derivative(act.inverse(h_next), h_next)
         return self.feedback[i - 1].unsqueeze(0) * d.unsqueeze(1)
-
-    def forward_pass(self, x: Tensor) -> list[Tensor]:
-        """``[h_1, ..., h_L]`` of the feed-forward network (the ``mu -> 0`` equilibrium)."""
-        _check_input(x, self.sizes[0])
-        hs, h = [], x
-        for i in range(1, self.L + 1):
-            h = self.f(i, h)
-            hs.append(h)
-        return hs
 
     # ------------------------------------------------------------------- dynamics
     def drive(self, x: Tensor, hs: Sequence[Tensor], h_target: Target) -> list[Tensor]:
@@ -446,7 +457,7 @@ class TwoPhaseNetwork(MixtureNetwork):
 # --------------------------------------------------------------------------------------------
 
 
-class MultiplexingNetwork:
+class MultiplexingNetwork(_Feedforward):
     """Burst-multiplexing network of section 6.9.2: separate feed-forward and feedback channels.
 
     ``tau da_i^b/dt = -a_i^b + W_i h_{i-1}``, ``tau da_i^a/dt = -a_i^a + Q_i h^_{i+1}``,
@@ -487,10 +498,7 @@ class MultiplexingNetwork:
         negative_slope: float = 0.35,
         tau: float = 1.0,
     ):
-        self.weights = _check_weights(weights)
-        self.L = len(self.weights)
-        self.sizes = [self.weights[0].shape[1]] + [W.shape[0] for W in self.weights]
-        self.activations = _activations(self.L, activation, output_activation, negative_slope)
+        self.weights, self.L, self.sizes, self.activations = _network(weights, activation, output_activation, negative_slope)
         if feedback_activation is None:
             self.feedback_activations = self.activations[: self.L - 1]
         elif isinstance(feedback_activation, (list, tuple)):
@@ -509,10 +517,6 @@ class MultiplexingNetwork:
             if tuple(Q.shape) != (self.sizes[i], self.sizes[i + 1]):
                 raise ValueError(f"Q_{i} must have shape {(self.sizes[i], self.sizes[i + 1])}, got {tuple(Q.shape)}")
 
-    def f(self, i: int, h_prev: Tensor) -> Tensor:
-        """``f_i(h_{i-1}) = s_i(W_i h_{i-1})`` (eq. 6.49)."""
-        return self.activations[i - 1](h_prev @ self.weights[i - 1].T)
-
     def g(self, i: int, hhat_next: Tensor) -> Tensor:
         """``g_i(h^_{i+1}) = t_i(Q_i h^_{i+1})`` (eq. 6.50)."""
         return self.feedback_activations[i - 1](hhat_next @ self.feedback[i - 1].T)
@@ -521,14 +525,6 @@ class MultiplexingNetwork:
         """``J_{g_i} v`` with ``J_{g_i} = D_{t_i}(Q_i at) Q_i``, row-wise."""
         c = at @ self.feedback[i - 1].T
         return self.feedback_activations[i - 1].derivative(c) * (v @ self.feedback[i - 1].T)
-
-    def forward_pass(self, x: Tensor) -> list[Tensor]:
-        _check_input(x, self.sizes[0])
-        hs, h = [], x
-        for i in range(1, self.L + 1):
-            h = self.f(i, h)
-            hs.append(h)
-        return hs
 
     def equilibrium(self, x: Tensor, h_target: Target) -> tuple[list[Tensor], list[Tensor]]:
         """``([h_1^*..h_L^*], [h^_1^*..h^_L^*])`` with ``h^_L^* = h_L^trgt`` (eqs. 6.47-6.51)."""

@@ -54,3 +54,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def findings_line(findings: dict[str, bool]) -> str:
+    """``Findings: holds: ...; does not hold: ...`` for the docs blocks."""
+    return "Findings: " + "; ".join(f"{'holds' if ok else 'does not hold'}: {t}" for t, ok in findings.items()) + "."

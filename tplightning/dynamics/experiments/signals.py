@@ -36,9 +36,9 @@ from typing import Sequence
 import torch
 
 from ...experiments.common import generator, save_figure, save_json, single_thread, subplots
-from ..models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target, short_circuit
+from ..models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target
 from ..theory import mixture_first_order, multiplexing_first_order
-from .common import DTYPE, markdown_table, orthogonal_network, parse_args, to_docs
+from .common import DTYPE, findings_line, markdown_table, orthogonal_network, parse_args, to_docs
 
 NAME = "dyn_signals"
 ETA = 0.1
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "`e^phase` of eq. 6.36:\n\n" + markdown_table(hdr_b, rows_b),
         f"**D.** Multiplexing: fitted per-layer factor of `‖h^f - h^l‖ / ‖eta^ e_L‖` = {mp['per_layer_factor_fit']:.3f} "
         f"(no decay: 1; the mixture's at mu = 0.1: 0.111); worst mean relative error of eq. 6.59's first-order signal {worst:.3g}.",
-        "Findings: " + "; ".join(f"{'holds' if ok else 'does not hold'}: {t}" for t, ok in findings.items()) + ".",
+        findings_line(findings),
         f"![signals](figures/{NAME}.png)",
     ])  # fmt: skip
     to_docs(args, NAME, fig, table)

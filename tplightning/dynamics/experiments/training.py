@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from typing import Sequence
 
 from tplightning._lightning import pl
@@ -44,7 +43,7 @@ from ...benchmarks.common import quiet as _quiet
 from ...benchmarks.student_teacher import run_one
 from ...rules import DTPAI
 from ...experiments.common import save_figure, save_json, single_thread, subplots
-from .common import REPO, markdown_table, parse_args, to_docs
+from .common import REPO, findings_line, markdown_table, parse_args, to_docs
 
 NAME = "dyn_training"
 RULES = {
@@ -301,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "DTP-AI's update (Q = W^dagger) and with the Gauss-Newton update at the same weights, on a 64-sample probe batch, "
         "before training and after the last epoch.",
         markdown_table(hdr, rows),
-        "Findings: " + "; ".join(f"{'holds' if ok else 'does not hold'}: {t}" for t, ok in findings.items()) + ".",
+        findings_line(findings),
         f"![training](figures/{NAME}.png)",
     ])  # fmt: skip
     to_docs(args, NAME, fig, table)
