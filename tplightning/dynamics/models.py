@@ -85,6 +85,18 @@ def _network(weights, activation, output_activation, negative_slope):
     return weights, L, [weights[0].shape[1]] + [W.shape[0] for W in weights], _activations(L, activation, output_activation, negative_slope)
 
 
+def _check_feedback(feedback: Sequence[Tensor], sizes: list[int]) -> list[Tensor]:
+    """``[Q_1..Q_{L-1}]`` detached, ``Q_i`` of shape ``(n_i, n_{i+1})``; ``ValueError`` otherwise."""
+    feedback = [Q.detach() for Q in feedback]
+    L = len(sizes) - 1
+    if len(feedback) != L - 1:
+        raise ValueError(f"feedback must list L-1 = {L - 1} matrices Q_1..Q_{L - 1}, got {len(feedback)}")
+    for i, Q in enumerate(feedback, start=1):
+        if tuple(Q.shape) != (sizes[i], sizes[i + 1]):
+            raise ValueError(f"Q_{i} must have shape {(sizes[i], sizes[i + 1])}, got {tuple(Q.shape)}")
+    return feedback
+
+
 def _check_weights(weights: Sequence[Tensor]) -> list[Tensor]:
     weights = [W.detach() for W in weights]
     if not weights:
@@ -199,12 +211,7 @@ class MixtureNetwork(_Feedforward):
                     raise ValueError(f"exact inverses (eq. 6.4) need square W_{i}, got shape {tuple(W.shape)}")
             self.feedback = [torch.linalg.inv(W.double()).to(W.dtype) for W in self.weights[1:]]
         else:
-            self.feedback = [Q.detach() for Q in feedback]
-            if len(self.feedback) != self.L - 1:
-                raise ValueError(f"feedback must list L-1 = {self.L - 1} matrices Q_1..Q_{self.L - 1}, got {len(self.feedback)}")
-            for i, Q in enumerate(self.feedback, start=1):
-                if tuple(Q.shape) != (self.sizes[i], self.sizes[i + 1]):
-                    raise ValueError(f"Q_{i} must have shape {(self.sizes[i], self.sizes[i + 1])}, got {tuple(Q.shape)}")
+            self.feedback = _check_feedback(feedback, self.sizes)
 
     @property
     def ratio(self) -> float:
@@ -510,12 +517,7 @@ class MultiplexingNetwork(_Feedforward):
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.tau = float(tau)
-        self.feedback = [Q.detach() for Q in feedback]
-        if len(self.feedback) != self.L - 1:
-            raise ValueError(f"feedback must list L-1 = {self.L - 1} matrices Q_1..Q_{self.L - 1}, got {len(self.feedback)}")
-        for i, Q in enumerate(self.feedback, start=1):
-            if tuple(Q.shape) != (self.sizes[i], self.sizes[i + 1]):
-                raise ValueError(f"Q_{i} must have shape {(self.sizes[i], self.sizes[i + 1])}, got {tuple(Q.shape)}")
+        self.feedback = _check_feedback(feedback, self.sizes)
 
     def g(self, i: int, hhat_next: Tensor) -> Tensor:
         """``g_i(h^_{i+1}) = t_i(Q_i h^_{i+1})`` (eq. 6.50)."""
