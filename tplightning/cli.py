@@ -234,8 +234,11 @@ def _divergence_advice(cli, err: DivergenceError, args: Sequence[str]) -> str:
     return " To continue with a tenth of the learning rate: python train.py " + shlex.join([*keep, *new])
 
 
-def main(args: Sequence[str] | None = None) -> dict:
+def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """Fit and test as configured; returns ``{"cli", "fit_metrics", "test_metrics"}``.
+
+    ``callbacks`` are added to the configured trainer's (objects a config cannot name, such as the tuning
+    command's pruning callback that holds an Optuna trial).
 
     Raises ``DivergenceError`` when training diverges (the last good checkpoint stays on disk);
     its message ends with the command that resumes from it with a smaller learning rate.
@@ -249,6 +252,7 @@ def main(args: Sequence[str] | None = None) -> dict:
         cli = _build_cli(args)
     finally:
         sys.argv = argv
+    cli.trainer.callbacks.extend(callbacks)
     cfg = cli.config
     test_on = cfg.get("test_on", "final")
     if test_on not in ("final", "best", "none"):

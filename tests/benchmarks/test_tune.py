@@ -1,0 +1,166 @@
+"""The tuning command: tiny studies on 600 MNIST images and one epoch per trial (seconds each)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna")  # the ``tune`` extra; .ci/run installs it
+
+from optuna.trial import TrialState
+
+from tplightning.benchmarks import tune
+from tplightning.cli import CONFIG_DIR
+from tplightning.cli import main as train_main
+from tplightning.data.mnist import MNISTDataModule, find_files
+from tplightning.rules.base import DivergenceError
+
+from conftest import REPO, SHARED_DATA
+
+HAVE_MNIST = SHARED_DATA.is_dir() and all(p is not None for p in find_files(SHARED_DATA).values())
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"MNIST files not found under {SHARED_DATA}")
+TINY = ["--epochs", "1", "--subset", "600", "--data-dir", str(SHARED_DATA), "--no-progress"]
+DATA = ["--data.init_args.subset", "600", "--data.init_args.num_train", "540", "--data.init_args.num_val", "60",
+        "--data.init_args.data_dir", str(SHARED_DATA)]  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def load(path, name):
+    return optuna.load_study(study_name=name, storage=tune.open_storage(str(path)))
+
+
+def test_search_spaces_give_bp_the_forward_part_of_every_rule():
+    bp, lee, fa = (tuple(p.name for p in tune.search_space(r)) for r in ("BP", "LeeDTP", "FA"))
+    assert bp == fa == ("lr", "weight_decay", "init")
+    assert lee == bp + ("target_stepsize", "feedback_lr", "feedback_noise_std", "feedback_iterations")
+    assert "init" not in {p.name for p in tune.search_space("CNN-BP")}  # its layers name their own init
+    for p in tune.search_space("DTPAI"):  # every searched key exists in, or is accepted by, the config's rule
+        assert p.key.startswith("model.init_args.")
+
+
+def test_unknown_rule_is_a_clear_error(capsys):
+    with pytest.raises(ValueError, match=r"unknown rule 'Nope' for tuning; expected one of .*LeeDTP"):
+        tune.search_space("Nope")
+    with pytest.raises(SystemExit) as exc:
+        tune.parse_args(["--rule", "Nope"])
+    assert exc.value.code == 2 and "unknown rule 'Nope'" in capsys.readouterr().err
+
+
+@needs_mnist
+def test_tiny_study_scores_validation_accuracy_and_never_tests(tmp_path, monkeypatch):
+    def no_test(self):
+        raise AssertionError("a tuning trial touched the test set")
+
+    monkeypatch.setattr(MNISTDataModule, "test_dataloader", no_test)
+    storage = tmp_path / "bp.journal"
+    study = tune.main(["--rule", "BP", "--trials", "2", "--storage", str(storage), *TINY])
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.number for t in trials] == [0, 1]
+    # the objective is the run's validation accuracy: rerun trial 0's values through train.py (one epoch, so
+    # the best epoch is the last) and read val/acc there
+    args = ["--config", "mnist/bp.yaml", "--test_on", "none", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+            "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar",
+            "false", "--seed_everything", "0", "--data.init_args.shuffle_seed", "0", *DATA]  # fmt: skip
+    args += tune.overrides(tune.search_space("BP"), trials[0].params)
+    val = train_main(args)["fit_metrics"]["val/acc"]
+    assert trials[0].value == pytest.approx(val, abs=1e-6)
+    assert trials[0].intermediate_values == {0: trials[0].value}
+
+
+@needs_mnist
+def test_resume_continues_the_count_and_an_interrupted_trial_is_rerun(tmp_path, monkeypatch):
+    storage = tmp_path / "bp.journal"
+    real, calls = tune_cli_main(), []
+
+    def interrupt_second(args, callbacks=()):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(args, callbacks=callbacks)
+
+    monkeypatch.setattr("tplightning.cli.main", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        tune.main(["--rule", "BP", "--trials", "3", "--storage", str(storage), *TINY])
+    study = load(storage, "mnist-BP")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    monkeypatch.setattr("tplightning.cli.main", real)
+    tune.main(["--rule", "BP", "--trials", "3", "--storage", str(storage), *TINY])
+    study = load(storage, "mnist-BP")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
+    tune.main(["--rule", "BP", "--trials", "3", "--storage", str(storage), *TINY])  # full: runs nothing
+    assert len(load(storage, "mnist-BP").trials) == 4
+
+
+def tune_cli_main():
+    import tplightning.cli
+
+    return tplightning.cli.main
+
+
+@needs_mnist
+def test_two_workers_share_one_study_without_repeating_trials(tmp_path):
+    storage = tmp_path / "shared.journal"
+    cmd = [sys.executable, "-m", "tplightning.benchmarks.tune", "--rule", "BP", "--trials", "4", "--storage",
+           str(storage), "--startup", "2", *TINY]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([*cmd, "--sampler-seed", str(s)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for s in (0, 1)]  # fmt: skip
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    trials = load(storage, "mnist-BP").trials
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert 4 <= len(finished) <= 5 and len(trials) == len(finished)  # each worker may finish the trial it runs
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == len(params)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
+
+
+@needs_mnist
+def test_pruned_trial_stops_early():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.999))
+    study.optimize(tune.objective("BP", epochs=3, data=DATA), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]  # stopped after epoch 1
+
+
+def test_divergence_is_a_pruned_trial(monkeypatch):
+    def diverge(args, callbacks=()):
+        raise DivergenceError("non-finite loss at batch 3. Layer 2 went inf")
+
+    monkeypatch.setattr("tplightning.cli.main", diverge)
+    study = optuna.create_study(direction="maximize")
+    study.optimize(tune.objective("LeeDTP", epochs=1), n_trials=2)
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert study.trials[0].user_attrs["diverged"] == "non-finite loss at batch 3"
+    assert "2 pruned (2 of them diverged)" in tune.summary(study)
+
+
+def test_config_writer_updates_values_and_keeps_comments(tmp_path):
+    path = tmp_path / "lee_dtp.yaml"
+    original = (CONFIG_DIR / "mnist" / "lee_dtp.yaml").read_text()
+    path.write_text(original)
+    values = {
+        "model.init_args.forward_optimizer.init_args.lr": 0.000123456,  # in a flow mapping
+        "model.init_args.target_stepsize": 3.5e-05,  # a block scalar (needs 3.5e-05 written with a dot for YAML 1.1)
+        "model.init_args.feedback_iterations": 3,  # absent: a new line in model.init_args
+        "model.init_args.init": "gaussian",
+    }
+    tune.write_config(path, values, "# Tuned by test one")
+    tune.write_config(path, values, "# Tuned by test two")  # a second write replaces the header line
+    text = path.read_text()
+    assert text.splitlines()[0] == "# Tuned by test two" and text.count("# Tuned by") == 1
+    comments = [line for line in original.splitlines() if line.lstrip().startswith("#") or " #" in line]
+    assert [line for line in text.splitlines()[1:] if line.lstrip().startswith("#") or " #" in line] == comments
+    expected = yaml.safe_load(original)
+    init = expected["model"]["init_args"]
+    init["forward_optimizer"]["init_args"]["lr"] = 0.0001235
+    init.update(target_stepsize=3.5e-05, feedback_iterations=3, init="gaussian")
+    assert yaml.safe_load(text) == expected
+    with pytest.raises(KeyError, match="no block 'model.nope'"):
+        tune.write_config(path, {"model.nope.x": 1}, "# Tuned by x")

@@ -1,0 +1,420 @@
+"""Hyper-parameter search for the MNIST benchmark's rules with Optuna (TPE sampling, pruning, persistent studies).
+
+    python -m tplightning.benchmarks.tune --rule LeeDTP --trials 40 [--epochs 10] [--subset N]
+        [--storage URL] [--study NAME] [--write-config] [--seed S]
+
+Each trial trains the rule's ``configs/mnist/<rule>.yaml`` through ``train.py`` with the sampled values as
+overrides (no logger, no checkpoint, no test run) and scores it by its **best validation accuracy** on the
+5k validation split; the test images are never looked at. The validation accuracy of each epoch is
+reported to Optuna, whose median pruner stops a trial that trails the median of the earlier trials at the
+same epoch (after ``--warmup`` epochs and ``--startup`` complete trials). A trial that diverges
+(``DivergenceError``) is recorded as *pruned* with the accuracy it had reached (user attribute ``diverged``
+holds the message), so the sampler learns that the region is bad and the study goes on.
+
+**The search space** (:data:`SPACES`) depends on the rule's family, from the class its config trains; every
+family has the same forward part, so BP and the target-propagation rules get the same search for the same
+budget (fair budgets, issue 14):
+
+* every rule: the forward learning rate (log-uniform 1e-4 .. 3e-3), AdamW's decoupled weight decay
+  (log-uniform 1e-4 .. 0.1) and, where the config names one, the initial weights (``orthogonal`` or
+  ``gaussian``);
+* learned-inverse rules (DTP-AI, RDTP-AI, LeeDTP, SDTP, AO-SDTP, ...) in addition: the target step ``η̂``
+  (log-uniform 0.01 .. 1), the feedback learning rate (log-uniform 1e-4 .. 0.1), the feedback-noise std ``σ``
+  (log-uniform 0.01 .. 2) and the feedback iterations per step (1 .. 4);
+* rules with fixed feedback (FA, DFA) search the forward part only (their target step is 1 by design).
+
+**Budget.** ``--trials`` is the study's total: the number of finished trials (complete or pruned) the study
+should hold; a failed trial (one interrupted by Ctrl-C among them) does not count. A rerun of the same command therefore resumes an interrupted study and runs only the
+missing trials; several workers started on one storage stop together when the study is full (each may
+finish the trial it is running, so a study of ``n`` trials with ``k`` workers ends with ``n`` to
+``n + k - 1``). Studies live in ``runs/tune/<rule>.journal`` (an Optuna ``JournalStorage`` file; safe for
+several processes of one machine) unless ``--storage`` names another: a database URL
+(``postgresql://...``, ``mysql+pymysql://...``, ``sqlite:///file.db``) lets processes on several machines
+share one study (README, "Tuning").
+
+``--epochs`` and ``--subset`` make a cheaper proxy (the learning-rate schedule then decays over the proxy's
+epochs). ``--write-config`` writes the best values into the rule's config, in place, keeping its comments,
+under a header comment line naming the study, its trials and the date.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+from .._lightning import pl
+from ..rules.base import DivergenceError
+from ..rules.learned import LearnedInverseRule
+from ..rules.target_prop import TargetPropRule
+from . import common
+from .common import config_value, rule_class
+
+__all__ = ["Param", "SPACES", "search_space", "family", "overrides", "objective", "run_study", "summary",
+           "write_config", "main"]  # fmt: skip
+
+PROG = "python -m tplightning.benchmarks.tune"
+TUNED_TAG = "# Tuned by"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched hyper-parameter: its name in the study, the config key it sets (dotted, under the config's
+    root) and its distribution: ``low``..``high`` (log-uniform when ``log``; integers when ``integer``) or
+    ``choices``."""
+
+    name: str
+    key: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: tuple = ()
+
+    def suggest(self, trial):
+        if self.choices:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+
+_M = "model.init_args."
+FORWARD = (
+    Param("lr", _M + "forward_optimizer.init_args.lr", 1e-4, 3e-3, log=True),
+    Param("weight_decay", _M + "forward_optimizer.init_args.weight_decay", 1e-4, 0.1, log=True),
+    Param("init", _M + "init", choices=("orthogonal", "gaussian")),
+)
+FEEDBACK = (
+    Param("target_stepsize", _M + "target_stepsize", 0.01, 1.0, log=True),
+    Param("feedback_lr", _M + "feedback_optimizer.init_args.lr", 1e-4, 0.1, log=True),
+    Param("feedback_noise_std", _M + "feedback_noise_std", 0.01, 2.0, log=True),
+    Param("feedback_iterations", _M + "feedback_iterations", 1, 4, integer=True),
+)
+#: the search space of each rule family (module docstring)
+SPACES: dict[str, tuple[Param, ...]] = {"forward": FORWARD, "fixed feedback": FORWARD, "learned inverses": FORWARD + FEEDBACK}
+
+
+def _rules() -> dict:
+    from .mnist import RULES
+
+    return RULES
+
+
+def _config(rule: str) -> str:
+    rules = _rules()
+    if rule not in rules:
+        raise ValueError(f"unknown rule {rule!r} for tuning; expected one of the MNIST benchmark's rules: {', '.join(rules)}")
+    return rules[rule].config
+
+
+def family(rule: str) -> str:
+    """The search-space family of ``rule`` (a key of :data:`SPACES`), from the class its config trains."""
+    cls = rule_class(_config(rule))
+    if issubclass(cls, LearnedInverseRule):
+        return "learned inverses"
+    return "fixed feedback" if issubclass(cls, TargetPropRule) else "forward"
+
+
+def _has_key(config: str, key: str) -> bool:
+    try:
+        config_value(config, (), key)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def search_space(rule: str) -> tuple[Param, ...]:
+    """The parameters searched for ``rule``: its family's, less ``init`` where the config has none (a network of
+    layers that name their own initialisation). Raises ``ValueError`` for a rule the benchmark does not know."""
+    config = _config(rule)
+    return tuple(p for p in SPACES[family(rule)] if p.name != "init" or _has_key(config, p.key))
+
+
+def overrides(space: Sequence[Param], values: dict) -> list[str]:
+    """``train.py`` overrides that set each parameter of ``space`` to ``values[name]``."""
+    return [arg for p in space if p.name in values for arg in (f"--{p.key}", str(values[p.name]))]
+
+
+# --------------------------------------------------------------------------------------------- trials
+class _Pruning(pl.Callback):
+    """Reports each validation epoch's ``val/acc`` to the trial; stops training when Optuna prunes it."""
+
+    def __init__(self, trial, monitor: str = "val/acc"):
+        self.trial, self.monitor, self.best, self.pruned_at = trial, monitor, -math.inf, None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value, epoch = float(trainer.callback_metrics[self.monitor]), trainer.current_epoch
+        self.best = max(self.best, value) if math.isfinite(value) else self.best
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            self.pruned_at = epoch
+            trainer.should_stop = True
+
+
+def trial_args(rule: str, values: dict, epochs: int | None, data: Sequence[str], seed: int) -> list[str]:
+    """The ``train.py`` arguments of one trial: the rule's config, the sampled values, no logger, checkpoint or test."""
+    config = _config(rule)
+    args = ["--config", config, "--test_on", "none", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+            *common.seed_overrides(config, seed), *data]  # fmt: skip
+    if epochs is not None:
+        args += ["--trainer.max_epochs", str(epochs)]
+    return [*args, *overrides(search_space(rule), values)]
+
+
+def objective(rule: str, epochs: int | None = None, data: Sequence[str] = (), seed: int = 0):
+    """The Optuna objective of ``rule``: best validation accuracy of a run at the sampled values."""
+    import optuna
+
+    from ..cli import main as cli_main
+
+    space = search_space(rule)
+
+    def run(trial) -> float:
+        values = {p.name: p.suggest(trial) for p in space}
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        pruning = _Pruning(trial)
+        try:
+            cli_main(trial_args(rule, values, epochs, data, seed), callbacks=[pruning])
+        except DivergenceError as err:
+            trial.set_user_attr("diverged", str(err).split(". ")[0])
+            raise optuna.TrialPruned(f"diverged: {trial.user_attrs['diverged']}") from None
+        if pruning.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at + 1}")
+        if not math.isfinite(pruning.best):
+            raise RuntimeError(f"trial {trial.number} logged no {pruning.monitor}")
+        return pruning.best
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------- studies
+def default_storage(rule: str) -> str:
+    return str(Path("runs") / "tune" / f"{rule}.journal")
+
+
+def open_storage(storage: str):
+    """An Optuna storage: a database URL (``scheme://...``) as is, else a journal file (created with its folder)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if "://" in storage:
+        return optuna.storages.RDBStorage(storage) if not storage.startswith("redis") else storage
+    path = Path(storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _finished(study) -> list:
+    """The trials that count towards ``--trials``: complete and pruned ones (a failed trial, an interrupted one
+    among them, is run again)."""
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def run_study(
+    rule: str,
+    trials: int,
+    storage: str | None = None,
+    study_name: str | None = None,
+    epochs: int | None = None,
+    data: Sequence[str] = (),
+    seed: int = 0,
+    sampler_seed: int | None = None,
+    startup: int = 5,
+    warmup: int = 1,
+    progress: bool = True,
+):
+    """Create or load the study of ``rule`` and run trials until it holds ``trials`` finished ones."""
+    import optuna
+
+    space = search_space(rule)  # a bad rule name fails before any storage is touched
+    storage = storage or default_storage(rule)
+    study = optuna.create_study(
+        study_name=study_name or f"mnist-{rule}",
+        storage=open_storage(storage),
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup),
+    )
+    study.set_user_attr("rule", rule)
+    study.set_user_attr("space", [p.name for p in space])
+
+    def full(study, _trial) -> None:
+        if len(_finished(study)) >= trials:
+            study.stop()
+
+    remaining = trials - len(_finished(study))
+    if remaining > 0:
+        study.optimize(objective(rule, epochs, data, seed), n_trials=remaining, callbacks=[full],
+                       show_progress_bar=progress, gc_after_trial=True)  # fmt: skip
+    return study
+
+
+def summary(study) -> str:
+    """The study's counts and best trial as a small Markdown table."""
+    from optuna.trial import TrialState
+
+    counts = {s: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+    diverged = sum("diverged" in t.user_attrs for t in study.get_trials(deepcopy=False))
+    lines = [f"study {study.study_name}: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned "
+             f"({diverged} of them diverged), {counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running"]  # fmt: skip
+    if counts[TrialState.COMPLETE]:
+        best = study.best_trial
+        lines += ["", f"best: trial {best.number}, best val/acc {best.value:.4f}", "", "| parameter | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in best.params.items()]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- config writer
+def _yaml_scalar(value) -> str:
+    """``value`` as a YAML 1.1 scalar that reads back as the same type (PyYAML needs a dot in ``1.0e-04``)."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    text = repr(float(f"{value:.4g}"))
+    if "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
+_LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w]*):(?P<gap>\s*)(?P<value>.*?)(?P<comment>\s+#.*)?$")
+
+
+def _set(lines: list[str], key: str, value) -> None:
+    """Set the dotted ``key`` in the YAML ``lines`` in place: a block scalar, an entry of a flow mapping
+    (``init_args: {lr: 0.001}``), or a new line at the end of its parent block. Block mappings and flow
+    mappings only (list items are passed over), which is what the configs use."""
+    *parents, leaf = key.split(".")
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing block keys
+    last_inside, child_indent = None, None
+    for i, line in enumerate(lines):
+        m = _LINE.match(line)
+        if not m or line.lstrip().startswith(("#", "-")):
+            continue
+        indent = len(m["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = [k for _, k in stack]
+        if path == parents:
+            if m["key"] == leaf:
+                lines[i] = f"{m['indent']}{leaf}:{m['gap'] or ' '}{_yaml_scalar(value)}{m['comment'] or ''}"
+                return
+            child_indent = indent
+        if path + [m["key"]] == parents and m["value"].startswith("{"):
+            mapping = {**yaml.safe_load(m["value"]), leaf: value}
+            flow = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in mapping.items())
+            lines[i] = f"{m['indent']}{m['key']}:{m['gap']}{{{flow}}}{m['comment'] or ''}"
+            return
+        if parents and path[: len(parents)] == parents:
+            last_inside = i
+        stack.append((indent, m["key"]))
+    if last_inside is None or child_indent is None:
+        raise KeyError(f"the config has no block {'.'.join(parents)!r} to put {leaf!r} in")
+    lines.insert(last_inside + 1, f"{' ' * child_indent}{leaf}: {_yaml_scalar(value)}")
+
+
+def write_config(path: Path, values: dict[str, object], header: str) -> None:
+    """Write ``values`` (dotted config key -> value) into the YAML file ``path`` in place, keeping its comments,
+    and put ``header`` as the first comment line (replacing an earlier ``# Tuned by`` line). The result is read
+    back and checked."""
+    lines = [line for line in Path(path).read_text().splitlines() if not line.startswith(TUNED_TAG)]
+    for key, value in values.items():
+        _set(lines, key, value)
+    text = "\n".join([header, *lines]) + "\n"
+    doc = yaml.safe_load(text)
+    for key, value in values.items():
+        node = doc
+        for k in key.split("."):
+            node = node[k]
+        if node != (float(_yaml_scalar(value)) if isinstance(value, float) else value):
+            raise RuntimeError(f"writing {key} = {value!r} into {path} gave {node!r}")
+    Path(path).write_text(text)
+
+
+def best_values(rule: str, study) -> dict[str, object]:
+    """The best trial's values as config keys (:func:`write_config`'s ``values``)."""
+    keys = {p.name: p.key for p in search_space(rule)}
+    return {keys[name]: value for name, value in study.best_trial.params.items() if name in keys}
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--rule", required=True, help=f"the rule to tune: {' '.join(_rules())}")
+    p.add_argument("--trials", type=int, default=40, help="finished trials the study should hold (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default: the config's max_epochs)")
+    p.add_argument("--subset", type=int, help="use only this many MNIST training images (num_train = subset - num_val)")
+    p.add_argument("--num-val", type=int, help="validation images (default: the config's 5000; with --subset, a tenth)")
+    p.add_argument("--data-dir", help="MNIST folder (default: the configs' data cache)")
+    p.add_argument("--storage", help="Optuna storage: a database URL, or a journal file (default: runs/tune/<rule>.journal)")
+    p.add_argument("--study", help="study name (default: mnist-<rule>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every trial's run (default: %(default)s)")
+    p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (default: none; workers should differ)")
+    p.add_argument("--startup", type=int, default=5, help="random trials before TPE, and complete trials before pruning (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="epochs a trial runs before it can be pruned (default: %(default)s)")
+    p.add_argument("--write-config", action="store_true", help="write the best values into the rule's configs/ file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        search_space(args.rule)
+    except ValueError as err:
+        p.error(str(err))
+    if args.trials < 1:
+        p.error(f"--trials must be >= 1, got {args.trials}")
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"--epochs must be >= 1, got {args.epochs}")
+    return args
+
+
+def _data_overrides(args) -> list[str]:
+    out = []
+    num_val = args.num_val
+    if args.subset is not None:
+        num_val = num_val if num_val is not None else max(1, args.subset // 10)
+        out += ["--data.init_args.subset", str(args.subset), "--data.init_args.num_train", str(args.subset - num_val)]
+    if num_val is not None:
+        out += ["--data.init_args.num_val", str(num_val)]
+    if args.data_dir is not None:
+        out += ["--data.init_args.data_dir", args.data_dir]
+    return out
+
+
+def main(argv: Sequence[str] | None = None):
+    """Run (or resume) the study, print its summary; returns the study."""
+    import optuna
+
+    args = parse_args(argv)
+    common.quiet()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = run_study(args.rule, args.trials, args.storage, args.study, args.epochs, _data_overrides(args), args.seed,
+                      args.sampler_seed, args.startup, args.warmup, progress=not args.no_progress)  # fmt: skip
+    print(summary(study))
+    if args.write_config:
+        if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+            print("no complete trial: nothing written", file=sys.stderr)
+        else:
+            path = common._config_path(_config(args.rule))
+            header = (f"{TUNED_TAG} {PROG} (study {study.study_name}, {len(_finished(study))} trials, best val/acc "
+                      f"{study.best_value:.4f}, {args.epochs or 'config'} epochs, subset {args.subset or 'all'}), "
+                      f"{date.today().isoformat()}")  # fmt: skip
+            write_config(path, best_values(args.rule, study), header)
+            print(f"wrote the best values into {path}")
+    return study
+
+
+if __name__ == "__main__":
+    main()
