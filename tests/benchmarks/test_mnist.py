@@ -133,3 +133,54 @@ def test_orthogonal_init_aligns_original_dtp_with_the_gradient_on_the_mnist_netw
         updates = rule.forward_grads(list(range(1, 7)), hs, pre, rule.targets_from(hs, pre, y))
     cos = [float(torch.nn.functional.cosine_similarity(updates[w].flatten(), g.flatten(), dim=0)) for w, g in zip(W, grads)]
     assert low <= min(cos[:2]) and max(cos[:2]) <= high, cos  # measured: orthogonal >= 0.96, Gaussian <= 0.01
+
+
+@needs_mnist
+def test_campaign_records_each_run_and_a_rerun_skips_recorded_ones(tmp_path, monkeypatch):
+    import numpy as np
+
+    out, record = tmp_path / "docs" / "RESULTS.md", tmp_path / "records.jsonl"
+    cmd = ["--rules", "BP", "--seeds", "0", "1", "--epochs", "2", "--subset", "600", "--num-train", "500", "--num-val",
+           "100", "--data-dir", str(DATA), "--out", str(out), "--record", str(record)]  # fmt: skip
+    real, calls = bench.run_one, []
+
+    def interrupted_at_second(*task):
+        calls.append(task)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the campaign is stopped while seed 1 trains
+        return real(*task)
+
+    monkeypatch.setattr(bench, "run_one", interrupted_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(cmd)
+    assert [r["seed"] for r in bench.read_runs(record).values()] == [0]
+    calls.clear()
+    results = bench.main(cmd)  # resumes: trains seed 1 only
+    assert [c[2] for c in calls] == [1] and sorted(r["seed"] for r in results) == [0, 1]
+    runs = sorted(bench.read_runs(record).values(), key=lambda r: r["seed"])
+    for r in runs:  # the curve from metrics.csv agrees with the checkpoint's best score and epoch
+        assert len(r["val_acc"]) == 2 and max(r["val_acc"]) == pytest.approx(r["best_val_acc"], abs=1e-4)
+        assert r["val_acc"][r["best_epoch"] - 1] == pytest.approx(r["best_val_acc"], abs=1e-4)
+    errs = np.array([r["test_error"] for r in runs])
+    text = out.read_text()
+    assert f"| BP | `configs/mnist/bp.yaml` | {errs.mean():.2f} ± {errs.std(ddof=1):.2f} |" in text
+    assert "![validation accuracy against epoch, mean ± sd over seeds](figures/mnist_curves.png)" in text
+    assert (out.parent / "figures" / "mnist_curves.png").stat().st_size > 10_000
+    curves = 100 * np.array([r["val_acc"] for r in runs])
+    mean, sd = bench.curve_bands(bench.read_records(out))["BP"]
+    assert np.allclose(mean, curves.mean(0)) and np.allclose(sd, curves.std(0, ddof=1))
+    # a third invocation trains nothing and writes the same table; a torn last line is passed over
+    with open(record, "a") as f:
+        f.write('{"key": "torn')
+    calls.clear()
+    bench.main(cmd)
+    assert calls == [] and out.read_text() == text
+
+
+def test_a_changed_config_is_a_new_run(tmp_path):
+    config = tmp_path / "bp.yaml"
+    config.write_text((CONFIG_DIR / "mnist" / "bp.yaml").read_text())
+    key = bench.run_key("BP", str(config), 0, 2, ())
+    assert bench.run_key("BP", str(config), 1, 2, ()) != key and bench.run_key("BP", str(config), 0, 3, ()) != key
+    config.write_text(config.read_text().replace("lr: 0.001", "lr: 0.002"))
+    assert bench.run_key("BP", str(config), 0, 2, ()) != key

@@ -1,7 +1,8 @@
 """MNIST with the fully connected network of thesis table 3.1 (Bartunov et al. 2018), 784-(256×5)-10.
 
     python -m tplightning.benchmarks.mnist [--rules R ...] [--epochs N] [--seeds S ...] [--jobs J]
-        [--out docs/RESULTS.md] [--subset N --num-train N --num-val N] [--json PATH] [--dry-run] [--rewrite]
+        [--out docs/RESULTS.md] [--record runs/mnist/records.jsonl] [--rerun]
+        [--subset N --num-train N --num-val N] [--json PATH] [--dry-run] [--rewrite]
 
 Each run is ``python train.py --config mnist/<rule>.yaml --test_on best <overrides>``: the config's
 loggers and its ``ModelCheckpoint`` on ``val/acc`` stay on (each run in its own folder,
@@ -10,6 +11,20 @@ test images are scored with the checkpoint of the best validation epoch. One see
 ``seed_everything`` (the initial weights), the shuffling and, for target-propagation rules, the
 layer draws and the feedback noise; the 55k/5k train/validation split is the data module's fixed
 ``split_seed``. A run that diverges (``DivergenceError``) is reported as such.
+
+**Campaigns.** Every run is appended to ``--record`` (JSON lines, one run a line) as soon as it finishes,
+keyed by the rule, the config file's content (a digest), the seed, the epochs and the smoke-run flags.
+A later invocation takes a recorded run from there instead of training it again (``--rerun`` trains
+anyway), so a campaign such as ``--seeds 0 1 2`` survives an interruption: run the same command again.
+To spread one over machines, give each a share of the rules (or seeds), then concatenate their record
+files into one and run the full command once more: it trains nothing and writes the table. A run that
+failed (not by divergence) is not recorded and is tried again. Changing a config (say, after tuning)
+changes its digest, so its runs are done afresh.
+
+Each row gives the mean ± sd over the seeds of the test error at the best-validation epoch. The
+validation accuracy of every epoch (read from each run's ``metrics.csv``) is kept with the run, and
+``figures/mnist_curves.png`` beside ``--out`` shows it against the epoch, one line per rule (the mean
+over seeds), with a band of ± one sd.
 
 The table is written between ``<!-- mnist:start -->`` and ``<!-- mnist:end -->`` in ``--out``; the
 rest of the file is left as it is. The block keeps its per-run records in an HTML comment, so a
@@ -20,6 +35,8 @@ root (the configs' ``data_dir`` is ``../shared/data``, relative to it).
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import math
 import os
@@ -40,9 +57,11 @@ from ..rules.base import DivergenceError
 from . import common
 from .common import Rule, config_value, seed_overrides
 
-__all__ = ["RULES", "THESIS", "run_args", "run_one", "render", "main"]
+__all__ = ["RULES", "THESIS", "run_args", "run_one", "render", "run_key", "read_runs", "plot_curves", "main"]
 
 PROG = "python -m tplightning.benchmarks.mnist"
+#: the curves figure, relative to the folder of ``--out``
+FIGURE = Path("figures") / "mnist_curves.png"
 START, END = "<!-- mnist:start -->", "<!-- mnist:end -->"
 RUNS_TAG = "mnist:runs"
 
@@ -95,6 +114,20 @@ def _best_epoch(trainer: pl.Trainer) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"]) + 1
 
 
+def val_curve(trainer: pl.Trainer, key: str = "val/acc") -> list[float] | None:
+    """``key`` at the end of each validation epoch, from the run's CSV log (``metrics.csv``); None without one."""
+    folder = next((lg.log_dir for lg in trainer.loggers if type(lg).__name__ == "CSVLogger"), None)
+    path = Path(folder or "") / "metrics.csv"
+    if folder is None or not path.is_file():
+        return None
+    by_epoch = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get(key) not in (None, ""):
+                by_epoch[int(row["epoch"])] = float(row[key])
+    return [round(by_epoch[e], 5) for e in sorted(by_epoch)]
+
+
 def run_one(rule: str, config: str, seed: int, epochs: int | None = None, overrides: Sequence[str] = ()) -> dict:
     """Train ``config`` with seed ``seed``; test the best validation checkpoint.
 
@@ -102,8 +135,9 @@ def run_one(rule: str, config: str, seed: int, epochs: int | None = None, overri
     "epochs_run", "seconds", "seconds_per_epoch", "diverged", "error"}`` (errors in %).
     """
     args = run_args(config, seed, epochs, overrides)
-    result = {"rule": rule, "config": config, "seed": seed, "args": args, "test_error": None, "best_val_acc": None}
-    result.update(best_epoch=None, epochs_run=None, diverged=False, error=None)
+    result = {"rule": rule, "config": config, "seed": seed, "epochs": epochs, "overrides": list(overrides), "args": args,
+              "test_error": None, "best_val_acc": None}  # fmt: skip
+    result.update(best_epoch=None, epochs_run=None, diverged=False, error=None, val_acc=None)
     start = time.perf_counter()
     try:
         out = cli_main(args)
@@ -121,6 +155,7 @@ def run_one(rule: str, config: str, seed: int, epochs: int | None = None, overri
             best_val_acc=None if score is None else float(score),
             best_epoch=_best_epoch(trainer),
             epochs_run=int(trainer.current_epoch),
+            val_acc=val_curve(trainer),
         )
     result["seconds"] = time.perf_counter() - start
     result["seconds_per_epoch"] = result["seconds"] / result["epochs_run"] if result["epochs_run"] else None
@@ -138,9 +173,40 @@ def _run_task(task: tuple) -> dict:
         traceback.print_exc()
         rule, config, seed = task[:3]
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return {"rule": rule, "config": config, "seed": seed, "args": run_args(*task[1:]), "test_error": None,
-                "best_val_acc": None, "best_epoch": None, "epochs_run": None, "seconds": 0.0, "seconds_per_epoch": None,
-                "diverged": False, "error": f"failed: {type(err).__name__}: {first}"}  # fmt: skip
+        return {"rule": rule, "config": config, "seed": seed, "epochs": task[3], "overrides": list(task[4]),
+                "args": run_args(*task[1:]), "test_error": None, "best_val_acc": None, "best_epoch": None,
+                "epochs_run": None, "seconds": 0.0, "seconds_per_epoch": None, "diverged": False,
+                "error": f"failed: {type(err).__name__}: {first}", "val_acc": None}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- run records
+def run_key(rule: str, config: str, seed: int, epochs: int | None, overrides: Sequence[str]) -> str:
+    """What makes two runs the same run: rule, the config file's content, seed, epochs and overrides."""
+    digest = hashlib.sha1(common._config_path(config).read_bytes()).hexdigest()[:12]
+    return json.dumps([rule, config, digest, seed, epochs, list(overrides)])
+
+
+def read_runs(path: Path) -> dict[str, dict]:
+    """The runs recorded in the JSON-lines file ``path`` by their :func:`run_key` (the last record of a key wins;
+    a torn last line, from a process killed while writing, is passed over)."""
+    runs = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            runs[rec["key"]] = rec
+    return runs
+
+
+def record_run(path: Path, result: dict) -> None:
+    """Append one finished run to ``path`` (one line, written at once, so parallel workers do not interleave)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"key": run_key(result["rule"], result["config"], result["seed"], result["epochs"], result["overrides"]),
+           "date": date.today().isoformat(), "machine": _machine(), **result}  # fmt: skip
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- table
@@ -224,8 +290,60 @@ HEAD = [
 ]
 
 
-def render(records: Sequence[dict]) -> str:
-    """The Markdown block (without markers) of the per-rule records, plus the records as a comment."""
+def curve_bands(records: Sequence[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per rule with validation curves: the mean over seeds of the validation accuracy (%) at each epoch and its sd
+    (0 where one run reaches that epoch); runs of different lengths count where they have the epoch."""
+    bands = {}
+    for rec in records:
+        curves = [r["val_acc"] for r in rec["runs"] if r.get("val_acc")]
+        if not curves:
+            continue
+        mean, sd = [], []
+        for e in range(max(map(len, curves))):
+            values = [100.0 * c[e] for c in curves if e < len(c)]
+            mean.append(statistics.mean(values))
+            sd.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        bands[rec["rule"]] = (mean, sd)
+    return bands
+
+
+def plot_curves(records: Sequence[dict], path: Path) -> Path | None:
+    """Validation accuracy against epoch of the fully connected rows, one line per rule with a band of ± one sd over
+    seeds, written to ``path``; None (nothing written) when no record has curves."""
+    bands = curve_bands([rec for rec in records if rec["rule"] not in CNN])
+    if not bands:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for rule, (mean, sd) in bands.items():
+        epochs = range(1, len(mean) + 1)
+        for a in (ax, zoom):
+            (line,) = a.plot(epochs, mean, label=rule, lw=1.3)
+            a.fill_between(epochs, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                           color=line.get_color(), alpha=0.2, lw=0)  # fmt: skip
+    best = max(max(m) for m, _ in bands.values())
+    zoom.set_ylim(best - 6, best + 0.5)
+    ax.set_title("MNIST validation accuracy (mean ± sd over seeds)")
+    zoom.set_title("the same, top 6 points")
+    for a in (ax, zoom):
+        a.set_xlabel("epoch")
+        a.set_ylabel("validation accuracy %")
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(records: Sequence[dict], figure: Path | None = None) -> str:
+    """The Markdown block (without markers) of the per-rule records, plus the records as a comment; ``figure``: the
+    curves figure to show below the table (a path whose last two parts are its link from the Markdown file)."""
     fc = [rec for rec in records if rec["rule"] not in CNN]
     cnn = [rec for rec in records if rec["rule"] in CNN]
     payload = json.dumps(list(records), separators=(",", ":"))
@@ -247,10 +365,12 @@ def render(records: Sequence[dict]) -> str:
         "55k/5k train/validation split of the training "
         "images (`split_seed` 0), batch 128; test error on the 10k test images with the weights of the best "
         "validation-accuracy epoch. Time per epoch: wall time of the run (training, validation and the final test) "
-        "divided by the epochs run. Rows sorted by test error; one row per rule, from the latest run of that rule.",
+        "divided by the epochs run. Rows sorted by test error; one row per rule, from the latest invocation for that rule, "
+        "the error as mean ± sd over its seeds.",
         "",
         *HEAD,
         *_rows(fc),
+        *(["", f"![validation accuracy against epoch, mean ± sd over seeds]({Path(*figure.parts[-2:]).as_posix()})"] if figure else []),
         "",
         "Thesis table 3.1 (numbers of Bartunov et al. 2018 as quoted in the thesis; Adam, best of 500 epochs):",
         "",
@@ -298,6 +418,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-val", type=int, help="smoke runs: validation images")
     p.add_argument("--data-dir", help="MNIST folder (default: the configs' ../shared/data)")
     p.add_argument("--json", type=Path, help="also write the per-run results here")
+    p.add_argument("--record", type=Path, default=Path("runs/mnist/records.jsonl"),
+                   help="JSON-lines file of finished runs; recorded runs are not trained again (default: %(default)s)")
+    p.add_argument("--rerun", action="store_true", help="train every run even if recorded (and record it again)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     p.add_argument("--rewrite", action="store_true",
                    help="run nothing: rewrite the block of --out from the run records it keeps (after a change of the table's layout)")
@@ -328,52 +451,74 @@ def _ordered(records) -> list[dict]:
     return sorted(records, key=lambda rec: order.index(rec["rule"]) if rec["rule"] in order else len(order))
 
 
+def _machine(jobs: int = 1) -> str:
+    threads = torch.get_num_threads() if jobs == 1 else 1
+    return f"{platform.platform()} ({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, jobs {jobs} × {threads} torch thread(s)"
+
+
+RUN_FIELDS = ("seed", "test_error", "best_val_acc", "best_epoch", "epochs_run", "seconds", "seconds_per_epoch", "diverged",
+              "error", "val_acc")  # fmt: skip
+
+
+def _report(i: int, n: int, start: float, r: dict, note: str = "") -> None:
+    score = r["error"] if r["test_error"] is None else f"test error {r['test_error']:.2f}% (best epoch {r['best_epoch']}/{r['epochs_run']})"
+    print(f"[{i}/{n} {time.perf_counter() - start:.0f}s] {r['rule']} seed {r['seed']}: {score} ({r['seconds']:.0f}s){note}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Run the selected rules and seeds, write the MNIST block of ``--out``; returns the per-run results."""
+    """Run the selected rules and seeds (taking recorded runs from ``--record``), write the MNIST block of ``--out``
+    and the curves figure beside it; returns the per-run results."""
     args = parse_args(argv)
+    figure = args.out.parent / FIGURE
     if args.rewrite:
         records = read_records(args.out)
-        common.write_block(args.out, "mnist", render(_ordered(records)))
+        common.write_block(args.out, "mnist", render(_ordered(records), plot_curves(records, figure)))
         print(f"rewrote the MNIST block of {args.out} from its {len(records)} rule records")
         return []
     overrides, options = _extra(args)
     tasks = [(r, RULES[r].config, s, args.epochs, tuple(overrides)) for r in args.rules for s in args.seeds]
+    recorded = {} if args.rerun else read_runs(args.record)
+    done = {t: recorded[k] for t in tasks if (k := run_key(*t)) in recorded}
+    todo = [t for t in tasks if t not in done]
     if args.dry_run:
         for rule, config, seed, epochs, ov in tasks:
-            print(f"{rule} seed {seed}: python train.py {shlex.join(run_args(config, seed, epochs, ov))}")
-        print(f"{len(tasks)} runs")
+            state = "recorded" if (rule, config, seed, epochs, ov) in done else "python train.py " + shlex.join(run_args(config, seed, epochs, ov))
+            print(f"{rule} seed {seed}: {state}")
+        print(f"{len(todo)} runs to do, {len(done)} recorded in {args.record}")
         return []
     common.quiet()
-    results = []
-    start = time.perf_counter()
-    for i, r in enumerate(common.run_all(_run_task, tasks, args.jobs), start=1):
+    results, start = [], time.perf_counter()
+    for i, r in enumerate(done.values(), start=1):
         results.append(r)
-        score = r["error"] if r["test_error"] is None else f"test error {r['test_error']:.2f}% (best epoch {r['best_epoch']}/{r['epochs_run']})"
-        print(f"[{i}/{len(tasks)} {time.perf_counter() - start:.0f}s] {r['rule']} seed {r['seed']}: {score} "
-              f"({r['seconds']:.0f}s)", flush=True)  # fmt: skip
+        _report(i, len(tasks), start, r, f", recorded {r['date']}")
+    for i, r in enumerate(common.run_all(_run_task, todo, args.jobs), start=len(done) + 1):
+        results.append(r)
+        if r["error"] is None or r["diverged"]:
+            record_run(args.record, {**r, "machine": _machine(args.jobs)})
+        _report(i, len(tasks), start, r)
     records = {rec["rule"]: rec for rec in read_records(args.out)}
-    machine = f"{platform.platform()} ({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, jobs {args.jobs} × {torch.get_num_threads() if args.jobs == 1 else 1} torch thread(s)"
     for rule in args.rules:
         runs = sorted((r for r in results if r["rule"] == rule), key=lambda r: r["seed"])
         config = RULES[rule].config
         epochs = args.epochs if args.epochs is not None else config_value(config, (), "trainer.max_epochs")
+        machines = dict.fromkeys(r.get("machine") or _machine(args.jobs) for r in runs)
         records[rule] = {
             "rule": rule,
             "config": config,
             "hparams": hyper_parameters(config, overrides),
             "command": command(rule, args.epochs, args.seeds, options),
-            "date": date.today().isoformat(),
-            "machine": machine,
+            "date": max(r.get("date") or date.today().isoformat() for r in runs),
+            "machine": "; ".join(machines),
             "epochs": epochs,
-            "runs": [{k: r[k] for k in ("seed", "test_error", "best_val_acc", "best_epoch", "epochs_run",
-                                         "seconds", "seconds_per_epoch", "diverged", "error")} for r in runs],
-        }  # fmt: skip
-    common.write_block(args.out, "mnist", render(_ordered(records.values())))
+            "runs": [{k: r.get(k) for k in RUN_FIELDS} for r in runs],
+        }
+    records = _ordered(records.values())
+    common.write_block(args.out, "mnist", render(records, plot_curves(records, figure)))
     print(f"wrote the MNIST block to {args.out}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"done: {len(tasks)} runs in {time.perf_counter() - start:.0f}s wall")
+    print(f"done: {len(todo)} runs trained, {len(done)} taken from {args.record}, in {time.perf_counter() - start:.0f}s wall")
     return results
 
 
