@@ -92,8 +92,16 @@ def test_resume_continues_the_count_and_an_interrupted_trial_is_rerun(tmp_path, 
     study = load(storage, "mnist-BP")
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
-    tune.main(["--rule", "BP", "--trials", "3", "--storage", str(storage), *TINY])  # full: runs nothing
-    assert len(load(storage, "mnist-BP").trials) == 4
+    config = tmp_path / "bp.yaml"
+    config.write_text((CONFIG_DIR / "mnist" / "bp.yaml").read_text())
+    monkeypatch.setattr(tune.common, "_config_path", lambda name: config)
+    study = tune.main(["--rule", "BP", "--trials", "3", "--storage", str(storage), "--write-config", "--no-progress"])
+    assert len(study.trials) == 4  # full: ran nothing, wrote the best values
+    header = config.read_text().splitlines()[0]
+    assert header.startswith("# Tuned by python -m tplightning.benchmarks.tune --rule BP: study mnist-BP, 3 trials")
+    assert "1 epochs per trial, data --data.init_args.subset 600" in header
+    lr = yaml.safe_load(config.read_text())["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"]
+    assert lr == pytest.approx(study.best_params["lr"], rel=1e-3)
 
 
 def tune_cli_main():

@@ -24,10 +24,10 @@ budget (fair budgets, issue 14):
 * rules with fixed feedback (FA, DFA) search the forward part only (their target step is 1 by design).
 
 **Budget.** ``--trials`` is the study's total: the number of finished trials (complete or pruned) the study
-should hold; a failed trial (one interrupted by Ctrl-C among them) does not count. A rerun of the same command therefore resumes an interrupted study and runs only the
-missing trials; several workers started on one storage stop together when the study is full (each may
-finish the trial it is running, so a study of ``n`` trials with ``k`` workers ends with ``n`` to
-``n + k - 1``). Studies live in ``runs/tune/<rule>.journal`` (an Optuna ``JournalStorage`` file; safe for
+should hold; a failed trial (one interrupted by Ctrl-C among them) does not count. A rerun of the same command
+therefore resumes an interrupted study and runs only the missing trials; several workers started on one
+storage stop together when the study is full (each may finish the trial it is running, so a study of ``n``
+trials with ``k`` workers ends with ``n`` to ``n + k - 1``). Studies live in ``runs/tune/<rule>.journal`` (an Optuna ``JournalStorage`` file; safe for
 several processes of one machine) unless ``--storage`` names another: a database URL
 (``postgresql://...``, ``mysql+pymysql://...``, ``sqlite:///file.db``) lets processes on several machines
 share one study (README, "Tuning").
@@ -210,7 +210,7 @@ def open_storage(storage: str):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if "://" in storage:
-        return optuna.storages.RDBStorage(storage) if not storage.startswith("redis") else storage
+        return optuna.storages.RDBStorage(storage)
     path = Path(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
@@ -250,8 +250,11 @@ def run_study(
         sampler=optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup),
     )
-    study.set_user_attr("rule", rule)
-    study.set_user_attr("space", [p.name for p in space])
+    if "rule" not in study.user_attrs:  # the proxy a study was made with, for the config header
+        study.set_user_attr("rule", rule)
+        study.set_user_attr("space", [p.name for p in space])
+        study.set_user_attr("epochs", epochs)
+        study.set_user_attr("data", list(data))
 
     def full(study, _trial) -> None:
         if len(_finished(study)) >= trials:
@@ -408,9 +411,11 @@ def main(argv: Sequence[str] | None = None):
             print("no complete trial: nothing written", file=sys.stderr)
         else:
             path = common._config_path(_config(args.rule))
-            header = (f"{TUNED_TAG} {PROG} (study {study.study_name}, {len(_finished(study))} trials, best val/acc "
-                      f"{study.best_value:.4f}, {args.epochs or 'config'} epochs, subset {args.subset or 'all'}), "
-                      f"{date.today().isoformat()}")  # fmt: skip
+            proxy = f"{study.user_attrs.get('epochs') or 'max_epochs'} epochs per trial"
+            if study.user_attrs.get("data"):
+                proxy += f", data {' '.join(study.user_attrs['data'])}"
+            header = (f"{TUNED_TAG} {PROG} --rule {args.rule}: study {study.study_name}, {len(_finished(study))} trials, "
+                      f"best val/acc {study.best_value:.4f} ({proxy}), {date.today().isoformat()}")  # fmt: skip
             write_config(path, best_values(args.rule, study), header)
             print(f"wrote the best values into {path}")
     return study
