@@ -1,6 +1,8 @@
 """The learning-signal diagnostics (thesis eqs. 5.38-5.41, 5.57-5.61) against independent computations."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from pytorch_lightning.loggers import CSVLogger
@@ -263,3 +265,28 @@ def test_callback_is_a_no_op_for_bp():
 def test_callback_rejects_bad_arguments():
     with pytest.raises(ValueError, match="every_n_steps"):
         TargetPropDiagnostics(every_n_steps=0)
+
+
+@pytest.mark.parametrize("slope", [0.35, 0.6, 0.8])
+def test_thesis_form_signal_departs_from_the_gradient_as_the_closed_form_says(slope):
+    # Issue 14 (why DTP-AI trails on MNIST): with orthogonal W and Q = W^T, layer i's thesis-form signal is the upper
+    # signal through D^-1 of each layer above (up to the output's), backprop's through D. Per layer, with a fraction p
+    # of negative leaky-ReLU units, cos(D^-1 v, D v) = ((1 - p + p/a^2)(1 - p + p a^2))^-1/2, compounding downwards.
+    torch.manual_seed(0)
+    sizes = [784, 256, 256, 256, 256, 256, 10]
+    rule = tp.DTPAI(sizes=sizes, activation="leaky_relu", negative_slope=slope, output_activation="linear", bias=False,
+                    init="orthogonal", loss="cross_entropy", target_stepsize=1e-3)  # fmt: skip
+    x, y = torch.randn(256, 784), torch.randint(10, (256,))
+    out = diagnostics(rule, x, y)
+    with torch.no_grad():
+        pre = [x @ W.T for W in rule.forward_weights[:1]]
+        for W in rule.forward_weights[1:-1]:
+            pre.append(torch.nn.functional.leaky_relu(pre[-1], slope) @ W.T)
+    p = [float((a < 0).double().mean()) for a in pre]  # layers 1..5
+
+    def per_layer(q):
+        return ((1 - q + q / slope**2) * (1 - q + q * slope**2)) ** -0.5
+
+    for i in range(1, 6):
+        expected = math.prod(per_layer(q) for q in p[i:])  # the D's of layers i+1..5
+        assert float(out[f"diag/cos_bp_{i}"]) == pytest.approx(expected, abs=0.02), (i, expected)

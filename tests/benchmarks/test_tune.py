@@ -37,6 +37,7 @@ def test_search_spaces_give_bp_the_forward_part_of_every_rule():
     bp, lee, fa = (tuple(p.name for p in tune.search_space(r)) for r in ("BP", "LeeDTP", "FA"))
     assert bp == fa == ("lr", "weight_decay", "init")
     assert lee == bp + ("target_stepsize", "feedback_lr", "feedback_noise_std", "feedback_iterations")
+    assert tuple(p.name for p in tune.search_space("DTPAI")) == lee + ("negative_slope", "feedback_weight_decay")
     assert "init" not in {p.name for p in tune.search_space("CNN-BP")}  # its layers name their own init
     for p in tune.search_space("DTPAI"):  # every searched key exists in, or is accepted by, the config's rule
         assert p.key.startswith("model.init_args.")
