@@ -98,7 +98,7 @@ def test_benchmark_writes_its_block(tmp_path):
     assert len(results) == 1 and results[0]["test_error"] is not None and results[0]["best_epoch"] == 1
     text = out.read_text()
     assert "keep me" in text and text.count(bench.START) == 1 and text.count(bench.END) == 1
-    assert "| BP | `configs/mnist/bp.yaml` |" in text and "| DTP | 1.83 |" in text
+    assert "| BP | `configs/mnist/bp.yaml` |" in text and "| DTP | 1.83 | 42.32 |" in text
     assert "python -m tplightning.benchmarks.mnist --rules BP --epochs 1" in text
     # a second invocation for another rule keeps the BP row
     write_block(out, "mnist", bench.render([*bench.read_records(out)]))

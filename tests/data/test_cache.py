@@ -14,7 +14,7 @@ from conftest import SHARED_DATA
 from train import main
 
 SHARED = SHARED_DATA
-MNIST_CONFIGS = sorted((CONFIG_DIR / "mnist").glob("*.yaml"))
+MNIST_CONFIGS = sorted((CONFIG_DIR / "mnist").glob("*.yaml")) + sorted((CONFIG_DIR / "cifar10").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", MNIST_CONFIGS, ids=lambda p: p.name)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._lightning import pl
 
-__all__ = ["TensorData", "EpochSeededSampler", "TensorDataModule", "derive_seed"]
+__all__ = ["TensorData", "EpochSeededSampler", "TensorDataModule", "derive_seed", "check_split", "seeded_split"]
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -21,6 +21,27 @@ def derive_seed(seed: int, purpose: str) -> int:
     keeps the streams apart while staying reproducible.
     """
     return (int(seed) * 1_000_003 + zlib.crc32(purpose.encode())) % (2**63 - 1)
+
+
+def check_split(num_train: int, num_val: int, subset: int | None) -> None:
+    """The train/validation sizes of a data module that splits a training file: ``ValueError`` unless they fit."""
+    if num_train < 1 or num_val < 0:
+        raise ValueError(f"need num_train >= 1 and num_val >= 0, got num_train={num_train}, num_val={num_val}")
+    if subset is not None and subset < num_train + num_val:
+        raise ValueError(f"subset={subset} is smaller than num_train + num_val = {num_train} + {num_val}")
+
+
+def seeded_split(total: int, num_train: int, num_val: int, subset: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """Disjoint train and validation indices into the first ``subset`` (all when None) of ``total`` items, drawn by
+    one permutation seeded with ``seed``."""
+    available = total if subset is None else min(subset, total)
+    if num_train + num_val > available:
+        raise ValueError(
+            f"num_train + num_val = {num_train} + {num_val} exceeds the {available} training images "
+            f"available (subset={subset}, {total} in the file)"
+        )
+    perm = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+    return perm[:num_train], perm[num_train : num_train + num_val]
 
 
 class TensorData(Dataset):

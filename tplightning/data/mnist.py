@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import TensorData, TensorDataModule
+from .base import TensorData, TensorDataModule, check_split, seeded_split
 
-__all__ = ["MNISTDataModule", "MD5", "MIRRORS", "DATA_ENV", "NO_DOWNLOAD_ENV", "default_data_dir", "download_file", "find_files", "read_idx"]
+__all__ = ["MNISTDataModule", "MD5", "MIRRORS", "DATA_ENV", "NO_DOWNLOAD_ENV", "default_data_dir", "download_file",
+           "downloads_allowed", "check_md5", "find_files", "read_idx"]  # fmt: skip
 
 #: md5 of the *decompressed* IDX files (the gzip wrappers differ between sources).
 MD5: dict[str, str] = {
@@ -58,6 +59,18 @@ def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
         part.unlink(missing_ok=True)
 
 
+def downloads_allowed() -> bool:
+    """False when ``TPLIGHTNING_NO_DOWNLOAD`` forbids downloads."""
+    return os.environ.get(NO_DOWNLOAD_ENV, "") in ("", "0")
+
+
+def check_md5(path: Path, data: bytes, expected: str | None, fix: str, what: str = "") -> None:
+    """``ValueError`` naming ``path`` and ``fix`` unless the md5 of ``data`` is ``expected``."""
+    actual = hashlib.md5(data).hexdigest()
+    if actual != expected:
+        raise ValueError(f"md5 mismatch for {path}{what}: expected {expected}, got {actual}; {fix}")
+
+
 def _raw_dir(data_dir: Path) -> Path:
     return data_dir / "MNIST" / "raw"
 
@@ -89,9 +102,7 @@ def read_idx(path: Path, ndim: int) -> Tensor:
             data = bytearray(f.read())
     except (EOFError, OSError, zlib.error) as err:  # truncated gzip, not gzip at all, unreadable
         raise ValueError(f"MNIST file {path} is truncated or corrupt ({err}); {fix}") from err
-    expected, actual = MD5.get(name), hashlib.md5(data).hexdigest()
-    if actual != expected:
-        raise ValueError(f"md5 mismatch for {path} (decompressed bytes): expected {expected}, got {actual}; {fix}")
+    check_md5(path, data, MD5.get(name), fix, " (decompressed bytes)")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"malformed IDX file {path}: {len(data)} bytes is shorter than its {header}-byte header")
@@ -149,10 +160,7 @@ class MNISTDataModule(TensorDataModule):
         download: bool = True,
     ):
         super().__init__(batch_size, eval_batch_size, shuffle_seed)
-        if num_train < 1 or num_val < 0:
-            raise ValueError(f"need num_train >= 1 and num_val >= 0, got num_train={num_train}, num_val={num_val}")
-        if subset is not None and subset < num_train + num_val:
-            raise ValueError(f"subset={subset} is smaller than num_train + num_val = {num_train} + {num_val}")
+        check_split(num_train, num_val, subset)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
         self.num_train, self.num_val, self.split_seed = num_train, num_val, split_seed
@@ -165,7 +173,7 @@ class MNISTDataModule(TensorDataModule):
             return
         if not self.download:
             raise _missing_error(self.data_dir, missing, "(download=False)")
-        if os.environ.get(NO_DOWNLOAD_ENV, "") not in ("", "0"):
+        if not downloads_allowed():
             raise _missing_error(self.data_dir, missing, f"(downloads are switched off by {NO_DOWNLOAD_ENV}=1)")
         for name in list(missing):
             dest = _raw_dir(self.data_dir) / f"{name}.gz"
@@ -205,15 +213,7 @@ class MNISTDataModule(TensorDataModule):
         if missing:
             raise _missing_error(self.data_dir, missing, "prepare_data() downloads them when download=True.")
         images, labels = self._load(files, "train")
-        available = len(images) if self.subset is None else min(self.subset, len(images))
-        if self.num_train + self.num_val > available:
-            raise ValueError(
-                f"num_train + num_val = {self.num_train} + {self.num_val} exceeds the {available} training images "
-                f"available (subset={self.subset}, {len(images)} in the file)"
-            )
-        g = torch.Generator().manual_seed(self.split_seed)
-        perm = torch.randperm(available, generator=g)
-        train, val = perm[: self.num_train], perm[self.num_train : self.num_train + self.num_val]
+        train, val = seeded_split(len(images), self.num_train, self.num_val, self.subset, self.split_seed)
         self.train_data = TensorData(self._to_float(images[train]), labels[train])
         self.val_data = TensorData(self._to_float(images[val]), labels[val])
         test_images, test_labels = self._load(files, "t10k")
