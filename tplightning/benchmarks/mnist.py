@@ -132,8 +132,9 @@ def val_curve(trainer: pl.Trainer, key: str = "val/acc") -> list[float] | None:
 def run_one(rule: str, config: str, seed: int, epochs: int | None = None, overrides: Sequence[str] = ()) -> dict:
     """Train ``config`` with seed ``seed``; test the best validation checkpoint.
 
-    Returns ``{"rule", "config", "seed", "args", "test_error", "best_val_acc", "best_epoch",
-    "epochs_run", "seconds", "seconds_per_epoch", "diverged", "error"}`` (errors in %).
+    Returns ``{"rule", "config", "seed", "epochs", "overrides", "args", "test_error", "best_val_acc", "best_epoch",
+    "epochs_run", "seconds", "seconds_per_epoch", "diverged", "error", "val_acc"}`` (errors in %; ``val_acc``: the
+    validation accuracy of each epoch, from the run's ``metrics.csv``).
     """
     args = run_args(config, seed, epochs, overrides)
     result = {"rule": rule, "config": config, "seed": seed, "epochs": epochs, "overrides": list(overrides), "args": args,
@@ -201,11 +202,11 @@ def read_runs(path: Path) -> dict[str, dict]:
     return runs
 
 
-def record_run(path: Path, result: dict) -> None:
+def record_run(path: Path, result: dict, machine: str) -> None:
     """Append one finished run to ``path`` (one line, written at once, so parallel workers do not interleave)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = {"key": run_key(result["rule"], result["config"], result["seed"], result["epochs"], result["overrides"]),
-           "date": date.today().isoformat(), "machine": _machine(), **result}  # fmt: skip
+           "date": date.today().isoformat(), "machine": machine, **result}  # fmt: skip
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
 
@@ -497,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for i, r in enumerate(common.run_all(_run_task, todo, args.jobs), start=len(done) + 1):
         results.append(r)
         if r["error"] is None or r["diverged"]:
-            record_run(args.record, {**r, "machine": _machine(args.jobs)})
+            record_run(args.record, r, _machine(args.jobs))
         _report(i, len(tasks), start, r)
     records = {rec["rule"]: rec for rec in read_records(args.out)}
     for rule in args.rules:

@@ -15,9 +15,9 @@ holds the message), so the sampler learns that the region is bad and the study g
 family has the same forward part, so BP and the target-propagation rules get the same search for the same
 budget (fair budgets, issue 14):
 
-* every rule: the forward learning rate (log-uniform 1e-4 .. 3e-3), AdamW's decoupled weight decay
-  (log-uniform 1e-4 .. 0.1) and, where the config names one, the initial weights (``orthogonal`` or
-  ``gaussian``);
+* every rule: the forward learning rate (log-uniform 1e-4 .. 3e-3), the forward optimizer's weight decay
+  (log-uniform 1e-4 .. 0.1; decoupled for the configs' AdamW) and, where the config names one, the initial
+  weights (``orthogonal`` or ``gaussian``);
 * learned-inverse rules (DTP-AI, RDTP-AI, LeeDTP, SDTP, AO-SDTP, ...) in addition: the target step ``η̂``
   (log-uniform 0.01 .. 1), the feedback learning rate (log-uniform 1e-4 .. 0.1), the feedback-noise std ``σ``
   (log-uniform 0.01 .. 2) and the feedback iterations per step (1 .. 4);
@@ -40,7 +40,7 @@ several processes of one machine) unless ``--storage`` names another: a database
 share one study (README, "Tuning").
 
 ``--epochs`` and ``--subset`` make a cheaper proxy (the learning-rate schedule then decays over the proxy's
-epochs). ``--write-config`` writes the best values into the rule's config, in place, keeping its comments,
+epochs; with ``--subset n`` a tenth of the ``n`` images validate, unless ``--num-val`` says otherwise). ``--write-config`` writes the best values into the rule's config, in place, keeping its comments,
 under a header comment line naming the study, its trials and the date.
 """
 from __future__ import annotations
@@ -64,6 +64,7 @@ from ..rules.learned import LearnedInverseRule
 from ..rules.target_prop import TargetPropRule
 from . import common
 from .common import config_value, rule_class
+from .mnist import RULES
 
 __all__ = ["Param", "SPACES", "search_space", "family", "overrides", "objective", "run_study", "summary",
            "write_config", "main"]  # fmt: skip
@@ -123,17 +124,10 @@ SPACES: dict[str, tuple[Param, ...]] = {
 }
 
 
-def _rules() -> dict:
-    from .mnist import RULES
-
-    return RULES
-
-
 def _config(rule: str) -> str:
-    rules = _rules()
-    if rule not in rules:
-        raise ValueError(f"unknown rule {rule!r} for tuning; expected one of the MNIST benchmark's rules: {', '.join(rules)}")
-    return rules[rule].config
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r} for tuning; expected one of the MNIST benchmark's rules: {', '.join(RULES)}")
+    return RULES[rule].config
 
 
 def family(rule: str) -> str:
@@ -377,7 +371,7 @@ def best_values(rule: str, study) -> dict[str, object]:
 # --------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--rule", required=True, help=f"the rule to tune: {' '.join(_rules())}")
+    p.add_argument("--rule", required=True, help=f"the rule to tune: {' '.join(RULES)}")
     p.add_argument("--trials", type=int, default=40, help="finished trials the study should hold (default: %(default)s)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the config's max_epochs)")
     p.add_argument("--subset", type=int, help="use only this many MNIST training images (num_train = subset - num_val)")
