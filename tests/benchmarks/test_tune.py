@@ -93,6 +93,8 @@ def test_resume_continues_the_count_and_an_interrupted_trial_is_rerun(tmp_path, 
     study = load(storage, "mnist-BP")
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
+    with pytest.raises(ValueError, match=r"was made with epochs 1 .* not epochs 2"):  # another proxy: not the same study
+        tune.main(["--rule", "BP", "--trials", "5", "--storage", str(storage), *TINY[2:], "--epochs", "2"])
     config = tmp_path / "bp.yaml"
     config.write_text((CONFIG_DIR / "mnist" / "bp.yaml").read_text())
     monkeypatch.setattr(tune.common, "_config_path", lambda name: config)

@@ -275,6 +275,13 @@ def run_study(
             study.stop()
 
     remaining = trials - len(_finished(study))
+    made = (study.user_attrs.get("epochs"), study.user_attrs.get("data"))
+    if remaining > 0 and made != (epochs, list(data)):
+        raise ValueError(
+            f"study {study.study_name} in {storage} was made with epochs {made[0]} and data overrides {made[1]}, not "
+            f"epochs {epochs} and {list(data)}: its trials would not compare; resume it with the same --epochs/--subset "
+            "or name another --study"
+        )
     if remaining > 0:
         study.optimize(objective(rule, epochs, data, seed), n_trials=remaining, callbacks=[full],
                        show_progress_bar=progress, gc_after_trial=True)  # fmt: skip
