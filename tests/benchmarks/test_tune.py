@@ -12,6 +12,7 @@ optuna = pytest.importorskip("optuna")  # the ``tune`` extra; .ci/run installs i
 
 from optuna.trial import TrialState
 
+import tplightning.cli
 from tplightning.benchmarks import tune
 from tplightning.cli import CONFIG_DIR
 from tplightning.cli import main as train_main
@@ -75,7 +76,7 @@ def test_tiny_study_scores_validation_accuracy_and_never_tests(tmp_path, monkeyp
 @needs_mnist
 def test_resume_continues_the_count_and_an_interrupted_trial_is_rerun(tmp_path, monkeypatch):
     storage = tmp_path / "bp.journal"
-    real, calls = tune_cli_main(), []
+    real, calls = tplightning.cli.main, []
 
     def interrupt_second(args, callbacks=()):
         calls.append(args)
@@ -105,12 +106,6 @@ def test_resume_continues_the_count_and_an_interrupted_trial_is_rerun(tmp_path, 
     assert "1 epochs per trial, data --data.init_args.subset 600" in header
     lr = yaml.safe_load(config.read_text())["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"]
     assert lr == pytest.approx(study.best_params["lr"], rel=1e-3)
-
-
-def tune_cli_main():
-    import tplightning.cli
-
-    return tplightning.cli.main
 
 
 @needs_mnist
