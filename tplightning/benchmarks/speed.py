@@ -2,7 +2,7 @@
 
 ``python -m tplightning.benchmarks.speed`` measures, for each rule,
 
-* (a) the MNIST network 784-256x5-10 (tanh, cross-entropy, batch 128, synthetic inputs of
+* (a) the MNIST network 784-256x5-10 (tanh, cross-entropy, batch 128 or ``--batch``, synthetic inputs of
   MNIST's shape): the median time per training batch with Lightning's loop included, and the
   rule's own ``training_step`` alone (forward, targets, forward and feedback updates);
 * (b) square networks n-n-n-n of width n in {256, 512, 1024, 2048} for the exact-inverse rules at
@@ -11,7 +11,14 @@
   step time in n;
 * (c) the small CNN of ``configs/mnist/cnn_bp.yaml`` (BP, LeeDTP, OriginalDTP, DTP-AI), paired with BP as in (a);
 * (d) memory: the peak GPU allocation on CUDA; on CPU the bytes of the rule's state
-  (parameters, buffers, optimizer state).
+  (parameters, buffers, optimizer state);
+* (e) ``--part trainer``: what a user runs. Each MNIST config (BP, FA, DFA, DTP-AI, RDTP-AI, LeeDTP, OriginalDTP,
+  AO-SDTP) through ``train.py``'s CLI with its loggers, progress bar, validation and checkpoints, at one thread per
+  core and at one thread, next to a plain PyTorch loop of BP's network and optimizer (:func:`plain_run`): time
+  per batch from batch ``--skip`` on (start-up cancels), an epoch's time, the validation tail, the ratios to the
+  plain loop and to BP (paired runs, median over rounds), and the peak memory of each rule in a fresh process.
+  ``--busy`` keeps one core busy with a spinning process meanwhile; ``--quick`` is the smoke test's size.
+  Default size: about 5 minutes on a quiet 2-core machine.
 
 Each figure is printed as a ratio to BP; in (a) every rule is timed right after a BP run and the
 ratio is the median over rounds of these paired ratios (:func:`paired_with_bp`), because a shared
@@ -538,6 +545,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=30, help="measured steps per rule (median)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=128, help="batch size of parts mnist and cnn (tables of other sizes get their own block)")
     p.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rules", nargs="+", default=None, help="restrict part (a) to these rules (BP is always measured)")
@@ -564,8 +572,14 @@ def parse_args(argv=None):
     return args
 
 
+def _batch_tag(args) -> str:
+    return "" if args.batch == 128 else f"-b{args.batch}"
+
+
 def command(args) -> str:
     parts = [PROG, "--part", args.part, "--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if args.batch != 128:
+        parts += ["--batch", str(args.batch)]
     if args.part in ("exact", "all"):
         parts += ["--widths", *map(str, args.widths), "--batches", *map(str, args.batches)]
     if args.rules:
@@ -597,23 +611,23 @@ def _run(args, device) -> dict:
     out: dict = {}
     if args.part in ("mnist", "all"):
         rules = ["BP"] + [r for r in (args.rules or MNIST_RULES) if r != "BP"]
-        res = paired_with_bp(args.repeats, rules, [784] + [256] * 5 + [10], 128, args, device)
+        res = paired_with_bp(args.repeats, rules, [784] + [256] * 5 + [10], args.batch, args, device)
         out["mnist"] = res
-        body = (f"### Step time on the MNIST network ({tag})\n\n784-256x5-10, tanh (MTP: leaky-ReLU), orthogonal initial weights, SGD lr 1e-4 for forward and feedback weights, the rules' other hyper-parameters at their defaults (original forms: noise injection sigma 1), cross-entropy, batch 128, median "
+        body = (f"### Step time on the MNIST network ({tag})\n\n784-256x5-10, tanh (MTP: leaky-ReLU), orthogonal initial weights, SGD lr 1e-4 for forward and feedback weights, the rules' other hyper-parameters at their defaults (original forms: noise injection sigma 1), cross-entropy, batch {args.batch}, median "
                 f"of {args.steps} steps after {args.warmup} warm-up steps. Each rule is timed right after a BP run, in {args.repeats} rounds; "
                 f"× BP is the median over rounds of these paired ratios (the host's speed drifts), ms are medians over rounds.\n\n{mnist_table(res, device, args.steps)}\n\n"
                 f"Command: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
-        write_block(args.out, f"speed:mnist:{tag}", body)
+        write_block(args.out, f"speed:mnist{_batch_tag(args)}:{tag}", body)
     if args.part in ("cnn", "all"):
         network = config_value(CNN_CONFIG, (), "model.init_args.network")
-        res = paired_with_bp(args.repeats, CNN_RULES, [784, 10], 128, args, device, network)
+        res = paired_with_bp(args.repeats, CNN_RULES, [784, 10], args.batch, args, device, network)
         out["cnn"] = res
         layers = ", ".join(f"{spec['class_path'].rsplit('.', 1)[-1]}({', '.join(f'{k} {v}' for k, v in spec['init_args'].items() if k != 'init')})" for spec in network)
         body = (f"### Step time on a small CNN ({tag})\n\nThe network of `configs/{CNN_CONFIG}`: {layers}; orthogonal initial weights, "
-                f"SGD lr 1e-4, the rules' defaults otherwise, cross-entropy, batch 128, median of {args.steps} steps after "
+                f"SGD lr 1e-4, the rules' defaults otherwise, cross-entropy, batch {args.batch}, median of {args.steps} steps after "
                 f"{args.warmup} warm-up steps, paired with BP as above ({args.repeats} rounds).\n\n{mnist_table(res, device, args.steps)}\n\n"
                 f"Command: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
-        write_block(args.out, f"speed:cnn:{tag}", body)
+        write_block(args.out, f"speed:cnn{_batch_tag(args)}:{tag}", body)
     if args.part in ("exact", "all"):
         runs = [(name, [n] * 4, b) for b in args.batches for n in args.widths for name in EXACT_RULES]
         res = best_of(args.repeats, runs, args, device, False)
