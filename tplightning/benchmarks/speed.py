@@ -353,9 +353,11 @@ def _epoch_figures(timer_or_times, batches_per_epoch: int) -> dict:
     return {"batch_s": batch_s, "epoch_s": batch_s * batches_per_epoch, "tail_s": t_end - t_train, "per_epoch": batches_per_epoch}
 
 
-def trainer_run(config: str, threads: int, batches: int, skip: int, device: torch.device, memory: bool = False) -> dict:
+def trainer_run(config: str, threads: int, batches: int, skip: int, device: torch.device, memory: bool = False,
+                extra: Sequence[str] = ()) -> dict:
     """One ``train.py --config config --threads threads`` fit of one epoch cut to ``batches`` training batches, with
-    the config's full validation pass, loggers, progress bar and checkpoints (in a temporary folder)."""
+    the config's full validation pass, loggers, progress bar and checkpoints (in a temporary folder); ``extra``: more
+    ``train.py`` options (an A/B of a setting)."""
     from tplightning.cli import build
 
     timer = EpochTimer(device, skip, memory)
@@ -364,7 +366,7 @@ def trainer_run(config: str, threads: int, batches: int, skip: int, device: torc
         os.chdir(tmp)  # the configs' loggers and checkpoints write to ./runs
         try:
             cli = build(["--config", config, "--threads", str(threads), "--trainer.max_epochs", "1",
-                         "--trainer.limit_train_batches", str(batches), "--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu"])  # fmt: skip
+                         "--trainer.limit_train_batches", str(batches), "--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu", *extra])  # fmt: skip
             cli.trainer.callbacks.append(timer)
             dm = _shared_data(cli.datamodule)
             cli.trainer.fit(cli.model, datamodule=dm)
