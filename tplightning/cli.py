@@ -153,9 +153,10 @@ def default_threads(model) -> int | None:
 
     A small network's step is many small operations. Split over two threads, each waits at every operation's end
     for the other; when another process holds a core, that wait is a scheduler time slice. Measured on this
-    project's 2-core machine with other jobs running (the speed benchmark's ``--busy`` mode), the MNIST network's
-    ``training_step`` took 3 times longer on 2 threads than on 1 for BP and 20-28 times for the TP rules; on a quiet
-    machine 2 threads gain BP about 1.2-1.4 times. Convolutions and wide layers keep torch's default.
+    project's 2-core machine with other jobs running (``python scripts/ab_step_time.py --threads 1 2``, steps
+    interleaved), the MNIST network's ``training_step`` took 3 times longer on 2 threads than on 1 for BP and 20-28
+    times for DTP-AI, OriginalDTP, LeeDTP and AO-SDTP; on a quiet machine 2 threads gain BP about 1.2-1.4 times
+    (issue 16). Convolutions and wide layers keep torch's default.
     """
     from .layers import Dense
 
