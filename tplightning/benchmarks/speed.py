@@ -347,9 +347,9 @@ def _shared_data(dm):
     return dm
 
 
-def _epoch_figures(timer_or_times, batches_per_epoch: int) -> dict:
-    t0, t_train, t_end, batches, skip = timer_or_times
-    batch_s = (t_train - t0) / (batches - skip)
+def _epoch_figures(t0: float, t_train: float, t_end: float, timed_batches: int, batches_per_epoch: int) -> dict:
+    """Seconds per batch, per epoch (``batches_per_epoch`` of them) and of the epoch's tail from three clock readings."""
+    batch_s = (t_train - t0) / timed_batches
     return {"batch_s": batch_s, "epoch_s": batch_s * batches_per_epoch, "tail_s": t_end - t_train, "per_epoch": batches_per_epoch}
 
 
@@ -373,7 +373,7 @@ def trainer_run(config: str, threads: int, batches: int, skip: int, device: torc
             per_epoch = len(dm.train_dataloader())
         finally:
             os.chdir(cwd)
-    return {**_epoch_figures((timer.t0, timer.t_train, timer.t_end, timer.batches, skip), per_epoch), "memory": timer.peak}
+    return {**_epoch_figures(timer.t0, timer.t_train, timer.t_end, timer.batches - skip, per_epoch), "memory": timer.peak}
 
 
 def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.device, memory: bool = False) -> dict:
@@ -424,7 +424,7 @@ def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.
         float(val_loss), float(val_acc)  # the user reads them: one sync per epoch
     t_end = _sync(device)
     per_epoch = math.ceil(len(x_all) / bs)
-    return {**_epoch_figures((t0, t_train, t_end, batches, skip), per_epoch), "memory": mem.peak() if memory else math.nan}
+    return {**_epoch_figures(t0, t_train, t_end, batches - skip, per_epoch), "memory": mem.peak() if memory else math.nan}
 
 
 def _memory_task(task: tuple) -> float:
@@ -479,7 +479,7 @@ def trainer_part(args, device: torch.device) -> dict[int, list[dict]]:
             memory = dict(zip([PLAIN, *names], pool.map(_memory_task, tasks, chunksize=1)))
     out: dict[int, list[dict]] = {}
     for th, per_rule in runs.items():
-        med = lambda xs: statistics.median(xs)  # noqa: E731
+        med = statistics.median
         bp_rounds = per_rule["BP"]
         plains = [p for pairs in per_rule.values() for p, _ in pairs]
         rows = [{"rule": PLAIN, "threads": th, "batch_s": med([p["batch_s"] for p in plains]), "ratio_plain": 1.0,
@@ -536,7 +536,7 @@ def write_trainer_table(args, device, results) -> None:
             f"{args.repeats} rounds per thread count; × plain is the median of these paired ratios, × BP the median of "
             f"(rule / its plain run) / (BP / BP's plain run); times are medians over rounds. Peak memory: growth from the "
             f"start of training over a 10-batch run and its validation, each rule in a fresh process, 1 thread.\n\n"
-            f"{trainer_table(results, device)}\n\nCommand: `{trainer_command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
+            f"{trainer_table(results, device)}\n\nCommand: `{trainer_command(args)}`\n\nMachine: {machine(device, threads=False)}.")  # fmt: skip
     write_block(args.out, f"speed:trainer{'-busy' if args.busy else ''}:{tag}", body)
 
 
@@ -551,7 +551,8 @@ def parse_args(argv=None):
     p.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rules", nargs="+", default=None, help="restrict part (a) to these rules (BP is always measured)")
-    p.add_argument("--repeats", type=int, default=2, help="rounds over all rules; part (a): paired ratios to BP, median over rounds; part (b): each figure is its best round")
+    p.add_argument("--repeats", type=int, default=None, help="rounds over all rules (default 2; trainer part 3); part (a): paired ratios to BP, "
+                   "median over rounds; part (b): each figure is its best round")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable ratios on a shared machine)")
     p.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     t = p.add_argument_group("trainer part")
@@ -563,6 +564,8 @@ def parse_args(argv=None):
     t.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs (a fresh process per rule)")
     t.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test: BP and DTP-AI, 4 batches, 1 round, 1 thread")
     args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.part == "trainer" else 2
     if args.quick:
         args.rules, args.trainer_batches, args.skip, args.repeats, args.trainer_threads = args.rules or ["DTPAI"], 4, 1, 1, [1]
     if args.part == "trainer":
