@@ -4,7 +4,7 @@
     python scripts/ab_step_time.py --threads 1 2 [--steps 200] [RULE ...]
 
 Loads OTHER_REPO/tplightning under the name ``tpother`` next to this tree's ``tplightning``, builds each rule
-in both on the MNIST network of the speed benchmark (784-256x5-10, tanh, orthogonal, SGD 1e-4, batch 128, one torch
+in both on the MNIST network of the speed benchmark (784-256x5-10, tanh or --activation, orthogonal, SGD 1e-4, batch 128, one torch
 thread) and times their ``training_step`` alternately, step by step, so both see the same machine state. Prints
 the medians and the median of the paired ratios this/other: the check a refactor needs ("no rule slower"), which
 two benchmark runs minutes apart on a shared host cannot resolve (their ratios drift by 10 % and more).
@@ -40,9 +40,9 @@ def load_other(repo: Path):
     return module
 
 
-def build(tp, name: str):
+def build(tp, name: str, activation: str = "tanh"):
     sgd = functools.partial(torch.optim.SGD, lr=1e-4)
-    kw = dict(sizes=[784] + [256] * 5 + [10], init="orthogonal", activation="leaky_relu" if name == "MTP" else "tanh",
+    kw = dict(sizes=[784] + [256] * 5 + [10], init="orthogonal", activation="leaky_relu" if name == "MTP" else activation,
               loss="cross_entropy", forward_optimizer=sgd, lr_final_factor=1.0)  # fmt: skip
     if issubclass(getattr(tp, name), tp.LearnedInverseRule):
         kw["feedback_optimizer"] = sgd
@@ -60,6 +60,7 @@ def main(argv=None) -> dict[str, float]:
     p.add_argument("other", type=Path, nargs="?", help="another checkout (or --threads)")
     p.add_argument("rules", nargs="*", default=RULES)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--activation", default="tanh", help="hidden activation (MTP: always leaky_relu)")
     p.add_argument("--threads", type=int, nargs=2, metavar=("A", "B"), help="compare A threads ('other') with B ('this')")
     args = p.parse_intermixed_args(argv)
     if args.threads and args.other is not None and not args.other.is_dir():  # no checkout in this mode: a rule
@@ -78,7 +79,7 @@ def main(argv=None) -> dict[str, float]:
     batches = [(torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)) for _ in range(8)]
     ratios = {}
     for name in args.rules:
-        a, b = build(other, name), build(this, name)
+        a, b = build(other, name, args.activation), build(this, name, args.activation)
         for k in range(10):
             a.training_step(batches[k % 8], k), b.training_step(batches[k % 8], k)
         ta, tb = [], []
