@@ -508,7 +508,8 @@ def trainer_table(results: dict[int, list[dict]], device: torch.device) -> str:
             r = results[th][k]
             cells.append(f"{_ms(r['batch_s'])} | {r['ratio_plain']:.2f} | {r['ratio_bp']:.2f} | {r['epoch_s']:.1f} | {r['tail_s']:.2f}")
         label = {"DTPAI": "DTP-AI", "RDTPAI": "RDTP-AI", "AOSDTP": "AO-SDTP"}.get(r0["rule"], r0["rule"])
-        rows.append(f"| {label} | " + " | ".join(cells) + f" | {r0['memory'] / 2**20:.0f} |")
+        memory = "–" if math.isnan(r0["memory"]) else f"{r0['memory'] / 2**20:.0f}"  # --no-memory
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {memory} |")
     return "\n".join(rows)
 
 
