@@ -18,7 +18,8 @@
   per batch from batch ``--skip`` on (start-up cancels), an epoch's time, the validation tail, the ratios to the
   plain loop and to BP (paired runs, median over rounds), and the peak memory of each rule in a fresh process.
   ``--busy`` keeps one core busy with a spinning process meanwhile; ``--quick`` is the smoke test's size.
-  Default size: about 5 minutes on a quiet 2-core machine.
+  Default size: estimated at 6 minutes on a quiet 2-core machine (its one-thread half took 15 minutes on this
+  shared machine at load 9, of which 4 minutes of CPU time).
 
 Each figure is printed as a ratio to BP; in (a) every rule is timed right after a BP run and the
 ratio is the median over rounds of these paired ratios (:func:`paired_with_bp`), because a shared
@@ -379,7 +380,7 @@ def trainer_run(config: str, threads: int, batches: int, skip: int, device: torc
 def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.device, memory: bool = False) -> dict:
     """The reference: the network and forward optimizer of ``config`` (BP's) trained by a plain PyTorch loop.
 
-    ``torch.nn.Linear`` layers (no bias) with the config's activation and orthogonal initial weights, the same
+    ``torch.nn.Linear`` layers (biases as the config) with the config's activation and orthogonal initial weights, the same
     optimizer class and arguments, cross-entropy, the same batch size and data tensors (shuffled by one
     ``randperm``, batches moved to ``device`` as Lightning does); then a validation pass over the validation set
     in batches of the data module's evaluation size (loss and accuracy, as a user would). Nothing of tplightning
@@ -390,11 +391,14 @@ def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.
     module, name = data["class_path"].rsplit(".", 1)
     dm = _shared_data(getattr(importlib.import_module(module), name)(**data.get("init_args", {})))
     init = config_value(config, (), "model.init_args")
-    sizes, act = init["sizes"], {"tanh": torch.nn.Tanh, "leaky_relu": torch.nn.LeakyReLU}[init["activation"]]
+    sizes, activation = init["sizes"], init.get("activation", "leaky_relu")
+    if activation not in ("tanh", "leaky_relu"):
+        raise ValueError(f"plain_run builds tanh or leaky_relu networks, {config} has activation {activation!r}")
+    act = torch.nn.Tanh if activation == "tanh" else functools.partial(torch.nn.LeakyReLU, init.get("negative_slope", 0.35))
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = []
     for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        linear = torch.nn.Linear(n_in, n_out, bias=False)
+        linear = torch.nn.Linear(n_in, n_out, bias=init.get("bias", False))
         torch.nn.init.orthogonal_(linear.weight)
         layers += [linear] + ([act()] if k < len(sizes) - 2 else [])
     net = torch.nn.Sequential(*layers).to(device)
