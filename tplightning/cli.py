@@ -228,8 +228,8 @@ class TPLightningCLI(LightningCLI):
         apply_threads(self._section().get("threads"), self.model)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        # Lightning's default progress bar redraws after every batch: about 5 % of a BP step on the MNIST network
-        # (the speed benchmark's trainer part); every PROGRESS_REFRESH batches costs a tenth of that
+        # Lightning's default progress bar redraws after every batch: 7-13 % of a BP batch on the MNIST network in
+        # paired runs through the speed benchmark's trainer_run; every PROGRESS_REFRESH batches costs a tenth of that
         given = config.get("callbacks") or []
         given = [*(given if isinstance(given, list) else [given]), *callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, pl.callbacks.ProgressBar) for c in given):
