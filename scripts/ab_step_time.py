@@ -1,12 +1,18 @@
-"""Step time of this checkout against another checkout of tplightning, interleaved in one process.
+"""Step time of this checkout against another checkout of tplightning (or at two thread counts), interleaved in one process.
 
     python scripts/ab_step_time.py OTHER_REPO [--steps 200] [RULE ...]
+    python scripts/ab_step_time.py --threads 1 2 [--steps 200] [RULE ...]
 
 Loads OTHER_REPO/tplightning under the name ``tpother`` next to this tree's ``tplightning``, builds each rule
-in both on the MNIST network of the speed benchmark (784-256x5-10, tanh, orthogonal, SGD 1e-4, batch 128, one torch
+in both on the MNIST network of the speed benchmark (784-256x5-10, tanh or --activation, orthogonal, SGD 1e-4, batch 128, one torch
 thread) and times their ``training_step`` alternately, step by step, so both see the same machine state. Prints
 the medians and the median of the paired ratios this/other: the check a refactor needs ("no rule slower"), which
 two benchmark runs minutes apart on a shared host cannot resolve (their ratios drift by 10 % and more).
+
+With ``--threads A B`` (no OTHER_REPO) the same rule of this checkout is timed at A torch threads ("other") and at
+B ("this"), step by step: how much a second thread gains, or, on a machine whose other cores are busy, loses (the
+case behind ``train.py``'s default of one thread for small networks; run it under ``OMP_WAIT_POLICY=PASSIVE`` to see
+what OpenMP's passive waiting changes).
 """
 from __future__ import annotations
 
@@ -34,9 +40,9 @@ def load_other(repo: Path):
     return module
 
 
-def build(tp, name: str):
+def build(tp, name: str, activation: str = "tanh"):
     sgd = functools.partial(torch.optim.SGD, lr=1e-4)
-    kw = dict(sizes=[784] + [256] * 5 + [10], init="orthogonal", activation="leaky_relu" if name == "MTP" else "tanh",
+    kw = dict(sizes=[784] + [256] * 5 + [10], init="orthogonal", activation="leaky_relu" if name == "MTP" else activation,
               loss="cross_entropy", forward_optimizer=sgd, lr_final_factor=1.0)  # fmt: skip
     if issubclass(getattr(tp, name), tp.LearnedInverseRule):
         kw["feedback_optimizer"] = sgd
@@ -51,31 +57,42 @@ def build(tp, name: str):
 
 def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("other", type=Path)
+    p.add_argument("other", type=Path, nargs="?", help="another checkout (or --threads)")
     p.add_argument("rules", nargs="*", default=RULES)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--activation", default="tanh", help="hidden activation (MTP: always leaky_relu)")
+    p.add_argument("--threads", type=int, nargs=2, metavar=("A", "B"), help="compare A threads ('other') with B ('this')")
     args = p.parse_intermixed_args(argv)
-    torch.set_num_threads(1)
-    other = load_other(args.other)
+    if args.threads and args.other is not None and not args.other.is_dir():  # no checkout in this mode: a rule
+        args.rules = [str(args.other)] + (args.rules if args.rules is not RULES else [])
+        args.other = None
+    if (args.other is None) == (args.threads is None):
+        raise SystemExit("error: give OTHER_REPO or --threads A B (not both)")
+    threads = args.threads or (1, 1)
+    torch.set_num_threads(threads[1])
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import tplightning as this
+
+    other = load_other(args.other) if args.other is not None else this
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)) for _ in range(8)]
     ratios = {}
     for name in args.rules:
-        a, b = build(other, name), build(this, name)
+        a, b = build(other, name, args.activation), build(this, name, args.activation)
         for k in range(10):
             a.training_step(batches[k % 8], k), b.training_step(batches[k % 8], k)
         ta, tb = [], []
         for k in range(args.steps):
-            for rule, ts in ((a, ta), (b, tb)) if k % 2 else ((b, tb), (a, ta)):
+            for rule, ts, n in ((a, ta, threads[0]), (b, tb, threads[1])) if k % 2 else ((b, tb, threads[1]), (a, ta, threads[0])):
+                torch.set_num_threads(n)
                 t = time.perf_counter()
                 rule.training_step(batches[k % 8], k)
                 ts.append(time.perf_counter() - t)
         ratios[name] = statistics.median(y / x for x, y in zip(ta, tb))
-        print(f"{name:12s} other {statistics.median(ta) * 1e3:7.3f} ms  this {statistics.median(tb) * 1e3:7.3f} ms  "
-              f"this/other {ratios[name]:.3f}", flush=True)  # fmt: skip
+        a_name, b_name = (f"{threads[0]} thr", f"{threads[1]} thr") if args.threads else ("other", "this")
+        print(f"{name:12s} {a_name} {statistics.median(ta) * 1e3:7.3f} ms  {b_name} {statistics.median(tb) * 1e3:7.3f} ms  "
+              f"{b_name}/{a_name} {ratios[name]:.3f}", flush=True)  # fmt: skip
     return ratios
 
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# GPU smoke check (about 5 minutes on one GPU): every config for one batch on CUDA, then the
-# speed benchmark on the GPU, whose tables go into docs/RESULTS.md marked with the GPU model.
-#   bash scripts/gpu_check.sh            (from the repository root, with the package installed)
+# GPU check (under 10 minutes on one GPU): every config for two batches on CUDA, then the GPU speed tables, which go
+# into docs/RESULTS.md marked with the GPU model:
+#   - step time of every rule on the MNIST network at batch 128 and at batch 1024 (paired with BP);
+#   - the exact-inverse rules at widths 256 to 4096 (Sherman-Morrison at batch 1, Woodbury at batch 32);
+#   - epochs through train.py next to a plain PyTorch loop (no host sync per batch in the timed stretch).
+#   bash scripts/gpu_check.sh            (from the repository root, with the package installed and MNIST in the data cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python - <<'PY'
@@ -10,14 +13,26 @@ assert torch.cuda.is_available(), "no CUDA device visible"
 print("GPU:", torch.cuda.get_device_name(0))
 PY
 failed=0
-for cfg in configs/*.yaml configs/mnist/*.yaml; do
-  [ -e "$cfg" ] || continue
-  if python train.py --config "$cfg" --trainer.accelerator gpu --trainer.devices 1 --trainer.fast_dev_run 2 \
-       --trainer.enable_progress_bar false > /tmp/gpu_check.log 2>&1; then
-    echo "ok   $cfg"
-  else
-    echo "FAIL $cfg"; tail -5 /tmp/gpu_check.log; failed=1
-  fi
-done
-python -m tplightning.benchmarks.speed --device cuda --steps 30 --widths 256 512 1024 2048 4096
+# one process for all configs: the imports are paid once
+python - <<'PY' || failed=1
+import glob, io, contextlib, sys, traceback
+from tplightning.cli import main
+failed = False
+for cfg in sorted(glob.glob("configs/*.yaml") + glob.glob("configs/mnist/*.yaml")):
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            main(["--config", cfg, "--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.fast_dev_run", "2",
+                  "--trainer.enable_progress_bar", "false"])
+        print("ok  ", cfg, flush=True)
+    except Exception:
+        failed = True
+        print("FAIL", cfg, "\n" + "".join(traceback.format_exc().splitlines(True)[-5:]), flush=True)
+sys.exit(1 if failed else 0)
+PY
+speed="python -m tplightning.benchmarks.speed --device cuda"
+$speed --part mnist --steps 30 --repeats 2
+$speed --part mnist --steps 30 --repeats 2 --batch 1024
+$speed --part exact --steps 20 --repeats 1 --widths 256 512 1024 2048 4096 --batches 1 32
+$speed --part trainer --repeats 2 --trainer-threads 1
 exit $failed

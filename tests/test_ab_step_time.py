@@ -24,3 +24,13 @@ def test_ab_step_time_against_itself(one_thread):
 def test_ab_step_time_names_a_folder_that_is_not_a_checkout(tmp_path):
     with pytest.raises(SystemExit, match="must be a checkout of tplightning"):
         _script().main([str(tmp_path)])
+
+
+def test_ab_step_time_at_two_thread_counts(one_thread):
+    ratios = _script().main(["--threads", "1", "2", "--steps", "4", "BP"])
+    assert set(ratios) == {"BP"} and math.isfinite(ratios["BP"]) and ratios["BP"] > 0
+
+
+def test_ab_step_time_needs_a_checkout_or_threads():
+    with pytest.raises(SystemExit, match="give OTHER_REPO or --threads A B"):
+        _script().main([])

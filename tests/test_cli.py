@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import tplightning as tp
 from tplightning.cli import CONFIG_DIR, resolve_config_args
@@ -92,3 +93,27 @@ def test_train_py_is_the_cli_main():
 
     assert train.main is tp.cli.main
     assert Path(train.__file__).with_name("configs").is_dir()
+
+
+def test_threads_default_to_one_for_small_dense_networks_and_follow_the_option():
+    from tplightning.cli import default_threads
+    from tplightning.layers import Conv2d, Dense
+
+    assert default_threads(tp.BP(sizes=[784, 256, 256, 10])) == 1
+    assert default_threads(tp.BP(sizes=[784, 2048, 10])) is None  # a 2048x784 weight has more than 2^20 entries
+    cnn = [Conv2d([1, 8, 8], 2, kernel_size=3, padding=1, pool=2, activation="tanh"), Dense(32, 10, "linear")]
+    assert default_threads(tp.BP(network=cnn)) is None
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        main(["--config", "bp.yaml", "--trainer.fast_dev_run", "1", "--test_on", "none", *QUIET])
+        assert torch.get_num_threads() == 1
+        main(["--config", "bp.yaml", "--trainer.fast_dev_run", "1", "--test_on", "none", "--threads", "2", *QUIET])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_negative_threads_are_named():
+    with pytest.raises(ValueError, match=r"--threads must be >= 0 \(0: one per core\), got -1"):
+        main(["--config", "bp.yaml", "--threads", "-1", "--trainer.fast_dev_run", "1", *QUIET])

@@ -15,6 +15,9 @@ What the CLI adds to the stock ``LightningCLI`` (also used by ``python -m tpligh
   configured value the checkpoint overrides;
 * a run that diverges raises :class:`~tplightning.rules.base.DivergenceError` whose message ends
   with the exact command that resumes from the last good checkpoint with a smaller learning rate;
+* the default progress bar redraws every :data:`PROGRESS_REFRESH` batches, not after each;
+* ``--threads N`` sets torch's CPU threads; by default one thread for networks of small dense layers
+  (:func:`default_threads`), which keeps a run steady on a machine whose other cores are busy;
 * configuration errors print a few lines and exit with status 2 (``--traceback`` or
   ``TPLIGHTNING_TRACEBACK=1`` for the full traceback); integer ``--trainer.limit_*_batches``
   stay integers (a number of batches, not a fraction).
@@ -29,6 +32,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import yaml
 
 from ._lightning import LightningCLI, pl
@@ -36,7 +40,7 @@ from .callbacks import ReapplyOptimizerConfig
 from .errors import ConfigError, is_config_error, short_error
 from .rules.base import DivergenceError, LearningRule
 
-__all__ = ["main", "run", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args", "align_loggers"]
+__all__ = ["main", "build", "run", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args", "align_loggers", "default_threads"]
 
 CONFIG_DIR = Path(os.environ.get("TPLIGHTNING_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 TRACEBACK_ENV = "TPLIGHTNING_TRACEBACK"
@@ -136,6 +140,43 @@ def align_loggers(trainer, subcommand: str | None = None, ckpt_path: str | None 
     return Path(loggers[0].log_dir) if loggers[0].log_dir is not None else None
 
 
+#: batches between redraws of the default progress bar (Lightning's default, 1, redraws after every batch)
+PROGRESS_REFRESH = 10
+#: the largest weight (entries) of a network that :func:`default_threads` runs on one thread
+SMALL_LAYER = 1024 * 1024
+
+
+def default_threads(model) -> int | None:
+    """The torch CPU threads ``train.py`` uses unless ``--threads`` says otherwise: 1 for a network of dense layers
+    whose weights have at most :data:`SMALL_LAYER` entries (widths up to 1024), ``None`` (torch's default, one per
+    core) otherwise.
+
+    A small network's step is many small operations. Split over two threads, each waits at every operation's end
+    for the other; when another process holds a core, that wait is a scheduler time slice. Measured on this
+    project's 2-core machine with other jobs running (``python scripts/ab_step_time.py --threads 1 2``, steps
+    interleaved), the MNIST network's ``training_step`` took 3 times longer on 2 threads than on 1 for BP and 20-28
+    times for DTP-AI, OriginalDTP, LeeDTP and AO-SDTP; on a quiet machine 2 threads gain BP about 1.2-1.4 times
+    (issue 16). Convolutions and wide layers keep torch's default.
+    """
+    from .layers import Dense
+
+    layers = list(getattr(getattr(model, "net", None), "layers", []))
+    if layers and all(isinstance(layer, Dense) and layer.weight.numel() <= SMALL_LAYER for layer in layers):
+        return 1
+    return None
+
+
+def apply_threads(threads: int | None, model) -> None:
+    """``torch.set_num_threads``: ``threads`` if given (0: one per core), else :func:`default_threads` of ``model``."""
+    if threads is not None and threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: one per core), got {threads}")
+    n = threads if threads is not None else default_threads(model)
+    if n == 0:
+        n = os.cpu_count() or 1
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+
+
 class TPLightningCLI(LightningCLI):
     """LightningCLI with ``--ckpt_path`` (resume), ``--test_on`` and ``--reapply_optimizer_config``."""
 
@@ -150,6 +191,13 @@ class TPLightningCLI(LightningCLI):
                 default="final",
                 help="test the 'final' weights, the 'best' validation checkpoint, or 'none' to skip testing",
             )
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="torch CPU threads (0: one per core); default: 1 for networks of dense layers up to 1024 wide, "
+            "whose many small operations lose far more to a busy core than they gain from a second thread, else torch's default",
+        )
         parser.add_argument(
             "--reapply_optimizer_config",
             type=bool,
@@ -174,6 +222,19 @@ class TPLightningCLI(LightningCLI):
 
     def _section(self) -> dict:
         return self.config[self.subcommand] if self.subcommand else self.config
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        apply_threads(self._section().get("threads"), self.model)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # Lightning's default progress bar redraws after every batch: 7-13 % of a BP batch on the MNIST network in
+        # paired runs through the speed benchmark's trainer_run; every PROGRESS_REFRESH batches costs a tenth of that
+        given = config.get("callbacks") or []
+        given = [*(given if isinstance(given, list) else [given]), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, pl.callbacks.ProgressBar) for c in given):
+            callbacks = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=PROGRESS_REFRESH)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs):
         # jsonargparse reads ``int | float`` "1" as 1.0, which Lightning takes as a fraction (all batches)
@@ -234,6 +295,17 @@ def _divergence_advice(cli, err: DivergenceError, args: Sequence[str]) -> str:
     return " To continue with a tenth of the learning rate: python train.py " + shlex.join([*keep, *new])
 
 
+def build(args: Sequence[str]) -> TPLightningCLI:
+    """The CLI of ``train.py args`` with its model, data module and trainer built (and torch's threads set), not run."""
+    _quiet_lightning()
+    args = resolve_config_args(args)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads ``args``; keep it from also seeing argv
+    try:
+        return _build_cli(args)
+    finally:
+        sys.argv = argv
+
+
 def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """Fit and test as configured; returns ``{"cli", "fit_metrics", "test_metrics"}``.
 
@@ -245,13 +317,7 @@ def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     """
     raw = list(sys.argv[1:] if args is None else args)
     raw = [a for a in raw if a != "--traceback"]
-    _quiet_lightning()
-    args = resolve_config_args(raw)
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads ``args``; keep it from also seeing argv
-    try:
-        cli = _build_cli(args)
-    finally:
-        sys.argv = argv
+    cli = build(raw)
     cli.trainer.callbacks.extend(callbacks)
     cfg = cli.config
     test_on = cfg.get("test_on", "final")

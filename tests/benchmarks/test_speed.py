@@ -5,6 +5,9 @@ import math
 
 import pytest
 
+import torch
+
+from conftest import SHARED_DATA
 from tplightning.benchmarks import speed
 from tplightning.benchmarks.common import write_block
 
@@ -63,3 +66,34 @@ def test_paired_ratios_cancel_a_drifting_machine(monkeypatch):
     assert rows["BP"]["ratio_step"] == 1.0
     # best-of-rounds figures taken at different moments would not: BP's best (round 0) against the rules' medians
     assert rows["OriginalTP"]["step_s"] / min(1e-2 * k for k in (1, 2, 3)) != pytest.approx(2.2)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST").is_dir(), reason=f"MNIST files not found under {SHARED_DATA}")
+def test_trainer_part_writes_a_table_of_epochs_through_train_py(tmp_path, one_thread):
+    out = tmp_path / "RESULTS.md"
+    res = speed.main(["--part", "trainer", "--quick", "--no-memory", "--out", str(out)])["trainer"]
+    text = out.read_text()
+    assert "<!-- speed:trainer:cpu:start -->" in text and "<!-- speed:trainer:cpu:end -->" in text
+    assert "--part trainer --trainer-batches 4 --skip 1 --repeats 1 --trainer-threads 1" in text
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines() if line.startswith("| ") and "thr:" not in line}
+    assert set(rows) == {speed.PLAIN, "BP", "DTP-AI"}
+    assert all(len(cells) == 6 for cells in rows.values())  # ms/batch, x plain, x BP, epoch s, + validation s, memory
+    assert float(rows[speed.PLAIN][1]) == 1.0 and float(rows["BP"][2]) == 1.0
+    (bp, dtp) = (next(r for r in res[1] if r["rule"] == name) for name in ("BP", "DTPAI"))
+    assert all(math.isfinite(r[k]) and r[k] > 0 for r in (bp, dtp) for k in ("batch_s", "epoch_s", "tail_s", "ratio_plain"))
+    assert bp["epoch_s"] == pytest.approx(bp["batch_s"] * 430)  # 55000 training images in batches of 128
+
+
+def test_trainer_part_names_a_rule_without_an_mnist_config():
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--part", "trainer", "--rules", "TPEI"])
+
+
+def test_peak_memory_sees_an_allocation():
+    meter = speed.PeakMemory(torch.device("cpu"))
+    meter.start()
+    if math.isnan(meter.base):
+        pytest.skip("no /proc/self/clear_refs here")
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, written
+    del block
+    assert 60 * 2**20 < meter.peak() < 200 * 2**20

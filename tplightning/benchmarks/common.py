@@ -112,12 +112,14 @@ def write_block(path: Path, marker: str, body: str) -> None:
     path.write_text(text)
 
 
-def machine(device: torch.device | None = None) -> str:
-    """One line naming the date, machine, device and library versions of a measurement."""
+def machine(device: torch.device | None = None, threads: bool = True) -> str:
+    """One line naming the date, machine, device and library versions of a measurement (``threads``: and torch's
+    current CPU threads; off where a table names its threads itself)."""
     if device is not None and device.type == "cuda":
         where = f"GPU {torch.cuda.get_device_name(device)}"
     else:
-        where = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        where = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        where += f", {torch.get_num_threads()} torch threads" if threads else ""
     return (
         f"{date.today().isoformat()}, {platform.platform()}, {where}; torch {torch.__version__}, "
         f"pytorch-lightning {pl.__version__}"

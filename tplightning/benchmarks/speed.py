@@ -2,7 +2,7 @@
 
 ``python -m tplightning.benchmarks.speed`` measures, for each rule,
 
-* (a) the MNIST network 784-256x5-10 (tanh, cross-entropy, batch 128, synthetic inputs of
+* (a) the MNIST network 784-256x5-10 (tanh, cross-entropy, batch 128 or ``--batch``, synthetic inputs of
   MNIST's shape): the median time per training batch with Lightning's loop included, and the
   rule's own ``training_step`` alone (forward, targets, forward and feedback updates);
 * (b) square networks n-n-n-n of width n in {256, 512, 1024, 2048} for the exact-inverse rules at
@@ -11,7 +11,15 @@
   step time in n;
 * (c) the small CNN of ``configs/mnist/cnn_bp.yaml`` (BP, LeeDTP, OriginalDTP, DTP-AI), paired with BP as in (a);
 * (d) memory: the peak GPU allocation on CUDA; on CPU the bytes of the rule's state
-  (parameters, buffers, optimizer state).
+  (parameters, buffers, optimizer state);
+* (e) ``--part trainer``: what a user runs. Each MNIST config (BP, FA, DFA, DTP-AI, RDTP-AI, LeeDTP, OriginalDTP,
+  AO-SDTP) through ``train.py``'s CLI with its loggers, progress bar, validation and checkpoints, at one thread per
+  core and at one thread, next to a plain PyTorch loop of BP's network and optimizer (:func:`plain_run`): time
+  per batch from batch ``--skip`` on (start-up cancels), an epoch's time, the validation tail, the ratios to the
+  plain loop and to BP (paired runs, median over rounds), and the peak memory of each rule in a fresh process.
+  ``--busy`` keeps one core busy with a spinning process meanwhile; ``--quick`` is the smoke test's size.
+  Default size: estimated at 6 minutes on a quiet 2-core machine (its one-thread half took 15 minutes on this
+  shared machine at load 9, of which 4 minutes of CPU time).
 
 Each figure is printed as a ratio to BP; in (a) every rule is timed right after a BP run and the
 ratio is the median over rounds of these paired ratios (:func:`paired_with_bp`), because a shared
@@ -21,9 +29,17 @@ between ``<!-- speed:...:start/end -->`` markers, with the machine they ran on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib
+import io
 import math
+import multiprocessing as mp
+import os
+import re
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +48,7 @@ from tplightning._lightning import pl
 import torch
 
 import tplightning as tp
-from tplightning.benchmarks.common import config_value, machine, write_block
+from tplightning.benchmarks.common import config_value, machine, quiet, write_block
 from tplightning.data.base import TensorData, TensorDataModule
 
 PROG = "python -m tplightning.benchmarks.speed"
@@ -239,23 +255,341 @@ def exact_table(results: list[dict], widths: list[int], batches: list[int]) -> s
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------- (e) epochs through train.py
+#: the MNIST configs the trainer part runs through train.py's CLI, BP first
+TRAINER_CONFIGS = {"BP": "mnist/bp.yaml", "FA": "mnist/fa.yaml", "DFA": "mnist/dfa.yaml", "DTPAI": "mnist/dtp_ai.yaml",
+                   "RDTPAI": "mnist/rdtp_ai.yaml", "LeeDTP": "mnist/lee_dtp.yaml", "OriginalDTP": "mnist/original_dtp.yaml",
+                   "AOSDTP": "mnist/ao_sdtp.yaml"}  # fmt: skip
+PLAIN = "plain PyTorch loop"
+_DATA: dict = {}  # data modules set up once per process (their loading is start-up, which is not measured)
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _proc_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+class PeakMemory:
+    """Peak memory growth over a stretch of code: GPU bytes allocated on CUDA, else the peak resident set (Linux:
+    ``/proc/self/clear_refs`` resets the high-water mark, so the figure is this stretch's own; NaN elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.base = device, math.nan
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = _proc_kib("VmRSS") * 1024
+        except (OSError, AttributeError):
+            self.base = math.nan
+
+    def peak(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return _proc_kib("VmHWM") * 1024 - self.base if not math.isnan(self.base) else math.nan
+
+
+class EpochTimer(pl.Callback):
+    """Seconds of the training batches from batch ``skip`` on (start-up excluded) and of the epoch's tail.
+
+    The clock starts when batch ``skip`` starts and stops when the training batches are done (validation starts,
+    or the epoch ends); the tail runs from there to the end of the epoch: validation and the checkpoints written
+    after it. On a GPU the clock synchronises at these points only, never per batch. With ``memory`` the peak
+    memory growth from the start of training to the end of the epoch is recorded too.
+    """
+
+    def __init__(self, device: torch.device, skip: int, memory: bool = False):
+        self.device, self.skip, self.batches = device, skip, 0
+        self.t0 = self.t_train = self.t_end = None
+        self.memory = PeakMemory(device) if memory else None
+        self.peak = math.nan
+
+    def on_train_start(self, trainer, pl_module):
+        if self.memory is not None:
+            self.memory.start()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches = batch_idx + 1
+        if batch_idx == self.skip:
+            self.t0 = _sync(self.device)
+
+    def _training_done(self):
+        if self.t_train is None:
+            self.t_train = _sync(self.device)
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._training_done()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._training_done()
+        self.t_end = _sync(self.device)
+        if self.memory is not None:
+            self.peak = self.memory.peak()
+
+
+def _shared_data(dm):
+    """Give ``dm`` the tensors of an identical data module set up earlier in this process (or set it up now)."""
+    key = (type(dm).__name__, repr(sorted(dict(getattr(dm, "hparams", {})).items())))
+    if key not in _DATA:
+        dm.setup("fit")
+        _DATA[key] = dm
+    src = _DATA[key]
+    dm.train_data, dm.val_data, dm.test_data = src.train_data, src.val_data, src.test_data
+    return dm
+
+
+def _epoch_figures(t0: float, t_train: float, t_end: float, timed_batches: int, batches_per_epoch: int) -> dict:
+    """Seconds per batch, per epoch (``batches_per_epoch`` of them) and of the epoch's tail from three clock readings."""
+    batch_s = (t_train - t0) / timed_batches
+    return {"batch_s": batch_s, "epoch_s": batch_s * batches_per_epoch, "tail_s": t_end - t_train, "per_epoch": batches_per_epoch}
+
+
+def trainer_run(config: str, threads: int, batches: int, skip: int, device: torch.device, memory: bool = False,
+                extra: Sequence[str] = ()) -> dict:
+    """One ``train.py --config config --threads threads`` fit of one epoch cut to ``batches`` training batches, with
+    the config's full validation pass, loggers, progress bar and checkpoints (in a temporary folder); ``extra``: more
+    ``train.py`` options (an A/B of a setting)."""
+    from tplightning.cli import build
+
+    timer = EpochTimer(device, skip, memory)
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        os.chdir(tmp)  # the configs' loggers and checkpoints write to ./runs
+        try:
+            cli = build(["--config", config, "--threads", str(threads), "--trainer.max_epochs", "1",
+                         "--trainer.limit_train_batches", str(batches), "--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu", *extra])  # fmt: skip
+            cli.trainer.callbacks.append(timer)
+            dm = _shared_data(cli.datamodule)
+            cli.trainer.fit(cli.model, datamodule=dm)
+            per_epoch = len(dm.train_dataloader())
+        finally:
+            os.chdir(cwd)
+    return {**_epoch_figures(timer.t0, timer.t_train, timer.t_end, timer.batches - skip, per_epoch), "memory": timer.peak}
+
+
+def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.device, memory: bool = False) -> dict:
+    """The reference: the network and forward optimizer of ``config`` (BP's) trained by a plain PyTorch loop.
+
+    ``torch.nn.Linear`` layers (biases as the config) with the config's activation and orthogonal initial weights, the same
+    optimizer class and arguments, cross-entropy, the same batch size and data tensors (shuffled by one
+    ``randperm``, batches moved to ``device`` as Lightning does); then a validation pass over the validation set
+    in batches of the data module's evaluation size (loss and accuracy, as a user would). Nothing of tplightning
+    or Lightning runs in the loop.
+    """
+    torch.set_num_threads(threads)
+    data = config_value(config, (), "data")
+    module, name = data["class_path"].rsplit(".", 1)
+    dm = _shared_data(getattr(importlib.import_module(module), name)(**data.get("init_args", {})))
+    init = config_value(config, (), "model.init_args")
+    sizes, activation = init["sizes"], init.get("activation", "leaky_relu")
+    if activation not in ("tanh", "leaky_relu"):
+        raise ValueError(f"plain_run builds tanh or leaky_relu networks, {config} has activation {activation!r}")
+    act = torch.nn.Tanh if activation == "tanh" else functools.partial(torch.nn.LeakyReLU, init.get("negative_slope", 0.35))
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        linear = torch.nn.Linear(n_in, n_out, bias=init.get("bias", False))
+        torch.nn.init.orthogonal_(linear.weight)
+        layers += [linear] + ([act()] if k < len(sizes) - 2 else [])
+    net = torch.nn.Sequential(*layers).to(device)
+    opt_spec = init["forward_optimizer"]
+    module, name = opt_spec["class_path"].rsplit(".", 1)
+    opt = getattr(importlib.import_module(module), name)(net.parameters(), **opt_spec.get("init_args", {}))
+    x_all, y_all, bs = dm.train_data.x, dm.train_data.y, dm.batch_size
+    order = torch.randperm(len(x_all))
+    mem = PeakMemory(device)
+    if memory:
+        mem.start()
+    for k in range(batches):
+        if k == skip:
+            t0 = _sync(device)
+        idx = order[k * bs : (k + 1) * bs]
+        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    t_train = _sync(device)
+    with torch.no_grad():
+        xv, yv, eb = dm.val_data.x, dm.val_data.y, dm.eval_batch_size
+        parts = [(net(xv[i : i + eb].to(device)), yv[i : i + eb].to(device)) for i in range(0, len(xv), eb)]
+        val_loss = sum(torch.nn.functional.cross_entropy(o, t, reduction="sum") for o, t in parts) / len(xv)
+        val_acc = sum((o.argmax(1) == t).sum() for o, t in parts) / len(xv)
+        float(val_loss), float(val_acc)  # the user reads them: one sync per epoch
+    t_end = _sync(device)
+    per_epoch = math.ceil(len(x_all) / bs)
+    return {**_epoch_figures(t0, t_train, t_end, batches - skip, per_epoch), "memory": mem.peak() if memory else math.nan}
+
+
+def _memory_task(task: tuple) -> float:
+    """Peak memory of one short run in a fresh process (module level: a spawn pool runs it)."""
+    name, config, threads, batches, skip, device = task
+    quiet()
+    run = plain_run if name == PLAIN else trainer_run
+    return run(config, threads, batches, skip, torch.device(device), memory=True)["memory"]
+
+
+@contextlib.contextmanager
+def one_core_busy(enabled: bool):
+    """A second process spinning in a Python loop for the duration (the load another user's job puts on a core)."""
+    if not enabled:
+        yield
+        return
+    import subprocess
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def trainer_part(args, device: torch.device) -> dict[int, list[dict]]:
+    """Every entry (the plain loop, BP, the rules) at every thread count, ``args.repeats`` rounds.
+
+    Each rule's run comes right after a plain-loop run at the same thread count: its ``× plain`` is the median over
+    rounds of these paired ratios, and its ``× BP`` the median over rounds of ``(rule / its plain run) / (BP / BP's
+    plain run)``. The order of the rules alternates between rounds. Times are medians over rounds.
+    """
+    names = ["BP"] + [r for r in (args.rules or TRAINER_CONFIGS) if r != "BP"]
+    bp_config = TRAINER_CONFIGS["BP"]
+    n, skip = args.trainer_batches, args.skip
+    runs: dict[int, dict[str, list[tuple[dict, dict]]]] = {th: {name: [] for name in names} for th in args.trainer_threads}
+    with one_core_busy(args.busy):
+        for round_ in range(args.repeats):
+            for th in args.trainer_threads:
+                for name in names if round_ % 2 == 0 else names[::-1]:
+                    plain = plain_run(bp_config, th, n, skip, device)
+                    r = trainer_run(TRAINER_CONFIGS[name], th, n, skip, device)
+                    runs[th][name].append((plain, r))
+                    print(f"round {round_} threads {th} {name:12s} {_ms(r['batch_s'])} ms/batch, plain loop just before "
+                          f"{_ms(plain['batch_s'])}: {r['batch_s'] / plain['batch_s']:.2f}x", flush=True)  # fmt: skip
+    memory = {}
+    if args.memory:  # each in a fresh process, so that no run inherits another's allocations
+        tasks = [(name, TRAINER_CONFIGS.get(name, bp_config), 1, min(n, skip + 10), skip, str(device)) for name in [PLAIN, *names]]
+        with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            memory = dict(zip([PLAIN, *names], pool.map(_memory_task, tasks, chunksize=1)))
+    out: dict[int, list[dict]] = {}
+    for th, per_rule in runs.items():
+        med = statistics.median
+        bp_rounds = per_rule["BP"]
+        plains = [p for pairs in per_rule.values() for p, _ in pairs]
+        rows = [{"rule": PLAIN, "threads": th, "batch_s": med([p["batch_s"] for p in plains]), "ratio_plain": 1.0,
+                 "ratio_bp": med([p["batch_s"] / r["batch_s"] for p, r in bp_rounds]), "epoch_s": med([p["epoch_s"] for p in plains]),
+                 "tail_s": med([p["tail_s"] for p in plains]), "memory": memory.get(PLAIN, math.nan), "per_epoch": plains[0]["per_epoch"]}]  # fmt: skip
+        for name, pairs in per_rule.items():
+            rows.append({
+                "rule": name, "threads": th, "batch_s": med([r["batch_s"] for _, r in pairs]),
+                "ratio_plain": med([r["batch_s"] / p["batch_s"] for p, r in pairs]),
+                "ratio_bp": med([(r["batch_s"] / p["batch_s"]) / (b["batch_s"] / q["batch_s"]) for (p, r), (q, b) in zip(pairs, bp_rounds)]),
+                "epoch_s": med([r["epoch_s"] for _, r in pairs]), "tail_s": med([r["tail_s"] for _, r in pairs]),
+                "memory": memory.get(name, math.nan), "per_epoch": pairs[0][1]["per_epoch"],
+            })  # fmt: skip
+        out[th] = rows
+    return out
+
+
+def trainer_table(results: dict[int, list[dict]], device: torch.device) -> str:
+    threads = list(results)
+    mem = "peak GPU memory growth (MB)" if device.type == "cuda" else "peak RSS growth (MB)"
+    head = "| rule | " + " | ".join(f"{th} thr: ms/batch | × plain | × BP | epoch s | + validation s" for th in threads) + f" | {mem} |"
+    rows = [head, "|---|" + "---|" * (5 * len(threads) + 1)]
+    for k, r0 in enumerate(results[threads[0]]):
+        cells = []
+        for th in threads:
+            r = results[th][k]
+            cells.append(f"{_ms(r['batch_s'])} | {r['ratio_plain']:.2f} | {r['ratio_bp']:.2f} | {r['epoch_s']:.1f} | {r['tail_s']:.2f}")
+        label = {"DTPAI": "DTP-AI", "RDTPAI": "RDTP-AI", "AOSDTP": "AO-SDTP"}.get(r0["rule"], r0["rule"])
+        memory = "–" if math.isnan(r0["memory"]) else f"{r0['memory'] / 2**20:.0f}"  # --no-memory
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {memory} |")
+    return "\n".join(rows)
+
+
+def trainer_command(args) -> str:
+    parts = [PROG, "--part", "trainer", "--trainer-batches", str(args.trainer_batches), "--skip", str(args.skip),
+             "--repeats", str(args.repeats), "--trainer-threads", *map(str, args.trainer_threads)]  # fmt: skip
+    if args.rules:
+        parts += ["--rules", *args.rules]
+    if args.busy:
+        parts.append("--busy")
+    if not args.memory:
+        parts.append("--no-memory")
+    return " ".join(parts)
+
+
+def write_trainer_table(args, device, results) -> None:
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    busy = " with one core busy" if args.busy else ""
+    body = (f"### Epochs through train.py{busy} ({tag})\n\nEach rule's MNIST config (`configs/mnist/`) run as `train.py` builds it "
+            f"(its loggers, progress bar, checkpoints and validation), one epoch cut to {args.trainer_batches} training batches; "
+            f"ms/batch is the mean time per batch from batch {args.skip} on (start-up excluded), epoch s that times the "
+            f"{results[next(iter(results))][0]['per_epoch']} batches of a full epoch, + validation s the epoch's tail (the full validation pass and "
+            f"the checkpoints after it). The plain PyTorch loop is BP's network and optimizer (AdamW) in a loop of a few lines "
+            f"(`plain_run`), with a validation pass and no checkpoint. Every rule ran right after a plain-loop run, "
+            f"{args.repeats} rounds per thread count; × plain is the median of these paired ratios, × BP the median of "
+            f"(rule / its plain run) / (BP / BP's plain run); times are medians over rounds. Peak memory: growth from the "
+            f"start of training over a 10-batch run and its validation, each rule in a fresh process, 1 thread.\n\n"
+            f"{trainer_table(results, device)}\n\nCommand: `{trainer_command(args)}`\n\nMachine: {machine(device, threads=False)}.")  # fmt: skip
+    write_block(args.out, f"speed:trainer{'-busy' if args.busy else ''}:{tag}", body)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["mnist", "cnn", "exact", "all"], default="all")
+    p.add_argument("--part", choices=["mnist", "cnn", "exact", "trainer", "all"], default="all",
+                   help="all: the step-time parts (mnist, cnn, exact); trainer: epochs through train.py (run on its own)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=30, help="measured steps per rule (median)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=128, help="batch size of parts mnist and cnn (tables of other sizes get their own block)")
     p.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rules", nargs="+", default=None, help="restrict part (a) to these rules (BP is always measured)")
-    p.add_argument("--repeats", type=int, default=2, help="rounds over all rules; part (a): paired ratios to BP, median over rounds; part (b): each figure is its best round")
+    p.add_argument("--repeats", type=int, default=None, help="rounds over all rules (default 2; trainer part 3); part (a): paired ratios to BP, "
+                   "median over rounds; part (b): each figure is its best round")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable ratios on a shared machine)")
     p.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
-    return p.parse_args(argv)
+    t = p.add_argument_group("trainer part")
+    t.add_argument("--trainer-batches", type=int, default=60, help="training batches per run (the epoch is cut there)")
+    t.add_argument("--skip", type=int, default=5, help="batches before the clock starts (start-up)")
+    t.add_argument("--trainer-threads", type=int, nargs="+", default=sorted({os.cpu_count() or 1, 1}, reverse=True),
+                   help="torch CPU threads, one column group each (default: one per core, and 1)")
+    t.add_argument("--busy", action="store_true", help="keep one core busy with a spinning process while timing")
+    t.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs (a fresh process per rule)")
+    t.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test: BP and DTP-AI, 4 batches, 1 round, 1 thread")
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.part == "trainer" else 2
+    if args.quick:
+        args.rules, args.trainer_batches, args.skip, args.repeats, args.trainer_threads = args.rules or ["DTPAI"], 4, 1, 1, [1]
+    if args.part == "trainer":
+        unknown = [r for r in args.rules or () if r not in TRAINER_CONFIGS]
+        if unknown:
+            p.error(f"--rules {' '.join(unknown)}: the trainer part runs the MNIST configs of {', '.join(TRAINER_CONFIGS)}")
+        if not 0 < args.skip < args.trainer_batches:
+            p.error(f"--skip must be in [1, --trainer-batches), got --skip {args.skip} with --trainer-batches {args.trainer_batches}")
+    return args
+
+
+def _batch_tag(args) -> str:
+    return "" if args.batch == 128 else f"-b{args.batch}"
 
 
 def command(args) -> str:
     parts = [PROG, "--part", args.part, "--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    if args.batch != 128:
+        parts += ["--batch", str(args.batch)]
     if args.part in ("exact", "all"):
         parts += ["--widths", *map(str, args.widths), "--batches", *map(str, args.batches)]
     if args.rules:
@@ -266,6 +600,14 @@ def command(args) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.part == "trainer":  # train.py sets its own threads
+        threads = torch.get_num_threads()
+        try:
+            results = trainer_part(args, device)
+        finally:
+            torch.set_num_threads(threads)
+        write_trainer_table(args, device, results)
+        return {"trainer": results}
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -279,23 +621,23 @@ def _run(args, device) -> dict:
     out: dict = {}
     if args.part in ("mnist", "all"):
         rules = ["BP"] + [r for r in (args.rules or MNIST_RULES) if r != "BP"]
-        res = paired_with_bp(args.repeats, rules, [784] + [256] * 5 + [10], 128, args, device)
+        res = paired_with_bp(args.repeats, rules, [784] + [256] * 5 + [10], args.batch, args, device)
         out["mnist"] = res
-        body = (f"### Step time on the MNIST network ({tag})\n\n784-256x5-10, tanh (MTP: leaky-ReLU), orthogonal initial weights, SGD lr 1e-4 for forward and feedback weights, the rules' other hyper-parameters at their defaults (original forms: noise injection sigma 1), cross-entropy, batch 128, median "
+        body = (f"### Step time on the MNIST network ({tag})\n\n784-256x5-10, tanh (MTP: leaky-ReLU), orthogonal initial weights, SGD lr 1e-4 for forward and feedback weights, the rules' other hyper-parameters at their defaults (original forms: noise injection sigma 1), cross-entropy, batch {args.batch}, median "
                 f"of {args.steps} steps after {args.warmup} warm-up steps. Each rule is timed right after a BP run, in {args.repeats} rounds; "
                 f"× BP is the median over rounds of these paired ratios (the host's speed drifts), ms are medians over rounds.\n\n{mnist_table(res, device, args.steps)}\n\n"
                 f"Command: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
-        write_block(args.out, f"speed:mnist:{tag}", body)
+        write_block(args.out, f"speed:mnist{_batch_tag(args)}:{tag}", body)
     if args.part in ("cnn", "all"):
         network = config_value(CNN_CONFIG, (), "model.init_args.network")
-        res = paired_with_bp(args.repeats, CNN_RULES, [784, 10], 128, args, device, network)
+        res = paired_with_bp(args.repeats, CNN_RULES, [784, 10], args.batch, args, device, network)
         out["cnn"] = res
         layers = ", ".join(f"{spec['class_path'].rsplit('.', 1)[-1]}({', '.join(f'{k} {v}' for k, v in spec['init_args'].items() if k != 'init')})" for spec in network)
         body = (f"### Step time on a small CNN ({tag})\n\nThe network of `configs/{CNN_CONFIG}`: {layers}; orthogonal initial weights, "
-                f"SGD lr 1e-4, the rules' defaults otherwise, cross-entropy, batch 128, median of {args.steps} steps after "
+                f"SGD lr 1e-4, the rules' defaults otherwise, cross-entropy, batch {args.batch}, median of {args.steps} steps after "
                 f"{args.warmup} warm-up steps, paired with BP as above ({args.repeats} rounds).\n\n{mnist_table(res, device, args.steps)}\n\n"
                 f"Command: `{command(args)}`\n\nMachine: {machine(device)}.")  # fmt: skip
-        write_block(args.out, f"speed:cnn:{tag}", body)
+        write_block(args.out, f"speed:cnn{_batch_tag(args)}:{tag}", body)
     if args.part in ("exact", "all"):
         runs = [(name, [n] * 4, b) for b in args.batches for n in args.widths for name in EXACT_RULES]
         res = best_of(args.repeats, runs, args, device, False)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torchmetrics
@@ -70,6 +70,9 @@ class LearningRule(CheckpointState, pl.LightningModule):
             ``activation``, ``negative_slope``, ``bias``, ``init_std`` and ``init`` then do not apply.
     """
 
+    #: ``True``: defer the per-step finiteness check (:meth:`check_finite`), ``False``: read it at once, ``None``: defer on accelerators only
+    defer_finite_check: ClassVar[bool | None] = None
+
     def __init__(
         self,
         sizes: Sequence[int] = (6, 6, 6),
@@ -107,6 +110,7 @@ class LearningRule(CheckpointState, pl.LightningModule):
             if i not in self.train_layers:
                 layer.requires_grad_(False)
         self._train_sums: Tensor | None = None
+        self._pending_checks: list[tuple[int, int, Tensor, Tensor]] = []  # deferred finiteness flags (check_finite)
         self.batches_seen = 0  # training batches, saved in checkpoints (global_step counts optimizer steps)
         metrics = (
             {"mse": torchmetrics.MeanSquaredError()}
@@ -169,14 +173,40 @@ class LearningRule(CheckpointState, pl.LightningModule):
         return F.per_sample_loss(self.net.model_output(h_L), y, self.loss_name).mean()
 
     def check_finite(self, loss: Tensor, activations: Sequence[Tensor]) -> None:
-        """Stop with :class:`DivergenceError` naming the step and the layer when ``loss`` is NaN/inf."""
-        if bool(torch.isfinite(loss)):
+        """Stop with :class:`DivergenceError` naming the batch and the layer when ``loss`` is NaN/inf.
+
+        On the CPU the check is immediate (reading a flag costs nothing). On an accelerator reading it would stall
+        the host every step, so the step's flags (the loss and each layer's activations finite) stay on the device
+        and :meth:`raise_if_diverged` reads them all at once: at the next logging step, at the end of the epoch and
+        before any checkpoint is written, so no checkpoint ever follows a non-finite step. ``defer_finite_check``
+        (``None``: deferred on accelerators only) forces either way.
+        """
+        defer = self.defer_finite_check if self.defer_finite_check is not None else loss.device.type != "cpu"
+        if not defer:
+            if not bool(torch.isfinite(loss)):
+                flags = [bool(torch.isfinite(h).all()) for h in activations]
+                self._raise_divergence(self.batches_seen, self.current_epoch, loss, flags)
             return
-        layer = next((i for i, h in enumerate(activations) if not bool(torch.isfinite(h).all())), None)
+        flags = torch.stack([torch.isfinite(loss)] + [torch.isfinite(h).all() for h in activations])  # no host sync
+        self._pending_checks.append((self.batches_seen, self.current_epoch, loss.detach(), flags))
+
+    def raise_if_diverged(self) -> None:
+        """Read the deferred flags of :meth:`check_finite` (one host sync) and raise for the first non-finite step."""
+        if not self._pending_checks:
+            return
+        pending, self._pending_checks = self._pending_checks, []
+        finite = torch.stack([flags[0] for *_, flags in pending]).tolist()
+        if all(finite):
+            return
+        batch, epoch, loss, flags = pending[finite.index(False)]
+        self._raise_divergence(batch, epoch, loss, flags[1:].tolist())
+
+    def _raise_divergence(self, batch: int, epoch: int, loss: Tensor, finite_layers: list[bool]) -> None:
+        layer = finite_layers.index(False) if False in finite_layers else None
         bad_w = [i for i, W in enumerate(self.net.weights, start=1) if not bool(torch.isfinite(W).all())]
         where = f"layer {layer}" if layer is not None else "the output loss"
         raise DivergenceError(
-            f"training diverged at batch {self.batches_seen} (epoch {self.current_epoch}): loss is "
+            f"training diverged at batch {batch} (epoch {epoch}): loss is "
             f"{loss.item()}, first non-finite activation in {where}, non-finite weights in layers "
             f"{bad_w or 'none'}. No checkpoint was written after this step; resume from the last good "
             "one with --ckpt_path, with a smaller learning rate or target_stepsize."
@@ -209,6 +239,7 @@ class LearningRule(CheckpointState, pl.LightningModule):
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
     def on_train_epoch_end(self) -> None:
+        self.raise_if_diverged()
         self._log_epoch_loss()
         self.step_schedulers()
 
@@ -268,6 +299,7 @@ class LearningRule(CheckpointState, pl.LightningModule):
         self._train_sums += torch.stack([loss.detach().float(), loss.new_ones((), dtype=torch.float)] * 2)
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         if (self.batches_seen + 1) % every == 0:
+            self.raise_if_diverged()
             self.log("train/loss", self._train_sums[0] / self._train_sums[1], prog_bar=True, on_step=True, on_epoch=False)
             self._train_sums[:2] = 0
 
@@ -298,6 +330,10 @@ class LearningRule(CheckpointState, pl.LightningModule):
     # ----------------------------------------------------------------------------- checkpoints
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.batches_seen += 1
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_diverged()  # before the file is written: no checkpoint after a non-finite step
+        super().on_save_checkpoint(checkpoint)
 
     def extra_state(self) -> dict:
         return {**super().extra_state(), "batches_seen": self.batches_seen}

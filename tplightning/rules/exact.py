@@ -42,6 +42,9 @@ class ExactInverseRule(TargetPropRule):
     """
 
     difference: ClassVar[bool] = False
+    # the robust update's SVD stops at a non-finite matrix (and its error check reads the device anyway), so a
+    # deferred finiteness check would come too late to name the step: check every step
+    defer_finite_check: ClassVar[bool | None] = False
 
     def __init__(
         self,
