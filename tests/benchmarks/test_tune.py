@@ -124,7 +124,8 @@ def test_two_workers_share_one_study_without_repeating_trials(tmp_path):
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == len(params)
-    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
+    # 4-5 trials in all, not 8: the workers counted one study's trials. Which worker ran how many is left open: under
+    # load one process may start only after the other has filled the study (it then runs none and exits 0).
 
 
 @needs_mnist
