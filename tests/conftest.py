@@ -44,6 +44,9 @@ RULES: dict[str, tuple[type, dict]] = {
     "LeeDTP": (tp.LeeDTP, {}),
     "AOSDTP": (tp.AOSDTP, {"aux_units": 2}),
     "MTP": (tp.MTP, {}),
+    "DRL": (tp.DRL, {}),
+    "DDTPLinear": (tp.DDTPLinear, {}),
+    "LDRL": (tp.LDRL, {"feedback_iterations": 1}),
 }
 TP_RULES = [n for n in RULES if n not in ("BP", "BPFixed")]
 
