@@ -300,7 +300,7 @@ def test_dfa_weight_angle_is_against_the_transposed_path_to_the_output():
     assert float(angles[1]) == pytest.approx(180.0, abs=1e-5) and float(angles[2]) == pytest.approx(0.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("name", ["FA", "DFA", "DRL", "DDTPLinear", "LDRL"])
+@pytest.mark.parametrize("name", ["FA", "DFA", "BDFA", "DRL", "DDTPLinear", "LDRL"])
 def test_gauss_newton_and_backprop_angles_exist_for_the_comparators(name):
     sizes = (5, 6, 6, 4)
     rule = double_rule(name, sizes, activation="tanh")
@@ -308,7 +308,7 @@ def test_gauss_newton_and_backprop_angles_exist_for_the_comparators(name):
     for i in (1, 2):
         for key in (f"diag/cos_gn_{i}", f"diag/cos_bp_{i}", f"diag/cos_tp_{i}"):
             assert torch.isfinite(out[key]) and -1 <= float(out[key]) <= 1, key
-    assert ("diag/weight_angle_1" in out) == (name in ("FA", "DFA"))
+    assert ("diag/weight_angle_1" in out) == (name in ("FA", "DFA", "BDFA"))
 
 
 def test_fa_signal_is_backprops_when_b_is_w_transposed():

@@ -44,6 +44,7 @@ __all__ = [
     "OriginalInverse",
     "GradientTarget",
     "FeedbackAlignment",
+    "TrainedFeedback",
     "DirectFeedback",
     "Difference",
     "DifferenceReconstruction",
@@ -437,6 +438,14 @@ class FeedbackAlignment(_FixedFeedback):
         return step.hs[i] + self._shape(self.upper.transpose(delta, self.B))
 
     difference_target = target
+
+
+class TrainedFeedback(FeedbackAlignment):
+    """Feedback alignment's map with ``B_i`` a trainable parameter (bidirectional FA, thesis 3.2.4): the targets are
+    :class:`FeedbackAlignment`'s (eq. 3.23); the rule trains ``B`` (:class:`~tplightning.rules.alignment.BDFA`)."""
+
+    def _draw(self, shape, fan_in, like):
+        self.B = nn.Parameter(torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
 
 
 class DirectFeedback(_FixedFeedback):

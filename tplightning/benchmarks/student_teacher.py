@@ -69,8 +69,8 @@ def _sizes(sizes: list[int]) -> tuple[str, ...]:
     return ("--model.init_args.sizes", json.dumps(sizes), "--data.init_args.sizes", json.dumps(sizes))
 
 
-#: DTP's successors (Meulemans et al. 2020, Ernoult et al. 2022), in the "equal" table only
-SUCCESSOR_CONFIGS = {"DRL": "drl.yaml", "DDTPLinear": "ddtp_linear.yaml", "LDRL": "ldrl.yaml"}
+#: bidirectional FA and DTP's successors (Meulemans et al. 2020, Ernoult et al. 2022), in the "equal" table only
+SUCCESSOR_CONFIGS = {"BDFA": "bdfa.yaml", "DRL": "drl.yaml", "DDTPLinear": "ddtp_linear.yaml", "LDRL": "ldrl.yaml"}
 AI_CONFIGS = {
     "TPAI": "tp_ai.yaml", "RTPAI": "rtp_ai.yaml", "DTPAI": "dtp.yaml", "RDTPAI": "rdtp_ai.yaml",
     "OriginalTP": "original_tp.yaml", "OriginalRTP": "original_rtp.yaml", "OriginalDTP": "original_dtp.yaml",
@@ -101,7 +101,7 @@ TABLES = {
             "Student-teacher 6-6-6, approximate inverses (thesis figs. 5.14/5.15, section 5.2.2)",
             tuple(Rule(n, c) for n, c in {**AI_CONFIGS, **SUCCESSOR_CONFIGS}.items()),
             note="The committed configs (learning rates of the fig. 5.14/5.15 captions; feedback learning rate "
-            "0.01, which the thesis does not give; lambda 0). FA and DFA run BP's setting (lr 0.01); DRL, DDTP-linear "
+            "0.01, which the thesis does not give; lambda 0). FA, DFA and BDFA run BP's setting (lr 0.01); DRL, DDTP-linear "
             "and L-DRL (not in the thesis) original DTP's (lr 0.1), with their own feedback losses (configs' headers).",
         ),
         Table(
