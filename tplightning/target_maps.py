@@ -583,7 +583,8 @@ class LocalDifferenceReconstruction(OriginalInverse):
 
     To second order in ``sigma`` this is ``sigma^2 (-2 tr(J_g J_f) + ||J_g||_F^2)``, minimised by ``J_{g_i} = J_{f_{i+1}}^T``:
     the difference targets become backprop's gradient targets, and each layer's loss needs only its own layer (no path to
-    the output). Written as in the authors' code (no ``1/sigma^2``, no factor 1/2; one noise sample per iteration).
+    the output). Written as in the authors' code (scalingDTP, ``target_prop/feedback_loss.py``: no ``1/sigma^2``, no
+    factor 1/2; one noise sample per iteration).
     The paper trains ``Q`` for many iterations per batch (20-55 per layer on CIFAR-10, ``feedback_iterations``) with
     per-layer noise 0.4-0.08; here ``sigma`` is one number for all layers.
 
@@ -620,8 +621,7 @@ class DirectLinear(_LearnedMap):
     The paper's damping term ``lambda/sigma^2 ||Q_i sigma eps_2||^2`` has expectation ``lambda ||Q_i||_F^2``, so it is weight
     decay on ``Q_i`` (``weight_decay = lambda``, both terms halved here; the authors' experiments also use weight decay).
     For a linear network the minimiser is ``J^T (J J^T + lambda I)^{-1}`` with ``J = W_L ... W_{i+1}`` (section 4: damped
-    Gauss-Newton targets; the pseudo-inverse ``J^dagger`` for ``lambda = 0`` and ``n_L <= n_i``). Equation and theorem
-    numbers are not cited: the text we could read (the authors' code and summaries) does not give them.
+    Gauss-Newton targets; the pseudo-inverse ``J^dagger`` for ``lambda = 0`` and ``n_L <= n_i``).
 
     Args:
         layers: the network's layers ``[f_1..f_L]``.

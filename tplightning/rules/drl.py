@@ -8,6 +8,10 @@ and change how the feedback weights learn; the losses live in :mod:`tplightning.
 :class:`~tplightning.target_maps.LocalDifferenceReconstruction`). ``feedback_iterations`` feedback updates follow every
 forward update (:class:`~tplightning.rules.learned.LearnedInverseRule`); ``feedback_pretrain_epochs`` trains only the
 feedback weights first (the papers pre-train them: 6 epochs for DRL/DDTP on MNIST, 1 to several for L-DRL).
+
+Sources: the papers' abstracts and summaries, the authors' code (github.com/meulemansalex/theoretical_framework_for_target_propagation,
+``lib/dtpdrl_layers.py``, ``final_configs/mnist_*.py``; github.com/ernoult/scalingDTP, ``target_prop/feedback_loss.py``) and
+the derivations in the docstrings. Equation and theorem numbers are not cited: the text we could read does not give them.
 """
 from __future__ import annotations
 
