@@ -123,3 +123,11 @@ def test_bdfa_step_updates_w_by_fa_and_b_by_eqs_3_25_to_3_27():
             grads[i] += torch.outer(delta, hb[i + 1]) / 8
     for B_new, B, g in zip(bdfa.feedback_parameters(), Bs, grads):
         torch.testing.assert_close(B_new.detach(), B - lr_b * g, rtol=1e-5, atol=1e-6)
+
+
+def test_bdfa_needs_a_dense_first_layer():
+    from tplightning.layers import Conv2d, Dense
+
+    net = [Conv2d([1, 6, 6], 2, kernel_size=3, padding=1, pool=2, activation="tanh"), Dense(18, 4, "linear")]
+    with pytest.raises(ValueError, match="BDFA reconstructs the input through a dense first layer, got Conv2d"):
+        tp.BDFA(network=net, forward_optimizer=SGD, feedback_optimizer=SGD)
