@@ -167,3 +167,21 @@ def test_ddtp_linear_feedback_weights_have_the_output_width_and_start_at_the_pse
     x, y = torch.randn(4, 6), torch.randn(4, 3)
     hs, targets = rule.compute_targets(x, y)
     torch.testing.assert_close(targets[0], hs[1] + (targets[-1] - hs[-1]) @ rule.Q(1).T)
+
+
+def test_ddtp_linear_with_one_hidden_layer_trains_like_dtp_ai():
+    """One hidden layer, linear output: DDTP-linear's target ``h_1 + Q (h^_2 - h_2)`` is DTP-AI's ``h_1 + Q (s^-1(h^_2) - a_2)``,
+    both start at ``Q = W_2^dagger``, and the DRL's gradient ``(Q W - I) eps eps^T W^T / B`` is Alg. A.8's at ``sigma = 1`` for
+    any DRL ``sigma`` (it cancels), with the same noise draws: the two rules train identically."""
+    from conftest import OneBatch, make_rule, quiet_trainer
+
+    runs = []
+    for name, kw in (("DTPAI", {"feedback_noise_std": 1.0}), ("DDTPLinear", {"feedback_noise_std": 0.3})):
+        torch.manual_seed(0)
+        rule = make_rule(name, sizes=(5, 6, 4), **kw)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 5, generator=g), torch.randn(16, 4, generator=g)
+        quiet_trainer(max_epochs=3).fit(rule, datamodule=OneBatch(x, y))
+        runs.append([t.detach() for t in rule.forward_weights + rule.feedback_weights])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
