@@ -29,6 +29,7 @@ RULES: dict[str, tuple[type, dict]] = {
     "BPFixed": (tp.BPFixed, {}),
     "FA": (tp.FA, {}),
     "DFA": (tp.DFA, {}),
+    "BDFA": (tp.BDFA, {"feedback_optimizer": functools.partial(torch.optim.SGD, lr=0.001)}),
     "TPEI": (tp.TPEI, {}),
     "DTPEI": (tp.DTPEI, {}),
     "RTPEI": (tp.RTPEI, {}),
@@ -44,6 +45,9 @@ RULES: dict[str, tuple[type, dict]] = {
     "LeeDTP": (tp.LeeDTP, {}),
     "AOSDTP": (tp.AOSDTP, {"aux_units": 2}),
     "MTP": (tp.MTP, {}),
+    "DRL": (tp.DRL, {}),
+    "DDTPLinear": (tp.DDTPLinear, {}),
+    "LDRL": (tp.LDRL, {"feedback_iterations": 1}),
 }
 TP_RULES = [n for n in RULES if n not in ("BP", "BPFixed")]
 
@@ -51,7 +55,7 @@ TP_RULES = [n for n in RULES if n not in ("BP", "BPFixed")]
 def make_rule(name: str, sizes=(6, 6, 6), **kw):
     cls, defaults = RULES[name]
     args = {"sizes": list(sizes), "forward_optimizer": SGD, **defaults, **kw}
-    if issubclass(cls, tp.LearnedInverseRule):
+    if issubclass(cls, (tp.LearnedInverseRule, tp.BDFA)):
         args.setdefault("feedback_optimizer", SGD)
     return cls(**args)
 

@@ -12,6 +12,7 @@ from conftest import TP_RULES, make_rule, quiet_trainer, tiny_data, weights_of
 from tplightning import functional as F
 from tplightning.diagnostics import (
     TargetPropDiagnostics, backprop_signals, diagnostics, gauss_newton_signals, learning_signals, target_prop_signals,
+    weight_alignment_angles,
 )
 
 D = torch.float64
@@ -290,3 +291,59 @@ def test_thesis_form_signal_departs_from_the_gradient_as_the_closed_form_says(sl
     for i in range(1, 6):
         expected = math.prod(per_layer(q) for q in p[i:])  # the D's of layers i+1..5
         assert float(out[f"diag/cos_bp_{i}"]) == pytest.approx(expected, abs=0.02), (i, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Feedback alignment and the successors of DTP
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("theta", [0.0, 30.0, 90.0, 135.0])
+def test_fa_weight_angle_is_the_angle_between_b_and_w_transposed(theta):
+    """``B = cos(t) W^T/|W| + sin(t) N/|N|`` with ``N`` Frobenius-orthogonal to ``W^T`` has angle ``t`` to ``W^T`` by construction."""
+    rule = double_rule("FA", (5, 6, 4, 3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in rule.maps:
+            Wt = m.upper.weight.T
+            N = torch.randn(Wt.shape, generator=g, dtype=D)
+            N = N - (N * Wt).sum() / (Wt * Wt).sum() * Wt
+            t = torch.tensor(theta, dtype=D).deg2rad()
+            m.B.copy_(torch.cos(t) * Wt / Wt.norm() + torch.sin(t) * N / N.norm())
+    angles = weight_alignment_angles(rule)
+    assert sorted(angles) == [1, 2]
+    for a in angles.values():
+        assert float(a) == pytest.approx(theta, abs=1e-6)
+    assert float(diagnostics(rule, *batch((5, 6, 4, 3)))["diag/weight_angle_2"]) == pytest.approx(theta, abs=1e-6)
+
+
+def test_dfa_weight_angle_is_against_the_transposed_path_to_the_output():
+    rule = double_rule("DFA", (5, 6, 4, 3))
+    W1, W2, W3 = (W.detach() for W in rule.forward_weights)
+    with torch.no_grad():
+        rule.maps[0].B.copy_(-(W3 @ W2).T)  # the opposite of the path from layer 1 to the output: 180 degrees
+        rule.maps[1].B.copy_(2 * W3.T)  # a multiple of it: 0 degrees
+    angles = weight_alignment_angles(rule)
+    assert float(angles[1]) == pytest.approx(180.0, abs=1e-5) and float(angles[2]) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["FA", "DFA", "BDFA", "DRL", "DDTPLinear", "LDRL"])
+def test_gauss_newton_and_backprop_angles_exist_for_the_comparators(name):
+    sizes = (5, 6, 6, 4)
+    rule = double_rule(name, sizes, activation="tanh")
+    out = diagnostics(rule, *batch(sizes))
+    for i in (1, 2):
+        for key in (f"diag/cos_gn_{i}", f"diag/cos_bp_{i}", f"diag/cos_tp_{i}"):
+            assert torch.isfinite(out[key]) and -1 <= float(out[key]) <= 1, key
+    assert ("diag/weight_angle_1" in out) == (name in ("FA", "DFA", "BDFA"))
+
+
+def test_fa_signal_is_backprops_when_b_is_w_transposed():
+    """With ``B_i = W_{i+1}^T`` the FA signal ``delta`` (eq. 3.18) is backprop's (eq. 3.19): ``cos_bp = 1``."""
+    sizes = (5, 6, 6, 4)
+    rule = double_rule("FA", sizes, activation="tanh")
+    with torch.no_grad():
+        for m in rule.maps:
+            m.B.copy_(m.upper.weight.T)
+    out = diagnostics(rule, *batch(sizes))
+    assert float(out["diag/cos_bp_1"]) == pytest.approx(1.0, abs=1e-9) and float(out["diag/weight_angle_1"]) < 1e-5

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import functional as F
 from .layers import Dense
-from .target_maps import Difference, ThesisInverse
+from .target_maps import Difference, DirectFeedback, FeedbackAlignment, ThesisInverse
 
 __all__ = [
     "TargetPropDiagnostics",
@@ -53,6 +53,7 @@ __all__ = [
     "summarize",
     "diagnostics",
     "is_target_prop",
+    "weight_alignment_angles",
 ]
 
 
@@ -289,6 +290,32 @@ def pinv_errors(rule) -> dict[int, Tensor]:
     return out
 
 
+def weight_alignment_angles(rule) -> dict[int, Tensor]:
+    """Angle in degrees between each feedback-alignment matrix and the weights backprop would use in its place.
+
+    FA (:class:`~tplightning.target_maps.FeedbackAlignment`): ``B_i`` against ``W_{i+1}^T`` (Lillicrap et al. 2016: the
+    forward weights come to align with the fixed feedback); DFA (:class:`~tplightning.target_maps.DirectFeedback`):
+    ``B~_i`` against ``(W_L ... W_{i+1})^T``, the linear path backprop takes from the output (Noekland 2016). The angle
+    is ``arccos(<A, B>_F / (||A||_F ||B||_F))``, both matrices flattened. Empty for rules without such maps; the DFA
+    angle needs dense layers above (others are skipped).
+    """
+    out = {}
+    for m in rule.maps:
+        if isinstance(m.base, FeedbackAlignment):
+            B, ref = m.base.B, m.upper.adjoint()
+        elif isinstance(m.base, DirectFeedback) and all(isinstance(layer, Dense) for layer in rule.net.layers[m.index:]):
+            B, ref = m.base.B, rule.net.layers[m.index].full_weight()
+            for layer in rule.net.layers[m.index + 1:]:
+                ref = layer.full_weight() @ ref
+            ref = ref.T
+        else:
+            continue
+        ref = ref.detach()
+        cos = (B * ref).sum() / (B.norm() * ref.norm()).clamp_min(1e-30)
+        out[m.index] = torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
+    return out
+
+
 def summarize(signals: dict, layers: Sequence[int] | None = None, prefix: str = "diag/") -> dict[str, Tensor]:
     """Batch means of the cosines and norms of :func:`learning_signals`, keyed like ``diag/cos_gn_1``.
 
@@ -313,7 +340,8 @@ def summarize(signals: dict, layers: Sequence[int] | None = None, prefix: str = 
 
 
 def diagnostics(rule, x: Tensor, y: Tensor, layers: Sequence[int] | None = None, prefix: str = "diag/") -> dict[str, Tensor]:
-    """The scalars :class:`TargetPropDiagnostics` logs for a batch: :func:`summarize` plus ``q_pinv_error_i``.
+    """The scalars :class:`TargetPropDiagnostics` logs for a batch: :func:`summarize` plus ``q_pinv_error_i`` and, for
+    FA/DFA, ``weight_angle_i`` (:func:`weight_alignment_angles`).
 
     ``{}`` for rules that do not propagate targets (BP, BPFixed).
     """
@@ -326,6 +354,9 @@ def diagnostics(rule, x: Tensor, y: Tensor, layers: Sequence[int] | None = None,
         for i, err in pinv_errors(rule).items():
             if i in layers:
                 out[f"{prefix}q_pinv_error_{i}"] = err
+        for i, angle in weight_alignment_angles(rule).items():
+            if i in layers:
+                out[f"{prefix}weight_angle_{i}"] = angle
     return out
 
 
@@ -341,8 +372,9 @@ class TargetPropDiagnostics(pl.Callback):
     on the first ``max_samples`` rows of the batch, after the rule's update, it logs for each
     hidden layer ``i`` (see :func:`summarize`): ``diag/cos_tp_i``, ``diag/cos_gn_i``,
     ``diag/cos_bp_i``, ``diag/norm_signal_i``, ``diag/norm_tp_i``, ``diag/norm_approx_i``,
-    ``diag/norm_rec_i``, ``diag/rec_error_i`` and, for thesis-form learned rules,
-    ``diag/q_pinv_error_i`` (``||Q_i - W_{i+1}^dagger||_F``). Reads only: no weight, optimizer or
+    ``diag/norm_rec_i``, ``diag/rec_error_i``, for thesis-form learned rules
+    ``diag/q_pinv_error_i`` (``||Q_i - W_{i+1}^dagger||_F``) and for FA/DFA ``diag/weight_angle_i`` (degrees between
+    ``B_i`` and ``W_{i+1}^T``, :func:`weight_alignment_angles`). Reads only: no weight, optimizer or
     generator state changes, so training is identical with and without it. A no-op for BP rules.
 
     Values go through ``pl_module.log`` (``on_step``; ``trainer.callback_metrics``, progress bar

@@ -163,6 +163,15 @@ def get_activation(name: str, negative_slope: float = 0.35) -> Activation:
 # --------------------------------------------------------------------------------------------
 
 
+def label_output(y: Tensor, n_out: int, loss: str, dtype: torch.dtype | None = None) -> Tensor:
+    """The labels in output space: ``y`` itself for ``mse``, ``onehot(y)`` (``n_out`` classes) for ``cross_entropy``."""
+    if loss == "mse":
+        return y if dtype is None else y.to(dtype)
+    if loss == "cross_entropy":
+        return torch.nn.functional.one_hot(y.long(), n_out).to(dtype or torch.get_default_dtype())
+    raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
+
+
 def output_error(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
     """``e_L = dl/dh_L`` of the per-sample loss (eq. 4.5), shape ``(B, n_L)``.
 
@@ -173,7 +182,7 @@ def output_error(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
         return h_L - y
     if loss == "cross_entropy":
         p = torch.softmax(h_L, dim=-1)
-        return p - torch.nn.functional.one_hot(y.long(), h_L.shape[-1]).to(p.dtype)
+        return p - label_output(y, h_L.shape[-1], loss, p.dtype)
     raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
 
 

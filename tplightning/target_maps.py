@@ -12,18 +12,22 @@ A target map turns the target of layer ``i + 1`` into the target of layer ``i``.
   Alg. A.9 on the current activations with optional noise injection (eq. 3.13);
 * :class:`GradientTarget` ``h^_i = h_i - eta^ dl/dh_i`` for the layer below the output (Lee et al. 2015's
   penultimate target), which needs no feedback weights;
-* :class:`Difference` wraps any of them: ``h^_i = h_i + g_i(h^_{i+1}) - g_i(h_{i+1})`` (eq. 4.101).
+* :class:`Difference` wraps any of them: ``h^_i = h_i + g_i(h^_{i+1}) - g_i(h_{i+1})`` (eq. 4.101);
+* :class:`DifferenceReconstruction` (DRL, Meulemans et al. 2020) and :class:`LocalDifferenceReconstruction` (L-DRL,
+  Ernoult et al. 2022): the original form ``s_i(Q_i h)`` trained by their feedback losses instead of Alg. A.9;
+  :class:`DirectLinear` (DDTP-linear, Meulemans et al. 2020): ``h^_i = h_i + Q_i (h^_L - h_L)``, ``Q_i`` trained by the DRL.
 
 With a dense ``f_{i+1}`` the maps and their feedback gradients are closed forms; with a convolution
 ``Q`` is a transposed convolution (see :meth:`tplightning.layers.Layer.transpose`) and the feedback
 gradient comes from autograd on the same loss.
 
-A map sees one training step through a :class:`Step`: the forward pass ``[h_0..h_L]``, ``[a_1..a_L]`` and
-(for :class:`GradientTarget`) the output error ``e_L = dl/dh_L`` and ``eta^``.
+A map sees one training step through a :class:`Step`: the forward pass ``[h_0..h_L]``, ``[a_1..a_L]``,
+(for :class:`GradientTarget`) the output error ``e_L = dl/dh_L`` and ``eta^``, and (for the DRL maps, whose loss runs a
+corrupted activation up to the output and back) the network's layers and maps.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,21 +44,28 @@ __all__ = [
     "OriginalInverse",
     "GradientTarget",
     "FeedbackAlignment",
+    "TrainedFeedback",
     "DirectFeedback",
     "Difference",
+    "DifferenceReconstruction",
+    "LocalDifferenceReconstruction",
+    "DirectLinear",
 ]
 
 
 @dataclass
 class Step:
     """What a map may read of one training step: ``hs = [h_0..h_L]``, ``pre = [a_1..a_L]``; ``output_error()``
-    returns ``e_L = dl/dh_L`` (computed once, on first use) and ``target_stepsize`` is ``eta^``."""
+    returns ``e_L = dl/dh_L`` (computed once, on first use) and ``target_stepsize`` is ``eta^``; ``layers`` are
+    ``[f_1..f_L]`` and ``maps`` ``[g_1..g_{L-1}]`` (bound), for the feedback losses that need the path to the output."""
 
     hs: list[Tensor]
     pre: list[Tensor]
     target_stepsize: float = 0.0
     error_fn: Callable[[], Tensor] | None = None
     output_target: Tensor | None = None  # h^_L, once computed
+    layers: Sequence[Layer] = ()
+    maps: Sequence["TargetMap"] = ()
     _error: Tensor | None = field(default=None, repr=False)
 
     def output_error(self) -> Tensor:
@@ -350,6 +361,15 @@ class OriginalInverse(_LearnedMap):
     def forward(self, h_next):
         return self.lower.activation(self._shape(self.upper.transpose(h_next, self.Q)))
 
+    def q_grad(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """``d/dQ sum_k <u_k, g_i(v_k)>`` for pairs ``(v_k, u_k)``: the chain rule through ``g_i(v) = s_i(Q v)``, which every
+        feedback loss of this form ends with (``u_k = dloss/dg_i(v_k)``). Closed form ``sum_k (u_k * s'(Q v_k))^T v_k`` for a
+        dense layer above, autograd otherwise."""
+        if isinstance(self.upper, Dense):
+            act = self.lower.activation
+            return sum((u.flatten(1) * act.derivative(c := v @ self.Q.T, act(c))).T @ v for v, u in pairs)
+        return self._autograd(lambda Q: sum((u * self.lower.activation(self._shape(self.upper.transpose(v, Q)))).sum() for v, u in pairs))
+
     def feedback_grads(self, step, noise):
         i, h = self.index, step.hs[self.index]
         if self.noise_std > 0:
@@ -418,6 +438,14 @@ class FeedbackAlignment(_FixedFeedback):
         return step.hs[i] + self._shape(self.upper.transpose(delta, self.B))
 
     difference_target = target
+
+
+class TrainedFeedback(FeedbackAlignment):
+    """Feedback alignment's map with ``B_i`` a trainable parameter (bidirectional FA, thesis 3.2.4): the targets are
+    :class:`FeedbackAlignment`'s (eq. 3.23); the rule trains ``B`` (:class:`~tplightning.rules.alignment.BDFA`)."""
+
+    def _draw(self, shape, fan_in, like):
+        self.B = nn.Parameter(torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
 
 
 class DirectFeedback(_FixedFeedback):
@@ -489,3 +517,162 @@ class Difference(TargetMap):
 
     def on_weights_changed(self):
         self.inner.on_weights_changed()
+
+
+def forward_from(layers: Sequence[Layer], i: int, h: Tensor) -> Tensor:
+    """``f_{i,L}(h) = f_L(...f_{i+1}(h))``: an activation of layer ``i`` run up to the output (``layers = [f_1..f_L]``)."""
+    for layer in layers[i:]:
+        h = layer(h)
+    return h
+
+
+def _check_noise(noise_std: float, name: str) -> None:
+    if not noise_std > 0:
+        raise ValueError(f"feedback_noise_std must be > 0 for {name}: its feedback loss compares noise-corrupted activations, got {noise_std}")
+
+
+class DifferenceReconstruction(OriginalInverse):
+    """``g_i(h) = s_i(Q_i h)`` trained by the difference reconstruction loss (DRL; Meulemans et al. 2020, section 4).
+
+    Use it inside :class:`Difference` (the DRL trains the *difference* map). For layer ``i`` with ``eps ~ N(0, I)``:
+
+    ``L_i = mean_b 1/(2 sigma^2) ||g_i(h~_{i+1}) - g_i(h_{i+1}) - sigma eps||^2``,
+
+    where ``h~_{i+1}`` is ``h_i + sigma eps`` run forward to the output, ``f_{i,L}(h_i + sigma eps)``, and propagated back
+    to layer ``i + 1`` by the rule's difference maps ``g^diff_{L-1}, ..., g^diff_{i+1}`` (held fixed). That is the paper's
+    ``1/sigma^2 ||g^diff_{L,i}(f_{i,L}(h_i + sigma eps), h_L) - (h_i + sigma eps)||^2`` with
+    ``g^diff_i(h^) = h_i + g_i(h^) - g_i(h_{i+1})`` (the ``h_i`` cancel), with the factor 1/2 and the batch mean of this
+    library's losses (a constant the learning rate absorbs). Only ``Q_i`` learns from ``L_i``, as in the authors' code
+    (the gradient does not flow into the maps above). Minimised over all maps, the DRL makes the Jacobian of
+    ``g^diff_{L,i}`` the pseudo-inverse of ``J_{f_{i,L}}`` (the paper's section 4 with damping ``lambda = 0``): difference targets
+    become Gauss-Newton targets. The paper's second, damping term ``lambda/sigma^2 ||g^diff_{L,i}(h_L + sigma eps_2) - h_i||^2``
+    is replaced by weight decay on ``Q_i`` (``weight_decay``), as in the authors' experiments.
+
+    Args:
+        noise_std: ``sigma`` (> 0; the paper's MNIST search chose about 0.06).
+        **kwargs: see :class:`_LearnedMap`.
+    """
+
+    def __init__(self, noise_std: float = 0.05, weight_decay: float = 0.0, init: str = "pinv"):
+        _check_noise(noise_std, "the DRL")
+        super().__init__(noise_std, weight_decay, init)
+
+    def reconstruction(self, step: Step, h: Tensor) -> Tensor:
+        """``h`` (an activation of layer ``i``) run up to the output and back down to layer ``i + 1`` by the maps above."""
+        i, L = self.index, len(step.hs) - 1
+        h = forward_from(step.layers, i, h)
+        for k in range(L - 1, i, -1):
+            h = step.maps[k - 1].target(h, step)
+        return h
+
+    def feedback_grads(self, step, noise):
+        i, sigma = self.index, self.noise_std
+        h_next = step.hs[i + 1]
+        eps = sigma * noise(tuple(step.hs[i].shape))
+        h_rec = self.reconstruction(step, step.hs[i] + eps)
+        r = (self(h_rec) - self(h_next) - eps) / (sigma**2 * eps.shape[0])  # dL/dg_i(h~_{i+1})
+        return self._decayed(self.q_grad([(h_rec, r), (h_next, -r)]))
+
+
+class LocalDifferenceReconstruction(OriginalInverse):
+    """``g_i(h) = s_i(Q_i h)`` trained by the local difference reconstruction loss (L-DRL; Ernoult et al. 2022, section 4).
+
+    Use it inside :class:`Difference`. With ``eps, eta ~ N(0, sigma^2 I)`` in the spaces of layers ``i`` and ``i + 1``:
+
+    ``L_i = mean_b [ -2 eps^T (g_i(f_{i+1}(h_i + eps)) - g_i(h_{i+1})) + ||g_i(h_{i+1} + eta) - g_i(h_{i+1})||^2 ]``.
+
+    To second order in ``sigma`` this is ``sigma^2 (-2 tr(J_g J_f) + ||J_g||_F^2)``, minimised by ``J_{g_i} = J_{f_{i+1}}^T``:
+    the difference targets become backprop's gradient targets, and each layer's loss needs only its own layer (no path to
+    the output). Written as in the authors' code (scalingDTP, ``target_prop/feedback_loss.py``: no ``1/sigma^2``, no
+    factor 1/2; one noise sample per iteration).
+    The paper trains ``Q`` for many iterations per batch (20-55 per layer on CIFAR-10, ``feedback_iterations``) with
+    per-layer noise 0.4-0.08; here ``sigma`` is one number for all layers.
+
+    Args:
+        noise_std: ``sigma`` (> 0).
+        **kwargs: see :class:`_LearnedMap`.
+    """
+
+    def __init__(self, noise_std: float = 0.1, weight_decay: float = 0.0, init: str = "pinv"):
+        _check_noise(noise_std, "the L-DRL")
+        super().__init__(noise_std, weight_decay, init)
+
+    def feedback_grads(self, step, noise):
+        i, sigma = self.index, self.noise_std
+        h, h_next = step.hs[i], step.hs[i + 1]
+        B = h.shape[0]
+        dx = sigma * noise(tuple(h.shape))
+        dy = sigma * noise(tuple(h_next.shape))
+        h_x, h_y = self.upper(h + dx), h_next + dy
+        g0 = self(h_next)
+        dr_y = self(h_y) - g0
+        return self._decayed(self.q_grad([(h_x, -2 * dx / B), (h_y, 2 * dr_y / B), (h_next, 2 * (dx - dr_y) / B)]))
+
+
+class DirectLinear(_LearnedMap):
+    """Direct linear feedback from the output (DDTP-linear; Meulemans et al. 2020, section 5, fig. 3):
+    ``h^_i = h_i + Q_i (h^_L - h_L)``, ``Q_i`` of shape ``(n_i, n_L)``, trained by the DRL.
+
+    The map is ``g_i(h_L) = Q_i h_L`` with the difference correction; the target does not depend on ``h^_{i+1}``
+    (``direct``). Its DRL (section 4's loss with the direct connections of section 5) is, with ``eps ~ N(0, I)``,
+
+    ``L_i = mean_b 1/(2 sigma^2) ||Q_i (f_{i,L}(h_i + sigma eps) - h_L) - sigma eps||^2``.
+
+    The paper's damping term ``lambda/sigma^2 ||Q_i sigma eps_2||^2`` has expectation ``lambda ||Q_i||_F^2``, so it is weight
+    decay on ``Q_i`` (``weight_decay = lambda``, both terms halved here; the authors' experiments also use weight decay).
+    For a linear network the minimiser is ``J^T (J J^T + lambda I)^{-1}`` with ``J = W_L ... W_{i+1}`` (section 4: damped
+    Gauss-Newton targets; the pseudo-inverse ``J^dagger`` for ``lambda = 0`` and ``n_L <= n_i``).
+
+    Args:
+        layers: the network's layers ``[f_1..f_L]``.
+        noise_std: ``sigma`` (> 0; the paper's MNIST search chose about 0.09).
+        weight_decay: see above.
+        init: ``pinv`` (``Q_i = (W_L ... W_{i+1})^dagger``, the linearised network's Gauss-Newton map; dense layers),
+            ``random`` (Gaussian, std ``1/sqrt(n_L)``) or ``regularised`` (``J^T (J J^T + lambda I)^{-1}``, the minimiser above).
+    """
+
+    direct = True
+
+    def __init__(self, layers: Sequence[Layer], noise_std: float = 0.1, weight_decay: float = 0.0, init: str = "pinv"):
+        _check_noise(noise_std, "DDTP-linear")
+        super().__init__(noise_std, weight_decay, init)
+        self._net_layers = tuple(layers)  # a tuple: the layers belong to the network, not to the map
+
+    def check_layers(self, lower, upper):
+        out = self._net_layers[-1]
+        W = out.weight
+        self.Q = nn.Parameter(torch.randn(lower.out_features, out.out_features, dtype=W.dtype, device=W.device) / out.out_features**0.5)
+        if self.init != "random":
+            self.init_pinv()
+
+    def jacobian_product(self) -> Tensor:
+        """``W_L ... W_{i+1}``: the Jacobian of ``f_{i,L}`` of the linearised network, ``(n_L, n_i)``."""
+        above = self._net_layers[self.index:]
+        if not all(isinstance(layer, Dense) for layer in above):
+            raise ValueError("DirectLinear's feedback_init 'pinv'/'regularised' needs dense layers above; use feedback_init: random")
+        J = above[0].full_weight().detach().double()
+        for layer in above[1:]:
+            J = layer.full_weight().detach().double() @ J
+        return J
+
+    @torch.no_grad()
+    def init_pinv(self):
+        gamma = self.weight_decay if self.init == "regularised" else 0.0
+        self.Q.copy_(F.regularised_inverse(self.jacobian_product(), gamma).to(self.Q.dtype))
+
+    def target(self, h_hat_next, step):
+        if step.output_target is None:
+            raise ValueError("DirectLinear needs the step's output target h^_L")
+        return step.hs[self.index] + self._shape((step.output_target - step.hs[-1]).flatten(1) @ self.Q.T)
+
+    difference_target = target
+
+    def forward(self, h_L):
+        return self._shape(h_L.flatten(1) @ self.Q.T)
+
+    def feedback_grads(self, step, noise):
+        i, sigma = self.index, self.noise_std
+        eps = sigma * noise(tuple(step.hs[i].shape))
+        d = (forward_from(step.layers, i, step.hs[i] + eps) - step.hs[-1]).flatten(1)  # (B, n_L)
+        r = (d @ self.Q.T - eps.flatten(1)) / (sigma**2 * d.shape[0])
+        return self._decayed(r.T @ d)

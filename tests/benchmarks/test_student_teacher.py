@@ -39,6 +39,23 @@ def test_main_replaces_only_its_block(tmp_path):
     assert text2.rstrip().endswith("<!-- student_teacher:deep:end -->")
 
 
+def test_a_run_of_some_rules_keeps_the_other_rows(tmp_path):
+    """Like the MNIST table: the block keeps its per-run records, so ``--rules DRL`` adds DRL's row and keeps BP's."""
+    out = tmp_path / "RESULTS.md"
+    st.main(["--table", "equal", "--rules", "BP", *TINY, "--out", str(out)])
+    first = st.read_records(out, "equal")
+    assert [r["rule"] for r in first] == ["BP", "BP"] and all(r["epochs"] == 1 for r in first)
+    st.main(["--table", "equal", "--rules", "DRL", *TINY, "--seeds", "1", "--out", str(out)])
+    st.main(["--table", "equal", "--rules", "DRL", *TINY, "--seeds", "1", "--out", str(out)])  # replaces DRL's row, once
+    text = out.read_text()
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "yaml" in line]
+    assert sorted(rows) == ["| BP", "| DRL"]
+    records = st.read_records(out, "equal")
+    assert [r["rule"] for r in records].count("DRL") == 1 and [r for r in records if r["rule"] == "BP"] == first
+    assert "Commands (the rows keep the invocation that ran them)" in text and "--rules DRL" in text and "--rules BP" in text
+    assert "seeds 0, 1;" in text  # the kept BP runs have seeds 0 and 1, DRL seed 0
+
+
 def test_run_one_seeds_overrides_and_scores():
     overrides = (
         "--trainer.max_epochs", "1", "--data.init_args.num_train", "64",

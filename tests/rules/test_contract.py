@@ -83,7 +83,7 @@ def _contract(name: str) -> type:
 
 
 for _name in ("BP", "BPFixed", "TPEI", "RTPEI", "RMTPEI", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP",
-              "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP"):
+              "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP", "FA", "DFA", "BDFA", "DRL", "DDTPLinear", "LDRL"):
     globals()[f"Test{_name}Contract"] = _contract(_name)
 
 

@@ -3,7 +3,8 @@
 The references are computed here, independently of the library's closed forms: autograd on the local losses
 ``mean_b 1/2 ||s_i(W_i h_{i-1} + b_i) - h^_i||^2`` (eq. 4.12) with plain torch activations, the modified rules'
 ``D^{-1}`` from an autograd derivative of the activation, the batch-normalised input from ``torch.var``, and the
-feedback losses of Alg. A.8 / A.9 by autograd with the noise redrawn from the rule's seed. The targets ``h^_i`` come
+feedback losses of Alg. A.8 / A.9 (and of DRL, DDTP-linear, L-DRL, as written in ``tests/rules/test_drl.py``) by autograd
+with the noise redrawn from the rule's seed. The targets ``h^_i`` come
 from ``compute_targets`` (their maps are checked against closed forms in the target-map tests).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 import tplightning as tp
 from conftest import RULES, TP_RULES, OneBatch, make_rule, quiet_trainer
+from rules.test_drl import reference_loss
 
 LR, LR_FB, B = 0.01, 0.02, 8
 SIZES = (5, 6, 6, 6)
@@ -85,6 +87,24 @@ def _expected_feedback(rule, x, W_after):
     return out
 
 
+def _expected_drl_feedback(before, after, x):
+    """``{map index: Q_new}`` for DRL, DDTP-linear and L-DRL: autograd on their documented losses at the forward pass of
+    the *updated* layers (they read a fresh pass after the forward update), the maps' noise redrawn in map order."""
+    gen = torch.Generator().manual_seed(before.feedback_seed)
+    Ws, s = [layer.full_weight().detach() for layer in after.net.layers], acts(before)
+    hs = [x]
+    for W, f in zip(Ws, s):
+        hs.append(f(hs[-1] @ W.T))
+    Qs = {i: before.Q(i).detach() for i in before.feedback_layers}
+    out = {}
+    for i in before.feedback_layers:
+        shapes = [hs[i].shape, hs[i + 1].shape] if isinstance(before, tp.LDRL) else [hs[i].shape]
+        draws = [before.feedback_noise_std * torch.randn(shape, generator=gen) for shape in shapes]
+        Q = Qs[i].clone().requires_grad_(True)
+        out[i] = Q.detach() - LR_FB * torch.autograd.grad(reference_loss(before, i, {**Qs, i: Q}, Ws, s, hs, draws), Q)[0]
+    return out
+
+
 @pytest.mark.parametrize("name", TP_RULES)
 def test_one_step_changes_every_weight_by_its_documented_update(name):
     rule, lr = _build(name)
@@ -105,7 +125,8 @@ def test_one_step_changes_every_weight_by_its_documented_update(name):
             torch.testing.assert_close(rule.inverse(i).double(), torch.linalg.inv(rule.net.weights[i - 1].double()), rtol=1e-4, atol=1e-5)
     if getattr(rule, "feedback_layers", None):
         W_after = {i: rule.net.layers[i].full_weight().detach() for i in rule.feedback_layers}
-        for i, Q_new in _expected_feedback(pre_step, x, W_after).items():
+        drl = isinstance(rule, (tp.DRL, tp.DDTPLinear, tp.LDRL))
+        for i, Q_new in (_expected_drl_feedback(pre_step, rule, x) if drl else _expected_feedback(pre_step, x, W_after)).items():
             torch.testing.assert_close(rule.Q(i), Q_new, rtol=1e-4, atol=1e-6, msg=f"{name} Q_{i}")
 
 

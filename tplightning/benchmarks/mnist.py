@@ -77,6 +77,10 @@ RULES = {
         Rule("AOSDTP", "mnist/ao_sdtp.yaml"),
         Rule("FA", "mnist/fa.yaml"),
         Rule("DFA", "mnist/dfa.yaml"),
+        Rule("BDFA", "mnist/bdfa.yaml"),
+        Rule("DRL", "mnist/drl.yaml"),
+        Rule("DDTPLinear", "mnist/ddtp_linear.yaml"),
+        Rule("LDRL", "mnist/ldrl.yaml"),
         Rule("CNN-BP", "mnist/cnn_bp.yaml"),
         Rule("CNN-LeeDTP", "mnist/cnn_lee_dtp.yaml"),
     ]

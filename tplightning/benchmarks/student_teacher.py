@@ -13,7 +13,8 @@ are scored on the whole training set and on the test set by the mean squared err
 and outputs (what ``test/mse`` reports). A run that diverges (``DivergenceError`` or a
 non-finite final MSE) is counted and left out of mean ± sd, as the thesis dropped its exploding
 runs. Each table is written between ``<!-- student_teacher:NAME:start/end -->`` markers in
-``--out``; the rest of the file is left as it is.
+``--out``; the rest of the file is left as it is. The block keeps its per-run records in an HTML comment, so a later
+invocation with ``--rules`` replaces the rows of the rules it runs and keeps the others (each with its command).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import tempfile
@@ -67,6 +69,8 @@ def _sizes(sizes: list[int]) -> tuple[str, ...]:
     return ("--model.init_args.sizes", json.dumps(sizes), "--data.init_args.sizes", json.dumps(sizes))
 
 
+#: bidirectional FA and DTP's successors (Meulemans et al. 2020, Ernoult et al. 2022), in the "equal" table only
+SUCCESSOR_CONFIGS = {"BDFA": "bdfa.yaml", "DRL": "drl.yaml", "DDTPLinear": "ddtp_linear.yaml", "LDRL": "ldrl.yaml"}
 AI_CONFIGS = {
     "TPAI": "tp_ai.yaml", "RTPAI": "rtp_ai.yaml", "DTPAI": "dtp.yaml", "RDTPAI": "rdtp_ai.yaml",
     "OriginalTP": "original_tp.yaml", "OriginalRTP": "original_rtp.yaml", "OriginalDTP": "original_dtp.yaml",
@@ -95,9 +99,10 @@ TABLES = {
         Table(
             "equal",
             "Student-teacher 6-6-6, approximate inverses (thesis figs. 5.14/5.15, section 5.2.2)",
-            tuple(Rule(n, c) for n, c in AI_CONFIGS.items()),
+            tuple(Rule(n, c) for n, c in {**AI_CONFIGS, **SUCCESSOR_CONFIGS}.items()),
             note="The committed configs (learning rates of the fig. 5.14/5.15 captions; feedback learning rate "
-            "0.01, which the thesis does not give; lambda 0).",
+            "0.01, which the thesis does not give; lambda 0). FA, DFA and BDFA run BP's setting (lr 0.01); DRL, DDTP-linear "
+            "and L-DRL (not in the thesis) original DTP's (lr 0.1), with their own feedback losses (configs' headers).",
         ),
         Table(
             "contracting",
@@ -213,6 +218,18 @@ def render(table: Table, rules: Sequence[Rule], results: Sequence[dict], args, s
         return config_value(rule.config, ov[rule.name], key)
 
     sizes = sorted({"-".join(map(str, value(r, "model.init_args.sizes"))) for r in rules})
+    epochs = sorted({r.get("epochs", args.epochs_of(table)) for r in results}) or [args.epochs_of(table)]
+    commands: dict[str, list[str]] = {}
+    for r in results:
+        names = commands.setdefault(r.get("command", command(args, table.name)), [])
+        if r["rule"] not in names:
+            names.append(r["rule"])
+    if len(commands) == 1:
+        command_line = f"Command: `{next(iter(commands))}`"
+    else:
+        command_line = "Commands (the rows keep the invocation that ran them): " + "; ".join(
+            f"`{c}` ({', '.join(names)})" for c, names in commands.items()
+        )
     batch, n = value(first, "data.init_args.batch_size"), value(first, "data.init_args.num_train")
     lrs = ", ".join(f"{r.name} {float(value(r, LR_KEY)):g}" for r in rules)
     seeds = sorted({r["seed"] for r in results})
@@ -230,7 +247,7 @@ def render(table: Table, rules: Sequence[Rule], results: Sequence[dict], args, s
         f"### {table.title}",
         "",
         f"Setting: {', '.join(sizes)}, leaky-ReLU 0.35 hidden layers, linear output, batch {batch}, "
-        f"{math.ceil(n / batch)} batches per epoch, {args.epochs_of(table)} epochs, seeds {', '.join(map(str, seeds))}; "
+        f"{math.ceil(n / batch)} batches per epoch, {'/'.join(map(str, epochs))} epochs, seeds {', '.join(map(str, seeds))}; "
         f"forward learning rates (decaying linearly to 1/5): {lrs}.",
         "",
         "| rule | config | final train MSE (mean ± sd) | final test MSE (mean ± sd) | diverged/n |",
@@ -244,12 +261,31 @@ def render(table: Table, rules: Sequence[Rule], results: Sequence[dict], args, s
         "the teacher and its data, the student's perturbation at Frobenius distance 8, the shuffling, the randomized "
         "layer draws and the feedback noise. Rows sorted by mean test MSE.",
         "",
-        f"Command: `{command(args, table.name)}`",
+        command_line,
         "",
-        f"Run {date.today().isoformat()} on {platform.platform()} ({platform.machine()}, {os.cpu_count()} CPUs), "
-        f"torch {torch.__version__}, pytorch-lightning {pl.__version__}; {len(results)} runs, "
-        f"{seconds / 60:.1f} min of run time in total (jobs {args.jobs}).",
+        f"Run {', '.join(sorted({r.get('date', date.today().isoformat()) for r in results}))} on {platform.platform()} "
+        f"({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, pytorch-lightning {pl.__version__}; "
+        f"{len(results)} runs, {seconds / 60:.1f} min of run time in total (jobs {args.jobs}).",
+        "",
+        f"<!-- {RUNS_TAG.format(table.name)} {json.dumps([{k: r.get(k) for k in RECORD_KEYS} for r in results], separators=(',', ':'))} -->",
     ])  # fmt: skip
+
+
+#: what a table keeps of each run (in an HTML comment of its block), so that a later run of some rules keeps the others
+RECORD_KEYS = ("rule", "seed", "train_mse", "test_mse", "diverged", "error", "seconds", "epochs", "command", "date")
+RUNS_TAG = "student_teacher:{}:runs"
+
+
+def read_records(path: Path, table: str) -> list[dict]:
+    """The per-run records kept in the block of ``table`` in ``path`` (empty if none, e.g. a block written before records)."""
+    if not Path(path).exists():
+        return []
+    tag = RUNS_TAG.format(table)
+    m = re.search(re.escape(f"<!-- student_teacher:{table}:start -->") + ".*?<!-- " + re.escape(tag) + r" (.*?) -->", Path(path).read_text(), re.S)
+    try:
+        return json.loads(m.group(1)) if m else []
+    except json.JSONDecodeError:
+        return []
 
 
 def command(args, name: str) -> str:
@@ -325,10 +361,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
         score = r["error"] if r["diverged"] else f"train {r['train_mse']:.4g} test {r['test_mse']:.4g}"
         print(f"[{i}/{len(tasks)} {time.perf_counter() - start:.0f}s] {r['table']} {r['rule']} seed {r['seed']}: "
               f"{score} ({r['seconds']:.0f}s)", flush=True)  # fmt: skip
+    today = date.today().isoformat()
     for name, (t, rules) in plan.items():
-        runs = sorted(results[name], key=lambda r: (r["rule"], r["seed"]))
-        write_block(args.out, f"student_teacher:{name}", render(t, rules, runs, args, sum(r["seconds"] for r in runs)))
-        print(f"wrote table {name!r} to {args.out}")
+        ran = {r.name for r in rules}
+        for r in results[name]:
+            r.update(epochs=args.epochs_of(t), command=command(args, name), date=today)
+        kept = [r for r in read_records(args.out, name) if r["rule"] not in ran and r["rule"] in {x.name for x in t.rules}]
+        runs = sorted(kept + results[name], key=lambda r: (r["rule"], r["seed"]))
+        shown = [r for r in t.rules if r.name in {x["rule"] for x in runs}]
+        write_block(args.out, f"student_teacher:{name}", render(t, shown, runs, args, sum(r["seconds"] for r in runs)))
+        print(f"wrote table {name!r} to {args.out}" + (f" (kept the rows of {sorted({r['rule'] for r in kept})})" if kept else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([r for rs in results.values() for r in rs], indent=1) + "\n")

@@ -27,7 +27,9 @@ stay the configs'; the benchmark's ``contracting`` table has the fig. 5.18 ones)
 
 The thesis' findings checked here (figs. 5.16/5.17): original TP's signal is misaligned with
 ``e^TP`` (large ``e^approx``, its reconstruction errors) and with ``e^BP`` (about 90 degrees or
-more), while DTP-AI's signal is aligned with ``e^TP`` and ``e^GN``.
+more), while DTP-AI's signal is aligned with ``e^TP`` and ``e^GN``. Beyond the thesis, Meulemans et al. (2020) claim
+that the difference reconstruction loss aligns DTP's signal better with ``e^GN``: ``--rules DTPAI,OriginalDTP,DRL,DDTPLinear``
+reports it (DRL and DDTP-linear against DTP-AI and original DTP, whose map DRL shares).
 
     python -m tplightning.experiments.student_teacher [--out DIR] [--full] [--seeds N] [--epochs E] [--rules R,R,...]
 """
@@ -43,11 +45,11 @@ from typing import Sequence
 
 from tplightning._lightning import pl
 
-from ..benchmarks.student_teacher import AI_CONFIGS, mse, run_one, seed_args
+from ..benchmarks.student_teacher import AI_CONFIGS, SUCCESSOR_CONFIGS, mse, run_one, seed_args
 from .common import parse_args, save_figure, save_json, single_thread
 
 NAME = "student_teacher"
-CONFIGS = {**AI_CONFIGS, "TPEI": "tp_ei.yaml", "RTPEI": "rtp_ei.yaml", "RMTPEI": "rmtp_ei.yaml", "LeeDTP": "lee_dtp.yaml"}
+CONFIGS = {**AI_CONFIGS, **SUCCESSOR_CONFIGS, "TPEI": "tp_ei.yaml", "RTPEI": "rtp_ei.yaml", "RMTPEI": "rmtp_ei.yaml", "LeeDTP": "lee_dtp.yaml"}
 DEFAULT_RULES = ["DTPAI", "RTPAI", "OriginalDTP", "OriginalTP"]
 DIAG_KEYS = ["cos_tp", "cos_gn", "cos_bp", "norm_approx", "norm_signal", "q_pinv_error"]
 THESIS_FORM = {"TPAI", "RTPAI", "DTPAI", "RDTPAI"}  # g_i = Q_i s^{-1}, Q_i trained towards W_{i+1}^dagger (Alg. A.8)
@@ -227,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for other in ("OriginalDTP", "OriginalTP"):
             if other in means:
                 findings[f"DTPAI closer to e^GN than {other} (fig. 5.17a)"] = d["cos_gn"] > means[other]["cos_gn"]
+    for new in ("DRL", "DDTPLinear"):  # Meulemans et al. 2020's claim: the DRL brings DTP's signal closer to Gauss-Newton's
+        for dtp in ("DTPAI", "OriginalDTP"):
+            if new in means and dtp in means:
+                findings[f"{new} closer to e^GN than {dtp} (Meulemans et al. 2020)"] = means[new]["cos_gn"] > means[dtp]["cos_gn"]
     result = {
         "rules": rules, "seeds": args.seeds, "epochs": args.epochs, "extra_overrides": extra,
         "thesis_form_feedback": {"lr": args.feedback_lr or "config", "iterations": args.feedback_iterations, "weight_decay": args.feedback_weight_decay},

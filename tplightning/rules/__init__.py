@@ -1,12 +1,14 @@
 """Learning rules, one LightningModule family per file on the shared :class:`LearningRule` base."""
-from .alignment import DFA, FA
+from .alignment import BDFA, DFA, FA
 from .backprop import BP, BPFixed
 from .base import DivergenceError, LearningRule
+from .drl import DRL, LDRL, DDTPLinear
 from .exact import DTPEI, RMTPEI, RTPEI, TPEI, ExactInverseRule
 from .learned import AOSDTP, DTPAI, MTP, RDTPAI, RTPAI, TPAI, LearnedInverseRule, LeeDTP, OriginalDTP, OriginalRDTP, OriginalRTP, OriginalTP
 from .target_prop import TargetPropRule
 
 __all__ = [
-    "LearningRule", "DivergenceError", "BP", "BPFixed", "FA", "DFA", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI",
+    "LearningRule", "DivergenceError", "BP", "BPFixed", "FA", "DFA", "BDFA", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI",
     "LearnedInverseRule", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP",
+    "DRL", "DDTPLinear", "LDRL",
 ]

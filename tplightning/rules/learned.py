@@ -151,7 +151,7 @@ class LearnedInverseRule(TargetPropRule):
 
     def feedback_grads(self, hs: list[Tensor], pre: list[Tensor] | None = None) -> dict[Tensor, Tensor]:
         """Gradients of every map's (regularised) inverse loss (Alg. A.8 / A.9)."""
-        step = Step(hs, pre or [], self.target_stepsize)
+        step = Step(hs, pre or [], self.target_stepsize, layers=list(self.net.layers), maps=list(self.maps))
         grads: dict[Tensor, Tensor] = {}
         for m in self.maps:
             grads.update(m.feedback_grads(step, self.noise))

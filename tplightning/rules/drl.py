@@ -1,0 +1,95 @@
+"""The successors of the thesis' DTP: DRL and DDTP-linear (Meulemans et al. 2020, "A theoretical framework for target
+propagation", NeurIPS) and L-DRL (Ernoult et al. 2022, "Towards scaling difference target propagation by learning
+backprop targets", ICML).
+
+All three keep DTP's forward targets (output target ``h^_L = h_L - eta^ dl/dh_L``, eq. 4.4; difference targets, eq. 4.101)
+and change how the feedback weights learn; the losses live in :mod:`tplightning.target_maps`
+(:class:`~tplightning.target_maps.DifferenceReconstruction`, :class:`~tplightning.target_maps.DirectLinear`,
+:class:`~tplightning.target_maps.LocalDifferenceReconstruction`). ``feedback_iterations`` feedback updates follow every
+forward update (:class:`~tplightning.rules.learned.LearnedInverseRule`); ``feedback_pretrain_epochs`` trains only the
+feedback weights first (the papers pre-train them: 6 epochs for DRL/DDTP on MNIST, 1 to several for L-DRL).
+
+Sources: the papers' abstracts and summaries, the authors' code (github.com/meulemansalex/theoretical_framework_for_target_propagation,
+``lib/dtpdrl_layers.py``, ``final_configs/mnist_*.py``; github.com/ernoult/scalingDTP, ``target_prop/feedback_loss.py``) and
+the derivations in the docstrings. Equation and theorem numbers are not cited: the text we could read does not give them.
+"""
+from __future__ import annotations
+
+from ..target_maps import DifferenceReconstruction, DirectLinear, LocalDifferenceReconstruction
+from .learned import LearnedInverseRule, OriginalDTP
+
+__all__ = ["DRL", "DDTPLinear", "LDRL"]
+
+
+class _FreshFeedbackPass(LearnedInverseRule):
+    """The feedback losses below compare corrupted activations run through the *current* layers with the clean ones, so
+    they read a fresh forward pass after the forward update (the step's ``hs`` are from before it; their offset from the
+    updated layers would otherwise enter the losses divided by ``sigma``). One extra forward pass per batch."""
+
+    def update_feedback(self, hs, pre):
+        if self.feedback_layers:
+            hs, pre = self.forward_pass(hs[0], update_state=False)
+        super().update_feedback(hs, pre)
+
+
+class DRL(_FreshFeedbackPass, OriginalDTP):
+    """DTP with the difference reconstruction loss (DTP-DRL, Meulemans et al. 2020, section 4).
+
+    ``g_i(h) = s_i(Q_i h)`` with difference targets, as :class:`~tplightning.rules.learned.OriginalDTP` (the authors' DTP-DRL
+    uses the same form, with tanh feedback activations); ``Q_i`` minimises the DRL, which runs ``h_i + sigma eps`` up to the
+    output and back through the difference maps above, so that difference targets approach Gauss-Newton targets
+    (:class:`~tplightning.target_maps.DifferenceReconstruction`). Run: ``python train.py --config drl.yaml``.
+
+    Args:
+        feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.057).
+        **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
+    """
+
+    def __init__(self, *args, feedback_noise_std: float = 0.05, **kwargs):
+        super().__init__(*args, feedback_noise_std=feedback_noise_std, **kwargs)
+
+    def learned_map(self, i):
+        return DifferenceReconstruction(**self.feedback_options)
+
+
+class LDRL(_FreshFeedbackPass, OriginalDTP):
+    """DTP with the local difference reconstruction loss (L-DRL, Ernoult et al. 2022, section 4).
+
+    ``g_i(h) = s_i(Q_i h)`` with difference targets; ``Q_i`` minimises a loss of layer ``i + 1`` alone whose minimum makes
+    ``J_{g_i} = J_{f_{i+1}}^T``, so that the difference targets approach backprop's gradient targets
+    (:class:`~tplightning.target_maps.LocalDifferenceReconstruction`). The paper's feedback map inverts each block with a
+    transposed layer after the activation; this library's original form ``s_i(Q_i h)`` is used instead (our choice, so
+    that DTP, DRL and L-DRL differ only in the feedback loss). Run: ``python train.py --config ldrl.yaml``.
+
+    Args:
+        feedback_noise_std: ``sigma`` (the paper: 0.4-0.08 per layer on CIFAR-10; one value here).
+        feedback_iterations: feedback updates per batch (the paper: 20-55 per layer on CIFAR-10).
+        **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
+    """
+
+    def __init__(self, *args, feedback_noise_std: float = 0.1, feedback_iterations: int = 20, **kwargs):
+        super().__init__(*args, feedback_noise_std=feedback_noise_std, feedback_iterations=feedback_iterations, **kwargs)
+
+    def learned_map(self, i):
+        return LocalDifferenceReconstruction(**self.feedback_options)
+
+
+class DDTPLinear(_FreshFeedbackPass):
+    """Direct DTP with linear feedback from the output (DDTP-linear, Meulemans et al. 2020, section 5).
+
+    Every hidden layer hears the output directly: ``h^_i = h_i + Q_i (h^_L - h_L)`` with ``Q_i`` of shape ``(n_i, n_L)``
+    (:attr:`feedback_weights`), trained by the DRL to approximate the (damped) pseudo-inverse of ``J_{f_{i,L}}``
+    (:class:`~tplightning.target_maps.DirectLinear`). Run: ``python train.py --config ddtp_linear.yaml``.
+
+    Args:
+        feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.091).
+        **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
+    """
+
+    form = "original"  # no thesis-form noise batch: the DRL corrupts the batch's own activations
+
+    def __init__(self, *args, feedback_noise_std: float = 0.1, **kwargs):
+        super().__init__(*args, feedback_noise_std=feedback_noise_std, **kwargs)
+
+    def make_maps(self):
+        return [DirectLinear(self.net.layers, **self.feedback_options) for _ in range(self.num_layers - 1)]
