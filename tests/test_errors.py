@@ -56,6 +56,12 @@ def test_config_errors_are_short_and_exact(capsys, extra, expected):
     assert err.endswith("--traceback for the full traceback; --help lists the options, --model.help CLASS a class's)")
 
 
+def test_lightning_misconfiguration_is_short(capsys):
+    # the configs name a checkpoint callback; turning checkpoints off beside it is Lightning's MisconfigurationException
+    err = _printed(capsys, main, [*BASE, "--trainer.enable_checkpointing", "false"])
+    assert re.search(r"^error: .*enable_checkpointing=False.*ModelCheckpoint", err), err
+
+
 def test_stock_cli_errors_are_short_too(capsys):
     err = _printed(capsys, stock_cli, ["fit", *BASE, "--model.init_args.nonexistent", "1"])
     assert err.startswith("error: --model.init_args.nonexistent: tplightning.DTPAI has no argument 'nonexistent'")

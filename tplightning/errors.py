@@ -205,5 +205,11 @@ def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> st
 
 
 def is_config_error(err: BaseException) -> bool:
-    """Errors that come from the configuration (and print short) rather than from a bug."""
-    return isinstance(err, (argparse.ArgumentError, ConfigError, ValueError, TypeError, FileNotFoundError))
+    """Errors that come from the configuration (and print short) rather than from a bug; Lightning's own
+    ``MisconfigurationException`` (e.g. ``--trainer.enable_checkpointing false`` beside a configured checkpoint) is one."""
+    import importlib
+
+    from ._lightning import pl
+
+    lightning_config_error = importlib.import_module(pl.__name__ + ".utilities.exceptions").MisconfigurationException
+    return isinstance(err, (argparse.ArgumentError, ConfigError, ValueError, TypeError, FileNotFoundError, lightning_config_error))
