@@ -140,3 +140,25 @@ def test_student_teacher_main_writes_curves_and_diagnostics(tmp_path):
     m = result["summary"]["DTPAI"]["diagnostics_mean"]
     assert m["cos_tp"] > 0.99 and m["norm_approx"] < 1e-3  # difference targets: no reconstruction error
     assert result["summary"]["OriginalTP"]["diagnostics_mean"]["norm_approx"] > 0.1
+
+
+def test_student_teacher_docs_block_names_its_command_and_rules(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from tplightning.experiments import common
+
+    docs = tmp_path / "experiments.md"
+    docs.write_text("# Experiments\n\nkept text\n")
+    monkeypatch.setattr(common, "DOCS", docs)
+    monkeypatch.setattr(common, "FIGURES", tmp_path / "figures")
+    args = ["--out", str(tmp_path / "out"), "--seeds", "1", "--epochs", "1", "--num-train", "64", "--diag-every", "1",
+            "--rules", "DTPAI,DRL", "--docs"]  # fmt: skip
+    result = student_teacher.main(args)
+    text = docs.read_text()
+    assert text.startswith("# Experiments\n\nkept text\n")
+    block = text.split("<!-- student_teacher:start -->")[1].split("<!-- student_teacher:end -->")[0]
+    assert "`python -m tplightning.experiments.student_teacher --out" in block and block.count("--docs") == 1
+    for rule in ("DTPAI", "DRL"):
+        cos_gn = result["summary"][rule]["diagnostics_mean"]["cos_gn"]
+        assert f"| {rule} |" in block and f"| {cos_gn:.2f} |" in block
+    assert "does not hold: DRL closer to e^GN than DTPAI" in block or "holds: DRL closer to e^GN than DTPAI" in block
+    assert (tmp_path / "figures" / "student_teacher.png").is_file()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +19,9 @@ from torch import Tensor
 from .. import functional as F
 
 DTYPE = torch.float64
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs" / "experiments.md"
+FIGURES = REPO / "docs" / "figures"
 
 
 def parse_args(
@@ -143,3 +148,44 @@ def output_jacobians(layer_jacobians: Sequence[Tensor]) -> list[Tensor]:
     for J_h in reversed(layer_jacobians[:-1]):
         blocks.insert(0, blocks[0] @ J_h)
     return blocks
+
+
+# --------------------------------------------------------------------------------------------- docs output
+def parse_docs_args(name: str, description: str, argv: Sequence[str] | None, sizes=None, extra=None, flags: Sequence[str] = ()):
+    """:func:`parse_args` plus the flag ``--docs`` (also write the figure
+    to docs/figures/ and the table into docs/experiments.md) and the boolean ``flags`` (``--name``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {f: f"--{f}" in argv for f in ("docs", *(flags or ()))}
+    rest = [a for a in argv if a.lstrip("-") not in flags or not a.startswith("--")]
+    args = parse_args(name, description + " (add --docs to update docs/)", rest, sizes, extra)
+    for f, on in flags.items():
+        setattr(args, f, on)
+    return args
+
+
+def to_docs(args, name: str, figure: Path, table: str) -> None:
+    """With ``--docs``: copy ``figure`` to docs/figures/ and put ``table`` in docs/experiments.md."""
+    if not args.docs:
+        return
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    shutil.copy(figure, FIGURES / figure.name)
+    from ..benchmarks.common import write_block
+
+    write_block(DOCS, name, table)
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def findings_line(findings: dict[str, bool]) -> str:
+    """``Findings: holds: ...; does not hold: ...`` for the docs blocks."""
+    return "Findings: " + "; ".join(f"{'holds' if ok else 'does not hold'}: {t}" for t, ok in findings.items()) + "."

@@ -46,7 +46,7 @@ from typing import Sequence
 from tplightning._lightning import pl
 
 from ..benchmarks.student_teacher import AI_CONFIGS, SUCCESSOR_CONFIGS, mse, run_one, seed_args
-from .common import parse_args, save_figure, save_json, single_thread
+from .common import findings_line, markdown_table, parse_docs_args, save_figure, save_json, single_thread, to_docs
 
 NAME = "student_teacher"
 CONFIGS = {**AI_CONFIGS, **SUCCESSOR_CONFIGS, "TPEI": "tp_ei.yaml", "RTPEI": "rtp_ei.yaml", "RMTPEI": "rmtp_ei.yaml", "LeeDTP": "lee_dtp.yaml"}
@@ -138,7 +138,7 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def plot(summary: dict, out) -> None:
+def plot(summary: dict, out):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,11 +163,31 @@ def plot(summary: dict, out) -> None:
             ax.axhline(0, color="gray", lw=0.5)
             ax.set_ylim(-1.05, 1.05)
     axes[0][0].legend(fontsize="small")
-    save_figure(fig, out, NAME, dpi=75)
+    return save_figure(fig, out, NAME, dpi=75)
+
+
+def docs_block(summary: dict, findings: dict[str, bool], argv: Sequence[str] | None) -> str:
+    """The table and findings of a run, with the command that made them, for docs/experiments.md (``--docs``)."""
+    import shlex
+    import sys
+
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--docs"]
+    rows = []
+    for rule, s in summary.items():
+        if "diagnostics_mean" not in s:
+            rows.append([f"{rule} (all {s['runs']} runs diverged)", "–", "–", "–", "–", "–", "–"])
+            continue
+        m = s["diagnostics_mean"]
+        rows.append([rule, statistics.fmean(s["final_test_mse"]), f"{m['cos_tp']:.3f}", f"{m['cos_gn']:.2f}", f"{m['cos_bp']:.2f}",
+                     m.get("norm_approx", "–"), ", ".join(f"{c:.2f}" for c in s["diagnostics_last"]["cos_gn"])])  # fmt: skip
+    table = markdown_table(["rule", "final test MSE", "cos(Δ, e^TP)", "cos(Δ, e^GN)", "cos(Δ, e^BP)", "‖e^approx‖",
+                            "cos(Δ, e^GN), last epoch, per seed"], rows)  # fmt: skip
+    command = shlex.join(["python", "-m", f"tplightning.experiments.{NAME}", *args, "--docs"])
+    return f"Command: `{command}` (cosines: means over training and seeds, layer 1).\n\n{table}\n\n{findings_line(findings)}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(
+    args = parse_docs_args(
         NAME, __doc__.split("\n")[0], argv,
         sizes={"seeds": (3, 15, "seeds 0..N-1 per rule"), "epochs": (8, 60, "training epochs")},
         extra={
@@ -239,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "summary": summary, "findings": findings, "runs": runs,
     }  # fmt: skip
     save_json(args.out, NAME, result)
-    plot(summary, args.out)
+    figure = plot(summary, args.out)
+    if args.docs:
+        to_docs(args, NAME, figure, docs_block(summary, findings, argv))
     print(f"{NAME}: {len(rules)} rules x {args.seeds} seeds x {args.epochs} epochs -> {args.out}")
     print(f"  {'rule':<12} {'test MSE':>9} {'cos e^TP':>9} {'cos e^GN':>9} {'cos e^BP':>9} {'|e^approx|':>10}  (means over training)"
           "  cos e^GN in the last epoch, per seed")  # fmt: skip
