@@ -3,6 +3,7 @@ and the machine line."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -110,6 +111,25 @@ def write_block(path: Path, marker: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def records_comment(tag: str, records: Iterable[dict]) -> str:
+    """``<!-- tag [records as JSON] -->``: the per-run records a table keeps inside its block, so that a later run of some
+    rules can rewrite the table and keep the others' rows (read back by :func:`read_block_records`)."""
+    return f"<!-- {tag} {json.dumps(list(records), separators=(',', ':'))} -->"
+
+
+def read_block_records(path: Path, marker: str, tag: str) -> list[dict]:
+    """The records :func:`records_comment` left under ``tag`` in the ``marker`` block of ``path`` (empty if none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    m = re.search(re.escape(start) + ".*?<!-- " + re.escape(tag) + r" (.*?) -->.*?" + re.escape(end), path.read_text(), re.S)
+    try:
+        return json.loads(m.group(1)) if m else []
+    except json.JSONDecodeError:
+        return []
 
 
 def machine(device: torch.device | None = None, threads: bool = True) -> str:

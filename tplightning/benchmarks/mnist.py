@@ -352,7 +352,6 @@ def render(records: Sequence[dict], figure: Path | None = None) -> str:
     curves figure to show below the table (a path whose last two parts are its link from the Markdown file)."""
     fc = [rec for rec in records if rec["rule"] not in CNN]
     cnn = [rec for rec in records if rec["rule"] in CNN]
-    payload = json.dumps(list(records), separators=(",", ":"))
     cnn_table = [
         "",
         "### MNIST, a small convolutional network (`configs/mnist/cnn_*.yaml`)",
@@ -387,21 +386,13 @@ def render(records: Sequence[dict], figure: Path | None = None) -> str:
         *(f"| {n} | {e} | {c} |" for n, e, c in THESIS),
         *cnn_table,
         "",
-        f"<!-- {RUNS_TAG} {payload} -->",
+        common.records_comment(RUNS_TAG, records),
     ])  # fmt: skip
 
 
 def read_records(path: Path) -> list[dict]:
     """The per-rule records kept in the MNIST block of ``path`` (empty if none)."""
-    if not path.exists():
-        return []
-    m = re.search(re.escape(START) + ".*?<!-- " + re.escape(RUNS_TAG) + r" (.*?) -->.*?" + re.escape(END), path.read_text(), re.S)
-    if not m:
-        return []
-    try:
-        return json.loads(m.group(1))
-    except json.JSONDecodeError:
-        return []
+    return common.read_block_records(path, "mnist", RUNS_TAG)
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import tempfile
@@ -38,7 +37,7 @@ import torch
 
 from ..cli import main as cli_main
 from ..rules.base import DivergenceError
-from .common import Rule, config_value, quiet, run_all, seed_overrides, write_block
+from .common import Rule, config_value, quiet, read_block_records, records_comment, run_all, seed_overrides, write_block
 
 __all__ = ["Rule", "Table", "TABLES", "run_args", "run_one", "mse", "main"]
 
@@ -267,7 +266,7 @@ def render(table: Table, rules: Sequence[Rule], results: Sequence[dict], args, s
         f"({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, pytorch-lightning {pl.__version__}; "
         f"{len(results)} runs, {seconds / 60:.1f} min of run time in total (jobs {args.jobs}).",
         "",
-        f"<!-- {RUNS_TAG.format(table.name)} {json.dumps([{k: r.get(k) for k in RECORD_KEYS} for r in results], separators=(',', ':'))} -->",
+        records_comment(RUNS_TAG.format(table.name), ({k: r.get(k) for k in RECORD_KEYS} for r in results)),
     ])  # fmt: skip
 
 
@@ -278,14 +277,7 @@ RUNS_TAG = "student_teacher:{}:runs"
 
 def read_records(path: Path, table: str) -> list[dict]:
     """The per-run records kept in the block of ``table`` in ``path`` (empty if none, e.g. a block written before records)."""
-    if not Path(path).exists():
-        return []
-    tag = RUNS_TAG.format(table)
-    m = re.search(re.escape(f"<!-- student_teacher:{table}:start -->") + ".*?<!-- " + re.escape(tag) + r" (.*?) -->", Path(path).read_text(), re.S)
-    try:
-        return json.loads(m.group(1)) if m else []
-    except json.JSONDecodeError:
-        return []
+    return read_block_records(path, f"student_teacher:{table}", RUNS_TAG.format(table))
 
 
 def command(args, name: str) -> str:
