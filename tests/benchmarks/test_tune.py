@@ -52,6 +52,44 @@ def test_unknown_rule_is_a_clear_error(capsys):
     assert exc.value.code == 2 and "unknown rule 'Nope'" in capsys.readouterr().err
 
 
+def test_shipped_values_are_the_configs_own_clipped_into_the_search_range():
+    values = tune.shipped_values("DTPAI", tune.search_space("DTPAI"))
+    doc = yaml.safe_load((CONFIG_DIR / "mnist" / "dtp_ai.yaml").read_text())["model"]["init_args"]
+    assert values["lr"] == doc["forward_optimizer"]["init_args"]["lr"]
+    assert values["negative_slope"] == doc["negative_slope"] and values["init"] == doc["init"]
+    assert values["target_stepsize"] == doc["target_stepsize"]
+    assert doc["feedback_weight_decay"] == 0.0 and values["feedback_weight_decay"] == 1e-3  # clipped to the range
+    assert "feedback_iterations" not in values  # the config does not set it: the sampler draws it
+    assert set(tune.shipped_values("BP", tune.search_space("BP"))) == {"lr", "weight_decay", "init"}
+
+
+def test_keep_holds_parameters_out_of_the_search(capsys):
+    assert [p.name for p in tune.searched("LeeDTP", ["weight_decay", "init"])] == [
+        "lr", "target_stepsize", "feedback_lr", "feedback_noise_std", "feedback_iterations"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--keep negative_slope: not searched for BP; its parameters are lr, "):
+        tune.searched("BP", ["negative_slope"])
+    with pytest.raises(SystemExit) as exc:
+        tune.parse_args(["--rule", "BP", "--keep", "negative_slope"])
+    assert exc.value.code == 2 and "--keep negative_slope: not searched for BP" in capsys.readouterr().err
+
+
+@needs_mnist
+def test_first_trial_is_the_shipped_config_and_kept_values_are_not_searched(tmp_path):
+    storage = tmp_path / "lee.journal"
+    study = tune.main(["--rule", "LeeDTP", "--trials", "2", "--storage", str(storage), "--keep", "weight_decay",
+                       "feedback_iterations", *TINY])  # fmt: skip
+    first, second = sorted(study.get_trials(), key=lambda t: t.number)
+    doc = yaml.safe_load((CONFIG_DIR / "mnist" / "lee_dtp.yaml").read_text())["model"]["init_args"]
+    assert first.user_attrs["shipped"] and first.params["lr"] == doc["forward_optimizer"]["init_args"]["lr"]
+    assert first.params["feedback_lr"] == doc["feedback_optimizer"]["init_args"]["lr"]
+    assert first.params["feedback_noise_std"] == doc["feedback_noise_std"]
+    assert "weight_decay" not in second.params and "feedback_iterations" not in second.params
+    assert second.params["lr"] != first.params["lr"]  # the second trial is sampled
+    with pytest.raises(ValueError, match=r"made with epochs 1, .* parameters .*--keep"):  # another space: refused
+        tune.run_study("LeeDTP", 3, str(storage), epochs=1, data=tune._data_overrides(tune.parse_args(
+            ["--rule", "LeeDTP", *TINY])), keep=["weight_decay"])  # fmt: skip
+
+
 @needs_mnist
 def test_tiny_study_scores_validation_accuracy_and_never_tests(tmp_path, monkeypatch):
     def no_test(self):
@@ -94,7 +132,7 @@ def test_resume_continues_the_count_and_an_interrupted_trial_is_rerun(tmp_path, 
     study = load(storage, "mnist-BP")
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
-    with pytest.raises(ValueError, match=r"was made with epochs 1 .* not epochs 2"):  # another proxy: not the same study
+    with pytest.raises(ValueError, match=r"was made with epochs 1, .* not epochs 2,"):  # another proxy: not the same study
         tune.main(["--rule", "BP", "--trials", "5", "--storage", str(storage), *TINY[2:], "--epochs", "2"])
     config = tmp_path / "bp.yaml"
     config.write_text((CONFIG_DIR / "mnist" / "bp.yaml").read_text())

@@ -39,6 +39,12 @@ several processes of one machine) unless ``--storage`` names another: a database
 (``postgresql://...``, ``mysql+pymysql://...``, ``sqlite:///file.db``) lets processes on several machines
 share one study (README, "Tuning").
 
+**The first trial** of a new study is the config as shipped (its values clipped into the ranges above; what it
+does not set is sampled), so a study's best is never worse on the proxy than the config it would replace.
+``--keep NAME...`` holds parameters at the config's value: a proxy of a few epochs cannot see the long-horizon
+effect of weight decay (AdamW's decay ``lr·wd`` per step shrinks the weights by ``e^{-2}`` over the 43k steps of
+a 100-epoch MNIST run, by 1 % over a 6-epoch proxy on 20k images), so the campaign keeps ``weight_decay``.
+
 ``--epochs`` and ``--subset`` make a cheaper proxy (the learning-rate schedule then decays over the proxy's
 epochs; with ``--subset n`` a tenth of the ``n`` images validate, unless ``--num-val`` says otherwise). ``--write-config`` writes the best values into the rule's config, in place, keeping its comments,
 under a header comment line naming the study, its trials and the date.
@@ -66,7 +72,7 @@ from . import common
 from .common import config_value, rule_class
 from .mnist import RULES
 
-__all__ = ["Param", "SPACES", "search_space", "family", "overrides", "objective", "run_study", "summary",
+__all__ = ["Param", "SPACES", "search_space", "searched", "shipped_values", "family", "overrides", "objective", "run_study", "summary",
            "write_config", "main"]  # fmt: skip
 
 PROG = "python -m tplightning.benchmarks.tune"
@@ -153,6 +159,25 @@ def search_space(rule: str) -> tuple[Param, ...]:
     return tuple(p for p in SPACES[family(rule)] if not p.optional or _has_key(config, p.key))
 
 
+def shipped_values(rule: str, space: Sequence[Param]) -> dict:
+    """The values the rule's config sets for the parameters of ``space`` (those it does not set are left out),
+    each clipped into its search range: the study's first trial, so its best is never worse on the proxy than the
+    config as shipped."""
+    config, out = _config(rule), {}
+    for p in space:
+        try:
+            value = config_value(config, (), p.key)
+        except (KeyError, TypeError):
+            continue
+        if p.choices:
+            if value in p.choices:
+                out[p.name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = min(max(value, p.low), p.high)
+            out[p.name] = int(round(value)) if p.integer else float(value)
+    return out
+
+
 def overrides(space: Sequence[Param], values: dict) -> list[str]:
     """``train.py`` overrides that set each parameter of ``space`` to ``values[name]``."""
     return [arg for p in space if p.name in values for arg in (f"--{p.key}", str(values[p.name]))]
@@ -177,7 +202,8 @@ class _Pruning(pl.Callback):
 
 
 def trial_args(rule: str, values: dict, epochs: int | None, data: Sequence[str], seed: int) -> list[str]:
-    """The ``train.py`` arguments of one trial: the rule's config, the sampled values, no logger, checkpoint or test."""
+    """The ``train.py`` arguments of one trial: the rule's config, the sampled values, no logger, checkpoint or test
+    (parameters not in ``values``, the kept ones, stay at the config's value)."""
     config = _config(rule)
     args = ["--config", config, "--test_on", "none", "--trainer.enable_progress_bar", "false",
             "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
@@ -187,13 +213,24 @@ def trial_args(rule: str, values: dict, epochs: int | None, data: Sequence[str],
     return [*args, *overrides(search_space(rule), values)]
 
 
-def objective(rule: str, epochs: int | None = None, data: Sequence[str] = (), seed: int = 0):
+def searched(rule: str, keep: Sequence[str] = ()) -> tuple[Param, ...]:
+    """The parameters a study of ``rule`` searches: :func:`search_space` less those in ``keep`` (held at the
+    config's value). Raises ``ValueError`` for a name ``keep`` that the rule's space does not have."""
+    space = search_space(rule)
+    unknown = sorted(set(keep) - {p.name for p in space})
+    if unknown:
+        raise ValueError(f"--keep {' '.join(unknown)}: not searched for {rule}; its parameters are "
+                         f"{', '.join(p.name for p in space)}")  # fmt: skip
+    return tuple(p for p in space if p.name not in keep)
+
+
+def objective(rule: str, epochs: int | None = None, data: Sequence[str] = (), seed: int = 0, keep: Sequence[str] = ()):
     """The Optuna objective of ``rule``: best validation accuracy of a run at the sampled values."""
     import optuna
 
     from ..cli import main as cli_main
 
-    space = search_space(rule)
+    space = searched(rule, keep)
 
     def run(trial) -> float:
         values = {p.name: p.suggest(trial) for p in space}
@@ -250,11 +287,14 @@ def run_study(
     startup: int = 5,
     warmup: int = 1,
     progress: bool = True,
+    keep: Sequence[str] = (),
 ):
-    """Create or load the study of ``rule`` and run trials until it holds ``trials`` finished ones."""
+    """Create or load the study of ``rule`` and run trials until it holds ``trials`` finished ones. A new study
+    starts with the config's own values (:func:`shipped_values`); ``keep`` names parameters held at the config's
+    value."""
     import optuna
 
-    space = search_space(rule)  # a bad rule name fails before any storage is touched
+    space = searched(rule, keep)  # a bad rule or parameter name fails before any storage is touched
     storage = storage or default_storage(rule)
     study = optuna.create_study(
         study_name=study_name or f"mnist-{rule}",
@@ -269,21 +309,22 @@ def run_study(
         study.set_user_attr("space", [p.name for p in space])
         study.set_user_attr("epochs", epochs)
         study.set_user_attr("data", list(data))
+        study.enqueue_trial(shipped_values(rule, space), user_attrs={"shipped": True})
 
     def full(study, _trial) -> None:
         if len(_finished(study)) >= trials:
             study.stop()
 
     remaining = trials - len(_finished(study))
-    made = (study.user_attrs.get("epochs"), study.user_attrs.get("data"))
-    if remaining > 0 and made != (epochs, list(data)):
+    made = (study.user_attrs.get("epochs"), study.user_attrs.get("data"), study.user_attrs.get("space"))
+    if remaining > 0 and made != (epochs, list(data), [p.name for p in space]):
         raise ValueError(
-            f"study {study.study_name} in {storage} was made with epochs {made[0]} and data overrides {made[1]}, not "
-            f"epochs {epochs} and {list(data)}: its trials would not compare; resume it with the same --epochs/--subset "
-            "or name another --study"
+            f"study {study.study_name} in {storage} was made with epochs {made[0]}, data overrides {made[1]} and "
+            f"parameters {made[2]}, not epochs {epochs}, {list(data)} and {[p.name for p in space]}: its trials would "
+            "not compare; resume it with the same --epochs/--subset/--keep or name another --study"
         )
     if remaining > 0:
-        study.optimize(objective(rule, epochs, data, seed), n_trials=remaining, callbacks=[full],
+        study.optimize(objective(rule, epochs, data, seed, keep), n_trials=remaining, callbacks=[full],
                        show_progress_bar=progress, gc_after_trial=True)  # fmt: skip
     return study
 
@@ -371,7 +412,7 @@ def write_config(path: Path, values: dict[str, object], header: str) -> None:
 
 def best_values(rule: str, study) -> dict[str, object]:
     """The best trial's values as config keys (:func:`write_config`'s ``values``)."""
-    keys = {p.name: p.key for p in search_space(rule)}
+    keys = {p.name: p.key for p in search_space(rule)}  # a study's parameters are a part of the rule's space
     return {keys[name]: value for name, value in study.best_trial.params.items() if name in keys}
 
 
@@ -390,11 +431,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (default: none; workers should differ)")
     p.add_argument("--startup", type=int, default=5, help="random trials before TPE, and complete trials before pruning (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="epochs a trial runs before it can be pruned (default: %(default)s)")
+    p.add_argument("--keep", nargs="+", default=[], metavar="NAME",
+                   help="parameters held at the config's value instead of searched (e.g. weight_decay)")
     p.add_argument("--write-config", action="store_true", help="write the best values into the rule's configs/ file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
-        search_space(args.rule)
+        searched(args.rule, args.keep)
     except ValueError as err:
         p.error(str(err))
     if args.trials < 1:
@@ -425,7 +468,7 @@ def main(argv: Sequence[str] | None = None):
     common.quiet()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = run_study(args.rule, args.trials, args.storage, args.study, args.epochs, _data_overrides(args), args.seed,
-                      args.sampler_seed, args.startup, args.warmup, progress=not args.no_progress)  # fmt: skip
+                      args.sampler_seed, args.startup, args.warmup, progress=not args.no_progress, keep=args.keep)  # fmt: skip
     print(summary(study))
     if args.write_config:
         if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
