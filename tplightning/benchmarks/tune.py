@@ -42,8 +42,9 @@ share one study (README, "Tuning").
 **The first trial** of a new study is the config as shipped (its values clipped into the ranges above; what it
 does not set is sampled), so a study's best is never worse on the proxy than the config it would replace.
 ``--keep NAME...`` holds parameters at the config's value: a proxy of a few epochs cannot see the long-horizon
-effect of weight decay (AdamW's decay ``lr·wd`` per step shrinks the weights by ``e^{-2}`` over the 43k steps of
-a 100-epoch MNIST run, by 1 % over a 6-epoch proxy on 20k images), so the campaign keeps ``weight_decay``.
+effect of weight decay (at BP's lr 1e-3 and wd 0.05, decaying linearly to 5 %, AdamW's factor ``1 - lr·wd`` per
+step shrinks untrained weights by ``e^-1.1`` over the 43k steps of a 100-epoch MNIST run, by 2.5 % over a 6-epoch
+proxy on 20k images), so the campaign keeps ``weight_decay``.
 
 ``--epochs`` and ``--subset`` make a cheaper proxy (the learning-rate schedule then decays over the proxy's
 epochs; with ``--subset n`` a tenth of the ``n`` images validate, unless ``--num-val`` says otherwise). ``--write-config`` writes the best values into the rule's config, in place, keeping its comments,
