@@ -59,7 +59,7 @@ def test_shipped_values_are_the_configs_own_clipped_into_the_search_range():
     assert values["negative_slope"] == doc["negative_slope"] and values["init"] == doc["init"]
     assert values["target_stepsize"] == doc["target_stepsize"]
     assert doc["feedback_weight_decay"] == 0.0 and values["feedback_weight_decay"] == 1e-3  # clipped to the range
-    assert "feedback_iterations" not in values  # the config does not set it: the sampler draws it
+    assert values["feedback_iterations"] == 1  # the config does not set it: the rule's default
     assert set(tune.shipped_values("BP", tune.search_space("BP"))) == {"lr", "weight_decay", "init"}
 
 
@@ -82,7 +82,7 @@ def test_first_trial_is_the_shipped_config_and_kept_values_are_not_searched(tmp_
     doc = yaml.safe_load((CONFIG_DIR / "mnist" / "lee_dtp.yaml").read_text())["model"]["init_args"]
     assert first.user_attrs["shipped"] and first.params["lr"] == doc["forward_optimizer"]["init_args"]["lr"]
     assert first.params["feedback_lr"] == doc["feedback_optimizer"]["init_args"]["lr"]
-    assert first.params["feedback_noise_std"] == doc["feedback_noise_std"]
+    assert first.params["feedback_noise_std"] == doc["feedback_noise_std"] and first.params["init"] == doc["init"]
     assert "weight_decay" not in second.params and "feedback_iterations" not in second.params
     assert second.params["lr"] != first.params["lr"]  # the second trial is sampled
     with pytest.raises(ValueError, match=r"made with epochs 1, .* parameters .*--keep"):  # another space: refused

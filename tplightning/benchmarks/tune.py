@@ -53,6 +53,7 @@ under a header comment line naming the study, its trials and the date.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import re
@@ -161,15 +162,19 @@ def search_space(rule: str) -> tuple[Param, ...]:
 
 
 def shipped_values(rule: str, space: Sequence[Param]) -> dict:
-    """The values the rule's config sets for the parameters of ``space`` (those it does not set are left out),
-    each clipped into its search range: the study's first trial, so its best is never worse on the proxy than the
-    config as shipped."""
+    """The values a run of the rule's config uses for the parameters of ``space``: the config's own, else the rule's
+    default (a parameter with neither is left out), each clipped into its search range. They are the study's first
+    trial, so its best is never worse on the proxy than the config as shipped."""
     config, out = _config(rule), {}
+    defaults = inspect.signature(rule_class(config)).parameters
     for p in space:
         try:
             value = config_value(config, (), p.key)
         except (KeyError, TypeError):
-            continue
+            name = p.key.removeprefix(_M)
+            if "." in name or name not in defaults or defaults[name].default is inspect.Parameter.empty:
+                continue
+            value = defaults[name].default
         if p.choices:
             if value in p.choices:
                 out[p.name] = value
