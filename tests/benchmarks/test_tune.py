@@ -74,8 +74,9 @@ def test_keep_holds_parameters_out_of_the_search(capsys):
 
 
 @needs_mnist
-def test_first_trial_is_the_shipped_config_and_kept_values_are_not_searched(tmp_path):
-    storage = tmp_path / "lee.journal"
+def test_first_trial_is_the_shipped_config_and_kept_values_are_not_searched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --report reads the default journal, runs/tune/<rule>.journal under the cwd
+    storage = tmp_path / "runs" / "tune" / "LeeDTP.journal"
     study = tune.main(["--rule", "LeeDTP", "--trials", "2", "--storage", str(storage), "--keep", "weight_decay",
                        "feedback_iterations", *TINY])  # fmt: skip
     first, second = sorted(study.get_trials(), key=lambda t: t.number)
@@ -85,6 +86,15 @@ def test_first_trial_is_the_shipped_config_and_kept_values_are_not_searched(tmp_
     assert first.params["feedback_noise_std"] == doc["feedback_noise_std"] and first.params["init"] == doc["init"]
     assert "weight_decay" not in second.params and "feedback_iterations" not in second.params
     assert second.params["lr"] != first.params["lr"]  # the second trial is sampled
+    out = tmp_path / "results.md"
+    tune.main(["--report", "--out", str(out)])  # the rules without a journal are left out
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and not line.startswith("| rule ")]
+    assert len(rows) == 1 and rows[0].startswith("| LeeDTP |")
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert cells[1] == "1 ep, 540/60 images" and cells[2] == "2 (0 pruned, 0 diverged)"
+    assert cells[3] == f"{first.value:.4f}" and cells[4] == f"{max(first.value, second.value):.4f}"
+    with pytest.raises(SystemExit):
+        tune.parse_args(["--report", "Nope"])
     with pytest.raises(ValueError, match=r"made with epochs 1, .* parameters .*--keep"):  # another space: refused
         tune.run_study("LeeDTP", 3, str(storage), epochs=1, data=tune._data_overrides(tune.parse_args(
             ["--rule", "LeeDTP", *TINY])), keep=["weight_decay"])  # fmt: skip

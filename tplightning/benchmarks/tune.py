@@ -1,7 +1,8 @@
 """Hyper-parameter search for the MNIST benchmark's rules with Optuna (TPE sampling, pruning, persistent studies).
 
     python -m tplightning.benchmarks.tune --rule LeeDTP --trials 40 [--epochs 10] [--subset N]
-        [--storage URL] [--study NAME] [--write-config] [--seed S]
+        [--storage URL] [--study NAME] [--keep NAME...] [--write-config] [--seed S]
+    python -m tplightning.benchmarks.tune --report [RULE...]      (the tuning table of docs/RESULTS.md)
 
 Each trial trains the rule's ``configs/mnist/<rule>.yaml`` through ``train.py`` with the sampled values as
 overrides (no logger, no checkpoint, no test run) and scores it by its **best validation accuracy** on the
@@ -74,7 +75,7 @@ from . import common
 from .common import config_value, rule_class
 from .mnist import RULES
 
-__all__ = ["Param", "SPACES", "search_space", "searched", "shipped_values", "family", "overrides", "objective", "run_study", "summary",
+__all__ = ["Param", "SPACES", "search_space", "searched", "shipped_values", "family", "overrides", "objective", "run_study", "summary", "report",
            "write_config", "main"]  # fmt: skip
 
 PROG = "python -m tplightning.benchmarks.tune"
@@ -350,6 +351,65 @@ def summary(study) -> str:
     return "\n".join(lines)
 
 
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def report_row(rule: str, study) -> str:
+    """One row of the tuning table: the study's proxy and counts, the shipped config's and the best trial's score,
+    and the best values."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    pruned = sum(t.state == TrialState.PRUNED for t in done)
+    diverged = sum("diverged" in t.user_attrs for t in done)
+    # the last trial marked shipped: the first one unless a shipped trial was added later (its values exactly)
+    shipped = [t for t in done if t.user_attrs.get("shipped") and t.state == TrialState.COMPLETE]
+    epochs, data = study.user_attrs.get("epochs"), study.user_attrs.get("data") or []
+    subset = dict(zip(data[::2], data[1::2]))
+    proxy = f"{epochs or 'max'} ep"
+    if "--data.init_args.num_train" in subset:
+        proxy += f", {subset['--data.init_args.num_train']}/{subset.get('--data.init_args.num_val', '?')} images"
+    best = study.best_trial if any(t.state == TrialState.COMPLETE for t in trials) else None
+    values = ", ".join(f"{k} {_fmt(v)}" for k, v in best.params.items()) if best else ""
+    shipped_acc = f"{shipped[-1].value:.4f}" if shipped else "-"
+    best_acc = f"{best.value:.4f}" if best else "-"
+    return f"| {rule} | {proxy} | {len(done)} ({pruned} pruned, {diverged} diverged) | {shipped_acc} | {best_acc} | {values} |"
+
+
+def report(rules: Sequence[str], out: Path) -> str:
+    """Write the tuning block of ``out`` from the studies in the default journals of ``rules`` (those that have
+    one); returns the block."""
+    import optuna
+
+    rows = []
+    for rule in rules:
+        path = Path(default_storage(rule))
+        if not path.exists():
+            continue
+        study = optuna.load_study(study_name=f"mnist-{rule}", storage=open_storage(str(path)))
+        rows.append(report_row(rule, study))
+    if not rows:
+        raise FileNotFoundError(f"no study journal under {Path(default_storage('X')).parent}/ for {', '.join(rules)}")
+    body = "\n".join([
+        "### MNIST tuning studies",
+        "",
+        f"Written by `{PROG} --report` from the studies' journals (`runs/tune/<rule>.journal`). Each study searched the "
+        "rule's space (module docstring of `tplightning.benchmarks.tune`; the parameters listed are the searched ones) "
+        "with TPE, scoring a trial by its best validation accuracy on the proxy (epochs per trial, training/validation "
+        "images); *shipped* is the config as it was before the study (its first trial), *best* the trial whose values "
+        "`--write-config` put into `configs/mnist/<rule>.yaml`. Proxy accuracies are not the 100-epoch ones of the table "
+        "above.",
+        "",
+        "| rule | proxy | trials | shipped val acc | best val acc | best values |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ])  # fmt: skip
+    common.write_block(out, "tuning", body)
+    return body
+
+
 # --------------------------------------------------------------------------------------------- config writer
 def _yaml_scalar(value) -> str:
     """``value`` as a YAML 1.1 scalar that reads back as the same type (PyYAML needs a dot in ``1.0e-04``)."""
@@ -425,7 +485,10 @@ def best_values(rule: str, study) -> dict[str, object]:
 # --------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--rule", required=True, help=f"the rule to tune: {' '.join(RULES)}")
+    p.add_argument("--rule", help=f"the rule to tune: {' '.join(RULES)}")
+    p.add_argument("--report", nargs="*", metavar="RULE",
+                   help="tune nothing: write the tuning table of --out from the journals of these rules (default: all)")
+    p.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"), help="Markdown file of --report (default: %(default)s)")
     p.add_argument("--trials", type=int, default=40, help="finished trials the study should hold (default: %(default)s)")
     p.add_argument("--epochs", type=int, help="epochs per trial (default: the config's max_epochs)")
     p.add_argument("--subset", type=int, help="use only this many MNIST training images (num_train = subset - num_val)")
@@ -442,6 +505,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-config", action="store_true", help="write the best values into the rule's configs/ file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.report is not None:
+        unknown = sorted(set(args.report) - set(RULES))
+        if unknown:
+            p.error(f"--report {' '.join(unknown)}: unknown rule; expected some of {', '.join(RULES)}")
+        return args
+    if args.rule is None:
+        p.error("--rule is required (or --report)")
     try:
         searched(args.rule, args.keep)
     except ValueError as err:
@@ -473,6 +543,10 @@ def main(argv: Sequence[str] | None = None):
     args = parse_args(argv)
     common.quiet()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.report is not None:
+        print(report(args.report or list(RULES), args.out))
+        print(f"wrote the tuning block of {args.out}")
+        return None
     study = run_study(args.rule, args.trials, args.storage, args.study, args.epochs, _data_overrides(args), args.seed,
                       args.sampler_seed, args.startup, args.warmup, progress=not args.no_progress, keep=args.keep)  # fmt: skip
     print(summary(study))
