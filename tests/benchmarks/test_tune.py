@@ -151,7 +151,7 @@ def test_resume_continues_the_count_and_an_interrupted_trial_is_rerun(tmp_path, 
     assert len(study.trials) == 4  # full: ran nothing, wrote the best values
     header = config.read_text().splitlines()[0]
     assert header.startswith("# Tuned by python -m tplightning.benchmarks.tune --rule BP: study mnist-BP, 3 trials")
-    assert "1 epochs per trial, data --data.init_args.subset 600" in header
+    assert "1 epochs per trial, data --data.init_args.subset 600" in header and "; searched lr, weight_decay, init)" in header
     lr = yaml.safe_load(config.read_text())["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"]
     assert lr == pytest.approx(study.best_params["lr"], rel=1e-3)
 
@@ -210,8 +210,23 @@ def test_config_writer_updates_values_and_keeps_comments(tmp_path):
     tune.write_config(path, values, "# Tuned by test two")  # a second write replaces the header line
     text = path.read_text()
     assert text.splitlines()[0] == "# Tuned by test two" and text.count("# Tuned by") == 1
+    # every changed line says what it was before the first write (the second write saw the first's values)
+    marks = {line.split(":")[0].strip(): line.split("tuned ")[-1] for line in text.splitlines() if "tuned (" in line}
+    lr = yaml.safe_load(original)["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"]
+    assert marks["init_args"] == "(was lr 0.0001235)" and f"lr {lr}" not in marks["init_args"]
+    assert marks["target_stepsize"] == "(was 3.5e-05)" and marks["feedback_iterations"] == "(was 3)"
+    once = tmp_path / "once.yaml"
+    once.write_text(original)
+    tune.write_config(once, values, "# Tuned by test one")
+    marks = {line.split(":")[0].strip(): line.split("tuned ")[-1] for line in once.read_text().splitlines() if "tuned (" in line}
+    old = yaml.safe_load(original)["model"]["init_args"]
+    assert marks == {"init_args": f"(was lr {old['forward_optimizer']['init_args']['lr']})",
+                     "target_stepsize": f"(was {old['target_stepsize']})", "feedback_iterations": "(was the default)",
+                     "init": f"(was {old['init']})"}  # fmt: skip
+    # the other comments are kept, in order
     comments = [line for line in original.splitlines() if line.lstrip().startswith("#") or " #" in line]
-    assert [line for line in text.splitlines()[1:] if line.lstrip().startswith("#") or " #" in line] == comments
+    kept = [tune._TUNED_NOTE.sub("", line) for line in text.splitlines()[1:]]
+    assert [line for line in kept if line.lstrip().startswith("#") or " #" in line] == comments
     expected = yaml.safe_load(original)
     init = expected["model"]["init_args"]
     init["forward_optimizer"]["init_args"]["lr"] = 0.0001235

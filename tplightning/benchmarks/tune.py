@@ -425,10 +425,10 @@ def _yaml_scalar(value) -> str:
 _LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w]*):(?P<gap>\s*)(?P<value>.*?)(?P<comment>\s+#.*)?$")
 
 
-def _set(lines: list[str], key: str, value) -> None:
+def _set(lines: list[str], key: str, value) -> int:
     """Set the dotted ``key`` in the YAML ``lines`` in place: a block scalar, an entry of a flow mapping
     (``init_args: {lr: 0.001}``), or a new line at the end of its parent block. Block mappings and flow
-    mappings only (list items are passed over), which is what the configs use."""
+    mappings only (list items are passed over), which is what the configs use. Returns the line's index."""
     *parents, leaf = key.split(".")
     stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing block keys
     last_inside, child_indent = None, None
@@ -443,28 +443,52 @@ def _set(lines: list[str], key: str, value) -> None:
         if path == parents:
             if m["key"] == leaf:
                 lines[i] = f"{m['indent']}{leaf}:{m['gap'] or ' '}{_yaml_scalar(value)}{m['comment'] or ''}"
-                return
+                return i
             child_indent = indent
         if path + [m["key"]] == parents and m["value"].startswith("{"):
             mapping = {**yaml.safe_load(m["value"]), leaf: value}
             flow = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in mapping.items())
             lines[i] = f"{m['indent']}{m['key']}:{m['gap']}{{{flow}}}{m['comment'] or ''}"
-            return
+            return i
         if parents and path[: len(parents)] == parents:
             last_inside = i
         stack.append((indent, m["key"]))
     if last_inside is None or child_indent is None:
         raise KeyError(f"the config has no block {'.'.join(parents)!r} to put {leaf!r} in")
     lines.insert(last_inside + 1, f"{' ' * child_indent}{leaf}: {_yaml_scalar(value)}")
+    return last_inside + 1
+
+
+_TUNED_NOTE = re.compile(r"\s*(?:# |; )tuned \(was [^)]*\)$")
+
+
+def _mark_tuned(line: str, was: str) -> str:
+    """``line`` ending in ``tuned (was ...)``: a comment of its own, or after the line's comment (an earlier mark
+    replaced). Removing :data:`_TUNED_NOTE` gives the line back."""
+    line = _TUNED_NOTE.sub("", line)
+    return f"{line}{'; ' if ' #' in line else '  # '}tuned (was {was})"
 
 
 def write_config(path: Path, values: dict[str, object], header: str) -> None:
     """Write ``values`` (dotted config key -> value) into the YAML file ``path`` in place, keeping its comments,
-    and put ``header`` as the first comment line (replacing an earlier ``# Tuned by`` line). The result is read
-    back and checked."""
+    and put ``header`` as the first comment line (replacing an earlier ``# Tuned by`` line). Each changed line ends
+    in ``tuned (was <value before>)``, so the config's prose, written for the values before, stays readable. The
+    result is read back and checked."""
     lines = [line for line in Path(path).read_text().splitlines() if not line.startswith(TUNED_TAG)]
+    before = yaml.safe_load("\n".join(lines))
+    was: dict[int, list[tuple[str, str]]] = {}  # line index -> (key, value before)
     for key, value in values.items():
-        _set(lines, key, value)
+        old = before
+        for k in key.split("."):
+            old = old.get(k, "unset") if isinstance(old, dict) else "unset"
+        n = len(lines)
+        i = _set(lines, key, value)
+        if len(lines) > n:  # a line was inserted at i: the marked lines from there on moved down
+            was = {j + (j >= i): olds for j, olds in was.items()}
+        was.setdefault(i, []).append((key.rsplit(".", 1)[-1], _yaml_scalar(old) if old != "unset" else "the default"))
+    for i, olds in was.items():
+        flow = _TUNED_NOTE.sub("", lines[i]).partition(" #")[0].rstrip().endswith("}")
+        lines[i] = _mark_tuned(lines[i], ", ".join(f"{k} {v}" for k, v in olds) if flow else olds[0][1])
     text = "\n".join([header, *lines]) + "\n"
     doc = yaml.safe_load(text)
     for key, value in values.items():
@@ -558,8 +582,10 @@ def main(argv: Sequence[str] | None = None):
             proxy = f"{study.user_attrs.get('epochs') or 'max_epochs'} epochs per trial"
             if study.user_attrs.get("data"):
                 proxy += f", data {' '.join(study.user_attrs['data'])}"
+            searched_names = ", ".join(study.user_attrs.get("space") or [p.name for p in search_space(args.rule)])
             header = (f"{TUNED_TAG} {PROG} --rule {args.rule}: study {study.study_name}, {len(_finished(study))} trials, "
-                      f"best val/acc {study.best_value:.4f} ({proxy}), {date.today().isoformat()}")  # fmt: skip
+                      f"best val/acc {study.best_value:.4f} ({proxy}; searched {searched_names}), "
+                      f"{date.today().isoformat()}; lines marked 'tuned' hold its values")  # fmt: skip
             write_config(path, best_values(args.rule, study), header)
             print(f"wrote the best values into {path}")
     return study
