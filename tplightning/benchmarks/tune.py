@@ -365,7 +365,7 @@ def report_row(rule: str, study) -> str:
     pruned = sum(t.state == TrialState.PRUNED for t in done)
     diverged = sum("diverged" in t.user_attrs for t in done)
     # the last trial marked shipped: the first one unless a shipped trial was added later (its values exactly)
-    shipped = [t for t in done if t.user_attrs.get("shipped") and t.state == TrialState.COMPLETE]
+    shipped = [t for t in done if t.user_attrs.get("shipped")]
     epochs, data = study.user_attrs.get("epochs"), study.user_attrs.get("data") or []
     subset = dict(zip(data[::2], data[1::2]))
     proxy = f"{epochs or 'max'} ep"
@@ -374,6 +374,8 @@ def report_row(rule: str, study) -> str:
     best = study.best_trial if any(t.state == TrialState.COMPLETE for t in trials) else None
     values = ", ".join(f"{k} {_fmt(v)}" for k, v in best.params.items()) if best else ""
     shipped_acc = f"{shipped[-1].value:.4f}" if shipped else "-"
+    if shipped and shipped[-1].state == TrialState.PRUNED:
+        shipped_acc += f" (pruned after {max(shipped[-1].intermediate_values) + 1} ep)"
     best_acc = f"{best.value:.4f}" if best else "-"
     return f"| {rule} | {proxy} | {len(done)} ({pruned} pruned, {diverged} diverged) | {shipped_acc} | {best_acc} | {values} |"
 
@@ -482,6 +484,8 @@ def write_config(path: Path, values: dict[str, object], header: str) -> None:
         for k in key.split("."):
             old = old.get(k, "unset") if isinstance(old, dict) else "unset"
         n = len(lines)
+        if old != "unset" and old == (float(_yaml_scalar(value)) if isinstance(value, float) else value):
+            continue  # unchanged: no mark
         i = _set(lines, key, value)
         if len(lines) > n:  # a line was inserted at i: the marked lines from there on moved down
             was = {j + (j >= i): olds for j, olds in was.items()}
