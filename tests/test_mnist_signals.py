@@ -19,7 +19,7 @@ def test_mnist_signals_reports_every_layer(one_thread, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = module.main(["mnist/dtp_ai.yaml", "--epochs", "1", "--subset", "600", "--every", "5", "--",
-                       "--data.init_args.data_dir", str(SHARED_DATA)])  # fmt: skip
+                       "--data.init_args.data_dir", str(SHARED_DATA), "--model.init_args.negative_slope", "0.35"])  # fmt: skip
     assert len(out["val_acc"]) == 1
     for i in range(1, 6):
         assert -1 <= out["start"][f"diag/cos_bp_{i}"] <= 1 and out["last"][f"diag/q_pinv_error_{i}"] >= 0
