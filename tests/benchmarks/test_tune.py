@@ -52,15 +52,27 @@ def test_unknown_rule_is_a_clear_error(capsys):
     assert exc.value.code == 2 and "unknown rule 'Nope'" in capsys.readouterr().err
 
 
-def test_shipped_values_are_the_configs_own_clipped_into_the_search_range():
-    values = tune.shipped_values("DTPAI", tune.search_space("DTPAI"))
-    doc = yaml.safe_load((CONFIG_DIR / "mnist" / "dtp_ai.yaml").read_text())["model"]["init_args"]
-    assert values["lr"] == doc["forward_optimizer"]["init_args"]["lr"]
-    assert values["negative_slope"] == doc["negative_slope"] and values["init"] == doc["init"]
-    assert values["target_stepsize"] == doc["target_stepsize"]
-    assert doc["feedback_weight_decay"] == 0.0 and values["feedback_weight_decay"] == 1e-3  # clipped to the range
-    assert values["feedback_iterations"] == 1  # the config does not set it: the rule's default
+def untuned(text: str) -> str:
+    """A config's text as before tuning: no tuning header, no ``tuned (was ...)`` marks, no feedback_iterations line."""
+    lines = [tune._TUNED_NOTE.sub("", line) for line in text.splitlines() if not line.startswith(tune.TUNED_TAG)]
+    return "\n".join(line for line in lines if "feedback_iterations:" not in line) + "\n"
+
+
+def test_shipped_values_are_the_configs_own_clipped_into_the_search_range(tmp_path, monkeypatch):
     assert set(tune.shipped_values("BP", tune.search_space("BP"))) == {"lr", "weight_decay", "init"}
+    doc = yaml.safe_load((CONFIG_DIR / "mnist" / "dtp_ai.yaml").read_text())
+    init = doc["model"]["init_args"]
+    init.pop("feedback_iterations", None)
+    init.update(negative_slope=0.35, feedback_weight_decay=0.0, target_stepsize=0.1, init="orthogonal")
+    init["forward_optimizer"]["init_args"]["lr"] = 3e-4
+    config = tmp_path / "dtp_ai.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    monkeypatch.setattr(tune.common, "_config_path", lambda name: config)
+    values = tune.shipped_values("DTPAI", tune.search_space("DTPAI"))
+    assert values["lr"] == 3e-4 and values["negative_slope"] == 0.35 and values["init"] == "orthogonal"
+    assert values["target_stepsize"] == 0.1
+    assert values["feedback_weight_decay"] == 1e-3  # 0 clipped into the range
+    assert values["feedback_iterations"] == 1  # the config does not set it: the rule's default
 
 
 def test_keep_holds_parameters_out_of_the_search(capsys):
@@ -198,7 +210,7 @@ def test_divergence_is_a_pruned_trial(monkeypatch):
 
 def test_config_writer_updates_values_and_keeps_comments(tmp_path):
     path = tmp_path / "lee_dtp.yaml"
-    original = (CONFIG_DIR / "mnist" / "lee_dtp.yaml").read_text()
+    original = untuned((CONFIG_DIR / "mnist" / "lee_dtp.yaml").read_text())
     path.write_text(original)
     values = {
         "model.init_args.forward_optimizer.init_args.lr": 0.000123456,  # in a flow mapping
