@@ -79,11 +79,20 @@ def test_trainer_part_writes_a_table_of_epochs_through_train_py(tmp_path, one_th
     assert "--part trainer --trainer-batches 4 --skip 1 --repeats 1 --trainer-threads 1" in text
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines() if line.startswith("| ") and "thr:" not in line}
     assert set(rows) == {speed.PLAIN, "BP", "DTP-AI"}
-    assert all(len(cells) == 6 for cells in rows.values())  # ms/batch, x plain, x BP, epoch s, + validation s, memory
-    assert float(rows[speed.PLAIN][1]) == 1.0 and float(rows["BP"][2]) == 1.0
+    # GFLOP/batch, FLOPs x BP, ms/batch, x plain, x BP, epoch s, + validation s, memory
+    assert all(len(cells) == 8 for cells in rows.values())
+    assert float(rows[speed.PLAIN][3]) == 1.0 and float(rows["BP"][4]) == 1.0
+    # one batch of BP on 784-256x5-10 (batch 128): forward 2 B n_in n_out per layer, backward twice that, less the
+    # first layer's gradient with respect to the input, which nothing needs; the plain loop does the same work
+    sizes, batch = [784] + [256] * 5 + [10], 128
+    closed_form = 2 * batch * (3 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) - sizes[0] * sizes[1])
+    (plain,) = (r for r in res[1] if r["rule"] == speed.PLAIN)
+    assert plain["flops"] == closed_form and float(rows["BP"][1]) == 1.0
+    assert float(rows["BP"][0]) == pytest.approx(closed_form / 1e9, abs=1e-3)
     (bp, dtp) = (next(r for r in res[1] if r["rule"] == name) for name in ("BP", "DTPAI"))
     assert all(math.isfinite(r[k]) and r[k] > 0 for r in (bp, dtp) for k in ("batch_s", "epoch_s", "tail_s", "ratio_plain"))
     assert bp["epoch_s"] == pytest.approx(bp["batch_s"] * 430)  # 55000 training images in batches of 128
+    assert bp["flops"] == closed_form and dtp["ratio_flops"] > 1.5  # DTP-AI: targets and feedback training besides
 
 
 def test_trainer_part_names_a_rule_without_an_mnist_config():

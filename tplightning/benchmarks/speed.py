@@ -17,6 +17,9 @@
   core and at one thread, next to a plain PyTorch loop of BP's network and optimizer (:func:`plain_run`): time
   per batch from batch ``--skip`` on (start-up cancels), an epoch's time, the validation tail, the ratios to the
   plain loop and to BP (paired runs, median over rounds), and the peak memory of each rule in a fresh process.
+  The floating-point operations of one training batch (``torch.utils.flop_counter``: matrix products, counted on the
+  batch before the clock starts) give each rule's arithmetic against BP's: the part of its time ratio that is the
+  rule's own work rather than overhead (the plain loop's count equals BP's, the check that both do the same work).
   ``--busy`` keeps one core busy with a spinning process meanwhile; ``--quick`` is the smoke test's size.
   Default size: estimated at 6 minutes on a quiet 2-core machine (its one-thread half took 15 minutes on this
   shared machine at load 9, of which 4 minutes of CPU time).
@@ -299,7 +302,8 @@ class PeakMemory:
 
 
 class EpochTimer(pl.Callback):
-    """Seconds of the training batches from batch ``skip`` on (start-up excluded) and of the epoch's tail.
+    """Seconds of the training batches from batch ``skip`` on (start-up excluded) and of the epoch's tail, and the
+    floating-point operations of batch ``skip - 1`` (before the clock starts: counting slows the batch).
 
     The clock starts when batch ``skip`` starts and stops when the training batches are done (validation starts,
     or the epoch ends); the tail runs from there to the end of the epoch: validation and the checkpoints written
@@ -311,7 +315,8 @@ class EpochTimer(pl.Callback):
         self.device, self.skip, self.batches = device, skip, 0
         self.t0 = self.t_train = self.t_end = None
         self.memory = PeakMemory(device) if memory else None
-        self.peak = math.nan
+        self.peak = self.flops = math.nan
+        self._counter = None
 
     def on_train_start(self, trainer, pl_module):
         if self.memory is not None:
@@ -319,8 +324,15 @@ class EpochTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.batches = batch_idx + 1
+        if batch_idx == self.skip - 1:
+            self._counter = flop_counter().__enter__()
         if batch_idx == self.skip:
             self.t0 = _sync(self.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops, self._counter = self._counter.get_total_flops(), None
 
     def _training_done(self):
         if self.t_train is None:
@@ -335,6 +347,14 @@ class EpochTimer(pl.Callback):
         self.t_end = _sync(self.device)
         if self.memory is not None:
             self.peak = self.memory.peak()
+
+
+def flop_counter():
+    """A ``torch.utils.flop_counter.FlopCounterMode`` that prints nothing: ``with flop_counter() as c: ...``, then
+    ``c.get_total_flops()`` (matrix products and convolutions, ``2 m n k`` for an ``(m, k) @ (k, n)`` product)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
 
 
 def _shared_data(dm):
@@ -374,7 +394,8 @@ def trainer_run(config: str, threads: int, batches: int, skip: int, device: torc
             per_epoch = len(dm.train_dataloader())
         finally:
             os.chdir(cwd)
-    return {**_epoch_figures(timer.t0, timer.t_train, timer.t_end, timer.batches - skip, per_epoch), "memory": timer.peak}
+    return {**_epoch_figures(timer.t0, timer.t_train, timer.t_end, timer.batches - skip, per_epoch), "memory": timer.peak,
+            "flops": timer.flops}
 
 
 def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.device, memory: bool = False) -> dict:
@@ -384,7 +405,7 @@ def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.
     optimizer class and arguments, cross-entropy, the same batch size and data tensors (shuffled by one
     ``randperm``, batches moved to ``device`` as Lightning does); then a validation pass over the validation set
     in batches of the data module's evaluation size (loss and accuracy, as a user would). Nothing of tplightning
-    or Lightning runs in the loop.
+    or Lightning runs in the loop. The floating-point operations of batch ``skip - 1`` are counted.
     """
     torch.set_num_threads(threads)
     data = config_value(config, (), "data")
@@ -410,15 +431,20 @@ def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.
     mem = PeakMemory(device)
     if memory:
         mem.start()
+    flops = math.nan
     for k in range(batches):
         if k == skip:
             t0 = _sync(device)
-        idx = order[k * bs : (k + 1) * bs]
-        x, y = x_all[idx].to(device), y_all[idx].to(device)
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        counter = flop_counter() if k == skip - 1 else contextlib.nullcontext()
+        with counter:
+            idx = order[k * bs : (k + 1) * bs]
+            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if k == skip - 1:
+            flops = counter.get_total_flops()
     t_train = _sync(device)
     with torch.no_grad():
         xv, yv, eb = dm.val_data.x, dm.val_data.y, dm.eval_batch_size
@@ -428,7 +454,8 @@ def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.
         float(val_loss), float(val_acc)  # the user reads them: one sync per epoch
     t_end = _sync(device)
     per_epoch = math.ceil(len(x_all) / bs)
-    return {**_epoch_figures(t0, t_train, t_end, batches - skip, per_epoch), "memory": mem.peak() if memory else math.nan}
+    return {**_epoch_figures(t0, t_train, t_end, batches - skip, per_epoch), "memory": mem.peak() if memory else math.nan,
+            "flops": flops}
 
 
 def _memory_task(task: tuple) -> float:
@@ -486,12 +513,15 @@ def trainer_part(args, device: torch.device) -> dict[int, list[dict]]:
         med = statistics.median
         bp_rounds = per_rule["BP"]
         plains = [p for pairs in per_rule.values() for p, _ in pairs]
+        bp_flops = bp_rounds[0][1]["flops"]
         rows = [{"rule": PLAIN, "threads": th, "batch_s": med([p["batch_s"] for p in plains]), "ratio_plain": 1.0,
+                 "flops": plains[0]["flops"], "ratio_flops": plains[0]["flops"] / bp_flops,
                  "ratio_bp": med([p["batch_s"] / r["batch_s"] for p, r in bp_rounds]), "epoch_s": med([p["epoch_s"] for p in plains]),
                  "tail_s": med([p["tail_s"] for p in plains]), "memory": memory.get(PLAIN, math.nan), "per_epoch": plains[0]["per_epoch"]}]  # fmt: skip
         for name, pairs in per_rule.items():
             rows.append({
                 "rule": name, "threads": th, "batch_s": med([r["batch_s"] for _, r in pairs]),
+                "flops": pairs[0][1]["flops"], "ratio_flops": pairs[0][1]["flops"] / bp_flops,
                 "ratio_plain": med([r["batch_s"] / p["batch_s"] for p, r in pairs]),
                 "ratio_bp": med([(r["batch_s"] / p["batch_s"]) / (b["batch_s"] / q["batch_s"]) for (p, r), (q, b) in zip(pairs, bp_rounds)]),
                 "epoch_s": med([r["epoch_s"] for _, r in pairs]), "tail_s": med([r["tail_s"] for _, r in pairs]),
@@ -504,8 +534,9 @@ def trainer_part(args, device: torch.device) -> dict[int, list[dict]]:
 def trainer_table(results: dict[int, list[dict]], device: torch.device) -> str:
     threads = list(results)
     mem = "peak GPU memory growth (MB)" if device.type == "cuda" else "peak RSS growth (MB)"
-    head = "| rule | " + " | ".join(f"{th} thr: ms/batch | × plain | × BP | epoch s | + validation s" for th in threads) + f" | {mem} |"
-    rows = [head, "|---|" + "---|" * (5 * len(threads) + 1)]
+    head = ("| rule | GFLOP/batch | FLOPs × BP | " + " | ".join(f"{th} thr: ms/batch | × plain | × BP | epoch s | + validation s"
+                                                             for th in threads) + f" | {mem} |")  # fmt: skip
+    rows = [head, "|---|" + "---|" * (5 * len(threads) + 3)]
     for k, r0 in enumerate(results[threads[0]]):
         cells = []
         for th in threads:
@@ -513,7 +544,7 @@ def trainer_table(results: dict[int, list[dict]], device: torch.device) -> str:
             cells.append(f"{_ms(r['batch_s'])} | {r['ratio_plain']:.2f} | {r['ratio_bp']:.2f} | {r['epoch_s']:.1f} | {r['tail_s']:.2f}")
         label = {"DTPAI": "DTP-AI", "RDTPAI": "RDTP-AI", "AOSDTP": "AO-SDTP"}.get(r0["rule"], r0["rule"])
         memory = "–" if math.isnan(r0["memory"]) else f"{r0['memory'] / 2**20:.0f}"  # --no-memory
-        rows.append(f"| {label} | " + " | ".join(cells) + f" | {memory} |")
+        rows.append(f"| {label} | {r0['flops'] / 1e9:.3f} | {r0['ratio_flops']:.2f} | " + " | ".join(cells) + f" | {memory} |")
     return "\n".join(rows)
 
 
@@ -539,7 +570,9 @@ def write_trainer_table(args, device, results) -> None:
             f"the checkpoints after it). The plain PyTorch loop is BP's network and optimizer (AdamW) in a loop of a few lines "
             f"(`plain_run`), with a validation pass and no checkpoint. Every rule ran right after a plain-loop run, "
             f"{args.repeats} rounds per thread count; × plain is the median of these paired ratios, × BP the median of "
-            f"(rule / its plain run) / (BP / BP's plain run); times are medians over rounds. Peak memory: growth from the "
+            f"(rule / its plain run) / (BP / BP's plain run); times are medians over rounds. GFLOP/batch: the floating-point "
+            f"operations of one training batch (matrix products; `torch.utils.flop_counter`), FLOPs × BP their ratio to BP's: "
+            f"the part of × BP that is the rule's arithmetic. Peak memory: growth from the "
             f"start of training over a 10-batch run and its validation, each rule in a fresh process, 1 thread.\n\n"
             f"{trainer_table(results, device)}\n\nCommand: `{trainer_command(args)}`\n\nMachine: {machine(device, threads=False)}.")  # fmt: skip
     write_block(args.out, f"speed:trainer{'-busy' if args.busy else ''}:{tag}", body)
