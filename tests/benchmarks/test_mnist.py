@@ -15,6 +15,7 @@ import functools
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 import tplightning as tp
@@ -182,5 +183,9 @@ def test_a_changed_config_is_a_new_run(tmp_path):
     config.write_text((CONFIG_DIR / "mnist" / "bp.yaml").read_text())
     key = bench.run_key("BP", str(config), 0, 2, ())
     assert bench.run_key("BP", str(config), 1, 2, ()) != key and bench.run_key("BP", str(config), 0, 3, ()) != key
-    config.write_text(config.read_text().replace("lr: 0.001", "lr: 0.002"))
+    config.write_text("# a new comment line\n" + config.read_text())  # comments are not settings: the same run
+    assert bench.run_key("BP", str(config), 0, 2, ()) == key
+    doc = yaml.safe_load(config.read_text())
+    doc["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"] *= 2
+    config.write_text(yaml.safe_dump(doc))
     assert bench.run_key("BP", str(config), 0, 2, ()) != key

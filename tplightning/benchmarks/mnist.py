@@ -51,6 +51,7 @@ from pathlib import Path
 
 from tplightning._lightning import pl
 import torch
+import yaml
 
 from ..cli import main as cli_main
 from ..rules.base import DivergenceError
@@ -187,8 +188,10 @@ def _run_task(task: tuple) -> dict:
 
 # --------------------------------------------------------------------------------------------- run records
 def run_key(rule: str, config: str, seed: int, epochs: int | None, overrides: Sequence[str]) -> str:
-    """What makes two runs the same run: rule, the config file's content, seed, epochs and overrides."""
-    digest = hashlib.sha1(common._config_path(config).read_bytes()).hexdigest()[:12]
+    """What makes two runs the same run: rule, the config's settings (its parsed YAML: comments do not count), seed,
+    epochs and overrides."""
+    settings = yaml.safe_load(common._config_path(config).read_text())
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return json.dumps([rule, config, digest, seed, epochs, list(overrides)])
 
 
