@@ -40,8 +40,8 @@ several processes of one machine) unless ``--storage`` names another: a database
 (``postgresql://...``, ``mysql+pymysql://...``, ``sqlite:///file.db``) lets processes on several machines
 share one study (README, "Tuning").
 
-**The first trial** of a new study is the config as shipped (its values clipped into the ranges above; what it
-does not set is sampled), so a study's best is never worse on the proxy than the config it would replace.
+**The first trial** of a new study is the config as shipped (its values, else the rule's defaults, clipped into the
+ranges above), so a study's best is never worse on the proxy than the config it would replace.
 ``--keep NAME...`` holds parameters at the config's value: a proxy of a few epochs cannot see the long-horizon
 effect of weight decay (at BP's lr 1e-3 and wd 0.05, decaying linearly to 5 %, AdamW's factor ``1 - lr·wd`` per
 step shrinks untrained weights by ``e^-1.1`` over the 43k steps of a 100-epoch MNIST run, by 2.5 % over a 6-epoch
@@ -479,17 +479,18 @@ def write_config(path: Path, values: dict[str, object], header: str) -> None:
     lines = [line for line in Path(path).read_text().splitlines() if not line.startswith(TUNED_TAG)]
     before = yaml.safe_load("\n".join(lines))
     was: dict[int, list[tuple[str, str]]] = {}  # line index -> (key, value before)
+    unset = object()
     for key, value in values.items():
         old = before
         for k in key.split("."):
-            old = old.get(k, "unset") if isinstance(old, dict) else "unset"
+            old = old.get(k, unset) if isinstance(old, dict) else unset
         n = len(lines)
-        if old != "unset" and old == (float(_yaml_scalar(value)) if isinstance(value, float) else value):
+        if old is not unset and old == (float(_yaml_scalar(value)) if isinstance(value, float) else value):
             continue  # unchanged: no mark
         i = _set(lines, key, value)
         if len(lines) > n:  # a line was inserted at i: the marked lines from there on moved down
             was = {j + (j >= i): olds for j, olds in was.items()}
-        was.setdefault(i, []).append((key.rsplit(".", 1)[-1], _yaml_scalar(old) if old != "unset" else "the default"))
+        was.setdefault(i, []).append((key.rsplit(".", 1)[-1], "the default" if old is unset else _yaml_scalar(old)))
     for i, olds in was.items():
         flow = _TUNED_NOTE.sub("", lines[i]).partition(" #")[0].rstrip().endswith("}")
         lines[i] = _mark_tuned(lines[i], ", ".join(f"{k} {v}" for k, v in olds) if flow else olds[0][1])
