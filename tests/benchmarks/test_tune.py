@@ -1,6 +1,7 @@
 """The tuning command: tiny studies on 600 MNIST images and one epoch per trial (seconds each)."""
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ optuna = pytest.importorskip("optuna")  # the ``tune`` extra; .ci/run installs i
 
 from optuna.trial import TrialState
 
+import tplightning as tp
 import tplightning.cli
 from tplightning.benchmarks import tune
 from tplightning.cli import CONFIG_DIR
@@ -60,6 +62,9 @@ def untuned(text: str) -> str:
 
 def test_shipped_values_are_the_configs_own_clipped_into_the_search_range(tmp_path, monkeypatch):
     assert set(tune.shipped_values("BP", tune.search_space("BP"))) == {"lr", "weight_decay", "init"}
+    # DDTPLinear's __init__ passes **kwargs on: the default comes from the class that names it
+    assert tune._default(tp.DDTPLinear, "feedback_iterations") == 1 and tune._default(tp.LDRL, "feedback_iterations") == 20
+    assert tune._default(tp.DDTPLinear, "nope") is inspect.Parameter.empty
     doc = yaml.safe_load((CONFIG_DIR / "mnist" / "dtp_ai.yaml").read_text())
     init = doc["model"]["init_args"]
     init.pop("feedback_iterations", None)

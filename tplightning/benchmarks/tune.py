@@ -162,20 +162,29 @@ def search_space(rule: str) -> tuple[Param, ...]:
     return tuple(p for p in SPACES[family(rule)] if not p.optional or _has_key(config, p.key))
 
 
+def _default(cls: type, name: str):
+    """The default of ``cls``'s init argument ``name``, from the first class of its MRO whose ``__init__`` names it
+    (a subclass passes ``**kwargs`` on); ``inspect.Parameter.empty`` if none does."""
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            param = inspect.signature(klass.__init__).parameters.get(name)
+            if param is not None and param.default is not inspect.Parameter.empty:
+                return param.default
+    return inspect.Parameter.empty
+
+
 def shipped_values(rule: str, space: Sequence[Param]) -> dict:
     """The values a run of the rule's config uses for the parameters of ``space``: the config's own, else the rule's
     default (a parameter with neither is left out), each clipped into its search range. They are the study's first
     trial, so its best is never worse on the proxy than the config as shipped."""
     config, out = _config(rule), {}
-    defaults = inspect.signature(rule_class(config)).parameters
     for p in space:
         try:
             value = config_value(config, (), p.key)
         except (KeyError, TypeError):
-            name = p.key.removeprefix(_M)
-            if "." in name or name not in defaults or defaults[name].default is inspect.Parameter.empty:
+            value = _default(rule_class(config), p.key.removeprefix(_M))
+            if value is inspect.Parameter.empty:
                 continue
-            value = defaults[name].default
         if p.choices:
             if value in p.choices:
                 out[p.name] = value
