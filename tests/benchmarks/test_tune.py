@@ -42,6 +42,11 @@ def test_search_spaces_give_bp_the_forward_part_of_every_rule():
     assert lee == bp + ("target_stepsize", "feedback_lr", "feedback_noise_std", "feedback_iterations")
     assert tuple(p.name for p in tune.search_space("DTPAI")) == lee + ("negative_slope", "feedback_weight_decay")
     assert "init" not in {p.name for p in tune.search_space("CNN-BP")}  # its layers name their own init
+    # BDFA's feedback matrices learn: its feedback learning rate is searched, as the learned-inverse rules' is
+    assert tuple(p.name for p in tune.search_space("BDFA")) == bp + ("feedback_lr",)
+    fb = {r: next(p for p in tune.search_space(r) if p.name == "feedback_lr") for r in ("BDFA", "LeeDTP", "LDRL")}
+    assert (fb["BDFA"].low, fb["BDFA"].high) == (fb["LeeDTP"].low, fb["LeeDTP"].high) == (1e-4, 0.1)
+    assert (fb["LDRL"].low, fb["LDRL"].high) == (1e-3, 3.0)  # its config's 1.0 lies inside its range
     for p in tune.search_space("DTPAI"):  # every searched key exists in, or is accepted by, the config's rule
         assert p.key.startswith("model.init_args.")
 

@@ -29,7 +29,11 @@ budget (fair budgets, issue 14):
   between the two is ``((1 - p + p/a²)(1 - p + p a²))^-1/2`` per layer (0.62 at the thesis' ``a = 0.35``,
   0.15 after the four layers above layer 1 of the MNIST network; 0.98 at ``a = 0.8``). ``λ`` keeps ``Q`` near
   ``W^T`` rather than ``W^-1`` as ``W`` leaves orthogonality;
-* rules with fixed feedback (FA, DFA) search the forward part only (their target step is 1 by design).
+* rules with fixed feedback (FA, DFA) search the forward part only (their target step is 1 by design); BDFA, whose
+  feedback matrices learn, also its feedback learning rate (log-uniform 1e-4 .. 0.1);
+* per rule, :data:`RANGES` moves a range: L-DRL's feedback loss has no ``1/sigma²`` (as the authors' code), so its
+  feedback gradients are ``sigma²`` times smaller and its feedback learning rate is searched over 1e-3 .. 3 (its
+  config's is 1).
 
 **Budget.** ``--trials`` is the study's total: the number of finished trials (complete or pruned) the study
 should hold; a failed trial (one interrupted by Ctrl-C among them) does not count. A rerun of the same command
@@ -61,7 +65,7 @@ import re
 import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -128,9 +132,14 @@ THESIS_FORM = (
 SPACES: dict[str, tuple[Param, ...]] = {
     "forward": FORWARD,
     "fixed feedback": FORWARD,
+    "trained feedback": FORWARD + FEEDBACK[1:2],
     "learned inverses": FORWARD + FEEDBACK,
     "thesis-form inverses": FORWARD + FEEDBACK + THESIS_FORM,
 }
+
+
+#: per-rule ranges that replace the family's (module docstring): rule -> {parameter: (low, high)}
+RANGES: dict[str, dict[str, tuple[float, float]]] = {"LDRL": {"feedback_lr": (1e-3, 3.0)}}
 
 
 def _config(rule: str) -> str:
@@ -144,7 +153,9 @@ def family(rule: str) -> str:
     cls = rule_class(_config(rule))
     if issubclass(cls, LearnedInverseRule):
         return "thesis-form inverses" if cls.form == "thesis" else "learned inverses"
-    return "fixed feedback" if issubclass(cls, TargetPropRule) else "forward"
+    if issubclass(cls, TargetPropRule):
+        return "fixed feedback" if _init_param(cls, "feedback_optimizer") is None else "trained feedback"
+    return "forward"
 
 
 def _has_key(config: str, key: str) -> bool:
@@ -158,19 +169,24 @@ def _has_key(config: str, key: str) -> bool:
 def search_space(rule: str) -> tuple[Param, ...]:
     """The parameters searched for ``rule``: its family's, less the optional ones its config does not set.
     Raises ``ValueError`` for a rule the benchmark does not know."""
-    config = _config(rule)
-    return tuple(p for p in SPACES[family(rule)] if not p.optional or _has_key(config, p.key))
+    config, ranges = _config(rule), RANGES.get(rule, {})
+    space = (p for p in SPACES[family(rule)] if not p.optional or _has_key(config, p.key))
+    return tuple(replace(p, low=ranges[p.name][0], high=ranges[p.name][1]) if p.name in ranges else p for p in space)
+
+
+def _init_param(cls: type, name: str) -> inspect.Parameter | None:
+    """``cls``'s init argument ``name``, from the first class of its MRO whose ``__init__`` names it (a subclass
+    passes ``**kwargs`` on); None if none does."""
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and (param := inspect.signature(klass.__init__).parameters.get(name)) is not None:
+            return param
+    return None
 
 
 def _default(cls: type, name: str):
-    """The default of ``cls``'s init argument ``name``, from the first class of its MRO whose ``__init__`` names it
-    (a subclass passes ``**kwargs`` on); ``inspect.Parameter.empty`` if none does."""
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            param = inspect.signature(klass.__init__).parameters.get(name)
-            if param is not None and param.default is not inspect.Parameter.empty:
-                return param.default
-    return inspect.Parameter.empty
+    """The default of ``cls``'s init argument ``name`` (:func:`_init_param`); ``inspect.Parameter.empty`` if none."""
+    param = _init_param(cls, name)
+    return inspect.Parameter.empty if param is None else param.default
 
 
 def shipped_values(rule: str, space: Sequence[Param]) -> dict:
