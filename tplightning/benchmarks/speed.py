@@ -401,7 +401,7 @@ def trainer_run(config: str, threads: int, batches: int, skip: int, device: torc
 def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.device, memory: bool = False) -> dict:
     """The reference: the network and forward optimizer of ``config`` (BP's) trained by a plain PyTorch loop.
 
-    ``torch.nn.Linear`` layers (biases as the config) with the config's activation and orthogonal initial weights, the same
+    ``torch.nn.Linear`` layers (biases as the config) with the config's activation and initial weights, the same
     optimizer class and arguments, cross-entropy, the same batch size and data tensors (shuffled by one
     ``randperm``, batches moved to ``device`` as Lightning does); then a validation pass over the validation set
     in batches of the data module's evaluation size (loss and accuracy, as a user would). Nothing of tplightning
@@ -420,7 +420,10 @@ def plain_run(config: str, threads: int, batches: int, skip: int, device: torch.
     layers: list[torch.nn.Module] = []
     for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         linear = torch.nn.Linear(n_in, n_out, bias=init.get("bias", False))
-        torch.nn.init.orthogonal_(linear.weight)
+        if init.get("init", "gaussian") == "orthogonal":
+            torch.nn.init.orthogonal_(linear.weight)
+        else:  # the layers' gaussian init: std 1/sqrt(fan_in)
+            torch.nn.init.normal_(linear.weight, std=n_in**-0.5)
         layers += [linear] + ([act()] if k < len(sizes) - 2 else [])
     net = torch.nn.Sequential(*layers).to(device)
     opt_spec = init["forward_optimizer"]
