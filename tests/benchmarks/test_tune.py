@@ -97,8 +97,8 @@ def test_keep_holds_parameters_out_of_the_search(capsys):
 
 @needs_mnist
 def test_first_trial_is_the_shipped_config_and_kept_values_are_not_searched(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # --report reads the default journal, runs/tune/<rule>.journal under the cwd
-    storage = tmp_path / "runs" / "tune" / "LeeDTP.journal"
+    monkeypatch.chdir(tmp_path)  # --report reads the default journal, docs/data/tune/<rule>.journal under the cwd
+    storage = tmp_path / tune.STUDIES / "LeeDTP.journal"
     study = tune.main(["--rule", "LeeDTP", "--trials", "2", "--storage", str(storage), "--keep", "weight_decay",
                        "feedback_iterations", *TINY])  # fmt: skip
     first, second = sorted(study.get_trials(), key=lambda t: t.number)
@@ -109,9 +109,11 @@ def test_first_trial_is_the_shipped_config_and_kept_values_are_not_searched(tmp_
     assert "weight_decay" not in second.params and "feedback_iterations" not in second.params
     assert second.params["lr"] != first.params["lr"]  # the second trial is sampled
     out = tmp_path / "results.md"
-    tune.main(["--report", "--out", str(out)])  # the rules without a journal are left out
+    out.write_text("<!-- tuning:start -->\n| BP | an earlier row |\n| LeeDTP | an earlier row |\n<!-- tuning:end -->\n")
+    tune.main(["--report", "--out", str(out)])  # a rule without a journal keeps its row; LeeDTP's is rewritten
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and not line.startswith("| rule ")]
-    assert len(rows) == 1 and rows[0].startswith("| LeeDTP |")
+    assert len(rows) == 2 and rows[0] == "| BP | an earlier row |" and rows[1].startswith("| LeeDTP | 1 ep")
+    rows = rows[1:]
     cells = [c.strip() for c in rows[0].split("|")[1:-1]]
     assert cells[1] == "1 ep, 540/60 images" and cells[2] == "2 (0 pruned, 0 diverged)"
     assert cells[3] == f"{first.value:.4f}" and cells[4] == f"{max(first.value, second.value):.4f}"
@@ -253,3 +255,51 @@ def test_config_writer_updates_values_and_keeps_comments(tmp_path):
     assert yaml.safe_load(text) == expected
     with pytest.raises(KeyError, match="no block 'model.nope'"):
         tune.write_config(path, {"model.nope.x": 1}, "# Tuned by x")
+
+
+def test_before_tuning_gives_back_the_config_that_write_config_changed(tmp_path):
+    path = tmp_path / "lee_dtp.yaml"
+    original = untuned((CONFIG_DIR / "mnist" / "lee_dtp.yaml").read_text())
+    path.write_text(original)
+    tune.write_config(path, {"model.init_args.forward_optimizer.init_args.lr": 0.0042, "model.init_args.init": "gaussian",
+                             "model.init_args.target_stepsize": 3.5e-05, "model.init_args.feedback_iterations": 3},
+                      "# Tuned by test")  # fmt: skip
+    assert yaml.safe_load(path.read_text()) != yaml.safe_load(original)
+    assert yaml.safe_load(tune.before_tuning(path.read_text())) == yaml.safe_load(original)
+    # a shipped config: FA's study changed its init and learning rate
+    fa = yaml.safe_load(tune.before_tuning((CONFIG_DIR / "mnist" / "fa.yaml").read_text()))["model"]["init_args"]
+    assert fa["init"] == "orthogonal" and fa["forward_optimizer"]["init_args"] == {"lr": 0.001, "weight_decay": 0.05}
+    with pytest.raises(ValueError, match="no line marked 'tuned \\(was ...\\)'"):
+        tune.before_tuning(original)
+
+
+@needs_mnist
+@pytest.mark.parametrize("tuned_lr, kept", [(3e-3, "tuned"), (1e-6, "before")])
+def test_check_keeps_the_config_with_the_better_full_schedule_validation(tmp_path, monkeypatch, tuned_lr, kept):
+    """One epoch on 1000 images is the "full schedule" here: lr 1e-6 barely moves the network, 3e-3 learns."""
+    monkeypatch.chdir(tmp_path)
+    doc = yaml.safe_load(untuned((CONFIG_DIR / "mnist" / "bp.yaml").read_text()))
+    doc["trainer"].update(max_epochs=1, enable_progress_bar=False)
+    doc["data"]["init_args"].update(subset=1200, num_train=1000, num_val=200, data_dir=str(SHARED_DATA))
+    doc["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"] = 1e-4
+    config = tmp_path / "bp.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    tune.write_config(config, {"model.init_args.forward_optimizer.init_args.lr": tuned_lr}, "# Tuned by test")
+    monkeypatch.setattr(tune, "_config", lambda rule: str(config))
+    record = tmp_path / "runs.jsonl"
+    result = tune.main(["--rule", "BP", "--check", "--record", str(record), "--out", str(tmp_path / "results.md")])
+    assert result["kept"] == kept
+    assert (result["tuned_best_val_acc"] > result["before_best_val_acc"]) == (kept == "tuned")
+    text = config.read_text()
+    assert text.startswith(f"# Checked by {tune.PROG} --rule BP --check: 1 epochs, seed 0, best val/acc")
+    lr = yaml.safe_load(text)["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"]
+    assert lr == (tuned_lr if kept == "tuned" else 1e-4)
+    # the campaign's run of seed 0 is the kept config's: recorded under the config's own key
+    from tplightning.benchmarks import mnist
+
+    run = mnist.read_runs(record)[mnist.run_key("BP", str(config), 0, None, ())]
+    assert run["best_val_acc"] == result[f"{kept}_best_val_acc"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| BP | 1 | 0 |" in table and f"**{result[f'{kept}_best_val_acc']:.4f}" in table
+    with pytest.raises(SystemExit, match="already checked"):  # a second check would compare the kept config with itself
+        tune.main(["--rule", "BP", "--check", "--record", str(record), "--out", str(tmp_path / "results.md")])

@@ -119,13 +119,19 @@ def records_comment(tag: str, records: Iterable[dict]) -> str:
     return f"<!-- {tag} {json.dumps(list(records), separators=(',', ':'))} -->"
 
 
-def read_block_records(path: Path, marker: str, tag: str) -> list[dict]:
-    """The records :func:`records_comment` left under ``tag`` in the ``marker`` block of ``path`` (empty if none)."""
+def read_block(path: Path, marker: str) -> str:
+    """The text between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in ``path`` (empty if none)."""
     path = Path(path)
     if not path.exists():
-        return []
+        return ""
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    m = re.search(re.escape(start) + ".*?<!-- " + re.escape(tag) + r" (.*?) -->.*?" + re.escape(end), path.read_text(), re.S)
+    m = re.search(re.escape(start) + "(.*?)" + re.escape(end), path.read_text(), re.S)
+    return m.group(1) if m else ""
+
+
+def read_block_records(path: Path, marker: str, tag: str) -> list[dict]:
+    """The records :func:`records_comment` left under ``tag`` in the ``marker`` block of ``path`` (empty if none)."""
+    m = re.search("<!-- " + re.escape(tag) + r" (.*?) -->", read_block(path, marker), re.S)
     try:
         return json.loads(m.group(1)) if m else []
     except json.JSONDecodeError:

@@ -1,19 +1,21 @@
 """MNIST with the fully connected network of thesis table 3.1 (Bartunov et al. 2018), 784-(256×5)-10.
 
     python -m tplightning.benchmarks.mnist [--rules R ...] [--epochs N] [--seeds S ...] [--jobs J]
-        [--out docs/RESULTS.md] [--record runs/mnist/records.jsonl] [--rerun]
+        [--out docs/RESULTS.md] [--record docs/data/mnist_runs.jsonl] [--rerun]
         [--subset N --num-train N --num-val N] [--json PATH] [--dry-run] [--rewrite]
 
 Each run is ``python train.py --config mnist/<rule>.yaml --test_on best <overrides>``: the config's
 loggers and its ``ModelCheckpoint`` on ``val/acc`` stay on (each run in its own folder,
-``runs/mnist_<rule>/seed<s>-<date>-<time>/``, so parallel runs do not collide), and the 10k
+``runs/mnist_<rule>/seed<s>-<date>-<time>-<pid>/``, so parallel runs do not collide), and the 10k
 test images are scored with the checkpoint of the best validation epoch. One seed ``s`` sets
 ``seed_everything`` (the initial weights), the shuffling and, for target-propagation rules, the
 layer draws and the feedback noise; the 55k/5k train/validation split is the data module's fixed
 ``split_seed``. A run that diverges (``DivergenceError``) is reported as such.
 
 **Campaigns.** Every run is appended to ``--record`` (JSON lines, one run a line) as soon as it finishes,
-keyed by the rule, the config file's content (a digest), the seed, the epochs and the smoke-run flags.
+keyed by the rule, the config file's settings (a digest of its parsed YAML), the seed, the epochs and the
+smoke-run flags. The default record file, ``docs/data/mnist_runs.jsonl``, is part of the repository: commit it
+as runs land, and a campaign spread over sittings on fresh machines goes on where the last one stopped.
 A later invocation takes a recorded run from there instead of training it again (``--rerun`` trains
 anyway), so a campaign such as ``--seeds 0 1 2`` survives an interruption: run the same command again.
 To spread one over machines, give each a share of the rules (or seeds), then concatenate their record
@@ -65,6 +67,8 @@ PROG = "python -m tplightning.benchmarks.mnist"
 FIGURE = Path("figures") / "mnist_curves.png"
 START, END = "<!-- mnist:start -->", "<!-- mnist:end -->"
 RUNS_TAG = "mnist:runs"
+#: finished runs of the campaign (committed, so it survives fresh machines)
+RECORD = Path("docs/data/mnist_runs.jsonl")
 
 
 RULES = {
@@ -102,7 +106,7 @@ def run_args(config: str, seed: int, epochs: int | None = None, overrides: Seque
         args += ["--trainer.max_epochs", str(epochs)]
     loggers = config_value(config, (), "trainer.logger")
     if isinstance(loggers, list) and loggers:  # one folder per run: runs/<name>/seed<s>-<time>/, safe with --jobs > 1
-        version = f"seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        version = f"seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         loggers = [{**lg, "init_args": {**lg.get("init_args", {}), "version": version}} for lg in loggers]
         args += ["--trainer.logger", json.dumps(loggers)]
     return [*args, *overrides]
@@ -420,7 +424,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-val", type=int, help="smoke runs: validation images")
     p.add_argument("--data-dir", help="MNIST folder (default: the configs' ../shared/data)")
     p.add_argument("--json", type=Path, help="also write the per-run results here")
-    p.add_argument("--record", type=Path, default=Path("runs/mnist/records.jsonl"),
+    p.add_argument("--record", type=Path, default=RECORD,
                    help="JSON-lines file of finished runs; recorded runs are not trained again (default: %(default)s)")
     p.add_argument("--rerun", action="store_true", help="train every run even if recorded (and record it again)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")

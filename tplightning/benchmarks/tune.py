@@ -3,6 +3,7 @@
     python -m tplightning.benchmarks.tune --rule LeeDTP --trials 40 [--epochs 10] [--subset N]
         [--storage URL] [--study NAME] [--keep NAME...] [--write-config] [--seed S]
     python -m tplightning.benchmarks.tune --report [RULE...]      (the tuning table of docs/RESULTS.md)
+    python -m tplightning.benchmarks.tune --rule FA --check [--jobs 2]   (the tuned config against the one before, full schedule)
 
 Each trial trains the rule's ``configs/mnist/<rule>.yaml`` through ``train.py`` with the sampled values as
 overrides (no logger, no checkpoint, no test run) and scores it by its **best validation accuracy** on the
@@ -39,8 +40,8 @@ budget (fair budgets, issue 14):
 should hold; a failed trial (one interrupted by Ctrl-C among them) does not count. A rerun of the same command
 therefore resumes an interrupted study and runs only the missing trials; several workers started on one
 storage stop together when the study is full (each may finish the trial it is running, so a study of ``n``
-trials with ``k`` workers ends with ``n`` to ``n + k - 1``). Studies live in ``runs/tune/<rule>.journal`` (an Optuna ``JournalStorage`` file; safe for
-several processes of one machine) unless ``--storage`` names another: a database URL
+trials with ``k`` workers ends with ``n`` to ``n + k - 1``). Studies live in ``docs/data/tune/<rule>.journal`` (an Optuna ``JournalStorage`` file, committed with the
+repository; safe for several processes of one machine) unless ``--storage`` names another: a database URL
 (``postgresql://...``, ``mysql+pymysql://...``, ``sqlite:///file.db``) lets processes on several machines
 share one study (README, "Tuning").
 
@@ -54,6 +55,10 @@ proxy on 20k images), so the campaign keeps ``weight_decay``.
 ``--epochs`` and ``--subset`` make a cheaper proxy (the learning-rate schedule then decays over the proxy's
 epochs; with ``--subset n`` a tenth of the ``n`` images validate, unless ``--num-val`` says otherwise). ``--write-config`` writes the best values into the rule's config, in place, keeping its comments,
 under a header comment line naming the study, its trials and the date.
+
+**The check** (``--check``, :func:`check`): the tuned config against the config before tuning on the full
+schedule, one seed, by best validation accuracy; the better one stays in ``configs/mnist/``, and its run is the
+campaign's run of that seed.
 """
 from __future__ import annotations
 
@@ -75,7 +80,7 @@ from .._lightning import pl
 from ..rules.base import DivergenceError
 from ..rules.learned import LearnedInverseRule
 from ..rules.target_prop import TargetPropRule
-from . import common
+from . import common, mnist
 from .common import config_value, rule_class
 from .mnist import RULES
 
@@ -84,6 +89,7 @@ __all__ = ["Param", "SPACES", "search_space", "searched", "shipped_values", "fam
 
 PROG = "python -m tplightning.benchmarks.tune"
 TUNED_TAG = "# Tuned by"
+CHECKED_TAG = "# Checked by"
 
 
 @dataclass(frozen=True)
@@ -283,8 +289,12 @@ def objective(rule: str, epochs: int | None = None, data: Sequence[str] = (), se
 
 
 # --------------------------------------------------------------------------------------------- studies
+#: where studies live by default: committed with the repository, so a study outlives the machine it ran on
+STUDIES = Path("docs") / "data" / "tune"
+
+
 def default_storage(rule: str) -> str:
-    return str(Path("runs") / "tune" / f"{rule}.journal")
+    return str(STUDIES / f"{rule}.journal")
 
 
 def open_storage(storage: str):
@@ -410,19 +420,27 @@ def report(rules: Sequence[str], out: Path) -> str:
     one); returns the block."""
     import optuna
 
-    rows = []
-    for rule in rules:
+    kept = {}  # rows already in the block, kept for rules without a journal here
+    for line in common.read_block(out, "tuning").splitlines():
+        cells = line.split("|")
+        if len(cells) > 2 and cells[1].strip() in RULES:
+            kept[cells[1].strip()] = line
+    rows, found = [], 0
+    for rule in RULES:
         path = Path(default_storage(rule))
-        if not path.exists():
-            continue
-        study = optuna.load_study(study_name=f"mnist-{rule}", storage=open_storage(str(path)))
-        rows.append(report_row(rule, study))
-    if not rows:
-        raise FileNotFoundError(f"no study journal under {Path(default_storage('X')).parent}/ for {', '.join(rules)}")
+        if rule in rules and path.exists():
+            study = optuna.load_study(study_name=f"mnist-{rule}", storage=open_storage(str(path)))
+            rows.append(report_row(rule, study))
+            found += 1
+        elif rule in kept:
+            rows.append(kept[rule])
+    if not found:
+        raise FileNotFoundError(f"no study journal under {STUDIES}/ for {', '.join(rules)}")
     body = "\n".join([
         "### MNIST tuning studies",
         "",
-        f"Written by `{PROG} --report` from the studies' journals (`runs/tune/<rule>.journal`). Each study searched the "
+        f"Written by `{PROG} --report` from the studies' journals (`{STUDIES}/<rule>.journal`; a row whose journal is "
+        "missing is kept as it was). Each study searched the "
         "rule's space (module docstring of `tplightning.benchmarks.tune`; the parameters listed are the searched ones) "
         "with TPE, scoring a trial by its best validation accuracy on the proxy (epochs per trial, training/validation "
         "images); *shipped* is the config as it was before the study (its first trial), *best* the trial whose values "
@@ -487,6 +505,7 @@ def _set(lines: list[str], key: str, value) -> int:
 
 
 _TUNED_NOTE = re.compile(r"\s*(?:# |; )tuned \(was [^)]*\)$")
+_WAS = re.compile(r"(?:# |; )tuned \(was (?P<was>[^)]*)\)$")
 
 
 def _mark_tuned(line: str, was: str) -> str:
@@ -530,6 +549,130 @@ def write_config(path: Path, values: dict[str, object], header: str) -> None:
     Path(path).write_text(text)
 
 
+def before_tuning(text: str) -> str:
+    """A config's ``text`` as it was before :func:`write_config`: its ``# Tuned by`` (and ``# Checked by``) header
+    lines dropped and each line marked ``tuned (was X)`` given its value ``X`` back (``the default``: the key
+    removed). Raises ``ValueError`` when no line is marked."""
+    out, marked = [], 0
+    for line in text.splitlines():
+        if line.startswith((TUNED_TAG, CHECKED_TAG)):
+            continue
+        was = _WAS.search(line)
+        if was is None:
+            out.append(line)
+            continue
+        marked += 1
+        m = _LINE.match(_TUNED_NOTE.sub("", line))
+        olds = was["was"]
+        if m["value"].startswith("{"):
+            mapping = yaml.safe_load(m["value"])
+            for item in olds.split(", "):
+                key, _, value = item.partition(" ")
+                if value == "the default":
+                    mapping.pop(key, None)
+                else:
+                    mapping[key] = yaml.safe_load(value)
+            value = "{" + ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in mapping.items()) + "}"
+        elif olds == "the default":
+            continue
+        else:
+            value = olds
+        out.append(f"{m['indent']}{m['key']}:{m['gap'] or ' '}{value}{m['comment'] or ''}")
+    if not marked:
+        raise ValueError("the config has no line marked 'tuned (was ...)': nothing to compare")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- full-schedule check
+def _score(run: dict) -> float:
+    """A run's best validation accuracy; -1 for a run that diverged or has none."""
+    return -1.0 if run["diverged"] or run["best_val_acc"] is None else float(run["best_val_acc"])
+
+
+def _tuned_values(text: str) -> str:
+    """``key value`` of each line :func:`write_config` marked, for the header of a config whose tuning was undone."""
+    values = []
+    for line in text.splitlines():
+        if _WAS.search(line) and (m := _LINE.match(_TUNED_NOTE.sub("", line))):
+            value = m["value"]
+            values.append(value.strip("{}").replace(": ", " ") if value.startswith("{") else f"{m['key']} {value}")
+    return "; ".join(values)
+
+
+def check(rule: str, jobs: int = 1, record: Path = mnist.RECORD, seed: int = 0) -> dict:
+    """Train the tuned config of ``rule`` and the config as it was before tuning (:func:`before_tuning`) on the
+    full schedule (the config's epochs and data) with seed ``seed``; keep the one with the higher best validation
+    accuracy in ``configs/mnist/<rule>.yaml``, under a ``# Checked by`` header line that gives both scores.
+
+    A proxy of a few epochs can prefer what does not hold over the full schedule (a larger learning rate that
+    the proxy's compressed decay tames), so a study's best replaces the config only if it also wins here. Both
+    runs go to the campaign's ``record`` (the winner's under the config's own name), so the campaign's run of
+    seed ``seed`` is the winner's; the test images are not looked at. Returns the check's record."""
+    config = _config(rule)
+    path = common._config_path(config)
+    text = path.read_text()
+    if text.startswith(CHECKED_TAG):
+        raise ValueError(f"{path} was already checked ({text.splitlines()[0][len(CHECKED_TAG) + 1:]})")
+    before_text = before_tuning(text)
+    before_path = Path("runs") / "check" / Path(config).name
+    before_path.parent.mkdir(parents=True, exist_ok=True)
+    before_path.write_text(before_text)
+    tasks = {"tuned": (rule, config, seed, None, ()), "before": (rule, str(before_path), seed, None, ())}
+    recorded = mnist.read_runs(record)
+    runs = {name: recorded[k] for name, t in tasks.items() if (k := mnist.run_key(*t)) in recorded}
+    todo = [t for name, t in tasks.items() if name not in runs]
+    for r in common.run_all(mnist._run_task, todo, jobs):
+        if r["error"] is not None and not r["diverged"]:
+            raise RuntimeError(f"the check's run of {r['config']} failed: {r['error']}")
+        mnist.record_run(record, r, mnist._machine(jobs))
+        runs["tuned" if r["config"] == config else "before"] = r
+    tuned, before = _score(runs["tuned"]), _score(runs["before"])
+    kept = "tuned" if tuned >= before else "before"
+    epochs = config_value(config, (), "trainer.max_epochs")
+    header = (f"{CHECKED_TAG} {PROG} --rule {rule} --check: {epochs} epochs, seed {seed}, best val/acc "
+              f"{tuned:.4f} tuned against {before:.4f} before tuning; ")  # fmt: skip
+    if kept == "tuned":
+        path.write_text(f"{header}the tuned values are kept, {date.today().isoformat()}\n{text}")
+    else:
+        path.write_text(f"{header}the values before tuning are kept (the study's: {_tuned_values(text)}), "
+                        f"{date.today().isoformat()}\n{before_text}")  # fmt: skip
+        mnist.record_run(record, {**runs["before"], "config": config}, mnist._machine(jobs))  # the campaign's run now
+    out = {"rule": rule, "seed": seed, "epochs": epochs, "kept": kept, "tuned_values": _tuned_values(text),
+           "date": date.today().isoformat(), **{f"{name}_{k}": runs[name][k] for name in tasks
+                                                for k in ("best_val_acc", "best_epoch", "diverged")}}  # fmt: skip
+    return out
+
+
+def write_checks(checks: Sequence[dict], out: Path) -> str:
+    """Write the block of full-schedule checks into ``out``, keeping the rows of rules not in ``checks``; returns it."""
+    by_rule = {c["rule"]: c for c in common.read_block_records(out, "check", "check:runs")}
+    by_rule.update({c["rule"]: c for c in checks})
+    rows = []
+    for rule in RULES:
+        if (c := by_rule.get(rule)) is None:
+            continue
+        cells = []
+        for name in ("tuned", "before"):
+            acc = "diverged" if c[f"{name}_diverged"] else f"{c[f'{name}_best_val_acc']:.4f} (epoch {c[f'{name}_best_epoch']})"
+            cells.append(f"**{acc}**" if c["kept"] == name else acc)
+        rows.append(f"| {rule} | {c['epochs']} | {c['seed']} | {cells[0]} | {cells[1]} | {c['tuned_values']} | {c['date']} |")
+    body = "\n".join([
+        "### Tuning checked on the full schedule",
+        "",
+        f"Written by `{PROG} --rule <rule> --check`: the tuned config and the config before tuning, each trained on the "
+        "full schedule (all 55k training images, the config's epochs) with one seed, scored by best validation "
+        "accuracy; the config keeps the better (bold), and its run is the campaign's run of that seed. The test "
+        "images are not looked at.",
+        "",
+        "| rule | epochs | seed | tuned: best val acc | before tuning: best val acc | the study's values | date |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        common.records_comment("check:runs", list(by_rule.values())),
+    ])  # fmt: skip
+    common.write_block(out, "check", body)
+    return body
+
+
 def best_values(rule: str, study) -> dict[str, object]:
     """The best trial's values as config keys (:func:`write_config`'s ``values``)."""
     keys = {p.name: p.key for p in search_space(rule)}  # a study's parameters are a part of the rule's space
@@ -548,7 +691,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, help="use only this many MNIST training images (num_train = subset - num_val)")
     p.add_argument("--num-val", type=int, help="validation images (default: the config's 5000; with --subset, a tenth)")
     p.add_argument("--data-dir", help="MNIST folder (default: the configs' data cache)")
-    p.add_argument("--storage", help="Optuna storage: a database URL, or a journal file (default: runs/tune/<rule>.journal)")
+    p.add_argument("--storage", help=f"Optuna storage: a database URL, or a journal file (default: {STUDIES}/<rule>.journal)")
     p.add_argument("--study", help="study name (default: mnist-<rule>)")
     p.add_argument("--seed", type=int, default=0, help="seed of every trial's run (default: %(default)s)")
     p.add_argument("--sampler-seed", type=int, help="seed of the TPE sampler (default: none; workers should differ)")
@@ -557,6 +700,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", nargs="+", default=[], metavar="NAME",
                    help="parameters held at the config's value instead of searched (e.g. weight_decay)")
     p.add_argument("--write-config", action="store_true", help="write the best values into the rule's configs/ file")
+    p.add_argument("--check", action="store_true",
+                   help="tune nothing: train the tuned config and the config before tuning on the full schedule, keep the better")
+    p.add_argument("--jobs", type=int, default=1, help="--check: worker processes (default: %(default)s)")
+    p.add_argument("--record", type=Path, default=mnist.RECORD, help="--check: the campaign's run record (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.report is not None:
@@ -566,6 +713,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         return args
     if args.rule is None:
         p.error("--rule is required (or --report)")
+    if args.check:
+        if args.rule not in RULES:
+            p.error(f"--rule {args.rule}: unknown rule; expected one of {', '.join(RULES)}")
+        return args
     try:
         searched(args.rule, args.keep)
     except ValueError as err:
@@ -601,6 +752,15 @@ def main(argv: Sequence[str] | None = None):
         print(report(args.report or list(RULES), args.out))
         print(f"wrote the tuning block of {args.out}")
         return None
+    if args.check:
+        try:
+            result = check(args.rule, args.jobs, args.record, args.seed)
+        except ValueError as err:
+            sys.exit(f"{PROG} --check: {err}")
+        write_checks([result], args.out)
+        print(f"{args.rule}: best val/acc {result['tuned_best_val_acc']} tuned, {result['before_best_val_acc']} before "
+              f"tuning; kept {result['kept']}; wrote the check block of {args.out}")  # fmt: skip
+        return result
     study = run_study(args.rule, args.trials, args.storage, args.study, args.epochs, _data_overrides(args), args.seed,
                       args.sampler_seed, args.startup, args.warmup, progress=not args.no_progress, keep=args.keep)  # fmt: skip
     print(summary(study))
