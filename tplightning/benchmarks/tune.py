@@ -504,8 +504,7 @@ def _set(lines: list[str], key: str, value) -> int:
     return last_inside + 1
 
 
-_TUNED_NOTE = re.compile(r"\s*(?:# |; )tuned \(was [^)]*\)$")
-_WAS = re.compile(r"(?:# |; )tuned \(was (?P<was>[^)]*)\)$")
+_TUNED_NOTE = re.compile(r"\s*(?:# |; )tuned \(was (?P<was>[^)]*)\)$")
 
 
 def _mark_tuned(line: str, was: str) -> str:
@@ -557,7 +556,7 @@ def before_tuning(text: str) -> str:
     for line in text.splitlines():
         if line.startswith((TUNED_TAG, CHECKED_TAG)):
             continue
-        was = _WAS.search(line)
+        was = _TUNED_NOTE.search(line)
         if was is None:
             out.append(line)
             continue
@@ -593,7 +592,7 @@ def _tuned_values(text: str) -> str:
     """``key value`` of each line :func:`write_config` marked, for the header of a config whose tuning was undone."""
     values = []
     for line in text.splitlines():
-        if _WAS.search(line) and (m := _LINE.match(_TUNED_NOTE.sub("", line))):
+        if _TUNED_NOTE.search(line) and (m := _LINE.match(_TUNED_NOTE.sub("", line))):
             value = m["value"]
             values.append(value.strip("{}").replace(": ", " ") if value.startswith("{") else f"{m['key']} {value}")
     return "; ".join(values)
