@@ -588,14 +588,20 @@ def _score(run: dict) -> float:
     return -1.0 if run["diverged"] or run["best_val_acc"] is None else float(run["best_val_acc"])
 
 
+def _flat(node, prefix: str = "") -> dict:
+    """A YAML mapping as ``{dotted key: leaf}``, without the ``init_args`` levels."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for k, v in node.items():
+        out.update(_flat(v, prefix if k == "init_args" else f"{prefix}{'.' if prefix else ''}{k}"))
+    return out
+
+
 def _tuned_values(text: str) -> str:
-    """``key value`` of each line :func:`write_config` marked, for the header of a config whose tuning was undone."""
-    values = []
-    for line in text.splitlines():
-        if _TUNED_NOTE.search(line) and (m := _LINE.match(_TUNED_NOTE.sub("", line))):
-            value = m["value"]
-            values.append(value.strip("{}").replace(": ", " ") if value.startswith("{") else f"{m['key']} {value}")
-    return "; ".join(values)
+    """``key value`` of each model setting the tuning changed (``forward_optimizer.lr 0.0024; ...``)."""
+    tuned, before = (_flat(yaml.safe_load(t)["model"]) for t in (text, before_tuning(text)))
+    return "; ".join(f"{k} {_fmt(v)}" for k, v in tuned.items() if before.get(k, object()) != v)
 
 
 def check(rule: str, jobs: int = 1, record: Path = mnist.RECORD, seed: int = 0) -> dict:
