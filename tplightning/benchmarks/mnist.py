@@ -32,7 +32,8 @@ The table is written between ``<!-- mnist:start -->`` and ``<!-- mnist:end -->``
 rest of the file is left as it is. The block keeps its per-run records in an HTML comment, so a
 later invocation with other ``--rules`` (or other epochs) replaces only the rows of the rules it
 runs and keeps the others, each row with the command that produced it. Run from the repository
-root (the configs' ``data_dir`` is ``../shared/data``, relative to it).
+root (``--out``, ``--record`` and the runs' folders are relative to it; MNIST comes from the data cache,
+README "Data").
 """
 from __future__ import annotations
 
@@ -422,7 +423,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subset", type=int, help="smoke runs: use only this many training images")
     p.add_argument("--num-train", type=int, help="smoke runs: training images")
     p.add_argument("--num-val", type=int, help="smoke runs: validation images")
-    p.add_argument("--data-dir", help="MNIST folder (default: the configs' ../shared/data)")
+    p.add_argument("--data-dir", help="MNIST folder (default: the data cache, $TPLIGHTNING_DATA)")
     p.add_argument("--json", type=Path, help="also write the per-run results here")
     p.add_argument("--record", type=Path, default=RECORD,
                    help="JSON-lines file of finished runs; recorded runs are not trained again (default: %(default)s)")
