@@ -266,9 +266,11 @@ def test_before_tuning_gives_back_the_config_that_write_config_changed(tmp_path)
                       "# Tuned by test")  # fmt: skip
     assert yaml.safe_load(path.read_text()) != yaml.safe_load(original)
     assert yaml.safe_load(tune.before_tuning(path.read_text())) == yaml.safe_load(original)
-    # a shipped config: FA's study changed its init and learning rate
-    fa = yaml.safe_load(tune.before_tuning((CONFIG_DIR / "mnist" / "fa.yaml").read_text()))["model"]["init_args"]
-    assert fa["init"] == "orthogonal" and fa["forward_optimizer"]["init_args"] == {"lr": 0.001, "weight_decay": 0.05}
+    # a shipped config that kept its tuning: DTP-AI's study changed its slope, learning rate and target step, and
+    # added feedback_iterations (the thesis' values 0.35, 3e-4 and 0.1; one feedback update by default)
+    dtp = yaml.safe_load(tune.before_tuning((CONFIG_DIR / "mnist" / "dtp_ai.yaml").read_text()))["model"]["init_args"]
+    assert (dtp["negative_slope"], dtp["target_stepsize"]) == (0.35, 0.1) and "feedback_iterations" not in dtp
+    assert dtp["forward_optimizer"]["init_args"] == {"lr": 0.0003, "weight_decay": 0.05}
     with pytest.raises(ValueError, match="no line marked 'tuned \\(was ...\\)'"):
         tune.before_tuning(original)
 
