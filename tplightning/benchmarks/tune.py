@@ -632,17 +632,17 @@ def check(rule: str, jobs: int = 1, record: Path = mnist.RECORD, seed: int = 0) 
         mnist.record_run(record, r, mnist._machine(jobs))
         runs["tuned" if r["config"] == config else "before"] = r
     tuned, before = _score(runs["tuned"]), _score(runs["before"])
-    kept = "tuned" if tuned >= before else "before"
+    kept, values = ("tuned" if tuned >= before else "before"), _tuned_values(text)
     epochs = config_value(config, (), "trainer.max_epochs")
     header = (f"{CHECKED_TAG} {PROG} --rule {rule} --check: {epochs} epochs, seed {seed}, best val/acc "
               f"{tuned:.4f} tuned against {before:.4f} before tuning; ")  # fmt: skip
     if kept == "tuned":
         path.write_text(f"{header}the tuned values are kept, {date.today().isoformat()}\n{text}")
     else:
-        path.write_text(f"{header}the values before tuning are kept (the study's: {_tuned_values(text)}), "
+        path.write_text(f"{header}the values before tuning are kept (the study's: {values}), "
                         f"{date.today().isoformat()}\n{before_text}")  # fmt: skip
         mnist.record_run(record, {**runs["before"], "config": config}, mnist._machine(jobs))  # the campaign's run now
-    out = {"rule": rule, "seed": seed, "epochs": epochs, "kept": kept, "tuned_values": _tuned_values(text),
+    out = {"rule": rule, "seed": seed, "epochs": epochs, "kept": kept, "tuned_values": values,
            "date": date.today().isoformat(), **{f"{name}_{k}": runs[name][k] for name in tasks
                                                 for k in ("best_val_acc", "best_epoch", "diverged")}}  # fmt: skip
     return out
