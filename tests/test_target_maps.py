@@ -6,7 +6,7 @@ import torch
 
 import tplightning.functional as F
 from tplightning.layers import Conv2d, Dense
-from tplightning.target_maps import Difference, ExactInverse, GradientTarget, OriginalInverse, Step, ThesisInverse
+from tplightning.target_maps import Difference, ExactInverse, GradientTarget, OriginalInverse, Step, TargetMap, ThesisInverse
 
 DT = torch.float64
 
@@ -120,3 +120,29 @@ def test_gradient_target_is_a_gradient_step_on_the_loss(upper_kind):
     h = h1.detach().clone().requires_grad_(True)
     loss = torch.nn.functional.cross_entropy(upper(h).flatten(1), y, reduction="sum")
     torch.testing.assert_close(target, h1 - 0.3 * torch.autograd.grad(loss, h)[0])
+
+
+class _UserMap(TargetMap):
+    """A map written by a user: ``g(h) = tanh(a h) W_{i+1}`` (a learned scalar and the layer's weight)."""
+
+    def check_layers(self, lower, upper):
+        self.a = torch.nn.Parameter(torch.tensor(0.7, dtype=upper.weight.dtype))
+
+    def forward(self, h_next):
+        return torch.tanh(self.a * h_next) @ self.upper.weight
+
+
+@pytest.mark.parametrize("cls", [OriginalInverse, _UserMap])
+def test_difference_target_follows_weight_updates_within_one_step(cls):
+    """``g_i(h_{i+1})`` is computed once per step, but an in-place update of the map's or the layer's weights (an optimizer
+    step, as in a loop of feedback iterations on one batch) must not leave a stale value behind."""
+    lower, upper = dense_pair()
+    g = Difference(cls()).double().bind(1, lower, upper)
+    step = forward(lower, upper, torch.randn(4, 5, dtype=DT))
+    h_hat = step.hs[2] + 0.2 * torch.randn_like(step.hs[2])
+    before = g.target(h_hat, step)
+    with torch.no_grad():
+        for w in (*g.parameters(), upper.weight):
+            w.mul_(1.5)
+            torch.testing.assert_close(g.target(h_hat, step), step.hs[1] + g(h_hat) - g(step.hs[2]))
+    assert (g.target(h_hat, step) - before).abs().max() > 1e-3

@@ -57,7 +57,8 @@ __all__ = [
 class Step:
     """What a map may read of one training step: ``hs = [h_0..h_L]``, ``pre = [a_1..a_L]``; ``output_error()``
     returns ``e_L = dl/dh_L`` (computed once, on first use) and ``target_stepsize`` is ``eta^``; ``layers`` are
-    ``[f_1..f_L]`` and ``maps`` ``[g_1..g_{L-1}]`` (bound), for the feedback losses that need the path to the output."""
+    ``[f_1..f_L]`` and ``maps`` ``[g_1..g_{L-1}]`` (bound), for the feedback losses that need the path to the output.
+    ``memo`` keeps what a map computes at the step's own activations until its weights change (:meth:`TargetMap.at_own`)."""
 
     hs: list[Tensor]
     pre: list[Tensor]
@@ -67,6 +68,7 @@ class Step:
     layers: Sequence[Layer] = ()
     maps: Sequence["TargetMap"] = ()
     _error: Tensor | None = field(default=None, repr=False)
+    memo: dict = field(default_factory=dict, repr=False)
 
     def output_error(self) -> Tensor:
         if self._error is None:
@@ -119,8 +121,21 @@ class TargetMap(nn.Module):
 
     def difference_target(self, h_hat_next: Tensor, step: Step) -> Tensor:
         """``h_i + g_i(h^_{i+1}) - g_i(h_{i+1})`` (eq. 4.101)."""
-        i = self.index
-        return step.hs[i] + self(h_hat_next) - self(step.hs[i + 1])
+        return step.hs[self.index] + self(h_hat_next) - self.at_own(step)
+
+    def at_own(self, step: Step) -> Tensor:
+        """``g_i(h_{i+1})`` at the step's own activation, computed once per step and weights: every difference target
+        through this map needs it, and the DRL of each layer below runs through this map (:class:`DifferenceReconstruction`)."""
+        return self._memo(step, self.__call__)
+
+    def _memo(self, step: Step, fn: Callable[[Tensor], object]):
+        """``fn(h_{i+1})`` kept in ``step.memo`` under this map's index and the versions of its and ``f_{i+1}``'s weights and
+        buffers, so an in-place update of any (an optimizer step) computes it afresh."""
+        tensors = [*self.parameters(), *self.buffers(), *self.upper.parameters(), *self.upper.buffers()]
+        key = (self.index, *(t._version for t in tensors))
+        if key not in step.memo:
+            step.memo[key] = fn(step.hs[self.index + 1])
+        return step.memo[key]
 
     def feedback_parameters(self) -> list[Tensor]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -359,16 +374,32 @@ class OriginalInverse(_LearnedMap):
     """
 
     def forward(self, h_next):
-        return self.lower.activation(self._shape(self.upper.transpose(h_next, self.Q)))
+        return self.evaluate(h_next)[1]
 
-    def q_grad(self, pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-        """``d/dQ sum_k <u_k, g_i(v_k)>`` for pairs ``(v_k, u_k)``: the chain rule through ``g_i(v) = s_i(Q v)``, which every
-        feedback loss of this form ends with (``u_k = dloss/dg_i(v_k)``). Closed form ``sum_k (u_k * s'(Q v_k))^T v_k`` for a
-        dense layer above, autograd otherwise."""
+    def evaluate(self, h_next: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Q h, s_i(Q h))``: the feedback gradients reuse the pre-activation (:meth:`q_grad`)."""
+        c = self.upper.transpose(h_next, self.Q)
+        return c, self.lower.activation(self._shape(c))
+
+    def at_own(self, step):
+        return self.own_evaluation(step)[1]
+
+    def own_evaluation(self, step: Step) -> tuple[Tensor, Tensor]:
+        """:meth:`evaluate` at ``h_{i+1}``, once per step and weights (:meth:`TargetMap.at_own`)."""
+        return self._memo(step, self.evaluate)
+
+    def q_grad(self, terms: Sequence[tuple]) -> Tensor:
+        """``d/dQ sum_k <u_k, g_i(v_k)>`` for terms ``(v_k, u_k)`` or ``(v_k, u_k, evaluate(v_k))``: the chain rule through
+        ``g_i(v) = s_i(Q v)``, which every feedback loss of this form ends with (``u_k = dloss/dg_i(v_k)``). Closed form
+        ``sum_k (u_k * s'(Q v_k))^T v_k`` for a dense layer above (reusing ``evaluate(v_k)`` when a term brings it),
+        autograd otherwise."""
         if isinstance(self.upper, Dense):
-            act = self.lower.activation
-            return sum((u.flatten(1) * act.derivative(c := v @ self.Q.T, act(c))).T @ v for v, u in pairs)
-        return self._autograd(lambda Q: sum((u * self.lower.activation(self._shape(self.upper.transpose(v, Q)))).sum() for v, u in pairs))
+            act, grad = self.lower.activation, 0
+            for v, u, *known in terms:
+                c, out = known[0] if known else self.evaluate(v)
+                grad = grad + (u.flatten(1) * act.derivative(c, out.reshape(c.shape))).T @ v
+            return grad
+        return self._autograd(lambda Q: sum((u * self.lower.activation(self._shape(self.upper.transpose(v, Q)))).sum() for v, u, *_ in terms))
 
     def feedback_grads(self, step, noise):
         i, h = self.index, step.hs[self.index]
@@ -570,8 +601,9 @@ class DifferenceReconstruction(OriginalInverse):
         h_next = step.hs[i + 1]
         eps = sigma * noise(tuple(step.hs[i].shape))
         h_rec = self.reconstruction(step, step.hs[i] + eps)
-        r = (self(h_rec) - self(h_next) - eps) / (sigma**2 * eps.shape[0])  # dL/dg_i(h~_{i+1})
-        return self._decayed(self.q_grad([(h_rec, r), (h_next, -r)]))
+        rec, own = self.evaluate(h_rec), self.own_evaluation(step)
+        r = (rec[1] - own[1] - eps) / (sigma**2 * eps.shape[0])  # dL/dg_i(h~_{i+1})
+        return self._decayed(self.q_grad([(h_rec, r, rec), (h_next, -r, own)]))
 
 
 class LocalDifferenceReconstruction(OriginalInverse):
@@ -604,9 +636,9 @@ class LocalDifferenceReconstruction(OriginalInverse):
         dx = sigma * noise(tuple(h.shape))
         dy = sigma * noise(tuple(h_next.shape))
         h_x, h_y = self.upper(h + dx), h_next + dy
-        g0 = self(h_next)
-        dr_y = self(h_y) - g0
-        return self._decayed(self.q_grad([(h_x, -2 * dx / B), (h_y, 2 * dr_y / B), (h_next, 2 * (dx - dr_y) / B)]))
+        own, at_y = self.own_evaluation(step), self.evaluate(h_y)
+        dr_y = at_y[1] - own[1]
+        return self._decayed(self.q_grad([(h_x, -2 * dx / B), (h_y, 2 * dr_y / B, at_y), (h_next, 2 * (dx - dr_y) / B, own)]))
 
 
 class DirectLinear(_LearnedMap):
