@@ -185,3 +185,27 @@ def test_ddtp_linear_with_one_hidden_layer_trains_like_dtp_ai():
         runs.append([t.detach() for t in rule.forward_weights + rule.feedback_weights])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [tp.DRL, tp.LDRL], ids=lambda c: c.__name__)
+def test_feedback_evaluates_each_map_at_its_own_activation_once_per_step(cls, monkeypatch):
+    """The cost of the DRL grows with the square of the depth (every layer's loss runs through the maps above it); the
+    ``g_k(h_{k+1})`` that every difference target through map ``k`` subtracts is computed once per step, and the gradients
+    reuse the pre-activations the losses computed. Counted per map in one feedback step: the DRL evaluates ``g_k`` at its own
+    activation (once), at its own reconstruction, and at the reconstruction of each of the ``k - 1`` layers below that runs
+    through it: ``k + 1`` in all; the L-DRL at ``h_{k+1}``, ``h_{k+1} + eta`` and ``f_{k+1}(h_k + eps)``: 3."""
+    from tplightning.target_maps import OriginalInverse
+
+    rule = _rule(cls, (6, 5, 5, 5, 5, 3), feedback_noise_std=0.3)
+    calls: dict[int, int] = {}
+    evaluate = OriginalInverse.evaluate
+
+    def counted(self, h):
+        calls[self.index] = calls.get(self.index, 0) + 1
+        return evaluate(self, h)
+
+    monkeypatch.setattr(OriginalInverse, "evaluate", counted)
+    hs, pre = rule.net.forward_all(torch.randn(7, 6, dtype=torch.float64))
+    rule.feedback_grads(hs, pre)
+    expected = {k: k + 1 if cls is tp.DRL else 3 for k in rule.feedback_layers}
+    assert calls == expected
