@@ -56,8 +56,8 @@ from tplightning.benchmarks.common import config_value, machine, quiet, write_bl
 from tplightning.data.base import TensorData, TensorDataModule
 
 PROG = "python -m tplightning.benchmarks.speed"
-MNIST_RULES = ["BP", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP",
-               "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP"]  # fmt: skip
+MNIST_RULES = ["BP", "FA", "DFA", "BDFA", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP",
+               "OriginalRDTP", "LeeDTP", "AOSDTP", "DDTPLinear", "DRL", "LDRL", "MTP"]  # fmt: skip
 EXACT_RULES = ["BP", "TPEI", "RTPEI", "RMTPEI", "TPEIReinvert"]
 CNN_RULES = ["BP", "LeeDTP", "OriginalDTP", "DTPAI"]
 CNN_CONFIG = "mnist/cnn_bp.yaml"  # the network of the CNN configs
@@ -124,7 +124,7 @@ def build(name: str, sizes: list[int], classification: bool, network: list[dict]
     args.update(network=network) if network is not None else args.update(sizes=sizes)
     if classification:  # MTP divides by D = tanh', unbounded when tanh saturates: leaky-ReLU for it
         args.update(activation="leaky_relu" if name == "MTP" else "tanh", loss="cross_entropy")
-    if issubclass(cls, tp.LearnedInverseRule):
+    if issubclass(cls, (tp.LearnedInverseRule, tp.BDFA)):
         args["feedback_optimizer"] = functools.partial(torch.optim.SGD, lr=1e-4)
     return cls(**args)
 
