@@ -12,6 +12,10 @@ that deeper setting is left to the benchmark.
 from __future__ import annotations
 
 import functools
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +193,15 @@ def test_a_changed_config_is_a_new_run(tmp_path):
     doc["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"] *= 2
     config.write_text(yaml.safe_dump(doc))
     assert bench.run_key("BP", str(config), 0, 2, ()) != key
+
+
+@pytest.mark.parametrize("kernels", ["default", "avx2"])
+def test_a_record_names_the_cpu_kernels_it_ran_with(kernels):
+    """``ATEN_CPU_CAPABILITY`` (README, "Reproducing a recorded run exactly") must show in each record's machine line:
+    the same seed trains differently under other kernels. A fresh interpreter, since torch reads it at import."""
+    if kernels == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("AVX2 kernels exist on x86-64 only")
+    code = "from tplightning.benchmarks import common, mnist; print(mnist._machine(1)); print(common.machine())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels}
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert lines.count(f"torch kernels {kernels.upper()}") == 2, lines

@@ -138,13 +138,26 @@ def read_block_records(path: Path, marker: str, tag: str) -> list[dict]:
         return []
 
 
+def cpu() -> str:
+    """The CPU as float32 results depend on it: its model, its cores, and the instruction set torch dispatches its CPU
+    kernels to. The same seed can train differently under AVX2 and AVX512 kernels (reductions are summed in another
+    order); set ``ATEN_CPU_CAPABILITY`` (``avx2``, ``avx512``, ``default``) to rerun a record on another CPU exactly."""
+    model = platform.processor() or platform.machine()
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        model = names[0].strip() if names else model
+    except OSError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
 def machine(device: torch.device | None = None, threads: bool = True) -> str:
     """One line naming the date, machine, device and library versions of a measurement (``threads``: and torch's
     current CPU threads; off where a table names its threads itself)."""
     if device is not None and device.type == "cuda":
         where = f"GPU {torch.cuda.get_device_name(device)}"
     else:
-        where = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        where = cpu()
         where += f", {torch.get_num_threads()} torch threads" if threads else ""
     return (
         f"{date.today().isoformat()}, {platform.platform()}, {where}; torch {torch.__version__}, "

@@ -460,7 +460,7 @@ def _ordered(records) -> list[dict]:
 
 def _machine(jobs: int = 1) -> str:
     threads = torch.get_num_threads() if jobs == 1 else 1
-    return f"{platform.platform()} ({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, jobs {jobs} × {threads} torch thread(s)"
+    return f"{platform.platform()}, {common.cpu()}; torch {torch.__version__}, jobs {jobs} × {threads} torch thread(s)"
 
 
 RUN_FIELDS = ("seed", "test_error", "best_val_acc", "best_epoch", "epochs_run", "seconds", "seconds_per_epoch", "diverged",

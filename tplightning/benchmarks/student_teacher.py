@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import shlex
 import statistics
@@ -37,7 +36,7 @@ import torch
 
 from ..cli import main as cli_main
 from ..rules.base import DivergenceError
-from .common import Rule, config_value, quiet, read_block_records, records_comment, run_all, seed_overrides, write_block
+from .common import Rule, config_value, cpu, quiet, read_block_records, records_comment, run_all, seed_overrides, write_block
 
 __all__ = ["Rule", "Table", "TABLES", "run_args", "run_one", "mse", "main"]
 
@@ -262,8 +261,8 @@ def render(table: Table, rules: Sequence[Rule], results: Sequence[dict], args, s
         "",
         command_line,
         "",
-        f"Run {', '.join(sorted({r.get('date', date.today().isoformat()) for r in results}))} on {platform.platform()} "
-        f"({platform.machine()}, {os.cpu_count()} CPUs), torch {torch.__version__}, pytorch-lightning {pl.__version__}; "
+        f"Run {', '.join(sorted({r.get('date', date.today().isoformat()) for r in results}))} on {platform.platform()}, "
+        f"{cpu()}; torch {torch.__version__}, pytorch-lightning {pl.__version__}; "
         f"{len(results)} runs, {seconds / 60:.1f} min of run time in total (jobs {args.jobs}).",
         "",
         records_comment(RUNS_TAG.format(table.name), ({k: r.get(k) for k in RECORD_KEYS} for r in results)),
