@@ -3,7 +3,7 @@
 CI: one epoch of every config at three seeds (the three batch-size-1 configs and the MNIST configs,
 on a 2000-image subset, at seed 0). ``-m slow``:
 every student-teacher config's full schedule at seeds 0-4, one full MNIST epoch of every MNIST
-config, and the thesis' ordering of the rules (section 5.2.2: BP < DTP-AI < BP-fixed, difference
+config, the README's MNIST quick-start number at seeds 0-4, and the thesis' ordering of the rules (section 5.2.2: BP < DTP-AI < BP-fixed, difference
 targets no worse than plain ones).
 
 "Seed k" gives every random source of a run the seed k, as the student-teacher benchmark does:
@@ -70,13 +70,17 @@ MNIST_SMALL = ["--data.init_args.subset", "2000", "--data.init_args.num_train", 
                "--trainer.limit_test_batches", "1", "--trainer.max_epochs", "1"]  # fmt: skip
 
 
-@pytest.mark.parametrize("config", MNIST_CONFIGS)
-def test_one_small_epoch_of_every_mnist_config(config, one_thread, seed=0):
+def _need_mnist() -> None:
     pytest.importorskip("tplightning.data.mnist")
     from tplightning.data.mnist import default_data_dir, find_files
 
     if None in find_files(default_data_dir()).values():
         pytest.skip(f"MNIST not in the data cache {default_data_dir()}")
+
+
+@pytest.mark.parametrize("config", MNIST_CONFIGS)
+def test_one_small_epoch_of_every_mnist_config(config, one_thread, seed=0):
+    _need_mnist()
     _run(config, seed, *MNIST_SMALL)
 
 
@@ -90,6 +94,7 @@ def test_full_schedule_of_every_config(config, seed, one_thread):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", MNIST_CONFIGS)
 def test_one_full_mnist_epoch(config, one_thread):
+    _need_mnist()
     metrics = _run(config, 0, "--trainer.max_epochs", "1")
     assert metrics["test/acc"] > 0.8  # one epoch of any rule on MNIST
 
@@ -101,3 +106,13 @@ def test_thesis_ordering_of_the_rules(one_thread):
     mse = {c: statistics.median(_run(c, s)["test/mse"] for s in range(5)) for c in ("bp.yaml", "dtp.yaml", "tp_ai.yaml", "bp_fixed.yaml")}
     assert mse["bp.yaml"] < mse["dtp.yaml"] < mse["bp_fixed.yaml"], mse
     assert mse["dtp.yaml"] <= mse["tp_ai.yaml"], mse
+
+
+@pytest.mark.slow
+def test_mnist_quick_start_reads_what_the_readme_says(one_thread):
+    """README, quick start: one epoch of ``mnist/bp.yaml`` tests at 95.3-96.0 % over seeds 0-4 here (kept to 94.5-96.5 %
+    so that other CPUs' kernels pass)."""
+    _need_mnist()
+    acc = [_run("mnist/bp.yaml", s, "--trainer.max_epochs", "1")["test/acc"] for s in range(5)]
+    print("mnist/bp.yaml, one epoch, test/acc at seeds 0-4:", [round(a, 4) for a in acc])
+    assert all(0.945 <= a <= 0.965 for a in acc), acc
