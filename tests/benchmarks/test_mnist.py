@@ -12,6 +12,7 @@ that deeper setting is left to the benchmark.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import subprocess
@@ -205,3 +206,25 @@ def test_a_record_names_the_cpu_kernels_it_ran_with(kernels):
     env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels}
     lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert lines.count(f"torch kernels {kernels.upper()}") == 2, lines
+
+
+@needs_mnist
+def test_verify_reruns_a_record_and_names_the_first_epoch_that_differs(tmp_path, capsys):
+    out, record = tmp_path / "RESULTS.md", tmp_path / "records.jsonl"
+    cmd = ["--rules", "DTPAI", "--seeds", "0", "--epochs", "3", "--subset", "600", "--num-train", "500", "--num-val",
+           "100", "--data-dir", str(DATA), "--out", str(out), "--record", str(record)]  # fmt: skip
+    bench.main(cmd)
+    bench.main([*cmd, "--verify", "2"])  # the same code and machine: the first two of three epochs, bit for bit
+    assert "DTPAI seed 0: same over 2 epochs" in capsys.readouterr().out
+    lines = record.read_text().splitlines()
+    rec = json.loads(lines[-1])
+    rec["val_acc"][1] += 0.002  # as if recorded on another machine
+    record.write_text("\n".join([*lines[:-1], json.dumps(rec)]) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*cmd, "--verify", "2"])
+    printed = capsys.readouterr().out
+    assert exit_.value.code == 1 and "DTPAI seed 0: differs at epoch 2: val/acc" in printed, printed
+    assert "1 of 1 runs differ" in printed and "ATEN_CPU_CAPABILITY" in printed
+    with pytest.raises(SystemExit, match="2"):
+        bench.main([*cmd, "--verify", "0"])
+    assert "--verify must be >= 1 epoch, got 0" in capsys.readouterr().err

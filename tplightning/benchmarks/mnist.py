@@ -2,7 +2,7 @@
 
     python -m tplightning.benchmarks.mnist [--rules R ...] [--epochs N] [--seeds S ...] [--jobs J]
         [--out docs/RESULTS.md] [--record docs/data/mnist_runs.jsonl] [--rerun]
-        [--subset N --num-train N --num-val N] [--json PATH] [--dry-run] [--rewrite]
+        [--subset N --num-train N --num-val N] [--json PATH] [--dry-run] [--rewrite] [--verify EPOCHS]
 
 Each run is ``python train.py --config mnist/<rule>.yaml --test_on best <overrides>``: the config's
 loggers and its ``ModelCheckpoint`` on ``val/acc`` stay on (each run in its own folder,
@@ -22,6 +22,13 @@ To spread one over machines, give each a share of the rules (or seeds), then con
 files into one and run the full command once more: it trains nothing and writes the table. A run that
 failed (not by divergence) is not recorded and is tried again. Changing a config (say, after tuning)
 changes its digest, so its runs are done afresh.
+
+**Checking a record.** ``--verify 2`` trains nothing into the record: it reruns the first two epochs of each
+selected recorded run (its own config, seed and full learning-rate schedule, stopped after two epochs) and compares
+their validation accuracies with the recorded ones, exactly. It prints ``same`` or the first epoch that differs,
+with the record's machine and this one's, and exits with status 1 if any run differs. Float32 runs depend on the
+CPU kernels torch dispatches to (``common.cpu``): where the record names other kernels than this machine's, set
+``ATEN_CPU_CAPABILITY`` to the record's.
 
 Each row gives the mean ± sd over the seeds of the test error at the best-validation epoch. The
 validation accuracy of every epoch (read from each run's ``metrics.csv``) is kept with the run, and
@@ -189,6 +196,37 @@ def _run_task(task: tuple) -> dict:
                 "args": run_args(*task[1:]), "test_error": None, "best_val_acc": None, "best_epoch": None,
                 "epochs_run": None, "seconds": 0.0, "seconds_per_epoch": None, "diverged": False,
                 "error": f"failed: {type(err).__name__}: {first}", "val_acc": None}  # fmt: skip
+
+
+class StopAfter(pl.Callback):
+    """Stop a run after its first ``epochs`` epochs. The run keeps the schedule of its full length, so those epochs
+    are the ones a full run trains (``--verify``)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def verify_run(rec: dict, epochs: int) -> str | None:
+    """Rerun the first ``epochs`` epochs of the recorded run ``rec``; None if their validation accuracies equal the
+    recorded ones exactly, else what differs."""
+    want = (rec.get("val_acc") or [])[:epochs]
+    if len(want) < epochs:
+        return f"the record holds {len(want)} validation epochs, fewer than the {epochs} asked"
+    args = run_args(rec["config"], rec["seed"], rec["epochs"], rec["overrides"])
+    args[args.index("--test_on") + 1] = "none"
+    stop = {"class_path": f"{__name__.replace('__main__', 'tplightning.benchmarks.mnist')}.StopAfter", "init_args": {"epochs": epochs}}
+    try:
+        got = val_curve(cli_main([*args, f"--trainer.callbacks+={json.dumps(stop)}"])["cli"].trainer) or []
+    except DivergenceError as err:
+        return f"diverged here: {str(err).split('. ')[0]}"
+    for epoch, (a, b) in enumerate(zip(got, want), start=1):
+        if a != b:
+            return f"differs at epoch {epoch}: val/acc {a} here, {b} recorded"
+    return None if len(got) == epochs else f"ran {len(got)} epochs of the {epochs} asked"
 
 
 # --------------------------------------------------------------------------------------------- run records
@@ -431,12 +469,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     p.add_argument("--rewrite", action="store_true",
                    help="run nothing: rewrite the block of --out from the run records it keeps (after a change of the table's layout)")
+    p.add_argument("--verify", type=int, metavar="EPOCHS",
+                   help="run nothing new: rerun the first EPOCHS epochs of the selected recorded runs and compare them with the record")
     args = p.parse_args(argv)
     args.rules = list(dict.fromkeys(_rule_name(r, p) for r in (args.rules or RULES)))
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be >= 1")
+    if args.verify is not None and args.verify < 1:
+        p.error(f"--verify must be >= 1 epoch, got {args.verify}")
     return args
 
 
@@ -472,6 +514,27 @@ def _report(i: int, n: int, start: float, r: dict, note: str = "") -> None:
     print(f"[{i}/{n} {time.perf_counter() - start:.0f}s] {r['rule']} seed {r['seed']}: {score} ({r['seconds']:.0f}s){note}", flush=True)
 
 
+def _verify(args, done: dict, todo: list) -> list[dict]:
+    """``--verify``: each recorded run of ``done`` rerun for ``args.verify`` epochs; exits with 1 if any differs."""
+    common.quiet()
+    here, differ = _machine(1), 0
+    for rule, _, seed, *_ in todo:
+        print(f"{rule} seed {seed}: not recorded in {args.record}")
+    for (rule, _, seed, *_), rec in done.items():
+        problem = verify_run(rec, args.verify)
+        if problem is None:
+            print(f"{rule} seed {seed}: same over {args.verify} epochs ({', '.join(map(str, rec['val_acc'][:args.verify]))})", flush=True)
+            continue
+        differ += 1
+        print(f"{rule} seed {seed}: {problem}\n  recorded on: {rec.get('machine')}\n  here:        {here}", flush=True)
+    if differ:
+        print(f"{differ} of {len(done)} runs differ from the record. The same code and seed give other float32 results under other "
+              "CPU kernels: set ATEN_CPU_CAPABILITY (avx2, avx512, default) to the record's kernels (README, 'Reproducing a "
+              "recorded run exactly').")  # fmt: skip
+        raise SystemExit(1)
+    return list(done.values())
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the selected rules and seeds (taking recorded runs from ``--record``), write the MNIST block of ``--out``
     and the curves figure beside it; returns the per-run results."""
@@ -487,6 +550,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     recorded = {} if args.rerun else read_runs(args.record)
     done = {t: recorded[k] for t in tasks if (k := run_key(*t)) in recorded}
     todo = [t for t in tasks if t not in done]
+    if args.verify is not None:
+        return _verify(args, done, todo)
     if args.dry_run:
         for rule, config, seed, epochs, ov in tasks:
             state = "recorded" if (rule, config, seed, epochs, ov) in done else "python train.py " + shlex.join(run_args(config, seed, epochs, ov))
