@@ -218,13 +218,16 @@ def test_verify_reruns_a_record_and_names_the_first_epoch_that_differs(tmp_path,
     assert "DTPAI seed 0: same over 2 epochs" in capsys.readouterr().out
     lines = record.read_text().splitlines()
     rec = json.loads(lines[-1])
-    rec["val_acc"][1] += 0.002  # as if recorded on another machine
+    rec["val_acc"][1] += 0.002  # as if recorded on another machine, with kernels other than this one's
+    ours = torch.backends.cpu.get_cpu_capability()
+    theirs = "AVX2" if ours != "AVX2" else "AVX512"
+    rec["machine"] = f"another machine, torch kernels {theirs}; torch {torch.__version__}"
     record.write_text("\n".join([*lines[:-1], json.dumps(rec)]) + "\n")
     with pytest.raises(SystemExit) as exit_:
         bench.main([*cmd, "--verify", "2"])
     printed = capsys.readouterr().out
     assert exit_.value.code == 1 and "DTPAI seed 0: differs at epoch 2: val/acc" in printed, printed
-    assert "1 of 1 runs differ" in printed and "ATEN_CPU_CAPABILITY" in printed
+    assert "1 of 1 runs differ" in printed and f"other kernels: rerun with ATEN_CPU_CAPABILITY={theirs.lower()}" in printed
     with pytest.raises(SystemExit, match="2"):
         bench.main([*cmd, "--verify", "0"])
     assert "--verify must be >= 1 epoch, got 0" in capsys.readouterr().err

@@ -523,10 +523,14 @@ def _verify(args, done: dict, todo: list) -> list[dict]:
     for (rule, _, seed, *_), rec in done.items():
         problem = verify_run(rec, args.verify)
         if problem is None:
-            print(f"{rule} seed {seed}: same over {args.verify} epochs ({', '.join(map(str, rec['val_acc'][:args.verify]))})", flush=True)
+            n = args.verify
+            print(f"{rule} seed {seed}: same over {n} epoch{'s' * (n > 1)} ({', '.join(map(str, rec['val_acc'][:n]))})", flush=True)
             continue
         differ += 1
         print(f"{rule} seed {seed}: {problem}\n  recorded on: {rec.get('machine')}\n  here:        {here}", flush=True)
+        theirs, ours = (re.search(r"torch kernels (\w+)", m or "") for m in (rec.get("machine"), here))
+        if theirs and ours and theirs[1] != ours[1]:
+            print(f"  other kernels: rerun with ATEN_CPU_CAPABILITY={theirs[1].lower()}", flush=True)
     if differ:
         print(f"{differ} of {len(done)} runs differ from the record. The same code and seed give other float32 results under other "
               "CPU kernels: set ATEN_CPU_CAPABILITY (avx2, avx512, default) to the record's kernels (README, 'Reproducing a "
