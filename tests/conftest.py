@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -83,6 +84,32 @@ def quiet_trainer(**kw) -> pl.Trainer:
 def weights_of(rule) -> list[torch.Tensor]:
     """Copies of every parameter and buffer of a rule, in a fixed order."""
     return [t.detach().clone() for t in list(rule.parameters()) + list(rule.buffers())]
+
+
+class SaveReplica(pl.Callback):
+    """Each DDP rank writes its parameters and buffers at the end of training, so a test can compare the replicas."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(weights_of(pl_module), self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def fit_ddp_replicas(rule, datamodule, folder: Path, **trainer_kw) -> list[list[torch.Tensor]]:
+    """Fit ``rule`` on 2 CPU processes (gloo, ``ddp_spawn``); each rank's final weights.
+
+    On some hosts a gloo worker aborts at interpreter exit ("terminate called without an active exception"), after
+    training ended. Only that is tolerated: exit by SIGABRT with both ranks' replicas saved by ``on_train_end``."""
+    from torch.multiprocessing import ProcessExitedException
+
+    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", callbacks=[SaveReplica(folder)], **trainer_kw)
+    try:
+        trainer.fit(rule, datamodule=datamodule)
+    except ProcessExitedException as e:
+        if e.exit_code != -signal.SIGABRT or not all((folder / f"rank{r}.pt").exists() for r in (0, 1)):
+            raise
+    return [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
 
 
 @pytest.fixture(autouse=True)

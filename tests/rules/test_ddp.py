@@ -1,40 +1,19 @@
 """DDP (2 CPU processes, gloo, ddp_spawn): replicas end identical; BP on 2 processes = doubled batch."""
 from __future__ import annotations
 
-import signal
-
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.multiprocessing import ProcessExitedException
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from conftest import make_rule, quiet_trainer, tiny_data, weights_of
+from conftest import fit_ddp_replicas, make_rule, quiet_trainer, tiny_data, weights_of
 from tplightning import StudentTeacherDataModule
-
-
-class SaveReplica(pl.Callback):
-    """Each rank writes its parameters and buffers, so the test can compare the replicas."""
-
-    def __init__(self, folder):
-        self.folder = folder
-
-    def on_train_end(self, trainer, pl_module):
-        torch.save(weights_of(pl_module), self.folder / f"rank{trainer.global_rank}.pt")
 
 
 def _fit_ddp(name, folder, **data_kw):
     pl.seed_everything(0)
     rule, dm = make_rule(name, sizes=(6, 6, 6, 6)), tiny_data(sizes=(6, 6, 6, 6), **data_kw)
-    trainer = quiet_trainer(max_epochs=2, devices=2, strategy="ddp_spawn", callbacks=[SaveReplica(folder)])
-    try:
-        trainer.fit(rule, datamodule=dm)
-    except ProcessExitedException as e:
-        # on some hosts a gloo worker aborts at interpreter exit ("terminate called without an active exception"),
-        # after training ended; only that is tolerated: both ranks must have reached on_train_end and saved
-        if e.exit_code != -signal.SIGABRT or not all((folder / f"rank{r}.pt").exists() for r in (0, 1)):
-            raise
-    return [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
+    return fit_ddp_replicas(rule, dm, folder, max_epochs=2)
 
 
 @pytest.mark.parametrize("name", ["BP", "TPEI", "RTPEI", "DTPAI", "RDTPAI", "OriginalDTP", "LeeDTP"])

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 import tplightning as tp
-from conftest import SHARED_DATA, quiet_trainer, weights_of
+from conftest import SHARED_DATA, fit_ddp_replicas, quiet_trainer, weights_of
 from tplightning.data.base import TensorData, TensorDataModule
 from tplightning.layers import Conv2d, Dense
 
@@ -127,19 +127,9 @@ def test_divergence_in_a_cnn_names_the_layer():
         quiet_trainer(max_epochs=1, callbacks=[Poison()]).fit(rule_on_cnn("LeeDTP"), datamodule=Images())
 
 
-class SaveReplica(pl.Callback):
-    def __init__(self, folder):
-        self.folder = folder
-
-    def on_train_end(self, trainer, module):
-        torch.save(weights_of(module), self.folder / f"rank{trainer.global_rank}.pt")
-
-
 def test_ddp_replicas_of_a_cnn_rule_stay_identical(tmp_path):
     pl.seed_everything(0)
-    trainer = quiet_trainer(max_epochs=1, devices=2, strategy="ddp_spawn", callbacks=[SaveReplica(tmp_path)])
-    trainer.fit(rule_on_cnn("LeeDTP"), datamodule=Images())
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = fit_ddp_replicas(rule_on_cnn("LeeDTP"), Images(), tmp_path, max_epochs=1)
     for a, b in zip(r0, r1):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
