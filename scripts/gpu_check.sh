@@ -3,7 +3,8 @@
 # into docs/RESULTS.md marked with the GPU model:
 #   - step time of every rule on the MNIST network at batch 128 and at batch 1024 (paired with BP);
 #   - the exact-inverse rules at widths 256 to 4096 (Sherman-Morrison at batch 1, Woodbury at batch 32);
-#   - epochs through train.py next to a plain PyTorch loop (no host sync per batch in the timed stretch).
+#   - epochs through train.py next to a plain PyTorch loop (no host sync per batch in the timed stretch);
+#   - the host syncs of each MNIST config's training batches (torch.cuda.set_sync_debug_mode): none but the logging ones.
 #   bash scripts/gpu_check.sh            (from the repository root, with the package installed and MNIST in the data cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,4 +36,5 @@ $speed --part mnist --steps 30 --repeats 2
 $speed --part mnist --steps 30 --repeats 2 --batch 1024
 $speed --part exact --steps 20 --repeats 1 --widths 256 512 1024 2048 4096 --batches 1 32
 $speed --part trainer --repeats 2 --trainer-threads 1
+python -m tplightning.benchmarks.syncs --device cuda
 exit $failed

@@ -167,8 +167,8 @@ def label_output(y: Tensor, n_out: int, loss: str, dtype: torch.dtype | None = N
     """The labels in output space: ``y`` itself for ``mse``, ``onehot(y)`` (``n_out`` classes) for ``cross_entropy``."""
     if loss == "mse":
         return y if dtype is None else y.to(dtype)
-    if loss == "cross_entropy":
-        return torch.nn.functional.one_hot(y.long(), n_out).to(dtype or torch.get_default_dtype())
+    if loss == "cross_entropy":  # not ``one_hot``: it reads ``y``'s range back to the host (a stall on a GPU)
+        return (y.long().unsqueeze(-1) == torch.arange(n_out, device=y.device)).to(dtype or torch.get_default_dtype())
     raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
 
 
