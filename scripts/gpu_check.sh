@@ -4,7 +4,8 @@
 #   - step time of every rule on the MNIST network at batch 128 and at batch 1024 (paired with BP);
 #   - the exact-inverse rules at widths 256 to 4096 (Sherman-Morrison at batch 1, Woodbury at batch 32);
 #   - epochs through train.py next to a plain PyTorch loop (no host sync per batch in the timed stretch);
-#   - the host syncs of each MNIST config's training batches (torch.cuda.set_sync_debug_mode): none but the logging ones.
+#   - the host syncs of each MNIST config's training batches (torch.cuda.set_sync_debug_mode): none but the logging ones;
+#   - each rule's step eager against torch.compile, without and with CUDA graphs (printed, not written).
 #   bash scripts/gpu_check.sh            (from the repository root, with the package installed and MNIST in the data cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,4 +38,7 @@ $speed --part mnist --steps 30 --repeats 2 --batch 1024
 $speed --part exact --steps 20 --repeats 1 --widths 256 512 1024 2048 4096 --batches 1 32
 $speed --part trainer --repeats 2 --trainer-threads 1
 python -m tplightning.benchmarks.syncs --device cuda
+# torch.compile of each rule's tensor work against eager (no gain on a CPU), and with CUDA graphs
+python scripts/ab_step_time.py --compile --device cuda --steps 100 BP DTPAI LeeDTP OriginalDTP
+python scripts/ab_step_time.py --compile --compile-mode reduce-overhead --device cuda --steps 100 BP DTPAI LeeDTP OriginalDTP
 exit $failed

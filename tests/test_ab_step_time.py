@@ -31,6 +31,26 @@ def test_ab_step_time_at_two_thread_counts(one_thread):
     assert set(ratios) == {"BP"} and math.isfinite(ratios["BP"]) and ratios["BP"] > 0
 
 
-def test_ab_step_time_needs_a_checkout_or_threads():
-    with pytest.raises(SystemExit, match="give OTHER_REPO or --threads A B"):
+def test_ab_step_time_needs_one_mode():
+    with pytest.raises(SystemExit, match="give one of OTHER_REPO, --threads A B or --compile"):
         _script().main([])
+    with pytest.raises(SystemExit, match="give one of OTHER_REPO, --threads A B or --compile"):
+        _script().main(["--threads", "1", "2", "--compile"])
+
+
+def test_compiled_pieces_train_the_same_rule(one_thread):
+    # torch.compile of the targets and gradients: the same weights as eager up to rounding, after several steps
+    script = _script()
+    import tplightning as tp
+    import torch
+
+    eager, compiled = script.build(tp, "DTPAI"), script.build(tp, "DTPAI")
+    script.compile_pieces(compiled)
+    assert {"targets_from", "forward_grads", "feedback_grads"} <= set(compiled.__dict__) and "forward_all" in compiled.net.__dict__
+    g = torch.Generator().manual_seed(1)
+    for k in range(3):
+        batch = (torch.randn(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g))
+        eager.training_step(batch, k), compiled.training_step(batch, k)
+    moved = max((p - q).abs().max().item() for p, q in zip(eager.parameters(), script.build(tp, "DTPAI").parameters()))
+    diff = max((p - q).abs().max().item() for p, q in zip(eager.parameters(), compiled.parameters()))
+    assert moved > 1e-6 and diff < 1e-3 * moved
