@@ -305,3 +305,12 @@ def test_check_keeps_the_config_with_the_better_full_schedule_validation(tmp_pat
     assert "| BP | 1 | 0 |" in table and f"**{result[f'{kept}_best_val_acc']:.4f}" in table
     with pytest.raises(SystemExit, match="already checked"):  # a second check would compare the kept config with itself
         tune.main(["--rule", "BP", "--check", "--record", str(record), "--out", str(tmp_path / "results.md")])
+
+
+def test_report_without_journals_says_so_and_keeps_the_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results.md"
+    out.write_text("<!-- tuning:start -->\n| BP | an earlier row |\n<!-- tuning:end -->\n")
+    with pytest.raises(SystemExit, match=r"--report: no study journal under docs/data/tune/ for BP, DTPAI, .*stay as they are"):
+        tune.main(["--report", "--out", str(out)])
+    assert "| BP | an earlier row |" in out.read_text()

@@ -2,6 +2,7 @@
 toy's properties of thesis section 5.1.1 hold exactly (full-batch expectations, float64)."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -162,3 +163,12 @@ def test_student_teacher_docs_block_names_its_command_and_rules(tmp_path, monkey
         assert f"| {rule} |" in block and f"| {cos_gn:.2f} |" in block
     assert "does not hold: DRL closer to e^GN than DTPAI" in block or "holds: DRL closer to e^GN than DTPAI" in block
     assert (tmp_path / "figures" / "student_teacher.png").is_file()
+
+
+@pytest.mark.parametrize("module", ["tplightning.experiments." + m for m in
+                                    ("block_diagonal", "factorisation", "pseudo_inverse", "sherman_morrison", "student_teacher", "toy")]
+                         + ["tplightning.dynamics.experiments." + m for m in ("signals", "stability", "training")])  # fmt: skip
+def test_usage_line_names_the_module_to_run(module, capsys):
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(["--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.split()[:4] == ["usage:", "python", "-m", module]

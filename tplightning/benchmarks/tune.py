@@ -40,8 +40,9 @@ budget (fair budgets, issue 14):
 should hold; a failed trial (one interrupted by Ctrl-C among them) does not count. A rerun of the same command
 therefore resumes an interrupted study and runs only the missing trials; several workers started on one
 storage stop together when the study is full (each may finish the trial it is running, so a study of ``n``
-trials with ``k`` workers ends with ``n`` to ``n + k - 1``). Studies live in ``docs/data/tune/<rule>.journal`` (an Optuna ``JournalStorage`` file, committed with the
-repository; safe for several processes of one machine) unless ``--storage`` names another: a database URL
+trials with ``k`` workers ends with ``n`` to ``n + k - 1``). Studies live in ``docs/data/tune/<rule>.journal`` (an Optuna ``JournalStorage`` file, to be committed with the
+config it tuned; safe for several processes of one machine; the studies behind the shipped configs predate this
+default, and their journals, written under ``runs/tune/``, were not kept) unless ``--storage`` names another: a database URL
 (``postgresql://...``, ``mysql+pymysql://...``, ``sqlite:///file.db``) lets processes on several machines
 share one study (README, "Tuning").
 
@@ -289,7 +290,8 @@ def objective(rule: str, epochs: int | None = None, data: Sequence[str] = (), se
 
 
 # --------------------------------------------------------------------------------------------- studies
-#: where studies live by default: committed with the repository, so a study outlives the machine it ran on
+#: where studies live by default: commit a journal with the config it tuned, so the study outlives its machine (the
+#: studies behind the shipped configs predate this default; their journals, under runs/tune/, were not kept)
 STUDIES = Path("docs") / "data" / "tune"
 
 
@@ -435,7 +437,8 @@ def report(rules: Sequence[str], out: Path) -> str:
         elif rule in kept:
             rows.append(kept[rule])
     if not found:
-        raise FileNotFoundError(f"no study journal under {STUDIES}/ for {', '.join(rules)}")
+        raise FileNotFoundError(f"no study journal under {STUDIES}/ for {', '.join(rules)}; the rows of the studies "
+                                "whose journals are elsewhere stay as they are")
     body = "\n".join([
         "### MNIST tuning studies",
         "",
@@ -754,7 +757,10 @@ def main(argv: Sequence[str] | None = None):
     common.quiet()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.report is not None:
-        print(report(args.report or list(RULES), args.out))
+        try:
+            print(report(args.report or list(RULES), args.out))
+        except FileNotFoundError as err:
+            sys.exit(f"{PROG} --report: {err}")
         print(f"wrote the tuning block of {args.out}")
         return None
     if args.check:

@@ -30,14 +30,16 @@ def parse_args(
     argv: Sequence[str] | None = None,
     sizes: dict[str, tuple[int, int, str]] | None = None,
     extra: dict[str, tuple[type, Any, str]] | None = None,
+    module: str | None = None,
 ) -> argparse.Namespace:
-    """Parse ``--out`` (default ``out/<name>``), ``--full``, ``--seed`` and the experiment's options.
+    """Parse ``--out`` (default ``out/<name>``), ``--full``, ``--seed`` and the experiment's options; ``module`` names
+    the experiment's module in the usage line (default ``tplightning.experiments.<name>``).
 
     ``sizes`` maps an option to ``(default, full, help)``: it takes ``full`` under ``--full``
     unless given explicitly, so a test can shrink a run with e.g. ``--trials 200``. ``extra``
     maps an option to ``(type, default, help)``.
     """
-    parser = argparse.ArgumentParser(prog=f"python -m tplightning.experiments.{name}", description=description)
+    parser = argparse.ArgumentParser(prog=f"python -m {module or 'tplightning.experiments.' + name}", description=description)
     parser.add_argument("--out", type=Path, default=Path("out") / name, help="output folder (default: %(default)s)")
     parser.add_argument("--full", action="store_true", help="use the thesis' sizes")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -151,13 +153,14 @@ def output_jacobians(layer_jacobians: Sequence[Tensor]) -> list[Tensor]:
 
 
 # --------------------------------------------------------------------------------------------- docs output
-def parse_docs_args(name: str, description: str, argv: Sequence[str] | None, sizes=None, extra=None, flags: Sequence[str] = ()):
+def parse_docs_args(name: str, description: str, argv: Sequence[str] | None, sizes=None, extra=None, flags: Sequence[str] = (),
+                    module: str | None = None):
     """:func:`parse_args` plus the flag ``--docs`` (also write the figure
     to docs/figures/ and the table into docs/experiments.md) and the boolean ``flags`` (``--name``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = {f: f"--{f}" in argv for f in ("docs", *(flags or ()))}
     rest = [a for a in argv if a.lstrip("-") not in flags or not a.startswith("--")]
-    args = parse_args(name, description + " (add --docs to update docs/)", rest, sizes, extra)
+    args = parse_args(name, description + " (add --docs to update docs/)", rest, sizes, extra, module)
     for f, on in flags.items():
         setattr(args, f, on)
     return args

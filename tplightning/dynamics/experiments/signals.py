@@ -175,7 +175,7 @@ def plot(res: dict, out) -> object:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(
-        NAME, __doc__.split("\n")[0], argv, sizes={"nets": (8, 32, "random networks per setting")},
+        NAME, __doc__.split("\n")[0], argv, module="tplightning.dynamics.experiments.signals", sizes={"nets": (8, 32, "random networks per setting")},
         extra={"width": (int, 6, "layer width"), "batch": (int, 64, "samples per network"),
                "depths": (str, "2,3,4,5,6", "depths L (comma-separated)"), "depth": (int, 4, "depth of parts B/C"),
                "mu": (float, 0.1, "mu of parts B/C")},

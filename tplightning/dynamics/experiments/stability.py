@@ -90,7 +90,7 @@ def plot(blocks: dict, nets: list[dict], out):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(
-        NAME, __doc__.split("\n")[0], argv,
+        NAME, __doc__.split("\n")[0], argv, module="tplightning.dynamics.experiments.stability",
         sizes={"cases": (5000, 100000, "random block cases"), "nets": (80, 400, "random networks")},
         extra={"widths": (str, "1,2,4,8", "widths (comma-separated)"), "depths": (str, "2,3,4,6", "depths"),
                "batch": (int, 8, "samples per network")},

@@ -243,7 +243,7 @@ def plot(runs: list[dict], out):
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(
-        NAME, __doc__.split("\n")[0], argv, sizes={"seeds": (2, 5, "seeds per rule"), "epochs": (6, 30, "epochs")},
+        NAME, __doc__.split("\n")[0], argv, module="tplightning.dynamics.experiments.training", sizes={"seeds": (2, 5, "seeds per rule"), "epochs": (6, 30, "epochs")},
         extra={"rules": (str, ",".join(RULES), "comma-separated rules"), "mnist-epochs": (int, 2, "MNIST epochs (with --mnist)")},
         flags=("mnist",),
     )  # fmt: skip
