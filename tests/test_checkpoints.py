@@ -90,12 +90,24 @@ def test_divergence_advice_is_followed_and_the_run_finishes():
         main(args)
     message = str(info.value)
     assert "--reapply_optimizer_config true" in message and f"--ckpt_path {LAST}" in message
+    assert "No checkpoint was written after this step. To continue from the last good one" in message
+    assert "resume from the last good one with --ckpt_path" not in message  # the library's hint, replaced by the command
     advice = shlex.split(message.split("python train.py ", 1)[1])
     out = main(advice)
     model = out["cli"].model
     assert model.batches_seen == 8 * 60
     assert out["cli"].trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.045)
     assert all(torch.isfinite(v).all() for v in _state(model).values() if v.is_floating_point())
+
+
+def test_divergence_before_any_checkpoint_says_so_once():
+    args = ["--config", "dtp.yaml", "--model.init_args.forward_optimizer.init_args.lr", "5", "--test_on", "none", *QUIET]
+    with pytest.raises(DivergenceError) as info:
+        main(args)
+    message = str(info.value)
+    assert message.endswith("non-finite weights in layers none. No checkpoint had been written yet: rerun with a smaller "
+                            "learning rate (--model.init_args.forward_optimizer.init_args.lr) or target_stepsize.")  # fmt: skip
+    assert message.count("checkpoint") == 1
 
 
 def test_predict_takes_pairs_and_inputs():

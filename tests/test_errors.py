@@ -42,6 +42,10 @@ def _printed(capsys, fn, args) -> str:
         (["--model.init_args.target_stepsize", "0"], r"error: --model\.init_args\.target_stepsize: target_stepsize must be > 0, got 0\.0\n  given: 0"),
         (["--data.init_args.batch_size", "0"], r"error: --data\.init_args\.batch_size: batch sizes must be >= 1, got batch_size=0"),
         (["--model.init_args.target_stepsize", "abc"], r"error: --model\.init_args\.target_stepsize: expected a float\n  given: abc"),
+        (["--model.init_args.forward_optimizer.init_args.lr", "fast"], r"error: --model\.init_args\.forward_optimizer\.init_args\.lr: expected a float\n  given: fast"),
+        (["--seed_everything", "abc"], r"error: --seed_everything: expected an integer seed, or true or false\n  given: abc"),
+        (["--model.init_args.sizes", "abc"], r"error: --model\.init_args\.sizes: expected a list\n  given: abc"),
+        (["--trainer.max_epochs", "1.5"], r"error: --trainer\.max_epochs: expected an integer\n  given: 1\.5"),
         (["--trainer.max_epochz", "3"], r"error: unknown option --trainer\.max_epochz \(value '3'\)\n  did you mean --trainer\.max_epochs\?"),
         (["--model.init_args.forward_optimizer.init_args.lrr", "3"], r"torch\.optim\.SGD has no argument 'lrr'; did you mean --model\.init_args\.forward_optimizer\.init_args\.lr\?"),
         (
@@ -98,3 +102,90 @@ def test_python_m_tplightning_exits_2_with_a_short_message(capsys, monkeypatch):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) <= 10 and "did you mean tplightning.DTPAI?" in err
+
+
+# ----------------------------------------------------------------------------- files: checkpoints and configs
+@pytest.fixture(scope="module")
+def dtp_checkpoint(tmp_path_factory) -> Path:
+    """A real ``last.ckpt`` of ``dtp.yaml`` (DTP-AI, 6-6-6), two batches of training."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        main(["--config", "dtp.yaml", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+              "--trainer.limit_val_batches", "1", "--test_on", "none", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return folder / "runs" / "dtp" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def _bad_files(tmp_path: Path, good: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello\n")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:3000])
+    plain = tmp_path / "plain.ckpt"
+    import torch
+
+    torch.save({"a": torch.zeros(2)}, plain)
+    return {"text": text, "truncated": truncated, "plain": plain, "folder": good.parent}
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("text", r"checkpoint .*notes\.ckpt cannot be read: not a PyTorch checkpoint, or truncated or corrupt"),
+        ("truncated", r"checkpoint .*truncated\.ckpt cannot be read: .*zip archive"),
+        ("plain", r"checkpoint .*plain\.ckpt is not a Lightning checkpoint \(it holds no state_dict\)"),
+        ("folder", r"checkpoint .*checkpoints is a folder; give a \.ckpt file in it \(.*last\.ckpt\)"),
+    ],
+)
+def test_a_bad_checkpoint_file_is_named(capsys, tmp_path, dtp_checkpoint, kind, expected):
+    bad = _bad_files(tmp_path, dtp_checkpoint)[kind]
+    for fn, args in ((main, ["--config", "dtp.yaml"]), (stock_cli, ["test", "--config", "dtp.yaml"])):
+        err = _printed(capsys, fn, [*args, "--ckpt_path", str(bad)])
+        assert re.search("^error: " + expected, err), err
+    import tplightning as tp
+
+    with pytest.raises(ValueError, match=expected):
+        tp.load(bad)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--config", "bp.yaml"], r"was written by tplightning\.rules\.learned\.DTPAI, but the model is tplightning\.rules\.backprop\.BP; use the config of the run that wrote it"),
+        (["--config", "dtp.yaml", "--model.init_args.sizes", "[6,8,6]", "--data.init_args.sizes", "[6,8,6]"],
+         r"does not fit the configured network: net\.layers\.0\.weight has shape \[6, 6\] there and \[8, 6\] here"),
+        (["--config", "dtp.yaml", "--model.init_args.batch_norm", "true"], r"does not fit the configured tplightning\.rules\.learned\.DTPAI: it lacks "),
+    ],
+)
+def test_a_checkpoint_of_another_rule_or_network_is_refused(capsys, dtp_checkpoint, extra, expected):
+    err = _printed(capsys, main, [*extra, "--trainer.max_epochs", "2", "--ckpt_path", str(dtp_checkpoint)])
+    assert re.search(expected, err), err
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("", r"holds nothing; a config is a mapping of options"),
+        ("- a\n- b\n", r"holds a list; a config is a mapping of options"),
+        (b"\x80\x81binary", r"is not a text file \(a YAML config was expected\)"),
+        (None, r"is a folder; give a YAML file"),
+    ],
+)
+def test_a_config_that_is_no_mapping_is_named(capsys, tmp_path, content, expected):
+    path = tmp_path / "extra.yaml"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    err = _printed(capsys, main, ["--config", "dtp.yaml", "--config", str(path)])
+    assert re.search(f"^error: config file {re.escape(str(path))} " + expected, err), err
+
+
+def test_python_m_tplightning_asks_for_the_subcommand_first(capsys):
+    err = _printed(capsys, stock_cli, ["--config", "dtp.yaml", "--trainer.max_epochs", "1"])
+    assert err.startswith("error: python -m tplightning needs a subcommand (fit, validate, test, predict) before the options")

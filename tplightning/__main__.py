@@ -10,12 +10,19 @@ import sys
 from collections.abc import Sequence
 
 from .cli import StockCLI, _cli_kwargs, _quiet_lightning, report, resolve_config_args
+from .errors import ConfigError
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def stock_cli(args: Sequence[str] | None = None) -> StockCLI:
     """Run ``LightningCLI`` with subcommands (a bare ``--config`` name resolves inside ``configs/``)."""
     _quiet_lightning()
-    args = resolve_config_args([a for a in (sys.argv[1:] if args is None else args) if a != "--traceback"])
+    args = [a for a in (sys.argv[1:] if args is None else args) if a != "--traceback"]
+    if not any(a in SUBCOMMANDS for a in args) and not any(a in ("-h", "--help") for a in args):
+        raise ConfigError(f"python -m tplightning needs a subcommand ({', '.join(SUBCOMMANDS)}) before the options, e.g. "
+                          "python -m tplightning fit --config dtp.yaml (train.py fits and tests in one call)")  # fmt: skip
+    args = resolve_config_args(args)
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         return StockCLI(parser_kwargs={"exit_on_error": False}, **_cli_kwargs(args))

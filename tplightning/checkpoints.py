@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load", "recorded_class", "class_path_of"]
+__all__ = ["load", "read", "recorded_class", "class_path_of", "check_fits"]
 
 
 def class_path_of(obj_or_cls) -> str:
@@ -27,13 +27,36 @@ def _import(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def read(checkpoint_path) -> dict:
+    """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file, ``ValueError`` for a
+    folder, a file that is not a PyTorch checkpoint (or is truncated or corrupt) and one that holds no ``state_dict``."""
+    path = Path(checkpoint_path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.ckpt"))
+        raise ValueError(f"checkpoint {path} is a folder; give a .ckpt file" + (f" in it ({', '.join(inside)})" if inside else ""))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle, zip-archive and end-of-file errors of a foreign, truncated or corrupt file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
+        raise ValueError(f"checkpoint {path} cannot be read: not a PyTorch checkpoint, or truncated or corrupt ({reason})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"checkpoint {path} is not a Lightning checkpoint (it holds no state_dict)")
+    return ckpt
+
+
+def _recorded_path(ckpt: dict) -> str | None:
+    return (ckpt.get("tplightning") or {}).get("class_path") or (ckpt.get("hyper_parameters") or {}).get("_class_path")
+
+
 def recorded_class(checkpoint_path, base: type | None = None) -> type:
     """The rule class a checkpoint was written by; ``base`` when it records none.
 
-    Raises ``TypeError`` when the recorded class is not a subclass of ``base``.
+    Raises ``TypeError`` when the recorded class is not a subclass of ``base``, and :func:`read`'s errors for a file
+    that is no checkpoint.
     """
-    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    path = (ckpt.get("tplightning") or {}).get("class_path") or (ckpt.get("hyper_parameters") or {}).get("_class_path")
+    path = _recorded_path(read(checkpoint_path))
     if path is None:
         if base is None:
             raise ValueError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with RuleClass.load_from_checkpoint")
@@ -50,3 +73,25 @@ def load(checkpoint_path: str | Path, map_location=None, **kwargs):
 
     cls = recorded_class(checkpoint_path, LearningRule)
     return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+
+
+def check_fits(model, checkpoint_path) -> None:
+    """``ValueError`` unless ``model`` can take the weights of ``checkpoint_path``: the checkpoint records the model's
+    class (when it records one), and its tensors have the model's names and shapes (a config whose sizes or layers
+    differ from the run that wrote it fails here, with the first differing tensor named)."""
+    ckpt = read(checkpoint_path)
+    recorded, own = _recorded_path(ckpt), class_path_of(model)
+    if recorded is not None and recorded != own:
+        raise ValueError(f"checkpoint {checkpoint_path} was written by {recorded}, but the model is {own}; "
+                         "use the config of the run that wrote it")  # fmt: skip
+    mine, theirs = model.state_dict(), ckpt["state_dict"]
+    for name, t in theirs.items():
+        if name in mine and torch.is_tensor(t) and t.shape != mine[name].shape:
+            raise ValueError(f"checkpoint {checkpoint_path} does not fit the configured network: {name} has shape "
+                             f"{list(t.shape)} there and {list(mine[name].shape)} here (the config's sizes or layers "
+                             "differ from the run that wrote it)")  # fmt: skip
+    missing, extra = [k for k in mine if k not in theirs], [k for k in theirs if k not in mine]
+    if missing or extra:
+        parts = ([f"lacks {', '.join(missing[:3])}"] if missing else []) + ([f"has {', '.join(extra[:3])} besides"] if extra else [])
+        raise ValueError(f"checkpoint {checkpoint_path} does not fit the configured {own}: it {' and '.join(parts)} "
+                         "(the config's options differ from the run that wrote it)")  # fmt: skip

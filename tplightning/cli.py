@@ -37,8 +37,9 @@ import yaml
 
 from ._lightning import LightningCLI, pl
 from .callbacks import ReapplyOptimizerConfig
+from .checkpoints import check_fits, read as read_checkpoint
 from .errors import ConfigError, is_config_error, short_error
-from .rules.base import DivergenceError, LearningRule
+from .rules.base import RESUME_HINT, DivergenceError, LearningRule
 
 __all__ = ["main", "build", "run", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args", "align_loggers", "default_threads"]
 
@@ -69,13 +70,22 @@ def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
 
 
 def _check_yaml(path: Path) -> None:
+    """:class:`ConfigError` for a config that is a folder, not text, not valid YAML (naming line and column) or not a
+    mapping of options."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file")
     try:
-        yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file (a YAML config was expected)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"config file {path} is not valid YAML: {problem} at {where}") from err
+    if not isinstance(doc, dict):
+        held = "nothing" if doc is None else f"a {type(doc).__name__}"
+        raise ConfigError(f"config file {path} holds {held}; a config is a mapping of options (model:, data:, trainer:, ...)")
 
 
 def resolve_config_args(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -215,9 +225,13 @@ class TPLightningCLI(LightningCLI):
             raise
 
     def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        ckpt_path = (self.config[sub] if sub else self.config).get("ckpt_path")
+        if ckpt_path:
+            read_checkpoint(ckpt_path)  # a missing, foreign, truncated or corrupt file: a short error, before torch's
         # The stock CLI overlays the checkpoint's hyper-parameters on the config, which silently
         # undoes command-line changes on a resumed ``fit``; keep it for validate/test/predict only.
-        if self.config.get("subcommand") != "fit":
+        if sub != "fit":
             super()._parse_ckpt_path()
 
     def _section(self) -> dict:
@@ -242,6 +256,8 @@ class TPLightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         section = self._section()
         align_loggers(trainer, self.subcommand, section.get("ckpt_path"))
+        if section.get("ckpt_path"):
+            check_fits(self.model, section["ckpt_path"])  # another rule's or another network's weights: a short error
         if section.get("ckpt_path") and self.subcommand in (None, "fit"):  # only a resumed fit restores optimizers
             trainer.callbacks.append(ReapplyOptimizerConfig(reapply=bool(section.get("reapply_optimizer_config", False))))
         return trainer
@@ -274,7 +290,7 @@ def _divergence_advice(cli, err: DivergenceError, args: Sequence[str]) -> str:
     ckpt = getattr(cli.trainer.checkpoint_callback, "last_model_path", "") or ""
     if not ckpt or not Path(ckpt).is_file():
         return (
-            " No checkpoint had been written yet: rerun with a smaller learning rate "
+            ". No checkpoint had been written yet: rerun with a smaller learning rate "
             "(--model.init_args.forward_optimizer.init_args.lr) or target_stepsize."
         )
     lr = None
@@ -292,7 +308,8 @@ def _divergence_advice(cli, err: DivergenceError, args: Sequence[str]) -> str:
     new = ["--ckpt_path", ckpt, "--reapply_optimizer_config", "true"]
     if lr:
         new += ["--model.init_args.forward_optimizer.init_args.lr", f"{lr / 10:g}"]
-    return " To continue with a tenth of the learning rate: python train.py " + shlex.join([*keep, *new])
+    return (". No checkpoint was written after this step. To continue from the last good one with a tenth of the learning "
+            "rate: python train.py " + shlex.join([*keep, *new]))  # fmt: skip
 
 
 def build(args: Sequence[str]) -> TPLightningCLI:
@@ -326,7 +343,7 @@ def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"))
     except DivergenceError as err:
-        raise DivergenceError(str(err) + _divergence_advice(cli, err, raw)) from err
+        raise DivergenceError(str(err).removesuffix(RESUME_HINT) + _divergence_advice(cli, err, raw)) from err
     fit_metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     test_metrics = {}
     if test_on != "none":

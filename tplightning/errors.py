@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 __all__ = ["ConfigError", "short_error", "close_matches", "accepted_arguments", "HINT"]
 
+_TYPE_WORDS = {"Sequence": "list", "bool": "bool (true or false)", "int": "integer", "str": "string"}  # jsonargparse's types in words
+_EXPECTED = {"--seed_everything": "an integer seed, or true or false"}  # options of several types: what they take
 HINT = "(add --traceback for the full traceback; --help lists the options, --model.help CLASS a class's)"
 _SECTIONS = {"LearningRule": "model", "LightningModule": "model", "LightningDataModule": "data", "Callback": "trainer.callbacks", "Logger": "trainer.logger"}
 
@@ -106,6 +108,8 @@ def _leaves(message: str) -> list[str]:
     out = []
     for line in message.splitlines():
         text = line.strip().lstrip("- ").strip()
+        if re.search(r'Parser key "[^"]+":$', text):  # a wrapper around the nested problem (a callable's arguments)
+            continue
         if text and not text.startswith(skip) and text not in out:
             out.append(text)
     return out
@@ -189,8 +193,10 @@ def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> st
             mod = _import(module + ".__name__") and importlib.import_module(module)
             if mod is not None and (match := close_matches(name, [a for a in dir(mod) if not a.startswith("_")])):
                 problem += f"; did you mean {module}.{match[0]}?"
-        elif m := re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message):
-            problem, value = f"expected a {m.group(1)}", m.group(2)
+        elif m := re.search(r"Expected a <class '(?!NoneType)(?:[\w]+\.)*(\w+)'>(?:\. Got value: ([^\n]*))?", message):
+            kind = _TYPE_WORDS.get(m.group(1), m.group(1))
+            problem = "expected " + (_EXPECTED.get(path) or f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}")
+            value = m.group(2) or given.get(path)
         else:  # a constructor's own check: name the option(s) of the section that the message mentions
             if path and "init_args" not in path:
                 hits = [k for k in given if k.startswith(path + ".") and k.rsplit(".", 1)[-1] in problem]

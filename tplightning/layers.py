@@ -36,6 +36,8 @@ __all__ = ["Layer", "Dense", "AuxiliaryDense", "Conv2d", "Network", "dense_stack
 
 def check_sizes(sizes: Sequence[int]) -> list[int]:
     """Validate layer sizes ``[n_0, ..., n_L]`` (at least input and output, all positive ints)."""
+    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        raise ValueError(f"sizes must be a list of layer sizes such as [784, 256, 10], got {sizes!r}")
     sizes = list(sizes)
     if len(sizes) < 2:
         raise ValueError(f"sizes must list at least an input and an output size, got {sizes}")
@@ -399,6 +401,8 @@ def _initial_weight(shape: tuple[int, int], init: str, init_std: float | None, g
         raise ValueError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
     if init == "orthogonal" and init_std is not None:
         raise ValueError(f"init_std={init_std} applies to Gaussian weights only; leave it None with init='orthogonal'")
+    if init_std is not None and not init_std > 0:
+        raise ValueError(f"init_std must be > 0 (or None for 1/sqrt(n_in)), got {init_std}")
     std = init_std if init_std is not None else 1.0 / math.sqrt(shape[1])
     W = torch.randn(*shape, generator=generator) * std
     if init == "orthogonal":  # drawn after the Gaussian one, which keeps the seeded stream the MNIST runs used

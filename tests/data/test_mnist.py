@@ -105,6 +105,8 @@ def test_subset_and_size_errors(tmp_path, monkeypatch):
         make_dm(tmp_path, num_train=18, num_val=5).setup()
     with pytest.raises(ValueError, match="subset=10"):
         make_dm(tmp_path, num_train=15, num_val=5, subset=10)
+    with pytest.raises(ValueError, match=r"subset=30 exceeds the 20 training images in the file"):
+        make_dm(tmp_path, num_train=8, num_val=2, subset=30).setup()
 
 
 def test_dataloaders(tmp_path, monkeypatch):

@@ -48,8 +48,28 @@ def test_bp_fixed_changes_only_the_output_layer():
 
 
 def test_train_layers_validation():
-    with pytest.raises(ValueError, match="train_layers entry 4 is out of range for a network with 2 layers"):
+    with pytest.raises(ValueError, match=r"train_layers entry 4 is out of range for a network with 2 layers \(1\.\.2, or -2\.\.-1"):
         make_rule("BP", train_layers=[4])
+    for bad in ([], "1"):
+        with pytest.raises(ValueError, match=r"train_layers must list at least one layer index \(1\.\.2, or -1 for the output layer\)"):
+            make_rule("DTPAI", train_layers=bad)
+    with pytest.raises(ValueError, match=r"train_layers entry '1' is out of range"):
+        make_rule("BP", train_layers=["1"])
+    assert make_rule("BP", train_layers=[-1]).train_layers == [2]
+
+
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        ({"sizes": 6}, r"sizes must be a list of layer sizes such as \[784, 256, 10\], got 6"),
+        ({"sizes": "784,256,10"}, r"sizes must be a list of layer sizes such as \[784, 256, 10\], got '784,256,10'"),
+        ({"init_std": -1.0}, r"init_std must be > 0 \(or None for 1/sqrt\(n_in\)\), got -1\.0"),
+        ({"forward_optimizer": "sgd"}, r"forward_optimizer must build an optimizer from parameters, e\.g\. functools\.partial\(torch\.optim\.SGD, lr=0\.01\); got 'sgd'"),
+    ],
+)
+def test_constructor_arguments_are_checked_where_given(kw, expected):
+    with pytest.raises(ValueError, match=expected):
+        tp.BP(**{"sizes": [6, 6, 6], **kw})
 
 
 def test_linear_decay_schedule_reaches_one_fifth():

@@ -34,7 +34,9 @@ def check_split(num_train: int, num_val: int, subset: int | None) -> None:
 def seeded_split(total: int, num_train: int, num_val: int, subset: int | None, seed: int) -> tuple[Tensor, Tensor]:
     """Disjoint train and validation indices into the first ``subset`` (all when None) of ``total`` items, drawn by
     one permutation seeded with ``seed``."""
-    available = total if subset is None else min(subset, total)
+    if subset is not None and subset > total:
+        raise ValueError(f"subset={subset} exceeds the {total} training images in the file")
+    available = total if subset is None else subset
     if num_train + num_val > available:
         raise ValueError(
             f"num_train + num_val = {num_train} + {num_val} exceeds the {available} training images "

@@ -1,6 +1,7 @@
 """The shared base of every learning rule: forward, loss, eval steps, metrics, schedule, safety."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -14,6 +15,10 @@ from ..layers import Layer, Network, build_network
 from .state import CheckpointState
 
 __all__ = ["LearningRule", "DivergenceError", "LinearDecay"]
+
+
+#: the end of a divergence message; the CLI replaces it with the exact command (or says no checkpoint exists yet)
+RESUME_HINT = ". No checkpoint was written after this step; resume from the last good one with --ckpt_path, with a smaller learning rate or target_stepsize."
 
 
 class DivergenceError(RuntimeError):
@@ -95,6 +100,9 @@ class LearningRule(CheckpointState, pl.LightningModule):
             raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
         if not 0 < lr_final_factor <= 1:
             raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
+        if not callable(forward_optimizer):
+            raise ValueError(f"forward_optimizer must build an optimizer from parameters, e.g. "
+                             f"functools.partial(torch.optim.SGD, lr=0.01); got {forward_optimizer!r}")  # fmt: skip
         self.net = self.make_network(
             sizes=sizes, activation=activation, output_activation=output_activation, negative_slope=negative_slope,
             bias=bias, init_std=init_std, init=init, network=network,
@@ -125,11 +133,14 @@ class LearningRule(CheckpointState, pl.LightningModule):
         L = self.net.num_layers
         if layers is None:
             return list(range(1, L + 1))
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or not list(layers):
+            raise ValueError(f"train_layers must list at least one layer index (1..{L}, or -1 for the output layer), got {layers!r}")
         out = []
         for i in layers:
-            j = i + L + 1 if i < 0 else i
-            if not 1 <= j <= L:
-                raise ValueError(f"train_layers entry {i} is out of range for a network with {L} layers")
+            j = i + L + 1 if isinstance(i, numbers.Integral) and i < 0 else i
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 1 <= j <= L:
+                raise ValueError(f"train_layers entry {i!r} is out of range for a network with {L} layers (1..{L}, or -{L}..-1 from the output)")
+            j = int(j)
             out.append(j)
         return sorted(set(out))
 
@@ -208,8 +219,7 @@ class LearningRule(CheckpointState, pl.LightningModule):
         raise DivergenceError(
             f"training diverged at batch {batch} (epoch {epoch}): loss is "
             f"{loss.item()}, first non-finite activation in {where}, non-finite weights in layers "
-            f"{bad_w or 'none'}. No checkpoint was written after this step; resume from the last good "
-            "one with --ckpt_path, with a smaller learning rate or target_stepsize."
+            f"{bad_w or 'none'}" + RESUME_HINT
         )
 
     # ----------------------------------------------------------------------------- optimizers
