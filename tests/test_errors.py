@@ -189,3 +189,30 @@ def test_a_config_that_is_no_mapping_is_named(capsys, tmp_path, content, expecte
 def test_python_m_tplightning_asks_for_the_subcommand_first(capsys):
     err = _printed(capsys, stock_cli, ["--config", "dtp.yaml", "--trainer.max_epochs", "1"])
     assert err.startswith("error: python -m tplightning needs a subcommand (fit, validate, test, predict) before the options")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("max_epochs: 3\n", r"has a top-level key 'max_epochs', which is no option; did you mean max_epochs: under trainer:\?"),
+        ("model: 3\n", r"^error: --model: expected a class path \(such as tplightning\.DTPAI\) or a mapping with class_path: and init_args:\n  given: 3"),
+    ],
+)
+def test_a_config_key_in_the_wrong_place_is_named(capsys, tmp_path, content, expected):
+    path = tmp_path / "extra.yaml"
+    path.write_text(content)
+    err = _printed(capsys, main, ["--config", "dtp.yaml", "--config", str(path)])
+    assert re.search(expected, err), err
+
+
+@pytest.mark.parametrize("base", ["tplightning.LearningRule", "tplightning.TargetPropRule"])
+def test_a_base_class_is_no_rule(capsys, base):
+    err = _printed(capsys, main, [*BASE, "--model", base])
+    name = base.rsplit(".", 1)[1]
+    assert err.startswith(f"error: --model: {name} is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI"), err
+
+
+@pytest.mark.parametrize("which", ["forward", "feedback"])
+def test_a_negative_learning_rate_names_its_optimizer(capsys, which):
+    err = _printed(capsys, main, [*BASE, f"--model.init_args.{which}_optimizer.init_args.lr", "-0.1"])
+    assert err.startswith(f"error: {which}_optimizer: Invalid learning rate: -0.1"), err

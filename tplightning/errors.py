@@ -176,7 +176,20 @@ def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> st
         problem = leaves[0] if leaves else message.splitlines()[0] if message else type(err).__name__
         value = None
         m = re.search(r"Option '([^']+)' is not accepted", message)
-        if m and path:  # an argument the class does not have
+        if m and not path:  # a top-level key of a config file that is no option
+            name = m.group(1)
+            configs = [a for k, a in zip(argv, list(argv)[1:]) if k == "--config"]
+            problem = f"a config ({', '.join(configs) or 'given'}) has a top-level key {name!r}, which is no option"
+            options = [o.lstrip("-") for o in getattr(parser, "_option_string_actions", {}) or []]
+            if not any(o.startswith("trainer.") for o in options):
+                from ._lightning import pl
+
+                options += ["trainer." + a for a in accepted_arguments(pl.Trainer)]
+            near = [o for o in options if o.endswith("." + name)] or close_matches(name, options)
+            if near:
+                section, _, key = near[0].rpartition(".")
+                problem += f"; did you mean {key}: under {section}:?" if section else f"; did you mean {key}:?"
+        elif m and path:  # an argument the class does not have
             name = m.group(1)
             path = f"{path}.init_args.{name}" if not path.endswith(name) else path
             value = next((v for k, v in given.items() if k.endswith("." + name)), None)
@@ -186,6 +199,9 @@ def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> st
                 problem += f"; did you mean {path.rsplit('.', 1)[0]}.{match[0]}?"
             elif cls is not None:
                 problem += f"; it accepts: {', '.join(accepted_arguments(cls))}"
+        elif "Subclass types expect one of" in message:  # a scalar or list where a class belongs
+            problem = "expected a class path (such as tplightning.DTPAI) or a mapping with class_path: and init_args:"
+            value = (re.findall(r"Given value: ([^\n]*)", message) or [None])[-1]
         elif m := re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message):
             module, name = m.groups()
             value = f"{module}.{name}"

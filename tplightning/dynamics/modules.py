@@ -57,7 +57,7 @@ class _FeedbackMixin:
 
     def build_optimizers(self):
         fb = self.feedback_parameters()
-        return super().build_optimizers() + ([self.feedback_optimizer(fb)] if fb else [])
+        return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
 
 
 def _double(params) -> list[Tensor]:

@@ -87,7 +87,7 @@ class BDFA(FA):
         return [self.input_feedback, *self.feedback_weights]
 
     def build_optimizers(self):
-        return super().build_optimizers() + [self.feedback_optimizer(self.feedback_parameters())]
+        return super().build_optimizers() + [self.make_optimizer("feedback_optimizer", self.feedback_parameters())]
 
     def feedback_grads(self, x: Tensor, y: Tensor) -> dict[Tensor, Tensor]:
         """``{B_i: mean_b delta^b_i (h^b_{i+1})^T}`` of phase two (eqs. 3.25-3.27) for a batch ``(x, y)``."""

@@ -75,6 +75,8 @@ class LearningRule(CheckpointState, pl.LightningModule):
             ``activation``, ``negative_slope``, ``bias``, ``init_std`` and ``init`` then do not apply.
     """
 
+    #: set in the class body of a base that is not a rule by itself (this one, TargetPropRule): it cannot be built
+    _abstract: ClassVar[bool] = True
     #: ``True``: defer the per-step finiteness check (:meth:`check_finite`), ``False``: read it at once, ``None``: defer on accelerators only
     defer_finite_check: ClassVar[bool | None] = None
 
@@ -93,6 +95,9 @@ class LearningRule(CheckpointState, pl.LightningModule):
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
     ):
+        if type(self).__dict__.get("_abstract"):
+            raise TypeError(f"{type(self).__name__} is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI "
+                            "or tplightning.BP (README, 'The rules'), or subclass it")  # fmt: skip
         super().__init__()
         self.save_hyperparameters(ignore=["forward_optimizer", "feedback_optimizer", "network"])
         self.automatic_optimization = False
@@ -233,7 +238,15 @@ class LearningRule(CheckpointState, pl.LightningModule):
 
     def build_optimizers(self) -> list[torch.optim.Optimizer]:
         """The forward optimizer, then (in rules with learned feedback) the feedback optimizer."""
-        return [self.forward_optimizer(self.forward_parameters())]
+        return [self.make_optimizer("forward_optimizer", self.forward_parameters())]
+
+    def make_optimizer(self, name: str, params) -> torch.optim.Optimizer:
+        """The optimizer that the factory ``self.<name>`` builds for ``params``; a bad setting (a negative learning
+        rate, an unknown argument) is reported as ``ValueError`` naming the factory."""
+        try:
+            return getattr(self, name)(params)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{name}: {err}") from err
 
     def configure_optimizers(self):
         optimizers = self.build_optimizers()

@@ -136,7 +136,7 @@ class LearnedInverseRule(TargetPropRule):
 
     def build_optimizers(self):
         fb = self.feedback_parameters()
-        return super().build_optimizers() + ([self.feedback_optimizer(fb)] if fb else [])
+        return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
 
     # ----------------------------------------------------------------------------- feedback training
     def noise(self, shape: tuple[int, ...]) -> Tensor:

@@ -48,6 +48,8 @@ class TargetPropRule(LearningRule):
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
     """
 
+    _abstract = True  # presets choose the maps (make_maps)
+
     randomized: ClassVar[bool] = False
     modified: ClassVar[bool] = False
 
