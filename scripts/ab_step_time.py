@@ -49,7 +49,8 @@ def load_other(repo: Path):
 
 def compile_pieces(rule, mode: str = "default") -> None:
     """``torch.compile`` the pure tensor work of ``rule``'s step in place: ``net.forward_all`` and, where the rule has
-    them, ``targets_from``, ``forward_grads`` and ``feedback_grads`` (one graph each on the MNIST network); ``mode``:
+    them, ``targets_from``, ``forward_grads`` and ``feedback_grads`` (dynamo splits them where they call what it cannot
+    trace, such as the noise generator: 5 graphs for DTP-AI, 15 for LeeDTP, none added after the first steps); ``mode``:
     torch.compile's (``reduce-overhead`` replays CUDA graphs on a GPU)."""
     rule.net.forward_all = torch.compile(rule.net.forward_all, mode=mode)
     for piece in ("targets_from", "forward_grads", "feedback_grads"):

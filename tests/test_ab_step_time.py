@@ -44,6 +44,10 @@ def test_compiled_pieces_train_the_same_rule(one_thread):
     import tplightning as tp
     import torch
 
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     eager, compiled = script.build(tp, "DTPAI"), script.build(tp, "DTPAI")
     script.compile_pieces(compiled)
     assert {"targets_from", "forward_grads", "feedback_grads"} <= set(compiled.__dict__) and "forward_all" in compiled.net.__dict__
@@ -54,3 +58,4 @@ def test_compiled_pieces_train_the_same_rule(one_thread):
     moved = max((p - q).abs().max().item() for p, q in zip(eager.parameters(), script.build(tp, "DTPAI").parameters()))
     diff = max((p - q).abs().max().item() for p, q in zip(eager.parameters(), compiled.parameters()))
     assert moved > 1e-6 and diff < 1e-3 * moved
+    assert counters["stats"]["unique_graphs"] >= 3  # compiled indeed, not run eagerly

@@ -156,8 +156,9 @@ def test_a_bad_checkpoint_file_is_named(capsys, tmp_path, dtp_checkpoint, kind, 
     [
         (["--config", "bp.yaml"], r"was written by tplightning\.rules\.learned\.DTPAI, but the model is tplightning\.rules\.backprop\.BP; use the config of the run that wrote it"),
         (["--config", "dtp.yaml", "--model.init_args.sizes", "[6,8,6]", "--data.init_args.sizes", "[6,8,6]"],
-         r"does not fit the configured network: net\.layers\.0\.weight has shape \[6, 6\] there and \[8, 6\] here"),
-        (["--config", "dtp.yaml", "--model.init_args.batch_norm", "true"], r"does not fit the configured tplightning\.rules\.learned\.DTPAI: it lacks "),
+         r"does not fit the configured DTPAI: net\.layers\.0\.weight is \[6, 6\] there and \[8, 6\] here \(the config differs from the run that wrote it\)"),
+        (["--config", "dtp.yaml", "--model.init_args.batch_norm", "true"],
+         r"does not fit the configured DTPAI: it lacks normalization\.running_mean_0, normalization\.running_var_0 and 2 more \(the config"),
     ],
 )
 def test_a_checkpoint_of_another_rule_or_network_is_refused(capsys, dtp_checkpoint, extra, expected):
@@ -216,3 +217,13 @@ def test_a_base_class_is_no_rule(capsys, base):
 def test_a_negative_learning_rate_names_its_optimizer(capsys, which):
     err = _printed(capsys, main, [*BASE, f"--model.init_args.{which}_optimizer.init_args.lr", "-0.1"])
     assert err.startswith(f"error: {which}_optimizer: Invalid learning rate: -0.1"), err
+
+
+def test_lightnings_own_checkpoint_names_are_left_to_lightning(tmp_path, monkeypatch):
+    # "last" is resolved by Lightning from the checkpoint callback's folder, not a file the CLI could check
+    monkeypatch.chdir(tmp_path)
+    run = ["--config", "dtp.yaml", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--test_on", "none",
+           "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    main([*run, "--trainer.max_epochs", "1"])
+    out = main([*run, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert out["cli"].trainer.current_epoch == 2

@@ -9,7 +9,9 @@ only for further training; pass ``forward_optimizer=...`` to override.
 """
 from __future__ import annotations
 
+import copy
 import importlib
+import re
 from pathlib import Path
 
 import torch
@@ -75,23 +77,38 @@ def load(checkpoint_path: str | Path, map_location=None, **kwargs):
     return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
 
 
-def check_fits(model, checkpoint_path) -> None:
-    """``ValueError`` unless ``model`` can take the weights of ``checkpoint_path``: the checkpoint records the model's
-    class (when it records one), and its tensors have the model's names and shapes (a config whose sizes or layers
-    differ from the run that wrote it fails here, with the first differing tensor named)."""
-    ckpt = read(checkpoint_path)
+def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:
+    """``ValueError`` unless ``model`` can take the weights of ``checkpoint_path`` (``ckpt``: the file already
+    :func:`read`): the class it records is the model's (or one related by inheritance), and a trial load into a copy
+    of the model (through ``on_load_checkpoint``, which migrates older checkpoints, and a strict ``load_state_dict``)
+    succeeds; a config whose sizes, layers or options differ from the run that wrote it fails here, the first
+    mismatch named."""
+    ckpt = read(checkpoint_path) if ckpt is None else ckpt
     recorded, own = _recorded_path(ckpt), class_path_of(model)
-    if recorded is not None and recorded != own:
+    try:
+        cls = _import(recorded) if recorded else None
+    except (ImportError, AttributeError, ValueError):
+        cls = None  # a class this interpreter cannot import: the trial load still checks the weights
+    if cls is not None and not (isinstance(model, cls) or issubclass(cls, type(model))):
         raise ValueError(f"checkpoint {checkpoint_path} was written by {recorded}, but the model is {own}; "
                          "use the config of the run that wrote it")  # fmt: skip
-    mine, theirs = model.state_dict(), ckpt["state_dict"]
-    for name, t in theirs.items():
-        if name in mine and torch.is_tensor(t) and t.shape != mine[name].shape:
-            raise ValueError(f"checkpoint {checkpoint_path} does not fit the configured network: {name} has shape "
-                             f"{list(t.shape)} there and {list(mine[name].shape)} here (the config's sizes or layers "
-                             "differ from the run that wrote it)")  # fmt: skip
-    missing, extra = [k for k in mine if k not in theirs], [k for k in theirs if k not in mine]
-    if missing or extra:
-        parts = ([f"lacks {', '.join(missing[:3])}"] if missing else []) + ([f"has {', '.join(extra[:3])} besides"] if extra else [])
-        raise ValueError(f"checkpoint {checkpoint_path} does not fit the configured {own}: it {' and '.join(parts)} "
-                         "(the config's options differ from the run that wrote it)")  # fmt: skip
+    trial, ckpt = copy.deepcopy(model), copy.deepcopy(ckpt)  # on_load_checkpoint migrates old checkpoints in place
+    try:
+        trial.on_load_checkpoint(ckpt)
+        trial.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {checkpoint_path} does not fit the configured {type(model).__name__}: "
+                         f"{_mismatch(str(err))} (the config differs from the run that wrote it)") from None
+
+
+def _mismatch(message: str) -> str:
+    """The first problem of ``load_state_dict``'s error, in a few words."""
+    if m := re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                      r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", message):  # fmt: skip
+        return f"{m.group(1)} is {m.group(2)} there and {m.group(3)} here"
+    for label, verb in (("Missing", "lacks"), ("Unexpected", "has")):
+        if m := re.search(label + r' key\(s\) in state_dict: ([^\n]*)\.', message):
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            more = f" and {len(keys) - 2} more" if len(keys) > 2 else ""
+            return f"it {verb} {', '.join(keys[:2])}{more}" + (" besides" if verb == "has" else "")
+    return (message.strip().splitlines() or ["the weights do not load"])[-1].strip()[:160]

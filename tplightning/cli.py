@@ -187,6 +187,15 @@ def apply_threads(threads: int | None, model) -> None:
         torch.set_num_threads(n)
 
 
+def _local_checkpoint(ckpt_path) -> bool:
+    """Whether ``--ckpt_path`` names a local file to check, rather than one of Lightning's own values (``last``,
+    ``best``, ``hpc``, ``registry...``) or a remote URL, which Lightning resolves itself."""
+    if not ckpt_path:
+        return False
+    text = str(ckpt_path)
+    return text not in ("last", "best", "hpc") and not text.startswith("registry") and "://" not in text
+
+
 class TPLightningCLI(LightningCLI):
     """LightningCLI with ``--ckpt_path`` (resume), ``--test_on`` and ``--reapply_optimizer_config``."""
 
@@ -227,8 +236,9 @@ class TPLightningCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         sub = self.config.get("subcommand")
         ckpt_path = (self.config[sub] if sub else self.config).get("ckpt_path")
-        if ckpt_path:
-            read_checkpoint(ckpt_path)  # a missing, foreign, truncated or corrupt file: a short error, before torch's
+        self._checkpoint = None
+        if _local_checkpoint(ckpt_path):  # a missing, foreign, truncated or corrupt file: a short error, before torch's
+            self._checkpoint = read_checkpoint(ckpt_path)
         # The stock CLI overlays the checkpoint's hyper-parameters on the config, which silently
         # undoes command-line changes on a resumed ``fit``; keep it for validate/test/predict only.
         if sub != "fit":
@@ -256,8 +266,9 @@ class TPLightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         section = self._section()
         align_loggers(trainer, self.subcommand, section.get("ckpt_path"))
-        if section.get("ckpt_path"):
-            check_fits(self.model, section["ckpt_path"])  # another rule's or another network's weights: a short error
+        if getattr(self, "_checkpoint", None) is not None:  # another rule's or another network's weights: a short error
+            check_fits(self.model, section["ckpt_path"], self._checkpoint)
+            self._checkpoint = None  # Lightning reads the file itself
         if section.get("ckpt_path") and self.subcommand in (None, "fit"):  # only a resumed fit restores optimizers
             trainer.callbacks.append(ReapplyOptimizerConfig(reapply=bool(section.get("reapply_optimizer_config", False))))
         return trainer

@@ -164,7 +164,11 @@ def get_activation(name: str, negative_slope: float = 0.35) -> Activation:
 
 
 def label_output(y: Tensor, n_out: int, loss: str, dtype: torch.dtype | None = None) -> Tensor:
-    """The labels in output space: ``y`` itself for ``mse``, ``onehot(y)`` (``n_out`` classes) for ``cross_entropy``."""
+    """The labels in output space: ``y`` itself for ``mse``, ``onehot(y)`` (``n_out`` classes) for ``cross_entropy``.
+
+    A label outside ``[0, n_out)`` gets a row of zeros here (checking would read the labels back from the device);
+    the rules compute the loss of a batch first, whose cross-entropy refuses it.
+    """
     if loss == "mse":
         return y if dtype is None else y.to(dtype)
     if loss == "cross_entropy":  # not ``one_hot``: it reads ``y``'s range back to the host (a stall on a GPU)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tplightning._lightning import pl
+
 import tplightning as tp
 from conftest import RULES, SHARED_DATA, make_rule, quiet_trainer
 from tplightning.benchmarks import syncs
@@ -38,6 +40,7 @@ class ReadsItsLoss(tp.DTPAI):
         out = super().training_step(batch, batch_idx)
         self.last_loss = float(self.loss_from_output(self(batch[0]), batch[1]).detach())  # a host read per batch
         self.flags = torch.isfinite(self.net.weights[0]).cpu()  # and another
+        self.positive = batch[0][batch[0] > 0]  # boolean-mask indexing counts its mask: a third
         return out
 
 
@@ -46,7 +49,21 @@ def test_the_counter_names_every_read_and_where():
                                   feedback_optimizer=torch.optim.SGD), "regression", batches=2, log_every=100)  # fmt: skip
     here = {w.split(":")[0] for c in reads.per_batch for w in c}
     assert here == {"test_syncs.py"}
-    assert [sum(c.values()) for c in reads.per_batch] == [2, 2]
+    assert [sum(c.values()) for c in reads.per_batch] == [3, 3]
+
+
+class ReadsInTheOptimizerStep(pl.Callback):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # Lightning runs it inside torch's step
+        self.norm = float(pl_module.net.weights[0].norm())
+
+
+def test_a_hook_inside_the_optimizer_step_is_no_optimizer_code():
+    reads = syncs.HostReads()
+    rule = make_rule("BP", sizes=(6, 6, 4))
+    dm = SyntheticData(6, 4, 16, 8, "regression")
+    quiet_trainer(limit_val_batches=0, log_every_n_steps=100, callbacks=[ReadsInTheOptimizerStep(), reads]).fit(rule, datamodule=dm)
+    assert [{w.split(":")[0] for w in c} for c in reads.per_batch] == [{"test_syncs.py"}] * 2
+    assert rule.defer_finite_check is type(rule).defer_finite_check  # the rule's own setting again after the run
 
 
 def test_one_hot_labels_would_read_the_device(monkeypatch):

@@ -53,9 +53,12 @@ def test_train_layers_validation():
     for bad in ([], "1"):
         with pytest.raises(ValueError, match=r"train_layers must list at least one layer index \(1\.\.2, or -1 for the output layer\)"):
             make_rule("DTPAI", train_layers=bad)
-    with pytest.raises(ValueError, match=r"train_layers entry '1' is out of range"):
-        make_rule("BP", train_layers=["1"])
+    for bad in (["1"], [2.0], [True]):
+        with pytest.raises(ValueError, match=r"train_layers entries must be integers, got "):
+            make_rule("BP", train_layers=bad)
     assert make_rule("BP", train_layers=[-1]).train_layers == [2]
+    assert make_rule("BP", train_layers=iter([1, 2])).train_layers == [1, 2]  # any iterable of integers
+    assert make_rule("BP", train_layers=torch.tensor([2, -2])).train_layers == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -58,3 +58,19 @@ def test_load_from_checkpoint_rebuilds_a_legacy_rule(name):
         torch.testing.assert_close(rule.net.layers[-1].aux_weight, W_last[rule.output_dim :])
     if name == "TPEI":
         torch.testing.assert_close(rule.inverse(2), ckpt["state_dict"]["W_inv_2"])
+
+
+def test_train_py_resumes_a_legacy_checkpoint(tmp_path, monkeypatch):
+    # the CLI's check of a checkpoint against the configured rule goes through the same migrations as the load
+    from train import main
+
+    monkeypatch.chdir(tmp_path)
+    out = main(["--config", "dtp.yaml", "--model.init_args.sizes", "[6,6,6,6]", "--data.init_args.sizes", "[6,6,6,6]",
+                "--ckpt_path", str(DATA / "DTPAI.ckpt.pt"), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2",
+                "--trainer.limit_val_batches", "1", "--test_on", "none", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert out["cli"].trainer.current_epoch == 2
+
+
+def test_a_legacy_checkpoint_without_its_class_names_what_to_do():
+    with pytest.raises(ValueError, match=r"records no tplightning rule class; load it with the rule's own class, e\.g\. tplightning\.DTPAI\.load_from_checkpoint"):
+        tp.load(DATA / "DTPAI.ckpt.pt")

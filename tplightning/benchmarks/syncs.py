@@ -7,7 +7,7 @@ written to read nothing per batch; the finiteness check's flags stay on the devi
 (:meth:`~tplightning.rules.base.LearningRule.check_finite`).
 
 ``python -m tplightning.benchmarks.syncs`` runs each MNIST config through ``train.py``'s CLI for a few batches and counts
-the reads in each training batch (Lightning's batch-start hooks, the rule's ``training_step``, the batch-end hooks),
+the reads in each training batch (the rule's ``training_step`` and the callbacks' batch-end hooks),
 with the batches that log (every ``--log-every``) counted apart. On CUDA, :func:`torch.cuda.set_sync_debug_mode` reports every
 synchronizing operation. On a CPU nothing waits, but the same reads are found by name (:class:`HostReads`), with the
 finiteness check deferred as on an accelerator. A test runs every rule with learned or fixed feedback this way; the
@@ -38,7 +38,8 @@ __all__ = ["HostReads", "count", "main"]
 PROG = "python -m tplightning.benchmarks.syncs"
 # aten operations whose result the host must see: on a device each copies a value back and waits for it
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
-                      "unique_consecutive", "equal"})  # fmt: skip
+                      "unique_consecutive", "equal", "allclose"})  # fmt: skip
+MASK_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})  # read the device when an index is boolean
 HOST_METHODS = ("tolist", "cpu", "numpy")  # Tensor methods that reach the host without an aten operation on a CPU
 # frames whose reads touch host tensors only, whatever the device (path fragment: why)
 HOST_SIDE = {
@@ -60,12 +61,27 @@ def _short(filename: str) -> str:
 
 
 def _where(stack: list[traceback.FrameSummary]) -> str | None:
-    """``file:line`` of the innermost frame outside torch, or ``None`` for a host-side read (:data:`HOST_SIDE`)."""
-    frames = [f for f in stack if not any(own in f.filename for own in _OWN_FRAMES)]
-    if any(part in f.filename for f in frames for part in HOST_SIDE):
+    """``file:line`` of the innermost frame outside torch (the code that asked), or ``None`` for a host-side read:
+    one whose asking frame, or a torch frame inside it, is in :data:`HOST_SIDE` (the frames further out are not
+    looked at: a user's hook that Lightning runs inside an optimizer's step is no optimizer code)."""
+    frames = [f for f in stack if not any(own in f.filename for own in _OWN_FRAMES)] or stack
+    k = max((i for i, f in enumerate(frames) if not f.filename.startswith(_TORCH)), default=0)
+    if any(part in f.filename for f in frames[k:] for part in HOST_SIDE):
         return None
-    outside = [f for f in frames if not f.filename.startswith(_TORCH)] or frames or stack
-    return f"{_short(outside[-1].filename)}:{outside[-1].lineno}"
+    return f"{_short(frames[k].filename)}:{frames[k].lineno}"
+
+
+def _reads_device(func, args, kwargs) -> bool:
+    """Whether the aten operation ``func`` makes the host read a device value."""
+    name = func._schema.name.split("::")[-1]
+    if name in SYNC_OPS:
+        return True
+    if name == "repeat_interleave":  # sizes its output from the repeats unless told
+        return (kwargs or {}).get("output_size") is None
+    if name in MASK_OPS:  # boolean-mask indexing sizes its result by counting the mask
+        indices = args[1] if len(args) > 1 else (kwargs or {}).get("indices", ())
+        return any(torch.is_tensor(t) and t.dtype == torch.bool for t in (indices or ()) if t is not None)
+    return False
 
 
 class _ByName(TorchDispatchMode):
@@ -74,7 +90,7 @@ class _ByName(TorchDispatchMode):
         self.reads = reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name.split("::")[-1] in SYNC_OPS:
+        if _reads_device(func, args, kwargs):
             where = _where(traceback.extract_stack())
             if where is not None:
                 self.reads[where] += 1
@@ -126,12 +142,14 @@ class HostReads(pl.Callback):
 
     ``per_batch[k]`` maps ``file:line`` (the innermost frame outside torch) to the reads made there in batch ``k``. On
     CUDA the count is torch's own (:func:`torch.cuda.set_sync_debug_mode`). On a CPU it counts the aten operations of
-    :data:`SYNC_OPS` (``.item()``, ``bool``/``float``/``int`` of a tensor, ``nonzero``, boolean indexing, ...) and the
-    methods of :data:`HOST_METHODS`, except in the frames of :data:`HOST_SIDE`; ``.to("cpu")`` is not seen there.
+    :data:`SYNC_OPS` (``.item()``, ``bool``/``float``/``int`` of a tensor, ``nonzero``, ``allclose``, ...), boolean-mask
+    indexing and ``repeat_interleave`` without ``output_size``, and the methods of :data:`HOST_METHODS`, except those
+    asked for by the frames of :data:`HOST_SIDE`; ``.to("cpu")`` is not seen there.
     A rule whose ``defer_finite_check`` is ``None`` gets it deferred, as on an accelerator (on a CPU it reads its flag
     at once, which costs nothing there). Checks inside torch's kernels (``torch.linalg``'s error checks, which the
-    exact-inverse rules' updates pass through) are seen on CUDA only. Append it last to the trainer's callbacks, so the
-    window spans the other callbacks' batch hooks.
+    exact-inverse rules' updates pass through) are seen on CUDA only. The window opens at this callback's
+    ``on_train_batch_start`` and closes at its ``on_train_batch_end``: appended last to the trainer's callbacks it
+    spans the rule's step and every callback's batch-end hook, not the batch-start hooks of the callbacks before it.
     """
 
     def __init__(self):
@@ -139,7 +157,8 @@ class HostReads(pl.Callback):
         self._block = None
 
     def on_train_start(self, trainer, pl_module):
-        if getattr(pl_module, "defer_finite_check", False) is None:  # "deferred on accelerators only"
+        self._deferred = getattr(pl_module, "defer_finite_check", False) is None  # "deferred on accelerators only"
+        if self._deferred:
             pl_module.defer_finite_check = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -153,6 +172,9 @@ class HostReads(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._close()  # a batch that raised
+        if getattr(self, "_deferred", False):
+            del pl_module.defer_finite_check  # the class's setting again
+            self._deferred = False
 
     def on_exception(self, trainer, pl_module, exception):
         self._close()

@@ -21,7 +21,7 @@ import torch
 from tplightning._lightning import OptimizerCallable
 from torch import Tensor, nn
 
-from ..rules.base import DivergenceError, LearningRule
+from ..rules.base import DivergenceError, LearningRule, check_optimizer_factory
 from .models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target
 
 __all__ = ["DynamicalTP", "TwoPhaseDTP", "MultiplexingDTP"]
@@ -126,6 +126,7 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
             raise ValueError(f"inverses must be 'exact' or 'learned', got {inverses!r}")
         self.mu, self.target_stepsize, self.inverses = mu, target_stepsize, inverses
         self.depth_compensation, self.tau, self.tol, self.max_iter = depth_compensation, tau, tol, max_iter
+        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
         self.feedback_optimizer, self.feedback_weight_decay = feedback_optimizer, feedback_weight_decay
         self.feedback_init = feedback_init
         self.feedback = None
@@ -252,6 +253,7 @@ class MultiplexingDTP(_FeedbackMixin, LearningRule):
         super().__init__(*args, **kwargs)
         _check_common(self.net.biases is not None, target_stepsize, feedback_weight_decay)
         self.target_stepsize, self.feedback_activation, self.tau = target_stepsize, feedback_activation, tau
+        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
         self.feedback_optimizer, self.feedback_weight_decay = feedback_optimizer, feedback_weight_decay
         self.feedback_init, self.train_feedback = feedback_init, train_feedback
         self._init_feedback(feedback_init, feedback_seed)

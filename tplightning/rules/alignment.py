@@ -16,6 +16,7 @@ from .. import functional as F
 from .._lightning import OptimizerCallable
 from ..layers import Dense
 from ..target_maps import DirectFeedback, FeedbackAlignment, TrainedFeedback
+from .base import check_optimizer_factory
 from .target_prop import TargetPropRule
 
 __all__ = ["FA", "DFA", "BDFA"]
@@ -73,6 +74,7 @@ class BDFA(FA):
 
     def __init__(self, *args, feedback_optimizer: OptimizerCallable = torch.optim.SGD, **kwargs):
         super().__init__(*args, **kwargs)
+        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
         self.feedback_optimizer = feedback_optimizer
         first = self.net.layers[0]
         if not isinstance(first, Dense):

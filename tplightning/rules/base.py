@@ -1,7 +1,7 @@
 """The shared base of every learning rule: forward, loss, eval steps, metrics, schedule, safety."""
 from __future__ import annotations
 
-import numbers
+import operator
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -19,6 +19,17 @@ __all__ = ["LearningRule", "DivergenceError", "LinearDecay"]
 
 #: the end of a divergence message; the CLI replaces it with the exact command (or says no checkpoint exists yet)
 RESUME_HINT = ". No checkpoint was written after this step; resume from the last good one with --ckpt_path, with a smaller learning rate or target_stepsize."
+
+
+def check_optimizer_factory(name: str, factory) -> None:
+    """``ValueError`` unless ``factory`` can build an optimizer from parameters (a class or a partial of one)."""
+    if not callable(factory):
+        raise ValueError(f"{name} must build an optimizer from parameters, e.g. functools.partial(torch.optim.SGD, lr=0.01); "
+                         f"got {factory!r}")  # fmt: skip
+
+
+#: the bases that are not rules by themselves (LearningRule, TargetPropRule): they cannot be built
+ABSTRACT: set[type] = set()
 
 
 class DivergenceError(RuntimeError):
@@ -75,8 +86,6 @@ class LearningRule(CheckpointState, pl.LightningModule):
             ``activation``, ``negative_slope``, ``bias``, ``init_std`` and ``init`` then do not apply.
     """
 
-    #: set in the class body of a base that is not a rule by itself (this one, TargetPropRule): it cannot be built
-    _abstract: ClassVar[bool] = True
     #: ``True``: defer the per-step finiteness check (:meth:`check_finite`), ``False``: read it at once, ``None``: defer on accelerators only
     defer_finite_check: ClassVar[bool | None] = None
 
@@ -95,7 +104,7 @@ class LearningRule(CheckpointState, pl.LightningModule):
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
     ):
-        if type(self).__dict__.get("_abstract"):
+        if type(self) in ABSTRACT:
             raise TypeError(f"{type(self).__name__} is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI "
                             "or tplightning.BP (README, 'The rules'), or subclass it")  # fmt: skip
         super().__init__()
@@ -105,9 +114,7 @@ class LearningRule(CheckpointState, pl.LightningModule):
             raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
         if not 0 < lr_final_factor <= 1:
             raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
-        if not callable(forward_optimizer):
-            raise ValueError(f"forward_optimizer must build an optimizer from parameters, e.g. "
-                             f"functools.partial(torch.optim.SGD, lr=0.01); got {forward_optimizer!r}")  # fmt: skip
+        check_optimizer_factory("forward_optimizer", forward_optimizer)
         self.net = self.make_network(
             sizes=sizes, activation=activation, output_activation=output_activation, negative_slope=negative_slope,
             bias=bias, init_std=init_std, init=init, network=network,
@@ -138,14 +145,21 @@ class LearningRule(CheckpointState, pl.LightningModule):
         L = self.net.num_layers
         if layers is None:
             return list(range(1, L + 1))
-        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or not list(layers):
-            raise ValueError(f"train_layers must list at least one layer index (1..{L}, or -1 for the output layer), got {layers!r}")
+        given = layers
+        layers = [] if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") else list(layers)
+        if not layers:
+            raise ValueError(f"train_layers must list at least one layer index (1..{L}, or -1 for the output layer), got {given!r}")
         out = []
         for i in layers:
-            j = i + L + 1 if isinstance(i, numbers.Integral) and i < 0 else i
-            if not isinstance(i, numbers.Integral) or isinstance(i, bool) or not 1 <= j <= L:
-                raise ValueError(f"train_layers entry {i!r} is out of range for a network with {L} layers (1..{L}, or -{L}..-1 from the output)")
-            j = int(j)
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                i = operator.index(i)  # ints, numpy and 0-d tensor integers
+            except TypeError:
+                raise ValueError(f"train_layers entries must be integers, got {i!r}") from None
+            j = i + L + 1 if i < 0 else i
+            if not 1 <= j <= L:
+                raise ValueError(f"train_layers entry {i} is out of range for a network with {L} layers (1..{L}, or -{L}..-1 from the output)")
             out.append(j)
         return sorted(set(out))
 
@@ -371,6 +385,12 @@ class LearningRule(CheckpointState, pl.LightningModule):
         from ..checkpoints import recorded_class
 
         target = recorded_class(checkpoint_path, cls)
+        if target in ABSTRACT:
+            raise ValueError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with the rule's own "
+                             "class, e.g. tplightning.DTPAI.load_from_checkpoint(path)")  # fmt: skip
         if target is not cls:
             return target.load_from_checkpoint(checkpoint_path, *args, **kwargs)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+
+ABSTRACT.add(LearningRule)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .._lightning import OptimizerCallable
 from ..target_maps import Difference, GradientTarget, OriginalInverse, Step, TargetMap, ThesisInverse, check_feedback_options
+from .base import check_optimizer_factory
 from .target_prop import TargetPropRule
 
 __all__ = [
@@ -95,6 +96,7 @@ class LearnedInverseRule(TargetPropRule):
         elif feedback_batch_size is not None and feedback_batch_size < 1:
             raise ValueError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {feedback_batch_size}")
         super().__init__(*args, **kwargs)
+        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
         self.feedback_optimizer = feedback_optimizer
         self.feedback_noise_std, self.feedback_weight_decay = feedback_noise_std, feedback_weight_decay
         self.feedback_iterations, self.feedback_batch_size = feedback_iterations, feedback_batch_size

@@ -24,7 +24,7 @@ from ..layers import Dense
 from ..normalization import InputNormalization
 from ..selection import AllLayers, RandomLayer
 from ..target_maps import Step, TargetMap
-from .base import LearningRule
+from .base import ABSTRACT, LearningRule
 
 __all__ = ["TargetPropRule"]
 
@@ -47,8 +47,6 @@ class TargetPropRule(LearningRule):
         bn_eps: added to the variance.
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
     """
-
-    _abstract = True  # presets choose the maps (make_maps)
 
     randomized: ClassVar[bool] = False
     modified: ClassVar[bool] = False
@@ -238,3 +236,6 @@ def _legacy_rule_keys(rule: TargetPropRule, sd: dict) -> None:
             sd[f"maps.{i - 2}.{prefix}W_inv"] = sd.pop(f"W_inv_{i}")
     for key in [k for k in sd if k.startswith(("running_mean_", "running_var_"))]:
         sd[f"normalization.{key}"] = sd.pop(key)
+
+
+ABSTRACT.add(TargetPropRule)  # presets choose the maps (make_maps)
