@@ -64,6 +64,7 @@ campaign's run of that seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import math
 import os
@@ -76,6 +77,11 @@ from datetime import date
 from pathlib import Path
 
 import yaml
+
+try:
+    import fcntl  # POSIX: the lock of a new study's creation (_creation_lock)
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 from .._lightning import pl
 from ..rules.base import DivergenceError
@@ -311,6 +317,24 @@ def open_storage(storage: str):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+@contextlib.contextmanager
+def _creation_lock(storage: str):
+    """Holds an exclusive lock on ``<journal>.init.lock`` while a study in a journal file is created and seeded, so
+    that workers of one machine started at once enqueue the shipped config once. Databases get no lock here (workers
+    on several machines): there ``skip_if_exists`` leaves only workers started within the same instant to race."""
+    if "://" in storage or fcntl is None:
+        yield
+        return
+    lock = Path(str(storage) + ".init.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _finished(study) -> list:
     """The trials that count towards ``--trials``: complete and pruned ones (a failed trial, an interrupted one
     among them, is run again)."""
@@ -340,20 +364,21 @@ def run_study(
 
     space = searched(rule, keep)  # a bad rule or parameter name fails before any storage is touched
     storage = storage or default_storage(rule)
-    study = optuna.create_study(
-        study_name=study_name or f"mnist-{rule}",
-        storage=open_storage(storage),
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup),
-    )
-    if "rule" not in study.user_attrs:  # the proxy a study was made with, for the config header
-        study.set_user_attr("rule", rule)
-        study.set_user_attr("space", [p.name for p in space])
-        study.set_user_attr("epochs", epochs)
-        study.set_user_attr("data", list(data))
-        study.enqueue_trial(shipped_values(rule, space), user_attrs={"shipped": True})
+    with _creation_lock(storage):  # workers started together must not both seed a new study with its first trial
+        study = optuna.create_study(
+            study_name=study_name or f"mnist-{rule}",
+            storage=open_storage(storage),
+            direction="maximize",
+            load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup),
+        )
+        if "rule" not in study.user_attrs:  # the proxy a study was made with, for the config header
+            study.set_user_attr("rule", rule)
+            study.set_user_attr("space", [p.name for p in space])
+            study.set_user_attr("epochs", epochs)
+            study.set_user_attr("data", list(data))
+            study.enqueue_trial(shipped_values(rule, space), user_attrs={"shipped": True}, skip_if_exists=True)
 
     def full(study, _trial) -> None:
         if len(_finished(study)) >= trials:
