@@ -46,6 +46,8 @@ def _printed(capsys, fn, args) -> str:
         (["--seed_everything", "abc"], r"error: --seed_everything: expected an integer seed, or true or false\n  given: abc"),
         (["--model.init_args.sizes", "abc"], r"error: --model\.init_args\.sizes: expected a list\n  given: abc"),
         (["--trainer.max_epochs", "1.5"], r"error: --trainer\.max_epochs: expected an integer\n  given: 1\.5"),
+        (["--model.init_args.output_activation", "softmaxx"], r"error: --model\.init_args\.output_activation: unknown activation 'softmaxx'; expected one of .*\n  given: softmaxx"),
+        (["--data.init_args.teacher_activation", "swish"], r"error: --data\.init_args\.teacher_activation: unknown activation 'swish'.*\n  given: swish"),
         (["--trainer.max_epochz", "3"], r"error: unknown option --trainer\.max_epochz \(value '3'\)\n  did you mean --trainer\.max_epochs\?"),
         (["--model.init_args.forward_optimizer.init_args.lrr", "3"], r"torch\.optim\.SGD has no argument 'lrr'; did you mean --model\.init_args\.forward_optimizer\.init_args\.lr\?"),
         (

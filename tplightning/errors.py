@@ -216,6 +216,7 @@ def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> st
         else:  # a constructor's own check: name the option(s) of the section that the message mentions
             if path and "init_args" not in path:
                 hits = [k for k in given if k.startswith(path + ".") and k.rsplit(".", 1)[-1] in problem]
+                hits = hits or [k for k in given if k.startswith(path + ".") and len(given[k]) > 2 and repr(given[k]) in problem]
                 if hits:
                     path, value = hits[0], given[hits[0]]
         head = f"error: {path}: " if path else "error: "
