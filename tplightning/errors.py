@@ -140,6 +140,16 @@ def _option_path(message: str) -> tuple[str | None, str | None]:
     return "--" + ".".join(parts), owner
 
 
+def _option_names(parser) -> list[str]:
+    """The ``--options`` of ``parser``, with the Trainer's arguments as ``--trainer.*`` where it lists none of them."""
+    options = list(getattr(parser, "_option_string_actions", {}) or [])
+    if not any(o.startswith("--trainer.") for o in options):
+        from ._lightning import pl
+
+        options += ["--trainer." + a for a in accepted_arguments(pl.Trainer)]
+    return options
+
+
 def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> str:
     """A few lines for a configuration error: option, value, expectation, close match, and the hint."""
     message = str(err)
@@ -162,13 +172,7 @@ def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> st
     elif m := re.search(r"unrecognized arguments: (\S+)", message):
         option = m.group(1).split("=", 1)[0]
         lines = [f"error: unknown option {option}" + (f" (value {given[option]!r})" if option in given else "")]
-        options = list(getattr(parser, "_option_string_actions", {}) or [])
-        section = option[2:].split(".")[0]
-        if section == "trainer" and not options:
-            from ._lightning import pl
-
-            options = ["--trainer." + a for a in accepted_arguments(pl.Trainer)]
-        if match := close_matches(option, options):
+        if match := close_matches(option, _option_names(parser)):
             lines.append(f"  did you mean {match[0]}?")
     else:
         path, owner = _option_path(message)
@@ -180,11 +184,7 @@ def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> st
             name = m.group(1)
             configs = [a for k, a in zip(argv, list(argv)[1:]) if k == "--config"]
             problem = f"a config ({', '.join(configs) or 'given'}) has a top-level key {name!r}, which is no option"
-            options = [o.lstrip("-") for o in getattr(parser, "_option_string_actions", {}) or []]
-            if not any(o.startswith("trainer.") for o in options):
-                from ._lightning import pl
-
-                options += ["trainer." + a for a in accepted_arguments(pl.Trainer)]
+            options = [o[2:] for o in _option_names(parser)]
             near = [o for o in options if o.endswith("." + name)] or close_matches(name, options)
             if near:
                 section, _, key = near[0].rpartition(".")

@@ -2,13 +2,16 @@
 and the machine line."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import logging
 import multiprocessing as mp
 import os
 import platform
 import re
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from ..cli import CONFIG_DIR
 from ..rules.learned import LearnedInverseRule
 from ..rules.target_prop import TargetPropRule
 
-__all__ = ["HEADER", "Rule", "config_value", "rule_class", "seed_overrides", "run_all", "quiet", "write_block", "machine"]
+__all__ = ["HEADER", "Rule", "scratch_run", "config_value", "rule_class", "seed_overrides", "run_all", "quiet", "write_block", "machine"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,19 @@ def seed_overrides(config: str | Path, seed: int) -> list[str]:
     if issubclass(cls, LearnedInverseRule):
         args += ["--model.init_args.feedback_seed", s]
     return args
+
+
+@contextlib.contextmanager
+def scratch_run():
+    """Run a config's ``train.py`` fit inside a temporary working folder (its loggers and checkpoints write to
+    ``./runs``), with Lightning's printing swallowed; the working folder is restored after."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(cwd)
 
 
 def quiet() -> None:

@@ -35,14 +35,12 @@ import argparse
 import contextlib
 import functools
 import importlib
-import io
 import math
 import multiprocessing as mp
 import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +50,7 @@ import torch
 
 import tplightning as tp
 from tplightning.benchmarks import mnist
-from tplightning.benchmarks.common import config_value, machine, quiet, write_block
+from tplightning.benchmarks.common import config_value, machine, quiet, scratch_run, write_block
 from tplightning.data.base import TensorData, TensorDataModule
 
 PROG = "python -m tplightning.benchmarks.speed"
@@ -382,18 +380,13 @@ def trainer_run(config: str, threads: int, batches: int, skip: int, device: torc
     from tplightning.cli import build
 
     timer = EpochTimer(device, skip, memory)
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        os.chdir(tmp)  # the configs' loggers and checkpoints write to ./runs
-        try:
-            cli = build(["--config", config, "--threads", str(threads), "--trainer.max_epochs", "1",
-                         "--trainer.limit_train_batches", str(batches), "--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu", *extra])  # fmt: skip
-            cli.trainer.callbacks.append(timer)
-            dm = _shared_data(cli.datamodule)
-            cli.trainer.fit(cli.model, datamodule=dm)
-            per_epoch = len(dm.train_dataloader())
-        finally:
-            os.chdir(cwd)
+    with scratch_run():
+        cli = build(["--config", config, "--threads", str(threads), "--trainer.max_epochs", "1",
+                     "--trainer.limit_train_batches", str(batches), "--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu", *extra])  # fmt: skip
+        cli.trainer.callbacks.append(timer)
+        dm = _shared_data(cli.datamodule)
+        cli.trainer.fit(cli.model, datamodule=dm)
+        per_epoch = len(dm.train_dataloader())
     return {**_epoch_figures(timer.t0, timer.t_train, timer.t_end, timer.batches - skip, per_epoch), "memory": timer.peak,
             "flops": timer.flops}
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import io
 import os
-import tempfile
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -31,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tplightning.benchmarks import mnist
-from tplightning.benchmarks.common import machine, quiet, write_block
+from tplightning.benchmarks.common import machine, quiet, scratch_run, write_block
 
 __all__ = ["HostReads", "count", "main"]
 
@@ -71,6 +69,13 @@ def _where(stack: list[traceback.FrameSummary]) -> str | None:
     return f"{_short(frames[k].filename)}:{frames[k].lineno}"
 
 
+def _count_here(reads: collections.Counter) -> None:
+    """Count one read at the code that asked for it (none for a host-side read)."""
+    where = _where(traceback.extract_stack())
+    if where is not None:
+        reads[where] += 1
+
+
 def _reads_device(func, args, kwargs) -> bool:
     """Whether the aten operation ``func`` makes the host read a device value."""
     name = func._schema.name.split("::")[-1]
@@ -91,9 +96,7 @@ class _ByName(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if _reads_device(func, args, kwargs):
-            where = _where(traceback.extract_stack())
-            if where is not None:
-                self.reads[where] += 1
+            _count_here(self.reads)
         return func(*args, **(kwargs or {}))
 
 
@@ -103,9 +106,7 @@ def _reads_by_name(reads: collections.Counter):
 
     def counting(method):
         def wrapper(self, *args, **kwargs):
-            where = _where(traceback.extract_stack())
-            if where is not None:
-                reads[where] += 1
+            _count_here(reads)
             return method(self, *args, **kwargs)
 
         return wrapper
@@ -177,7 +178,7 @@ class HostReads(pl.Callback):
             self._deferred = False
 
     def on_exception(self, trainer, pl_module, exception):
-        self._close()
+        self.on_train_end(trainer, pl_module)
 
     def _close(self):
         if self._block is not None:
@@ -191,17 +192,12 @@ def count(config: str, device: torch.device, batches: int, log_every: int) -> di
     from tplightning.cli import build
 
     reads = HostReads()
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        os.chdir(tmp)  # the configs' loggers and checkpoints write to ./runs
-        try:
-            cli = build(["--config", config, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(batches),
-                         "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", str(log_every),
-                         "--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu"])  # fmt: skip
-            cli.trainer.callbacks.append(reads)
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        finally:
-            os.chdir(cwd)
+    with scratch_run():
+        cli = build(["--config", config, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(batches),
+                     "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", str(log_every),
+                     "--trainer.accelerator", "gpu" if device.type == "cuda" else "cpu"])  # fmt: skip
+        cli.trainer.callbacks.append(reads)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     logging = [(k + 1) % log_every == 0 for k in range(len(reads.per_batch))]
     where = collections.Counter()
     for c in reads.per_batch:
