@@ -72,7 +72,7 @@ def main() -> None:
     if opts.compare:
         before = json.loads(Path(opts.compare).read_text())
         differ = [n for n in results if n in before and before[n] != results[n]]
-        missing = sorted(set(before) - set(results))
+        missing = sorted(set(before) - set(results)) if not opts.only else []
         for n in differ:
             print(f"DIFFERS {n}: before {before[n]} after {results[n]}")
         print(f"{len(results) - len(differ)} of {len(results)} configs identical; {len(differ)} differ; missing here: {missing or 'none'}")
