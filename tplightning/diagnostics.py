@@ -95,8 +95,7 @@ def gauss_newton_signals(
     out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
     v = -target_stepsize * e_L
     for k in range(L, 1, -1):
-        W = weights[k - 1]
-        pinv = torch.linalg.pinv(W.double()).to(W.dtype)  # (n_{k-1}, n_k)
+        pinv = F.pinv64(weights[k - 1])  # (n_{k-1}, n_k)
         v = (v / derivs[k - 1]) @ pinv.T  # W_k^dagger D_k^{-1} v, row-wise
         out[k - 2] = v
     return out
@@ -286,7 +285,7 @@ def pinv_errors(rule) -> dict[int, Tensor]:
     for m in rule.maps:
         if isinstance(m.base, ThesisInverse) and isinstance(m.upper, Dense):
             Q = m.base.Q.detach()
-            out[m.index] = torch.linalg.matrix_norm(Q.double() - torch.linalg.pinv(m.upper.full_weight().detach().double())).to(Q.dtype)
+            out[m.index] = torch.linalg.matrix_norm(Q.double() - F.pinv64(m.upper.full_weight(), torch.float64)).to(Q.dtype)
     return out
 
 
@@ -304,10 +303,7 @@ def weight_alignment_angles(rule) -> dict[int, Tensor]:
         if isinstance(m.base, FeedbackAlignment):
             B, ref = m.base.B, m.upper.adjoint()
         elif isinstance(m.base, DirectFeedback) and all(isinstance(layer, Dense) for layer in rule.net.layers[m.index:]):
-            B, ref = m.base.B, rule.net.layers[m.index].full_weight()
-            for layer in rule.net.layers[m.index + 1:]:
-                ref = layer.full_weight() @ ref
-            ref = ref.T
+            B, ref = m.base.B, F.weight_product([layer.full_weight() for layer in rule.net.layers[m.index:]]).T
         else:
             continue
         ref = ref.detach()

@@ -209,7 +209,7 @@ class MixtureNetwork(_Feedforward):
                 W = self.weights[i - 1]
                 if W.shape[0] != W.shape[1]:
                     raise ValueError(f"exact inverses (eq. 6.4) need square W_{i}, got shape {tuple(W.shape)}")
-            self.feedback = [torch.linalg.inv(W.double()).to(W.dtype) for W in self.weights[1:]]
+            self.feedback = [F.inverse64(W) for W in self.weights[1:]]
         else:
             self.feedback = _check_feedback(feedback, self.sizes)
 
@@ -408,8 +408,7 @@ class MixtureNetwork(_Feedforward):
         out = []
         for i in range(1, self.L):
             t = self.activations[i].inverse(hs[i])
-            err = t @ self.feedback[i - 1].T - hs[i - 1]
-            out.append((err / err.shape[0]).T @ t + weight_decay * self.feedback[i - 1])
+            out.append(F.inverse_loss_grad(self.feedback[i - 1], t, hs[i - 1]) + weight_decay * self.feedback[i - 1])
         return out
 
 

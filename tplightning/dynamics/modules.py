@@ -21,14 +21,19 @@ import torch
 from tplightning._lightning import OptimizerCallable
 from torch import Tensor, nn
 
+from .. import functional as F
 from ..rules.base import DivergenceError, LearningRule, check_optimizer_factory
 from .models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target
 
 __all__ = ["DynamicalTP", "TwoPhaseDTP", "MultiplexingDTP"]
 
 
-class _FeedbackMixin:
-    """Feedback weights ``Q_1..Q_{L-1}`` (``Q_i`` of shape ``(n_i, n_{i+1})``) and their optimizer."""
+class _EquilibriumRule:
+    """What the chapter-6 rules share: feedback weights ``Q_1..Q_{L-1}`` (``Q_i`` of shape ``(n_i, n_{i+1})``), their
+    optimizer, and the training step that applies :meth:`weight_updates` (``W <- W - eta G``) to a batch.
+
+    Mixed in before :class:`~tplightning.rules.base.LearningRule`; a subclass defines ``weight_updates(x, y)``.
+    """
 
     def _init_feedback(self, init: str, seed: int) -> None:
         if init not in ("pinv", "random"):
@@ -43,10 +48,9 @@ class _FeedbackMixin:
 
     @torch.no_grad()
     def init_feedback_pinv(self) -> None:
-        """``Q_i = W_{i+1}^dagger``."""
+        """``Q_i = W_{i+1}^dagger`` (:meth:`tplightning.layers.Layer.pseudo_inverse`, as the learned target maps)."""
         for i, Q in enumerate(self.feedback, start=1):
-            W = self.net.weights[i]
-            Q.copy_(torch.linalg.pinv(W.double()).to(W.dtype))
+            Q.copy_(self.net.layers[i].pseudo_inverse())
 
     def on_forward_weights_changed(self) -> None:
         if getattr(self, "feedback", None) is not None and self.feedback_init == "pinv":
@@ -58,6 +62,28 @@ class _FeedbackMixin:
     def build_optimizers(self):
         fb = self.feedback_parameters()
         return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
+
+    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        with torch.no_grad():
+            hs, _ = self.net.forward_all(x)
+            loss = self.loss_from_output(hs[-1], y)
+            self.check_finite(loss, hs)
+            try:
+                gw, gq = self.weight_updates(x, y)
+            except ConvergenceError as err:
+                raise DivergenceError(
+                    f"training diverged at batch {self.batches_seen} (epoch {self.current_epoch}): the network did not settle: {err}"
+                ) from None
+            opts = self.optimizer_list()
+            self.apply_gradients(opts[0], {self.net.weights[i - 1]: gw[i - 1] for i in self.train_layers})
+            if gq:
+                self.apply_gradients(opts[1], dict(zip(self.feedback, gq)))
+        self.log_train(loss, x.shape[0])
+        return loss
 
 
 def _double(params) -> list[Tensor]:
@@ -82,7 +108,7 @@ def _check_common(bias: bool, target_stepsize: float, weight_decay: float) -> No
         raise ValueError(f"feedback_weight_decay must be >= 0, got {weight_decay}")
 
 
-class DynamicalTP(_FeedbackMixin, LearningRule):
+class DynamicalTP(_EquilibriumRule, LearningRule):
     """Single-phase dynamical target propagation with segregated dendrites (sections 6.3-6.5).
 
     Args:
@@ -143,7 +169,7 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
 
     def weight_is_acceptable(self, i: int, W: Tensor) -> bool:
         if self.inverses == "exact" and i > 1:
-            return bool(torch.linalg.svdvals(W.double())[-1] > 1e-3)
+            return bool(F.singular_values64(W)[-1] > 1e-3)
         return True
 
     def _compensate(self, grads: list[Tensor]) -> list[Tensor]:
@@ -170,25 +196,6 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
         gw = self._compensate(model.forward_update(x, eq["learn"]))
         gq = model.feedback_update(eq["learn"], self.feedback_weight_decay) if self.feedback is not None else []
         return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        with torch.no_grad():
-            hs, _ = self.net.forward_all(x)
-            loss = self.loss_from_output(hs[-1], y)
-            self.check_finite(loss, hs)
-            try:
-                gw, gq = self.weight_updates(x, y)
-            except ConvergenceError as err:
-                raise DivergenceError(
-                    f"training diverged at batch {self.batches_seen} (epoch {self.current_epoch}): the network did not settle: {err}"
-                ) from None
-            opts = self.optimizer_list()
-            self.apply_gradients(opts[0], {self.net.weights[i - 1]: gw[i - 1] for i in self.train_layers})
-            if gq:
-                self.apply_gradients(opts[1], dict(zip(self.feedback, gq)))
-        self.log_train(loss, x.shape[0])
-        return loss
 
 
 class TwoPhaseDTP(DynamicalTP):
@@ -220,7 +227,7 @@ class TwoPhaseDTP(DynamicalTP):
         return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
 
 
-class MultiplexingDTP(_FeedbackMixin, LearningRule):
+class MultiplexingDTP(_EquilibriumRule, LearningRule):
     """Burst-multiplexing dynamical target propagation (section 6.9.2).
 
     Args:
@@ -285,6 +292,3 @@ class MultiplexingDTP(_FeedbackMixin, LearningRule):
         gw = model.forward_update(x, eq["h"], eq["free"], eq["learn"])
         gq = model.feedback_update(eq["h"], eq["free"], self.feedback_weight_decay) if self.train_feedback else []
         return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
-
-    def training_step(self, batch, batch_idx):
-        return DynamicalTP.training_step(self, batch, batch_idx)
