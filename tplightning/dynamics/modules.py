@@ -64,6 +64,7 @@ class _EquilibriumRule:
         return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
 
     def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``([G_W1..G_WL], [G_Q1..])`` of one batch with ``dW/dt = -eta G`` (each rule's own phases and rules)."""
         raise NotImplementedError
 
     def training_step(self, batch, batch_idx):
@@ -87,7 +88,7 @@ class _EquilibriumRule:
 
 
 def _double(params) -> list[Tensor]:
-    """float64 copies: the equilibria are solved in double precision (float32 Newton stalls near 1e-5)."""
+    """float64 copies: the equilibria are solved in double precision (Newton's default tolerance there is 1e-10)."""
     return [p.detach().double() for p in params]
 
 
@@ -126,6 +127,12 @@ class DynamicalTP(_EquilibriumRule, LearningRule):
         tau: neural time constant (does not change equilibria).
         tol, max_iter: of :meth:`~tplightning.dynamics.models.MixtureNetwork.equilibrium`.
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
+
+    >>> _ = torch.manual_seed(0)
+    >>> rule = DynamicalTP(sizes=[3, 3, 3], mu=0.2)
+    >>> gw, gq = rule.weight_updates(torch.randn(4, 3), torch.randn(4, 3))  # G of dW/dt = -eta G, unapplied
+    >>> [tuple(G.shape) for G in gw], gq  # exact inverses: no feedback weights to learn
+    ([(3, 3), (3, 3)], [])
     """
 
     network_class: ClassVar[type] = MixtureNetwork
@@ -204,6 +211,14 @@ class TwoPhaseDTP(DynamicalTP):
     Free phase (output short-circuited, eq. 6.29) and learning phase (nudged target, eq. 6.10) of
     eq. 6.1; forward weights by eq. 6.35, ``Q`` by eq. 6.37 in the free phase. Arguments as
     :class:`DynamicalTP`; ``inverses`` defaults to ``learned``.
+
+    >>> _ = torch.manual_seed(0)
+    >>> rule = TwoPhaseDTP(sizes=[3, 3, 2])
+    >>> torch.equal(rule.feedback[0].detach(), rule.net.layers[1].pseudo_inverse())  # Q_1 = W_2^dagger at the start
+    True
+    >>> gw, gq = rule.weight_updates(torch.randn(4, 3), torch.randn(4, 2))
+    >>> [tuple(G.shape) for G in gw], [tuple(G.shape) for G in gq]
+    ([(3, 3), (2, 3)], [(3, 2)])
     """
 
     network_class = TwoPhaseNetwork
@@ -242,6 +257,12 @@ class MultiplexingDTP(_EquilibriumRule, LearningRule):
         train_feedback: learn ``Q``.
         tau: time constant (trajectories only).
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
+
+    >>> _ = torch.manual_seed(0)
+    >>> rule = MultiplexingDTP(sizes=[3, 3, 2], train_feedback=False)
+    >>> gw, gq = rule.weight_updates(torch.randn(4, 3), torch.randn(4, 2))
+    >>> [tuple(G.shape) for G in gw], gq  # Q fixed: no feedback update
+    ([(3, 3), (2, 3)], [])
     """
 
     def __init__(
