@@ -256,8 +256,16 @@ def regularised_inverse(W: Tensor, gamma: float) -> Tensor:
 
     The minimiser of the regularised inverse loss (eq. 4.97) with ``gamma = lambda / sigma^2``: the feedback weights
     Alg. A.8 converges to with weight decay ``lambda``. Its singular values are ``s / (s^2 + gamma) <= 1 / (2 sqrt(gamma))``
-    where the plain inverse has ``1 / s``, so a nearly singular forward matrix (a student at Frobenius distance 8 from
-    its teacher often has ``sigma_min < 0.05``) no longer amplifies the propagated targets 20-fold and more.
+    where the plain inverse has ``1 / s``, so a nearly singular forward matrix no longer amplifies the propagated
+    targets without bound. ``gamma = 0`` is :func:`pinv64`.
+
+    Args:
+        W: ``(n, m)`` forward matrix (detached).
+        gamma: ``>= 0``.
+
+    >>> W = torch.tensor([[2.0, 0.0]])
+    >>> regularised_inverse(W, 0.0).tolist(), regularised_inverse(W, 1.0).flatten().tolist()  # 1/2 and 2/(4 + 1)
+    ([[0.5], [0.0]], [0.4000000059604645, 0.0])
     """
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
@@ -408,7 +416,14 @@ def robust_invertible_gaussian(
 
 
 def is_robustly_invertible(W: Tensor, tau: float) -> bool:
-    """``sigma_min(W) * sigma_max(W) > tau`` for a square ``W`` (the thesis' initialisation test)."""
+    """``sigma_min(W) * sigma_max(W) > tau`` for a square ``W`` (the thesis' initialisation test, section 4.2.3).
+
+    The singular values come from :func:`singular_values64`; a non-square ``W`` is never accepted.
+
+    >>> W = torch.tensor([[2.0, 0.0], [0.0, 0.25]])  # sigma_max sigma_min = 0.5
+    >>> is_robustly_invertible(W, 0.4), is_robustly_invertible(W, 0.6)
+    (True, False)
+    """
     if W.dim() != 2 or W.shape[0] != W.shape[1]:
         return False
     s = singular_values64(W)

@@ -68,6 +68,8 @@ class _EquilibriumRule:
         raise NotImplementedError
 
     def training_step(self, batch, batch_idx):
+        """One batch: the loss of the feed-forward pass (logged), then ``G = weight_updates(x, y)`` handed to the
+        optimizers (``W <- W - eta G`` with SGD); a network that does not settle is a :class:`DivergenceError`."""
         x, y = batch
         with torch.no_grad():
             hs, _ = self.net.forward_all(x)
