@@ -89,14 +89,19 @@ def gauss_newton_signals(
     """``e^GN_i = -eta^ [prod_{k=i+1}^L W_k^dagger D_{s_k}^{-1}] e_L`` for ``i = 1..L-1`` (eq. 5.60).
 
     The factorised pseudo-inverse of lemma 4.8 (``= -eta^ J_i^dagger e_L`` for the architectures
-    it allows). Arguments as in :func:`backprop_signals`; ``W_k^dagger`` is computed in float64.
+    it allows). Arguments as in :func:`backprop_signals`; ``W_k^dagger`` is computed in float64
+    (:func:`~tplightning.functional.pinv64`).
+
+    >>> W1, W2 = torch.eye(3), torch.tensor([[2.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    >>> derivs = [torch.ones(1, 3), torch.tensor([[1.0, 0.5]])]
+    >>> gauss_newton_signals([W1, W2], derivs, torch.tensor([[1.0, 1.0]]), 0.5)  # -0.5 W_2^dagger D_2^{-1} e_L
+    [tensor([[-0.2500, -0.2500,  0.0000]])]
     """
     L = len(weights)
     out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
     v = -target_stepsize * e_L
     for k in range(L, 1, -1):
-        W = weights[k - 1]
-        pinv = torch.linalg.pinv(W.double()).to(W.dtype)  # (n_{k-1}, n_k)
+        pinv = F.pinv64(weights[k - 1])  # (n_{k-1}, n_k)
         v = (v / derivs[k - 1]) @ pinv.T  # W_k^dagger D_k^{-1} v, row-wise
         out[k - 2] = v
     return out
@@ -281,12 +286,21 @@ def learning_signals(rule, x: Tensor, y: Tensor) -> dict:
 
 
 def pinv_errors(rule) -> dict[int, Tensor]:
-    """``||Q_i - W_{i+1}^dagger||_F`` for the thesis-form maps ``g_i = Q_i s^{-1}`` of a rule (dense layers; else empty)."""
+    """``||Q_i - W_{i+1}^dagger||_F`` for the thesis-form maps ``g_i = Q_i s^{-1}`` of a rule (dense layers; else empty).
+
+    ``{i: error}``, the difference taken in float64 (``W^dagger`` by :func:`~tplightning.functional.pinv64`), the result
+    in ``Q``'s dtype.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DTPAI(sizes=[3, 3, 3])  # feedback_init="pinv": Q_1 = W_2^dagger, rounded to float32
+    >>> {i: round(float(err), 3) for i, err in pinv_errors(rule).items()}
+    {1: 0.0}
+    """
     out = {}
     for m in rule.maps:
         if isinstance(m.base, ThesisInverse) and isinstance(m.upper, Dense):
             Q = m.base.Q.detach()
-            out[m.index] = torch.linalg.matrix_norm(Q.double() - torch.linalg.pinv(m.upper.full_weight().detach().double())).to(Q.dtype)
+            out[m.index] = torch.linalg.matrix_norm(Q.double() - F.pinv64(m.upper.full_weight(), torch.float64)).to(Q.dtype)
     return out
 
 
@@ -297,17 +311,22 @@ def weight_alignment_angles(rule) -> dict[int, Tensor]:
     forward weights come to align with the fixed feedback); DFA (:class:`~tplightning.target_maps.DirectFeedback`):
     ``B~_i`` against ``(W_L ... W_{i+1})^T``, the linear path backprop takes from the output (Noekland 2016). The angle
     is ``arccos(<A, B>_F / (||A||_F ||B||_F))``, both matrices flattened. Empty for rules without such maps; the DFA
-    angle needs dense layers above (others are skipped).
+    angle needs dense layers above (others are skipped); the product ``W_L ... W_{i+1}`` is
+    :func:`~tplightning.functional.weight_product`.
+
+    >>> import tplightning as tp
+    >>> rule = tp.FA(sizes=[3, 3, 3])
+    >>> with torch.no_grad():
+    ...     _ = rule.maps[0].base.B.copy_(rule.net.weights[1].T)  # B_1 = W_2^T: aligned
+    >>> {i: float(angle) < 0.1 for i, angle in weight_alignment_angles(rule).items()}
+    {1: True}
     """
     out = {}
     for m in rule.maps:
         if isinstance(m.base, FeedbackAlignment):
             B, ref = m.base.B, m.upper.adjoint()
         elif isinstance(m.base, DirectFeedback) and all(isinstance(layer, Dense) for layer in rule.net.layers[m.index:]):
-            B, ref = m.base.B, rule.net.layers[m.index].full_weight()
-            for layer in rule.net.layers[m.index + 1:]:
-                ref = layer.full_weight() @ ref
-            ref = ref.T
+            B, ref = m.base.B, F.weight_product([layer.full_weight() for layer in rule.net.layers[m.index:]]).T
         else:
             continue
         ref = ref.detach()

@@ -7,6 +7,7 @@ matrices as in the thesis (``h_i = s_i(W_i h_{i-1})``, eq. 4.1), so a batch comp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -32,6 +33,10 @@ __all__ = [
     "is_robustly_invertible",
     "cosine",
     "regularised_inverse",
+    "inverse64",
+    "pinv64",
+    "singular_values64",
+    "weight_product",
 ]
 
 
@@ -251,14 +256,22 @@ def regularised_inverse(W: Tensor, gamma: float) -> Tensor:
 
     The minimiser of the regularised inverse loss (eq. 4.97) with ``gamma = lambda / sigma^2``: the feedback weights
     Alg. A.8 converges to with weight decay ``lambda``. Its singular values are ``s / (s^2 + gamma) <= 1 / (2 sqrt(gamma))``
-    where the plain inverse has ``1 / s``, so a nearly singular forward matrix (a student at Frobenius distance 8 from
-    its teacher often has ``sigma_min < 0.05``) no longer amplifies the propagated targets 20-fold and more.
+    where the plain inverse has ``1 / s``, so a nearly singular forward matrix no longer amplifies the propagated
+    targets without bound. ``gamma = 0`` is :func:`pinv64`.
+
+    Args:
+        W: ``(n, m)`` forward matrix (detached).
+        gamma: ``>= 0``.
+
+    >>> W = torch.tensor([[2.0, 0.0]])
+    >>> regularised_inverse(W, 0.0).tolist(), regularised_inverse(W, 1.0).flatten().tolist()  # 1/2 and 2/(4 + 1)
+    ([[0.5], [0.0]], [0.4000000059604645, 0.0])
     """
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    Wd = W.detach().double()
     if gamma == 0:
-        return torch.linalg.pinv(Wd).to(W.dtype)
+        return pinv64(W)
+    Wd = W.detach().double()
     n = Wd.shape[0]
     return torch.linalg.solve(Wd @ Wd.T + gamma * torch.eye(n, dtype=Wd.dtype, device=Wd.device), Wd).T.to(W.dtype)
 
@@ -403,8 +416,90 @@ def robust_invertible_gaussian(
 
 
 def is_robustly_invertible(W: Tensor, tau: float) -> bool:
-    """``sigma_min(W) * sigma_max(W) > tau`` for a square ``W`` (the thesis' initialisation test)."""
+    """``sigma_min(W) * sigma_max(W) > tau`` for a square ``W`` (the thesis' initialisation test, section 4.2.3).
+
+    The singular values come from :func:`singular_values64`; a non-square ``W`` is never accepted.
+
+    >>> W = torch.tensor([[2.0, 0.0], [0.0, 0.25]])  # sigma_max sigma_min = 0.5
+    >>> is_robustly_invertible(W, 0.4), is_robustly_invertible(W, 0.6)
+    (True, False)
+    """
     if W.dim() != 2 or W.shape[0] != W.shape[1]:
         return False
-    s = torch.linalg.svdvals(W.double())
+    s = singular_values64(W)
     return bool(s[-1] * s[0] > tau)
+
+
+# --------------------------------------------------------------------------------------------
+# Float64 linear algebra and the product of weights, shared by the maps, the diagnostics and dynamics/
+# --------------------------------------------------------------------------------------------
+
+
+def inverse64(W: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``W^{-1}`` of a square matrix, computed in float64 (LU) and returned in ``dtype`` (default: ``W``'s).
+
+    The exact inverses of the thesis (eq. 4.16, eq. 6.4) start from it and the drift guard of the
+    Sherman-Morrison updates restores it; float64 keeps the digits a float32 LU loses on ill-conditioned
+    weights. ``W`` is detached: the result is a value, not part of an autograd graph.
+
+    Args:
+        W: ``(..., n, n)`` matrix (or a batch of them).
+        dtype: dtype of the result (``None``: ``W``'s).
+
+    >>> inverse64(torch.tensor([[2.0, 0.0], [1.0, 1.0]])).tolist()
+    [[0.5, 0.0], [-0.5, 1.0]]
+    """
+    return torch.linalg.inv(W.detach().double()).to(W.dtype if dtype is None else dtype)
+
+
+def pinv64(W: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The Moore-Penrose pseudo-inverse ``W^dagger`` (SVD), computed in float64 and returned in ``dtype`` (default: ``W``'s).
+
+    ``W^dagger = V S^{-1} U^T`` for ``W = U S V^T``; ``W^T (W W^T)^{-1}`` when ``W`` has full row rank. It initialises
+    the learned feedback ``Q = W^dagger`` (section 5.2.2) and is the factor of the Gauss-Newton signal (eq. 5.60).
+    ``W`` is detached.
+
+    Args:
+        W: ``(..., n, m)`` matrix.
+        dtype: dtype of the result (``None``: ``W``'s).
+
+    >>> pinv64(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])).tolist()
+    [[1.0, 0.0], [0.0, 0.5], [0.0, 0.0]]
+    """
+    return torch.linalg.pinv(W.detach().double()).to(W.dtype if dtype is None else dtype)
+
+
+def singular_values64(W: Tensor) -> Tensor:
+    """The singular values ``sigma_1 >= ... >= sigma_min`` of ``W``, computed and returned in float64.
+
+    The tests of invertibility read them: ``sigma_min sigma_max > tau`` (section 4.2.3), the condition number
+    ``sigma_max / sigma_min`` before an exact inverse, ``sigma_min`` of a square layer of the chapter-6 networks.
+
+    Args:
+        W: ``(..., n, m)`` matrix; ``W`` is detached.
+
+    >>> singular_values64(torch.tensor([[3.0, 4.0], [0.0, 0.0]])).tolist()
+    [5.0, 0.0]
+    """
+    return torch.linalg.svdvals(W.detach().double())
+
+
+def weight_product(weights: Sequence[Tensor]) -> Tensor:
+    """``W_k ... W_2 W_1`` of ``weights = [W_1, ..., W_k]``, the first factor applied first.
+
+    With ``weights = [W_{i+1}, ..., W_L]`` this is ``J = W_L ... W_{i+1}``, the Jacobian of the linear network from
+    layer ``i`` to the output, ``(n_L, n_i)``: DDTP-linear's Gauss-Newton feedback ``J^dagger`` and the path DFA's
+    feedback is compared with. Accumulated from the left, ``J <- W_{k} J``, in the weights' own dtype.
+
+    Args:
+        weights: matrices ``W_j`` of shape ``(n_j, n_{j-1})``, in the order they act (at least one).
+
+    >>> weight_product([torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [4.0]])]).tolist()
+    [[3.0, 6.0], [4.0, 8.0]]
+    """
+    if not weights:
+        raise ValueError("weight_product needs at least one matrix")
+    J = weights[0]
+    for W in weights[1:]:
+        J = W @ J
+    return J

@@ -213,10 +213,10 @@ class ExactInverse(_LinearAfterInverse):
     def refresh(self) -> None:
         """``W^{-1}`` from ``W`` in float64; ``ValueError`` for a (numerically) singular ``W``."""
         W = self.upper.weight
-        s = torch.linalg.svdvals(W.double())
+        s = F.singular_values64(W)
         if not bool(s[-1] > 0) or not bool(torch.isfinite(s).all()) or float(s[0] / s[-1]) > 1e12:
             raise ValueError(f"W_{self.index + 1} is singular or numerically singular (singular values {s.tolist()})")
-        self.W_inv.copy_(torch.linalg.inv(W.double()).to(W.dtype))
+        self.W_inv.copy_(F.inverse64(W))
 
     def on_weights_changed(self):
         self.refresh()
@@ -271,8 +271,7 @@ class ExactInverse(_LinearAfterInverse):
             logs[f"inverse/min_capacitance_{i}"] = self.stats["min_capacitance"]
         reinvert = float(err) > self.inverse_tolerance
         if reinvert:
-            W = self.upper.weight
-            self.W_inv.copy_(torch.linalg.inv(W.double()).to(W.dtype))
+            self.W_inv.copy_(F.inverse64(self.upper.weight))
         self.reset_stats()
         return logs, reinvert
 
@@ -682,10 +681,7 @@ class DirectLinear(_LearnedMap):
         above = self._net_layers[self.index:]
         if not all(isinstance(layer, Dense) for layer in above):
             raise ValueError("DirectLinear's feedback_init 'pinv'/'regularised' needs dense layers above; use feedback_init: random")
-        J = above[0].full_weight().detach().double()
-        for layer in above[1:]:
-            J = layer.full_weight().detach().double() @ J
-        return J
+        return F.weight_product([layer.full_weight().detach().double() for layer in above])
 
     @torch.no_grad()
     def init_pinv(self):

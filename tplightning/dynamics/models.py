@@ -51,20 +51,47 @@ Target = Tensor | Callable[[Tensor], Tensor]
 
 
 class ConvergenceError(RuntimeError):
-    """The equilibrium iteration did not reach its tolerance (or produced non-finite rates)."""
+    """The equilibrium iteration did not reach its tolerance (or produced non-finite rates).
+
+    >>> net = MixtureNetwork([torch.eye(2, dtype=torch.float64)] * 2, "tanh", mu=0.3)
+    >>> try:
+    ...     net.equilibrium(torch.ones(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
+    ...                     method="fixed_point", max_iter=1)
+    ... except ConvergenceError as err:
+    ...     print(str(err)[:42])
+    equilibrium not found: residual max|R| = 0
+    """
 
 
 def nudged_target(y: Tensor, loss: str, target_stepsize: float) -> Callable[[Tensor], Tensor]:
-    """``h_L -> h_L - eta^ dl/dh_L`` (eqs. 6.10/6.11 and 6.54), via :func:`tplightning.functional.output_target`."""
+    """``h_L -> h_L - eta^ dl/dh_L`` (eqs. 6.10/6.11 and 6.54), via :func:`tplightning.functional.output_target`.
+
+    Args:
+        y: labels, ``(B, n_L)`` for ``mse``, ``(B,)`` class indices for ``cross_entropy``.
+        loss: ``mse`` or ``cross_entropy``.
+        target_stepsize: ``eta^``.
+
+    >>> nudged_target(torch.tensor([[1.0]]), "mse", 0.5)(torch.tensor([[3.0]]))  # 3 - 0.5 (3 - 1)
+    tensor([[2.]])
+    """
     return lambda h_L: F.output_target(h_L, y, loss, target_stepsize)
 
 
 def short_circuit(h_L: Tensor) -> Tensor:
-    """The free phase's target ``h_L^trgt = h_L`` (eq. 6.29 and section 6.9.2)."""
+    """The free phase's target ``h_L^trgt = h_L`` (eq. 6.29 and section 6.9.2).
+
+    >>> short_circuit(torch.tensor([[0.5, -1.0]]))
+    tensor([[ 0.5000, -1.0000]])
+    """
     return h_L
 
 
 def check_mu(mu: float) -> float:
+    """``mu`` as a float; ``ValueError`` unless ``0 < mu < 1`` (eq. 6.1 mixes ``(1-mu) f + mu g``).
+
+    >>> check_mu(0.2)
+    0.2
+    """
     if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not 0 < mu < 1:
         raise ValueError(f"mu must lie in (0, 1) (the thesis uses (0, 0.5)), got {mu!r}")
     return float(mu)
@@ -182,6 +209,16 @@ class MixtureNetwork(_Feedforward):
         tau: neural time constant.
 
     ``g_i`` needs ``s_{i+1}^{-1}`` in both cases, so ``s_2..s_L`` must be invertible.
+
+    >>> W1 = torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=torch.float64)
+    >>> W2 = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    >>> net = MixtureNetwork([W1, W2], "leaky_relu", mu=0.2)
+    >>> x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    >>> [[round(v, 4) for v in h[0].tolist()] for h in net.forward_pass(x)]  # the mu -> 0 equilibrium
+    [[0.5, -0.35], [1.0, -0.175]]
+    >>> h1, h2 = net.equilibrium(x, torch.zeros(1, 2, dtype=torch.float64))  # output clamped to 0 (eq. 6.3)
+    >>> [round(v, 4) for v in h2[0].tolist()]
+    [0.7619, -0.1333]
     """
 
     def __init__(
@@ -209,7 +246,7 @@ class MixtureNetwork(_Feedforward):
                 W = self.weights[i - 1]
                 if W.shape[0] != W.shape[1]:
                     raise ValueError(f"exact inverses (eq. 6.4) need square W_{i}, got shape {tuple(W.shape)}")
-            self.feedback = [torch.linalg.inv(W.double()).to(W.dtype) for W in self.weights[1:]]
+            self.feedback = [F.inverse64(W) for W in self.weights[1:]]
         else:
             self.feedback = _check_feedback(feedback, self.sizes)
 
@@ -402,14 +439,15 @@ class MixtureNetwork(_Feedforward):
     def feedback_update(self, hs: Sequence[Tensor], weight_decay: float = 0.0) -> list[Tensor]:
         """``G_i`` with ``dQ_i/dt = -eta^inv G_i``: ``mean_b (g_i(h_{i+1}^*) - h_i^*) t_i(h_{i+1}^*)^T + lambda Q_i`` (eq. 6.26).
 
+        ``g_i(h_{i+1}^*) = Q_i t_i(h_{i+1}^*)``, so this is the gradient of the thesis-form inverse loss
+        :func:`tplightning.functional.inverse_loss_grad` at ``a = t_i(h_{i+1}^*)``, ``h = h_i^*``, plus the decay.
         With ``hs`` a free-phase equilibrium this is eq. 6.37 (whose ``eta_i lambda`` we read as
         ``eta^inv lambda``, as in eq. 6.26).
         """
         out = []
         for i in range(1, self.L):
             t = self.activations[i].inverse(hs[i])
-            err = t @ self.feedback[i - 1].T - hs[i - 1]
-            out.append((err / err.shape[0]).T @ t + weight_decay * self.feedback[i - 1])
+            out.append(F.inverse_loss_grad(self.feedback[i - 1], t, hs[i - 1]) + weight_decay * self.feedback[i - 1])
         return out
 
 
@@ -424,6 +462,16 @@ class TwoPhaseNetwork(MixtureNetwork):
     Same arguments as :class:`MixtureNetwork`. The free phase short-circuits the output
     (``h_L^trgt = h_L``, so ``h_L^{f*} = f_L(h_{L-1}^{f*})``, eq. 6.29); the learning phase uses the
     given target. :meth:`equilibrium` returns ``(free, learning)``.
+
+    >>> W1 = torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=torch.float64)
+    >>> W2 = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    >>> net = TwoPhaseNetwork([W1, W2], "leaky_relu", mu=0.2)
+    >>> x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    >>> free, learn = net.equilibrium(x, nudged_target(torch.zeros(1, 2, dtype=torch.float64), "mse", 0.1))
+    >>> torch.allclose(free[-1], net.forward_pass(x)[-1])  # exact inverses: the free phase is the forward pass
+    True
+    >>> [round(v, 4) for v in learn[-1][0].tolist()]
+    [0.9697, -0.1697]
     """
 
     def equilibrium(self, x: Tensor, h_target: Target, **kw) -> tuple[list[Tensor], list[Tensor]]:  # type: ignore[override]
@@ -493,6 +541,14 @@ class MultiplexingNetwork(_Feedforward):
     ``i = L-1`` (``h^_L^f = h_L``) it is exactly Alg. A.9's rule for ``||g_i(f_{i+1}(h_i)) - h_i||^2``;
     once the layers above reconstruct, ``h^_{i+1}^f = h_{i+1}`` and the same holds below, so ``g_i``
     becomes an approximate inverse of ``f_{i+1}`` on the data, which eqs. 6.52-6.59 assume.
+
+    >>> W1 = torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=torch.float64)
+    >>> W2 = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    >>> net = MultiplexingNetwork([W1, W2], [torch.linalg.inv(W2)], "leaky_relu", feedback_activation="linear")
+    >>> x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    >>> hs, bursts = net.equilibrium(x, torch.tensor([[2.0, 1.0]], dtype=torch.float64))
+    >>> [round(v, 4) for v in hs[-1][0].tolist()], bursts[0][0].tolist()  # h_L = f_L(h_{L-1}); h^_1 = Q_1 h^_2
+    ([1.0, -0.175], [1.0, 2.0])
     """
 
     def __init__(
@@ -601,7 +657,12 @@ class MultiplexingNetwork(_Feedforward):
         return out
 
     def feedback_update(self, hs: Sequence[Tensor], free: Sequence[Tensor], weight_decay: float = 0.0) -> list[Tensor]:
-        """``G_i = mean_b D_{t_i}(Q_i h^_{i+1}^f) (h^_i^f - h_i) h^_{i+1}^{fT} + lambda Q_i`` (our choice, see the class)."""
+        """``G_i = mean_b D_{t_i}(Q_i h^_{i+1}^f) (h^_i^f - h_i) h^_{i+1}^{fT} + lambda Q_i`` (our choice, see the class).
+
+        The gradient of the original-form inverse loss (:func:`tplightning.functional.original_inverse_loss_grad`) at
+        ``h_{i+1} = h^_{i+1}^f``, written as :func:`tplightning.functional.local_update` of ``g_i``'s own layer (the batch
+        mean taken before the product, which the recorded runs used).
+        """
         out = []
         for i in range(1, self.L):
             c = free[i] @ self.feedback[i - 1].T

@@ -21,14 +21,19 @@ import torch
 from tplightning._lightning import OptimizerCallable
 from torch import Tensor, nn
 
+from .. import functional as F
 from ..rules.base import DivergenceError, LearningRule, check_optimizer_factory
 from .models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target
 
 __all__ = ["DynamicalTP", "TwoPhaseDTP", "MultiplexingDTP"]
 
 
-class _FeedbackMixin:
-    """Feedback weights ``Q_1..Q_{L-1}`` (``Q_i`` of shape ``(n_i, n_{i+1})``) and their optimizer."""
+class _EquilibriumRule:
+    """What the chapter-6 rules share: feedback weights ``Q_1..Q_{L-1}`` (``Q_i`` of shape ``(n_i, n_{i+1})``), their
+    optimizer, and the training step that applies :meth:`weight_updates` (``W <- W - eta G``) to a batch.
+
+    Mixed in before :class:`~tplightning.rules.base.LearningRule`; a subclass defines ``weight_updates(x, y)``.
+    """
 
     def _init_feedback(self, init: str, seed: int) -> None:
         if init not in ("pinv", "random"):
@@ -43,10 +48,9 @@ class _FeedbackMixin:
 
     @torch.no_grad()
     def init_feedback_pinv(self) -> None:
-        """``Q_i = W_{i+1}^dagger``."""
+        """``Q_i = W_{i+1}^dagger`` (:meth:`tplightning.layers.Layer.pseudo_inverse`, as the learned target maps)."""
         for i, Q in enumerate(self.feedback, start=1):
-            W = self.net.weights[i]
-            Q.copy_(torch.linalg.pinv(W.double()).to(W.dtype))
+            Q.copy_(self.net.layers[i].pseudo_inverse())
 
     def on_forward_weights_changed(self) -> None:
         if getattr(self, "feedback", None) is not None and self.feedback_init == "pinv":
@@ -59,9 +63,34 @@ class _FeedbackMixin:
         fb = self.feedback_parameters()
         return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
 
+    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``([G_W1..G_WL], [G_Q1..])`` of one batch with ``dW/dt = -eta G`` (each rule's own phases and rules)."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        """One batch: the loss of the feed-forward pass (logged), then ``G = weight_updates(x, y)`` handed to the
+        optimizers (``W <- W - eta G`` with SGD); a network that does not settle is a :class:`DivergenceError`."""
+        x, y = batch
+        with torch.no_grad():
+            hs, _ = self.net.forward_all(x)
+            loss = self.loss_from_output(hs[-1], y)
+            self.check_finite(loss, hs)
+            try:
+                gw, gq = self.weight_updates(x, y)
+            except ConvergenceError as err:
+                raise DivergenceError(
+                    f"training diverged at batch {self.batches_seen} (epoch {self.current_epoch}): the network did not settle: {err}"
+                ) from None
+            opts = self.optimizer_list()
+            self.apply_gradients(opts[0], {self.net.weights[i - 1]: gw[i - 1] for i in self.train_layers})
+            if gq:
+                self.apply_gradients(opts[1], dict(zip(self.feedback, gq)))
+        self.log_train(loss, x.shape[0])
+        return loss
+
 
 def _double(params) -> list[Tensor]:
-    """float64 copies: the equilibria are solved in double precision (float32 Newton stalls near 1e-5)."""
+    """float64 copies: the equilibria are solved in double precision (Newton's default tolerance there is 1e-10)."""
     return [p.detach().double() for p in params]
 
 
@@ -82,7 +111,7 @@ def _check_common(bias: bool, target_stepsize: float, weight_decay: float) -> No
         raise ValueError(f"feedback_weight_decay must be >= 0, got {weight_decay}")
 
 
-class DynamicalTP(_FeedbackMixin, LearningRule):
+class DynamicalTP(_EquilibriumRule, LearningRule):
     """Single-phase dynamical target propagation with segregated dendrites (sections 6.3-6.5).
 
     Args:
@@ -100,6 +129,12 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
         tau: neural time constant (does not change equilibria).
         tol, max_iter: of :meth:`~tplightning.dynamics.models.MixtureNetwork.equilibrium`.
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
+
+    >>> _ = torch.manual_seed(0)
+    >>> rule = DynamicalTP(sizes=[3, 3, 3], mu=0.2)
+    >>> gw, gq = rule.weight_updates(torch.randn(4, 3), torch.randn(4, 3))  # G of dW/dt = -eta G, unapplied
+    >>> [tuple(G.shape) for G in gw], gq  # exact inverses: no feedback weights to learn
+    ([(3, 3), (3, 3)], [])
     """
 
     network_class: ClassVar[type] = MixtureNetwork
@@ -143,7 +178,7 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
 
     def weight_is_acceptable(self, i: int, W: Tensor) -> bool:
         if self.inverses == "exact" and i > 1:
-            return bool(torch.linalg.svdvals(W.double())[-1] > 1e-3)
+            return bool(F.singular_values64(W)[-1] > 1e-3)
         return True
 
     def _compensate(self, grads: list[Tensor]) -> list[Tensor]:
@@ -171,25 +206,6 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
         gq = model.feedback_update(eq["learn"], self.feedback_weight_decay) if self.feedback is not None else []
         return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        with torch.no_grad():
-            hs, _ = self.net.forward_all(x)
-            loss = self.loss_from_output(hs[-1], y)
-            self.check_finite(loss, hs)
-            try:
-                gw, gq = self.weight_updates(x, y)
-            except ConvergenceError as err:
-                raise DivergenceError(
-                    f"training diverged at batch {self.batches_seen} (epoch {self.current_epoch}): the network did not settle: {err}"
-                ) from None
-            opts = self.optimizer_list()
-            self.apply_gradients(opts[0], {self.net.weights[i - 1]: gw[i - 1] for i in self.train_layers})
-            if gq:
-                self.apply_gradients(opts[1], dict(zip(self.feedback, gq)))
-        self.log_train(loss, x.shape[0])
-        return loss
-
 
 class TwoPhaseDTP(DynamicalTP):
     """Two-phase dynamical (difference) target propagation (section 6.6).
@@ -197,6 +213,14 @@ class TwoPhaseDTP(DynamicalTP):
     Free phase (output short-circuited, eq. 6.29) and learning phase (nudged target, eq. 6.10) of
     eq. 6.1; forward weights by eq. 6.35, ``Q`` by eq. 6.37 in the free phase. Arguments as
     :class:`DynamicalTP`; ``inverses`` defaults to ``learned``.
+
+    >>> _ = torch.manual_seed(0)
+    >>> rule = TwoPhaseDTP(sizes=[3, 3, 2])
+    >>> torch.equal(rule.feedback[0].detach(), rule.net.layers[1].pseudo_inverse())  # Q_1 = W_2^dagger at the start
+    True
+    >>> gw, gq = rule.weight_updates(torch.randn(4, 3), torch.randn(4, 2))
+    >>> [tuple(G.shape) for G in gw], [tuple(G.shape) for G in gq]
+    ([(3, 3), (2, 3)], [(3, 2)])
     """
 
     network_class = TwoPhaseNetwork
@@ -220,7 +244,7 @@ class TwoPhaseDTP(DynamicalTP):
         return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
 
 
-class MultiplexingDTP(_FeedbackMixin, LearningRule):
+class MultiplexingDTP(_EquilibriumRule, LearningRule):
     """Burst-multiplexing dynamical target propagation (section 6.9.2).
 
     Args:
@@ -235,6 +259,12 @@ class MultiplexingDTP(_FeedbackMixin, LearningRule):
         train_feedback: learn ``Q``.
         tau: time constant (trajectories only).
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
+
+    >>> _ = torch.manual_seed(0)
+    >>> rule = MultiplexingDTP(sizes=[3, 3, 2], train_feedback=False)
+    >>> gw, gq = rule.weight_updates(torch.randn(4, 3), torch.randn(4, 2))
+    >>> [tuple(G.shape) for G in gw], gq  # Q fixed: no feedback update
+    ([(3, 3), (2, 3)], [])
     """
 
     def __init__(
@@ -285,6 +315,3 @@ class MultiplexingDTP(_FeedbackMixin, LearningRule):
         gw = model.forward_update(x, eq["h"], eq["free"], eq["learn"])
         gq = model.feedback_update(eq["h"], eq["free"], self.feedback_weight_decay) if self.train_feedback else []
         return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
-
-    def training_step(self, batch, batch_idx):
-        return DynamicalTP.training_step(self, batch, batch_idx)

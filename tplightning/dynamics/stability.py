@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import functional as F
+
 __all__ = ["block_tridiagonal", "spectrum", "toeplitz_spectrum", "random_blocks_check", "network_check"]
 
 
@@ -49,6 +51,10 @@ def block_tridiagonal(
         mu: mixing coefficient.
         corner: optional ``(B, n_L, n_L)`` derivative of an output-dependent target ``g_L(h_L)``
             (zero for the fixed clamp of eq. 6.3, as in section 6.7).
+
+    >>> block_tridiagonal([1, 1], [torch.tensor([[[2.0]]])], [torch.tensor([[[0.5]]])], mu=0.5)
+    tensor([[[-1.0000,  0.2500],
+             [ 1.0000, -1.0000]]])
     """
     L = len(sizes)
     if len(lower) != L - 1 or len(upper) != L - 1:
@@ -72,7 +78,15 @@ def block_tridiagonal(
 
 
 def spectrum(J: Tensor) -> dict[str, Tensor]:
-    """``max Re(eig J)`` and ``max eig((J + J^T)/2)`` per matrix of a batch ``(B, N, N)``."""
+    """``max Re(eig J)`` and ``max eig((J + J^T)/2)`` per matrix of a batch ``(B, N, N)``, and the eigenvalues.
+
+    Returns ``{"max_real_eig": (B,), "max_sym_eig": (B,), "eigvals": (B, N) complex}``: the first decides local
+    stability, the second negative definiteness (see the module docstring).
+
+    >>> s = spectrum(torch.tensor([[[-1.0, 0.25], [1.0, -1.0]]]))  # eigenvalues -1 +- 0.5
+    >>> s["max_real_eig"], s["max_sym_eig"]
+    (tensor([-0.5000]), tensor([-0.3750]))
+    """
     eig = torch.linalg.eigvals(J)
     sym = torch.linalg.eigvalsh(0.5 * (J + J.transpose(-1, -2)))
     return {"max_real_eig": eig.real.max(-1).values, "max_sym_eig": sym[..., -1], "eigvals": eig}
@@ -82,6 +96,9 @@ def toeplitz_spectrum(mu: float, L: int) -> list[float]:
     """Eigenvalues ``-1 + 2 sqrt(mu(1-mu)) cos(k pi/(L+1))``, ``k = 1..L``, of the exact-inverse Jacobian.
 
     Each has multiplicity ``n`` for layers of width ``n`` (see the module docstring).
+
+    >>> [round(v, 6) for v in toeplitz_spectrum(0.5, 2)]  # -1 + cos(pi/3), -1 + cos(2 pi/3)
+    [-0.5, -1.5]
     """
     c = 2 * math.sqrt(mu * (1 - mu))
     return [-1 + c * math.cos(k * math.pi / (L + 1)) for k in range(1, L + 1)]
@@ -96,6 +113,16 @@ def random_blocks_check(
     are drawn uniformly from ``widths`` and ``depths`` per case, the std of every block from
     ``10^U(-1, 1)``. Returns the counts of counterexamples to both claims, the largest values seen
     and the largest deviation from :func:`toeplitz_spectrum`.
+
+    Args:
+        cases: number of random Jacobians.
+        widths, depths: the layer widths ``n`` and depths ``L`` to draw from.
+        generator: random source (``None``: torch's global one).
+        chunk: cases drawn at once (one width and depth per chunk).
+
+    >>> out = random_blocks_check(4, [2], [2], generator=torch.Generator().manual_seed(0))
+    >>> out["cases"], out["eigenvalue_counterexamples"]
+    (4, 0)
     """
     dt = torch.float64
     rows = []
@@ -109,7 +136,7 @@ def random_blocks_check(
             std = 10 ** (2 * torch.rand(m, 1, 1, generator=generator, dtype=dt) - 1)
             A = std * torch.randn(m, n, n, generator=generator, dtype=dt)
             lower.append(A)
-            upper.append(torch.linalg.inv(A))
+            upper.append(F.inverse64(A))
         for b in range(m):  # mu differs per case: build one by one (cheap at these sizes)
             mb = float(mu[b])
             J = block_tridiagonal([n] * L, [A[b : b + 1] for A in lower], [U[b : b + 1] for U in upper], mb)
@@ -135,7 +162,14 @@ def random_blocks_check(
 def network_check(model, x: Tensor, h_target: Tensor) -> dict[str, Tensor]:
     """Spectrum of the Jacobian (eq. 6.40) at the simulated equilibrium of a :class:`MixtureNetwork`.
 
-    ``h_target`` is the fixed clamp of eq. 6.3, as in section 6.7.
+    ``h_target`` is the fixed clamp of eq. 6.3, as in section 6.7. Returns :func:`spectrum`'s dict.
+
+    >>> from tplightning.dynamics.models import MixtureNetwork
+    >>> W = torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=torch.float64)
+    >>> net = MixtureNetwork([W, 2 * W], "leaky_relu", mu=0.2)
+    >>> x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    >>> bool(network_check(net, x, torch.zeros(1, 2, dtype=torch.float64))["max_real_eig"] < 0)
+    True
     """
     hs = model.equilibrium(x, h_target)
     return spectrum(model.jacobian(x, hs, h_target))

@@ -45,6 +45,11 @@ def propagate_first_order(
     Returns:
         ``{"signal": [...], "reconstruction": [...], "total": [...]}``, lists over layers ``1..L``:
         the part carried from ``top``, the part from the reconstruction errors, and their sum.
+
+    >>> import torch
+    >>> out = propagate_first_order(0.5, [lambda v: 2 * v], [torch.tensor([[0.1]])], torch.tensor([[1.0]]))
+    >>> out["signal"][0], out["reconstruction"][0]  # 0.5 (2 * 1), 0.5 (0.1 + 2 * 0)
+    (tensor([[1.]]), tensor([[0.0500]]))
     """
     L = len(rho) + 1
     signal, recon = [None] * L, [None] * L
@@ -61,6 +66,14 @@ def mixture_first_order(model, x: Tensor, top: Tensor) -> dict[str, list[Tensor]
     ``top`` is ``delta_L``: ``-mu/(1-mu) eta^ e_L`` for the nudged target (eq. 6.12), zeros for the
     free phase. With exact inverses ``rho = 0`` and ``signal`` is eq. 6.15/6.16; with learned ones
     this is eq. 6.22 (learning phase, eq. 6.33) or eq. 6.31 (free phase).
+
+    >>> import torch
+    >>> from tplightning.dynamics.models import MixtureNetwork
+    >>> W = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    >>> net = MixtureNetwork([W, W], "linear", mu=0.2)  # exact inverses: rho = 0
+    >>> top = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    >>> mixture_first_order(net, torch.ones(1, 2, dtype=torch.float64), top)["signal"][0]  # r W^{-1} top, r = 1/4
+    tensor([[0.1250, 0.5000]], dtype=torch.float64)
     """
     hs = model.forward_pass(x)
     rho = [model.g(i, hs[i]) - hs[i - 1] for i in range(1, model.L)]
@@ -72,6 +85,14 @@ def multiplexing_first_order(model, x: Tensor, top: Tensor) -> dict[str, list[Te
     """First-order ``h^_i - h_i`` of a :class:`~tplightning.dynamics.models.MultiplexingNetwork` (eqs. 6.53, 6.57).
 
     ``top = h^_L - h_L``: ``-eta^ e_L`` (learning phase, eq. 6.54) or zeros (free phase).
+
+    >>> import torch
+    >>> from tplightning.dynamics.models import MultiplexingNetwork
+    >>> W = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    >>> net = MultiplexingNetwork([W, W], [torch.linalg.inv(W)], "linear")  # g_1 = W^{-1}: rho = 0
+    >>> top = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    >>> multiplexing_first_order(net, torch.ones(1, 2, dtype=torch.float64), top)["total"][0]
+    tensor([[0.5000, 2.0000]], dtype=torch.float64)
     """
     hs = model.forward_pass(x)
     rho = [model.g(i, hs[i]) - hs[i - 1] for i in range(1, model.L)]
