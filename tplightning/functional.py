@@ -253,8 +253,8 @@ def label_output(y: Tensor, n_out: int, loss: str, dtype: torch.dtype | None = N
 def output_error(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
     """``e_L = dl/dh_L`` of the per-sample loss (eq. 4.5), shape ``(B, n_L)``.
 
-    ``mse``: ``l = 1/2 ||h_L - y||^2`` so ``e_L = h_L - y`` (the thesis' L2 loss, table 2.2, with the
-    factor 1/2 that makes ``e_L`` the plain difference); ``cross_entropy`` on logits ``h_L``
+    ``mse``: ``l = 1/2 ||h_L - y||^2`` so ``e_L = h_L - y`` (the thesis' L2 loss, eq. 5.36, per sample and with
+    the factor 1/2 that makes ``e_L`` the plain difference); ``cross_entropy`` on logits ``h_L``
     with integer labels ``y``: ``e_L = softmax(h_L) - onehot(y)``.
 
     Args:
