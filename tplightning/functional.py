@@ -101,7 +101,7 @@ class LeakyReLU(Activation):
         self.invertible = self.negative_slope > 0
 
     # One or two elementwise kernels each rather than a masked torch.where (slower on CPU, same values bit for bit;
-    # the timing is in docs/RESULTS.md, "Reading the speed tables").
+    # the timing is in docs/RESULTS.md, "The leaky-ReLU kernel").
     def __call__(self, a: Tensor) -> Tensor:
         return torch.nn.functional.leaky_relu(a, self.negative_slope)
 
@@ -418,7 +418,7 @@ def regularised_inverse(W: Tensor, gamma: float) -> Tensor:
     The minimiser of the regularised inverse loss (eq. 4.97) with ``gamma = lambda / sigma^2``: the feedback weights
     Alg. A.8 converges to with weight decay ``lambda`` and white training noise of std ``sigma``. Its singular
     values are ``s / (s^2 + gamma) <= 1 / (2 sqrt(gamma))`` where the plain inverse has ``1 / s``, so a nearly
-    singular forward matrix no longer amplifies the propagated targets without bound. Computed in float64 and
+    singular forward matrix does not amplify the propagated targets without bound. Computed in float64 and
     returned in ``W``'s dtype, detached.
 
     Args:
