@@ -413,26 +413,20 @@ def original_inverse_loss_grad(Q: Tensor, h_next: Tensor, h: Tensor, activation:
 
 
 def regularised_inverse(W: Tensor, gamma: float) -> Tensor:
-    """``W^T (W W^T + gamma I)^{-1}`` (eq. 4.99, theorem 4.7); ``W^dagger`` for ``gamma = 0`` (eq. 4.100).
+    """``W^T (W W^T + gamma I)^{-1}`` (theorem 4.7); ``W^dagger`` for ``gamma = 0``. Computed in float64.
 
     The minimiser of the regularised inverse loss (eq. 4.97) with ``gamma = lambda / sigma^2``: the feedback weights
-    Alg. A.8 converges to with weight decay ``lambda`` and white training noise of std ``sigma``. Its singular
-    values are ``s / (s^2 + gamma) <= 1 / (2 sqrt(gamma))`` where the plain inverse has ``1 / s``, so a nearly
-    singular forward matrix does not amplify the propagated targets without bound. Computed in float64 and
-    returned in ``W``'s dtype, detached.
+    Alg. A.8 converges to with weight decay ``lambda``. Its singular values are ``s / (s^2 + gamma) <= 1 / (2 sqrt(gamma))``
+    where the plain inverse has ``1 / s``, so a nearly singular forward matrix no longer amplifies the propagated
+    targets without bound. ``gamma = 0`` is :func:`pinv64`.
 
     Args:
-        W: forward weights ``(n_{i+1}, n_i)``.
-        gamma: ``lambda / sigma^2 >= 0``.
+        W: ``(n, m)`` forward matrix (detached).
+        gamma: ``>= 0``.
 
-    Raises:
-        ValueError: for ``gamma < 0``.
-
-    >>> W = torch.tensor([[2.0, 0.0], [0.0, 0.5]])
-    >>> regularised_inverse(W, 0.0).tolist()
-    [[0.5, 0.0], [0.0, 2.0]]
-    >>> [round(x, 4) for x in regularised_inverse(W, 0.25).diagonal().tolist()]  # 2 / (4 + 0.25), 0.5 / (0.25 + 0.25)
-    [0.4706, 1.0]
+    >>> W = torch.tensor([[2.0, 0.0]])
+    >>> regularised_inverse(W, 0.0).tolist(), regularised_inverse(W, 1.0).flatten().tolist()  # 1/2 and 2/(4 + 1)
+    ([[0.5], [0.0]], [0.4000000059604645, 0.0])
     """
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
@@ -632,10 +626,13 @@ def robust_invertible_gaussian(
 
 
 def is_robustly_invertible(W: Tensor, tau: float) -> bool:
-    """``sigma_min(W) * sigma_max(W) > tau`` for a square ``W`` (section 4.2.3); False for a non-square ``W``.
+    """``sigma_min(W) * sigma_max(W) > tau`` for a square ``W`` (the thesis' initialisation test, section 4.2.3).
 
-    >>> is_robustly_invertible(torch.diag(torch.tensor([2.0, 0.1])), 0.4), is_robustly_invertible(torch.eye(2), 0.4)
-    (False, True)
+    The singular values come from :func:`singular_values64`; a non-square ``W`` is never accepted.
+
+    >>> W = torch.tensor([[2.0, 0.0], [0.0, 0.25]])  # sigma_max sigma_min = 0.5
+    >>> is_robustly_invertible(W, 0.4), is_robustly_invertible(W, 0.6)
+    (True, False)
     """
     if W.dim() != 2 or W.shape[0] != W.shape[1]:
         return False
