@@ -27,6 +27,14 @@ maps that is ``g_k`` itself, for :class:`~tplightning.target_maps.Difference` ma
 per-rule code. Maps that set the target directly, not through a feedback map (``direct``, e.g.
 LeeDTP's penultimate :class:`~tplightning.target_maps.GradientTarget`), count as their own useful signal:
 ``e^TP = Delta``, ``e^rec = e^approx = 0`` there, and the layers below chain from it.
+
+>>> import torch
+>>> import tplightning as tp
+>>> from tplightning.diagnostics import diagnostics
+>>> rule = tp.DTPAI(sizes=[3, 3, 3])
+>>> values = diagnostics(rule, torch.randn(4, 3), torch.randn(4, 3))
+>>> round(float(values["diag/cos_tp_1"]), 3)  # a difference rule's signal is its useful signal
+1.0
 """
 from __future__ import annotations
 
@@ -73,6 +81,11 @@ def backprop_signals(weights: Sequence[Tensor], derivs: Sequence[Tensor], e_L: T
 
     Returns:
         ``[e^BP_1, ..., e^BP_{L-1}]``, ``e^BP_i`` of shape ``(B, n_i)``: ``-eta^ dl/dh_i``.
+
+    >>> W1, W2 = torch.eye(3), torch.tensor([[2.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    >>> derivs = [torch.ones(1, 3), torch.tensor([[1.0, 0.5]])]
+    >>> backprop_signals([W1, W2], derivs, torch.tensor([[1.0, 1.0]]), 0.5)  # -0.5 W_2^T D_2 e_L
+    [tensor([[-1., -1.,  0.]])]
     """
     L = len(weights)
     out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
@@ -129,6 +142,13 @@ def target_prop_signals(
 
     Returns:
         ``([e^TP_1, ..., e^TP_{L-1}], [e^rec_1, ..., e^rec_{L-1}])``.
+
+    Two hidden layers with ``J_{g_1} = 2 I``, ``J_{g_2} = I`` and residuals ``r_1``, ``r_2``:
+
+    >>> e_tp, e_rec = target_prop_signals([lambda v: 2 * v, lambda v: v], torch.tensor([[1.0, -1.0]]),
+    ...                                   [torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 1.0]])])
+    >>> [e.tolist() for e in e_tp], [e.tolist() for e in e_rec]  # e^rec_1 = r_1 + J_{g_1} r_2
+    ([[[2.0, -2.0]], [[1.0, -1.0]]], [[[0.5, 2.0]], [[0.0, 1.0]]])
     """
     L = len(jvps) + 1
     direct = direct or {}
@@ -157,7 +177,12 @@ def target_prop_signals(
 
 
 def is_target_prop(rule) -> bool:
-    """Whether ``rule`` propagates targets through target maps (``rule.maps``); BP rules do not."""
+    """Whether ``rule`` propagates targets through target maps (``rule.maps``); BP rules do not.
+
+    >>> import tplightning as tp
+    >>> is_target_prop(tp.DTPAI(sizes=[3, 3, 3])), is_target_prop(tp.BP(sizes=[3, 3, 3]))
+    (True, False)
+    """
     return callable(getattr(rule, "targets_from", None)) and isinstance(getattr(rule, "maps", None), torch.nn.ModuleList)
 
 
@@ -166,6 +191,19 @@ def feedback_jvp(rule, i: int, hs: Sequence[Tensor], pre: Sequence[Tensor]) -> t
 
     The Jacobian is that of ``h^_{i+1} -> propagate(i, h^_{i+1}, hs, pre)`` at ``h_{i+1}``
     (forward-mode autograd, :func:`torch.func.jvp`), i.e. ``J_{g_i}`` for plain and difference rules.
+
+    Args:
+        rule: a target-propagation rule (:func:`is_target_prop`).
+        i: hidden layer, ``1..L-1``.
+        hs: the forward pass ``[h_0, ..., h_L]``.
+        pre: the pre-activations ``[a_1, ..., a_L]``.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DTPAI(sizes=[3, 3, 3])
+    >>> hs, pre = forward_pass(rule, torch.randn(4, 3))
+    >>> value, jvp = feedback_jvp(rule, 1, hs, pre)
+    >>> torch.allclose(value, hs[1]), tuple(jvp(torch.ones(4, 3)).shape)  # a difference map returns h_1 at h_2
+    (True, (4, 3))
     """
     h_next = hs[i + 1]
 
@@ -181,7 +219,14 @@ def feedback_jvp(rule, i: int, hs: Sequence[Tensor], pre: Sequence[Tensor]) -> t
 
 
 def feedback_map(rule, i: int) -> Callable[[Tensor], Tensor] | None:
-    """The feedback map ``g_i`` of ``rule`` (``None`` where its map sets the target directly, e.g. LeeDTP's top layer)."""
+    """The feedback map ``g_i`` of ``rule`` (``None`` where its map sets the target directly, e.g. LeeDTP's top layer).
+
+    The map is ``rule.maps[i - 1]``, called on ``h_{i+1}``; for a difference rule it is the whole difference map.
+
+    >>> import tplightning as tp
+    >>> feedback_map(tp.LeeDTP(sizes=[3, 3, 3, 3]), 2) is None, feedback_map(tp.LeeDTP(sizes=[3, 3, 3, 3]), 1) is None
+    (True, False)
+    """
     m = rule.maps[i - 1]
     return None if m.direct else m
 
@@ -192,6 +237,11 @@ def forward_pass(rule, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     Uses ``rule.forward_pass`` where it exists (MTP normalises layer inputs and keeps the batch
     statistics its ``propagate`` needs) and restores every buffer afterwards, so running
     statistics do not move.
+
+    >>> import tplightning as tp
+    >>> hs, pre = forward_pass(tp.DTPAI(sizes=[3, 4, 2]), torch.randn(5, 3))
+    >>> [tuple(h.shape) for h in hs], [tuple(a.shape) for a in pre]
+    ([(5, 3), (5, 4), (5, 2)], [(5, 4), (5, 2)])
     """
     fwd = getattr(rule, "forward_pass", None) or rule.net.forward_all
     saved = [(b, b.detach().clone()) for b in rule.buffers()]
@@ -209,6 +259,19 @@ def effective_weights(rule, hs: Sequence[Tensor]) -> list[Tensor]:
     ``layer_input(k, hs)`` is a per-unit affine map ``c * h_{k-1} + b`` of ``h_{k-1}`` (MTP's
     batch normalisation with the batch's statistics held fixed) has layer Jacobian
     ``D_{s_k} W_k diag(c)``; ``c`` is recovered by least squares over the batch.
+
+    Args:
+        rule: a rule with ``rule.net``.
+        hs: its forward pass ``[h_0, ..., h_L]`` (:func:`forward_pass`).
+
+    Returns:
+        ``[W_1 diag(c_1), ..., W_L diag(c_L)]``, detached; AO-SDTP's output layer with its auxiliary rows.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DTPAI(sizes=[3, 3, 3])
+    >>> hs, _ = forward_pass(rule, torch.randn(4, 3))
+    >>> all(torch.equal(E, W) for E, W in zip(effective_weights(rule, hs), rule.net.weights))  # gain 1
+    True
     """
     layer_input = getattr(rule, "layer_input", None)
     out = []
@@ -239,6 +302,17 @@ def learning_signals(rule, x: Tensor, y: Tensor) -> dict:
     ``direct`` (the layers whose targets the rule sets directly). Runs under ``no_grad`` (the
     Jacobian-vector products use forward-mode autograd, which ``no_grad`` leaves on). The Gauss-Newton and backprop
     signals are matrix products of dense layers: a network with other layers (a CNN) gets a ``ValueError``.
+
+    Args:
+        rule: a target-propagation rule (:func:`is_target_prop`) with dense layers.
+        x: input batch ``(B, n_0)``.
+        y: its labels.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DTPAI(sizes=[3, 3, 3])
+    >>> signals = learning_signals(rule, torch.randn(4, 3), torch.randn(4, 3))
+    >>> [tuple(e.shape) for e in signals["e_gn"]], signals["direct"], float(signals["e_rec"][0].abs().max())
+    ([(4, 3)], [], 0.0)
     """
     L = rule.num_layers
     other = [f"{k} ({type(layer).__name__})" for k, layer in enumerate(rule.net.layers, start=1) if not isinstance(layer, Dense)]
@@ -342,6 +416,18 @@ def summarize(signals: dict, layers: Sequence[int] | None = None, prefix: str = 
     and ``e^TP_i``, ``e^GN_i``, ``e^BP_i``), ``norm_signal_i`` (``||Delta_i||``), ``norm_tp_i``,
     ``norm_approx_i``, ``norm_rec_i`` (``||e^rec_i||``) and ``rec_error_i``
     (``||g_i(f_{i+1}(h_i)) - h_i||``, where layer ``i`` has a feedback map).
+
+    Args:
+        signals: what :func:`learning_signals` returned.
+        layers: hidden layers to report (1-based; ``None``: all ``1..L-1``).
+        prefix: put before every key.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DTPAI(sizes=[3, 3, 3])
+    >>> values = summarize(learning_signals(rule, torch.randn(4, 3), torch.randn(4, 3)))
+    >>> sorted(values)
+    ['diag/cos_bp_1', 'diag/cos_gn_1', 'diag/cos_tp_1', 'diag/norm_approx_1', 'diag/norm_rec_1',
+     'diag/norm_signal_1', 'diag/norm_tp_1', 'diag/rec_error_1']
     """
     L = len(signals["delta"]) + 1
     out: dict[str, Tensor] = {}
@@ -362,7 +448,20 @@ def diagnostics(rule, x: Tensor, y: Tensor, layers: Sequence[int] | None = None,
     """The scalars :class:`TargetPropDiagnostics` logs for a batch: :func:`summarize` plus ``q_pinv_error_i`` and, for
     FA/DFA, ``weight_angle_i`` (:func:`weight_alignment_angles`).
 
-    ``{}`` for rules that do not propagate targets (BP, BPFixed).
+    ``{}`` for rules that do not propagate targets (BP, BPFixed). Runs under ``no_grad``; changes no weight,
+    buffer or generator.
+
+    Args:
+        rule: any rule.
+        x: input batch ``(B, n_0)``.
+        y: its labels.
+        layers: hidden layers to report (1-based; ``None``: all; others are dropped).
+        prefix: put before every key.
+
+    >>> import tplightning as tp
+    >>> x, y = torch.randn(4, 3), torch.randn(4, 3)
+    >>> "diag/q_pinv_error_1" in diagnostics(tp.DTPAI(sizes=[3, 3, 3]), x, y), diagnostics(tp.BP(sizes=[3, 3, 3]), x, y)
+    (True, {})
     """
     if not is_target_prop(rule):
         return {}
@@ -406,6 +505,14 @@ class TargetPropDiagnostics(pl.Callback):
         max_samples: rows of the batch used (bounds the cost).
         layers: hidden layers to report (1-based; ``None``: all ``1..L-1``).
         keep_history: keep every logged value in :attr:`history`.
+
+    >>> import tplightning as tp
+    >>> diag = TargetPropDiagnostics(every_n_steps=1, max_samples=8)
+    >>> trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+    ...                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[diag])
+    >>> trainer.fit(tp.DTPAI(sizes=[6, 6, 6]), datamodule=tp.StudentTeacherDataModule(num_train=64))
+    >>> [h["step"] for h in diag.history], round(diag.history[0]["diag/cos_tp_1"], 3)
+    ([0, 1], 1.0)
     """
 
     def __init__(self, every_n_steps: int = 50, max_samples: int = 64, layers: Sequence[int] | None = None, keep_history: bool = True):
@@ -436,7 +543,9 @@ class TargetPropDiagnostics(pl.Callback):
             self.history.append({"step": count, "epoch": trainer.current_epoch, **floats})
 
     def state_dict(self) -> dict:
+        """The batch count, so a resumed run keeps the ``every_n_steps`` rhythm."""
         return {"batches": self._batches}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the batch count of :meth:`state_dict`."""
         self._batches = int(state_dict.get("batches", 0))

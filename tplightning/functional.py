@@ -3,6 +3,13 @@
 Every function works on batches: activations are ``(B, n)`` tensors, weights ``(n_out, n_in)``
 matrices as in the thesis (``h_i = s_i(W_i h_{i-1})``, eq. 4.1), so a batch computes
 ``h_i = s_i(h_{i-1} @ W_i.T)``.
+
+>>> import torch
+>>> from tplightning import functional as F
+>>> W = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+>>> h_prev = torch.tensor([[1.0, -1.0]])  # one sample
+>>> F.LeakyReLU(0.5)(h_prev @ W.T).tolist()
+[[1.0, -1.0]]
 """
 from __future__ import annotations
 
@@ -43,8 +50,18 @@ __all__ = [
 class Activation:
     """An element-wise non-linearity ``s`` with its derivative and (where it exists) inverse.
 
-    ``derivative`` takes the pre-activation ``a`` (and optionally the activation ``h = s(a)``,
-    which some derivatives reuse) and returns the diagonal of ``D_s`` (eq. 4.11).
+    ``h = s(a)`` maps a pre-activation ``a = W_i h_{i-1}`` to an activation (eq. 4.1).
+    ``inverse(h)`` is ``s^{-1}(h)``, which the exact and thesis-form target maps apply (eq. 4.11,
+    ``g_i = Q_i s_{i+1}^{-1}``, eq. 4.90). ``derivative(a, h=None)`` returns the diagonal of
+    ``D_s = ds/da`` (eqs. 4.11-4.12) per element; ``h = s(a)``, when given, saves recomputing it.
+    ``invertible`` says whether ``inverse`` exists, so a rule can refuse a non-invertible ``s``
+    before training. Subclasses implement the three methods and set ``name`` (the key of
+    :func:`get_activation`).
+
+    >>> s = get_activation("tanh")
+    >>> a = torch.tensor([0.0, 0.5])
+    >>> torch.allclose(s.inverse(s(a)), a), s.derivative(a)[0].item()
+    (True, 1.0)
     """
 
     name: str = "activation"
@@ -64,7 +81,21 @@ class Activation:
 
 
 class LeakyReLU(Activation):
-    """``s(a) = a`` for ``a >= 0`` and ``slope * a`` otherwise; the thesis uses 0.1 and 0.35."""
+    """``s(a) = a`` for ``a >= 0`` and ``negative_slope * a`` otherwise; the thesis uses 0.1 (eq. 5.13) and 0.35.
+
+    Invertible for ``negative_slope > 0``: ``s^{-1}(h) = h`` for ``h >= 0`` and ``h / negative_slope`` below.
+    The derivative is 1 for ``a >= 0`` and ``negative_slope`` below. At exactly ``a = 0`` the thesis does not
+    say; :meth:`derivative` (used by the closed-form updates and targets) takes 1, while autograd through
+    ``__call__`` (BP) takes ``negative_slope``.
+
+    Args:
+        negative_slope: slope for negative inputs (a finite number; 0 makes it a ReLU, not invertible).
+
+    >>> s = LeakyReLU(0.5)
+    >>> a = torch.tensor([-2.0, 0.0, 3.0])
+    >>> s(a).tolist(), s.inverse(s(a)).tolist(), s.derivative(a).tolist()
+    ([-1.0, 0.0, 3.0], [-2.0, 0.0, 3.0], [0.5, 1.0, 1.0])
+    """
 
     name = "leaky_relu"
 
@@ -74,10 +105,8 @@ class LeakyReLU(Activation):
         self.negative_slope = float(negative_slope)
         self.invertible = self.negative_slope > 0
 
-    # One or two elementwise kernels each, not torch.where's three (on this project's CPU build a masked
-    # torch.where on 128x256 costs 8 times torch.nn.functional.leaky_relu); the values are the same bit for bit
-    # (``scripts/ab_step_time.py /work/main --activation leaky_relu``: DTP-AI, RDTP-AI, MTP steps 0.90-0.91x, BP 0.70x).
-    # Autograd through ``__call__`` (BP) now takes the slope as the derivative at exactly 0, ``derivative`` takes 1.
+    # One or two elementwise kernels each rather than a masked torch.where (slower on CPU, same values bit for bit;
+    # the timing is in docs/RESULTS.md, "The leaky-ReLU kernel").
     def __call__(self, a: Tensor) -> Tensor:
         return torch.nn.functional.leaky_relu(a, self.negative_slope)
 
@@ -98,7 +127,13 @@ class LeakyReLU(Activation):
 
 
 class Identity(Activation):
-    """The linear output layer of the thesis' regression experiments."""
+    """``s(a) = a``: the linear output layer of the thesis' regression experiments (``D_s = I``).
+
+    >>> s = Identity()
+    >>> a = torch.tensor([-2.0, 3.0])
+    >>> s(a).tolist(), s.inverse(a).tolist(), s.derivative(a).tolist()
+    ([-2.0, 3.0], [-2.0, 3.0], [1.0, 1.0])
+    """
 
     name = "linear"
 
@@ -113,7 +148,16 @@ class Identity(Activation):
 
 
 class Tanh(Activation):
-    """``tanh``; its inverse ``atanh`` is clamped just inside (-1, 1) so targets stay finite."""
+    """``s(a) = tanh(a)``, ``D_s = 1 - tanh(a)^2``; the inverse ``atanh`` is taken of ``h`` clamped to
+    ``[-1 + eps, 1 - eps]`` (``eps = 1e-6``), so a target outside ``(-1, 1)``, which no input reaches, still maps
+    to a finite pre-activation (the thesis does not say what to do there).
+
+    >>> s = Tanh()
+    >>> s.derivative(torch.tensor([0.0])).tolist()
+    [1.0]
+    >>> bool(s.inverse(torch.tensor([1.5])).isfinite())
+    True
+    """
 
     name = "tanh"
     eps = 1e-6
@@ -130,7 +174,15 @@ class Tanh(Activation):
 
 
 class ReLU(Activation):
-    """ReLU, for backprop baselines only: it is not invertible."""
+    """``s(a) = max(a, 0)``, for backprop baselines only: it is not invertible (``inverse`` raises ``ValueError``).
+
+    The derivative at exactly ``a = 0`` is taken as 0.
+
+    >>> s = ReLU()
+    >>> a = torch.tensor([-1.0, 0.0, 2.0])
+    >>> s(a).tolist(), s.derivative(a).tolist(), s.invertible
+    ([0.0, 0.0, 2.0], [0.0, 0.0, 1.0], False)
+    """
 
     name = "relu"
     invertible = False
@@ -152,7 +204,20 @@ _ACTIVATIONS = {"leaky_relu": LeakyReLU, "linear": Identity, "identity": Identit
 
 
 def get_activation(name: str, negative_slope: float = 0.35) -> Activation:
-    """Activation by name: ``leaky_relu`` (with ``negative_slope``), ``linear``, ``tanh``, ``relu``."""
+    """The :class:`Activation` named ``name``; an :class:`Activation` passes through unchanged.
+
+    Args:
+        name: ``leaky_relu``, ``linear`` (alias ``identity``), ``tanh`` or ``relu``, in any case.
+        negative_slope: the slope of ``leaky_relu`` (ignored by the others).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+
+    >>> get_activation("leaky_relu", 0.1)
+    LeakyReLU(negative_slope=0.1)
+    >>> get_activation("Linear")
+    Identity()
+    """
     if isinstance(name, Activation):
         return name
     key = str(name).lower()
@@ -173,6 +238,15 @@ def label_output(y: Tensor, n_out: int, loss: str, dtype: torch.dtype | None = N
 
     A label outside ``[0, n_out)`` gets a row of zeros here (checking would read the labels back from the device);
     the rules compute the loss of a batch first, whose cross-entropy refuses it.
+
+    Args:
+        y: regression targets ``(B, n_out)`` or integer class labels ``(B,)``.
+        n_out: number of classes (used by ``cross_entropy`` only).
+        loss: ``mse`` or ``cross_entropy``.
+        dtype: dtype of the result (``None``: ``y``'s for ``mse``, the default float dtype for ``cross_entropy``).
+
+    >>> label_output(torch.tensor([2, 0]), 3, "cross_entropy").tolist()
+    [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     """
     if loss == "mse":
         return y if dtype is None else y.to(dtype)
@@ -184,8 +258,19 @@ def label_output(y: Tensor, n_out: int, loss: str, dtype: torch.dtype | None = N
 def output_error(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
     """``e_L = dl/dh_L`` of the per-sample loss (eq. 4.5), shape ``(B, n_L)``.
 
-    ``mse``: ``l = 1/2 ||h_L - y||^2`` so ``e_L = h_L - y``; ``cross_entropy`` on logits ``h_L``
+    ``mse``: ``l = 1/2 ||h_L - y||^2`` so ``e_L = h_L - y`` (the thesis' L2 loss, eq. 5.36, per sample and with
+    the factor 1/2 that makes ``e_L`` the plain difference); ``cross_entropy`` on logits ``h_L``
     with integer labels ``y``: ``e_L = softmax(h_L) - onehot(y)``.
+
+    Args:
+        h_L: network output ``(B, n_L)`` (logits for ``cross_entropy``).
+        y: regression targets ``(B, n_L)`` or integer class labels ``(B,)``.
+        loss: ``mse`` or ``cross_entropy``.
+
+    >>> output_error(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]]), "mse").tolist()
+    [[1.0, -2.0]]
+    >>> output_error(torch.zeros(1, 2), torch.tensor([1]), "cross_entropy").tolist()
+    [[0.5, -0.5]]
     """
     if loss == "mse":
         return h_L - y
@@ -196,7 +281,14 @@ def output_error(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
 
 
 def per_sample_loss(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
-    """The per-sample loss ``l`` whose gradient :func:`output_error` returns, shape ``(B,)``."""
+    """The per-sample loss ``l`` whose gradient :func:`output_error` returns, shape ``(B,)``.
+
+    ``mse``: ``l = 1/2 ||h_L - y||^2``; ``cross_entropy``: ``l = -log softmax(h_L)_y``. Arguments as in
+    :func:`output_error`.
+
+    >>> per_sample_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]]), "mse").tolist()
+    [2.5]
+    """
     if loss == "mse":
         return 0.5 * ((h_L - y) ** 2).sum(-1)
     if loss == "cross_entropy":
@@ -205,17 +297,49 @@ def per_sample_loss(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
 
 
 def output_target(h_L: Tensor, y: Tensor, loss: str, target_stepsize: float) -> Tensor:
-    """``h^_L = h_L - eta^ * dl/dh_L`` (eq. 4.4)."""
+    """The output target ``h^_L = h_L - eta^ e_L`` with ``e_L = dl/dh_L`` (eqs. 4.4-4.5).
+
+    Args:
+        h_L: network output ``(B, n_L)``.
+        y: labels, as for :func:`output_error`.
+        loss: ``mse`` or ``cross_entropy``.
+        target_stepsize: the output step size ``eta^``.
+
+    >>> output_target(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]]), "mse", 0.5).tolist()
+    [[0.5, 3.0]]
+    """
     return h_L - target_stepsize * output_error(h_L, y, loss)
 
 
 def local_delta(d: Tensor, h: Tensor, h_hat: Tensor, modified: bool = False) -> Tensor:
-    """``D_i (h_i - h^_i)`` per sample, or ``D_i^{-1} (h_i - h^_i)`` for the modified rules (Alg. A.1, A.6)."""
+    """``D_i (h_i - h^_i)`` per sample (eq. 4.12), or ``D_i^{-1} (h_i - h^_i)`` for the modified rules (Alg. A.1, A.6).
+
+    Args:
+        d: the diagonal of ``D_{s_i}`` per sample, ``(B, n_i)``.
+        h: activations ``h_i``, ``(B, n_i)``.
+        h_hat: targets ``h^_i``, ``(B, n_i)``.
+        modified: divide by ``d`` instead of multiplying.
+
+    >>> d, h, h_hat = torch.tensor([[0.5, 2.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 3.0]])
+    >>> local_delta(d, h, h_hat).tolist(), local_delta(d, h, h_hat, modified=True).tolist()
+    ([[0.5, -4.0]], [[2.0, -1.0]])
+    """
     return (h - h_hat) / d if modified else d * (h - h_hat)
 
 
 def delta_update(delta: Tensor, h_prev: Tensor) -> Tensor:
-    """``(1/B) sum_b delta_b h_{i-1,b}^T``: the weight gradient of a dense layer from its per-sample ``delta``."""
+    """``(1/B) sum_b delta_b h_{i-1,b}^T``: the weight gradient of a dense layer from its per-sample ``delta``.
+
+    Args:
+        delta: per-sample ``delta_b``, ``(B, n_i)`` (e.g. from :func:`local_delta`).
+        h_prev: the layer's inputs ``h_{i-1}``, ``(B, n_{i-1})``.
+
+    Returns:
+        ``(n_i, n_{i-1})``, the shape of ``W_i``.
+
+    >>> delta_update(torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0, 0.0], [0.0, 2.0]])).tolist()
+    [[1.0, 3.0]]
+    """
     return (delta / delta.shape[0]).T @ h_prev
 
 
@@ -223,9 +347,26 @@ def local_update(d: Tensor, h: Tensor, h_hat: Tensor, h_prev: Tensor, modified: 
     """Gradient of the local loss ``mean_b 1/2 ||h_i - h^_i||^2`` w.r.t. ``W_i`` (eq. 4.12, Alg. A.10).
 
     ``(1/B) sum_b D_i (h_i - h^_i) h_{i-1}^T`` with ``d`` the diagonal of ``D_i`` per sample; the
-    modified rules use ``D_i^{-1}`` instead. A step ``W <- W - eta * result`` is the thesis'
-    ``Delta W_i``. :class:`~tplightning.layers.Dense` computes exactly this (from :func:`local_delta`
+    modified rules use ``D_i^{-1}`` instead (Alg. A.1). A step ``W <- W - eta * result`` is the thesis'
+    ``Delta W_i``: the factor 1/2 in the loss (the thesis writes ``||h_i - h^_i||^2``) and the batch
+    mean make the step equal eq. 4.12 and Alg. A.10's ``-(eta/B) sum_b ...``.
+    :class:`~tplightning.layers.Dense` computes exactly this (from :func:`local_delta`
     and :func:`delta_update`, whose composition this is).
+
+    Args:
+        d: the diagonal of ``D_{s_i}`` per sample, ``(B, n_i)``.
+        h: activations ``h_i``, ``(B, n_i)``.
+        h_hat: targets ``h^_i``, ``(B, n_i)``.
+        h_prev: the layer's inputs ``h_{i-1}``, ``(B, n_{i-1})``.
+        modified: use ``D_i^{-1}`` (the modified rules).
+
+    >>> W = torch.tensor([[0.5, -1.0]], requires_grad=True)
+    >>> h_prev, h_hat = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0]])
+    >>> a = h_prev @ W.T
+    >>> h = LeakyReLU(0.5)(a)
+    >>> (0.5 * ((h - h_hat) ** 2).sum(-1).mean()).backward()
+    >>> torch.allclose(local_update(LeakyReLU(0.5).derivative(a), h.detach(), h_hat, h_prev), W.grad)
+    True
     """
     return delta_update(local_delta(d, h, h_hat, modified), h_prev)
 
@@ -234,8 +375,19 @@ def inverse_loss_grad(Q: Tensor, a_next: Tensor, h: Tensor) -> Tensor:
     """Gradient of ``mean_b 1/2 ||Q a_b - h_b||^2`` w.r.t. ``Q``: the thesis-form inverse loss (Alg. A.8, eq. 4.91).
 
     ``g_i(h_{i+1}) = Q_i (s_{i+1}^{-1}(h_{i+1}) - b_{i+1})`` and ``a_next = s^{-1}(f_{i+1}(h_i)) - b = W_{i+1} h_i``,
-    so ``g(f(h)) - h = Q a - h``. Batched: ``Q (..., n_i, n_{i+1})``, ``a_next (..., B, n_{i+1})``,
-    ``h (..., B, n_i)``. Adding ``lambda Q`` gives the regularised loss of eq. 4.97.
+    so ``g(f(h)) - h = Q a - h``. The result is ``(1/B) sum_b (Q a_b - h_b) a_b^T``, Alg. A.8's update direction:
+    the 1/2 and the batch mean (eq. 4.91 writes the plain squared norm of one sample) make a gradient step
+    match Alg. A.8. Adding ``lambda Q`` gives the regularised loss of eq. 4.97 (``lambda ||Q||_F^2 / 2`` in this
+    scaling). The bias ``b_{i+1}`` is our addition (the thesis' layers have none).
+
+    Args:
+        Q: feedback weights ``(..., n_i, n_{i+1})``; leading dimensions batch independent problems.
+        a_next: ``W_{i+1} h_i`` per sample, ``(..., B, n_{i+1})``.
+        h: the layer-``i`` activations ``(..., B, n_i)``.
+
+    >>> Q, a_next, h = torch.eye(2), torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    >>> inverse_loss_grad(Q, a_next, h).tolist()  # (Q a - h) a^T with Q a - h = [0, 2]
+    [[0.0, 0.0], [2.0, 4.0]]
     """
     return ((a_next @ Q.transpose(-1, -2) - h) / h.shape[-2]).transpose(-1, -2) @ a_next
 
@@ -244,7 +396,21 @@ def original_inverse_loss_grad(Q: Tensor, h_next: Tensor, h: Tensor, activation:
     """Gradient of ``mean_b 1/2 ||s(Q h_{i+1}) - h_i||^2`` w.r.t. ``Q``: the original-form inverse loss (Alg. A.9).
 
     ``g_i(h_{i+1}) = s_i(Q_i h_{i+1})`` (eq. 5.54); ``h`` is the (noise-injected, eq. 3.13) layer-``i``
-    activation and ``h_next = f_{i+1}(h)``. Batched like :func:`inverse_loss_grad`; ``s(c)`` is evaluated once.
+    activation and ``h_next = f_{i+1}(h)``. The result is ``(1/B) sum_b (D_{s_i}(c_b) (g_b - h_b)) h_{next,b}^T``
+    with ``c_b = Q h_{next,b}``; the 1/2 and the batch mean are chosen as in :func:`inverse_loss_grad`.
+    Batched like :func:`inverse_loss_grad`; ``s(c)`` is evaluated once.
+
+    Args:
+        Q: feedback weights ``(..., n_i, n_{i+1})``.
+        h_next: ``h_{i+1} = f_{i+1}(h)`` per sample, ``(..., B, n_{i+1})``.
+        h: the (noisy) layer-``i`` activations ``(..., B, n_i)``.
+        activation: ``s_i``, an :class:`Activation`.
+
+    >>> Q = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    >>> h_next, h, s = torch.tensor([[-2.0, 1.0]]), torch.tensor([[0.0]]), LeakyReLU(0.5)
+    >>> (0.5 * ((s(h_next @ Q.T) - h) ** 2).sum(-1).mean()).backward()
+    >>> original_inverse_loss_grad(Q.detach(), h_next, h, s).tolist(), Q.grad.tolist()
+    ([[1.0, -0.5]], [[1.0, -0.5]])
     """
     c = h_next @ Q.transpose(-1, -2)
     g = activation(c)
@@ -277,7 +443,18 @@ def regularised_inverse(W: Tensor, gamma: float) -> Tensor:
 
 
 def cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
-    """Per-sample cosine of the angle between rows of ``a`` and ``b`` (flattened per sample)."""
+    """Per-sample cosine ``<a_b, b_b> / max(||a_b|| ||b_b||, eps)`` of the rows of ``a`` and ``b`` (flattened per sample).
+
+    A zero row gives 0, not NaN.
+
+    Args:
+        a: ``(B, ...)``.
+        b: ``(B, ...)``, as many elements per sample as ``a``.
+        eps: lower bound of the denominator.
+
+    >>> cosine(torch.tensor([[1.0, 0.0], [3.0, 4.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [6.0, 8.0], [1.0, 0.0]])).tolist()
+    [0.0, 1.0, 0.0]
+    """
     a = a.reshape(a.shape[0], -1)
     b = b.reshape(b.shape[0], -1)
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(eps)
@@ -308,6 +485,15 @@ def robust_sherman_morrison(
 
     Returns:
         ``(W_new, W_inv_new, beta)``, ``beta`` a 0-d tensor (one per trial when batched).
+
+    >>> W = torch.eye(2)
+    >>> u, v = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])  # d = 1: no clipping
+    >>> W_new, W_inv_new, beta = robust_sherman_morrison(W, W, u, v, 0.5)
+    >>> W_new.tolist(), W_inv_new.tolist(), beta.item()
+    ([[2.0, 0.0], [0.0, 1.0]], [[0.5, 0.0], [0.0, 1.0]], 1.0)
+    >>> W_new, W_inv_new, beta = robust_sherman_morrison(W, W, -u, v, 0.5)  # d = -1: W + u v^T singular
+    >>> round(beta.item(), 4), torch.allclose(W_new @ W_inv_new, torch.eye(2))  # beta = 1 / (0.5 - (-1))
+    (0.6667, True)
     """
     if u.dim() < 1 or u.dim() != v.dim() or W.dim() != u.dim() + 1:
         raise ValueError(f"u and v must be vectors (batched like W), got shapes {tuple(u.shape)}, {tuple(v.shape)} for W {tuple(W.shape)}")
@@ -348,11 +534,20 @@ def robust_woodbury(
     ``sigma_min(C) = |1 + d|``, so this is Alg. 4.1 to the letter.
 
     Args:
-        W: ``(n, n)`` forward matrix. W_inv: its inverse. U: ``(n, B)``. V: ``(n, B)``.
+        W: ``(n, n)`` forward matrix.
+        W_inv: its inverse.
+        U: ``(n, B)``, the columns ``u_b``.
+        V: ``(n, B)``, the columns ``v_b``.
         threshold: ``epsilon``.
 
     Returns:
         ``(W_new, W_inv_new, beta, sigma_min(C))`` with ``beta`` and ``sigma_min(C)`` 0-d tensors.
+
+    >>> W = torch.eye(3)
+    >>> U, V = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    >>> W_new, W_inv_new, beta, s_min = robust_woodbury(W, W, U, V, 0.5)
+    >>> W_new.diagonal().tolist(), W_inv_new.diagonal().tolist(), beta.item(), s_min.item()
+    ([2.0, 2.0, 1.0], [0.5, 0.5, 1.0], 1.0, 2.0)
     """
     if U.dim() != 2 or V.dim() != 2 or U.shape[1] != V.shape[1]:
         raise ValueError(f"U and V must be (n, B) matrices with the same B, got {tuple(U.shape)} and {tuple(V.shape)}")
@@ -382,11 +577,31 @@ def robust_invertible_gaussian(
 ) -> Tensor:
     """Gaussian ``(n, n)`` matrix redrawn until ``sigma_min * sigma_max > tau`` (section 4.2.3, method 1).
 
-    The thesis uses ``tau = 0.4``. With ``batch``, ``batch`` independent matrices ``(batch, n, cols)``
-    (``cols`` defaults to ``n``; the same test for non-square ones), failing ones redrawn until all
-    pass; ``diagonal`` draws diagonal ones, like the ``D_{s_i}`` of fig. 5.12. Raises ``ValueError``
-    after ``max_attempts`` draws (large ``n`` with small ``std`` rarely passes: the expected
-    ``sigma_min`` is ``O(std / sqrt(n))``).
+    The thesis uses ``tau = 0.4`` (section 5.1.3). Of the section's two tests (``sigma_min`` alone, or the product
+    ``sigma_min * sigma_max``) we take the product, the one the thesis recommends and uses. With ``batch``,
+    ``batch`` independent matrices ``(batch, n, cols)`` (``cols`` defaults to ``n``; the same test for non-square
+    ones), failing ones redrawn until all pass; ``diagonal`` draws diagonal ones, like the ``D_{s_i}`` of fig. 5.12.
+
+    Args:
+        n: rows (and columns unless ``cols`` is given).
+        tau: the threshold ``tau_init``.
+        std: standard deviation of the entries.
+        max_attempts: draws before giving up (large ``n`` with small ``std`` rarely passes: the expected
+            ``sigma_min`` is ``O(std / sqrt(n))``).
+        generator: ``torch.Generator`` of the draws.
+        dtype: dtype of the result (``None``: the default).
+        batch: number of independent matrices (``None``: one ``(n, n)`` matrix).
+        cols: columns of the batched matrices.
+        diagonal: draw diagonal matrices (batched only).
+
+    Raises:
+        ValueError: after ``max_attempts`` draws without success, or for a non-square ``diagonal``.
+
+    >>> W = robust_invertible_gaussian(4, generator=torch.Generator().manual_seed(0))
+    >>> tuple(W.shape), is_robustly_invertible(W, 0.4)
+    ((4, 4), True)
+    >>> robust_invertible_gaussian(2, batch=3, cols=5, generator=torch.Generator().manual_seed(0)).shape
+    torch.Size([3, 2, 5])
     """
     cols = n if cols is None else cols
     if diagonal and cols != n:

@@ -5,6 +5,11 @@ with momentum at evaluation). A target map inverts ``f_{i+1}`` onto ``h~_i``, so
 de-normalised, ``h^_i = sigma * g_i(h^_{i+1}) + mu``. Where Alg. A.1 writes ``h_{k-1}`` in the update we
 use the normalised input ``h~_{k-1}`` the layer received: the local loss depends on ``W_k`` through
 ``f_k(h~_{k-1})``, so this is its gradient.
+
+The thesis leaves open which variance and what happens at evaluation. We normalise with the biased
+batch variance ``mean_b (h_b - mu)^2`` plus ``eps`` and keep running averages of ``mu`` and of that same
+biased variance (``torch.nn.BatchNorm1d`` keeps the unbiased one), which evaluation uses in place of the
+batch's statistics.
 """
 from __future__ import annotations
 
@@ -19,10 +24,24 @@ __all__ = ["InputNormalization"]
 class InputNormalization(nn.Module):
     """Running statistics of every layer's input and the normalised forward pass of a network.
 
+    Layer ``j`` (0-based) has buffers ``running_mean_j`` (zeros at first) and ``running_var_j`` (ones),
+    updated as ``running <- (1 - momentum) running + momentum * batch`` when :meth:`forward_all` is asked to.
+
     Args:
         sizes: input features of the layers, ``[n_0, ..., n_{L-1}]``.
         momentum: of the running mean/variance.
         eps: added to the variance.
+
+    >>> import torch
+    >>> from tplightning.networks import MLP
+    >>> net = MLP([2, 3, 1], generator=torch.Generator().manual_seed(0))
+    >>> norm = InputNormalization([2, 3])
+    >>> x = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    >>> hs, pre, inputs, stats = norm.forward_all(net, x, train=True, update=True)
+    >>> [tuple(h.shape) for h in hs], [round(v, 4) for v in inputs[0][0].tolist()]
+    ([(2, 2), (2, 3), (2, 1)], [-1.0, -1.0])
+    >>> stats[0][0].tolist(), [round(v, 4) for v in norm.running_mean_0.tolist()]
+    ([1.0, 2.0], [0.1, 0.2])
     """
 
     def __init__(self, sizes: Sequence[int], momentum: float = 0.1, eps: float = 1e-5):
@@ -33,7 +52,19 @@ class InputNormalization(nn.Module):
             self.register_buffer(f"running_var_{j}", torch.ones(n))
 
     def forward_all(self, net, x: Tensor, train: bool, update: bool):
-        """``(hs, pre, inputs, stats)``: the pass with normalised layer inputs, those inputs and ``(mu, sigma)`` per layer."""
+        """``(hs, pre, inputs, stats)``: the pass with normalised layer inputs, those inputs and ``(mu, sigma)`` per layer.
+
+        ``hs = [h_0, ..., h_L]`` and ``pre = [a_1, ..., a_L]`` as :meth:`~tplightning.layers.Network.forward_all`
+        returns them, but layer ``j + 1`` receives ``inputs[j] = (h_j - mu_j) / sigma_j`` with
+        ``sigma_j = sqrt(var_j + eps)``; ``stats[j] = (mu_j, sigma_j)``, which a target map needs to de-normalise.
+
+        Args:
+            net: a :class:`~tplightning.layers.Network` whose layers take the sizes given at construction.
+            x: the input batch ``h_0``, ``(B, n_0)``.
+            train: normalise with the batch's statistics (``B >= 2``, else ``ValueError``); ``False``: with the
+                running ones.
+            update: (with ``train``) move the running statistics towards the batch's.
+        """
         hs, pre, inputs, stats = [x], [], [], []
         for j, layer in enumerate(net.layers):
             h = hs[-1]

@@ -1,4 +1,10 @@
-"""In-memory tensor data shared by every data module: no per-item decoding, seeded shuffling."""
+"""In-memory tensor data shared by every data module: no per-item decoding, seeded shuffling.
+
+>>> import torch
+>>> from tplightning.data import TensorData
+>>> len(TensorData(torch.zeros(5, 3), torch.zeros(5)))
+5
+"""
 from __future__ import annotations
 
 import zlib
@@ -18,13 +24,36 @@ def derive_seed(seed: int, purpose: str) -> int:
     Generators seeded with the same integer draw the same numbers: a teacher from seed 0 and a
     student perturbation (or a student initialised after ``seed_everything(0)``) from seed 0
     would be identical, making the student a multiple of its teacher. Mixing in the purpose
-    keeps the streams apart while staying reproducible.
+    keeps the streams apart while staying reproducible: ``(seed * 1000003 + crc32(purpose)) mod (2^63 - 1)``.
+
+    Args:
+        seed: the user's seed.
+        purpose: what the generator draws (any string; the same string gives the same seed).
+
+    >>> derive_seed(0, "teacher"), derive_seed(0, "inputs")
+    (2968954581, 56729678)
     """
     return (int(seed) * 1_000_003 + zlib.crc32(purpose.encode())) % (2**63 - 1)
 
 
 def check_split(num_train: int, num_val: int, subset: int | None) -> None:
-    """The train/validation sizes of a data module that splits a training file: ``ValueError`` unless they fit."""
+    """The train/validation sizes of a data module that splits a training file: ``ValueError`` unless they fit.
+
+    Checks what can be checked before the file is read: ``num_train >= 1``, ``num_val >= 0`` and, with a
+    ``subset``, ``num_train + num_val <= subset``.
+
+    Args:
+        num_train: training items.
+        num_val: validation items.
+        subset: the number of items of the file used (``None``: all).
+
+    >>> check_split(8, 2, subset=10)
+    >>> try:
+    ...     check_split(8, 4, subset=10)
+    ... except ValueError as err:
+    ...     print(err)
+    subset=10 is smaller than num_train + num_val = 8 + 4
+    """
     if num_train < 1 or num_val < 0:
         raise ValueError(f"need num_train >= 1 and num_val >= 0, got num_train={num_train}, num_val={num_val}")
     if subset is not None and subset < num_train + num_val:
@@ -33,7 +62,22 @@ def check_split(num_train: int, num_val: int, subset: int | None) -> None:
 
 def seeded_split(total: int, num_train: int, num_val: int, subset: int | None, seed: int) -> tuple[Tensor, Tensor]:
     """Disjoint train and validation indices into the first ``subset`` (all when None) of ``total`` items, drawn by
-    one permutation seeded with ``seed``."""
+    one permutation seeded with ``seed``.
+
+    The first ``num_train`` entries of ``randperm(subset or total)`` are the training indices, the next
+    ``num_val`` the validation ones; ``ValueError`` when ``subset > total`` or the two do not fit.
+
+    Args:
+        total: items in the file.
+        num_train: training items.
+        num_val: validation items.
+        subset: use only the first ``subset`` items (``None``: all ``total``).
+        seed: seed of the permutation.
+
+    >>> train, val = seeded_split(10, 4, 2, None, seed=0)
+    >>> train.tolist(), val.tolist()
+    ([4, 1, 7, 5], [3, 9])
+    """
     if subset is not None and subset > total:
         raise ValueError(f"subset={subset} exceeds the {total} training images in the file")
     available = total if subset is None else subset
@@ -47,7 +91,22 @@ def seeded_split(total: int, num_train: int, num_val: int, subset: int | None, s
 
 
 class TensorData(Dataset):
-    """``(x, y)`` tensors indexed together; a whole batch is gathered by one indexing op."""
+    """``(x, y)`` tensors indexed together; a whole batch is gathered by one indexing op.
+
+    ``__getitems__`` (which ``DataLoader`` calls with a batch's indices) returns ``(x[idx], y[idx])``
+    directly, so no per-item collation happens.
+
+    Args:
+        x: inputs, first dimension the items.
+        y: labels or targets, as many items as ``x`` (``ValueError`` otherwise).
+
+    >>> data = TensorData(torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 2]))
+    >>> len(data), data[1]
+    (3, (tensor([2., 3.]), tensor(1)))
+    >>> x, y = data.__getitems__([2, 0])
+    >>> x.tolist(), y.tolist()
+    ([[4.0, 5.0], [0.0, 1.0]], [2, 0])
+    """
 
     def __init__(self, x: Tensor, y: Tensor):
         if len(x) != len(y):
@@ -74,12 +133,24 @@ class EpochSeededSampler(Sampler[int]):
 
     Lightning calls ``set_epoch`` before each epoch, so the order depends only on the seed and the
     epoch number: a run resumed from a checkpoint sees the same batches as an uninterrupted one.
+
+    Args:
+        n: number of items.
+        seed: the permutation of epoch ``e`` is ``randperm(n)`` from a generator seeded with ``seed + e``.
+
+    >>> sampler = EpochSeededSampler(5, seed=0)
+    >>> list(sampler)
+    [4, 0, 1, 3, 2]
+    >>> sampler.set_epoch(1)
+    >>> list(sampler)
+    [0, 4, 2, 3, 1]
     """
 
     def __init__(self, n: int, seed: int = 0):
         self.n, self.seed, self.epoch = n, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Use the permutation of epoch ``epoch`` from now on."""
         self.epoch = epoch
 
     def __iter__(self):
@@ -95,7 +166,25 @@ class TensorDataModule(pl.LightningDataModule):
 
     Subclasses fill ``self.train_data``, ``self.val_data``, ``self.test_data`` (``TensorData``) in
     ``setup`` and set ``input_dim``, ``output_dim`` and ``task`` (``regression`` or
-    ``classification``), which the rules check against their layer sizes.
+    ``classification``), which the rules check against their layer sizes. The training loader
+    shuffles with an :class:`EpochSeededSampler`; validation and test loaders keep the order. The last
+    batch may be smaller (``drop_last=False``).
+
+    Args:
+        batch_size: training batch size (``>= 1``).
+        eval_batch_size: validation/test batch size (``>= 1``).
+        shuffle_seed: seed of the per-epoch shuffling.
+        shuffle: shuffle the training set every epoch (off: fixed order).
+
+    >>> class Line(TensorDataModule):
+    ...     input_dim, output_dim = 1, 1
+    ...     def setup(self, stage=None):
+    ...         x = torch.arange(5.0).unsqueeze(1)
+    ...         self.train_data = self.val_data = self.test_data = TensorData(x, 2 * x)
+    >>> data = Line(batch_size=2, shuffle=False)
+    >>> data.setup()
+    >>> [tuple(x.shape) for x, y in data.train_dataloader()]
+    [(2, 1), (2, 1), (1, 1)]
     """
 
     task: str = "regression"

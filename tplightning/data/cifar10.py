@@ -1,4 +1,9 @@
-"""CIFAR-10 from the python-version batches, verified, held in memory as flat float32 tensors (thesis table 3.1)."""
+"""CIFAR-10 from the python-version batches, verified, held in memory as flat float32 tensors (thesis table 3.1).
+
+>>> from tplightning.data.cifar10 import MD5
+>>> len(MD5), "test_batch" in MD5
+(6, True)
+"""
 from __future__ import annotations
 
 import io
@@ -38,7 +43,20 @@ def read_batch(path: Path) -> tuple[Tensor, Tensor]:
     """One batch file: ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``.
 
     The file's md5 is checked against :data:`MD5` before it is unpickled, so only the published files are ever
-    unpickled (a pickle can run code).
+    unpickled (a pickle can run code). An unreadable, truncated or corrupt file gets a ``ValueError`` that says how
+    to fix it.
+
+    Args:
+        path: ``data_batch_1`` .. ``data_batch_5`` or ``test_batch``.
+
+    >>> import pickle, tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "test_batch"
+    >>> _ = path.write_bytes(pickle.dumps({b"data": [], b"labels": []}))  # not the published file
+    >>> try:
+    ...     read_batch(path)
+    ... except ValueError as err:
+    ...     print(str(err).split(":")[0])
+    md5 mismatch for ...test_batch
     """
     fix = f"delete {path} and run again with download: true (or put an intact copy there)"
     try:
@@ -67,6 +85,10 @@ class CIFAR10DataModule(TensorDataModule):
     ``download`` is set: the archive ``cifar-10-python.tar.gz`` (about 170 MB) is downloaded with a progress bar into
     ``data_dir``, its md5 checked, and the batches extracted into ``data_dir/cifar-10-batches-py``.
 
+    Each image becomes ``x_c = (p_c / 255 - mean_c) / std_c`` per channel ``c`` with ``normalize`` (the training
+    set's :data:`MEAN` and :data:`STD`; ``p / 255`` without), flattened channel by channel to 3072 values; labels
+    are class indices 0-9. No augmentation.
+
     Args:
         data_dir: folder holding the files; ``None``: the data cache (``$TPLIGHTNING_DATA``, else
             ``~/.cache/tplightning``), shared with MNIST.
@@ -79,6 +101,16 @@ class CIFAR10DataModule(TensorDataModule):
         eval_batch_size: validation/test batch size.
         shuffle_seed: seed of the per-epoch shuffling.
         download: download the archive when files are missing (``TPLIGHTNING_NO_DOWNLOAD=1`` forbids it).
+
+    >>> import tempfile
+    >>> data = CIFAR10DataModule(data_dir=tempfile.mkdtemp(), num_train=100, num_val=10, download=False)
+    >>> data.input_dim, data.output_dim, sorted(name for name, path in data.find_files().items() if path is None)[-1]
+    (3072, 10, 'test_batch')
+    >>> try:
+    ...     data.prepare_data()
+    ... except FileNotFoundError as err:
+    ...     print(str(err).split(" from ")[0])
+    CIFAR-10 files missing
     """
 
     task = "classification"
@@ -151,6 +183,7 @@ class CIFAR10DataModule(TensorDataModule):
         return x.reshape(len(x), -1)
 
     def setup(self, stage: str | None = None) -> None:
+        """Read and verify the batches, split the training images and convert all images to float (once)."""
         if self.train_data is not None:
             return
         files = self.find_files()

@@ -1,4 +1,9 @@
-"""MNIST from the four original IDX files, verified, held in memory as flat float32 tensors."""
+"""MNIST from the four original IDX files, verified, held in memory as flat float32 tensors.
+
+>>> from tplightning.data.mnist import MD5
+>>> sorted(MD5)
+['t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte', 'train-images-idx3-ubyte', 'train-labels-idx1-ubyte']
+"""
 from __future__ import annotations
 
 import gzip
@@ -34,7 +39,15 @@ NO_DOWNLOAD_ENV = "TPLIGHTNING_NO_DOWNLOAD"
 
 
 def default_data_dir() -> Path:
-    """``$TPLIGHTNING_DATA`` if set, else ``$XDG_CACHE_HOME/tplightning`` (``~/.cache/tplightning``)."""
+    """``$TPLIGHTNING_DATA`` if set, else ``$XDG_CACHE_HOME/tplightning`` (``~/.cache/tplightning``), as an absolute path.
+
+    >>> import os
+    >>> os.environ["TPLIGHTNING_DATA"], saved = "/tmp/mnist-cache", os.environ.get("TPLIGHTNING_DATA")
+    >>> str(default_data_dir())
+    '/tmp/mnist-cache'
+    >>> if saved is None: del os.environ["TPLIGHTNING_DATA"]
+    ... else: os.environ["TPLIGHTNING_DATA"] = saved
+    """
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV]).expanduser().resolve()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -43,7 +56,23 @@ _IDX_UBYTE = 0x08
 
 
 def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """Download ``url`` to ``dest`` with a progress bar; ``dest`` only appears once complete."""
+    """Download ``url`` to ``dest`` with a progress bar; ``dest`` only appears once complete.
+
+    The bytes go to ``dest.part`` first, which is renamed to ``dest`` when the download ends and removed if
+    it fails; network errors propagate (``urllib.error.URLError``, timeouts: ``OSError``).
+
+    Args:
+        url: any URL ``urllib`` opens (``https://``, ``file://``).
+        dest: the file to write.
+        timeout: seconds to wait for the server.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "source").write_bytes(b"IDX")
+    >>> download_file((folder / "source").as_uri(), folder / "copy")
+    >>> (folder / "copy").read_bytes(), (folder / "copy.part").exists()
+    (b'IDX', False)
+    """
     from tqdm.auto import tqdm
 
     part = dest.with_name(dest.name + ".part")
@@ -60,12 +89,36 @@ def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
 
 
 def downloads_allowed() -> bool:
-    """False when ``TPLIGHTNING_NO_DOWNLOAD`` forbids downloads."""
+    """False when ``TPLIGHTNING_NO_DOWNLOAD`` forbids downloads (set to anything but empty or ``0``).
+
+    >>> import os
+    >>> saved = os.environ.pop("TPLIGHTNING_NO_DOWNLOAD", None)
+    >>> os.environ["TPLIGHTNING_NO_DOWNLOAD"] = "1"
+    >>> downloads_allowed()
+    False
+    >>> _ = os.environ.pop("TPLIGHTNING_NO_DOWNLOAD")
+    >>> if saved is not None: os.environ["TPLIGHTNING_NO_DOWNLOAD"] = saved
+    """
     return os.environ.get(NO_DOWNLOAD_ENV, "") in ("", "0")
 
 
 def check_md5(path: Path, data: bytes, expected: str | None, fix: str, what: str = "") -> None:
-    """``ValueError`` naming ``path`` and ``fix`` unless the md5 of ``data`` is ``expected``."""
+    """``ValueError`` naming ``path`` and ``fix`` unless the md5 of ``data`` is ``expected``.
+
+    Args:
+        path: the file ``data`` was read from (for the message).
+        data: the bytes to check.
+        expected: the md5 hex digest (``None`` never matches: an unknown file is refused).
+        fix: what the user should do, appended to the message.
+        what: inserted after the path, e.g. ``" (decompressed bytes)"``.
+
+    >>> check_md5(Path("f"), b"", "d41d8cd98f00b204e9800998ecf8427e", "fix it")
+    >>> try:
+    ...     check_md5(Path("f"), b"x", "d41d8cd98f00b204e9800998ecf8427e", "fix it")
+    ... except ValueError as err:
+    ...     print(err)
+    md5 mismatch for f: expected d41d8cd98f00b204e9800998ecf8427e, got 9dd4e461268c8034f5c8564e155c67a6; fix it
+    """
     actual = hashlib.md5(data).hexdigest()
     if actual != expected:
         raise ValueError(f"md5 mismatch for {path}{what}: expected {expected}, got {actual}; {fix}")
@@ -76,7 +129,16 @@ def _raw_dir(data_dir: Path) -> Path:
 
 
 def find_files(data_dir: Path) -> dict[str, Path | None]:
-    """Each MNIST file name -> its path (``<name>.gz`` or raw, in ``data_dir`` or ``data_dir/MNIST/raw``)."""
+    """Each MNIST file name -> its path (``<name>.gz`` or raw, in ``data_dir`` or ``data_dir/MNIST/raw``), None if absent.
+
+    ``data_dir`` is searched before ``data_dir/MNIST/raw``, and in each folder ``<name>.gz`` before ``<name>``.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
+    >>> {name: path.name for name, path in find_files(folder).items() if path is not None}
+    {'t10k-labels-idx1-ubyte': 't10k-labels-idx1-ubyte.gz'}
+    """
     found = {}
     for name in MD5:
         candidates = (folder / (name + ext) for folder in (data_dir, _raw_dir(data_dir)) for ext in (".gz", ""))
@@ -93,7 +155,29 @@ def _missing_error(data_dir: Path, missing: list[str], reason: str) -> FileNotFo
 
 
 def read_idx(path: Path, ndim: int) -> Tensor:
-    """Read an unsigned-byte IDX file (gzip or raw) with ``ndim`` dimensions, verifying its md5 against ``MD5``."""
+    """Read an unsigned-byte IDX file (gzip or raw) with ``ndim`` dimensions, verifying its md5 against ``MD5``.
+
+    The md5 of the decompressed bytes must be the one :data:`MD5` lists for the file's name (without ``.gz``), so
+    only the four MNIST files are read. Then the header is checked: two zero bytes, type ``0x08`` (unsigned
+    byte), ``ndim`` dimensions, each a big-endian 32-bit count, and a data size equal to their product.
+    A truncated, corrupt or malformed file gets a ``ValueError`` that says how to fix it.
+
+    Args:
+        path: the file, ``<name>`` or ``<name>.gz``.
+        ndim: 3 for images ``(N, 28, 28)``, 1 for labels ``(N,)``.
+
+    Returns:
+        A ``uint8`` tensor of the file's dimensions.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "t10k-labels-idx1-ubyte"
+    >>> _ = path.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 2, 7, 3]))  # a well-formed IDX file, but not MNIST's
+    >>> try:
+    ...     read_idx(path, 1)
+    ... except ValueError as err:
+    ...     print(str(err).split(":")[0])
+    md5 mismatch for ...t10k-labels-idx1-ubyte (decompressed bytes)
+    """
     name = path.name.removesuffix(".gz")
     opener = gzip.open if path.suffix == ".gz" else open
     fix = f"delete {path} and run again with download: true (or put an intact copy there)"
@@ -127,6 +211,10 @@ class MNISTDataModule(TensorDataModule):
     ``data_dir/MNIST/raw`` by :meth:`prepare_data` when ``download`` is set; offline, a
     ``FileNotFoundError`` lists them. The test split is the 10k ``t10k`` images.
 
+    Each image becomes ``x = (p / 255 - 0.1307) / 0.3081`` with ``normalize`` (``p / 255`` without), flattened
+    row by row to 784 values; labels are class indices 0-9. The validation images are held out of the 60k
+    training images (``num_val``, drawn by ``split_seed``); the test images are never used for model selection.
+
     Args:
         data_dir: folder holding the MNIST files (relative paths resolve against the working directory);
             ``None``: the data cache, ``$TPLIGHTNING_DATA`` or else ``~/.cache/tplightning``
@@ -141,6 +229,16 @@ class MNISTDataModule(TensorDataModule):
         shuffle_seed: seed of the per-epoch shuffling.
         download: download missing files from the usual mirrors (never overwrites present files);
             ``TPLIGHTNING_NO_DOWNLOAD=1`` in the environment forbids it whatever the config says.
+
+    >>> import tempfile
+    >>> data = MNISTDataModule(data_dir=tempfile.mkdtemp(), num_train=100, num_val=10, download=False)
+    >>> data.input_dim, data.output_dim, data.task
+    (784, 10, 'classification')
+    >>> try:
+    ...     data.prepare_data()
+    ... except FileNotFoundError as err:
+    ...     print(str(err).split(" from ")[0])
+    MNIST files missing
     """
 
     task = "classification"
@@ -206,6 +304,7 @@ class MNISTDataModule(TensorDataModule):
         return x.sub_(MEAN).div_(STD) if self.normalize else x
 
     def setup(self, stage: str | None = None) -> None:
+        """Read and verify the files, split the training images and convert all images to float (once)."""
         if self.train_data is not None:
             return
         files = find_files(self.data_dir)

@@ -15,6 +15,11 @@ __all__ = ["StudentTeacherDataModule"]
 class StudentTeacherDataModule(TensorDataModule):
     """A random teacher MLP labels Gaussian inputs; a student of the same architecture learns it.
 
+    Items are ``(x, teacher(x))`` with ``x ~ N(0, input_std^2 I)`` and the teacher an :class:`~tplightning.networks.MLP`
+    ``h_i = s_i(W_i* h_{i-1})`` without biases. The three splits are drawn once, in :meth:`setup`, from one generator
+    seeded by ``teacher_seed`` (so the same seed gives the same data); the teacher's weights come from another
+    stream of the same seed (:func:`~tplightning.data.base.derive_seed`).
+
     The thesis' settings: 6-6-6 (one hidden layer), the contracting 6-6-4 and the deep
     6-6-6-6-6-6, leaky-ReLU 0.35 hidden layers and a linear output, teacher weights standard
     Gaussian. Batch size 1 with 2000 batches per epoch (section 5.1.3, exact inverses) or batch
@@ -40,6 +45,15 @@ class StudentTeacherDataModule(TensorDataModule):
         eval_batch_size: validation/test batch size.
         shuffle_seed: seed of the per-epoch shuffling.
         shuffle: shuffle the training set every epoch (off: fixed order).
+
+    >>> import torch
+    >>> data = StudentTeacherDataModule(sizes=[4, 3, 2], num_train=8, num_val=4, num_test=4)
+    >>> data.setup()
+    >>> x, y = data.train_data.x, data.train_data.y
+    >>> data.input_dim, data.output_dim, tuple(x.shape), torch.equal(data.teacher(x), y)
+    (4, 2, (8, 4), True)
+    >>> [tuple(W.shape) for W in data.teacher_weights]
+    [(3, 4), (2, 3)]
     """
 
     task = "regression"
@@ -78,6 +92,7 @@ class StudentTeacherDataModule(TensorDataModule):
         return [W.detach().clone() for W in self.teacher.weights]
 
     def setup(self, stage: str | None = None) -> None:
+        """Draw the inputs of the three splits and label them with the teacher (once; later calls keep them)."""
         if self.train_data is not None:
             return
         g = torch.Generator().manual_seed(derive_seed(self.hparams.teacher_seed, "inputs"))

@@ -15,7 +15,11 @@ class ToyDataModule(StudentTeacherDataModule):
     The student shares ``W_2`` and learns only ``W_1`` (use ``train_layers: [1]`` on the rule and
     :class:`~tplightning.callbacks.InitNearTeacher` with ``copy_layers: [2]``). ``nonlinear=False``
     is the linear case (eqs. 5.1-5.12); ``nonlinear=True`` puts a leaky-ReLU with slope 0.1 on the
-    hidden layer (eq. 5.13).
+    hidden layer (eq. 5.13). Teacher: ``h_1 = s(W_1* h_0)``, ``h_2 = W_2 h_1`` (eqs. 5.1-5.2, no biases).
+
+    The thesis assumes ``W_2`` invertible (after eq. 5.3) without saying how it is drawn. We draw the teacher's
+    weights from standard Gaussians and redraw ``W_2`` until its smallest singular value is at least 0.3, so the
+    exact inverse ``W_2^{-1}`` of the target-propagation step stays well conditioned.
 
     Args:
         nonlinear: leaky-ReLU(0.1) hidden layer instead of a linear one.
@@ -26,6 +30,14 @@ class ToyDataModule(StudentTeacherDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test batch size.
         shuffle_seed: seed of the per-epoch shuffling.
+
+    >>> import torch
+    >>> data = ToyDataModule(nonlinear=True, num_train=4, num_val=4, num_test=4)
+    >>> data.setup()
+    >>> data.teacher.sizes, tuple(data.train_data.x.shape), tuple(data.output_weights.shape)
+    ([1, 2, 2], (4, 1), (2, 2))
+    >>> bool(torch.linalg.svdvals(data.output_weights).min() >= 0.3)
+    True
     """
 
     def __init__(
@@ -62,5 +74,5 @@ class ToyDataModule(StudentTeacherDataModule):
 
     @property
     def output_weights(self):
-        """The fixed ``W_2`` shared by teacher and student."""
+        """The fixed ``W_2`` shared by teacher and student (a copy)."""
         return self.teacher_weights[1]
