@@ -32,7 +32,9 @@ class _EquilibriumRule:
     """What the chapter-6 rules share: feedback weights ``Q_1..Q_{L-1}`` (``Q_i`` of shape ``(n_i, n_{i+1})``), their
     optimizer, and the training step that applies :meth:`weight_updates` (``W <- W - eta G``) to a batch.
 
-    Mixed in before :class:`~tplightning.rules.base.LearningRule`; a subclass defines ``weight_updates(x, y)``.
+    Mixed in before :class:`~tplightning.rules.base.LearningRule`. :meth:`weight_updates` casts the batch to float64,
+    solves the subclass's :meth:`equilibria` and hands them to its ``_forward_updates`` and ``_feedback_updates``
+    (the rule's equations), then casts the updates back to the weights' dtype.
     """
 
     def _init_feedback(self, init: str, seed: int) -> None:
@@ -63,9 +65,31 @@ class _EquilibriumRule:
         fb = self.feedback_parameters()
         return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
 
-    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """``([G_W1..G_WL], [G_Q1..])`` of one batch with ``dW/dt = -eta G`` (each rule's own phases and rules)."""
+    def equilibria(self, x: Tensor, y: Tensor) -> dict:
+        """The rule's phases at equilibrium for float64 ``x, y``: ``{"model": network, phase name: [h_1..h_L], ...}``."""
         raise NotImplementedError
+
+    def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
+        """``[G_W1..G_WL]`` (float64) at the equilibria ``eq`` of :meth:`equilibria`."""
+        raise NotImplementedError
+
+    def _feedback_updates(self, eq: dict) -> list[Tensor]:
+        """``[G_Q1..G_Q(L-1)]`` (float64) at ``eq``; called only when ``Q`` is learned."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``([G_W1..G_WL], [G_Q1..G_Q(L-1)])`` with ``dW/dt = -eta G``: the updates of one batch, unapplied.
+
+        The equilibria and updates are computed in float64 (on ``x.double()``, and ``y.double()`` when ``y`` holds
+        values rather than class indices) and returned in the weights' dtype; ``[]`` for ``Q`` when it is not learned.
+        """
+        x, y = x.double(), (y.double() if y.is_floating_point() else y)
+        eq = self.equilibria(x, y)
+        gw = self._forward_updates(x, eq)
+        gq = self._feedback_updates(eq) if self.feedback_parameters() else []
+        dtype = self.net.weights[0].dtype
+        return [G.to(dtype) for G in gw], [G.to(dtype) for G in gq]
 
     def training_step(self, batch, batch_idx):
         """One batch: the loss of the feed-forward pass (logged), then ``G = weight_updates(x, y)`` handed to the
@@ -92,14 +116,6 @@ class _EquilibriumRule:
 def _double(params) -> list[Tensor]:
     """float64 copies: the equilibria are solved in double precision (Newton's default tolerance there is 1e-10)."""
     return [p.detach().double() for p in params]
-
-
-def _cast(grads: list[Tensor], like: Tensor) -> list[Tensor]:
-    return [G.to(like.dtype) for G in grads]
-
-
-def _inputs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    return x.double(), (y.double() if y.is_floating_point() else y)
 
 
 def _check_common(bias: bool, target_stepsize: float, weight_decay: float) -> None:
@@ -193,18 +209,11 @@ class DynamicalTP(_EquilibriumRule, LearningRule):
         model = self.network()
         return {"model": model, "learn": model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)}
 
-    @torch.no_grad()
-    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """``([G_W1..G_WL], [G_Q1..G_Q(L-1)])`` with ``dW/dt = -eta G``; the updates of one batch, unapplied.
+    def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
+        return self._compensate(eq["model"].forward_update(x, eq["learn"]))  # eq. 6.17
 
-        Computed in float64 on ``x.double()``, returned in the weights' dtype.
-        """
-        x, y = _inputs(x, y)
-        eq = self.equilibria(x, y)
-        model = eq["model"]
-        gw = self._compensate(model.forward_update(x, eq["learn"]))
-        gq = model.feedback_update(eq["learn"], self.feedback_weight_decay) if self.feedback is not None else []
-        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
+    def _feedback_updates(self, eq: dict) -> list[Tensor]:
+        return eq["model"].feedback_update(eq["learn"], self.feedback_weight_decay)  # eq. 6.26
 
 
 class TwoPhaseDTP(DynamicalTP):
@@ -234,14 +243,11 @@ class TwoPhaseDTP(DynamicalTP):
         free, learn = model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)
         return {"model": model, "free": free, "learn": learn}
 
-    @torch.no_grad()
-    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        x, y = _inputs(x, y)
-        eq = self.equilibria(x, y)
-        model = eq["model"]
-        gw = self._compensate(model.forward_update(x, eq["free"], eq["learn"]))
-        gq = model.feedback_update(eq["free"], self.feedback_weight_decay) if self.feedback is not None else []
-        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
+    def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
+        return self._compensate(eq["model"].forward_update(x, eq["free"], eq["learn"]))  # eq. 6.35
+
+    def _feedback_updates(self, eq: dict) -> list[Tensor]:
+        return eq["model"].feedback_update(eq["free"], self.feedback_weight_decay)  # eq. 6.37
 
 
 class MultiplexingDTP(_EquilibriumRule, LearningRule):
@@ -307,11 +313,8 @@ class MultiplexingDTP(_EquilibriumRule, LearningRule):
         hs, free, learn = model.phases(x, nudged_target(y, self.loss_name, self.target_stepsize))
         return {"model": model, "h": hs, "free": free, "learn": learn}
 
-    @torch.no_grad()
-    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        x, y = _inputs(x, y)
-        eq = self.equilibria(x, y)
-        model = eq["model"]
-        gw = model.forward_update(x, eq["h"], eq["free"], eq["learn"])
-        gq = model.feedback_update(eq["h"], eq["free"], self.feedback_weight_decay) if self.train_feedback else []
-        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
+    def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
+        return eq["model"].forward_update(x, eq["h"], eq["free"], eq["learn"])  # eq. 6.58
+
+    def _feedback_updates(self, eq: dict) -> list[Tensor]:
+        return eq["model"].feedback_update(eq["h"], eq["free"], self.feedback_weight_decay)  # our free-phase rule
