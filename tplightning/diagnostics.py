@@ -62,6 +62,16 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+def _down_from_output(step: Callable[[int, Tensor], Tensor], L: int, v_L: Tensor) -> list[Tensor]:
+    """``[v_1, ..., v_{L-1}]`` of the recursion ``v_{k-1} = step(k, v_k)`` from ``v_L``: the products of eqs. 5.60-5.61."""
+    out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
+    v = v_L
+    for k in range(L, 1, -1):
+        v = step(k, v)
+        out[k - 2] = v
+    return out
+
+
 def backprop_signals(weights: Sequence[Tensor], derivs: Sequence[Tensor], e_L: Tensor, target_stepsize: float) -> list[Tensor]:
     """``e^BP_i = -eta^ [prod_{k=i+1}^L W_k^T D_{s_k}] e_L`` for ``i = 1..L-1`` (eq. 5.61).
 
@@ -73,14 +83,13 @@ def backprop_signals(weights: Sequence[Tensor], derivs: Sequence[Tensor], e_L: T
 
     Returns:
         ``[e^BP_1, ..., e^BP_{L-1}]``, ``e^BP_i`` of shape ``(B, n_i)``: ``-eta^ dl/dh_i``.
+
+    >>> W1, W2 = torch.eye(3), torch.tensor([[2.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    >>> derivs = [torch.ones(1, 3), torch.tensor([[1.0, 0.5]])]
+    >>> backprop_signals([W1, W2], derivs, torch.tensor([[1.0, 1.0]]), 0.5)  # -0.5 W_2^T D_2 e_L
+    [tensor([[-1., -1.,  0.]])]
     """
-    L = len(weights)
-    out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
-    v = -target_stepsize * e_L
-    for k in range(L, 1, -1):
-        v = (derivs[k - 1] * v) @ weights[k - 1]  # W_k^T D_k v, row-wise
-        out[k - 2] = v
-    return out
+    return _down_from_output(lambda k, v: (derivs[k - 1] * v) @ weights[k - 1], len(weights), -target_stepsize * e_L)  # W_k^T D_k v, row-wise
 
 
 def gauss_newton_signals(
@@ -97,14 +106,7 @@ def gauss_newton_signals(
     >>> gauss_newton_signals([W1, W2], derivs, torch.tensor([[1.0, 1.0]]), 0.5)  # -0.5 W_2^dagger D_2^{-1} e_L
     [tensor([[-0.2500, -0.2500,  0.0000]])]
     """
-    L = len(weights)
-    out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
-    v = -target_stepsize * e_L
-    for k in range(L, 1, -1):
-        pinv = F.pinv64(weights[k - 1])  # (n_{k-1}, n_k)
-        v = (v / derivs[k - 1]) @ pinv.T  # W_k^dagger D_k^{-1} v, row-wise
-        out[k - 2] = v
-    return out
+    return _down_from_output(lambda k, v: (v / derivs[k - 1]) @ F.pinv64(weights[k - 1]).T, len(weights), -target_stepsize * e_L)  # W_k^dagger D_k^{-1} v, row-wise
 
 
 def target_prop_signals(

@@ -97,6 +97,13 @@ def check_mu(mu: float) -> float:
     return float(mu)
 
 
+def _check_tau(tau: float) -> float:
+    """``tau`` as a float; ``ValueError`` unless ``tau > 0`` (the time constant of eqs. 6.1 and 6.43)."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    return float(tau)
+
+
 def _activations(L: int, activation, output_activation, negative_slope: float) -> list[Activation]:
     if isinstance(activation, (list, tuple)):
         if len(activation) != L:
@@ -233,9 +240,7 @@ class MixtureNetwork(_Feedforward):
     ):
         self.weights, self.L, self.sizes, self.activations = _network(weights, activation, output_activation, negative_slope)
         self.mu = check_mu(mu)
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.tau = float(tau)
+        self.tau = _check_tau(tau)
         for i in range(2, self.L + 1):
             act = self.activations[i - 1]
             if not act.invertible:
@@ -570,9 +575,7 @@ class MultiplexingNetwork(_Feedforward):
             self.feedback_activations = [get_activation(a, negative_slope) for a in feedback_activation]
         else:
             self.feedback_activations = [get_activation(feedback_activation, negative_slope)] * (self.L - 1)
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.tau = float(tau)
+        self.tau = _check_tau(tau)
         self.feedback = _check_feedback(feedback, self.sizes)
 
     def g(self, i: int, hhat_next: Tensor) -> Tensor:
