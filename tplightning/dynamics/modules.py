@@ -37,15 +37,30 @@ class _EquilibriumRule:
     (the rule's equations), then casts the updates back to the weights' dtype.
     """
 
-    def _init_feedback(self, init: str, seed: int) -> None:
-        if init not in ("pinv", "random"):
-            raise ValueError(f"feedback_init must be 'pinv' or 'random', got {init!r}")
+    def _keep_options(self, target_stepsize: float, feedback_optimizer, feedback_weight_decay: float, feedback_init: str) -> None:
+        """Check and keep the options every chapter-6 rule takes (called after ``LearningRule.__init__`` built the
+        network, so that its biases can be refused)."""
+        if self.net.biases is not None:
+            raise ValueError("the chapter-6 dynamics have no biases (eqs. 6.2, 6.43); use bias=False")
+        if not target_stepsize > 0:
+            raise ValueError(f"target_stepsize must be > 0, got {target_stepsize}")
+        if feedback_weight_decay < 0:
+            raise ValueError(f"feedback_weight_decay must be >= 0, got {feedback_weight_decay}")
+        if feedback_init not in ("pinv", "random"):
+            raise ValueError(f"feedback_init must be 'pinv' or 'random', got {feedback_init!r}")
+        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
+        self.target_stepsize, self.feedback_optimizer = target_stepsize, feedback_optimizer
+        self.feedback_weight_decay, self.feedback_init = feedback_weight_decay, feedback_init
+
+    def _init_feedback(self, seed: int) -> None:
+        """``Q_i`` with entries drawn from ``N(0, 1/n_{i+1})`` (generator seeded with ``seed``), then ``W_{i+1}^dagger``
+        when ``feedback_init`` is ``pinv``."""
         sizes = self.net.sizes
         g = torch.Generator().manual_seed(seed)
         self.feedback = nn.ParameterList(
             [nn.Parameter(torch.randn(sizes[i], sizes[i + 1], generator=g) / sizes[i + 1] ** 0.5) for i in range(1, len(sizes) - 1)]
         )
-        if init == "pinv":
+        if self.feedback_init == "pinv":
             self.init_feedback_pinv()
 
     @torch.no_grad()
@@ -118,15 +133,6 @@ def _double(params) -> list[Tensor]:
     return [p.detach().double() for p in params]
 
 
-def _check_common(bias: bool, target_stepsize: float, weight_decay: float) -> None:
-    if bias:
-        raise ValueError("the chapter-6 dynamics have no biases (eqs. 6.2, 6.43); use bias=False")
-    if not target_stepsize > 0:
-        raise ValueError(f"target_stepsize must be > 0, got {target_stepsize}")
-    if weight_decay < 0:
-        raise ValueError(f"feedback_weight_decay must be >= 0, got {weight_decay}")
-
-
 class DynamicalTP(_EquilibriumRule, LearningRule):
     """Single-phase dynamical target propagation with segregated dendrites (sections 6.3-6.5).
 
@@ -172,17 +178,14 @@ class DynamicalTP(_EquilibriumRule, LearningRule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        _check_common(self.net.biases is not None, target_stepsize, feedback_weight_decay)
+        self._keep_options(target_stepsize, feedback_optimizer, feedback_weight_decay, feedback_init)
         if inverses not in ("exact", "learned"):
             raise ValueError(f"inverses must be 'exact' or 'learned', got {inverses!r}")
-        self.mu, self.target_stepsize, self.inverses = mu, target_stepsize, inverses
+        self.mu, self.inverses = mu, inverses
         self.depth_compensation, self.tau, self.tol, self.max_iter = depth_compensation, tau, tol, max_iter
-        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
-        self.feedback_optimizer, self.feedback_weight_decay = feedback_optimizer, feedback_weight_decay
-        self.feedback_init = feedback_init
         self.feedback = None
         if inverses == "learned":
-            self._init_feedback(feedback_init, feedback_seed)
+            self._init_feedback(feedback_seed)
         self.network()  # validates mu, activations and (exact inverses) square layers now
 
     def network(self) -> MixtureNetwork:
@@ -287,12 +290,9 @@ class MultiplexingDTP(_EquilibriumRule, LearningRule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        _check_common(self.net.biases is not None, target_stepsize, feedback_weight_decay)
-        self.target_stepsize, self.feedback_activation, self.tau = target_stepsize, feedback_activation, tau
-        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
-        self.feedback_optimizer, self.feedback_weight_decay = feedback_optimizer, feedback_weight_decay
-        self.feedback_init, self.train_feedback = feedback_init, train_feedback
-        self._init_feedback(feedback_init, feedback_seed)
+        self._keep_options(target_stepsize, feedback_optimizer, feedback_weight_decay, feedback_init)
+        self.feedback_activation, self.tau, self.train_feedback = feedback_activation, tau, train_feedback
+        self._init_feedback(feedback_seed)
         if not train_feedback:
             for Q in self.feedback:
                 Q.requires_grad_(False)
