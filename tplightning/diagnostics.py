@@ -372,12 +372,8 @@ def diagnostics(rule, x: Tensor, y: Tensor, layers: Sequence[int] | None = None,
     layers = list(range(1, L)) if layers is None else [i for i in layers if 1 <= i < L]
     with torch.no_grad():
         out = summarize(learning_signals(rule, x, y), layers, prefix)
-        for i, err in pinv_errors(rule).items():
-            if i in layers:
-                out[f"{prefix}q_pinv_error_{i}"] = err
-        for i, angle in weight_alignment_angles(rule).items():
-            if i in layers:
-                out[f"{prefix}weight_angle_{i}"] = angle
+        for name, values in (("q_pinv_error", pinv_errors(rule)), ("weight_angle", weight_alignment_angles(rule))):
+            out.update({f"{prefix}{name}_{i}": v for i, v in values.items() if i in layers})
     return out
 
 

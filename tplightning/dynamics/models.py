@@ -587,13 +587,17 @@ class MultiplexingNetwork(_Feedforward):
         c = at @ self.feedback[i - 1].T
         return self.feedback_activations[i - 1].derivative(c) * (v @ self.feedback[i - 1].T)
 
+    def _bursts_down(self, top: Tensor) -> list[Tensor]:
+        """``[h^_1..h^_L]`` with ``h^_L = top`` and ``h^_i = g_i(h^_{i+1})`` below (eqs. 6.50-6.51 at equilibrium)."""
+        hhat = [top]
+        for i in range(self.L - 1, 0, -1):
+            hhat.insert(0, self.g(i, hhat[0]))
+        return hhat
+
     def equilibrium(self, x: Tensor, h_target: Target) -> tuple[list[Tensor], list[Tensor]]:
         """``([h_1^*..h_L^*], [h^_1^*..h^_L^*])`` with ``h^_L^* = h_L^trgt`` (eqs. 6.47-6.51)."""
         hs = self.forward_pass(x)
-        hhat = [None] * self.L
-        hhat[-1] = _target_value(h_target, hs[-1])
-        for i in range(self.L - 1, 0, -1):
-            hhat[i - 1] = self.g(i, hhat[i])
+        hhat = self._bursts_down(_target_value(h_target, hs[-1]))
         if not all(bool(torch.isfinite(h).all()) for h in [*hs, *hhat]):
             raise ConvergenceError("multiplexing equilibrium has non-finite rates: check the weights and the target")
         return hs, hhat
@@ -601,11 +605,7 @@ class MultiplexingNetwork(_Feedforward):
     def phases(self, x: Tensor, h_target: Target) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """``(h^*, h^^{*f}, h^^{*l})``: event rates (the same in both phases), free and learning bursts."""
         hs, free = self.equilibrium(x, short_circuit)
-        learn = [None] * self.L
-        learn[-1] = _target_value(h_target, hs[-1])
-        for i in range(self.L - 1, 0, -1):
-            learn[i - 1] = self.g(i, learn[i])
-        return hs, free, learn
+        return hs, free, self._bursts_down(_target_value(h_target, hs[-1]))
 
     def trajectory(
         self, x: Tensor, h_target: Target, t: Tensor, a0: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None,
