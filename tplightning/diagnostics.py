@@ -70,6 +70,16 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+def _down_from_output(step: Callable[[int, Tensor], Tensor], L: int, v_L: Tensor) -> list[Tensor]:
+    """``[v_1, ..., v_{L-1}]`` of the recursion ``v_{k-1} = step(k, v_k)`` from ``v_L``: the products of eqs. 5.60-5.61."""
+    out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
+    v = v_L
+    for k in range(L, 1, -1):
+        v = step(k, v)
+        out[k - 2] = v
+    return out
+
+
 def backprop_signals(weights: Sequence[Tensor], derivs: Sequence[Tensor], e_L: Tensor, target_stepsize: float) -> list[Tensor]:
     """``e^BP_i = -eta^ [prod_{k=i+1}^L W_k^T D_{s_k}] e_L`` for ``i = 1..L-1`` (eq. 5.61).
 
@@ -87,13 +97,7 @@ def backprop_signals(weights: Sequence[Tensor], derivs: Sequence[Tensor], e_L: T
     >>> backprop_signals([W1, W2], derivs, torch.tensor([[1.0, 1.0]]), 0.5)  # -0.5 W_2^T D_2 e_L
     [tensor([[-1., -1.,  0.]])]
     """
-    L = len(weights)
-    out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
-    v = -target_stepsize * e_L
-    for k in range(L, 1, -1):
-        v = (derivs[k - 1] * v) @ weights[k - 1]  # W_k^T D_k v, row-wise
-        out[k - 2] = v
-    return out
+    return _down_from_output(lambda k, v: (derivs[k - 1] * v) @ weights[k - 1], len(weights), -target_stepsize * e_L)  # W_k^T D_k v, row-wise
 
 
 def gauss_newton_signals(
@@ -110,14 +114,7 @@ def gauss_newton_signals(
     >>> gauss_newton_signals([W1, W2], derivs, torch.tensor([[1.0, 1.0]]), 0.5)  # -0.5 W_2^dagger D_2^{-1} e_L
     [tensor([[-0.2500, -0.2500,  0.0000]])]
     """
-    L = len(weights)
-    out: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
-    v = -target_stepsize * e_L
-    for k in range(L, 1, -1):
-        pinv = F.pinv64(weights[k - 1])  # (n_{k-1}, n_k)
-        v = (v / derivs[k - 1]) @ pinv.T  # W_k^dagger D_k^{-1} v, row-wise
-        out[k - 2] = v
-    return out
+    return _down_from_output(lambda k, v: (v / derivs[k - 1]) @ F.pinv64(weights[k - 1]).T, len(weights), -target_stepsize * e_L)  # W_k^dagger D_k^{-1} v, row-wise
 
 
 def target_prop_signals(
@@ -469,12 +466,8 @@ def diagnostics(rule, x: Tensor, y: Tensor, layers: Sequence[int] | None = None,
     layers = list(range(1, L)) if layers is None else [i for i in layers if 1 <= i < L]
     with torch.no_grad():
         out = summarize(learning_signals(rule, x, y), layers, prefix)
-        for i, err in pinv_errors(rule).items():
-            if i in layers:
-                out[f"{prefix}q_pinv_error_{i}"] = err
-        for i, angle in weight_alignment_angles(rule).items():
-            if i in layers:
-                out[f"{prefix}weight_angle_{i}"] = angle
+        for name, values in (("q_pinv_error", pinv_errors(rule)), ("weight_angle", weight_alignment_angles(rule))):
+            out.update({f"{prefix}{name}_{i}": v for i, v in values.items() if i in layers})
     return out
 
 

@@ -81,6 +81,10 @@ def test_module_errors_are_named():
         tp.MultiplexingDTP(sizes=[6, 6, 6], target_stepsize=0)
     with pytest.raises(ValueError, match="feedback_init must be 'pinv' or 'random', got 'zeros'"):
         tp.MultiplexingDTP(sizes=[6, 6, 6], feedback_init="zeros")
+    with pytest.raises(ValueError, match="feedback_init must be 'pinv' or 'random', got 'zeros'"):
+        tp.DynamicalTP(sizes=[6, 6, 6], feedback_init="zeros")  # checked with exact inverses too, where Q is unused
+    with pytest.raises(ValueError, match="feedback_weight_decay must be >= 0, got -0.1"):
+        tp.TwoPhaseDTP(sizes=[6, 6, 6], feedback_weight_decay=-0.1)
 
 
 def test_learned_modules_accept_a_narrowing_network():

@@ -97,6 +97,13 @@ def check_mu(mu: float) -> float:
     return float(mu)
 
 
+def _check_tau(tau: float) -> float:
+    """``tau`` as a float; ``ValueError`` unless ``tau > 0`` (the time constant of eqs. 6.1 and 6.43)."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    return float(tau)
+
+
 def _activations(L: int, activation, output_activation, negative_slope: float) -> list[Activation]:
     if isinstance(activation, (list, tuple)):
         if len(activation) != L:
@@ -233,9 +240,7 @@ class MixtureNetwork(_Feedforward):
     ):
         self.weights, self.L, self.sizes, self.activations = _network(weights, activation, output_activation, negative_slope)
         self.mu = check_mu(mu)
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.tau = float(tau)
+        self.tau = _check_tau(tau)
         for i in range(2, self.L + 1):
             act = self.activations[i - 1]
             if not act.invertible:
@@ -570,9 +575,7 @@ class MultiplexingNetwork(_Feedforward):
             self.feedback_activations = [get_activation(a, negative_slope) for a in feedback_activation]
         else:
             self.feedback_activations = [get_activation(feedback_activation, negative_slope)] * (self.L - 1)
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.tau = float(tau)
+        self.tau = _check_tau(tau)
         self.feedback = _check_feedback(feedback, self.sizes)
 
     def g(self, i: int, hhat_next: Tensor) -> Tensor:
@@ -584,13 +587,17 @@ class MultiplexingNetwork(_Feedforward):
         c = at @ self.feedback[i - 1].T
         return self.feedback_activations[i - 1].derivative(c) * (v @ self.feedback[i - 1].T)
 
+    def _bursts_down(self, top: Tensor) -> list[Tensor]:
+        """``[h^_1..h^_L]`` with ``h^_L = top`` and ``h^_i = g_i(h^_{i+1})`` below (eqs. 6.50-6.51 at equilibrium)."""
+        hhat = [top]
+        for i in range(self.L - 1, 0, -1):
+            hhat.insert(0, self.g(i, hhat[0]))
+        return hhat
+
     def equilibrium(self, x: Tensor, h_target: Target) -> tuple[list[Tensor], list[Tensor]]:
         """``([h_1^*..h_L^*], [h^_1^*..h^_L^*])`` with ``h^_L^* = h_L^trgt`` (eqs. 6.47-6.51)."""
         hs = self.forward_pass(x)
-        hhat = [None] * self.L
-        hhat[-1] = _target_value(h_target, hs[-1])
-        for i in range(self.L - 1, 0, -1):
-            hhat[i - 1] = self.g(i, hhat[i])
+        hhat = self._bursts_down(_target_value(h_target, hs[-1]))
         if not all(bool(torch.isfinite(h).all()) for h in [*hs, *hhat]):
             raise ConvergenceError("multiplexing equilibrium has non-finite rates: check the weights and the target")
         return hs, hhat
@@ -598,11 +605,7 @@ class MultiplexingNetwork(_Feedforward):
     def phases(self, x: Tensor, h_target: Target) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """``(h^*, h^^{*f}, h^^{*l})``: event rates (the same in both phases), free and learning bursts."""
         hs, free = self.equilibrium(x, short_circuit)
-        learn = [None] * self.L
-        learn[-1] = _target_value(h_target, hs[-1])
-        for i in range(self.L - 1, 0, -1):
-            learn[i - 1] = self.g(i, learn[i])
-        return hs, free, learn
+        return hs, free, self._bursts_down(_target_value(h_target, hs[-1]))
 
     def trajectory(
         self, x: Tensor, h_target: Target, t: Tensor, a0: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None,

@@ -32,18 +32,35 @@ class _EquilibriumRule:
     """What the chapter-6 rules share: feedback weights ``Q_1..Q_{L-1}`` (``Q_i`` of shape ``(n_i, n_{i+1})``), their
     optimizer, and the training step that applies :meth:`weight_updates` (``W <- W - eta G``) to a batch.
 
-    Mixed in before :class:`~tplightning.rules.base.LearningRule`; a subclass defines ``weight_updates(x, y)``.
+    Mixed in before :class:`~tplightning.rules.base.LearningRule`. :meth:`weight_updates` casts the batch to float64,
+    solves the subclass's :meth:`equilibria` and hands them to its ``_forward_updates`` and ``_feedback_updates``
+    (the rule's equations), then casts the updates back to the weights' dtype.
     """
 
-    def _init_feedback(self, init: str, seed: int) -> None:
-        if init not in ("pinv", "random"):
-            raise ValueError(f"feedback_init must be 'pinv' or 'random', got {init!r}")
+    def _keep_options(self, target_stepsize: float, feedback_optimizer, feedback_weight_decay: float, feedback_init: str) -> None:
+        """Check and keep the options every chapter-6 rule takes (called after ``LearningRule.__init__`` built the
+        network, so that its biases can be refused)."""
+        if self.net.biases is not None:
+            raise ValueError("the chapter-6 dynamics have no biases (eqs. 6.2, 6.43); use bias=False")
+        if not target_stepsize > 0:
+            raise ValueError(f"target_stepsize must be > 0, got {target_stepsize}")
+        if feedback_weight_decay < 0:
+            raise ValueError(f"feedback_weight_decay must be >= 0, got {feedback_weight_decay}")
+        if feedback_init not in ("pinv", "random"):
+            raise ValueError(f"feedback_init must be 'pinv' or 'random', got {feedback_init!r}")
+        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
+        self.target_stepsize, self.feedback_optimizer = target_stepsize, feedback_optimizer
+        self.feedback_weight_decay, self.feedback_init = feedback_weight_decay, feedback_init
+
+    def _init_feedback(self, seed: int) -> None:
+        """``Q_i`` with entries drawn from ``N(0, 1/n_{i+1})`` (generator seeded with ``seed``), then ``W_{i+1}^dagger``
+        when ``feedback_init`` is ``pinv``."""
         sizes = self.net.sizes
         g = torch.Generator().manual_seed(seed)
         self.feedback = nn.ParameterList(
             [nn.Parameter(torch.randn(sizes[i], sizes[i + 1], generator=g) / sizes[i + 1] ** 0.5) for i in range(1, len(sizes) - 1)]
         )
-        if init == "pinv":
+        if self.feedback_init == "pinv":
             self.init_feedback_pinv()
 
     @torch.no_grad()
@@ -63,9 +80,31 @@ class _EquilibriumRule:
         fb = self.feedback_parameters()
         return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
 
-    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """``([G_W1..G_WL], [G_Q1..])`` of one batch with ``dW/dt = -eta G`` (each rule's own phases and rules)."""
+    def equilibria(self, x: Tensor, y: Tensor) -> dict:
+        """The rule's phases at equilibrium for float64 ``x, y``: ``{"model": network, phase name: [h_1..h_L], ...}``."""
         raise NotImplementedError
+
+    def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
+        """``[G_W1..G_WL]`` (float64) at the equilibria ``eq`` of :meth:`equilibria`."""
+        raise NotImplementedError
+
+    def _feedback_updates(self, eq: dict) -> list[Tensor]:
+        """``[G_Q1..G_Q(L-1)]`` (float64) at ``eq``; called only when ``Q`` is learned."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``([G_W1..G_WL], [G_Q1..G_Q(L-1)])`` with ``dW/dt = -eta G``: the updates of one batch, unapplied.
+
+        The equilibria and updates are computed in float64 (on ``x.double()``, and ``y.double()`` when ``y`` holds
+        values rather than class indices) and returned in the weights' dtype; ``[]`` for ``Q`` when it is not learned.
+        """
+        x, y = x.double(), (y.double() if y.is_floating_point() else y)
+        eq = self.equilibria(x, y)
+        gw = self._forward_updates(x, eq)
+        gq = self._feedback_updates(eq) if self.feedback_parameters() else []
+        dtype = self.net.weights[0].dtype
+        return [G.to(dtype) for G in gw], [G.to(dtype) for G in gq]
 
     def training_step(self, batch, batch_idx):
         """One batch: the loss of the feed-forward pass (logged), then ``G = weight_updates(x, y)`` handed to the
@@ -92,23 +131,6 @@ class _EquilibriumRule:
 def _double(params) -> list[Tensor]:
     """float64 copies: the equilibria are solved in double precision (Newton's default tolerance there is 1e-10)."""
     return [p.detach().double() for p in params]
-
-
-def _cast(grads: list[Tensor], like: Tensor) -> list[Tensor]:
-    return [G.to(like.dtype) for G in grads]
-
-
-def _inputs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    return x.double(), (y.double() if y.is_floating_point() else y)
-
-
-def _check_common(bias: bool, target_stepsize: float, weight_decay: float) -> None:
-    if bias:
-        raise ValueError("the chapter-6 dynamics have no biases (eqs. 6.2, 6.43); use bias=False")
-    if not target_stepsize > 0:
-        raise ValueError(f"target_stepsize must be > 0, got {target_stepsize}")
-    if weight_decay < 0:
-        raise ValueError(f"feedback_weight_decay must be >= 0, got {weight_decay}")
 
 
 class DynamicalTP(_EquilibriumRule, LearningRule):
@@ -156,17 +178,14 @@ class DynamicalTP(_EquilibriumRule, LearningRule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        _check_common(self.net.biases is not None, target_stepsize, feedback_weight_decay)
+        self._keep_options(target_stepsize, feedback_optimizer, feedback_weight_decay, feedback_init)
         if inverses not in ("exact", "learned"):
             raise ValueError(f"inverses must be 'exact' or 'learned', got {inverses!r}")
-        self.mu, self.target_stepsize, self.inverses = mu, target_stepsize, inverses
+        self.mu, self.inverses = mu, inverses
         self.depth_compensation, self.tau, self.tol, self.max_iter = depth_compensation, tau, tol, max_iter
-        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
-        self.feedback_optimizer, self.feedback_weight_decay = feedback_optimizer, feedback_weight_decay
-        self.feedback_init = feedback_init
         self.feedback = None
         if inverses == "learned":
-            self._init_feedback(feedback_init, feedback_seed)
+            self._init_feedback(feedback_seed)
         self.network()  # validates mu, activations and (exact inverses) square layers now
 
     def network(self) -> MixtureNetwork:
@@ -193,18 +212,11 @@ class DynamicalTP(_EquilibriumRule, LearningRule):
         model = self.network()
         return {"model": model, "learn": model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)}
 
-    @torch.no_grad()
-    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """``([G_W1..G_WL], [G_Q1..G_Q(L-1)])`` with ``dW/dt = -eta G``; the updates of one batch, unapplied.
+    def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
+        return self._compensate(eq["model"].forward_update(x, eq["learn"]))  # eq. 6.17
 
-        Computed in float64 on ``x.double()``, returned in the weights' dtype.
-        """
-        x, y = _inputs(x, y)
-        eq = self.equilibria(x, y)
-        model = eq["model"]
-        gw = self._compensate(model.forward_update(x, eq["learn"]))
-        gq = model.feedback_update(eq["learn"], self.feedback_weight_decay) if self.feedback is not None else []
-        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
+    def _feedback_updates(self, eq: dict) -> list[Tensor]:
+        return eq["model"].feedback_update(eq["learn"], self.feedback_weight_decay)  # eq. 6.26
 
 
 class TwoPhaseDTP(DynamicalTP):
@@ -234,14 +246,11 @@ class TwoPhaseDTP(DynamicalTP):
         free, learn = model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)
         return {"model": model, "free": free, "learn": learn}
 
-    @torch.no_grad()
-    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        x, y = _inputs(x, y)
-        eq = self.equilibria(x, y)
-        model = eq["model"]
-        gw = self._compensate(model.forward_update(x, eq["free"], eq["learn"]))
-        gq = model.feedback_update(eq["free"], self.feedback_weight_decay) if self.feedback is not None else []
-        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
+    def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
+        return self._compensate(eq["model"].forward_update(x, eq["free"], eq["learn"]))  # eq. 6.35
+
+    def _feedback_updates(self, eq: dict) -> list[Tensor]:
+        return eq["model"].feedback_update(eq["free"], self.feedback_weight_decay)  # eq. 6.37
 
 
 class MultiplexingDTP(_EquilibriumRule, LearningRule):
@@ -281,12 +290,9 @@ class MultiplexingDTP(_EquilibriumRule, LearningRule):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        _check_common(self.net.biases is not None, target_stepsize, feedback_weight_decay)
-        self.target_stepsize, self.feedback_activation, self.tau = target_stepsize, feedback_activation, tau
-        check_optimizer_factory("feedback_optimizer", feedback_optimizer)
-        self.feedback_optimizer, self.feedback_weight_decay = feedback_optimizer, feedback_weight_decay
-        self.feedback_init, self.train_feedback = feedback_init, train_feedback
-        self._init_feedback(feedback_init, feedback_seed)
+        self._keep_options(target_stepsize, feedback_optimizer, feedback_weight_decay, feedback_init)
+        self.feedback_activation, self.tau, self.train_feedback = feedback_activation, tau, train_feedback
+        self._init_feedback(feedback_seed)
         if not train_feedback:
             for Q in self.feedback:
                 Q.requires_grad_(False)
@@ -307,11 +313,8 @@ class MultiplexingDTP(_EquilibriumRule, LearningRule):
         hs, free, learn = model.phases(x, nudged_target(y, self.loss_name, self.target_stepsize))
         return {"model": model, "h": hs, "free": free, "learn": learn}
 
-    @torch.no_grad()
-    def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        x, y = _inputs(x, y)
-        eq = self.equilibria(x, y)
-        model = eq["model"]
-        gw = model.forward_update(x, eq["h"], eq["free"], eq["learn"])
-        gq = model.feedback_update(eq["h"], eq["free"], self.feedback_weight_decay) if self.train_feedback else []
-        return _cast(gw, self.net.weights[0]), _cast(gq, self.net.weights[0])
+    def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
+        return eq["model"].forward_update(x, eq["h"], eq["free"], eq["learn"])  # eq. 6.58
+
+    def _feedback_updates(self, eq: dict) -> list[Tensor]:
+        return eq["model"].feedback_update(eq["h"], eq["free"], self.feedback_weight_decay)  # our free-phase rule
