@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from tplightning._lightning import pl  # the Lightning package the project's switch chose
 from conftest import fit_ddp_replicas, make_rule, quiet_trainer, tiny_data, weights_of
 from tplightning import StudentTeacherDataModule
 
