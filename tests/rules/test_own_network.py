@@ -126,6 +126,7 @@ def test_divergence_in_a_cnn_names_the_layer():
         quiet_trainer(max_epochs=1, callbacks=[Poison()]).fit(rule_on_cnn("LeeDTP"), datamodule=Images())
 
 
+@pytest.mark.slow  # the fast suite proves identical replicas once, in tests/rules/test_ddp.py
 def test_ddp_replicas_of_a_cnn_rule_stay_identical(tmp_path):
     pl.seed_everything(0)
     r0, r1 = fit_ddp_replicas(rule_on_cnn("LeeDTP"), Images(), tmp_path, max_epochs=1)
