@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from pytorch_lightning.loggers import CSVLogger
 
+from tplightning._lightning import pl  # the Lightning package the project's switch chose
 import tplightning as tp
 from conftest import TP_RULES, make_rule, quiet_trainer, tiny_data, weights_of
 from tplightning import functional as F
@@ -244,7 +244,7 @@ def _fit(name, callbacks, **trainer_kw):
 def test_callback_logs_and_leaves_training_unchanged(name, tmp_path):
     plain = _fit(name, [])
     cb = TargetPropDiagnostics(every_n_steps=3, max_samples=5)
-    logger = CSVLogger(tmp_path, name="diag")
+    logger = pl.loggers.CSVLogger(tmp_path, name="diag")
     trainer_kw = {"logger": logger, "log_every_n_steps": 50}  # diagnostics on steps Lightning does not log
     watched = _fit(name, [cb], **trainer_kw)
     assert all(torch.equal(a, b) for a, b in zip(weights_of(plain), weights_of(watched)))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import functools
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
+from tplightning._lightning import pl  # the Lightning package the project's switch chose
 import tplightning as tp
 from conftest import make_rule, quiet_trainer, tiny_data
 from tplightning.networks import MLP

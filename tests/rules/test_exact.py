@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
+from tplightning._lightning import pl  # the Lightning package the project's switch chose
 import tplightning
 from tplightning import RMTPEI, RTPEI, TPEI
 from tplightning import functional as F

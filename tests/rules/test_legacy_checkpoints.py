@@ -11,9 +11,9 @@ import functools
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
+from tplightning._lightning import pl  # the Lightning package the project's switch chose
 import tplightning as tp
 from conftest import FIXTURES, quiet_trainer
 

@@ -5,10 +5,9 @@ import functools
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 
+from tplightning._lightning import pl  # the Lightning package the project's switch chose
 import tplightning as tp
 from conftest import SHARED_DATA, fit_ddp_replicas, quiet_trainer, weights_of
 from tplightning.data.base import TensorData, TensorDataModule
@@ -106,7 +105,7 @@ def test_resume_of_a_cnn_rule_continues_identically(name, tmp_path):
         return rule
 
     straight = fit(3)
-    fit(3, [ModelCheckpoint(dirpath=tmp_path, save_last=True), StopAfter()], enable_checkpointing=True)
+    fit(3, [pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True), StopAfter()], enable_checkpointing=True)
     spec = torch.load(tmp_path / "last.ckpt", weights_only=False)["hyper_parameters"]["network"]
     assert spec[0]["class_path"] == "tplightning.layers.Conv2d" and spec[0]["init_args"]["input_shape"] == [1, 8, 8]
     resumed = fit(3, ckpt_path=str(tmp_path / "last.ckpt"), seed=99)
@@ -127,6 +126,7 @@ def test_divergence_in_a_cnn_names_the_layer():
         quiet_trainer(max_epochs=1, callbacks=[Poison()]).fit(rule_on_cnn("LeeDTP"), datamodule=Images())
 
 
+@pytest.mark.slow  # the fast suite proves identical replicas once, in tests/rules/test_ddp.py
 def test_ddp_replicas_of_a_cnn_rule_stay_identical(tmp_path):
     pl.seed_everything(0)
     r0, r1 = fit_ddp_replicas(rule_on_cnn("LeeDTP"), Images(), tmp_path, max_epochs=1)

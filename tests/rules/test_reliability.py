@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 
+from tplightning._lightning import pl  # the Lightning package the project's switch chose
 from conftest import make_rule, quiet_trainer, tiny_data, weights_of
 from tplightning.rules.base import DivergenceError
 
@@ -39,7 +38,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(name, defer, tmp_path):
     # Exact-inverse rules never defer (a NaN breaks their SVD first), see ExactInverseRule.defer_finite_check
     rule, dm = make_rule(name), tiny_data()
     rule.defer_finite_check = defer
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = quiet_trainer(max_epochs=5, enable_checkpointing=True, callbacks=[ckpt, PoisonAt(epoch=2, batch=3)])
     with pytest.raises(DivergenceError, match=r"diverged at batch 19 \(epoch 2\).*first non-finite activation in layer 1"):
         trainer.fit(rule, datamodule=dm)
@@ -59,7 +58,7 @@ def _fit(name, epochs, callbacks=(), ckpt_path=None, seed=0, **trainer_kw):
 @pytest.mark.parametrize("name", ["BP", "TPEI", "RTPEI", "DTPAI", "RTPAI", "OriginalDTP", "LeeDTP"])
 def test_resume_continues_identically(name, tmp_path):
     straight = _fit(name, 4)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     _fit(name, 4, callbacks=[ckpt, StopAfter(1)], enable_checkpointing=True)  # first half, then "crash"
     resumed = _fit(name, 4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), seed=456)  # other global seeds on purpose
     assert resumed.batches_seen == straight.batches_seen == 4 * 8

@@ -13,9 +13,9 @@ import copy
 import functools
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
+from tplightning._lightning import pl  # the Lightning package the project's switch chose
 import tplightning as tp
 from conftest import RULES, TP_RULES, OneBatch, make_rule, quiet_trainer
 from rules.test_drl import reference_loss
