@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tplightning as tp
-from tplightning.cli import CONFIG_DIR, resolve_config_args
+from tplightning.config_files import CONFIG_DIR, resolve_config_args
 from train import main
 
 CONFIGS = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml") if p.parent == CONFIG_DIR)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO, SHARED_DATA
-from tplightning.benchmarks import mnist, speed
-from tplightning.benchmarks.common import write_block
+from benchmarks import mnist, speed
+from benchmarks.common import write_block
 
 
 def test_speed_benchmark_writes_tables(tmp_path):
@@ -105,7 +105,7 @@ def test_peak_memory_sees_an_allocation():
     # can absorb the block without raising the resident set
     code = (
         "import math, torch\n"
-        "from tplightning.benchmarks import speed\n"
+        "from benchmarks import speed\n"
         "meter = speed.PeakMemory(torch.device('cpu')); meter.start()\n"
         "block = torch.ones(64 * 2**20 // 4); del block\n"
         "print('nan' if math.isnan(meter.base) else meter.peak())\n"
