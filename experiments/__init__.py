@@ -1,7 +1,8 @@
 """Small numerical experiments that check the thesis' theory (chapter 5), one module each.
 
-Run one with ``python -m experiments.<name> [--out DIR] [--full] [--seed S]``; each
-writes PNG figure(s) and a JSON of its numbers to ``DIR`` (default ``out/<name>``) and prints a
+Lab code beside the package, not installed with it: run one from the checkout's root with
+``python -m experiments.<name> [--out DIR] [--full] [--seed S]``; each writes PNG figure(s) and a JSON
+of its numbers to ``DIR`` (default: the checkout's ``out/<name>``) and prints a
 short summary. ``--full`` uses the thesis' sizes; the default finishes in seconds.
 
 - ``sherman_morrison``: fig. 5.5, ``|1 + d|`` of the Sherman-Morrison update vs ``sigma_min`` of
@@ -16,5 +17,6 @@ short summary. ``--full`` uses the thesis' sizes; the default finishes in second
 - ``student_teacher``: figs. 5.7/5.8 and 5.13-5.19, multi-seed curves with the
   :class:`~tplightning.diagnostics.TargetPropDiagnostics` angles and approximation errors.
 
-Shared helpers (CLI, output, figures, batched random matrices) live in :mod:`.common`.
+Shared helpers (CLI, output, figures, batched random matrices) live in :mod:`experiments.common`; chapter 6's
+commands in :mod:`experiments.dynamics`.
 """

@@ -92,7 +92,7 @@ def test_train_py_is_the_cli_main():
     import train
 
     assert train.main is tp.cli.main
-    assert Path(train.__file__).with_name("configs").is_dir()
+    assert Path(train.__file__).with_name("tplightning").joinpath("configs", "dtp.yaml").is_file()  # the packaged configs
 
 
 def test_threads_default_to_one_for_small_dense_networks_and_follow_the_option():

@@ -1,7 +1,7 @@
 """Every shipped config trains (issue 12, points 9 and 10).
 
-The student-teacher configs are ``configs/*.yaml`` and chapter 6's ``configs/dynamics/*.yaml``; the MNIST ones
-``configs/mnist/*.yaml`` and ``configs/dynamics/mnist_*.yaml``. (The CIFAR-10 configs need data this project's
+The student-teacher configs are the packaged ``tplightning/configs/*.yaml`` and chapter 6's ``dynamics/*.yaml``; the
+MNIST ones ``mnist/*.yaml`` and ``dynamics/mnist_*.yaml``. (The CIFAR-10 configs need data this project's
 machines cannot fetch; ``tests/data`` checks their loader on fake files.)
 
 CI: one epoch of every config at three seeds (the three batch-size-1 configs and the MNIST configs,

@@ -1,7 +1,7 @@
 """Commands that test the predictions of thesis section 6.8 on simulated chapter-6 networks.
 
 Run one with ``python -m experiments.dynamics.<name> [--out DIR] [--full] [--seed S]``;
-each writes PNG figure(s) and a JSON of its numbers to ``DIR`` (default ``out/<name>``), prints a
+each writes PNG figure(s) and a JSON of its numbers to ``DIR`` (default: the checkout's ``out/dyn_<name>``), prints a
 summary, and with ``--docs`` also writes its figure to ``docs/figures/`` and its table into
 ``docs/experiments.md`` (between ``<!-- name:begin -->`` / ``<!-- name:end -->`` markers).
 
