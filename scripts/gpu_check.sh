@@ -6,7 +6,7 @@
 #   - epochs through train.py next to a plain PyTorch loop (no host sync per batch in the timed stretch);
 #   - the host syncs of each MNIST config's training batches (torch.cuda.set_sync_debug_mode): none but the logging ones;
 #   - each rule's step eager against torch.compile, without and with CUDA graphs (printed, not written).
-#   bash scripts/gpu_check.sh            (from the repository root, with the package installed and MNIST in the data cache)
+#   bash scripts/gpu_check.sh            (from any folder of the checkout; MNIST in the data cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python - <<'PY'
@@ -17,11 +17,12 @@ PY
 failed=0
 # one process for all configs: the imports are paid once
 python - <<'PY' || failed=1
-import glob, io, contextlib, sys, traceback
+import io, contextlib, sys, traceback
 from tplightning.cli import main
+from tplightning.config_files import available_configs
 failed = False
-# every config but CIFAR-10's (no CIFAR-10 files offline)
-for cfg in sorted(glob.glob("configs/*.yaml") + glob.glob("configs/mnist/*.yaml") + glob.glob("configs/dynamics/*.yaml")):
+# every config but CIFAR-10's (no CIFAR-10 files offline) and the trainer fragments
+for cfg in [c for c in available_configs() if not c.startswith(("cifar10/", "trainer/"))]:
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -33,12 +34,12 @@ for cfg in sorted(glob.glob("configs/*.yaml") + glob.glob("configs/mnist/*.yaml"
         print("FAIL", cfg, "\n" + "".join(traceback.format_exc().splitlines(True)[-5:]), flush=True)
 sys.exit(1 if failed else 0)
 PY
-speed="python -m tplightning.benchmarks.speed --device cuda"
+speed="python -m benchmarks.speed --device cuda"
 $speed --part mnist --steps 30 --repeats 2
 $speed --part mnist --steps 30 --repeats 2 --batch 1024
 $speed --part exact --steps 20 --repeats 1 --widths 256 512 1024 2048 4096 --batches 1 32
 $speed --part trainer --repeats 2 --trainer-threads 1
-python -m tplightning.benchmarks.syncs --device cuda
+python -m benchmarks.syncs --device cuda
 # torch.compile of each rule's tensor work against eager (no gain on a CPU), and with CUDA graphs
 python scripts/ab_step_time.py --compile --device cuda --steps 100 BP DTPAI LeeDTP OriginalDTP
 python scripts/ab_step_time.py --compile --compile-mode reduce-overhead --device cuda --steps 100 BP DTPAI LeeDTP OriginalDTP

@@ -15,11 +15,15 @@ import argparse
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from tplightning._lightning import pl
-from tplightning.benchmarks.common import quiet
-from tplightning.cli import main as train_main
-from tplightning.diagnostics import TargetPropDiagnostics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: its tplightning and the lab's benchmarks
+
+from tplightning._lightning import pl  # noqa: E402
+from tplightning.cli import main as train_main  # noqa: E402
+from tplightning.diagnostics import TargetPropDiagnostics  # noqa: E402
+
+from benchmarks.common import quiet  # noqa: E402
 
 QUANTITIES = ("cos_bp", "cos_gn", "norm_signal", "q_pinv_error")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tplightning as tp
-from tplightning.cli import CONFIG_DIR, resolve_config_args
+from tplightning.config_files import CONFIG_DIR, resolve_config_args
 from train import main
 
 CONFIGS = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.rglob("*.yaml") if p.parent == CONFIG_DIR)
@@ -92,7 +92,7 @@ def test_train_py_is_the_cli_main():
     import train
 
     assert train.main is tp.cli.main
-    assert Path(train.__file__).with_name("configs").is_dir()
+    assert Path(train.__file__).with_name("tplightning").joinpath("configs", "dtp.yaml").is_file()  # the packaged configs
 
 
 def test_threads_default_to_one_for_small_dense_networks_and_follow_the_option():

@@ -1,7 +1,7 @@
 """Every shipped config trains (issue 12, points 9 and 10).
 
-The student-teacher configs are ``configs/*.yaml`` and chapter 6's ``configs/dynamics/*.yaml``; the MNIST ones
-``configs/mnist/*.yaml`` and ``configs/dynamics/mnist_*.yaml``. (The CIFAR-10 configs need data this project's
+The student-teacher configs are the packaged ``tplightning/configs/*.yaml`` and chapter 6's ``dynamics/*.yaml``; the
+MNIST ones ``mnist/*.yaml`` and ``dynamics/mnist_*.yaml``. (The CIFAR-10 configs need data this project's
 machines cannot fetch; ``tests/data`` checks their loader on fake files.)
 
 CI: one epoch of every config at three seeds (the three batch-size-1 configs and the MNIST configs,
@@ -9,7 +9,7 @@ on a 2000-image subset, at seed 0). ``-m slow``: every student-teacher config's 
 one full MNIST epoch of every MNIST config, the full schedule of the MNIST dynamics configs at seeds 0-4,
 the README's MNIST quick-start number at seeds 0-4, the thesis' ordering of the rules (section 5.2.2:
 BP < DTP-AI < BP-fixed, difference targets no worse than plain ones) and of chapter 6's networks
-(section 6.8). The 100-epoch MNIST schedules are the campaign's (``tplightning.benchmarks.mnist``).
+(section 6.8). The 100-epoch MNIST schedules are the campaign's (``benchmarks.mnist``).
 
 "Seed k" gives every random source of a run the seed k, as the student-teacher benchmark does:
 ``seed_everything``, the teacher and the inputs, the shuffling, the student's draw near its
@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 import tplightning as tp
-from tplightning.cli import CONFIG_DIR
+from tplightning.config_files import CONFIG_DIR
 from train import main
 
 DYNAMICS = sorted(f"dynamics/{p.name}" for p in (CONFIG_DIR / "dynamics").glob("*.yaml"))

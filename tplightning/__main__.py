@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .cli import StockCLI, _cli_kwargs, _quiet_lightning, report, resolve_config_args
+from .cli import StockCLI, _cli_kwargs, _quiet_lightning, report
+from .config_files import resolve_config_args
 from .errors import ConfigError
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -33,17 +33,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 
 from ._lightning import LightningCLI, pl
 from .callbacks import ReapplyOptimizerConfig
 from .checkpoints import check_fits, read as read_checkpoint
+from .config_files import CONFIG_DIR, resolve_config_args
 from .errors import ConfigError, is_config_error, short_error
 from .rules.base import RESUME_HINT, DivergenceError, LearningRule
 
 __all__ = ["main", "build", "run", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args", "align_loggers", "default_threads"]
 
-CONFIG_DIR = Path(os.environ.get("TPLIGHTNING_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 TRACEBACK_ENV = "TPLIGHTNING_TRACEBACK"
 #: trainer options whose integer value means "batches" and whose float means "fraction"
 _COUNT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches", "val_check_interval")
@@ -63,56 +62,6 @@ def _quiet_lightning() -> None:
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
-def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
-    return sorted(str(p.relative_to(config_dir)) for p in config_dir.rglob("*.yaml")) if config_dir.is_dir() else []
-
-
-def _check_yaml(path: Path) -> None:
-    """:class:`ConfigError` for a config that is a folder, not text, not valid YAML (naming line and column) or not a
-    mapping of options."""
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder; give a YAML file")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not a text file (a YAML config was expected)") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML: {problem} at {where}") from err
-    if not isinstance(doc, dict):
-        held = "nothing" if doc is None else f"a {type(doc).__name__}"
-        raise ConfigError(f"config file {path} holds {held}; a config is a mapping of options (model:, data:, trainer:, ...)")
-
-
-def resolve_config_args(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[str]:
-    """Rewrite ``--config NAME`` to ``configs/NAME`` when ``NAME`` is not a path that exists.
-
-    Raises ``FileNotFoundError`` listing the available configs when neither exists and
-    :class:`~tplightning.errors.ConfigError` naming the file, line and column for invalid YAML.
-    """
-    out, it = [], iter(args)
-    for a in it:
-        if a == "--config" or a.startswith("--config="):
-            value = a.split("=", 1)[1] if "=" in a else next(it, None)
-            if value is None:
-                raise ConfigError("--config needs a file name")
-            if not Path(value).exists():
-                candidate = config_dir / value
-                if not candidate.exists():
-                    raise FileNotFoundError(
-                        f"config file {value!r} not found (neither as a path nor in {config_dir}); available: "
-                        + ", ".join(available_configs(config_dir))
-                    )
-                value = str(candidate)
-            _check_yaml(Path(value))
-            out += ["--config", value]
-        else:
-            out.append(a)
-    return out
 
 
 def _int_literals(args: Sequence[str]) -> dict[str, int]:

@@ -24,13 +24,14 @@ import yaml
 import torch
 
 import tplightning as tp
-from tplightning.benchmarks import mnist as bench
-from tplightning.benchmarks.common import write_block
-from tplightning.cli import CONFIG_DIR
 from tplightning.cli import main as train_main
+from tplightning.config_files import CONFIG_DIR
 from tplightning.data.mnist import MNISTDataModule, find_files
 
-from conftest import SHARED_DATA, quiet_trainer
+from benchmarks import mnist as bench
+from benchmarks.common import write_block
+
+from conftest import REPO, SHARED_DATA, quiet_trainer
 
 DATA = SHARED_DATA
 HAVE_MNIST = DATA.is_dir() and all(p is not None for p in find_files(DATA).values())
@@ -105,7 +106,7 @@ def test_benchmark_writes_its_block(tmp_path):
     text = out.read_text()
     assert "keep me" in text and text.count(bench.START) == 1 and text.count(bench.END) == 1
     assert "| BP | `configs/mnist/bp.yaml` |" in text and "| DTP | 1.83 | 42.32 |" in text
-    assert "python -m tplightning.benchmarks.mnist --rules BP --epochs 1" in text
+    assert "python -m benchmarks.mnist --rules BP --epochs 1" in text
     # a second invocation for another rule keeps the BP row
     write_block(out, "mnist", bench.render([*bench.read_records(out)]))
     assert bench.read_records(out)[0]["rule"] == "BP" and "keep me" in out.read_text()
@@ -202,8 +203,8 @@ def test_a_record_names_the_cpu_kernels_it_ran_with(kernels):
     the same seed trains differently under other kernels. A fresh interpreter, since torch reads it at import."""
     if kernels == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("AVX2 kernels exist on x86-64 only")
-    code = "from tplightning.benchmarks import common, mnist; print(mnist._machine(1)); print(common.machine())"
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels}
+    code = "from benchmarks import common, mnist; print(mnist._machine(1)); print(common.machine())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels, "PYTHONPATH": str(REPO)}  # the lab is importable from the checkout
     lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert lines.count(f"torch kernels {kernels.upper()}") == 2, lines
 

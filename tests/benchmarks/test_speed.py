@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import torch
 
 from conftest import REPO, SHARED_DATA
-from tplightning.benchmarks import mnist, speed
-from tplightning.benchmarks.common import write_block
+from benchmarks import mnist, speed
+from benchmarks.common import write_block
 
 
 def test_speed_benchmark_writes_tables(tmp_path):
@@ -105,7 +108,7 @@ def test_peak_memory_sees_an_allocation():
     # can absorb the block without raising the resident set
     code = (
         "import math, torch\n"
-        "from tplightning.benchmarks import speed\n"
+        "from benchmarks import speed\n"
         "meter = speed.PeakMemory(torch.device('cpu')); meter.start()\n"
         "block = torch.ones(64 * 2**20 // 4); del block\n"
         "print('nan' if math.isnan(meter.base) else meter.peak())\n"
@@ -123,3 +126,29 @@ def test_step_table_times_every_mnist_rule_with_the_same_learning_rates():
     for name in speed.MNIST_RULES:
         optimizers = speed.build(name, [12, 8, 8, 4], True).build_optimizers()
         assert optimizers and all(g["lr"] == 1e-4 for o in optimizers for g in o.param_groups), name
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (an exited one not yet reaped, state Z, does not)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_the_busy_process_ends_by_itself():
+    """``--busy``'s spinner ends at its time limit while the benchmark runs, and at once when the benchmark dies
+    without stopping it (killed: no ``finally`` runs)."""
+    with speed.one_core_busy(True, limit_s=1.0) as spinner:
+        assert _running(spinner.pid)
+        assert spinner.wait(timeout=30) == 0
+    code = ("import os, signal\nfrom benchmarks import speed\nwith speed.one_core_busy(True) as spinner:\n"
+            "    print(spinner.pid, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n")  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    pid, deadline = int(killed.stdout.split()[-1]), time.monotonic() + 30
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid), f"the spinner {pid} outlived its benchmark"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tplightning import InitNearTeacher
-from tplightning.benchmarks import student_teacher as st
+from benchmarks import student_teacher as st
 
 TINY = ["--epochs", "1", "--seeds", "2", "--jobs", "1", "--num-train", "64"]
 

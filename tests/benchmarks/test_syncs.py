@@ -8,8 +8,8 @@ from tplightning._lightning import pl
 
 import tplightning as tp
 from conftest import RULES, SHARED_DATA, make_rule, quiet_trainer
-from tplightning.benchmarks import syncs
-from tplightning.benchmarks.speed import SyntheticData
+from benchmarks import syncs
+from benchmarks.speed import SyntheticData
 
 # exact-inverse rules read their finiteness flag every step and check singular values by design (ExactInverseRule)
 FEEDBACK_RULES = [n for n, (cls, _) in RULES.items() if not issubclass(cls, tp.ExactInverseRule)]

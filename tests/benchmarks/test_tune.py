@@ -15,11 +15,12 @@ from optuna.trial import TrialState
 
 import tplightning as tp
 import tplightning.cli
-from tplightning.benchmarks import tune
-from tplightning.cli import CONFIG_DIR
 from tplightning.cli import main as train_main
+from tplightning.config_files import CONFIG_DIR
 from tplightning.data.mnist import MNISTDataModule, find_files
 from tplightning.rules.base import DivergenceError
+
+from benchmarks import tune
 
 from conftest import REPO, SHARED_DATA
 
@@ -97,8 +98,9 @@ def test_keep_holds_parameters_out_of_the_search(capsys):
 
 @needs_mnist
 def test_first_trial_is_the_shipped_config_and_kept_values_are_not_searched(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # --report reads the default journal, docs/data/tune/<rule>.journal under the cwd
-    storage = tmp_path / tune.STUDIES / "LeeDTP.journal"
+    monkeypatch.chdir(tmp_path)  # the trials' run folders
+    monkeypatch.setattr(tune, "STUDIES", tmp_path / "docs" / "data" / "tune")  # --report reads the default journals
+    storage = tune.STUDIES / "LeeDTP.journal"
     study = tune.main(["--rule", "LeeDTP", "--trials", "2", "--storage", str(storage), "--keep", "weight_decay",
                        "feedback_iterations", *TINY])  # fmt: skip
     first, second = sorted(study.get_trials(), key=lambda t: t.number)
@@ -174,7 +176,7 @@ def test_resume_continues_the_count_and_an_interrupted_trial_is_rerun(tmp_path, 
     study = tune.main(["--rule", "BP", "--trials", "3", "--storage", str(storage), "--write-config", "--no-progress"])
     assert len(study.trials) == 4  # full: ran nothing, wrote the best values
     header = config.read_text().splitlines()[0]
-    assert header.startswith("# Tuned by python -m tplightning.benchmarks.tune --rule BP: study mnist-BP, 3 trials")
+    assert header.startswith("# Tuned by python -m benchmarks.tune --rule BP: study mnist-BP, 3 trials")
     assert "1 epochs per trial, data --data.init_args.subset 600" in header and "; searched lr, weight_decay, init)" in header
     lr = yaml.safe_load(config.read_text())["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"]
     assert lr == pytest.approx(study.best_params["lr"], rel=1e-3)
@@ -183,7 +185,7 @@ def test_resume_continues_the_count_and_an_interrupted_trial_is_rerun(tmp_path, 
 @needs_mnist
 def test_two_workers_share_one_study_without_repeating_trials(tmp_path):
     storage = tmp_path / "shared.journal"
-    cmd = [sys.executable, "-m", "tplightning.benchmarks.tune", "--rule", "BP", "--trials", "4", "--storage",
+    cmd = [sys.executable, "-m", "benchmarks.tune", "--rule", "BP", "--trials", "4", "--storage",
            str(storage), "--startup", "2", *TINY]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen([*cmd, "--sampler-seed", str(s)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -280,6 +282,7 @@ def test_before_tuning_gives_back_the_config_that_write_config_changed(tmp_path)
 def test_check_keeps_the_config_with_the_better_full_schedule_validation(tmp_path, monkeypatch, tuned_lr, kept):
     """One epoch on 1000 images is the "full schedule" here: lr 1e-6 barely moves the network, 3e-3 learns."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tune, "CHECK_DIR", tmp_path / "runs" / "check")  # the config before tuning
     doc = yaml.safe_load(untuned((CONFIG_DIR / "mnist" / "bp.yaml").read_text()))
     doc["trainer"].update(max_epochs=1, enable_progress_bar=False)
     doc["data"]["init_args"].update(subset=1200, num_train=1000, num_val=200, data_dir=str(SHARED_DATA))
@@ -297,7 +300,7 @@ def test_check_keeps_the_config_with_the_better_full_schedule_validation(tmp_pat
     lr = yaml.safe_load(text)["model"]["init_args"]["forward_optimizer"]["init_args"]["lr"]
     assert lr == (tuned_lr if kept == "tuned" else 1e-4)
     # the campaign's run of seed 0 is the kept config's: recorded under the config's own key
-    from tplightning.benchmarks import mnist
+    from benchmarks import mnist
 
     run = mnist.read_runs(record)[mnist.run_key("BP", str(config), 0, None, ())]
     assert run["best_val_acc"] == result[f"{kept}_best_val_acc"]
@@ -308,7 +311,8 @@ def test_check_keeps_the_config_with_the_better_full_schedule_validation(tmp_pat
 
 
 def test_report_without_journals_says_so_and_keeps_the_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tune.common, "ROOT", tmp_path)  # a checkout without journals; messages name paths inside it
+    monkeypatch.setattr(tune, "STUDIES", tmp_path / "docs" / "data" / "tune")
     out = tmp_path / "results.md"
     out.write_text("<!-- tuning:start -->\n| BP | an earlier row |\n<!-- tuning:end -->\n")
     with pytest.raises(SystemExit, match=r"--report: no study journal under docs/data/tune/ for BP, DTPAI, .*stay as they are"):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tplightning.cli import CONFIG_DIR, report
+from tplightning.cli import report
+from tplightning.config_files import CONFIG_DIR
 from tplightning.data import mnist
 from tplightning.data.mnist import MNISTDataModule, default_data_dir, read_idx
 from conftest import SHARED_DATA

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tplightning.cli import CONFIG_DIR
+from tplightning.config_files import CONFIG_DIR
 from tplightning.cli import main as train_main
 from tplightning.data import cifar10, mnist
 from tplightning.data.cifar10 import CIFAR10DataModule

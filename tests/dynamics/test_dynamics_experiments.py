@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from tplightning.dynamics.experiments import signals, stability, training
+from experiments.dynamics import signals, stability, training
 
 
 def test_signals_command(tmp_path, one_thread):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import tplightning as tp
-from tplightning.cli import CONFIG_DIR
+from tplightning.config_files import CONFIG_DIR
 from train import main
 
-from conftest import quiet_trainer, tiny_data
+from conftest import SHARED_DATA, quiet_trainer, tiny_data
 
 DYN_CONFIGS = sorted(str(p.relative_to(CONFIG_DIR)) for p in (CONFIG_DIR / "dynamics").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]
@@ -96,7 +96,7 @@ def test_learned_modules_accept_a_narrowing_network():
     assert [tuple(G.shape) for G in rule.weight_updates(x, y)[0]] == [(5, 6), (4, 5)]
 
 
-MNIST_DIR = CONFIG_DIR.parent.parent / "shared" / "data"
+MNIST_DIR = SHARED_DATA
 
 
 @pytest.mark.skipif(not (MNIST_DIR / "MNIST" / "raw").is_dir(), reason=f"MNIST files not found under {MNIST_DIR}")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tplightning as tp
-from tplightning.experiments import pseudo_inverse, student_teacher, toy
-from tplightning.experiments.common import DTYPE, generator, robust_gaussian, single_thread
+from experiments import pseudo_inverse, student_teacher, toy
+from experiments.common import DTYPE, generator, robust_gaussian, single_thread
 
 EXACT = torch.tensor([[1.0], [-1.0]], dtype=DTYPE)  # E over h_0 ~ N(0, 1) of the homogeneous toy
 
@@ -145,7 +145,7 @@ def test_student_teacher_main_writes_curves_and_diagnostics(tmp_path):
 
 def test_student_teacher_docs_block_names_its_command_and_rules(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from tplightning.experiments import common
+    from experiments import common
 
     docs = tmp_path / "experiments.md"
     docs.write_text("# Experiments\n\nkept text\n")
@@ -157,7 +157,7 @@ def test_student_teacher_docs_block_names_its_command_and_rules(tmp_path, monkey
     text = docs.read_text()
     assert text.startswith("# Experiments\n\nkept text\n")
     block = text.split("<!-- student_teacher:start -->")[1].split("<!-- student_teacher:end -->")[0]
-    assert "`python -m tplightning.experiments.student_teacher --out" in block and block.count("--docs") == 1
+    assert "`python -m experiments.student_teacher --out" in block and block.count("--docs") == 1
     for rule in ("DTPAI", "DRL"):
         cos_gn = result["summary"][rule]["diagnostics_mean"]["cos_gn"]
         assert f"| {rule} |" in block and f"| {cos_gn:.2f} |" in block
@@ -165,9 +165,12 @@ def test_student_teacher_docs_block_names_its_command_and_rules(tmp_path, monkey
     assert (tmp_path / "figures" / "student_teacher.png").is_file()
 
 
-@pytest.mark.parametrize("module", ["tplightning.experiments." + m for m in
-                                    ("block_diagonal", "factorisation", "pseudo_inverse", "sherman_morrison", "student_teacher", "toy")]
-                         + ["tplightning.dynamics.experiments." + m for m in ("signals", "stability", "training")])  # fmt: skip
+LAB_COMMANDS = (["experiments." + m for m in ("block_diagonal", "factorisation", "pseudo_inverse", "sherman_morrison", "student_teacher", "toy")]
+                + ["experiments.dynamics." + m for m in ("signals", "stability", "training")]
+                + ["benchmarks." + m for m in ("mnist", "speed", "student_teacher", "syncs", "tune")])  # fmt: skip
+
+
+@pytest.mark.parametrize("module", LAB_COMMANDS)
 def test_usage_line_names_the_module_to_run(module, capsys):
     with pytest.raises(SystemExit) as exc:
         importlib.import_module(module).main(["--help"])

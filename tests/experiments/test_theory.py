@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from tplightning import functional as F
-from tplightning.experiments import block_diagonal, factorisation, sherman_morrison
-from tplightning.experiments.common import (
+
+from conftest import REPO
+from experiments import block_diagonal, factorisation, sherman_morrison
+from experiments.common import (
     DTYPE, generator, output_jacobians, parse_args, robust_gaussian, single_thread,
 )
 
@@ -53,7 +55,7 @@ def test_parse_args_sizes_follow_full_unless_given(tmp_path):
     assert parse_args("x", "", ["--full"], sizes).trials == 1000
     args = parse_args("x", "", ["--full", "--trials", "3", "--out", str(tmp_path)], sizes)
     assert args.trials == 3 and args.out == tmp_path
-    assert str(parse_args("x", "", [], sizes).out) == "out/x"
+    assert parse_args("x", "", [], sizes).out == REPO / "out" / "x"  # in the checkout, whatever the working folder
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@
 - :mod:`.theory`: the first-order predictions (eqs. 6.15, 6.22, 6.31/6.33, 6.53/6.57).
 - :mod:`.stability`: the Jacobian of eq. 6.40, its spectrum, the check of section 6.7.
 - :mod:`.modules`: LightningModules :class:`DynamicalTP`, :class:`TwoPhaseDTP`, :class:`MultiplexingDTP`.
-- :mod:`.experiments`: commands testing section 6.8's predictions.
 """
 from .models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target, short_circuit
 from .modules import DynamicalTP, MultiplexingDTP, TwoPhaseDTP

@@ -1,0 +1,603 @@
+"""MNIST with the fully connected network of thesis table 3.1 (Bartunov et al. 2018), 784-(256×5)-10.
+
+    python -m benchmarks.mnist [--rules R ...] [--epochs N] [--seeds S ...] [--jobs J]
+        [--out docs/RESULTS.md] [--record docs/data/mnist_runs.jsonl] [--rerun]
+        [--subset N --num-train N --num-val N] [--json PATH] [--dry-run] [--rewrite] [--verify EPOCHS]
+
+Each run is ``python train.py --config mnist/<rule>.yaml --test_on best <overrides>``: the config's
+loggers and its ``ModelCheckpoint`` on ``val/acc`` stay on (each run in its own folder,
+``runs/mnist_<rule>/seed<s>-<date>-<time>-<pid>/``, so parallel runs do not collide), and the 10k
+test images are scored with the checkpoint of the best validation epoch. One seed ``s`` sets
+``seed_everything`` (the initial weights), the shuffling and, for target-propagation rules, the
+layer draws and the feedback noise; the 55k/5k train/validation split is the data module's fixed
+``split_seed``. A run that diverges (``DivergenceError``) is reported as such.
+
+**Campaigns.** Every run is appended to ``--record`` (JSON lines, one run a line) as soon as it finishes,
+keyed by the rule, the config file's settings (a digest of its parsed YAML), the seed, the epochs and the
+smoke-run flags. The default record file, ``docs/data/mnist_runs.jsonl``, is part of the repository: commit it
+as runs land, and a campaign spread over sittings on fresh machines goes on where the last one stopped.
+A later invocation takes a recorded run from there instead of training it again (``--rerun`` trains
+anyway), so a campaign such as ``--seeds 0 1 2`` survives an interruption: run the same command again.
+To spread one over machines, give each a share of the rules (or seeds), then concatenate their record
+files into one and run the full command once more: it trains nothing and writes the table. A run that
+failed (not by divergence) is not recorded and is tried again. Changing a config (say, after tuning)
+changes its digest, so its runs are done afresh.
+
+**Checking a record.** ``--verify 2`` trains nothing into the record: it reruns the first two epochs of each
+selected recorded run (its own config, seed and full learning-rate schedule, stopped after two epochs) and compares
+their validation accuracies with the recorded ones, exactly. It prints ``same`` or the first epoch that differs,
+with the record's machine and this one's, and exits with status 1 if any run differs. Float32 runs depend on the
+CPU kernels torch dispatches to (``common.cpu``): where the record names other kernels than this machine's, set
+``ATEN_CPU_CAPABILITY`` to the record's.
+
+Each row gives the mean ± sd over the seeds of the test error at the best-validation epoch. The
+validation accuracy of every epoch (read from each run's ``metrics.csv``) is kept with the run, and
+``figures/mnist_curves.png`` beside ``--out`` shows it against the epoch, one line per rule (the mean
+over seeds), with a band of ± one sd.
+
+The table is written between ``<!-- mnist:start -->`` and ``<!-- mnist:end -->`` in ``--out``; the
+rest of the file is left as it is. The block keeps its per-run records in an HTML comment, so a
+later invocation with other ``--rules`` (or other epochs) replaces only the rows of the rules it
+runs and keeps the others, each row with the command that produced it. Run from the repository
+root (``--out``, ``--record`` and the runs' folders are relative to it; MNIST comes from the data cache,
+README "Data").
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import time
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+
+from tplightning._lightning import pl
+import torch
+import yaml
+
+from tplightning.cli import main as cli_main
+from tplightning.rules.base import DivergenceError
+
+from benchmarks import common
+from benchmarks.common import Rule, config_value, seed_overrides
+
+__all__ = ["RULES", "THESIS", "run_args", "run_one", "render", "run_key", "read_runs", "plot_curves", "main"]
+
+PROG = "python -m benchmarks.mnist"
+#: the curves figure, relative to the folder of ``--out``
+FIGURE = Path("figures") / "mnist_curves.png"
+START, END = "<!-- mnist:start -->", "<!-- mnist:end -->"
+RUNS_TAG = "mnist:runs"
+#: finished runs of the campaign (committed, so it survives fresh machines)
+RECORD = common.ROOT / "docs" / "data" / "mnist_runs.jsonl"
+
+
+RULES = {
+    r.name: r
+    for r in [
+        Rule("BP", "mnist/bp.yaml"),
+        Rule("DTPAI", "mnist/dtp_ai.yaml"),
+        Rule("RDTPAI", "mnist/rdtp_ai.yaml"),
+        Rule("LeeDTP", "mnist/lee_dtp.yaml"),
+        Rule("OriginalDTP", "mnist/original_dtp.yaml"),
+        Rule("AOSDTP", "mnist/ao_sdtp.yaml"),
+        Rule("FA", "mnist/fa.yaml"),
+        Rule("DFA", "mnist/dfa.yaml"),
+        Rule("BDFA", "mnist/bdfa.yaml"),
+        Rule("DRL", "mnist/drl.yaml"),
+        Rule("DDTPLinear", "mnist/ddtp_linear.yaml"),
+        Rule("LDRL", "mnist/ldrl.yaml"),
+        Rule("CNN-BP", "mnist/cnn_bp.yaml"),
+        Rule("CNN-LeeDTP", "mnist/cnn_lee_dtp.yaml"),
+    ]
+}
+#: rows of the convolutional network (configs/mnist/cnn_*.yaml), rendered as a table of their own
+CNN = ("CNN-BP", "CNN-LeeDTP")
+
+#: thesis table 3.1 (from Bartunov et al. 2018): test error % on MNIST and CIFAR-10, Adam, best of 500 epochs.
+THESIS = [("BP", "1.48", "41.32"), ("FA", "1.85", "41.97"), ("DTP", "1.83", "42.32"), ("AO-SDTP", "1.86", "45.40"),
+          ("SDTP", "2.28", "54.27"), ("DFA", "2.75", "47.80")]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- one run
+def run_args(config: str, seed: int, epochs: int | None = None, overrides: Sequence[str] = ()) -> list[str]:
+    """The ``train.py`` arguments of one run of ``config`` with seed ``seed``."""
+    args = ["--config", common.cli_config(config), "--test_on", "best", "--trainer.enable_progress_bar", "false", *seed_overrides(config, seed)]
+    if epochs is not None:
+        args += ["--trainer.max_epochs", str(epochs)]
+    loggers = config_value(config, (), "trainer.logger")
+    if isinstance(loggers, list) and loggers:  # one folder per run: runs/<name>/seed<s>-<time>/, safe with --jobs > 1
+        version = f"seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        loggers = [{**lg, "init_args": {**lg.get("init_args", {}), "version": version}} for lg in loggers]
+        args += ["--trainer.logger", json.dumps(loggers)]
+    return [*args, *overrides]
+
+
+def _best_epoch(trainer: pl.Trainer) -> int | None:
+    """1-based epoch of the best validation checkpoint (from its ``epoch=E-...`` name or contents)."""
+    ckpt = trainer.checkpoint_callback
+    path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    if not path:
+        return None
+    m = re.search(r"epoch=(\d+)", Path(path).name)
+    if m:
+        return int(m.group(1)) + 1
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"]) + 1
+
+
+def val_curve(trainer: pl.Trainer, key: str = "val/acc") -> list[float] | None:
+    """``key`` at the end of each validation epoch, from the run's CSV log (``metrics.csv``); None without one."""
+    folder = next((lg.log_dir for lg in trainer.loggers if type(lg).__name__ == "CSVLogger"), None)
+    path = Path(folder or "") / "metrics.csv"
+    if folder is None or not path.is_file():
+        return None
+    by_epoch = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get(key) not in (None, ""):
+                by_epoch[int(row["epoch"])] = float(row[key])
+    return [round(by_epoch[e], 5) for e in sorted(by_epoch)]
+
+
+def run_one(rule: str, config: str, seed: int, epochs: int | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Train ``config`` with seed ``seed``; test the best validation checkpoint.
+
+    Returns ``{"rule", "config", "seed", "epochs", "overrides", "args", "test_error", "best_val_acc", "best_epoch",
+    "epochs_run", "seconds", "seconds_per_epoch", "diverged", "error", "val_acc"}`` (errors in %; ``val_acc``: the
+    validation accuracy of each epoch, from the run's ``metrics.csv``).
+    """
+    args = run_args(config, seed, epochs, overrides)
+    result = {"rule": rule, "config": config, "seed": seed, "epochs": epochs, "overrides": list(overrides), "args": args,
+              "test_error": None, "best_val_acc": None}  # fmt: skip
+    result.update(best_epoch=None, epochs_run=None, diverged=False, error=None, val_acc=None)
+    start = time.perf_counter()
+    try:
+        out = cli_main(args)
+    except DivergenceError as err:
+        result.update(diverged=True, error=str(err).split(". ")[0])
+        fit_seconds = time.perf_counter() - start
+    else:
+        trainer = out["cli"].trainer
+        fit_seconds = getattr(trainer, "_mnist_fit_seconds", None) or time.perf_counter() - start
+        acc = out["test_metrics"].get("test/acc")
+        ckpt = trainer.checkpoint_callback
+        score = getattr(ckpt, "best_model_score", None) if ckpt is not None else None
+        result.update(
+            test_error=None if acc is None else 100.0 * (1.0 - float(acc)),
+            best_val_acc=None if score is None else float(score),
+            best_epoch=_best_epoch(trainer),
+            epochs_run=int(trainer.current_epoch),
+            val_acc=val_curve(trainer),
+        )
+    result["seconds"] = time.perf_counter() - start
+    result["seconds_per_epoch"] = result["seconds"] / result["epochs_run"] if result["epochs_run"] else None
+    return result
+
+
+def _run_task(task: tuple) -> dict:
+    """:func:`run_one`; a run that fails (not by divergence) is reported as failed, so one bad run of
+    a long benchmark does not lose the others."""
+    try:
+        return run_one(*task)
+    except Exception as err:  # noqa: BLE001 - reported in the table and printed in full
+        import traceback
+
+        traceback.print_exc()
+        rule, config, seed = task[:3]
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return {"rule": rule, "config": config, "seed": seed, "epochs": task[3], "overrides": list(task[4]),
+                "args": run_args(*task[1:]), "test_error": None, "best_val_acc": None, "best_epoch": None,
+                "epochs_run": None, "seconds": 0.0, "seconds_per_epoch": None, "diverged": False,
+                "error": f"failed: {type(err).__name__}: {first}", "val_acc": None}  # fmt: skip
+
+
+class StopAfter(pl.Callback):
+    """Stop a run after its first ``epochs`` epochs. The run keeps the schedule of its full length, so those epochs
+    are the ones a full run trains (``--verify``)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def verify_run(rec: dict, epochs: int) -> str | None:
+    """Rerun the first ``epochs`` epochs of the recorded run ``rec``; None if their validation accuracies equal the
+    recorded ones exactly, else what differs."""
+    want = (rec.get("val_acc") or [])[:epochs]
+    if len(want) < epochs:
+        return f"the record holds {len(want)} validation epochs, fewer than the {epochs} asked"
+    args = run_args(rec["config"], rec["seed"], rec["epochs"], rec["overrides"])
+    args[args.index("--test_on") + 1] = "none"
+    stop = {"class_path": f"{__name__.replace('__main__', 'benchmarks.mnist')}.StopAfter", "init_args": {"epochs": epochs}}
+    try:
+        got = val_curve(cli_main([*args, f"--trainer.callbacks+={json.dumps(stop)}"])["cli"].trainer) or []
+    except DivergenceError as err:
+        return f"diverged here: {str(err).split('. ')[0]}"
+    for epoch, (a, b) in enumerate(zip(got, want), start=1):
+        if a != b:
+            return f"differs at epoch {epoch}: val/acc {a} here, {b} recorded"
+    return None if len(got) == epochs else f"ran {len(got)} epochs of the {epochs} asked"
+
+
+# --------------------------------------------------------------------------------------------- run records
+def run_key(rule: str, config: str, seed: int, epochs: int | None, overrides: Sequence[str]) -> str:
+    """What makes two runs the same run: rule, the config's settings (its parsed YAML: comments do not count), seed,
+    epochs and overrides."""
+    settings = yaml.safe_load(common._config_path(config).read_text())
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return json.dumps([rule, config, digest, seed, epochs, list(overrides)])
+
+
+def read_runs(path: Path) -> dict[str, dict]:
+    """The runs recorded in the JSON-lines file ``path`` by their :func:`run_key` (the last record of a key wins;
+    a torn last line, from a process killed while writing, is passed over)."""
+    runs = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            runs[rec["key"]] = rec
+    return runs
+
+
+def record_run(path: Path, result: dict, machine: str) -> None:
+    """Append one finished run to ``path`` (one line, written at once, so parallel workers do not interleave)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"key": run_key(result["rule"], result["config"], result["seed"], result["epochs"], result["overrides"]),
+           "date": date.today().isoformat(), "machine": machine, **result}  # fmt: skip
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- table
+def hyper_parameters(config: str, overrides: Sequence[str] = ()) -> str:
+    """The optimizer and key hyper-parameters of a run of ``config`` with ``overrides``, in words."""
+
+    def get(key, default=None):
+        try:
+            return config_value(config, overrides, key)
+        except (KeyError, TypeError):
+            return default
+
+    def opt(key):
+        o = get(f"model.init_args.{key}")
+        if not isinstance(o, dict):
+            return None
+        kw = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in (o.get("init_args") or {}).items())
+        return f"{o['class_path'].rsplit('.', 1)[-1]}({kw})"
+
+    act = get("model.init_args.activation", "leaky_relu")
+    slope = get("model.init_args.negative_slope", 0.35)
+    parts = [f"{act}{f' {slope:g}' if act == 'leaky_relu' else ''}, init {get('model.init_args.init', 'gaussian')}"]
+    if (network := get("model.init_args.network")) is not None:  # the layers name their own activation and init
+        parts = [f"{len(network)} layers ({', '.join(spec['class_path'].rsplit('.', 1)[-1] for spec in network)}), "
+                 f"{network[0]['init_args'].get('activation', 'tanh')}, init {network[0]['init_args'].get('init', 'gaussian')}"]
+    parts.append(f"fwd {opt('forward_optimizer')}")
+    if (fb := opt("feedback_optimizer")) is not None:
+        parts.append(f"fb {fb}")
+    for key, label in (
+        ("target_stepsize", "η̂"), ("feedback_noise_std", "σ"), ("feedback_weight_decay", "λ"),
+        ("feedback_iterations", "fb iters"), ("feedback_init", "fb init"), ("aux_units", "aux"),
+        ("lr_final_factor", "lr final"), ("bias", "bias"),
+    ):  # fmt: skip
+        v = get(f"model.init_args.{key}")
+        if v is not None:
+            parts.append(f"{label} {v:g}" if isinstance(v, float) else f"{label} {v}")
+    parts.append(f"batch {get('data.init_args.batch_size')}")
+    return ", ".join(parts)
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def command(rule: str, epochs: int | None, seeds: Sequence[int], extra: Sequence[str] = ()) -> str:
+    parts = ["--rules", rule]
+    if epochs is not None:
+        parts += ["--epochs", str(epochs)]
+    parts += ["--seeds", *map(str, seeds), *extra]
+    return f"{PROG} {shlex.join(parts)}"
+
+
+def _rows(records: Sequence[dict]) -> list[str]:
+    rows = []
+    for rec in records:
+        runs = rec["runs"]
+        ok = [r for r in runs if not r["diverged"] and r["test_error"] is not None]
+        errs = [r["test_error"] for r in ok]
+        best = ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in ok) or "–"
+        spe = [r["seconds_per_epoch"] for r in ok if r["seconds_per_epoch"]]
+        div = sum(bool(r["diverged"]) for r in runs)
+        failed = [r["error"] for r in runs if not r["diverged"] and r["test_error"] is None]
+        err = _fmt(errs) + (f" ({div}/{len(runs)} diverged)" if div else "")
+        err += "".join(f" ({e})" for e in failed)
+        key = statistics.mean(errs) if errs else math.inf
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        rows.append((key, f"| {rec['rule']} | `configs/{rec['config']}` | {err} | {best} | {_fmt(spe, 1)} s | {seeds} | "
+                          f"{rec['hparams']} | `{rec['command']}` | {rec['date']}, {rec['machine']} |"))  # fmt: skip
+    rows.sort(key=lambda kv: kv[0])
+    return [row for _, row in rows]
+
+
+HEAD = [
+    "| rule | config | test error % (best val epoch) | best epoch / epochs run | time per epoch | seed(s) | "
+    "optimizer and hyper-parameters | command | run |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def curve_bands(records: Sequence[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per rule with validation curves: the mean over seeds of the validation accuracy (%) at each epoch and its sd
+    (0 where one run reaches that epoch); runs of different lengths count where they have the epoch."""
+    bands = {}
+    for rec in records:
+        curves = [r["val_acc"] for r in rec["runs"] if r.get("val_acc")]
+        if not curves:
+            continue
+        mean, sd = [], []
+        for e in range(max(map(len, curves))):
+            values = [100.0 * c[e] for c in curves if e < len(c)]
+            mean.append(statistics.mean(values))
+            sd.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        bands[rec["rule"]] = (mean, sd)
+    return bands
+
+
+def plot_curves(records: Sequence[dict], path: Path) -> Path | None:
+    """Validation accuracy against epoch of the fully connected rows, one line per rule with a band of ± one sd over
+    seeds, written to ``path``; None (nothing written) when no record has curves."""
+    bands = curve_bands([rec for rec in records if rec["rule"] not in CNN])
+    if not bands:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for rule, (mean, sd) in bands.items():
+        epochs = range(1, len(mean) + 1)
+        for a in (ax, zoom):
+            (line,) = a.plot(epochs, mean, label=rule, lw=1.3)
+            a.fill_between(epochs, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                           color=line.get_color(), alpha=0.2, lw=0)  # fmt: skip
+    best = max(max(m) for m, _ in bands.values())
+    zoom.set_ylim(best - 6, best + 0.5)
+    ax.set_title("MNIST validation accuracy (mean ± sd over seeds)")
+    zoom.set_title("the same, top 6 points")
+    for a in (ax, zoom):
+        a.set_xlabel("epoch")
+        a.set_ylabel("validation accuracy %")
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(records: Sequence[dict], figure: Path | None = None) -> str:
+    """The Markdown block (without markers) of the per-rule records, plus the records as a comment; ``figure``: the
+    curves figure to show below the table (a path whose last two parts are its link from the Markdown file)."""
+    fc = [rec for rec in records if rec["rule"] not in CNN]
+    cnn = [rec for rec in records if rec["rule"] in CNN]
+    cnn_table = [
+        "",
+        "### MNIST, a small convolutional network (`configs/mnist/cnn_*.yaml`)",
+        "",
+        "conv 5x5 1->16 + 2x2 max-pool, conv 5x5 16->32 + 2x2 max-pool, dense 1568->256, dense 256->10, tanh, biases, "
+        "orthogonal initial weights; AdamW 1e-3 to 5 % over 10 epochs; same split, batch and scoring as above. "
+        "LeeDTP's convolutions learn from difference targets through learned transposed convolutions.",
+        "",
+        *HEAD,
+        *_rows(cnn),
+    ] if cnn else []
+    return "\n".join([
+        "### MNIST, fully connected 784-256-256-256-256-256-10 (thesis table 3.1, Bartunov et al. 2018)",
+        "",
+        "tanh hidden layers (each row names its activation and initialisation), linear output (logits), cross-entropy, "
+        "55k/5k train/validation split of the training "
+        "images (`split_seed` 0), batch 128; test error on the 10k test images with the weights of the best "
+        "validation-accuracy epoch. Time per epoch: wall time of the run (training, validation and the final test) "
+        "divided by the epochs run. Rows sorted by test error; one row per rule, from the latest invocation for that rule, "
+        "the error as mean ± sd over its seeds.",
+        "",
+        *HEAD,
+        *_rows(fc),
+        *(["", f"![validation accuracy against epoch, mean ± sd over seeds]({Path(*figure.parts[-2:]).as_posix()})"] if figure else []),
+        "",
+        "Thesis table 3.1 (numbers of Bartunov et al. 2018 as quoted in the thesis; Adam, best of 500 epochs). Its CIFAR-10 "
+        "column (fully connected 3072-1024-1024-1024-10) is not run here: CIFAR-10 is not on this project's machines. "
+        "`tplightning.CIFAR10DataModule` and `configs/cifar10/` (BP, LeeDTP) run it where the data is.",
+        "",
+        "| rule (thesis) | MNIST test error % | CIFAR-10 test error % |",
+        "|---|---|---|",
+        *(f"| {n} | {e} | {c} |" for n, e, c in THESIS),
+        *cnn_table,
+        "",
+        common.records_comment(RUNS_TAG, records),
+    ])  # fmt: skip
+
+
+def read_records(path: Path) -> list[dict]:
+    """The per-rule records kept in the MNIST block of ``path`` (empty if none)."""
+    return common.read_block_records(path, "mnist", RUNS_TAG)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _rule_name(name: str, p: argparse.ArgumentParser) -> str:
+    by_stem = {Path(r.config).stem: r.name for r in RULES.values()}
+    lower = {n.lower(): n for n in RULES}
+    key = by_stem.get(name) or lower.get(name.lower())
+    if key is None:
+        p.error(f"unknown rule {name!r}; choose from {sorted(RULES)} (or config names {sorted(by_stem)})")
+    return key
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--rules", nargs="+", help=f"rules to run (default: all): {' '.join(RULES)}, or config names")
+    p.add_argument("--epochs", type=int, help="epochs of every run (default: each config's max_epochs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes, one torch thread each when > 1 (default: 1)")
+    p.add_argument("--out", type=Path, default=common.RESULTS, help="Markdown file (default: %(default)s)")
+    p.add_argument("--subset", type=int, help="smoke runs: use only this many training images")
+    p.add_argument("--num-train", type=int, help="smoke runs: training images")
+    p.add_argument("--num-val", type=int, help="smoke runs: validation images")
+    p.add_argument("--data-dir", help="MNIST folder (default: the data cache, $TPLIGHTNING_DATA)")
+    p.add_argument("--json", type=Path, help="also write the per-run results here")
+    p.add_argument("--record", type=Path, default=RECORD,
+                   help="JSON-lines file of finished runs; recorded runs are not trained again (default: %(default)s)")
+    p.add_argument("--rerun", action="store_true", help="train every run even if recorded (and record it again)")
+    p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    p.add_argument("--rewrite", action="store_true",
+                   help="run nothing: rewrite the block of --out from the run records it keeps (after a change of the table's layout)")
+    p.add_argument("--verify", type=int, metavar="EPOCHS",
+                   help="run nothing new: rerun the first EPOCHS epochs of the selected recorded runs and compare them with the record")
+    args = p.parse_args(argv)
+    args.rules = list(dict.fromkeys(_rule_name(r, p) for r in (args.rules or RULES)))
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    if args.verify is not None and args.verify < 1:
+        p.error(f"--verify must be >= 1 epoch, got {args.verify}")
+    return args
+
+
+def _extra(args) -> tuple[list[str], list[str]]:
+    """(train.py overrides, benchmark options) of the smoke-run flags."""
+    overrides, options = [], []
+    for opt, key, value in (
+        ("--subset", "subset", args.subset), ("--num-train", "num_train", args.num_train),
+        ("--num-val", "num_val", args.num_val), ("--data-dir", "data_dir", args.data_dir),
+    ):  # fmt: skip
+        if value is not None:
+            overrides += [f"--data.init_args.{key}", str(value)]
+            options += [opt, str(value)]
+    return overrides, options
+
+
+def _ordered(records) -> list[dict]:
+    order = list(RULES)
+    return sorted(records, key=lambda rec: order.index(rec["rule"]) if rec["rule"] in order else len(order))
+
+
+def _machine(jobs: int = 1) -> str:
+    threads = torch.get_num_threads() if jobs == 1 else 1
+    return f"{platform.platform()}, {common.cpu()}; torch {torch.__version__}, jobs {jobs} × {threads} torch thread(s)"
+
+
+RUN_FIELDS = ("seed", "test_error", "best_val_acc", "best_epoch", "epochs_run", "seconds", "seconds_per_epoch", "diverged",
+              "error", "val_acc")  # fmt: skip
+
+
+def _report(i: int, n: int, start: float, r: dict, note: str = "") -> None:
+    score = r["error"] if r["test_error"] is None else f"test error {r['test_error']:.2f}% (best epoch {r['best_epoch']}/{r['epochs_run']})"
+    print(f"[{i}/{n} {time.perf_counter() - start:.0f}s] {r['rule']} seed {r['seed']}: {score} ({r['seconds']:.0f}s){note}", flush=True)
+
+
+def _verify(args, done: dict, todo: list) -> list[dict]:
+    """``--verify``: each recorded run of ``done`` rerun for ``args.verify`` epochs; exits with 1 if any differs."""
+    common.quiet()
+    here, differ = _machine(1), 0
+    for rule, _, seed, *_ in todo:
+        print(f"{rule} seed {seed}: not recorded in {args.record}")
+    for (rule, _, seed, *_), rec in done.items():
+        problem = verify_run(rec, args.verify)
+        if problem is None:
+            n = args.verify
+            print(f"{rule} seed {seed}: same over {n} epoch{'s' * (n > 1)} ({', '.join(map(str, rec['val_acc'][:n]))})", flush=True)
+            continue
+        differ += 1
+        print(f"{rule} seed {seed}: {problem}\n  recorded on: {rec.get('machine')}\n  here:        {here}", flush=True)
+        theirs, ours = (re.search(r"torch kernels (\w+)", m or "") for m in (rec.get("machine"), here))
+        if theirs and ours and theirs[1] != ours[1]:
+            print(f"  other kernels: rerun with ATEN_CPU_CAPABILITY={theirs[1].lower()}", flush=True)
+    if differ:
+        print(f"{differ} of {len(done)} runs differ from the record. The same code and seed give other float32 results under other "
+              "CPU kernels: set ATEN_CPU_CAPABILITY (avx2, avx512, default) to the record's kernels (README, 'Reproducing a "
+              "recorded run exactly').")  # fmt: skip
+        raise SystemExit(1)
+    return list(done.values())
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Run the selected rules and seeds (taking recorded runs from ``--record``), write the MNIST block of ``--out``
+    and the curves figure beside it; returns the per-run results."""
+    args = parse_args(argv)
+    figure = args.out.parent / FIGURE
+    if args.rewrite:
+        records = read_records(args.out)
+        common.write_block(args.out, "mnist", render(_ordered(records), plot_curves(records, figure)))
+        print(f"rewrote the MNIST block of {args.out} from its {len(records)} rule records")
+        return []
+    overrides, options = _extra(args)
+    tasks = [(r, RULES[r].config, s, args.epochs, tuple(overrides)) for r in args.rules for s in args.seeds]
+    recorded = {} if args.rerun else read_runs(args.record)
+    done = {t: recorded[k] for t in tasks if (k := run_key(*t)) in recorded}
+    todo = [t for t in tasks if t not in done]
+    if args.verify is not None:
+        return _verify(args, done, todo)
+    if args.dry_run:
+        for rule, config, seed, epochs, ov in tasks:
+            state = "recorded" if (rule, config, seed, epochs, ov) in done else "python train.py " + shlex.join(run_args(config, seed, epochs, ov))
+            print(f"{rule} seed {seed}: {state}")
+        print(f"{len(todo)} runs to do, {len(done)} recorded in {args.record}")
+        return []
+    common.quiet()
+    results, start = [], time.perf_counter()
+    for i, r in enumerate(done.values(), start=1):
+        results.append(r)
+        _report(i, len(tasks), start, r, f", recorded {r['date']}")
+    for i, r in enumerate(common.run_all(_run_task, todo, args.jobs), start=len(done) + 1):
+        results.append(r)
+        if r["error"] is None or r["diverged"]:
+            record_run(args.record, r, _machine(args.jobs))
+        _report(i, len(tasks), start, r)
+    records = {rec["rule"]: rec for rec in read_records(args.out)}
+    for rule in args.rules:
+        runs = sorted((r for r in results if r["rule"] == rule), key=lambda r: r["seed"])
+        config = RULES[rule].config
+        epochs = args.epochs if args.epochs is not None else config_value(config, (), "trainer.max_epochs")
+        machines = dict.fromkeys(r.get("machine") or _machine(args.jobs) for r in runs)
+        records[rule] = {
+            "rule": rule,
+            "config": config,
+            "hparams": hyper_parameters(config, overrides),
+            "command": command(rule, args.epochs, args.seeds, options),
+            "date": max(r.get("date") or date.today().isoformat() for r in runs),
+            "machine": "; ".join(machines),
+            "epochs": epochs,
+            "runs": [{k: r.get(k) for k in RUN_FIELDS} for r in runs],
+        }
+    records = _ordered(records.values())
+    common.write_block(args.out, "mnist", render(records, plot_curves(records, figure)))
+    print(f"wrote the MNIST block to {args.out}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"done: {len(todo)} runs trained, {len(done)} taken from {args.record}, in {time.perf_counter() - start:.0f}s wall")
+    return results
+
+
+if __name__ == "__main__":
+    main()
