@@ -9,6 +9,7 @@ import torch
 
 from ._lightning import check_same_lightning, pl
 from .data.base import derive_seed
+from .errors import ConfigError
 
 __all__ = ["InitNearTeacher", "Checkpoint", "ReapplyOptimizerConfig"]
 
@@ -32,7 +33,7 @@ class InitNearTeacher(pl.Callback):
 
     def __init__(self, distance: float = 8.0, seed: int = 0, copy_layers: Sequence[int] = (), max_attempts: int = 1000):
         if distance < 0:
-            raise ValueError(f"distance must be >= 0, got {distance}")
+            raise ConfigError(f"distance must be >= 0, got {distance}")
         self.distance, self.seed, self.copy_layers, self.max_attempts = distance, seed, list(copy_layers), max_attempts
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -42,11 +43,11 @@ class InitNearTeacher(pl.Callback):
         dm = trainer.datamodule
         teacher = getattr(dm, "teacher_weights", None)
         if teacher is None:
-            raise ValueError(f"InitNearTeacher needs a data module with teacher_weights, got {type(dm).__name__}")
+            raise ConfigError(f"InitNearTeacher needs a data module with teacher_weights, got {type(dm).__name__}")
         student = pl_module.forward_weights
         shapes = [tuple(W.shape) for W in student]
         if [tuple(W.shape) for W in teacher] != shapes:
-            raise ValueError(
+            raise ConfigError(
                 f"student weight shapes {shapes} differ from the teacher's {[tuple(W.shape) for W in teacher]}"
             )
         g = torch.Generator().manual_seed(derive_seed(self.seed, "init near teacher"))
@@ -61,7 +62,7 @@ class InitNearTeacher(pl.Callback):
                 if pl_module.weight_is_acceptable(i, W):
                     break
             else:
-                raise ValueError(
+                raise ConfigError(
                     f"no acceptable weight matrix for layer {i} at distance {self.distance} from the teacher "
                     f"after {self.max_attempts} attempts"
                 )

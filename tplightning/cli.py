@@ -195,10 +195,15 @@ def _file_loggers(trainer_config) -> list:
     return found
 
 
+def _config_keys(args: Sequence[str]) -> list[str]:
+    """The top-level keys of the config files in ``args`` (``--config PATH``, as :func:`resolve_config_args` leaves it)."""
+    paths = [b for a, b in zip(args, list(args)[1:]) if a == "--config"]
+    return [key for p in paths for key in (yaml.safe_load(Path(p).read_text()) or {})]
+
+
 def _culprit(err: ConfigError, config) -> None:
     """Fill in ``err.option`` and ``err.given`` for an error raised by the constructor of the model, the data module or
-    a callback: the section from the object under construction, the argument that the message names and whose
-    value it quotes (else the one it names, else the one whose value it quotes)."""
+    a callback: the section from the object under construction, the argument from what the message says of it."""
     owner = next((frame.f_locals.get("self") for frame, _ in traceback.walk_tb(err.__traceback__)
                   if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), (pl.LightningModule, pl.LightningDataModule, pl.Callback))), None)  # fmt: skip
     if owner is None:
@@ -209,11 +214,14 @@ def _culprit(err: ConfigError, config) -> None:
     words = set(message.replace("=", " ").replace(",", " ").replace("'", " ").split())
     names = [n for n in accepted_arguments(type(owner)) if not n.startswith("_")]
     value = {n: init.get(n) for n in names} if init is not None else {}
-    quoted = [n for n in names if value.get(n) is not None and not isinstance(value[n], bool) and len(str(value[n])) > 1 and str(value[n]) in message]
-    named = sorted((n for n in names if n in words), key=message.find)
-    best = [n for n in named if n in quoted] or named or quoted
-    if section == "trainer.callbacks" or not best:
-        err.option = f"--{section} ({type(owner).__name__})"
+    # the message quotes the argument's string value, or states "name=value", or names it; ties: the first named
+    score = {n: 4 * (isinstance(value.get(n), str) and repr(value[n]) in message) + 2 * (f"{n}={value.get(n)}" in message)
+             + (n in words) for n in names}  # fmt: skip
+    best = sorted((n for n in names if score[n]), key=lambda n: (-score[n], message.find(n)))
+    if section == "trainer.callbacks":
+        err.option = f"--trainer.callbacks ({type(owner).__name__})"
+    elif not best:
+        err.option = f"--{section}"
     else:
         err.option, err.given = f"--{section}.init_args.{best[0]}", value.get(best[0])
 
@@ -224,7 +232,8 @@ class TPLightningCLI(LightningCLI):
 
     subcommand_mode = False
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser) -> None:  # called for the parser of each subcommand
+        self._option_parsers = [*getattr(self, "_option_parsers", []), parser]
         if not self.subcommand_mode:
             parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
             parser.add_argument("--test_on", type=Literal["final", "best", "none"], default="final",
@@ -248,9 +257,9 @@ class TPLightningCLI(LightningCLI):
         self._raw_args = list(args or [])
         try:
             super().parse_arguments(parser, args)
-        except argparse.ArgumentError as err:  # the parser's options, for the close match of an unknown one
-            err.tplightning_options = [k.split(".", 1)[1] if k.split(".", 1)[0] in _EVALUATE + ("fit",) else k
-                                       for k in parser.get_defaults().keys()]  # fmt: skip
+        except argparse.ArgumentError as err:  # what the parsers know, for the close match of an unknown option or key
+            err.tplightning_options = sorted({key for p in self._option_parsers for key in p.get_defaults().keys()})
+            err.tplightning_config_keys = _config_keys(self._raw_args)
             raise
         section, sub = self._section(), self.config.get("subcommand")
         self._checkpoint = self._resume = None
@@ -422,7 +431,8 @@ def report(fn, args: list[str]):
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as err:
-        message = short_message(err, args, getattr(err, "tplightning_options", ()), building=not _while_running(err))
+        message = short_message(err, args, getattr(err, "tplightning_options", ()), getattr(err, "tplightning_config_keys", ()),
+                                building=not _while_running(err))
         if message is None:
             raise
         print(message, file=sys.stderr)

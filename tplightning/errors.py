@@ -129,9 +129,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def _parser_path(chain: list[BaseException]) -> tuple[str | None, str | None]:
-    """(``--a.init_args.b``, the innermost class whose argument it is) from the keys and class paths that jsonargparse
+    """(``--a.init_args.b``, the class whose argument ``b`` is, if known) from the key or class path that jsonargparse
     puts first in each of its nested errors (``Parser key "a":``, ``Problem with given class_path 'c':``)."""
-    keys, owner = [], None
+    keys, owner, owner_level = [], None, -1
     for link in chain:
         head = _first_line(link)
         if head.startswith('Parser key "') and head.count('"') >= 2:
@@ -139,8 +139,8 @@ def _parser_path(chain: list[BaseException]) -> tuple[str | None, str | None]:
             if not keys or keys[-1] != key:
                 keys.append(key)
         elif head.startswith("Problem with given class_path '") and head.count("'") >= 2:
-            owner = head.split("'")[1]
-    return ("--" + ".init_args.".join(keys) if keys else None), owner
+            owner, owner_level = head.split("'")[1], len(keys)
+    return ("--" + ".init_args.".join(keys) if keys else None), (owner if owner_level == len(keys) else None)
 
 
 def _class(path: str | None):
@@ -151,36 +151,56 @@ def _class(path: str | None):
         return None
 
 
-def _argument_error(chain: list[BaseException], argv: list[str], known: list[str]) -> list[str]:
+def _given(argv: list[str]) -> dict[str, str | None]:
+    """``{option: value}`` of the command line (``--a.b v`` and ``--a.b=v``; ``None`` for a flag without value)."""
+    out = {}
+    for k, a in enumerate(argv):
+        if a.startswith("--"):
+            key, eq, value = a[2:].partition("=")
+            out[key] = value if eq else argv[k + 1] if k + 1 < len(argv) and not argv[k + 1].startswith("--") else None
+    return out
+
+
+def _argument_error(chain: list[BaseException], argv: list[str], known: list[str], config_keys: list[str]) -> list[str]:
     path, owner = _parser_path(chain)
-    innermost = chain[-1]
+    innermost, given = chain[-1], _given(argv)
     lines = [f"error: {path + ': ' if path else ''}{_first_line(innermost)}"]
-    if isinstance(innermost, AttributeError) and innermost.name and inspect.ismodule(innermost.obj):
-        module = innermost.obj.__name__
+    if isinstance(innermost, AttributeError) and innermost.name and inspect.ismodule(innermost.obj):  # no such class
         names = [n for n in dir(innermost.obj) if not n.startswith("_")]
         if match := close_matches(innermost.name, names):
-            lines.append(f"  did you mean {module}.{match[0]}?")
-    elif isinstance(innermost, KeyError):  # an argument the class does not have
-        given = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
-        nested = [g.rsplit(".", 1) for g in given if path and ("--" + g).startswith(path + ".") and "." in g]
-        names = accepted_arguments(_class(owner)) if owner else []
-        for prefix, name in nested:
-            if name not in names and (match := close_matches(name, names)):
-                lines.append(f"  did you mean --{prefix}.{match[0]}?")
-    else:  # an option the parser does not know: the close matches among those it knows
-        for a in argv:
-            key = a[2:].split("=", 1)[0] if a.startswith("--") else None
-            if key and key not in known and not any(key.startswith(k + ".") for k in known) and (match := close_matches(key, known)):
+            lines.append(f"  did you mean {innermost.obj.__name__}.{match[0]}?")
+    elif isinstance(innermost, KeyError) and path and owner:  # an argument the class does not have
+        names = accepted_arguments(_class(owner))
+        for key, value in given.items():
+            prefix, _, name = key.rpartition(".init_args.")
+            if "--" + prefix == path and name not in names:
+                lines = [f"error: --{key}: {owner} has no argument {name!r}"]
+                if match := close_matches(name, names):
+                    lines.append(f"  did you mean --{prefix}.init_args.{match[0]}?")
+                if value is not None:
+                    lines.append(f"  given: {value}")
+    elif not path:  # an option or config key the parser does not know: the close matches among those it knows
+        for key in [*given, *config_keys]:
+            if key in known or any(key.startswith(k + ".") or k.startswith(key + ".") for k in known):
+                continue
+            match = [k for k in known if k.endswith("." + key)] or close_matches(key, known)
+            if match and key in given:
                 lines.append(f"  did you mean --{match[0]}?")
+            elif match:
+                section, _, name = match[0].rpartition(".")
+                lines.append(f"  a config has the top-level key {key!r}; did you mean {name}: under {section}:?" if section
+                             else f"  a config has the top-level key {key!r}; did you mean {name}:?")  # fmt: skip
     return lines
 
 
-def short_message(err: BaseException, argv: Iterable[str] = (), known_options: Iterable[str] = (), building: bool = True) -> str | None:
+def short_message(err: BaseException, argv: Iterable[str] = (), known_options: Iterable[str] = (), config_keys: Iterable[str] = (),
+                  building: bool = True) -> str | None:  # fmt: skip
     """The few lines to print for a user's error, ``None`` for any other (a bug: it keeps its traceback).
 
     ``building``: the error came while the run was being built (parsing, instantiating, checking a checkpoint), where a
-    missing file or Lightning's ``MisconfigurationException`` is the user's too. ``known_options``: the parser's options
-    (``trainer.max_epochs``), for the close match of an unknown one.
+    missing file or Lightning's ``MisconfigurationException`` is the user's too. ``known_options`` (the parser's
+    options, ``trainer.max_epochs``) and ``config_keys`` (the top-level keys of the config files) give the close match
+    of an unknown option or key.
 
     >>> print(short_message(ConfigError("batch sizes must be >= 1, got 0", option="--data.init_args.batch_size")))
     error: --data.init_args.batch_size: batch sizes must be >= 1, got 0
@@ -191,7 +211,7 @@ def short_message(err: BaseException, argv: Iterable[str] = (), known_options: I
     argv, chain = list(argv), exception_chain(err)
     config = next((e for e in chain if isinstance(e, ConfigError)), None)
     if isinstance(err, argparse.ArgumentError) and config is None:
-        lines = _argument_error(chain, argv, list(known_options))
+        lines = _argument_error(chain, argv, list(known_options), list(config_keys))
     elif config is not None and (config is err or isinstance(err, (ValueError, TypeError))):  # jsonargparse wraps it
         lines = [f"error: {config.option + ': ' if config.option else ''}{config}"]
         if config.given is not None:
