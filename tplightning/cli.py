@@ -214,10 +214,12 @@ def _culprit(err: ConfigError, config) -> None:
     words = set(message.replace("=", " ").replace(",", " ").replace("'", " ").split())
     names = [n for n in accepted_arguments(type(owner)) if not n.startswith("_")]
     value = {n: init.get(n) for n in names} if init is not None else {}
-    # the message quotes the argument's string value, or states "name=value", or names it; ties: the first named
-    score = {n: 4 * (isinstance(value.get(n), str) and repr(value[n]) in message) + 2 * (f"{n}={value.get(n)}" in message)
-             + (n in words) for n in names}  # fmt: skip
-    best = sorted((n for n in names if score[n]), key=lambda n: (-score[n], message.find(n)))
+    # the argument whose string value the message quotes first, else the first it states as "name=value", else the
+    # first it names
+    quoted = [n for n in names if isinstance(value.get(n), str) and repr(value[n]) in message]
+    stated = [n for n in names if f"{n}={value.get(n)}" in message]
+    best = sorted(quoted, key=lambda n: message.find(repr(value[n]))) or sorted(stated, key=lambda n: message.find(f"{n}="))
+    best = best or sorted((n for n in names if n in words), key=message.find)
     if section == "trainer.callbacks":
         err.option = f"--trainer.callbacks ({type(owner).__name__})"
     elif not best:
