@@ -58,7 +58,10 @@ def _package_of(obj) -> str | None:
 
 
 def check_same_lightning(obj, what: str) -> None:
-    """Raise ``TypeError`` when ``obj`` (a trainer, data module, ...) comes from the other Lightning package."""
+    """Raise ``TypeError`` when ``obj`` (a trainer, data module, ...) comes from the other Lightning package.
+
+    >>> check_same_lightning(pl.Callback(), "a callback")  # the chosen package's: nothing to say
+    """
     other = _package_of(obj)
     if other is not None and other != PACKAGE:
         raise TypeError(

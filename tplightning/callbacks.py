@@ -29,6 +29,9 @@ class InitNearTeacher(pl.Callback):
         seed: seed of the perturbation directions.
         copy_layers: layers set equal to the teacher's.
         max_attempts: redraws per layer before giving up with an error.
+
+    >>> InitNearTeacher(distance=8.0, copy_layers=[2]).copy_layers
+    [2]
     """
 
     def __init__(self, distance: float = 8.0, seed: int = 0, copy_layers: Sequence[int] = (), max_attempts: int = 1000):
@@ -117,6 +120,9 @@ class ReapplyOptimizerConfig(pl.Callback):
     from the new initial rate; the optimizer *state* (momentum buffers, Adam moments) is kept.
     With ``reapply=False`` a warning names every configured value the checkpoint overrides. ``target_stepsize`` and the
     other rule arguments are not optimizer state: they always come from the config.
+
+    >>> ReapplyOptimizerConfig(reapply=True).ignored  # filled with the overridden values on a resumed run
+    []
     """
 
     def __init__(self, reapply: bool = False):

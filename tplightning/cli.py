@@ -160,7 +160,12 @@ def default_threads(model) -> int | None:
 
 
 def apply_threads(threads: int | None, model) -> None:
-    """``torch.set_num_threads``: ``threads`` if given (0: one per core), else :func:`default_threads` of ``model``."""
+    """``torch.set_num_threads``: ``threads`` if given (0: one per core), else :func:`default_threads` of ``model``.
+
+    >>> apply_threads(-1, None)
+    Traceback (most recent call last):
+    tplightning.errors.ConfigError: --threads must be >= 0 (0: one per core), got -1
+    """
     if threads is not None and threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: one per core), got {threads}", option="--threads")
     n = threads if threads is not None else default_threads(model)
