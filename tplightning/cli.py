@@ -144,8 +144,8 @@ def default_threads(model) -> int | None:
     weights have at most :data:`SMALL_LAYER` entries, ``None`` (torch's default, one per core) otherwise.
 
     A small network's step is many small operations; split over threads, each waits for the others at every
-    operation's end, which costs a scheduler time slice whenever another process holds a core (docs/RESULTS.md,
-    "Reading the speed tables", has the measurements).
+    operation's end, which costs a scheduler time slice whenever another process holds a core (README, "Threads and
+    speed", has the measurements).
 
     >>> import tplightning as tp
     >>> default_threads(tp.BP(sizes=[6, 6, 6])), default_threads(tp.BP(sizes=[784, 2048, 10]))
