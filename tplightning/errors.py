@@ -190,6 +190,13 @@ def _argument_error(chain: list[BaseException], argv: list[str], known: list[str
                 section, _, name = match[0].rpartition(".")
                 lines.append(f"  a config has the top-level key {key!r}; did you mean {name}: under {section}:?" if section
                              else f"  a config has the top-level key {key!r}; did you mean {name}:?")  # fmt: skip
+    from ._lightning import ENV_VAR, PACKAGE, package_of
+
+    for value in given.values():  # a class of the other Lightning package, which the parser refuses as no subclass
+        cls = _class(value) if value and "." in value else None
+        if isinstance(cls, type) and (other := package_of(cls)) not in (None, PACKAGE):
+            lines.append(f"  {value} belongs to the {other!r} package, but tplightning runs on {PACKAGE!r}; the packages "
+                         f"'pytorch_lightning' and 'lightning' cannot be mixed: use the short name ({cls.__name__}) or set {ENV_VAR}={other}")  # fmt: skip
     return lines
 
 
