@@ -46,6 +46,14 @@ class ValueErrorInInit(tp.DTPAI):
         int("six")
 
 
+class FileNotFoundInStep(tp.DTPAI):
+    """A rule whose ``training_step`` reads a file that is not there (a bug, though a missing file while the run is
+    being built is the user's)."""
+
+    def training_step(self, batch, batch_idx):
+        return Path("/nonexistent/tplightning/weights.pt").read_bytes()
+
+
 class CheckedDTP(tp.DTPAI):
     """A rule with an option of its own, checked by its constructor."""
 
@@ -86,6 +94,20 @@ def test_a_bug_raises_through_report_in_training_and_in_building():
     with pytest.raises(ValueError, match="invalid literal for int") as info:  # a plain ValueError of a constructor
         report(main, [*BASE, "--model", "test_errors.ValueErrorInInit"])
     assert not any(isinstance(e, ConfigError) for e in (info.value, info.value.__context__))
+    with pytest.raises(FileNotFoundError, match="/nonexistent/tplightning/weights.pt"):
+        report(main, [*BASE, "--model", "test_errors.FileNotFoundInStep"])
+
+
+def test_a_divergence_prints_its_message_and_exits_1(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        report(main, ["--config", "dtp.yaml", "--model.init_args.forward_optimizer.init_args.lr", "5", "--test_on", "none",
+                      "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert err.endswith("No checkpoint had been written yet: rerun with a smaller learning rate "
+                        "(--model.init_args.forward_optimizer.init_args.lr) or target_stepsize."), err  # fmt: skip
 
 
 def test_a_config_error_of_train_py_is_short_with_exit_2(tmp_path):

@@ -32,8 +32,9 @@ def _import(path: str):
 
 
 def read(checkpoint_path) -> dict:
-    """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file, ``ConfigError`` (a ``ValueError``) for a
-    folder, a file that is not a PyTorch checkpoint (or is truncated or corrupt) and one that holds no ``state_dict``."""
+    """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file, ``ConfigError`` (a
+    ``ValueError``) for a folder, a file that is not a PyTorch checkpoint (or is truncated or corrupt) and one that holds
+    no ``state_dict``."""
     path = Path(checkpoint_path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.ckpt"))
@@ -80,8 +81,8 @@ def load(checkpoint_path: str | Path, map_location=None, **kwargs):
 
 
 def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:
-    """``ConfigError`` (a ``ValueError``) unless ``model`` can take the weights of ``checkpoint_path`` (``ckpt``: the file already
-    :func:`read`): the class it records is the model's (or one related by inheritance), and a trial load into a copy
+    """``ConfigError`` (a ``ValueError``) unless ``model`` can take the weights of ``checkpoint_path`` (``ckpt``: the
+    file already :func:`read`): the class it records is the model's (or one related by inheritance), and a trial load into a copy
     of the model (through ``on_load_checkpoint``, which migrates older checkpoints, and a strict ``load_state_dict``)
     succeeds; a config whose sizes, layers or options differ from the run that wrote it fails here, the first
     mismatch named."""

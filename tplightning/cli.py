@@ -209,11 +209,11 @@ def _config_keys(args: Sequence[str]) -> list[str]:
 def _culprit(err: ConfigError, config) -> None:
     """Fill in ``err.option`` and ``err.given`` for an error raised by the constructor of the model, the data module or
     a callback: the section from the object under construction, the argument from what the message says of it."""
-    owner = next((frame.f_locals.get("self") for frame, _ in traceback.walk_tb(err.__traceback__)
-                  if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), (pl.LightningModule, pl.LightningDataModule, pl.Callback))), None)  # fmt: skip
+    kinds = {pl.LightningModule: "model", pl.LightningDataModule: "data", pl.Callback: "trainer.callbacks"}
+    inits = [frame.f_locals.get("self") for frame, _ in traceback.walk_tb(err.__traceback__) if frame.f_code.co_name == "__init__"]
+    owner, section = next(((obj, kinds[k]) for obj in inits for k in kinds if isinstance(obj, k)), (None, None))
     if owner is None:
         return
-    section = "model" if isinstance(owner, pl.LightningModule) else "data" if isinstance(owner, pl.LightningDataModule) else "trainer.callbacks"
     init = config.get(section, {}).get("init_args") if section != "trainer.callbacks" else None
     message = str(err)
     words = set(message.replace("=", " ").replace(",", " ").replace("'", " ").split())
@@ -243,10 +243,18 @@ class TPLightningCLI(LightningCLI):
         self._option_parsers = [*getattr(self, "_option_parsers", []), parser]
         if not self.subcommand_mode:
             parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
-            parser.add_argument("--test_on", type=Literal["final", "best", "none"], default="final",
-                                help="test the 'final' weights, the 'best' validation checkpoint, or 'none' to skip testing")  # fmt: skip
-        parser.add_argument("--threads", type=int | None, default=None,
-                            help="torch CPU threads (0: one per core); default: 1 for networks of small dense layers, else torch's")  # fmt: skip
+            parser.add_argument(
+                "--test_on",
+                type=Literal["final", "best", "none"],
+                default="final",
+                help="test the 'final' weights, the 'best' validation checkpoint, or 'none' to skip testing",
+            )
+        parser.add_argument(
+            "--threads",
+            type=int | None,
+            default=None,
+            help="torch CPU threads (0: one per core); default: 1 for networks of small dense layers, else torch's",
+        )
         parser.add_argument(
             "--reapply_optimizer_config",
             type=bool,
@@ -315,7 +323,8 @@ class TPLightningCLI(LightningCLI):
         trainer_config = self._section(self.config_init).get("trainer", {})
         callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        if trainer_config.get("enable_progress_bar") is not False and not any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks):
+        bar = any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
+        if trainer_config.get("enable_progress_bar") is not False and not bar:
             kwargs["callbacks"] = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=PROGRESS_REFRESH)]
         trainer = super().instantiate_trainer(**kwargs)
         section = self._section()
