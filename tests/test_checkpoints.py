@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import tplightning as tp
 from conftest import make_rule, quiet_trainer, tiny_data
@@ -143,11 +144,21 @@ def test_one_run_one_folder_and_eval_next_to_the_checkpoint():
     for v in runs.iterdir():
         names = {p.name for p in v.iterdir()}
         assert "metrics.csv" in names and any(n.startswith("events.out.tfevents") for n in names) and "checkpoints" in names
+    saved = yaml.safe_load((runs / "version_1" / "config.yaml").read_text())
+    assert [lg["init_args"]["version"] for lg in saved["trainer"]["logger"]] == [None, None]  # a rerun of it starts anew
     stock_cli(["test", "--config", "dtp.yaml", "--ckpt_path", str(LAST), *QUIET])
     stock_cli(["validate", "--config", "dtp.yaml", "--ckpt_path", str(LAST), *QUIET])
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
     assert (runs / "version_0" / "test-last" / "metrics.csv").read_text().startswith("epoch,step,test/")
     assert (runs / "version_0" / "validate-last" / "metrics.csv").is_file()
+
+
+def test_a_resumed_stock_fit_keeps_the_configured_values():
+    # LightningCLI's fit overlays the checkpoint's hyper-parameters on the config; a resumed fit keeps the command's
+    main(["--config", "dtp.yaml", "--trainer.max_epochs", "1", "--test_on", "none", *QUIET])
+    cli = stock_cli(["fit", "--config", "dtp.yaml", "--trainer.max_epochs", "2", "--ckpt_path", str(LAST),
+                     "--model.init_args.target_stepsize", "0.05", *QUIET])  # fmt: skip
+    assert cli.model.target_stepsize == 0.05 and cli.trainer.current_epoch == 2
 
 
 def test_integer_limit_batches_is_a_count():

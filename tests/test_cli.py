@@ -117,3 +117,15 @@ def test_threads_default_to_one_for_small_dense_networks_and_follow_the_option()
 def test_negative_threads_are_named():
     with pytest.raises(ValueError, match=r"--threads must be >= 0 \(0: one per core\), got -1"):
         main(["--config", "bp.yaml", "--threads", "-1", "--trainer.fast_dev_run", "1", *QUIET])
+
+
+def test_default_progress_bar_redraws_every_ten_batches():
+    from tplightning.cli import build
+
+    def bars(*extra):
+        trainer = build(["--config", "dtp.yaml", "--trainer.fast_dev_run", "1", *extra]).trainer
+        return [c.refresh_rate for c in trainer.callbacks if isinstance(c, tp._lightning.pl.callbacks.TQDMProgressBar)]
+
+    assert bars() == [10]
+    assert bars(*QUIET) == []
+    assert bars("--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "3") == [3]  # a configured bar stays alone

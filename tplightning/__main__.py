@@ -1,8 +1,8 @@
-"""The stock Lightning CLI with subcommands: ``python -m tplightning fit --config configs/dtp.yaml``.
+"""The stock Lightning CLI with subcommands: ``python -m tplightning fit --config dtp.yaml``.
 
 ``fit``, ``validate``, ``test`` and ``predict`` work as in any LightningCLI project; the config
 comes after the subcommand. ``train.py`` (fit, then test, in one call) is the simpler entry.
-Configuration errors print a few lines and exit with status 2 (``--traceback`` for the full one).
+Errors are reported as by ``train.py`` (:func:`tplightning.cli.report`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def stock_cli(args: Sequence[str] | None = None) -> StockCLI:
-    """Run ``LightningCLI`` with subcommands (a bare ``--config`` name resolves inside ``configs/``)."""
+    """Run ``LightningCLI`` with subcommands (a bare ``--config`` name resolves among the shipped configs)."""
     _quiet_lightning()
     args = [a for a in (sys.argv[1:] if args is None else args) if a != "--traceback"]
     if not any(a in SUBCOMMANDS for a in args) and not any(a in ("-h", "--help") for a in args):
@@ -26,7 +26,7 @@ def stock_cli(args: Sequence[str] | None = None) -> StockCLI:
     args = resolve_config_args(args)
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        return StockCLI(parser_kwargs={"exit_on_error": False}, **_cli_kwargs(args))
+        return StockCLI(**_cli_kwargs(args))
     finally:
         sys.argv = argv
 

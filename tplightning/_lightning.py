@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-__all__ = ["pl", "cli", "OptimizerCallable", "LightningCLI", "PACKAGE", "ENV_VAR", "check_same_lightning"]
+__all__ = ["pl", "cli", "OptimizerCallable", "LightningCLI", "PACKAGE", "ENV_VAR", "check_same_lightning", "package_of"]
 
 ENV_VAR = "TPLIGHTNING_LIGHTNING"
 _MODULES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}
@@ -46,9 +46,14 @@ OptimizerCallable = cli.OptimizerCallable
 LightningCLI = cli.LightningCLI
 
 
-def _package_of(obj) -> str | None:
-    root = type(obj).__module__.split(".")[0]
-    for klass in type(obj).__mro__:
+def package_of(cls: type) -> str | None:
+    """The Lightning package (``"pytorch_lightning"`` or ``"lightning"``) whose classes ``cls`` derives from, if any.
+
+    >>> package_of(pl.Callback) == PACKAGE, package_of(int)
+    (True, None)
+    """
+    root = cls.__module__.split(".")[0]
+    for klass in cls.__mro__:
         mod = klass.__module__
         if mod.startswith("lightning.pytorch") or mod.startswith("lightning.fabric"):
             return "lightning"
@@ -58,8 +63,11 @@ def _package_of(obj) -> str | None:
 
 
 def check_same_lightning(obj, what: str) -> None:
-    """Raise ``TypeError`` when ``obj`` (a trainer, data module, ...) comes from the other Lightning package."""
-    other = _package_of(obj)
+    """Raise ``TypeError`` when ``obj`` (a trainer, data module, ...) comes from the other Lightning package.
+
+    >>> check_same_lightning(pl.Callback(), "a callback")  # the chosen package's: nothing to say
+    """
+    other = package_of(type(obj))
     if other is not None and other != PACKAGE:
         raise TypeError(
             f"{what} {type(obj).__name__} is a {other!r} object, but tplightning was loaded for {PACKAGE!r}; "

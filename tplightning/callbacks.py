@@ -9,6 +9,7 @@ import torch
 
 from ._lightning import check_same_lightning, pl
 from .data.base import derive_seed
+from .errors import ConfigError
 
 __all__ = ["InitNearTeacher", "Checkpoint", "ReapplyOptimizerConfig"]
 
@@ -28,11 +29,14 @@ class InitNearTeacher(pl.Callback):
         seed: seed of the perturbation directions.
         copy_layers: layers set equal to the teacher's.
         max_attempts: redraws per layer before giving up with an error.
+
+    >>> InitNearTeacher(distance=8.0, copy_layers=[2]).copy_layers
+    [2]
     """
 
     def __init__(self, distance: float = 8.0, seed: int = 0, copy_layers: Sequence[int] = (), max_attempts: int = 1000):
         if distance < 0:
-            raise ValueError(f"distance must be >= 0, got {distance}")
+            raise ConfigError(f"distance must be >= 0, got {distance}")
         self.distance, self.seed, self.copy_layers, self.max_attempts = distance, seed, list(copy_layers), max_attempts
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -42,11 +46,11 @@ class InitNearTeacher(pl.Callback):
         dm = trainer.datamodule
         teacher = getattr(dm, "teacher_weights", None)
         if teacher is None:
-            raise ValueError(f"InitNearTeacher needs a data module with teacher_weights, got {type(dm).__name__}")
+            raise ConfigError(f"InitNearTeacher needs a data module with teacher_weights, got {type(dm).__name__}")
         student = pl_module.forward_weights
         shapes = [tuple(W.shape) for W in student]
         if [tuple(W.shape) for W in teacher] != shapes:
-            raise ValueError(
+            raise ConfigError(
                 f"student weight shapes {shapes} differ from the teacher's {[tuple(W.shape) for W in teacher]}"
             )
         g = torch.Generator().manual_seed(derive_seed(self.seed, "init near teacher"))
@@ -61,7 +65,7 @@ class InitNearTeacher(pl.Callback):
                 if pl_module.weight_is_acceptable(i, W):
                     break
             else:
-                raise ValueError(
+                raise ConfigError(
                     f"no acceptable weight matrix for layer {i} at distance {self.distance} from the teacher "
                     f"after {self.max_attempts} attempts"
                 )
@@ -70,35 +74,30 @@ class InitNearTeacher(pl.Callback):
 
 
 class Checkpoint(pl.callbacks.ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is always the end of the last finished epoch.
+    """``ModelCheckpoint`` whose ``last.ckpt`` is always the end of the last finished training epoch.
 
-    Lightning's ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when it
-    also writes a top-k checkpoint, i.e. when the monitored metric improved; ``last.ckpt`` could then
-    hold an early epoch, and resuming from it re-ran epochs. This subclass writes ``last.ckpt`` at
-    every epoch end (after validation, where Lightning saves) and keeps the ``save_top_k`` best
-    checkpoints by ``monitor`` separately (``epoch=E-step=S.ckpt``). Every argument is
-    ``ModelCheckpoint``'s; ``save_last`` defaults to ``True``.
+    Lightning's ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when it also writes a
+    top-k checkpoint, i.e. when the monitored metric improved, so ``last.ckpt`` could hold an early epoch. Here
+    Lightning keeps the ``save_top_k`` best checkpoints by ``monitor`` (``epoch=E-step=S.ckpt``) and this callback
+    writes ``last.ckpt`` itself, through ``trainer.save_checkpoint``, at the end of every training epoch (after that
+    epoch's validation). Every argument is ``ModelCheckpoint``'s; ``save_last`` (default ``True``) switches
+    ``last.ckpt`` on or off.
+
+    >>> Checkpoint(dirpath="ckpt", monitor="val/loss").write_last
+    True
     """
 
-    def __init__(self, *args, save_last: bool | str = True, **kwargs):
-        super().__init__(*args, save_last=save_last, **kwargs)
-
-    def _ensure_last(self, trainer, at_train_epoch_end: bool) -> None:
-        if (
-            self.save_last
-            and not self._should_skip_saving_checkpoint(trainer)
-            and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
-        ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def __init__(self, *args, save_last: bool | None = True, **kwargs):
+        super().__init__(*args, save_last=False, **kwargs)
+        self.write_last = bool(save_last)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self._ensure_last(trainer, True)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not trainer.sanity_checking:
-            self._ensure_last(trainer, False)
+        if not self.write_last or trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        metrics = {"epoch": trainer.current_epoch, "step": trainer.global_step, **trainer.callback_metrics}
+        self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
 
 
 #: optimizer hyper-parameters that a resumed run may take from the config instead of the checkpoint
@@ -121,6 +120,9 @@ class ReapplyOptimizerConfig(pl.Callback):
     from the new initial rate; the optimizer *state* (momentum buffers, Adam moments) is kept.
     With ``reapply=False`` a warning names every configured value the checkpoint overrides. ``target_stepsize`` and the
     other rule arguments are not optimizer state: they always come from the config.
+
+    >>> ReapplyOptimizerConfig(reapply=True).ignored  # filled with the overridden values on a resumed run
+    []
     """
 
     def __init__(self, reapply: bool = False):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["load", "read", "recorded_class", "class_path_of", "check_fits"]
 
 
@@ -30,21 +32,22 @@ def _import(path: str):
 
 
 def read(checkpoint_path) -> dict:
-    """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file, ``ValueError`` for a
-    folder, a file that is not a PyTorch checkpoint (or is truncated or corrupt) and one that holds no ``state_dict``."""
+    """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file, ``ConfigError`` (a
+    ``ValueError``) for a folder, a file that is not a PyTorch checkpoint (or is truncated or corrupt) and one that holds
+    no ``state_dict``."""
     path = Path(checkpoint_path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.ckpt"))
-        raise ValueError(f"checkpoint {path} is a folder; give a .ckpt file" + (f" in it ({', '.join(inside)})" if inside else ""))
+        raise ConfigError(f"checkpoint {path} is a folder; give a .ckpt file" + (f" in it ({', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # pickle, zip-archive and end-of-file errors of a foreign, truncated or corrupt file
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
-        raise ValueError(f"checkpoint {path} cannot be read: not a PyTorch checkpoint, or truncated or corrupt ({reason})") from None
+        raise ConfigError(f"checkpoint {path} cannot be read: not a PyTorch checkpoint, or truncated or corrupt ({reason})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a Lightning checkpoint (it holds no state_dict)")
+        raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (it holds no state_dict)")
     return ckpt
 
 
@@ -78,8 +81,8 @@ def load(checkpoint_path: str | Path, map_location=None, **kwargs):
 
 
 def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:
-    """``ValueError`` unless ``model`` can take the weights of ``checkpoint_path`` (``ckpt``: the file already
-    :func:`read`): the class it records is the model's (or one related by inheritance), and a trial load into a copy
+    """``ConfigError`` (a ``ValueError``) unless ``model`` can take the weights of ``checkpoint_path`` (``ckpt``: the
+    file already :func:`read`): the class it records is the model's (or one related by inheritance), and a trial load into a copy
     of the model (through ``on_load_checkpoint``, which migrates older checkpoints, and a strict ``load_state_dict``)
     succeeds; a config whose sizes, layers or options differ from the run that wrote it fails here, the first
     mismatch named."""
@@ -90,14 +93,14 @@ def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:
     except (ImportError, AttributeError, ValueError):
         cls = None  # a class this interpreter cannot import: the trial load still checks the weights
     if cls is not None and not (isinstance(model, cls) or issubclass(cls, type(model))):
-        raise ValueError(f"checkpoint {checkpoint_path} was written by {recorded}, but the model is {own}; "
+        raise ConfigError(f"checkpoint {checkpoint_path} was written by {recorded}, but the model is {own}; "
                          "use the config of the run that wrote it")  # fmt: skip
     trial, ckpt = copy.deepcopy(model), copy.deepcopy(ckpt)  # on_load_checkpoint migrates old checkpoints in place
     try:
         trial.on_load_checkpoint(ckpt)
         trial.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        raise ValueError(f"checkpoint {checkpoint_path} does not fit the configured {type(model).__name__}: "
+        raise ConfigError(f"checkpoint {checkpoint_path} does not fit the configured {type(model).__name__}: "
                          f"{_mismatch(str(err))} (the config differs from the run that wrote it)") from None
 
 

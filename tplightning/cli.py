@@ -1,36 +1,37 @@
 """The training entry point: ``python train.py --config dtp.yaml`` fits, then tests.
 
-Built on ``LightningCLI(run=False)``: any rule (``--model``) and any data module (``--data``),
-configs that compose (several ``--config``, later wins), overrides such as
-``--trainer.max_epochs 3`` and ``--model.init_args.target_stepsize 0.05``, and ``--print_config``.
-A bare config name (``--config dtp.yaml``) is looked up in ``configs/``.
+``LightningCLI(run=False)`` with any rule (``--model``) and any data module (``--data``), configs that
+compose (several ``--config``, later wins), overrides (``--trainer.max_epochs 3``) and
+``--print_config``; a bare config name (``--config dtp.yaml``) is looked up in the shipped configs.
+What it adds:
 
-What the CLI adds to the stock ``LightningCLI`` (also used by ``python -m tplightning``):
+* ``--ckpt_path`` resumes a fit (the config's values stay; a checkpoint of another rule or network is
+  refused before training), ``--reapply_optimizer_config true`` resumes with the configured optimizer
+  settings (:class:`~tplightning.callbacks.ReapplyOptimizerConfig`);
+* ``--test_on final|best|none`` chooses the weights tested after the fit;
+* ``--threads N`` sets torch's CPU threads (default: :func:`default_threads`);
+* a diverged run ends with the command that resumes from the last good checkpoint with a smaller
+  learning rate, and exit status 1;
+* every logger of a run writes to one ``<save_dir>/<name>/version_N`` folder; ``validate``/``test``/``predict``
+  of a checkpoint (``python -m tplightning``) log beside it, in ``<run folder>/<subcommand>-<checkpoint name>/``;
+* the default progress bar redraws every :data:`PROGRESS_REFRESH` batches.
 
-* every logger of a run writes to one ``<save_dir>/<name>/version_N`` folder (the checkpoints land
-  in its ``checkpoints/``); ``validate``/``test``/``predict`` of a checkpoint log next to it, in
-  ``<run folder>/<subcommand>-<checkpoint name>/``;
-* ``--reapply_optimizer_config true`` resumes with the configured optimizer hyper-parameters
-  (:class:`~tplightning.callbacks.ReapplyOptimizerConfig`); without it a warning names each
-  configured value the checkpoint overrides;
-* a run that diverges raises :class:`~tplightning.rules.base.DivergenceError` whose message ends
-  with the exact command that resumes from the last good checkpoint with a smaller learning rate;
-* the default progress bar redraws every :data:`PROGRESS_REFRESH` batches, not after each;
-* ``--threads N`` sets torch's CPU threads; by default one thread for networks of small dense layers
-  (:func:`default_threads`), which keeps a run steady on a machine whose other cores are busy;
-* configuration errors print a few lines and exit with status 2 (``--traceback`` or
-  ``TPLIGHTNING_TRACEBACK=1`` for the full traceback); integer ``--trainer.limit_*_batches``
-  stay integers (a number of batches, not a fraction).
+Errors: an argument or config error (:func:`tplightning.errors.short_message`) prints a few lines and
+exits with status 2 (``--traceback`` or ``TPLIGHTNING_TRACEBACK=1`` shows the traceback); an exception
+raised while training or testing keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shlex
-import warnings
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -38,14 +39,20 @@ from ._lightning import LightningCLI, pl
 from .callbacks import ReapplyOptimizerConfig
 from .checkpoints import check_fits, read as read_checkpoint
 from .config_files import CONFIG_DIR, resolve_config_args
-from .errors import ConfigError, is_config_error, short_error
+from .errors import ConfigError, accepted_arguments, exception_chain, short_message
 from .rules.base import RESUME_HINT, DivergenceError, LearningRule
 
-__all__ = ["main", "build", "run", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args", "align_loggers", "default_threads"]
+__all__ = ["main", "build", "run", "report", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args", "default_threads"]
 
 TRACEBACK_ENV = "TPLIGHTNING_TRACEBACK"
+#: batches between redraws of the default progress bar (Lightning's default, 1, redraws after every batch)
+PROGRESS_REFRESH = 10
+#: the largest weight (entries) of a network that :func:`default_threads` runs on one thread
+SMALL_LAYER = 1024 * 1024
 #: trainer options whose integer value means "batches" and whose float means "fraction"
 _COUNT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches", "overfit_batches", "val_check_interval")
+#: the subcommands whose ``--ckpt_path`` names the weights to evaluate, not a fit to resume
+_EVALUATE = ("validate", "test", "predict")
 
 
 class _DropTips(logging.Filter):
@@ -65,7 +72,12 @@ def _quiet_lightning() -> None:
 
 
 def _int_literals(args: Sequence[str]) -> dict[str, int]:
-    """``{name: n}`` for ``--trainer.<name> n`` given as an integer literal on the command line."""
+    """``{name: n}`` for ``--trainer.<name> n`` given as an integer literal (jsonargparse reads ``int | float`` "3" as
+    3.0, which Lightning would take as a fraction).
+
+    >>> _int_literals(["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches=0.5"])
+    {'limit_train_batches': 3}
+    """
     found, args = {}, list(args)
     for k, a in enumerate(args):
         for name in _COUNT_OR_FRACTION:
@@ -76,46 +88,17 @@ def _int_literals(args: Sequence[str]) -> dict[str, int]:
     return found
 
 
-def align_loggers(trainer, subcommand: str | None = None, ckpt_path: str | None = None) -> Path | None:
-    """One folder per run: give every logger of ``trainer`` the same version; returns that folder.
-
-    CSVLogger and TensorBoardLogger each pick ``version_N`` by counting the folders they find, so
-    two loggers of one run ended up in ``version_N`` and ``version_N+1``. For ``validate``,
-    ``test`` and ``predict`` of a checkpoint ``.../version_N/checkpoints/X.ckpt`` the loggers write
-    to ``.../version_N/<subcommand>-X/`` instead of starting a new version.
-    """
-    loggers = [lg for lg in trainer.loggers if hasattr(lg, "_version") and getattr(lg, "root_dir", None) is not None]
-    if not loggers:
-        return None
-    if subcommand in ("validate", "test", "predict") and ckpt_path and Path(ckpt_path).is_file():
-        ckpt = Path(ckpt_path).resolve()
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        version: int | str = str(run_dir / f"{subcommand}-{ckpt.stem}")  # absolute: os.path.join keeps it
-    else:
-        explicit = [lg._version for lg in loggers if lg._version is not None]
-        version = explicit[0] if explicit else max(lg.version for lg in loggers)
-    for lg in loggers:
-        lg._version = version
-    return Path(loggers[0].log_dir) if loggers[0].log_dir is not None else None
-
-
-#: batches between redraws of the default progress bar (Lightning's default, 1, redraws after every batch)
-PROGRESS_REFRESH = 10
-#: the largest weight (entries) of a network that :func:`default_threads` runs on one thread
-SMALL_LAYER = 1024 * 1024
-
-
 def default_threads(model) -> int | None:
-    """The torch CPU threads ``train.py`` uses unless ``--threads`` says otherwise: 1 for a network of dense layers
-    whose weights have at most :data:`SMALL_LAYER` entries (widths up to 1024), ``None`` (torch's default, one per
-    core) otherwise.
+    """The torch CPU threads a run uses unless ``--threads`` says otherwise: 1 for a network of dense layers whose
+    weights have at most :data:`SMALL_LAYER` entries, ``None`` (torch's default, one per core) otherwise.
 
-    A small network's step is many small operations. Split over two threads, each waits at every operation's end
-    for the other; when another process holds a core, that wait is a scheduler time slice. Measured on this
-    project's 2-core machine with other jobs running (``python scripts/ab_step_time.py --threads 1 2``, steps
-    interleaved), the MNIST network's ``training_step`` took 3 times longer on 2 threads than on 1 for BP and 20-28
-    times for DTP-AI, OriginalDTP, LeeDTP and AO-SDTP; on a quiet machine 2 threads gain BP about 1.2-1.4 times
-    (issue 16). Convolutions and wide layers keep torch's default.
+    A small network's step is many small operations; split over threads, each waits for the others at every
+    operation's end, which costs a scheduler time slice whenever another process holds a core (README, "Threads and
+    speed", has the measurements).
+
+    >>> import tplightning as tp
+    >>> default_threads(tp.BP(sizes=[6, 6, 6])), default_threads(tp.BP(sizes=[784, 2048, 10]))
+    (1, None)
     """
     from .layers import Dense
 
@@ -126,9 +109,14 @@ def default_threads(model) -> int | None:
 
 
 def apply_threads(threads: int | None, model) -> None:
-    """``torch.set_num_threads``: ``threads`` if given (0: one per core), else :func:`default_threads` of ``model``."""
+    """``torch.set_num_threads``: ``threads`` if given (0: one per core), else :func:`default_threads` of ``model``.
+
+    >>> apply_threads(-1, None)
+    Traceback (most recent call last):
+    tplightning.errors.ConfigError: --threads must be >= 0 (0: one per core), got -1
+    """
     if threads is not None and threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: one per core), got {threads}")
+        raise ConfigError(f"--threads must be >= 0 (0: one per core), got {threads}", option="--threads")
     n = threads if threads is not None else default_threads(model)
     if n == 0:
         n = os.cpu_count() or 1
@@ -139,23 +127,74 @@ def apply_threads(threads: int | None, model) -> None:
 def _local_checkpoint(ckpt_path) -> bool:
     """Whether ``--ckpt_path`` names a local file to check, rather than one of Lightning's own values (``last``,
     ``best``, ``hpc``, ``registry...``) or a remote URL, which Lightning resolves itself."""
-    if not ckpt_path:
-        return False
-    text = str(ckpt_path)
-    return text not in ("last", "best", "hpc") and not text.startswith("registry") and "://" not in text
+    text = str(ckpt_path or "")
+    return bool(text) and text not in ("last", "best", "hpc") and not text.startswith("registry") and "://" not in text
+
+
+def _next_version(root: Path) -> int:
+    """The ``N`` of the next ``version_N`` folder under ``root`` (0 when there is none)."""
+    found = [int(p.name[8:]) for p in root.glob("version_*") if p.is_dir() and p.name[8:].isdigit()]
+    return max(found, default=-1) + 1
+
+
+def _file_loggers(trainer_config) -> list:
+    """The ``init_args`` of the configured loggers that write to ``save_dir/name/version`` (CSV, TensorBoard)."""
+    loggers = trainer_config.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    found = []
+    for lg in loggers:
+        init = lg.get("init_args") if hasattr(lg, "get") else None
+        if init is not None and "save_dir" in init and "version" in init:
+            found.append(init)
+    return found
+
+
+def _config_keys(args: Sequence[str]) -> list[str]:
+    """The top-level keys of the config files in ``args`` (``--config PATH``, as :func:`resolve_config_args` leaves it)."""
+    paths = [b for a, b in zip(args, list(args)[1:]) if a == "--config"]
+    return [key for p in paths for key in (yaml.safe_load(Path(p).read_text()) or {})]
+
+
+def _culprit(err: ConfigError, config) -> None:
+    """Fill in ``err.option`` and ``err.given`` for an error raised by the constructor of the model, the data module or
+    a callback: the section from the object under construction, the argument from what the message says of it."""
+    kinds = {pl.LightningModule: "model", pl.LightningDataModule: "data", pl.Callback: "trainer.callbacks"}
+    inits = [frame.f_locals.get("self") for frame, _ in traceback.walk_tb(err.__traceback__) if frame.f_code.co_name == "__init__"]
+    owner, section = next(((obj, kinds[k]) for obj in inits for k in kinds if isinstance(obj, k)), (None, None))
+    if owner is None:
+        return
+    init = config.get(section, {}).get("init_args") if section != "trainer.callbacks" else None
+    message = str(err)
+    words = set(message.replace("=", " ").replace(",", " ").replace("'", " ").split())
+    names = [n for n in accepted_arguments(type(owner)) if not n.startswith("_")]
+    value = {n: init.get(n) for n in names} if init is not None else {}
+    # the argument whose string value the message quotes first, else the first it states as "name=value", else the
+    # first it names
+    quoted = [n for n in names if isinstance(value.get(n), str) and repr(value[n]) in message]
+    stated = [n for n in names if f"{n}={value.get(n)}" in message]
+    best = sorted(quoted, key=lambda n: message.find(repr(value[n]))) or sorted(stated, key=lambda n: message.find(f"{n}="))
+    best = best or sorted((n for n in names if n in words), key=message.find)
+    if section == "trainer.callbacks":
+        err.option = f"--trainer.callbacks ({type(owner).__name__})"
+    elif not best:
+        err.option = f"--{section}"
+    else:
+        err.option, err.given = f"--{section}.init_args.{best[0]}", value.get(best[0])
 
 
 class TPLightningCLI(LightningCLI):
-    """LightningCLI with ``--ckpt_path`` (resume), ``--test_on`` and ``--reapply_optimizer_config``."""
+    """``LightningCLI`` with ``--ckpt_path``, ``--test_on``, ``--threads`` and ``--reapply_optimizer_config`` (see the
+    module's docstring); ``train.py`` builds it with ``run=False``."""
 
     subcommand_mode = False
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser) -> None:  # called for the parser of each subcommand
+        self._option_parsers = [*getattr(self, "_option_parsers", []), parser]
         if not self.subcommand_mode:
             parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
             parser.add_argument(
                 "--test_on",
-                type=str,
+                type=Literal["final", "best", "none"],
                 default="final",
                 help="test the 'final' weights, the 'best' validation checkpoint, or 'none' to skip testing",
             )
@@ -163,8 +202,7 @@ class TPLightningCLI(LightningCLI):
             "--threads",
             type=int | None,
             default=None,
-            help="torch CPU threads (0: one per core); default: 1 for networks of dense layers up to 1024 wide, "
-            "whose many small operations lose far more to a busy core than they gain from a second thread, else torch's default",
+            help="torch CPU threads (0: one per core); default: 1 for networks of small dense layers, else torch's",
         )
         parser.add_argument(
             "--reapply_optimizer_config",
@@ -174,52 +212,76 @@ class TPLightningCLI(LightningCLI):
             "instead of the checkpoint's; the optimizer state and the schedule's position are kept",
         )
 
+    def _section(self, config=None):
+        config = self.config if config is None else config
+        sub = config.get("subcommand")
+        return config[sub] if sub else config
+
     def parse_arguments(self, parser, args) -> None:
         self._raw_args = list(args or [])
         try:
             super().parse_arguments(parser, args)
-        except BaseException as err:
-            err.tplightning_parser = parser  # for close matches of unknown options
+        except argparse.ArgumentError as err:  # what the parsers know, for the close match of an unknown option or key
+            err.tplightning_options = sorted({key for p in self._option_parsers for key in p.get_defaults().keys()})
+            err.tplightning_config_keys = _config_keys(self._raw_args)
             raise
+        section, sub = self._section(), self.config.get("subcommand")
+        self._checkpoint = self._resume = None
+        if _local_checkpoint(section.get("ckpt_path")):  # a missing, foreign or corrupt file: a short error, before torch's
+            self._checkpoint = read_checkpoint(section["ckpt_path"])
+        if sub == "fit":  # keep the stock CLI from overlaying the checkpoint's hyper-parameters on a resumed fit's config
+            self._resume, section["ckpt_path"] = section.get("ckpt_path"), None
 
-    def _parse_ckpt_path(self) -> None:
-        sub = self.config.get("subcommand")
-        ckpt_path = (self.config[sub] if sub else self.config).get("ckpt_path")
-        self._checkpoint = None
-        if _local_checkpoint(ckpt_path):  # a missing, foreign, truncated or corrupt file: a short error, before torch's
-            self._checkpoint = read_checkpoint(ckpt_path)
-        # The stock CLI overlays the checkpoint's hyper-parameters on the config, which silently
-        # undoes command-line changes on a resumed ``fit``; keep it for validate/test/predict only.
-        if sub != "fit":
-            super()._parse_ckpt_path()
+    def before_instantiate_classes(self) -> None:
+        section = self._section()
+        if self._resume is not None:
+            section["ckpt_path"] = self._resume
+        # one version for every logger of the run, given to their constructors and taken out of the config again
+        # afterwards (the config saved with the run keeps no version, so rerunning it starts a new one)
+        loggers, ckpt = _file_loggers(section.get("trainer", {})), section.get("ckpt_path")
+        self._logger_versions = [(init, init.get("version")) for init in loggers]
+        if not loggers:
+            return
+        if self.subcommand in _EVALUATE and _local_checkpoint(ckpt) and Path(ckpt).is_file():
+            ckpt = Path(ckpt).resolve()
+            run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+            version = str(run_dir / f"{self.subcommand}-{ckpt.stem}")  # absolute: the logger's os.path.join keeps it
+        else:
+            given = [init["version"] for init in loggers if init.get("version") is not None]
+            roots = [Path(init["save_dir"]) / (init.get("name") or "") for init in loggers]
+            version = given[0] if given else max(_next_version(root) for root in roots)
+        for init in loggers:
+            init["version"] = version
 
-    def _section(self) -> dict:
-        return self.config[self.subcommand] if self.subcommand else self.config
+    def after_instantiate_classes(self) -> None:
+        for init, version in self._logger_versions:
+            init["version"] = version
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            config = next((e for e in exception_chain(err) if isinstance(e, ConfigError)), None)
+            if config is not None and config.option is None:
+                _culprit(config, self._section())
+            raise
         apply_threads(self._section().get("threads"), self.model)
 
-    def _instantiate_trainer(self, config: dict, callbacks: list):
-        # Lightning's default progress bar redraws after every batch: 7-13 % of a BP batch on the MNIST network in
-        # paired runs through the speed benchmark's trainer_run; every PROGRESS_REFRESH batches costs a tenth of that
-        given = config.get("callbacks") or []
-        given = [*(given if isinstance(given, list) else [given]), *callbacks]
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, pl.callbacks.ProgressBar) for c in given):
-            callbacks = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=PROGRESS_REFRESH)]
-        return super()._instantiate_trainer(config, callbacks)
-
     def instantiate_trainer(self, **kwargs):
-        # jsonargparse reads ``int | float`` "1" as 1.0, which Lightning takes as a fraction (all batches)
-        kwargs = {**_int_literals(getattr(self, "_raw_args", [])), **kwargs}
+        kwargs = {**_int_literals(self._raw_args), **kwargs}
+        trainer_config = self._section(self.config_init).get("trainer", {})
+        callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        bar = any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks)
+        if trainer_config.get("enable_progress_bar") is not False and not bar:
+            kwargs["callbacks"] = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=PROGRESS_REFRESH)]
         trainer = super().instantiate_trainer(**kwargs)
         section = self._section()
-        align_loggers(trainer, self.subcommand, section.get("ckpt_path"))
-        if getattr(self, "_checkpoint", None) is not None:  # another rule's or another network's weights: a short error
+        if self._checkpoint is not None:  # another rule's or another network's weights: a short error
             check_fits(self.model, section["ckpt_path"], self._checkpoint)
             self._checkpoint = None  # Lightning reads the file itself
         if section.get("ckpt_path") and self.subcommand in (None, "fit"):  # only a resumed fit restores optimizers
-            trainer.callbacks.append(ReapplyOptimizerConfig(reapply=bool(section.get("reapply_optimizer_config", False))))
+            trainer.callbacks.append(ReapplyOptimizerConfig(reapply=bool(section.get("reapply_optimizer_config"))))
         return trainer
 
 
@@ -238,14 +300,11 @@ def _cli_kwargs(args: list[str]) -> dict:
         auto_configure_optimizers=False,
         args=args,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
     )
 
 
-def _build_cli(args: list[str]) -> TPLightningCLI:
-    return TPLightningCLI(run=False, parser_kwargs={"exit_on_error": False}, **_cli_kwargs(args))
-
-
-def _divergence_advice(cli, err: DivergenceError, args: Sequence[str]) -> str:
+def _divergence_advice(cli, args: Sequence[str]) -> str:
     """The command that resumes from the last good checkpoint with a tenth of the forward learning rate."""
     ckpt = getattr(cli.trainer.checkpoint_callback, "last_model_path", "") or ""
     if not ckpt or not Path(ckpt).is_file():
@@ -259,8 +318,7 @@ def _divergence_advice(cli, err: DivergenceError, args: Sequence[str]) -> str:
         lr = fwd["init_args"].get("lr")
     keep, it = [], iter(args)
     for a in it:  # drop options the advice sets itself
-        key = a.split("=", 1)[0]
-        if key in ("--ckpt_path", "--reapply_optimizer_config", "--model.init_args.forward_optimizer.init_args.lr"):
+        if a.split("=", 1)[0] in ("--ckpt_path", "--reapply_optimizer_config", "--model.init_args.forward_optimizer.init_args.lr"):
             if "=" not in a:
                 next(it, None)
             continue
@@ -273,12 +331,15 @@ def _divergence_advice(cli, err: DivergenceError, args: Sequence[str]) -> str:
 
 
 def build(args: Sequence[str]) -> TPLightningCLI:
-    """The CLI of ``train.py args`` with its model, data module and trainer built (and torch's threads set), not run."""
+    """The CLI of ``train.py args`` with its model, data module and trainer built (and torch's threads set), not run.
+
+    Raises the user's errors (:func:`tplightning.errors.short_message` prints them short) and any other as it comes.
+    """
     _quiet_lightning()
     args = resolve_config_args(args)
     argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI reads ``args``; keep it from also seeing argv
     try:
-        return _build_cli(args)
+        return TPLightningCLI(run=False, **_cli_kwargs(args))
     finally:
         sys.argv = argv
 
@@ -286,28 +347,22 @@ def build(args: Sequence[str]) -> TPLightningCLI:
 def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = ()) -> dict:
     """Fit and test as configured; returns ``{"cli", "fit_metrics", "test_metrics"}``.
 
-    ``callbacks`` are added to the configured trainer's (objects a config cannot name, such as the tuning
-    command's pruning callback that holds an Optuna trial).
-
-    Raises ``DivergenceError`` when training diverges (the last good checkpoint stays on disk);
-    its message ends with the command that resumes from it with a smaller learning rate.
+    ``callbacks`` are added to the configured trainer's (objects a config cannot name, such as an Optuna trial's
+    pruning callback). Raises ``DivergenceError`` when training diverges (the last good checkpoint stays on disk); its
+    message ends with the command that resumes from it with a smaller learning rate.
     """
-    raw = list(sys.argv[1:] if args is None else args)
-    raw = [a for a in raw if a != "--traceback"]
+    raw = [a for a in (sys.argv[1:] if args is None else args) if a != "--traceback"]
     cli = build(raw)
     cli.trainer.callbacks.extend(callbacks)
     cfg = cli.config
-    test_on = cfg.get("test_on", "final")
-    if test_on not in ("final", "best", "none"):
-        raise ConfigError(f"--test_on must be 'final', 'best' or 'none', got {test_on!r}")
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"))
     except DivergenceError as err:
-        raise DivergenceError(str(err).removesuffix(RESUME_HINT) + _divergence_advice(cli, err, raw)) from err
+        raise DivergenceError(str(err).removesuffix(RESUME_HINT) + _divergence_advice(cli, raw)) from err
     fit_metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     test_metrics = {}
-    if test_on != "none":
-        ckpt = "best" if test_on == "best" and not cli.trainer.fast_dev_run else None
+    if cfg.get("test_on") != "none":
+        ckpt = "best" if cfg.get("test_on") == "best" and not cli.trainer.fast_dev_run else None
         results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         test_metrics = results[0] if results else {}
     return {"cli": cli, "fit_metrics": fit_metrics, "test_metrics": test_metrics}
@@ -317,8 +372,22 @@ def wants_traceback(args: Sequence[str]) -> bool:
     return "--traceback" in args or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
+def _while_running(err: BaseException) -> bool:
+    """Whether ``err`` came out of a trainer's ``fit``/``validate``/``test``/``predict`` (not out of building the run)."""
+    loops = {getattr(pl.Trainer, name).__code__ for name in ("fit", "validate", "test", "predict")}
+    return any(frame.f_code in loops for frame, _ in traceback.walk_tb(err.__traceback__))
+
+
 def report(fn, args: list[str]):
-    """Run ``fn(args)``; a configuration error prints a few lines and exits 2, a divergence exits 1."""
+    """Run ``fn(args)``: a user's error prints a few lines and exits 2, a divergence its message and exits 1; any other
+    exception (a bug, wherever it comes from) propagates with its traceback.
+
+    >>> def bad(args):
+    ...     raise ConfigError("--epochs must be >= 1, got 0")
+    >>> report(bad, [])
+    Traceback (most recent call last):
+    SystemExit: 2
+    """
     if wants_traceback(args):
         return fn([a for a in args if a != "--traceback"])
     try:
@@ -326,12 +395,12 @@ def report(fn, args: list[str]):
     except DivergenceError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    except SystemExit:
-        raise
-    except BaseException as err:
-        if not is_config_error(err):
+    except Exception as err:
+        message = short_message(err, args, getattr(err, "tplightning_options", ()), getattr(err, "tplightning_config_keys", ()),
+                                building=not _while_running(err))
+        if message is None:
             raise
-        print(short_error(err, args, getattr(err, "tplightning_parser", None)), file=sys.stderr)
+        print(message, file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -488,9 +488,9 @@ class TargetPropDiagnostics(pl.Callback):
     ``B_i`` and ``W_{i+1}^T``, :func:`weight_alignment_angles`). Reads only: no weight, optimizer or
     generator state changes, so training is identical with and without it. A no-op for BP rules.
 
-    Values go through ``pl_module.log`` (``on_step``; ``trainer.callback_metrics``, progress bar
-    off); on steps where Lightning would not write to the loggers (``log_every_n_steps``) they are
-    written to the loggers directly, so none is lost. With ``keep_history`` the floats are also kept
+    Values go to ``trainer.callback_metrics`` through ``pl_module.log`` (``on_step``, progress bar
+    off) and to the loggers directly at every diagnostic step (Lightning's own logging would keep
+    only those on ``log_every_n_steps``), so none is lost. With ``keep_history`` the floats are also kept
     in :attr:`history` (``[{"step", "epoch", key: value, ...}]``), which the experiments average.
 
     Args:
@@ -526,12 +526,10 @@ class TargetPropDiagnostics(pl.Callback):
         values = diagnostics(pl_module, x, y, self.layers)
         if not values:
             return
-        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=x.shape[0], logger=False)
         floats = {k: float(v) for k, v in values.items()}
-        connector = getattr(trainer, "_logger_connector", None)
-        if trainer.loggers and connector is not None and not connector.should_update_logs:
-            for logger in trainer.loggers:
-                logger.log_metrics(floats, step=trainer.global_step)
+        for logger in trainer.loggers:  # every diagnostic step, not only those on Lightning's log_every_n_steps
+            logger.log_metrics(floats, step=trainer.global_step)
         if self.keep_history:
             self.history.append({"step": count, "epoch": trainer.current_epoch, **floats})
 

@@ -1,10 +1,10 @@
-"""Short, exact error messages for the command line (``train.py``, ``python -m tplightning``).
+"""Which errors are the user's, and their short form on the command line.
 
-jsonargparse reports a bad option as a nested tree (union subtypes, ``class_path`` problems,
-``Namespace`` dumps) and a constructor's ``ValueError`` arrives wrapped in it. :func:`short_error`
-boils that down to a few lines: the option path, the value given, what is expected and, for a
-misspelt name, the closest valid one. ``--traceback`` (or ``TPLIGHTNING_TRACEBACK=1``) shows the
-full traceback instead.
+An error is the user's by its type, never by its wording: an argument error of the parser
+(:class:`argparse.ArgumentError`, which jsonargparse raises), our :class:`ConfigError` (raised by the
+option checks of constructors, data modules and the CLI), Lightning's ``MisconfigurationException``
+and a ``FileNotFoundError`` while the run is being built (a config or checkpoint path). Any other
+exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -12,24 +12,47 @@ import argparse
 import difflib
 import importlib
 import inspect
-import re
-from collections.abc import Sequence
+from collections.abc import Iterable
 
-__all__ = ["ConfigError", "short_error", "close_matches", "accepted_arguments", "HINT"]
+__all__ = ["ConfigError", "MissingDataError", "close_matches", "accepted_arguments", "exception_chain", "short_message", "HINT"]
 
-_TYPE_WORDS = {"Sequence": "list", "bool": "bool (true or false)", "int": "integer", "str": "string"}  # jsonargparse's types in words
-_EXPECTED = {"--seed_everything": "an integer seed, or true or false"}  # options of several types: what they take
 HINT = "(add --traceback for the full traceback; --help lists the options, --model.help CLASS a class's)"
-_SECTIONS = {"LearningRule": "model", "LightningModule": "model", "LightningDataModule": "data", "Callback": "trainer.callbacks", "Logger": "trainer.logger"}
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used: bad YAML, an option that does not exist, a value out of range."""
+    """A configuration that cannot be used: a value out of range, a file that is no config or checkpoint.
+
+    A ``ValueError``, so code that catches ``ValueError`` keeps working. ``option`` (``"--model.init_args.sizes"``)
+    and ``given`` (the value), when known, are printed with the message; the CLI fills them in for an error raised by a
+    constructor it calls.
+
+    >>> str(ConfigError("target_stepsize must be > 0, got -1"))
+    'target_stepsize must be > 0, got -1'
+    >>> isinstance(ConfigError("x"), ValueError)
+    True
+    """
+
+    def __init__(self, message: str, option: str | None = None, given=None):
+        super().__init__(message)
+        self.option, self.given = option, given
 
 
-def close_matches(word: str, candidates, n: int = 1) -> list[str]:
-    """The ``n`` closest names: difflib's candidates, ranked by edit distance with transpositions (``DTPIA`` is one
-    swap from ``DTPAI`` but two substitutions from ``DTPEI``), ties kept in difflib's order."""
+class MissingDataError(ConfigError, FileNotFoundError):
+    """Files that the configuration points at (a data set's) are missing: a ``FileNotFoundError`` reported short.
+
+    >>> isinstance(MissingDataError("MNIST files missing from /tmp/x"), (ConfigError, FileNotFoundError))
+    True
+    """
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 1) -> list[str]:
+    """The ``n`` candidates closest to ``word``: difflib's, ranked by edit distance with adjacent transpositions.
+
+    >>> close_matches("DTPIA", ["DTPAI", "DTPEI", "BP"])
+    ['DTPAI']
+    >>> close_matches("zzz", ["DTPAI"])
+    []
+    """
     near = difflib.get_close_matches(word, sorted(set(candidates)), n=max(n, 5), cutoff=0.6)
     return sorted(near, key=lambda c: _edit_distance(word.lower(), c.lower()))[:n]
 
@@ -45,16 +68,16 @@ def _edit_distance(a: str, b: str) -> int:
     return d[len(a)][len(b)]
 
 
-def _import(path: str):
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-
-
 def accepted_arguments(cls) -> list[str]:
-    """Constructor arguments of ``cls``, following ``**kwargs`` up the class hierarchy as jsonargparse does."""
+    """Constructor arguments of ``cls``, following ``**kwargs`` up the class hierarchy as jsonargparse does.
+
+    >>> class A:
+    ...     def __init__(self, a, b=1): ...
+    >>> class B(A):
+    ...     def __init__(self, c, **kwargs): ...
+    >>> accepted_arguments(B)
+    ['c', 'a', 'b']
+    """
     names: list[str] = []
     for klass in getattr(cls, "__mro__", [cls]):
         init = klass.__dict__.get("__init__")
@@ -66,173 +89,144 @@ def accepted_arguments(cls) -> list[str]:
             break
         more = False
         for p in params:
-            if p.name == "self" or p.kind is p.VAR_POSITIONAL:
-                continue
             if p.kind is p.VAR_KEYWORD:
                 more = True
-            elif p.name not in names:
+            elif p.name != "self" and p.kind is not p.VAR_POSITIONAL and p.name not in names:
                 names.append(p.name)
         if not more:
             break
     return names
 
 
-def _given(argv: Sequence[str]) -> dict[str, str]:
-    """``{option: value}`` of the command line (``--a.b v`` and ``--a.b=v``)."""
-    out, args = {}, list(argv)
-    for k, a in enumerate(args):
-        if not a.startswith("--"):
-            continue
-        if "=" in a:
-            key, value = a.split("=", 1)
-            out[key.rstrip("+")] = value
-        elif k + 1 < len(args) and not args[k + 1].startswith("--"):
-            out[a] = args[k + 1]
+def exception_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling, outermost first.
+
+    >>> try:
+    ...     try:
+    ...         raise KeyError("inner")
+    ...     except KeyError as e:
+    ...         raise ValueError("outer") from e
+    ... except ValueError as e:
+    ...     [type(x).__name__ for x in exception_chain(e)]
+    ['ValueError', 'KeyError']
+    """
+    chain: list[BaseException] = []
+    while err is not None and all(err is not seen for seen in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _misconfiguration() -> type:
+    from ._lightning import pl
+
+    return importlib.import_module(pl.__name__ + ".utilities.exceptions").MisconfigurationException
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return (text.strip().splitlines() or [type(err).__name__])[0].strip()
+
+
+def _parser_path(chain: list[BaseException]) -> tuple[str | None, str | None]:
+    """(``--a.init_args.b``, the class whose argument ``b`` is, if known) from the key or class path that jsonargparse
+    puts first in each of its nested errors (``Parser key "a":``, ``Problem with given class_path 'c':``)."""
+    keys, owner, owner_level = [], None, -1
+    for link in chain:
+        head = _first_line(link)
+        if head.startswith('Parser key "') and head.count('"') >= 2:
+            key = head.split('"')[1]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+        elif head.startswith("Problem with given class_path '") and head.count("'") >= 2:
+            owner, owner_level = head.split("'")[1], len(keys)
+    return ("--" + ".init_args.".join(keys) if keys else None), (owner if owner_level == len(keys) else None)
+
+
+def _class(path: str | None):
+    module, _, name = (path or "").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _given(argv: list[str]) -> dict[str, str | None]:
+    """``{option: value}`` of the command line (``--a.b v`` and ``--a.b=v``; ``None`` for a flag without value)."""
+    out = {}
+    for k, a in enumerate(argv):
+        if a.startswith("--"):
+            key, eq, value = a[2:].partition("=")
+            out[key] = value if eq else argv[k + 1] if k + 1 < len(argv) and not argv[k + 1].startswith("--") else None
     return out
 
 
-def _leaves(message: str) -> list[str]:
-    """The innermost problem lines of a jsonargparse message (structure and dumps dropped)."""
-    skip = (
-        "Does not validate against any of the Union subtypes",
-        "Subtypes:",
-        "Errors:",
-        "Given value type:",
-        "Given value:",
-        "Problem with given class_path",
-        "Expected a <class 'NoneType'>",
-        "Parser key",
-        "Expected a path but",
-        "Not a valid subclass",
-    )
-    out = []
-    for line in message.splitlines():
-        text = line.strip().lstrip("- ").strip()
-        if re.search(r'Parser key "[^"]+":$', text):  # a wrapper around the nested problem (a callable's arguments)
-            continue
-        if text and not text.startswith(skip) and text not in out:
-            out.append(text)
-    return out
+def _argument_error(chain: list[BaseException], argv: list[str], known: list[str], config_keys: list[str]) -> list[str]:
+    path, owner = _parser_path(chain)
+    innermost, given = chain[-1], _given(argv)
+    lines = [f"error: {path + ': ' if path else ''}{_first_line(innermost)}"]
+    if isinstance(innermost, AttributeError) and innermost.name and inspect.ismodule(innermost.obj):  # no such class
+        names = [n for n in dir(innermost.obj) if not n.startswith("_")]
+        if match := close_matches(innermost.name, names):
+            lines.append(f"  did you mean {innermost.obj.__name__}.{match[0]}?")
+    elif isinstance(innermost, KeyError) and path and owner:  # an argument the class does not have
+        names = accepted_arguments(_class(owner))
+        for key, value in given.items():
+            prefix, _, name = key.rpartition(".init_args.")
+            if "--" + prefix == path and name not in names:
+                lines = [f"error: --{key}: {owner} has no argument {name!r}"]
+                if match := close_matches(name, names):
+                    lines.append(f"  did you mean --{prefix}.init_args.{match[0]}?")
+                if value is not None:
+                    lines.append(f"  given: {value}")
+    elif not path:  # an option or config key the parser does not know: the close matches among those it knows
+        for key in [*given, *config_keys]:
+            if key in known or any(key.startswith(k + ".") or k.startswith(key + ".") for k in known):
+                continue
+            match = [k for k in known if k.endswith("." + key)] or close_matches(key, known)
+            if match and key in given:
+                lines.append(f"  did you mean --{match[0]}?")
+            elif match:
+                section, _, name = match[0].rpartition(".")
+                lines.append(f"  a config has the top-level key {key!r}; did you mean {name}: under {section}:?" if section
+                             else f"  a config has the top-level key {key!r}; did you mean {name}:?")  # fmt: skip
+    from ._lightning import ENV_VAR, PACKAGE, package_of
+
+    for value in given.values():  # a class of the other Lightning package, which the parser refuses as no subclass
+        cls = _class(value) if value and "." in value else None
+        if isinstance(cls, type) and (other := package_of(cls)) not in (None, PACKAGE):
+            lines.append(f"  {value} belongs to the {other!r} package, but tplightning runs on {PACKAGE!r}; the packages "
+                         f"'pytorch_lightning' and 'lightning' cannot be mixed: use the short name ({cls.__name__}) or set {ENV_VAR}={other}")  # fmt: skip
+    return lines
 
 
-def _section(message: str) -> str | None:
-    m = re.search(r'Parser key "([^"]+)"', message)
-    if m:
-        return m.group(1)
-    m = re.search(r"Subtypes: \[[^\]]*?\.(\w+)'>", message)
-    return _SECTIONS.get(m.group(1)) if m else None
+def short_message(err: BaseException, argv: Iterable[str] = (), known_options: Iterable[str] = (), config_keys: Iterable[str] = (),
+                  building: bool = True) -> str | None:  # fmt: skip
+    """The few lines to print for a user's error, ``None`` for any other (a bug: it keeps its traceback).
 
+    ``building``: the error came while the run was being built (parsing, instantiating, checking a checkpoint), where a
+    missing file or Lightning's ``MisconfigurationException`` is the user's too. ``known_options`` (the parser's
+    options, ``trainer.max_epochs``) and ``config_keys`` (the top-level keys of the config files) give the close match
+    of an unknown option or key.
 
-def _option_path(message: str) -> tuple[str | None, str | None]:
-    """(``--a.init_args.b...``, the class whose argument it is) from the nesting of a jsonargparse message."""
-    section = _section(message)
-    if section is None:
-        return None, None
-    parts, owner = [section], None
-    for m in re.finditer(r"Problem with given class_path '([^']+)'|Parser key \"([^\"]+)\"|class_path='([^']+)'", message):
-        class_path, key, inner = m.groups()
-        if class_path:
-            owner = class_path
-        elif key and key != section:
-            parts += ["init_args", key]
-        elif inner and len(parts) > 1:
-            owner = inner
-    return "--" + ".".join(parts), owner
-
-
-def _option_names(parser) -> list[str]:
-    """The ``--options`` of ``parser``, with the Trainer's arguments as ``--trainer.*`` where it lists none of them."""
-    options = list(getattr(parser, "_option_string_actions", {}) or [])
-    if not any(o.startswith("--trainer.") for o in options):
-        from ._lightning import pl
-
-        options += ["--trainer." + a for a in accepted_arguments(pl.Trainer)]
-    return options
-
-
-def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> str:
-    """A few lines for a configuration error: option, value, expectation, close match, and the hint."""
-    message = str(err)
-    given = _given(argv)
-    lines: list[str]
-    from ._lightning import ENV_VAR, PACKAGE
-
-    other = {"pytorch_lightning": "lightning", "lightning": "pytorch_lightning"}[PACKAGE]
-    foreign = re.search(r"\b(pytorch_lightning|lightning\.pytorch)\.[\w.]+", message)
-    foreign_package = {"pytorch_lightning": "pytorch_lightning", "lightning.pytorch": "lightning"}.get(foreign.group(1)) if foreign else None
-    if isinstance(err, ConfigError) or isinstance(err, FileNotFoundError) and "config file" in message:
-        lines = [f"error: {message}"]
-    elif foreign_package == other and "subclass" in message:
-        path, _ = _option_path(message)
-        lines = [
-            f"error: {path or 'a class'}: {foreign.group(0)} belongs to the {other!r} package, but tplightning runs on "
-            f"{PACKAGE!r}; the packages 'pytorch_lightning' and 'lightning' cannot be mixed",
-            f"  use the short name ({foreign.group(0).rsplit('.', 1)[1]}) or set {ENV_VAR}={other}",
-        ]
-    elif m := re.search(r"unrecognized arguments: (\S+)", message):
-        option = m.group(1).split("=", 1)[0]
-        lines = [f"error: unknown option {option}" + (f" (value {given[option]!r})" if option in given else "")]
-        if match := close_matches(option, _option_names(parser)):
-            lines.append(f"  did you mean {match[0]}?")
+    >>> print(short_message(ConfigError("batch sizes must be >= 1, got 0", option="--data.init_args.batch_size")))
+    error: --data.init_args.batch_size: batch sizes must be >= 1, got 0
+    (add --traceback for the full traceback; --help lists the options, --model.help CLASS a class's)
+    >>> short_message(TypeError("unsupported operand")) is None
+    True
+    """
+    argv, chain = list(argv), exception_chain(err)
+    config = next((e for e in chain if isinstance(e, ConfigError)), None)
+    if isinstance(err, argparse.ArgumentError) and config is None:
+        lines = _argument_error(chain, argv, list(known_options), list(config_keys))
+    elif config is not None and (config is err or isinstance(err, (ValueError, TypeError))):  # jsonargparse wraps it
+        lines = [f"error: {config.option + ': ' if config.option else ''}{config}"]
+        if config.given is not None:
+            lines.append(f"  given: {config.given}")
+    elif building and isinstance(err, (FileNotFoundError, _misconfiguration())):
+        lines = [f"error: {err}"]
     else:
-        path, owner = _option_path(message)
-        leaves = _leaves(message)
-        problem = leaves[0] if leaves else message.splitlines()[0] if message else type(err).__name__
-        value = None
-        m = re.search(r"Option '([^']+)' is not accepted", message)
-        if m and not path:  # a top-level key of a config file that is no option
-            name = m.group(1)
-            configs = [a for k, a in zip(argv, list(argv)[1:]) if k == "--config"]
-            problem = f"a config ({', '.join(configs) or 'given'}) has a top-level key {name!r}, which is no option"
-            options = [o[2:] for o in _option_names(parser)]
-            near = [o for o in options if o.endswith("." + name)] or close_matches(name, options)
-            if near:
-                section, _, key = near[0].rpartition(".")
-                problem += f"; did you mean {key}: under {section}:?" if section else f"; did you mean {key}:?"
-        elif m and path:  # an argument the class does not have
-            name = m.group(1)
-            path = f"{path}.init_args.{name}" if not path.endswith(name) else path
-            value = next((v for k, v in given.items() if k.endswith("." + name)), None)
-            cls = _import(owner) if owner else None
-            problem = f"{owner or 'the class'} has no argument {name!r}"
-            if cls is not None and (match := close_matches(name, accepted_arguments(cls))):
-                problem += f"; did you mean {path.rsplit('.', 1)[0]}.{match[0]}?"
-            elif cls is not None:
-                problem += f"; it accepts: {', '.join(accepted_arguments(cls))}"
-        elif "Subclass types expect one of" in message:  # a scalar or list where a class belongs
-            problem = "expected a class path (such as tplightning.DTPAI) or a mapping with class_path: and init_args:"
-            value = (re.findall(r"Given value: ([^\n]*)", message) or [None])[-1]
-        elif m := re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message):
-            module, name = m.groups()
-            value = f"{module}.{name}"
-            problem = f"{value} does not exist"
-            mod = _import(module + ".__name__") and importlib.import_module(module)
-            if mod is not None and (match := close_matches(name, [a for a in dir(mod) if not a.startswith("_")])):
-                problem += f"; did you mean {module}.{match[0]}?"
-        elif m := re.search(r"Expected a <class '(?!NoneType)(?:[\w]+\.)*(\w+)'>(?:\. Got value: ([^\n]*))?", message):
-            kind = _TYPE_WORDS.get(m.group(1), m.group(1))
-            problem = "expected " + (_EXPECTED.get(path) or f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}")
-            value = m.group(2) or given.get(path)
-        else:  # a constructor's own check: name the option(s) of the section that the message mentions
-            if path and "init_args" not in path:
-                hits = [k for k in given if k.startswith(path + ".") and k.rsplit(".", 1)[-1] in problem]
-                hits = hits or [k for k in given if k.startswith(path + ".") and len(given[k]) > 2 and repr(given[k]) in problem]
-                if hits:
-                    path, value = hits[0], given[hits[0]]
-        head = f"error: {path}: " if path else "error: "
-        lines = [head + problem]
-        if value is not None:
-            lines.append(f"  given: {value}")
+        return None
     lines.append(HINT)
     return "\n".join(line[:300] for line in lines)
 
-
-def is_config_error(err: BaseException) -> bool:
-    """Errors that come from the configuration (and print short) rather than from a bug; Lightning's own
-    ``MisconfigurationException`` (e.g. ``--trainer.enable_checkpointing false`` beside a configured checkpoint) is one."""
-    import importlib
-
-    from ._lightning import pl
-
-    lightning_config_error = importlib.import_module(pl.__name__ + ".utilities.exceptions").MisconfigurationException
-    return isinstance(err, (argparse.ArgumentError, ConfigError, ValueError, TypeError, FileNotFoundError, lightning_config_error))

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._lightning import pl
+from ..errors import ConfigError
 
 __all__ = ["TensorData", "EpochSeededSampler", "TensorDataModule", "derive_seed", "check_split", "seeded_split"]
 
@@ -37,7 +38,7 @@ def derive_seed(seed: int, purpose: str) -> int:
 
 
 def check_split(num_train: int, num_val: int, subset: int | None) -> None:
-    """The train/validation sizes of a data module that splits a training file: ``ValueError`` unless they fit.
+    """The train/validation sizes of a data module that splits a training file: ``ConfigError`` unless they fit.
 
     Checks what can be checked before the file is read: ``num_train >= 1``, ``num_val >= 0`` and, with a
     ``subset``, ``num_train + num_val <= subset``.
@@ -55,9 +56,9 @@ def check_split(num_train: int, num_val: int, subset: int | None) -> None:
     subset=10 is smaller than num_train + num_val = 8 + 4
     """
     if num_train < 1 or num_val < 0:
-        raise ValueError(f"need num_train >= 1 and num_val >= 0, got num_train={num_train}, num_val={num_val}")
+        raise ConfigError(f"need num_train >= 1 and num_val >= 0, got num_train={num_train}, num_val={num_val}")
     if subset is not None and subset < num_train + num_val:
-        raise ValueError(f"subset={subset} is smaller than num_train + num_val = {num_train} + {num_val}")
+        raise ConfigError(f"subset={subset} is smaller than num_train + num_val = {num_train} + {num_val}")
 
 
 def seeded_split(total: int, num_train: int, num_val: int, subset: int | None, seed: int) -> tuple[Tensor, Tensor]:
@@ -79,10 +80,10 @@ def seeded_split(total: int, num_train: int, num_val: int, subset: int | None, s
     ([4, 1, 7, 5], [3, 9])
     """
     if subset is not None and subset > total:
-        raise ValueError(f"subset={subset} exceeds the {total} training images in the file")
+        raise ConfigError(f"subset={subset} exceeds the {total} training images in the file")
     available = total if subset is None else subset
     if num_train + num_val > available:
-        raise ValueError(
+        raise ConfigError(
             f"num_train + num_val = {num_train} + {num_val} exceeds the {available} training images "
             f"available (subset={subset}, {total} in the file)"
         )
@@ -192,7 +193,7 @@ class TensorDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int = 32, eval_batch_size: int = 1000, shuffle_seed: int = 0, shuffle: bool = True):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+            raise ConfigError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         self.batch_size, self.eval_batch_size, self.shuffle_seed, self.shuffle = batch_size, eval_batch_size, shuffle_seed, shuffle
         self.train_data = self.val_data = self.test_data = None
 

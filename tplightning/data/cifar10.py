@@ -15,6 +15,7 @@ import numpy
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, MissingDataError
 from .base import TensorData, TensorDataModule, check_split, seeded_split
 from . import mnist
 from .mnist import DATA_ENV, NO_DOWNLOAD_ENV, check_md5, default_data_dir, downloads_allowed
@@ -62,16 +63,16 @@ def read_batch(path: Path) -> tuple[Tensor, Tensor]:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ValueError(f"CIFAR-10 file {path} cannot be read ({err}); {fix}") from err
+        raise ConfigError(f"CIFAR-10 file {path} cannot be read ({err}); {fix}") from err
     check_md5(path, data, MD5.get(path.name), fix)
     try:
         batch = pickle.load(io.BytesIO(data), encoding="bytes")
         images, labels = batch[b"data"], batch[b"labels"]
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"CIFAR-10 file {path} is truncated or corrupt ({type(err).__name__}: {err}); {fix}") from err
+        raise ConfigError(f"CIFAR-10 file {path} is truncated or corrupt ({type(err).__name__}: {err}); {fix}") from err
     x = torch.as_tensor(numpy.asarray(images, dtype=numpy.uint8)).flatten()
     if x.numel() != 3072 * len(labels):
-        raise ValueError(f"CIFAR-10 file {path} holds {x.numel()} pixel bytes for {len(labels)} labels, expected 3072 each")
+        raise ConfigError(f"CIFAR-10 file {path} holds {x.numel()} pixel bytes for {len(labels)} labels, expected 3072 each")
     return x.reshape(len(labels), 3, 32, 32), torch.as_tensor(list(labels), dtype=torch.long)
 
 
@@ -140,8 +141,8 @@ class CIFAR10DataModule(TensorDataModule):
         """Each batch name -> its path (in ``data_dir/cifar-10-batches-py`` or ``data_dir``), None if absent."""
         return {name: next((p for p in (self.data_dir / FOLDER / name, self.data_dir / name) if p.is_file()), None) for name in MD5}
 
-    def _missing_error(self, missing: list[str], reason: str) -> FileNotFoundError:
-        return FileNotFoundError(
+    def _missing_error(self, missing: list[str], reason: str) -> MissingDataError:
+        return MissingDataError(
             f"CIFAR-10 files missing from {self.data_dir}: {', '.join(missing)}. Put the python-version batches in "
             f"{self.data_dir / FOLDER} (the archive {ARCHIVE[0]} from {URL} unpacks to that folder), or point {DATA_ENV} "
             f"(or --data.init_args.data_dir) at a folder that has them. {reason}"

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, MissingDataError
 from .base import TensorData, TensorDataModule, check_split, seeded_split
 
 __all__ = ["MNISTDataModule", "MD5", "MIRRORS", "DATA_ENV", "NO_DOWNLOAD_ENV", "default_data_dir", "download_file",
@@ -103,7 +104,7 @@ def downloads_allowed() -> bool:
 
 
 def check_md5(path: Path, data: bytes, expected: str | None, fix: str, what: str = "") -> None:
-    """``ValueError`` naming ``path`` and ``fix`` unless the md5 of ``data`` is ``expected``.
+    """``ConfigError`` naming ``path`` and ``fix`` unless the md5 of ``data`` is ``expected``.
 
     Args:
         path: the file ``data`` was read from (for the message).
@@ -121,7 +122,7 @@ def check_md5(path: Path, data: bytes, expected: str | None, fix: str, what: str
     """
     actual = hashlib.md5(data).hexdigest()
     if actual != expected:
-        raise ValueError(f"md5 mismatch for {path}{what}: expected {expected}, got {actual}; {fix}")
+        raise ConfigError(f"md5 mismatch for {path}{what}: expected {expected}, got {actual}; {fix}")
 
 
 def _raw_dir(data_dir: Path) -> Path:
@@ -146,8 +147,8 @@ def find_files(data_dir: Path) -> dict[str, Path | None]:
     return found
 
 
-def _missing_error(data_dir: Path, missing: list[str], reason: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _missing_error(data_dir: Path, missing: list[str], reason: str) -> MissingDataError:
+    return MissingDataError(
         f"MNIST files missing from {data_dir}: {', '.join(missing)}. Put each at "
         f"{_raw_dir(data_dir)}/<name>.gz (or the uncompressed <name>, or directly in {data_dir}), or point "
         f"{DATA_ENV} (or --data.init_args.data_dir) at a folder that has them. {reason}"
@@ -185,19 +186,19 @@ def read_idx(path: Path, ndim: int) -> Tensor:
         with opener(path, "rb") as f:
             data = bytearray(f.read())
     except (EOFError, OSError, zlib.error) as err:  # truncated gzip, not gzip at all, unreadable
-        raise ValueError(f"MNIST file {path} is truncated or corrupt ({err}); {fix}") from err
+        raise ConfigError(f"MNIST file {path} is truncated or corrupt ({err}); {fix}") from err
     check_md5(path, data, MD5.get(name), fix, " (decompressed bytes)")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"malformed IDX file {path}: {len(data)} bytes is shorter than its {header}-byte header")
+        raise ConfigError(f"malformed IDX file {path}: {len(data)} bytes is shorter than its {header}-byte header")
     zero, dtype, dims_in_file = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != _IDX_UBYTE or dims_in_file != ndim:
-        raise ValueError(
+        raise ConfigError(
             f"malformed IDX file {path}: magic number {bytes(data[:4]).hex()} is not an unsigned-byte {ndim}-d IDX file"
         )
     dims = struct.unpack(f">{ndim}I", data[4:header])
     if len(data) != header + math.prod(dims):
-        raise ValueError(f"malformed IDX file {path}: header says dims {dims} but the file holds {len(data) - header} data bytes")
+        raise ConfigError(f"malformed IDX file {path}: header says dims {dims} but the file holds {len(data) - header} data bytes")
     return torch.frombuffer(data, dtype=torch.uint8, offset=header).reshape(dims)
 
 
@@ -296,7 +297,7 @@ class MNISTDataModule(TensorDataModule):
         images = read_idx(files[f"{split}-images-idx3-ubyte"], 3)
         labels = read_idx(files[f"{split}-labels-idx1-ubyte"], 1).long()
         if images.shape[1:] != (28, 28) or len(images) != len(labels):
-            raise ValueError(f"MNIST {split} files disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+            raise ConfigError(f"MNIST {split} files disagree: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
         return images, labels
 
     def _to_float(self, images: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..networks import MLP
+from ..errors import ConfigError
 from .base import TensorData, TensorDataModule, derive_seed
 
 __all__ = ["StudentTeacherDataModule"]
@@ -78,7 +79,7 @@ class StudentTeacherDataModule(TensorDataModule):
         super().__init__(batch_size, eval_batch_size, shuffle_seed, shuffle)
         for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if n < 1:
-                raise ValueError(f"{name} must be >= 1, got {n}")
+                raise ConfigError(f"{name} must be >= 1, got {n}")
         self.save_hyperparameters()
         g = torch.Generator().manual_seed(derive_seed(teacher_seed, "teacher"))
         self.teacher = MLP(sizes, teacher_activation, teacher_output_activation, teacher_negative_slope, False, teacher_std, generator=g)
