@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 
 from ._lightning import LightningCLI, pl
 from .callbacks import ReapplyOptimizerConfig
