@@ -173,6 +173,16 @@ def write_block(path: Path, marker: str, body: str) -> None:
     path.write_text(text)
 
 
+def read_block(path: Path, marker: str) -> str:
+    """The text between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in ``path`` (empty if none)."""
+    path = Path(path)
+    if not path.exists():
+        return ""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    m = re.search(re.escape(start) + "(.*?)" + re.escape(end), path.read_text(), re.S)
+    return m.group(1) if m else ""
+
+
 # --------------------------------------------------------------------------------------------- run records
 #: the JSON types a field of a record may have, by the names :class:`Kind` uses
 _TYPES = {
