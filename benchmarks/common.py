@@ -151,7 +151,8 @@ def run_all(fn: Callable[[tuple], dict], tasks: Sequence[tuple], jobs: int) -> I
 
 HEADER = (
     "# Results\n\nTables written by the benchmarks in `benchmarks/`; each sits between "
-    "`<!-- ...:start -->`/`<!-- ...:end -->` markers and is rewritten by the command shown in it.\n"
+    "`<!-- ...:start -->`/`<!-- ...:end -->` markers and is rewritten by the command shown in it. The tables hold no "
+    "data of their own: they are rendered from the record files in `docs/data/` (`benchmarks/common.py`, \"Run records\").\n"
 )
 
 

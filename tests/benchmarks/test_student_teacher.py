@@ -40,7 +40,8 @@ def test_main_replaces_only_its_block(tmp_path):
 
 
 def test_a_run_of_some_rules_keeps_the_other_rows(tmp_path):
-    """Like the MNIST table: the block keeps its per-run records, so ``--rules DRL`` adds DRL's row and keeps BP's."""
+    """Like the MNIST table: the runs are kept in the record file beside ``--out``, so ``--rules DRL`` adds DRL's row and
+    keeps BP's."""
     out = tmp_path / "RESULTS.md"
     st.main(["--table", "equal", "--rules", "BP", *TINY, "--out", str(out)])
     first = st.read_records(out, "equal")
