@@ -12,15 +12,19 @@ test images are scored with the checkpoint of the best validation epoch. One see
 layer draws and the feedback noise; the 55k/5k train/validation split is the data module's fixed
 ``split_seed``. A run that diverges (``DivergenceError``) is reported as such.
 
-**Campaigns.** Every run is appended to ``--record`` (JSON lines, one run a line) as soon as it finishes,
+**Campaigns.** Every run is appended to ``--record`` (a checksummed record file, one run a line, ``common``'s
+"Run records") as soon as it finishes,
 keyed by the rule, the config file's settings (a digest of its parsed YAML), the seed, the epochs and the
-smoke-run flags. The default record file, ``docs/data/mnist_runs.jsonl``, is part of the repository: commit it
+smoke-run flags. The default record file, ``data/mnist_runs.jsonl`` beside ``--out`` (``docs/data/``), is part of
+the repository: commit it
 as runs land, and a campaign spread over sittings on fresh machines goes on where the last one stopped.
 A later invocation takes a recorded run from there instead of training it again (``--rerun`` trains
 anyway), so a campaign such as ``--seeds 0 1 2`` survives an interruption: run the same command again.
 To spread one over machines, give each a share of the rules (or seeds), then concatenate their record
-files into one and run the full command once more: it trains nothing and writes the table. A run that
-failed (not by divergence) is not recorded and is tried again. Changing a config (say, after tuning)
+files into one (``cat``; of two records of one run the later written wins, whatever the order) and run the full
+command once more: it trains nothing and writes the table. A run that failed (not by divergence) is not recorded
+and is tried again; so is a run whose record line is torn (a kill while it was written) or otherwise bad: the
+reader names the line on stderr and skips it, and the next record starts on a line of its own. Changing a config (say, after tuning)
 changes its digest, so its runs are done afresh.
 
 **Checking a record.** ``--verify 2`` trains nothing into the record: it reruns the first two epochs of each
@@ -36,9 +40,10 @@ validation accuracy of every epoch (read from each run's ``metrics.csv``) is kep
 over seeds), with a band of ± one sd.
 
 The table is written between ``<!-- mnist:start -->`` and ``<!-- mnist:end -->`` in ``--out``; the
-rest of the file is left as it is. The block keeps its per-run records in an HTML comment, so a
-later invocation with other ``--rules`` (or other epochs) replaces only the rows of the rules it
-runs and keeps the others, each row with the command that produced it. Run from the repository
+rest of the file is left as it is. The table holds no data of its own: each row is a record of
+``data/mnist_table.jsonl`` beside ``--out`` (the rule's runs as the latest invocation for it saw them, with its
+command), appended when a row changes, so a later invocation with other ``--rules`` (or other epochs) replaces
+only the rows of the rules it runs and keeps the others. Run from the repository
 root (``--out``, ``--record`` and the runs' folders are relative to it; MNIST comes from the data cache,
 README "Data").
 """
@@ -75,9 +80,38 @@ PROG = "python -m benchmarks.mnist"
 #: the curves figure, relative to the folder of ``--out``
 FIGURE = Path("figures") / "mnist_curves.png"
 START, END = "<!-- mnist:start -->", "<!-- mnist:end -->"
-RUNS_TAG = "mnist:runs"
-#: finished runs of the campaign (committed, so it survives fresh machines)
-RECORD = common.ROOT / "docs" / "data" / "mnist_runs.jsonl"
+#: finished runs of the campaign (committed, so it survives fresh machines): the default ``--record``
+RECORD = common.data_file(common.RESULTS, "mnist_runs.jsonl")
+#: the table's rows, one record per rule (the latest wins), in this file beside ``--out``
+ROWS = "mnist_table.jsonl"
+
+#: what a row keeps of each run, with its JSON types
+RUN_TYPES = {"seed": "int", "test_error": "number|null", "best_val_acc": "number|null", "best_epoch": "int|null",
+             "epochs_run": "int|null", "seconds": "number", "seconds_per_epoch": "number|null", "diverged": "bool",
+             "error": "str|null", "val_acc": "list|null"}  # fmt: skip
+RUN_FIELDS = tuple(RUN_TYPES)
+
+
+def _curve_problem(record: dict) -> str | None:
+    if record["val_acc"] is not None and not all(common._TYPES["number"](v) for v in record["val_acc"]):
+        return "field 'val_acc' holds a value that is not a number"
+    return None
+
+
+def _runs_problem(record: dict) -> str | None:
+    for i, run in enumerate(record["runs"]):
+        problem = common.Kind("run", RUN_TYPES, check=_curve_problem).problem(run)
+        if problem is not None:
+            return f"run {i}: {problem}"
+    return None
+
+
+#: a finished run of ``--record`` (:func:`record_run`)
+RUN_KIND = common.Kind("mnist-run", {"key": "str", "rule": "str", "config": "str", "epochs": "int|null", "overrides": "list",
+                                     "date": "str", "machine": "str", **RUN_TYPES}, key=("key",), check=_curve_problem)  # fmt: skip
+#: a row of the table (:func:`read_records`)
+ROW_KIND = common.Kind("mnist-row", {"rule": "str", "config": "str", "hparams": "str", "command": "str", "date": "str",
+                                     "machine": "str", "epochs": "int|null", "runs": "list"}, key=("rule",), check=_runs_problem)  # fmt: skip
 
 
 RULES = {
@@ -240,26 +274,16 @@ def run_key(rule: str, config: str, seed: int, epochs: int | None, overrides: Se
 
 
 def read_runs(path: Path) -> dict[str, dict]:
-    """The runs recorded in the JSON-lines file ``path`` by their :func:`run_key` (the last record of a key wins;
-    a torn last line, from a process killed while writing, is passed over)."""
-    runs = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            runs[rec["key"]] = rec
-    return runs
+    """The runs recorded in the record file ``path`` by their :func:`run_key` (of two records of a key the later
+    written wins, ``common.newest``; a torn, edited or malformed line is named on stderr and skipped)."""
+    return common.newest(common.read_records(path, RUN_KIND), key=lambda rec: rec["key"])
 
 
 def record_run(path: Path, result: dict, machine: str) -> None:
-    """Append one finished run to ``path`` (one line, written at once, so parallel workers do not interleave)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Append one finished run to the record file ``path`` (one checksummed line, fsynced, ``common.append_record``)."""
     rec = {"key": run_key(result["rule"], result["config"], result["seed"], result["epochs"], result["overrides"]),
            "date": date.today().isoformat(), "machine": machine, **result}  # fmt: skip
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    common.append_record(path, RUN_KIND, rec)
 
 
 # --------------------------------------------------------------------------------------------- table
@@ -395,7 +419,7 @@ def plot_curves(records: Sequence[dict], path: Path) -> Path | None:
 
 
 def render(records: Sequence[dict], figure: Path | None = None) -> str:
-    """The Markdown block (without markers) of the per-rule records, plus the records as a comment; ``figure``: the
+    """The Markdown block (without markers) of the per-rule records (:func:`read_records`); ``figure``: the
     curves figure to show below the table (a path whose last two parts are its link from the Markdown file)."""
     fc = [rec for rec in records if rec["rule"] not in CNN]
     cnn = [rec for rec in records if rec["rule"] in CNN]
@@ -432,14 +456,21 @@ def render(records: Sequence[dict], figure: Path | None = None) -> str:
         "|---|---|---|",
         *(f"| {n} | {e} | {c} |" for n, e, c in THESIS),
         *cnn_table,
-        "",
-        common.records_comment(RUNS_TAG, records),
     ])  # fmt: skip
 
 
-def read_records(path: Path) -> list[dict]:
-    """The per-rule records kept in the MNIST block of ``path`` (empty if none)."""
-    return common.read_block_records(path, "mnist", RUNS_TAG)
+def read_records(out: Path) -> list[dict]:
+    """The rows of the MNIST table of the Markdown file ``out``: the latest record of each rule in
+    ``data/mnist_table.jsonl`` beside it, in the order of :data:`RULES` (empty if none)."""
+    return _ordered(common.newest(common.read_records(common.data_file(out, ROWS), ROW_KIND), key=lambda rec: rec["rule"]).values())
+
+
+def write_rows(out: Path, rows: Sequence[dict]) -> None:
+    """Append each of ``rows`` that differs from its rule's current row to the table's records beside ``out``."""
+    current = {rec["rule"]: rec for rec in read_records(out)}
+    for row in rows:
+        if current.get(row["rule"]) != row:
+            common.append_record(common.data_file(out, ROWS), ROW_KIND, row)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -464,8 +495,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-val", type=int, help="smoke runs: validation images")
     p.add_argument("--data-dir", help="MNIST folder (default: the data cache, $TPLIGHTNING_DATA)")
     p.add_argument("--json", type=Path, help="also write the per-run results here")
-    p.add_argument("--record", type=Path, default=RECORD,
-                   help="JSON-lines file of finished runs; recorded runs are not trained again (default: %(default)s)")
+    p.add_argument("--record", type=Path,
+                   help="record file of finished runs; recorded runs are not trained again (default: data/mnist_runs.jsonl beside --out)")
     p.add_argument("--rerun", action="store_true", help="train every run even if recorded (and record it again)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     p.add_argument("--rewrite", action="store_true",
@@ -474,6 +505,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="run nothing new: rerun the first EPOCHS epochs of the selected recorded runs and compare them with the record")
     args = p.parse_args(argv)
     args.rules = list(dict.fromkeys(_rule_name(r, p) for r in (args.rules or RULES)))
+    if args.record is None:
+        args.record = common.data_file(args.out, RECORD.name)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     if args.epochs is not None and args.epochs < 1:
@@ -504,10 +537,6 @@ def _ordered(records) -> list[dict]:
 def _machine(jobs: int = 1) -> str:
     threads = torch.get_num_threads() if jobs == 1 else 1
     return f"{platform.platform()}, {common.cpu()}; torch {torch.__version__}, jobs {jobs} × {threads} torch thread(s)"
-
-
-RUN_FIELDS = ("seed", "test_error", "best_val_acc", "best_epoch", "epochs_run", "seconds", "seconds_per_epoch", "diverged",
-              "error", "val_acc")  # fmt: skip
 
 
 def _report(i: int, n: int, start: float, r: dict, note: str = "") -> None:
@@ -547,8 +576,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     figure = args.out.parent / FIGURE
     if args.rewrite:
         records = read_records(args.out)
-        common.write_block(args.out, "mnist", render(_ordered(records), plot_curves(records, figure)))
-        print(f"rewrote the MNIST block of {args.out} from its {len(records)} rule records")
+        common.write_block(args.out, "mnist", render(records, plot_curves(records, figure)))
+        print(f"rewrote the MNIST block of {args.out} from its {len(records)} rule records in {common.data_file(args.out, ROWS)}")
         return []
     overrides, options = _extra(args)
     tasks = [(r, RULES[r].config, s, args.epochs, tuple(overrides)) for r in args.rules for s in args.seeds]
@@ -573,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if r["error"] is None or r["diverged"]:
             record_run(args.record, r, _machine(args.jobs))
         _report(i, len(tasks), start, r)
-    records = {rec["rule"]: rec for rec in read_records(args.out)}
+    records, rows = {rec["rule"]: rec for rec in read_records(args.out)}, []
     for rule in args.rules:
         runs = sorted((r for r in results if r["rule"] == rule), key=lambda r: r["seed"])
         config = RULES[rule].config
@@ -589,6 +618,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "epochs": epochs,
             "runs": [{k: r.get(k) for k in RUN_FIELDS} for r in runs],
         }
+        rows.append(records[rule])
+    write_rows(args.out, rows)
     records = _ordered(records.values())
     common.write_block(args.out, "mnist", render(records, plot_curves(records, figure)))
     print(f"wrote the MNIST block to {args.out}")

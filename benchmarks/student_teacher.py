@@ -13,14 +13,20 @@ are scored on the whole training set and on the test set by the mean squared err
 and outputs (what ``test/mse`` reports). A run that diverges (``DivergenceError`` or a
 non-finite final MSE) is counted and left out of mean ± sd, as the thesis dropped its exploding
 runs. Each table is written between ``<!-- student_teacher:NAME:start/end -->`` markers in
-``--out``; the rest of the file is left as it is. The block keeps its per-run records in an HTML comment, so a later
-invocation with ``--rules`` replaces the rows of the rules it runs and keeps the others (each with its command).
+``--out``; the rest of the file is left as it is. Every run is appended, as it finishes, to the record file
+``data/student_teacher_runs.jsonl`` beside ``--out`` (checksummed lines, ``common``'s "Run records"): its table,
+rule, seed, MSEs, command, date, machine and invocation (the UTC start time and process id of the command that ran
+it). A table is rendered from these records alone, each rule's row from the runs of the latest invocation that ran
+it, so a later invocation with ``--rules`` replaces the rows of the rules it runs and keeps the others (each with
+its command). Every invocation trains: there is no mode that only rewrites a table (:func:`render` does it from
+:func:`read_records`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -28,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 from tplightning._lightning import pl
@@ -37,7 +43,8 @@ import torch
 from tplightning.cli import main as cli_main
 from tplightning.rules.base import DivergenceError
 
-from benchmarks.common import RESULTS, Rule, config_value, cpu, quiet, read_block_records, records_comment, run_all, seed_overrides, write_block
+from benchmarks import common
+from benchmarks.common import RESULTS, Rule, config_value, cpu, quiet, run_all, seed_overrides, write_block
 
 __all__ = ["Rule", "Table", "TABLES", "run_args", "run_one", "mse", "main"]
 
@@ -200,27 +207,31 @@ def _mean_sd(values: list[float]) -> str:
     return f"{_num(statistics.mean(values), 3)} ± {sd}"
 
 
-def _rule_overrides(table: Table, rule: Rule, args) -> tuple[str, ...]:
-    extra = ("--trainer.max_epochs", str(args.epochs_of(table)))
-    if args.num_train is not None:
-        extra += ("--data.init_args.num_train", str(args.num_train))
+def _rule_overrides(table: Table, rule: Rule, epochs: int, num_train: int | None) -> tuple[str, ...]:
+    extra = ("--trainer.max_epochs", str(epochs))
+    if num_train is not None:
+        extra += ("--data.init_args.num_train", str(num_train))
     lr = () if rule.lr is None else ("--" + LR_KEY, str(rule.lr))
     return (*table.overrides, *lr, *extra)
 
 
-def render(table: Table, rules: Sequence[Rule], results: Sequence[dict], args, seconds: float) -> str:
-    """The Markdown block of ``table`` (without markers)."""
-    ov = {r.name: _rule_overrides(table, r, args) for r in rules}
+def render(table: Table, rules: Sequence[Rule], results: Sequence[dict]) -> str:
+    """The Markdown block of ``table`` (without markers) with the rows of ``rules`` from the run records ``results``
+    (:func:`read_records`): everything it shows comes from them and the table's configs."""
+    ov = {}
+    for rule in rules:  # the data overrides a rule's runs had (--num-train; absent from records before it was kept)
+        runs = [r for r in results if r["rule"] == rule.name] or results
+        ov[rule.name] = _rule_overrides(table, rule, runs[0]["epochs"], runs[0].get("num_train"))
     first = rules[0]
 
     def value(rule: Rule, key: str):
         return config_value(rule.config, ov[rule.name], key)
 
     sizes = sorted({"-".join(map(str, value(r, "model.init_args.sizes"))) for r in rules})
-    epochs = sorted({r.get("epochs", args.epochs_of(table)) for r in results}) or [args.epochs_of(table)]
+    epochs = sorted({r["epochs"] for r in results})
     commands: dict[str, list[str]] = {}
     for r in results:
-        names = commands.setdefault(r.get("command", command(args, table.name)), [])
+        names = commands.setdefault(r["command"], [])
         if r["rule"] not in names:
             names.append(r["rule"])
     if len(commands) == 1:
@@ -262,22 +273,36 @@ def render(table: Table, rules: Sequence[Rule], results: Sequence[dict], args, s
         "",
         command_line,
         "",
-        f"Run {', '.join(sorted({r.get('date', date.today().isoformat()) for r in results}))} on {platform.platform()}, "
-        f"{cpu()}; torch {torch.__version__}, pytorch-lightning {pl.__version__}; "
-        f"{len(results)} runs, {seconds / 60:.1f} min of run time in total (jobs {args.jobs}).",
-        "",
-        records_comment(RUNS_TAG.format(table.name), ({k: r.get(k) for k in RECORD_KEYS} for r in results)),
+        f"Run {', '.join(sorted({r['date'] for r in results}))} on {'; '.join(dict.fromkeys(r['machine'] for r in results))}; "
+        f"{len(results)} runs, {sum(r['seconds'] for r in results) / 60:.1f} min of run time in total "
+        f"(jobs {', '.join(map(str, sorted({r['jobs'] for r in results})))}).",
     ])  # fmt: skip
 
 
-#: what a table keeps of each run (in an HTML comment of its block), so that a later run of some rules keeps the others
-RECORD_KEYS = ("rule", "seed", "train_mse", "test_mse", "diverged", "error", "seconds", "epochs", "command", "date")
-RUNS_TAG = "student_teacher:{}:runs"
+#: the record file of the runs, beside ``--out`` (``docs/data/`` for ``docs/RESULTS.md``)
+RECORDS = "student_teacher_runs.jsonl"
+#: a run as the record file keeps it (more fields may be present: ``num_train``, the ``--num-train`` it ran with)
+RUN_KIND = common.Kind(
+    "student-teacher-run",
+    {"table": "str", "rule": "str", "seed": "int", "train_mse": "number|null", "test_mse": "number|null", "diverged": "bool",
+     "error": "str|null", "seconds": "number", "epochs": "int", "command": "str", "date": "str", "machine": "str",
+     "jobs": "int", "invocation": "str"},
+    key=("table", "rule", "invocation", "seed"),
+)  # fmt: skip
+#: what a record keeps of a run's result
+RECORD_KEYS = ("table", "rule", "seed", "train_mse", "test_mse", "diverged", "error", "seconds")
 
 
-def read_records(path: Path, table: str) -> list[dict]:
-    """The per-run records kept in the block of ``table`` in ``path`` (empty if none, e.g. a block written before records)."""
-    return read_block_records(path, f"student_teacher:{table}", RUNS_TAG.format(table))
+def read_records(out: Path, table: str) -> list[dict]:
+    """The runs shown in table ``table`` of the Markdown file ``out``: from the record file beside it, for each rule
+    the runs of the latest invocation that ran it (of two records of one run, the later written: ``common.newest``),
+    sorted by rule and seed; empty if none."""
+    entries = common.read_records(common.data_file(out, RECORDS), RUN_KIND)
+    runs = [r for r in common.newest(entries, key=RUN_KIND.key_of).values() if r["table"] == table]
+    latest: dict[str, str] = {}
+    for r in runs:
+        latest[r["rule"]] = max(latest.get(r["rule"], ""), r["invocation"])
+    return sorted((r for r in runs if r["invocation"] == latest[r["rule"]]), key=lambda r: (r["rule"], r["seed"]))
 
 
 def command(args, name: str) -> str:
@@ -335,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
         if rules:
             plan[name] = (t, rules)
     tasks = [
-        (name, r.name, r.config, seed, _rule_overrides(t, r, args))
+        (name, r.name, r.config, seed, _rule_overrides(t, r, args.epochs_of(t), args.num_train))
         for name, (t, rules) in plan.items()
         for r in rules
         for seed in args.seeds_of(t)
@@ -347,21 +372,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict]]:
         return {}
     quiet()
     results: dict[str, list[dict]] = {name: [] for name in plan}
-    start = time.perf_counter()
+    start, today = time.perf_counter(), date.today().isoformat()
+    invocation = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%S.%fZ} pid {os.getpid()}"
+    machine = f"{platform.platform()}, {cpu()}; torch {torch.__version__}, pytorch-lightning {pl.__version__}"
     for i, r in enumerate(run_all(_run_task, tasks, args.jobs), start=1):
+        r.update(epochs=args.epochs_of(TABLES[r["table"]]), command=command(args, r["table"]), date=today)
         results[r["table"]].append(r)
+        common.append_record(common.data_file(args.out, RECORDS), RUN_KIND,
+                             {**{k: r[k] for k in RECORD_KEYS}, "epochs": r["epochs"], "command": r["command"], "date": today,
+                              "machine": machine, "jobs": args.jobs, "invocation": invocation, "num_train": args.num_train})  # fmt: skip
         score = r["error"] if r["diverged"] else f"train {r['train_mse']:.4g} test {r['test_mse']:.4g}"
         print(f"[{i}/{len(tasks)} {time.perf_counter() - start:.0f}s] {r['table']} {r['rule']} seed {r['seed']}: "
               f"{score} ({r['seconds']:.0f}s)", flush=True)  # fmt: skip
-    today = date.today().isoformat()
     for name, (t, rules) in plan.items():
         ran = {r.name for r in rules}
-        for r in results[name]:
-            r.update(epochs=args.epochs_of(t), command=command(args, name), date=today)
-        kept = [r for r in read_records(args.out, name) if r["rule"] not in ran and r["rule"] in {x.name for x in t.rules}]
-        runs = sorted(kept + results[name], key=lambda r: (r["rule"], r["seed"]))
+        runs = [r for r in read_records(args.out, name) if r["rule"] in {x.name for x in t.rules}]
+        kept = [r for r in runs if r["rule"] not in ran]
         shown = [r for r in t.rules if r.name in {x["rule"] for x in runs}]
-        write_block(args.out, f"student_teacher:{name}", render(t, shown, runs, args, sum(r["seconds"] for r in runs)))
+        write_block(args.out, f"student_teacher:{name}", render(t, shown, runs))
         print(f"wrote table {name!r} to {args.out}" + (f" (kept the rows of {sorted({r['rule'] for r in kept})})" if kept else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

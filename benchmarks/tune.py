@@ -679,10 +679,19 @@ def check(rule: str, jobs: int = 1, record: Path = mnist.RECORD, seed: int = 0) 
     return out
 
 
+#: a check's record (:func:`check`), in ``data/check_runs.jsonl`` beside ``--out``; the latest of a rule is its row
+CHECK_KIND = common.Kind("check", {"rule": "str", "seed": "int", "epochs": "int", "kept": "str", "tuned_values": "str", "date": "str",
+                                   **{f"{n}_{k}": t for n in ("tuned", "before") for k, t in
+                                      (("best_val_acc", "number|null"), ("best_epoch", "int|null"), ("diverged", "bool"))}},
+                         key=("rule",))  # fmt: skip
+
+
 def write_checks(checks: Sequence[dict], out: Path) -> str:
-    """Write the block of full-schedule checks into ``out``, keeping the rows of rules not in ``checks``; returns it."""
-    by_rule = {c["rule"]: c for c in common.read_block_records(out, "check", "check:runs")}
-    by_rule.update({c["rule"]: c for c in checks})
+    """Append ``checks`` to the check records beside ``out`` and write the block of full-schedule checks into ``out``
+    from all of them (the rows of rules not in ``checks`` kept); returns it."""
+    for c in checks:
+        common.append_record(common.data_file(out, "check_runs.jsonl"), CHECK_KIND, c)
+    by_rule = common.newest(common.read_records(common.data_file(out, "check_runs.jsonl"), CHECK_KIND), key=lambda c: c["rule"])
     rows = []
     for rule in RULES:
         if (c := by_rule.get(rule)) is None:
@@ -703,7 +712,6 @@ def write_checks(checks: Sequence[dict], out: Path) -> str:
         "| rule | epochs | seed | tuned: best val acc | before tuning: best val acc | the study's values | date |",
         "|---|---|---|---|---|---|---|",
         *rows,
-        common.records_comment("check:runs", list(by_rule.values())),
     ])  # fmt: skip
     common.write_block(out, "check", body)
     return body

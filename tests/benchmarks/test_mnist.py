@@ -29,7 +29,7 @@ from tplightning.config_files import CONFIG_DIR
 from tplightning.data.mnist import MNISTDataModule, find_files
 
 from benchmarks import mnist as bench
-from benchmarks.common import write_block
+from benchmarks.common import record_line, write_block
 
 from conftest import REPO, SHARED_DATA, quiet_trainer
 
@@ -218,12 +218,13 @@ def test_verify_reruns_a_record_and_names_the_first_epoch_that_differs(tmp_path,
     bench.main([*cmd, "--verify", "2"])  # the same code and machine: the first two of three epochs, bit for bit
     assert "DTPAI seed 0: same over 2 epochs" in capsys.readouterr().out
     lines = record.read_text().splitlines()
-    rec = json.loads(lines[-1])
+    line = json.loads(lines[-1])
+    rec = line["record"]
     rec["val_acc"][1] += 0.002  # as if recorded on another machine, with kernels other than this one's
     ours = torch.backends.cpu.get_cpu_capability()
     theirs = "AVX2" if ours != "AVX2" else "AVX512"
     rec["machine"] = f"another machine, torch kernels {theirs}; torch {torch.__version__}"
-    record.write_text("\n".join([*lines[:-1], json.dumps(rec)]) + "\n")
+    record.write_text("\n".join([*lines[:-1], record_line(bench.RUN_KIND, rec, line["written"])]) + "\n")  # as written there
     with pytest.raises(SystemExit) as exit_:
         bench.main([*cmd, "--verify", "2"])
     printed = capsys.readouterr().out

@@ -40,7 +40,8 @@ def test_main_replaces_only_its_block(tmp_path):
 
 
 def test_a_run_of_some_rules_keeps_the_other_rows(tmp_path):
-    """Like the MNIST table: the block keeps its per-run records, so ``--rules DRL`` adds DRL's row and keeps BP's."""
+    """Like the MNIST table: the runs are kept in the record file beside ``--out``, so ``--rules DRL`` adds DRL's row and
+    keeps BP's."""
     out = tmp_path / "RESULTS.md"
     st.main(["--table", "equal", "--rules", "BP", *TINY, "--out", str(out)])
     first = st.read_records(out, "equal")
@@ -93,16 +94,18 @@ def test_divergence_is_counted_and_excluded():
                                   "--model.init_args.forward_optimizer.init_args.lr", "1e30"))  # fmt: skip
     assert r["diverged"] and r["test_mse"] is None and "diverged" in r["error"]
 
-    args = st.parse_args(["--table", "equal", "--epochs", "3"])
     table = st.TABLES["equal"]
     rules = [rule for rule in table.rules if rule.name in ("BP", "BPFixed")]
+    same = {"seconds": 30.0, "epochs": 3, "command": "c", "date": "2026-12-01", "machine": "m", "jobs": 1}
     runs = [
-        {"rule": "BP", "seed": 0, "diverged": False, "train_mse": 0.4, "test_mse": 0.5},
-        {"rule": "BP", "seed": 1, "diverged": False, "train_mse": 0.6, "test_mse": 0.7},
-        {"rule": "BPFixed", "seed": 0, "diverged": True, "train_mse": None, "test_mse": None},
-        {"rule": "BPFixed", "seed": 1, "diverged": False, "train_mse": 0.1, "test_mse": 0.2},
+        {"rule": "BP", "seed": 0, "diverged": False, "train_mse": 0.4, "test_mse": 0.5, **same},
+        {"rule": "BP", "seed": 1, "diverged": False, "train_mse": 0.6, "test_mse": 0.7, **same},
+        {"rule": "BPFixed", "seed": 0, "diverged": True, "train_mse": None, "test_mse": None, **same},
+        {"rule": "BPFixed", "seed": 1, "diverged": False, "train_mse": 0.1, "test_mse": 0.2, **same},
     ]
-    rows = [line for line in st.render(table, rules, runs, args, 1.0).splitlines() if line.startswith("| BP")]
+    text = st.render(table, rules, runs)
+    assert "Run 2026-12-01 on m; 4 runs, 2.0 min of run time in total (jobs 1)." in text  # all from the records
+    rows = [line for line in text.splitlines() if line.startswith("| BP")]
     assert rows == [
         "| BPFixed | `bp_fixed.yaml` | 0.1 ± n/a | 0.2 ± n/a | 1/2 |",
         "| BP | `bp.yaml` | 0.5 ± 0.14 | 0.6 ± 0.14 | 0/2 |",
