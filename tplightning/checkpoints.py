@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["load", "read", "recorded_class", "class_path_of", "check_fits"]
 
 
@@ -30,21 +32,29 @@ def _import(path: str):
 
 
 def read(checkpoint_path) -> dict:
-    """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file, ``ValueError`` for a
-    folder, a file that is not a PyTorch checkpoint (or is truncated or corrupt) and one that holds no ``state_dict``."""
+    """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file,
+    :class:`~tplightning.errors.ConfigError` for a folder, a file that is not a PyTorch checkpoint (or is truncated or
+    corrupt) and one that holds no ``state_dict``.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.ckpt")
+    >>> torch.save({"state_dict": {}, "epoch": 3}, path)
+    >>> read(path)["epoch"]
+    3
+    """
     path = Path(checkpoint_path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.ckpt"))
-        raise ValueError(f"checkpoint {path} is a folder; give a .ckpt file" + (f" in it ({', '.join(inside)})" if inside else ""))
+        raise ConfigError(f"checkpoint {path} is a folder; give a .ckpt file" + (f" in it ({', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # pickle, zip-archive and end-of-file errors of a foreign, truncated or corrupt file
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
-        raise ValueError(f"checkpoint {path} cannot be read: not a PyTorch checkpoint, or truncated or corrupt ({reason})") from None
+        raise ConfigError(f"checkpoint {path} cannot be read: not a PyTorch checkpoint, or truncated or corrupt ({reason})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a Lightning checkpoint (it holds no state_dict)")
+        raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (it holds no state_dict)")
     return ckpt
 
 
@@ -61,7 +71,8 @@ def recorded_class(checkpoint_path, base: type | None = None) -> type:
     path = _recorded_path(read(checkpoint_path))
     if path is None:
         if base is None:
-            raise ValueError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with RuleClass.load_from_checkpoint")
+            raise ConfigError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with the rule's own "
+                              "class, e.g. tplightning.DTPAI.load_from_checkpoint(path)")  # fmt: skip
         return base
     cls = _import(path)
     if base is not None and not issubclass(cls, base):
@@ -70,10 +81,20 @@ def recorded_class(checkpoint_path, base: type | None = None) -> type:
 
 
 def load(checkpoint_path: str | Path, map_location=None, **kwargs):
-    """The rule stored in ``checkpoint_path``, built as the class that wrote it (weights, inverses, extra state)."""
-    from .rules.base import LearningRule
+    """The rule stored in ``checkpoint_path``, built as the class that wrote it (weights, inverses, extra state).
 
-    cls = recorded_class(checkpoint_path, LearningRule)
+    >>> import tempfile, os, tplightning as tp
+    >>> path = os.path.join(tempfile.mkdtemp(), "bp.ckpt")
+    >>> rule = tp.BP(sizes=[2, 3, 1])
+    >>> checkpoint = {"state_dict": rule.state_dict(), "hyper_parameters": dict(rule.hparams)}
+    >>> rule.on_save_checkpoint(checkpoint)
+    >>> torch.save(checkpoint, path)
+    >>> type(load(path)).__name__
+    'BP'
+    """
+    cls = recorded_class(checkpoint_path)
+    if not callable(getattr(cls, "load_from_checkpoint", None)):
+        raise TypeError(f"checkpoint {checkpoint_path} holds a {class_path_of(cls)}, which is not a tplightning rule")
     return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
 
 
@@ -90,14 +111,14 @@ def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:
     except (ImportError, AttributeError, ValueError):
         cls = None  # a class this interpreter cannot import: the trial load still checks the weights
     if cls is not None and not (isinstance(model, cls) or issubclass(cls, type(model))):
-        raise ValueError(f"checkpoint {checkpoint_path} was written by {recorded}, but the model is {own}; "
+        raise ConfigError(f"checkpoint {checkpoint_path} was written by {recorded}, but the model is {own}; "
                          "use the config of the run that wrote it")  # fmt: skip
     trial, ckpt = copy.deepcopy(model), copy.deepcopy(ckpt)  # on_load_checkpoint migrates old checkpoints in place
     try:
         trial.on_load_checkpoint(ckpt)
         trial.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        raise ValueError(f"checkpoint {checkpoint_path} does not fit the configured {type(model).__name__}: "
+        raise ConfigError(f"checkpoint {checkpoint_path} does not fit the configured {type(model).__name__}: "
                          f"{_mismatch(str(err))} (the config differs from the run that wrote it)") from None
 
 

@@ -22,6 +22,7 @@ thesis' MLP from layer sizes.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -29,9 +30,11 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from . import functional as F
+from .errors import ConfigError
 from .functional import Activation, get_activation
+from .losses import D, LocalScaling
 
-__all__ = ["Layer", "Dense", "AuxiliaryDense", "Conv2d", "Network", "dense_stack", "build_network", "check_sizes", "build_layer"]
+__all__ = ["Layer", "Dense", "AuxiliaryDense", "Conv2d", "Network", "dense_stack", "build_network", "check_sizes", "build_layer", "resolve_layers"]
 
 
 def check_sizes(sizes: Sequence[int]) -> list[int]:
@@ -55,8 +58,9 @@ class Layer(nn.Module):
     activation: Activation
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    #: whether ``D_i^{-1}`` (modified rules) is defined: dense layers only
-    supports_modified: bool = False
+    #: whether the local gradient (eq. 4.12) and the feedback gradients through :meth:`transpose` have closed forms
+    #: (dense layers); otherwise autograd computes them, and ``D_i^{-1}`` (the modified rules) is not available
+    closed_form: bool = False
     #: whether an exact inverse ``W^{-1}`` can be kept: square dense layers only
     supports_exact_inverse: bool = False
 
@@ -83,9 +87,9 @@ class Layer(nn.Module):
         """Diagonal of ``D_{s_i}`` at the pre-activation ``a`` (``h = s(a)`` reused where it helps)."""
         return self.activation.derivative(a, h)
 
-    def local_grads(self, h_prev: Tensor, a: Tensor, h: Tensor, h_hat: Tensor, modified: bool = False) -> dict[Tensor, Tensor]:
-        """``{parameter: gradient}`` of ``mean_b 1/2 ||f_i(h_{i-1}) - h^_i||^2`` (autograd)."""
-        if modified:
+    def local_grads(self, h_prev: Tensor, a: Tensor, h: Tensor, h_hat: Tensor, scaling: LocalScaling = D) -> dict[Tensor, Tensor]:
+        """``{parameter: gradient}`` of ``mean_b 1/2 ||f_i(h_{i-1}) - h^_i||^2`` (autograd; ``scaling`` must be ``D``)."""
+        if scaling.inverse:
             raise ValueError(f"{type(self).__name__} has no D^-1 update (modified rules need dense layers)")
         params = [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
         with torch.enable_grad():
@@ -147,7 +151,7 @@ class Dense(Layer):
         generator: optional ``torch.Generator`` of the initial weights.
     """
 
-    supports_modified = True
+    closed_form = True
 
     def __init__(
         self,
@@ -178,15 +182,15 @@ class Dense(Layer):
             a = a + self.bias
         return a, self.activation(a)
 
-    def local_grads(self, h_prev, a, h, h_hat, modified=False):
+    def local_grads(self, h_prev, a, h, h_hat, scaling=D):
         """Closed form (eq. 4.12): ``(1/B) sum_b D_i (h_i - h^_i) h_{i-1}^T`` and ``mean_b D_i (h_i - h^_i)``
-        for the bias; ``D_i^{-1}`` for the modified rules (Alg. A.1, A.6)."""
-        delta = self.delta(a, h, h_hat, modified)
+        for the bias; ``D_i^{-1}`` with ``scaling=D_INVERSE`` (the modified rules, Alg. A.1, A.6)."""
+        delta = self.delta(a, h, h_hat, scaling)
         return self.grads_from_delta(delta, h_prev)
 
-    def delta(self, a: Tensor, h: Tensor, h_hat: Tensor, modified: bool = False) -> Tensor:
-        """``D_i (h_i - h^_i)`` per sample (``D_i^{-1}`` when ``modified``), ``(B, n_i)``."""
-        return F.local_delta(self.derivative(a, h), h, h_hat, modified)
+    def delta(self, a: Tensor, h: Tensor, h_hat: Tensor, scaling: LocalScaling = D) -> Tensor:
+        """``D_i (h_i - h^_i)`` per sample (``D_i^{-1}`` with ``scaling=D_INVERSE``), ``(B, n_i)``."""
+        return F.local_delta(self.derivative(a, h), h, h_hat, scaling)
 
     def grads_from_delta(self, delta: Tensor, h_prev: Tensor) -> dict[Tensor, Tensor]:
         if h_prev.dim() > 2:
@@ -548,3 +552,35 @@ def build_network(
     if aux_units:
         raise ValueError("aux_units apply to the MLP built from sizes; put an AuxiliaryDense output layer in the network instead")
     return net
+
+
+def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    """The sorted 1-based indices of ``train_layers`` for a network of ``num_layers`` layers (negative indices count
+    from the output, ``-1`` is the output layer); ``None`` means all. Bad entries are a
+    :class:`~tplightning.errors.ConfigError` naming ``train_layers``.
+
+    >>> resolve_layers([-1, 1], 3)
+    [1, 3]
+    >>> resolve_layers(None, 2)
+    [1, 2]
+    """
+    L = num_layers
+    if layers is None:
+        return list(range(1, L + 1))
+    given = layers
+    layers = [] if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") else list(layers)
+    if not layers:
+        raise ConfigError(f"train_layers must list at least one layer index (1..{L}, or -1 for the output layer), got {given!r}")
+    out = []
+    for i in layers:
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            i = operator.index(i)  # ints, numpy and 0-d tensor integers
+        except TypeError:
+            raise ConfigError(f"train_layers entries must be integers, got {i!r}") from None
+        j = i + L + 1 if i < 0 else i
+        if not 1 <= j <= L:
+            raise ConfigError(f"train_layers entry {i} is out of range for a network with {L} layers (1..{L}, or -{L}..-1 from the output)")
+        out.append(j)
+    return sorted(set(out))

@@ -6,18 +6,33 @@ checkpoint keeps. Under DDP every replica uses the same seed, so all replicas dr
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 
+from .generators import pickle_generators, restore_generators
+
 __all__ = ["LayerSelection", "AllLayers", "RandomLayer"]
 
 
-class LayerSelection:
-    """Chooses the layers to update from the trainable ones; ``state``/``load_state`` for checkpoints."""
+class LayerSelection(ABC):
+    """Chooses the layers to update from the trainable ones; ``state``/``load_state`` for checkpoints.
 
+    Args:
+        seed: seed of the selection's generator (selections that draw nothing ignore it).
+    """
+
+    def __init__(self, seed: int = 0):
+        pass
+
+    @abstractmethod
     def __call__(self, layers: Sequence[int]) -> list[int]:
-        raise NotImplementedError
+        """The layers to update this batch, from the trainable ``layers``."""
+
+    def drawn(self, chosen: Sequence[int]) -> int:
+        """The layer a step of this selection reports as updated (``0``: every layer)."""
+        return 0
 
     def state(self) -> dict:
         return {}
@@ -27,14 +42,24 @@ class LayerSelection:
 
 
 class AllLayers(LayerSelection):
-    """Every trainable layer, every batch."""
+    """Every trainable layer, every batch.
+
+    >>> AllLayers()([1, 2, 3])
+    [1, 2, 3]
+    """
 
     def __call__(self, layers):
         return list(layers)
 
 
 class RandomLayer(LayerSelection):
-    """One layer drawn uniformly per batch (Alg. A.2), from ``torch.Generator().manual_seed(seed)``."""
+    """One layer drawn uniformly per batch (Alg. A.2), from ``torch.Generator().manual_seed(seed)``.
+
+    >>> select = RandomLayer(seed=0)
+    >>> chosen = select([1, 2, 3])
+    >>> len(chosen), select.drawn(chosen) == chosen[0]
+    (1, True)
+    """
 
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
@@ -42,6 +67,9 @@ class RandomLayer(LayerSelection):
     def __call__(self, layers):
         j = int(torch.randint(len(layers), (1,), generator=self.generator))
         return [layers[j]]
+
+    def drawn(self, chosen):
+        return chosen[0]
 
     def state(self):
         return {"layer_generator": self.generator.get_state()}
@@ -51,8 +79,7 @@ class RandomLayer(LayerSelection):
             self.generator.set_state(state["layer_generator"])
 
     def __getstate__(self):  # bytes, not a state tensor: ddp_spawn pickles the rule through shared memory
-        return {"state": bytes(self.generator.get_state().numpy())}
+        return pickle_generators(self.__dict__)
 
-    def __setstate__(self, d):
-        self.generator = torch.Generator()
-        self.generator.set_state(torch.frombuffer(bytearray(d["state"]), dtype=torch.uint8))
+    def __setstate__(self, state):
+        self.__dict__.update(restore_generators(state))

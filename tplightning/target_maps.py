@@ -27,6 +27,7 @@ corrupted activation up to the output and back) the network's layers and maps.
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .errors import ConfigError
 from .layers import Dense, Layer
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "TrainedFeedback",
     "DirectFeedback",
     "Difference",
+    "plain",
     "DifferenceReconstruction",
     "LocalDifferenceReconstruction",
     "DirectLinear",
@@ -78,8 +81,8 @@ class Step:
         return self._error
 
 
-class TargetMap(nn.Module):
-    """Base of the maps. :meth:`bind` attaches the layers; subclasses define :meth:`forward` (``g_i``)."""
+class TargetMap(nn.Module, metaclass=ABCMeta):
+    """Base of the maps (abstract). :meth:`bind` attaches the layers; subclasses define :meth:`forward` (``g_i``)."""
 
     #: sets the target itself rather than inverting the layer above (diagnostics: ``e^TP_i = Delta_i``)
     direct: bool = False
@@ -107,10 +110,11 @@ class TargetMap(nn.Module):
         return self
 
     def check_layers(self, lower: Layer, upper: Layer) -> None:
-        """Raise ``ValueError`` when the map cannot serve these layers."""
+        """Raise :class:`~tplightning.errors.ConfigError` when the map cannot serve these layers."""
 
+    @abstractmethod
     def forward(self, h_next: Tensor) -> Tensor:
-        raise NotImplementedError
+        """``g_i(h_{i+1})`` for a batch of layer-``(i+1)`` activations."""
 
     def _shape(self, v: Tensor) -> Tensor:
         return v.reshape(v.shape[0], *self.lower.out_shape)
@@ -151,12 +155,13 @@ class TargetMap(nn.Module):
 class _LinearAfterInverse(TargetMap):
     """``g_i(h) = M (s_{i+1}^{-1}(h) - b_{i+1})``: the exact inverse (``M = W^{-1}``) and the thesis form (``M = Q``)."""
 
+    @abstractmethod
     def matrix(self) -> Tensor:
-        raise NotImplementedError
+        """``M``: ``W_{i+1}^{-1}`` or ``Q_i``."""
 
     def check_layers(self, lower, upper):
         if not upper.activation.invertible:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {self.index + 1} activation {upper.activation!r} has no inverse, which g_{self.index}(h) = M s^-1(h) needs; "
                 "use leaky_relu with negative_slope > 0, tanh or linear, or an original-form map"
             )
@@ -191,13 +196,13 @@ class ExactInverse(_LinearAfterInverse):
     def __init__(self, threshold: float = 0.5, tau_init: float = 0.4, inverse_tolerance: float = 1e-4):
         super().__init__()
         if not threshold > 0:
-            raise ValueError(f"threshold (epsilon) must be > 0, got {threshold}")
+            raise ConfigError(f"threshold (epsilon) must be > 0, got {threshold}")
         self.threshold, self.tau_init, self.inverse_tolerance = threshold, tau_init, inverse_tolerance
         self.reset_stats()
 
     def check_layers(self, lower, upper):
         if not upper.supports_exact_inverse:
-            raise ValueError(
+            raise ConfigError(
                 f"an exact inverse of layer {self.index + 1} ({type(upper).__name__} {upper.in_shape} -> {upper.out_shape}) "
                 "is not available: exact inverses need square dense layers; use a learned map (ThesisInverse, OriginalInverse)"
             )
@@ -278,13 +283,20 @@ class ExactInverse(_LinearAfterInverse):
 
 
 def check_feedback_options(noise_std: float, weight_decay: float, init: str) -> None:
-    """``ValueError`` for a negative noise std or weight decay, or an unknown initialisation."""
+    """:class:`~tplightning.errors.ConfigError` for a negative noise std or weight decay, or an unknown initialisation.
+
+    >>> check_feedback_options(1.0, 0.0, "pinv")
+    >>> check_feedback_options(1.0, 0.0, "zeros")
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: feedback_init must be 'pinv' or 'random' or 'regularised', got 'zeros'
+    """
     if noise_std < 0 or weight_decay < 0:
-        raise ValueError(f"feedback_noise_std and feedback_weight_decay must be >= 0, got {noise_std} and {weight_decay}")
+        raise ConfigError(f"feedback_noise_std and feedback_weight_decay must be >= 0, got {noise_std} and {weight_decay}")
     if init not in ("pinv", "regularised", "random"):
-        raise ValueError(f"feedback_init must be 'pinv' or 'random' or 'regularised', got {init!r}")
+        raise ConfigError(f"feedback_init must be 'pinv' or 'random' or 'regularised', got {init!r}")
     if init == "regularised" and not (weight_decay > 0 and noise_std > 0):
-        raise ValueError(
+        raise ConfigError(
             "feedback_init='regularised' is theorem 4.7's inverse for lambda = feedback_weight_decay > 0 and "
             f"sigma = feedback_noise_std > 0, got {weight_decay} and {noise_std}"
         )
@@ -352,16 +364,16 @@ class ThesisInverse(_LearnedMap, _LinearAfterInverse):
     def __init__(self, noise_std: float = 1.0, weight_decay: float = 0.0, init: str = "pinv", batch_size: int | None = None):
         super().__init__(noise_std, weight_decay, init)
         if not noise_std > 0:
-            raise ValueError("feedback_noise_std must be > 0 for the thesis form: Alg. A.8 learns Q from white noise of that std")
+            raise ConfigError("feedback_noise_std must be > 0 for the thesis form: Alg. A.8 learns Q from white noise of that std")
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {batch_size}")
+            raise ConfigError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {batch_size}")
         self.batch_size = batch_size
 
     def feedback_grads(self, step, noise):
         B = self.batch_size or step.hs[0].shape[0]
         h = self.noise_std * noise((B, *self.lower.out_shape))
         a_next = self.upper.linear_out(h)  # s^-1(f_{i+1}(h)) - b = W h
-        if isinstance(self.upper, Dense):
+        if self.upper.closed_form:
             return self._decayed(F.inverse_loss_grad(self.Q, a_next, h.flatten(1)))
         return self._decayed(self._autograd(lambda Q: 0.5 * (self._shape(self.upper.transpose(a_next, Q)) - h).pow(2).sum() / B))
 
@@ -393,7 +405,7 @@ class OriginalInverse(_LearnedMap):
         ``g_i(v) = s_i(Q v)``, which every feedback loss of this form ends with (``u_k = dloss/dg_i(v_k)``). Closed form
         ``sum_k (u_k * s'(Q v_k))^T v_k`` for a dense layer above (reusing ``evaluate(v_k)`` when a term brings it),
         autograd otherwise."""
-        if isinstance(self.upper, Dense):
+        if self.upper.closed_form:
             act, grad = self.lower.activation, 0
             for v, u, *known in terms:
                 c, out = known[0] if known else self.evaluate(v)
@@ -406,7 +418,7 @@ class OriginalInverse(_LearnedMap):
         if self.noise_std > 0:
             h = h + self.noise_std * noise(tuple(h.shape))
         h_next = self.upper(h) if self.noise_std > 0 else step.hs[i + 1]
-        if isinstance(self.upper, Dense):
+        if self.upper.closed_form:
             return self._decayed(F.original_inverse_loss_grad(self.Q, h_next, h.flatten(1), self.lower.activation))
         act = self.lower.activation
         return self._decayed(self._autograd(lambda Q: 0.5 * (act(self._shape(self.upper.transpose(h_next, Q))) - h).pow(2).sum() / h.shape[0]))
@@ -426,7 +438,7 @@ class GradientTarget(TargetMap):
         if i != len(step.hs) - 2:
             raise ValueError(f"GradientTarget serves the layer below the output, not layer {i} of {len(step.hs) - 1}")
         e = step.output_error()
-        if isinstance(self.upper, Dense):
+        if self.upper.closed_form:
             delta = e * self.upper.activation.derivative(step.pre[i])  # dl/da_L
             return step.hs[i] - step.target_stepsize * delta @ self.upper.full_weight()
         with torch.enable_grad():
@@ -550,6 +562,16 @@ class Difference(TargetMap):
         self.inner.on_weights_changed()
 
 
+def plain(m: TargetMap) -> TargetMap:
+    """Plain target propagation ``h^_i = g_i(h^_{i+1})``: the map itself (the counterpart of :class:`Difference`).
+
+    >>> m = OriginalInverse()
+    >>> plain(m) is m
+    True
+    """
+    return m
+
+
 def forward_from(layers: Sequence[Layer], i: int, h: Tensor) -> Tensor:
     """``f_{i,L}(h) = f_L(...f_{i+1}(h))``: an activation of layer ``i`` run up to the output (``layers = [f_1..f_L]``)."""
     for layer in layers[i:]:
@@ -559,7 +581,7 @@ def forward_from(layers: Sequence[Layer], i: int, h: Tensor) -> Tensor:
 
 def _check_noise(noise_std: float, name: str) -> None:
     if not noise_std > 0:
-        raise ValueError(f"feedback_noise_std must be > 0 for {name}: its feedback loss compares noise-corrupted activations, got {noise_std}")
+        raise ConfigError(f"feedback_noise_std must be > 0 for {name}: its feedback loss compares noise-corrupted activations, got {noise_std}")
 
 
 class DifferenceReconstruction(OriginalInverse):

@@ -87,6 +87,7 @@ from .._lightning import pl
 from ..rules.base import DivergenceError
 from ..rules.learned import LearnedInverseRule
 from ..rules.target_prop import TargetPropRule
+from ..target_maps import ThesisInverse
 from . import common, mnist
 from .common import config_value, rule_class
 from .mnist import RULES
@@ -165,7 +166,7 @@ def family(rule: str) -> str:
     """The search-space family of ``rule`` (a key of :data:`SPACES`), from the class its config trains."""
     cls = rule_class(_config(rule))
     if issubclass(cls, LearnedInverseRule):
-        return "thesis-form inverses" if cls.form == "thesis" else "learned inverses"
+        return "thesis-form inverses" if issubclass(cls.feedback_map, ThesisInverse) else "learned inverses"
     if issubclass(cls, TargetPropRule):
         return "fixed feedback" if _init_param(cls, "feedback_optimizer") is None else "trained feedback"
     return "forward"

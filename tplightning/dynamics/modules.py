@@ -156,7 +156,7 @@ class DynamicalTP(_FeedbackMixin, LearningRule):
     def equilibria(self, x: Tensor, y: Tensor) -> dict:
         """The equilibrium (eq. 6.5) under the nudged target (eq. 6.10)."""
         model = self.network()
-        return {"model": model, "learn": model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)}
+        return {"model": model, "learn": model.equilibrium(x, nudged_target(y, self.loss, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)}
 
     @torch.no_grad()
     def weight_updates(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -207,7 +207,7 @@ class TwoPhaseDTP(DynamicalTP):
     @torch.no_grad()
     def equilibria(self, x: Tensor, y: Tensor) -> dict:
         model = self.network()
-        free, learn = model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)
+        free, learn = model.equilibrium(x, nudged_target(y, self.loss, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)
         return {"model": model, "free": free, "learn": learn}
 
     @torch.no_grad()
@@ -274,7 +274,7 @@ class MultiplexingDTP(_FeedbackMixin, LearningRule):
     @torch.no_grad()
     def equilibria(self, x: Tensor, y: Tensor) -> dict:
         model = self.network()
-        hs, free, learn = model.phases(x, nudged_target(y, self.loss_name, self.target_stepsize))
+        hs, free, learn = model.phases(x, nudged_target(y, self.loss, self.target_stepsize))
         return {"model": model, "h": hs, "free": free, "learn": learn}
 
     @torch.no_grad()

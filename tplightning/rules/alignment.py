@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
 from .._lightning import OptimizerCallable
+from ..errors import ConfigError
 from ..layers import Dense
 from ..target_maps import DirectFeedback, FeedbackAlignment, TrainedFeedback
 from .base import check_optimizer_factory
@@ -78,7 +78,7 @@ class BDFA(FA):
         self.feedback_optimizer = feedback_optimizer
         first = self.net.layers[0]
         if not isinstance(first, Dense):
-            raise ValueError(f"BDFA reconstructs the input through a dense first layer, got {type(first).__name__}")
+            raise ConfigError(f"BDFA reconstructs the input through a dense first layer, got {type(first).__name__}")
         W = first.weight
         self.input_feedback = nn.Parameter(torch.randn(first.in_features, first.out_features, dtype=W.dtype, device=W.device) / first.out_features**0.5)
 
@@ -94,7 +94,7 @@ class BDFA(FA):
     def feedback_grads(self, x: Tensor, y: Tensor) -> dict[Tensor, Tensor]:
         """``{B_i: mean_b delta^b_i (h^b_{i+1})^T}`` of phase two (eqs. 3.25-3.27) for a batch ``(x, y)``."""
         L, layers = self.num_layers, self.net.layers
-        h = F.label_output(y, self.output_dim, self.loss_name, self.dtype)  # h^b_L = y
+        h = self.loss.labels(y, self.output_dim, self.dtype)  # h^b_L = y
         Bs = self.feedback_parameters()  # B_0, ..., B_{L-1}
         hb, ab = [None] * (L + 1), [None] * L
         hb[L] = h

@@ -1,6 +1,7 @@
 """Error backpropagation baselines: ``BP`` (Alg. A.7) and ``BPFixed`` (only the output layer learns)."""
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .base import LearningRule
 
 __all__ = ["BP", "BPFixed"]
@@ -35,5 +36,5 @@ class BPFixed(BP):
     def __init__(self, *args, **kwargs):
         layers = kwargs.pop("train_layers", None)  # saved in checkpoints' hyper-parameters as [-1]
         if layers not in (None, [-1], (-1,)):
-            raise ValueError(f"BPFixed always trains only the output layer; got train_layers={layers}")
+            raise ConfigError(f"BPFixed always trains only the output layer; got train_layers={layers}")
         super().__init__(*args, train_layers=[-1], **kwargs)

@@ -45,11 +45,10 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
         **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
     """
 
+    feedback_map = DifferenceReconstruction
+
     def __init__(self, *args, feedback_noise_std: float = 0.05, **kwargs):
         super().__init__(*args, feedback_noise_std=feedback_noise_std, **kwargs)
-
-    def learned_map(self, i):
-        return DifferenceReconstruction(**self.feedback_options)
 
 
 class LDRL(_FreshFeedbackPass, OriginalDTP):
@@ -67,11 +66,10 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
     """
 
+    feedback_map = LocalDifferenceReconstruction
+
     def __init__(self, *args, feedback_noise_std: float = 0.1, feedback_iterations: int = 20, **kwargs):
         super().__init__(*args, feedback_noise_std=feedback_noise_std, feedback_iterations=feedback_iterations, **kwargs)
-
-    def learned_map(self, i):
-        return LocalDifferenceReconstruction(**self.feedback_options)
 
 
 class DDTPLinear(_FreshFeedbackPass):
@@ -86,7 +84,7 @@ class DDTPLinear(_FreshFeedbackPass):
         **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
     """
 
-    form = "original"  # no thesis-form noise batch: the DRL corrupts the batch's own activations
+    feedback_map = DirectLinear  # no thesis-form noise batch: the DRL corrupts the batch's own activations
 
     def __init__(self, *args, feedback_noise_std: float = 0.1, **kwargs):
         super().__init__(*args, feedback_noise_std=feedback_noise_std, **kwargs)

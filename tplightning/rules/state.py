@@ -6,19 +6,9 @@ subclasses add their own entries and call ``super()``.
 """
 from __future__ import annotations
 
-import torch
+from ..generators import pickle_generators, restore_generators
 
 __all__ = ["CheckpointState"]
-
-
-class _PickledGenerator:
-    def __init__(self, device: str, state: bytes):
-        self.device, self.state = device, state
-
-    def restore(self) -> torch.Generator:
-        g = torch.Generator(self.device)
-        g.set_state(torch.frombuffer(bytearray(self.state), dtype=torch.uint8))
-        return g
 
 
 class CheckpointState:
@@ -32,17 +22,11 @@ class CheckpointState:
         pass
 
     def __getstate__(self) -> dict:
-        """Pickle generators as bytes: ddp_spawn sends the module to its workers, and a
-        ``torch.Generator``'s state tensor cannot always travel through shared memory."""
-        state = self.__dict__.copy()
-        for k, v in state.items():
-            if isinstance(v, torch.Generator):
-                state[k] = _PickledGenerator(str(v.device), bytes(v.get_state().numpy()))
-        return state
+        """Pickle generators as bytes (:mod:`tplightning.generators`): ddp_spawn sends the module to its workers."""
+        return pickle_generators(self.__dict__)
 
     def __setstate__(self, state: dict) -> None:
-        state = {k: v.restore() if isinstance(v, _PickledGenerator) else v for k, v in state.items()}
-        super().__setstate__(state)
+        super().__setstate__(restore_generators(state))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tplightning"] = self.extra_state()
