@@ -199,6 +199,10 @@ def short_error(err: BaseException, argv: Sequence[str] = (), parser=None) -> st
                 problem += f"; did you mean {path.rsplit('.', 1)[0]}.{match[0]}?"
             elif cls is not None:
                 problem += f"; it accepts: {', '.join(accepted_arguments(cls))}"
+        elif m := re.search(r"Expected an instantiatable class, but ([\w.]*) ?is abstract", message):
+            from .rules.base import abstract_rule_message
+
+            problem = abstract_rule_message((m.group(1) or given.get(path or "") or "this class").rsplit(".", 1)[-1])
         elif "Subclass types expect one of" in message:  # a scalar or list where a class belongs
             problem = "expected a class path (such as tplightning.DTPAI) or a mapping with class_path: and init_args:"
             value = (re.findall(r"Given value: ([^\n]*)", message) or [None])[-1]

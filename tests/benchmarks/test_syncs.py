@@ -68,7 +68,7 @@ def test_a_hook_inside_the_optimizer_step_is_no_optimizer_code():
 
 def test_one_hot_labels_would_read_the_device(monkeypatch):
     # the cross-entropy output target once built its labels with one_hot, which checks the labels' range on the host
-    monkeypatch.setattr(tp.functional, "label_output", lambda y, n, loss, dtype=None: torch.nn.functional.one_hot(y.long(), n).to(dtype))
+    monkeypatch.setattr(tp.losses.CrossEntropy, "labels", lambda self, y, n, dtype=None: torch.nn.functional.one_hot(y.long(), n).to(dtype))
     reads = reads_of(make_rule("LeeDTP", sizes=(6, 6, 4), loss="cross_entropy"), "classification", batches=2, log_every=100)
     assert all(sum(c.values()) > 0 for c in reads.per_batch)
 

@@ -101,14 +101,23 @@ class DivergenceMonitor:
         )
 
 
+def abstract_rule_message(name: str) -> str:
+    """What building the abstract base ``name`` of the rules says (directly, or through a config that names it).
+
+    >>> abstract_rule_message("TargetPropRule")[:44]
+    'TargetPropRule is a base of the rules, not a'
+    """
+    return (f"{name} is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI or tplightning.BP "
+            "(README, 'The rules'), or subclass it")  # fmt: skip
+
+
 class _AbstractRule(ABCMeta):
     """:class:`abc.ABCMeta` whose abstract classes (the bases of the rules) refuse to be built with a message that names
     a rule to choose, as a :class:`~tplightning.errors.ConfigError` (a config that names a base class is wrong)."""
 
     def __call__(cls, *args, **kwargs):
         if inspect.isabstract(cls):
-            raise ConfigError(f"{cls.__name__} is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI "
-                              "or tplightning.BP (README, 'The rules'), or subclass it")  # fmt: skip
+            raise ConfigError(abstract_rule_message(cls.__name__))
         return super().__call__(*args, **kwargs)
 
     @property
