@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -40,17 +41,17 @@ __all__ = ["Layer", "Dense", "AuxiliaryDense", "Conv2d", "Network", "dense_stack
 def check_sizes(sizes: Sequence[int]) -> list[int]:
     """Validate layer sizes ``[n_0, ..., n_L]`` (at least input and output, all positive ints)."""
     if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
-        raise ValueError(f"sizes must be a list of layer sizes such as [784, 256, 10], got {sizes!r}")
+        raise ConfigError(f"sizes must be a list of layer sizes such as [784, 256, 10], got {sizes!r}")
     sizes = list(sizes)
     if len(sizes) < 2:
-        raise ValueError(f"sizes must list at least an input and an output size, got {sizes}")
+        raise ConfigError(f"sizes must list at least an input and an output size, got {sizes}")
     bad = [n for n in sizes if not isinstance(n, int) or isinstance(n, bool) or n <= 0]
     if bad:
-        raise ValueError(f"layer sizes must be positive integers, got {sizes} (bad: {bad})")
+        raise ConfigError(f"layer sizes must be positive integers, got {sizes} (bad: {bad})")
     return sizes
 
 
-class Layer(nn.Module):
+class Layer(nn.Module, metaclass=ABCMeta):
     """Base of the forward layers. Subclasses set ``activation``, ``in_shape``, ``out_shape`` and the
     parameters ``weight`` (and ``bias`` or ``None``), and record their constructor arguments in
     ``spec`` so a checkpoint can rebuild them (:func:`build_layer`)."""
@@ -77,8 +78,9 @@ class Layer(nn.Module):
         """``{"class_path": ..., "init_args": {...}}``, the form LightningCLI configs use."""
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": dict(self._init_args)}
 
+    @abstractmethod
     def forward_pre(self, h_prev: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """``(a_i, h_i)``: the pre-activation and the activation ``h_i = s_i(a_i)``."""
 
     def forward(self, h_prev: Tensor) -> Tensor:
         return self.forward_pre(h_prev)[1]
@@ -90,7 +92,7 @@ class Layer(nn.Module):
     def local_grads(self, h_prev: Tensor, a: Tensor, h: Tensor, h_hat: Tensor, scaling: LocalScaling = D) -> dict[Tensor, Tensor]:
         """``{parameter: gradient}`` of ``mean_b 1/2 ||f_i(h_{i-1}) - h^_i||^2`` (autograd; ``scaling`` must be ``D``)."""
         if scaling.inverse:
-            raise ValueError(f"{type(self).__name__} has no D^-1 update (modified rules need dense layers)")
+            raise ConfigError(f"{type(self).__name__} has no D^-1 update (modified rules need dense layers)")
         params = [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
         with torch.enable_grad():
             out = self(h_prev.detach())
@@ -98,32 +100,33 @@ class Layer(nn.Module):
             grads = torch.autograd.grad(loss, params)
         return dict(zip(params, grads))
 
+    @abstractmethod
     def linear_out(self, h_prev: Tensor) -> Tensor:
         """``W h_{i-1}`` in output coordinates, without bias (``s^{-1}(f_i(h)) - b``)."""
-        raise NotImplementedError
 
     def pre_output(self, h: Tensor) -> Tensor:
         """``s_i^{-1}(h) - b_i`` for a batch ``h`` in this layer's output space."""
         a = self.activation.inverse(h)
         return a if self.bias is None else a - self._bias_view()
 
+    @abstractmethod
     def transpose(self, v: Tensor, M: Tensor) -> Tensor:
         """``M``'s linear map from this layer's output space to its input space (``M`` shaped as :meth:`feedback_shape`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def feedback_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The shape of a weight ``M`` that :meth:`transpose` takes (``W^T``'s for dense layers)."""
 
+    @abstractmethod
     def adjoint(self) -> Tensor:
         """The transposed weight ``W^T`` in :meth:`feedback_shape` (a feedback weight that starts as the adjoint)."""
-        raise NotImplementedError
 
     def pseudo_inverse(self, gamma: float = 0.0) -> Tensor:
         """``W^dagger`` (``gamma = 0``) or theorem 4.7's ``W^T (W W^T + gamma I)^{-1}`` in :meth:`feedback_shape`, where it is
         cheap (dense layers); the adjoint ``W^T`` otherwise (for a convolution the adjoint is a transposed convolution,
         and the pseudo-inverse is not one)."""
         if gamma:
-            raise ValueError(f"the regularised inverse needs a dense layer above, not a {type(self).__name__}")
+            raise ConfigError(f"the regularised inverse needs a dense layer above, not a {type(self).__name__}")
         return self.adjoint()
 
     @property
@@ -236,7 +239,7 @@ class AuxiliaryDense(Dense):
 
     def __init__(self, in_features: int, out_features: int, aux_units: int, **kwargs):
         if not isinstance(aux_units, int) or aux_units < 1:
-            raise ValueError(f"aux_units must be a positive integer, got {aux_units!r}")
+            raise ConfigError(f"aux_units must be a positive integer, got {aux_units!r}")
         super().__init__(in_features, out_features + aux_units, **kwargs)
         self._init_args.update(out_features=out_features, aux_units=aux_units)
         full = self.weight.detach()
@@ -327,10 +330,10 @@ class Conv2d(Layer):
         super().__init__()
         input_shape = tuple(int(n) for n in input_shape)
         if len(input_shape) != 3 or min(input_shape) < 1:
-            raise ValueError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape}")
+            raise ConfigError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape}")
         for name, v, low in (("out_channels", out_channels, 1), ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0), ("pool", pool, 1)):
             if not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+                raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
         self._init_args = {"input_shape": list(input_shape), "out_channels": out_channels, "kernel_size": kernel_size, "stride": stride,
                            "padding": padding, "pool": pool, "activation": getattr(activation, "name", activation),
                            "negative_slope": negative_slope, "bias": bias, "init": init, "init_std": init_std}  # fmt: skip
@@ -339,7 +342,7 @@ class Conv2d(Layer):
         C, H, W = input_shape
         conv_hw = [(n + 2 * padding - kernel_size) // stride + 1 for n in (H, W)]
         if min(conv_hw) < 1 or min(conv_hw) < pool:
-            raise ValueError(f"kernel_size {kernel_size}, padding {padding}, stride {stride}, pool {pool} do not fit input {input_shape}")
+            raise ConfigError(f"kernel_size {kernel_size}, padding {padding}, stride {stride}, pool {pool} do not fit input {input_shape}")
         self.conv_shape = (out_channels, *conv_hw)
         self.in_shape, self.out_shape = input_shape, (out_channels, conv_hw[0] // pool, conv_hw[1] // pool)
         flat = _initial_weight((out_channels, C * kernel_size * kernel_size), init, init_std, generator)
@@ -393,20 +396,20 @@ def build_layer(spec: Layer | dict) -> Layer:
     if isinstance(spec, Layer):
         return spec
     if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(f"a network layer must be a Layer or a {{class_path, init_args}} mapping, got {spec!r}")
+        raise ConfigError(f"a network layer must be a Layer or a {{class_path, init_args}} mapping, got {spec!r}")
     name = str(spec["class_path"]).rsplit(".", 1)[-1]
     if name not in _LAYERS:
-        raise ValueError(f"unknown layer class {spec['class_path']!r}; expected one of {sorted(_LAYERS)}")
+        raise ConfigError(f"unknown layer class {spec['class_path']!r}; expected one of {sorted(_LAYERS)}")
     return _LAYERS[name](**spec.get("init_args", {}))
 
 
 def _initial_weight(shape: tuple[int, int], init: str, init_std: float | None, generator: torch.Generator | None) -> Tensor:
     if init not in ("gaussian", "orthogonal"):
-        raise ValueError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
+        raise ConfigError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
     if init == "orthogonal" and init_std is not None:
-        raise ValueError(f"init_std={init_std} applies to Gaussian weights only; leave it None with init='orthogonal'")
+        raise ConfigError(f"init_std={init_std} applies to Gaussian weights only; leave it None with init='orthogonal'")
     if init_std is not None and not init_std > 0:
-        raise ValueError(f"init_std must be > 0 (or None for 1/sqrt(n_in)), got {init_std}")
+        raise ConfigError(f"init_std must be > 0 (or None for 1/sqrt(n_in)), got {init_std}")
     std = init_std if init_std is not None else 1.0 / math.sqrt(shape[1])
     W = torch.randn(*shape, generator=generator) * std
     if init == "orthogonal":  # drawn after the Gaussian one, which keeps the seeded stream the MNIST runs used
@@ -426,10 +429,10 @@ class Network(nn.Module):
         super().__init__()
         layers = [build_layer(layer) for layer in layers]
         if not layers:
-            raise ValueError("a network needs at least one layer")
+            raise ConfigError("a network needs at least one layer")
         for k, (lower, upper) in enumerate(zip(layers[:-1], layers[1:]), start=1):
             if lower.out_features != upper.in_features:
-                raise ValueError(
+                raise ConfigError(
                     f"layer {k} outputs {lower.out_features} features {lower.out_shape} but layer {k + 1} expects "
                     f"{upper.in_features} {upper.in_shape}"
                 )
@@ -515,7 +518,7 @@ def dense_stack(
     layers, ``output_activation`` at the output; ``aux_units > 0`` makes the output an :class:`AuxiliaryDense`."""
     sizes = check_sizes(sizes)
     if init not in ("gaussian", "orthogonal"):
-        raise ValueError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
+        raise ConfigError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
     L = len(sizes) - 1
     common = {"negative_slope": negative_slope, "bias": bias, "init": init, "init_std": init_std, "generator": generator}
     layers: list[Layer] = [Dense(sizes[k], sizes[k + 1], activation, **common) for k in range(L - 1)]
@@ -548,9 +551,9 @@ def build_network(
         return Network(dense_stack(sizes, activation, output_activation, negative_slope, bias, init_std, None, init, aux_units))
     net = network if isinstance(network, Network) else Network(list(network))
     if tuple(sizes) != _DEFAULT_SIZES and list(sizes) != net.sizes:
-        raise ValueError(f"give either sizes or network: sizes={list(sizes)} but the network's sizes are {net.sizes}")
+        raise ConfigError(f"give either sizes or network: sizes={list(sizes)} but the network's sizes are {net.sizes}")
     if aux_units:
-        raise ValueError("aux_units apply to the MLP built from sizes; put an AuxiliaryDense output layer in the network instead")
+        raise ConfigError("aux_units apply to the MLP built from sizes; put an AuxiliaryDense output layer in the network instead")
     return net
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 __all__ = ["InputNormalization"]
 
 
@@ -40,7 +42,7 @@ class InputNormalization(nn.Module):
             mean, var = getattr(self, f"running_mean_{j}"), getattr(self, f"running_var_{j}")
             if train:
                 if h.shape[0] < 2:
-                    raise ValueError(f"batch_norm normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
+                    raise ConfigError(f"batch_norm normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
                 mu = h.mean(0)
                 centred = h - mu
                 v = (centred * centred).mean(0)  # biased variance; reuses h - mu (torch.var's column reduction is slow on CPU)
