@@ -21,7 +21,7 @@ import torch
 from tplightning._lightning import OptimizerCallable
 from torch import Tensor, nn
 
-from ..rules.base import DivergenceError, LearningRule, check_optimizer_factory
+from ..rules.base import DivergenceError, LearningRule, build_optimizer, check_optimizer_factory
 from .models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target
 
 __all__ = ["DynamicalTP", "TwoPhaseDTP", "MultiplexingDTP"]
@@ -57,7 +57,7 @@ class _FeedbackMixin:
 
     def build_optimizers(self):
         fb = self.feedback_parameters()
-        return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
+        return super().build_optimizers() + ([build_optimizer("feedback_optimizer", self.feedback_optimizer, fb)] if fb else [])
 
 
 def _double(params) -> list[Tensor]:

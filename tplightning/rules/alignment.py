@@ -16,7 +16,7 @@ from .._lightning import OptimizerCallable
 from ..errors import ConfigError
 from ..layers import Dense
 from ..target_maps import DirectFeedback, FeedbackAlignment, TrainedFeedback
-from .base import check_optimizer_factory
+from .base import build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
 __all__ = ["FA", "DFA", "BDFA"]
@@ -89,7 +89,7 @@ class BDFA(FA):
         return [self.input_feedback, *self.feedback_weights]
 
     def build_optimizers(self):
-        return super().build_optimizers() + [self.make_optimizer("feedback_optimizer", self.feedback_parameters())]
+        return super().build_optimizers() + [build_optimizer("feedback_optimizer", self.feedback_optimizer, self.feedback_parameters())]
 
     def feedback_grads(self, x: Tensor, y: Tensor) -> dict[Tensor, Tensor]:
         """``{B_i: mean_b delta^b_i (h^b_{i+1})^T}`` of phase two (eqs. 3.25-3.27) for a batch ``(x, y)``."""

@@ -147,6 +147,22 @@ class LinearDecay:
         return 1.0 - (1.0 - self.final) * min(epoch, self.epochs - 1) / (self.epochs - 1)
 
 
+def build_optimizer(name: str, factory, params) -> torch.optim.Optimizer:
+    """The optimizer that ``factory`` (the rule's argument ``name``) builds for ``params``; a bad setting (a negative
+    learning rate, an unknown argument) is a :class:`~tplightning.errors.ConfigError` naming the argument.
+
+    >>> import functools
+    >>> build_optimizer("forward_optimizer", functools.partial(torch.optim.SGD, lr=-1.0), [torch.zeros(1, requires_grad=True)])
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: forward_optimizer: Invalid learning rate: -1.0
+    """
+    try:
+        return factory(params)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{name}: {err}") from err
+
+
 def _mean_metric() -> torchmetrics.MeanMetric:
     """A running mean on the device: no NaN check (it would read the device each batch) and no reduction over DDP
     replicas at ``compute`` (the epoch mean is logged with ``sync_dist``, the window mean per replica)."""
@@ -256,7 +272,6 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
                 layer.requires_grad_(False)
         self.divergence = DivergenceMonitor(self.net)
         self.window_loss, self.epoch_loss = _mean_metric(), _mean_metric()  # train/loss and train/loss_epoch
-        self.batches_seen = 0  # training batches, saved in checkpoints (global_step counts optimizer steps)
         self.val_metrics = torchmetrics.MetricCollection(self.loss.metric(self.output_dim), prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
 
@@ -331,29 +346,16 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         self.epoch_loss.reset()
         self.step_schedulers()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.batches_seen += 1
-
     # ----------------------------------------------------------------------------- optimizers
-    def forward_parameters(self) -> list[Tensor]:
-        """Weights of the trained layers, then their biases (the order optimizer states were saved in)."""
-        layers = [self.net.layers[i - 1] for i in self.train_layers]
-        return [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
-
     def feedback_parameters(self) -> list[Tensor]:
         return []
 
     def build_optimizers(self) -> list[torch.optim.Optimizer]:
-        """The forward optimizer, then (in rules with learned feedback) the feedback optimizer."""
-        return [self.make_optimizer("forward_optimizer", self.forward_parameters())]
-
-    def make_optimizer(self, name: str, params) -> torch.optim.Optimizer:
-        """The optimizer that the factory ``self.<name>`` builds for ``params``; a bad setting (a negative learning
-        rate, an unknown argument) is reported as :class:`~tplightning.errors.ConfigError` naming the factory."""
-        try:
-            return getattr(self, name)(params)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"{name}: {err}") from err
+        """The forward optimizer on the weights of the trained layers, then their biases (the order optimizer states
+        were saved in); rules with learned feedback add the feedback optimizer."""
+        layers = [self.net.layers[i - 1] for i in self.train_layers]
+        params = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
+        return [build_optimizer("forward_optimizer", self.forward_optimizer, params)]
 
     def configure_optimizers(self):
         optimizers = self.build_optimizers()
@@ -403,13 +405,6 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.divergence.raise_pending()  # before the file is written: no checkpoint after a non-finite step
         super().on_save_checkpoint(checkpoint)
-
-    def extra_state(self) -> dict:
-        return {**super().extra_state(), "batches_seen": self.batches_seen}
-
-    def load_extra_state(self, state: dict) -> None:
-        super().load_extra_state(state)
-        self.batches_seen = int(state.get("batches_seen", 0))
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):

@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..losses import D_INVERSE
 from ..selection import RandomLayer
 from ..target_maps import Difference, GradientTarget, OriginalInverse, Step, TargetMap, ThesisInverse, check_feedback_options
-from .base import check_optimizer_factory
+from .base import build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
 __all__ = [
@@ -151,7 +151,7 @@ class LearnedInverseRule(TargetPropRule):
 
     def build_optimizers(self):
         fb = self.feedback_parameters()
-        return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
+        return super().build_optimizers() + ([build_optimizer("feedback_optimizer", self.feedback_optimizer, fb)] if fb else [])
 
     # ----------------------------------------------------------------------------- feedback training
     def noise(self, shape: tuple[int, ...]) -> Tensor:

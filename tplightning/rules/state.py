@@ -12,14 +12,21 @@ __all__ = ["CheckpointState"]
 
 
 class CheckpointState:
-    """Mixin for a ``LightningModule``: extra state in checkpoints and picklable generators."""
+    """Mixin for a ``LightningModule``: extra state in checkpoints (the training batches seen so far, and what
+    subclasses add) and picklable generators."""
+
+    #: training batches, saved in checkpoints (Lightning's ``global_step`` counts optimizer steps)
+    batches_seen: int = 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.batches_seen += 1
 
     def extra_state(self) -> dict:
         """State outside parameters/buffers/optimizers that a resumed run needs."""
-        return {}
+        return {"batches_seen": self.batches_seen}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        self.batches_seen = int(state.get("batches_seen", 0))
 
     def __getstate__(self) -> dict:
         """Pickle generators as bytes (:mod:`tplightning.generators`): ddp_spawn sends the module to its workers."""
