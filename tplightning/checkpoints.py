@@ -22,6 +22,11 @@ __all__ = ["load", "read", "recorded_class", "class_path_of", "check_fits"]
 
 
 def class_path_of(obj_or_cls) -> str:
+    """The import path of a class (or of an object's class), as checkpoints record it.
+
+    >>> class_path_of(torch.nn.Linear)
+    'torch.nn.modules.linear.Linear'
+    """
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -67,6 +72,12 @@ def recorded_class(checkpoint_path, base: type | None = None) -> type:
 
     Raises ``TypeError`` when the recorded class is not a subclass of ``base``, and :func:`read`'s errors for a file
     that is no checkpoint.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.ckpt")
+    >>> torch.save({"state_dict": {}, "tplightning": {"class_path": "tplightning.rules.learned.DTPAI"}}, path)
+    >>> recorded_class(path).__name__
+    'DTPAI'
     """
     path = _recorded_path(read(checkpoint_path))
     if path is None:
@@ -86,7 +97,8 @@ def load(checkpoint_path: str | Path, map_location=None, **kwargs):
     >>> import tempfile, os, tplightning as tp
     >>> path = os.path.join(tempfile.mkdtemp(), "bp.ckpt")
     >>> rule = tp.BP(sizes=[2, 3, 1])
-    >>> checkpoint = {"state_dict": rule.state_dict(), "hyper_parameters": dict(rule.hparams)}
+    >>> checkpoint = {"state_dict": rule.state_dict(), "hyper_parameters": dict(rule.hparams),
+    ...               "pytorch-lightning_version": tp._lightning.pl.__version__}
     >>> rule.on_save_checkpoint(checkpoint)
     >>> torch.save(checkpoint, path)
     >>> type(load(path)).__name__
@@ -99,11 +111,20 @@ def load(checkpoint_path: str | Path, map_location=None, **kwargs):
 
 
 def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:
-    """``ValueError`` unless ``model`` can take the weights of ``checkpoint_path`` (``ckpt``: the file already
+    """:class:`~tplightning.errors.ConfigError` unless ``model`` can take the weights of ``checkpoint_path`` (``ckpt``: the file already
     :func:`read`): the class it records is the model's (or one related by inheritance), and a trial load into a copy
     of the model (through ``on_load_checkpoint``, which migrates older checkpoints, and a strict ``load_state_dict``)
     succeeds; a config whose sizes, layers or options differ from the run that wrote it fails here, the first
-    mismatch named."""
+    mismatch named (a :class:`~tplightning.errors.ConfigError`).
+
+    >>> import tplightning as tp
+    >>> ckpt = {"state_dict": tp.BP(sizes=[2, 3, 1]).state_dict()}
+    >>> check_fits(tp.BP(sizes=[2, 3, 1]), "bp.ckpt", ckpt)
+    >>> check_fits(tp.BP(sizes=[2, 4, 1]), "bp.ckpt", ckpt)
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: checkpoint bp.ckpt does not fit the configured BP: net.layers.0.weight is [3, 2] there and [4, 2] here (the config differs from the run that wrote it)
+    """
     ckpt = read(checkpoint_path) if ckpt is None else ckpt
     recorded, own = _recorded_path(ckpt), class_path_of(model)
     try:

@@ -39,7 +39,15 @@ __all__ = ["Layer", "Dense", "AuxiliaryDense", "Conv2d", "Network", "dense_stack
 
 
 def check_sizes(sizes: Sequence[int]) -> list[int]:
-    """Validate layer sizes ``[n_0, ..., n_L]`` (at least input and output, all positive ints)."""
+    """Validate layer sizes ``[n_0, ..., n_L]`` (at least input and output, all positive ints).
+
+    >>> check_sizes([4, 3, 2])
+    [4, 3, 2]
+    >>> check_sizes([4])
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: sizes must list at least an input and an output size, got [4]
+    """
     if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
         raise ConfigError(f"sizes must be a list of layer sizes such as [784, 256, 10], got {sizes!r}")
     sizes = list(sizes)
@@ -54,7 +62,15 @@ def check_sizes(sizes: Sequence[int]) -> list[int]:
 class Layer(nn.Module, metaclass=ABCMeta):
     """Base of the forward layers. Subclasses set ``activation``, ``in_shape``, ``out_shape`` and the
     parameters ``weight`` (and ``bias`` or ``None``), and record their constructor arguments in
-    ``spec`` so a checkpoint can rebuild them (:func:`build_layer`)."""
+    ``spec`` so a checkpoint can rebuild them (:func:`build_layer`).
+
+    A layer is abstract; :class:`Dense` is the usual one:
+
+    >>> layer = Dense(3, 2, activation="tanh")
+    >>> a, h = layer.forward_pre(torch.zeros(4, 3))
+    >>> torch.equal(h, torch.tanh(a)), layer.closed_form
+    (True, True)
+    """
 
     activation: Activation
     in_shape: tuple[int, ...]
@@ -152,6 +168,19 @@ class Dense(Layer):
             (all singular values 1; the Gaussian draw is still made first, which keeps seeded streams).
         init_std: std of the Gaussian weights.
         generator: optional ``torch.Generator`` of the initial weights.
+
+    >>> layer = Dense(2, 2, activation="linear")
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    >>> layer(torch.tensor([[1.0, 1.0]])).detach()
+    tensor([[1., 2.]])
+    >>> h_prev, h_hat = torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 2.0]])
+    >>> with torch.no_grad():
+    ...     a, h = layer.forward_pre(h_prev)
+    ...     grads = layer.local_grads(h_prev, a, h, h_hat)
+    >>> grads[layer.weight]  # D (h - h^) h_prev^T with D = 1
+    tensor([[1., 1.],
+            [0., 0.]])
     """
 
     closed_form = True
@@ -235,6 +264,11 @@ class AuxiliaryDense(Dense):
     Args:
         aux_units: number of auxiliary outputs (at least 1).
         **kwargs: the arguments of :class:`Dense`.
+
+    >>> layer = AuxiliaryDense(3, 2, aux_units=1)
+    >>> h = layer(torch.zeros(1, 3))
+    >>> h.shape, layer.model_output(h).shape
+    (torch.Size([1, 3]), torch.Size([1, 2]))
     """
 
     def __init__(self, in_features: int, out_features: int, aux_units: int, **kwargs):
@@ -310,6 +344,10 @@ class Conv2d(Layer):
         activation, negative_slope, bias, init, init_std, generator: as for :class:`Dense`
             (fan-in ``C k^2``; ``orthogonal`` makes the flattened ``(out_channels, C k^2)`` kernel
             orthogonal).
+
+    >>> layer = Conv2d((1, 6, 6), out_channels=2, kernel_size=3, pool=2)
+    >>> layer.out_shape, layer(torch.zeros(5, 36)).shape
+    ((2, 2, 2), torch.Size([5, 2, 2, 2]))
     """
 
     def __init__(
@@ -392,7 +430,11 @@ _LAYERS = {"Dense": Dense, "AuxiliaryDense": AuxiliaryDense, "Conv2d": Conv2d}
 
 
 def build_layer(spec: Layer | dict) -> Layer:
-    """A layer from a :class:`Layer` or its ``{"class_path", "init_args"}`` spec (as checkpoints store it)."""
+    """A layer from a :class:`Layer` or its ``{"class_path", "init_args"}`` spec (as checkpoints store it).
+
+    >>> build_layer({"class_path": "tplightning.layers.Dense", "init_args": {"in_features": 3, "out_features": 2}}).weight.shape
+    torch.Size([2, 3])
+    """
     if isinstance(spec, Layer):
         return spec
     if not isinstance(spec, dict) or "class_path" not in spec:
@@ -423,6 +465,11 @@ class Network(nn.Module):
     Consecutive layers must fit (``out_features`` of one = ``in_features`` of the next). The last
     layer may carry units that are not model outputs (:class:`AuxiliaryDense`): :meth:`forward`
     returns the model's outputs, :meth:`forward_all` the whole ``h_L``.
+
+    >>> net = Network([Dense(3, 4), Dense(4, 2, activation="linear")])
+    >>> hs, pre = net.forward_all(torch.zeros(5, 3))
+    >>> net.sizes, len(hs), len(pre)
+    ([3, 4, 2], 3, 2)
     """
 
     def __init__(self, layers: Sequence[Layer | dict]):
@@ -515,7 +562,11 @@ def dense_stack(
     aux_units: int = 0,
 ) -> list[Layer]:
     """The thesis' fully connected layers for sizes ``[n_0, ..., n_L]``: ``activation`` in the hidden
-    layers, ``output_activation`` at the output; ``aux_units > 0`` makes the output an :class:`AuxiliaryDense`."""
+    layers, ``output_activation`` at the output; ``aux_units > 0`` makes the output an :class:`AuxiliaryDense`.
+
+    >>> [type(layer).__name__ for layer in dense_stack([3, 4, 2], aux_units=1)]
+    ['Dense', 'AuxiliaryDense']
+    """
     sizes = check_sizes(sizes)
     if init not in ("gaussian", "orthogonal"):
         raise ConfigError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
@@ -546,6 +597,11 @@ def build_network(
     """The network of a rule: ``network`` when given (layers or their specs), else the MLP of ``sizes``.
 
     With ``network``, ``sizes`` must be left at its default or equal the network's sizes.
+
+    >>> build_network([3, 4, 2]).sizes
+    [3, 4, 2]
+    >>> build_network(network=[{"class_path": "tplightning.layers.Dense", "init_args": {"in_features": 3, "out_features": 2}}]).sizes
+    [3, 2]
     """
     if network is None:
         return Network(dense_stack(sizes, activation, output_activation, negative_slope, bias, init_std, None, init, aux_units))

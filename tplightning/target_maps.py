@@ -61,7 +61,13 @@ class Step:
     """What a map may read of one training step: ``hs = [h_0..h_L]``, ``pre = [a_1..a_L]``; ``output_error()``
     returns ``e_L = dl/dh_L`` (computed once, on first use) and ``target_stepsize`` is ``eta^``; ``layers`` are
     ``[f_1..f_L]`` and ``maps`` ``[g_1..g_{L-1}]`` (bound), for the feedback losses that need the path to the output.
-    ``memo`` keeps what a map computes at the step's own activations until its weights change (:meth:`TargetMap.at_own`)."""
+    ``memo`` keeps what a map computes at the step's own activations until its weights change (:meth:`TargetMap.at_own`).
+
+    >>> step = Step([torch.zeros(2, 3)], [], 0.1, error_fn=lambda: torch.ones(2, 1))
+    >>> step.output_error()
+    tensor([[1.],
+            [1.]])
+    """
 
     hs: list[Tensor]
     pre: list[Tensor]
@@ -82,7 +88,15 @@ class Step:
 
 
 class TargetMap(nn.Module, metaclass=ABCMeta):
-    """Base of the maps (abstract). :meth:`bind` attaches the layers; subclasses define :meth:`forward` (``g_i``)."""
+    """Base of the maps (abstract). :meth:`bind` attaches the layers; subclasses define :meth:`forward` (``g_i``).
+
+    A concrete map bound to two dense layers:
+
+    >>> lower, upper = Dense(3, 3), Dense(3, 3, activation="linear")
+    >>> g = OriginalInverse(init="random").bind(1, lower, upper)
+    >>> g(torch.zeros(2, 3)).shape
+    torch.Size([2, 3])
+    """
 
     #: sets the target itself rather than inverting the layer above (diagnostics: ``e^TP_i = Delta_i``)
     direct: bool = False
@@ -189,6 +203,13 @@ class ExactInverse(_LinearAfterInverse):
         tau_init: a weight is acceptable when ``sigma_min sigma_max > tau_init`` (section 4.2.3).
         inverse_tolerance: the drift guard re-inverts ``W`` when the probed ``|(W W^{-1} - I) r|_inf / |r|_inf``
             exceeds it (against the round-off of chained updates, cf. fig. 5.8).
+
+    >>> lower, upper = Dense(2, 2), Dense(2, 2, activation="linear")
+    >>> with torch.no_grad():
+    ...     _ = upper.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 4.0]]))
+    >>> g = ExactInverse().bind(1, lower, upper)
+    >>> g(torch.tensor([[2.0, 4.0]]))
+    tensor([[1., 1.]])
     """
 
     keeps_upper_weight = True
@@ -359,6 +380,11 @@ class ThesisInverse(_LearnedMap, _LinearAfterInverse):
     Args:
         batch_size: noise samples per update (``None``: the training batch size).
         **kwargs: see :class:`_LearnedMap`.
+
+    >>> lower, upper = Dense(2, 2), Dense(2, 2, activation="linear")
+    >>> g = ThesisInverse().bind(1, lower, upper)  # Q = W^dagger at the start (init="pinv")
+    >>> torch.allclose(g(upper(torch.ones(1, 2))), torch.ones(1, 2), atol=1e-5)
+    True
     """
 
     def __init__(self, noise_std: float = 1.0, weight_decay: float = 0.0, init: str = "pinv", batch_size: int | None = None):
@@ -383,6 +409,11 @@ class OriginalInverse(_LearnedMap):
 
     Alg. A.9 minimises ``mean_b 1/2 ||g_i(f_{i+1}(h_i)) - h_i||^2`` at the layer's activations, here with the noise
     injection of eq. 3.13 (``h_i + sigma eps``; ``sigma = 0`` disables it). Any activation works (no inverse needed).
+
+    >>> lower, upper = Dense(2, 2, activation="linear"), Dense(2, 2, activation="linear")
+    >>> g = OriginalInverse().bind(1, lower, upper)  # Q = W^dagger at the start
+    >>> torch.allclose(g(upper(torch.ones(1, 2))), torch.ones(1, 2), atol=1e-5)
+    True
     """
 
     def forward(self, h_next):
@@ -429,6 +460,13 @@ class GradientTarget(TargetMap):
 
     Only for ``i = L - 1``; ``dl/dh_{L-1} = W_L^T D_{s_L} e_L`` in closed form for a dense output layer, by
     autograd otherwise. An output layer narrower than the one below is no obstacle (nothing is inverted).
+
+    >>> lower, upper = Dense(2, 2), Dense(2, 1, activation="linear")
+    >>> g = GradientTarget().bind(1, lower, upper)
+    >>> hs, pre = [torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 1)], [torch.ones(1, 2), torch.zeros(1, 1)]
+    >>> step = Step(hs, pre, 0.5, error_fn=lambda: torch.ones(1, 1))
+    >>> torch.allclose(g.target(None, step), 1 - 0.5 * upper.weight.detach())
+    True
     """
 
     direct = True
@@ -470,6 +508,11 @@ class FeedbackAlignment(_FixedFeedback):
     the output target ``h^_L - h_L = -eta^ e_L`` this makes ``D_{s_i} (h_i - h^_i) = eta^ delta_i^FA`` of eq. 3.18
     (``delta`` in pre-activation coordinates), so the layer update is eta^ times eq. 3.20's; with ``B_i = W_{i+1}^T`` it is
     backprop's (eq. 3.19). For a convolution above, ``B`` is a transposed convolution.
+
+    >>> lower, upper = Dense(2, 3), Dense(3, 2, activation="linear")
+    >>> g = FeedbackAlignment().bind(1, lower, upper)
+    >>> g.B.shape  # fixed, random, in the shape of W_2^T
+    torch.Size([3, 2])
     """
 
     def check_layers(self, lower, upper):
@@ -485,7 +528,12 @@ class FeedbackAlignment(_FixedFeedback):
 
 class TrainedFeedback(FeedbackAlignment):
     """Feedback alignment's map with ``B_i`` a trainable parameter (bidirectional FA, thesis 3.2.4): the targets are
-    :class:`FeedbackAlignment`'s (eq. 3.23); the rule trains ``B`` (:class:`~tplightning.rules.alignment.BDFA`)."""
+    :class:`FeedbackAlignment`'s (eq. 3.23); the rule trains ``B`` (:class:`~tplightning.rules.alignment.BDFA`).
+
+    >>> g = TrainedFeedback().bind(1, Dense(2, 3), Dense(3, 2))
+    >>> g.feedback_parameters()[0].shape
+    torch.Size([3, 2])
+    """
 
     def _draw(self, shape, fan_in, like):
         self.B = nn.Parameter(torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
@@ -499,6 +547,10 @@ class DirectFeedback(_FixedFeedback):
 
     Args:
         output: the network's output layer (``f_L``), whose derivative scales the output error.
+
+    >>> layers = [Dense(2, 3), Dense(3, 3), Dense(3, 1, activation="linear")]
+    >>> DirectFeedback(layers[-1]).bind(1, layers[0], layers[1]).B.shape
+    torch.Size([3, 1])
     """
 
     direct = True
@@ -525,6 +577,12 @@ class Difference(TargetMap):
 
     The correction ``h_i - g_i(h_{i+1})`` cancels the map's reconstruction error; with an exact inverse it vanishes up
     to float error (``g_i(h_{i+1}) = h_i``).
+
+    >>> lower, upper = Dense(2, 2, activation="linear"), Dense(2, 2, activation="linear")
+    >>> g = Difference(OriginalInverse(init="random")).bind(1, lower, upper)
+    >>> hs = [torch.zeros(1, 2), torch.ones(1, 2), torch.full((1, 2), 3.0)]
+    >>> g.target(hs[2], Step(hs, [hs[1], hs[2]])).detach()  # h^_2 = h_2 gives h^_1 = h_1
+    tensor([[1., 1.]])
     """
 
     def __init__(self, inner: TargetMap):
@@ -573,7 +631,12 @@ def plain(m: TargetMap) -> TargetMap:
 
 
 def forward_from(layers: Sequence[Layer], i: int, h: Tensor) -> Tensor:
-    """``f_{i,L}(h) = f_L(...f_{i+1}(h))``: an activation of layer ``i`` run up to the output (``layers = [f_1..f_L]``)."""
+    """``f_{i,L}(h) = f_L(...f_{i+1}(h))``: an activation of layer ``i`` run up to the output (``layers = [f_1..f_L]``).
+
+    >>> layers = [Dense(2, 2, activation="linear"), Dense(2, 1, activation="linear")]
+    >>> forward_from(layers, 1, torch.zeros(3, 2)).shape
+    torch.Size([3, 1])
+    """
     for layer in layers[i:]:
         h = layer(h)
     return h
@@ -604,6 +667,10 @@ class DifferenceReconstruction(OriginalInverse):
     Args:
         noise_std: ``sigma`` (> 0; the paper's MNIST search chose about 0.06).
         **kwargs: see :class:`_LearnedMap`.
+
+    >>> g = DifferenceReconstruction(noise_std=0.1).bind(1, Dense(2, 3), Dense(3, 3))
+    >>> g.Q.shape
+    torch.Size([3, 3])
     """
 
     def __init__(self, noise_std: float = 0.05, weight_decay: float = 0.0, init: str = "pinv"):
@@ -645,6 +712,10 @@ class LocalDifferenceReconstruction(OriginalInverse):
     Args:
         noise_std: ``sigma`` (> 0).
         **kwargs: see :class:`_LearnedMap`.
+
+    >>> g = LocalDifferenceReconstruction(noise_std=0.1).bind(1, Dense(2, 3), Dense(3, 3))
+    >>> g.Q.shape
+    torch.Size([3, 3])
     """
 
     def __init__(self, noise_std: float = 0.1, weight_decay: float = 0.0, init: str = "pinv"):
@@ -683,6 +754,10 @@ class DirectLinear(_LearnedMap):
         weight_decay: see above.
         init: ``pinv`` (``Q_i = (W_L ... W_{i+1})^dagger``, the linearised network's Gauss-Newton map; dense layers),
             ``random`` (Gaussian, std ``1/sqrt(n_L)``) or ``regularised`` (``J^T (J J^T + lambda I)^{-1}``, the minimiser above).
+
+    >>> layers = [Dense(2, 3), Dense(3, 3), Dense(3, 1, activation="linear")]
+    >>> DirectLinear(layers).bind(1, layers[0], layers[1]).Q.shape  # Q_1: (n_1, n_L)
+    torch.Size([3, 1])
     """
 
     direct = True
