@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from .layers import Network, check_sizes, dense_stack
 
 __all__ = ["MLP", "check_sizes"]
@@ -27,10 +29,13 @@ class MLP(Network):
         init: ``gaussian`` (i.i.d. entries of std ``init_std``) or ``orthogonal``: every ``W_i``
             (semi-)orthogonal, all its singular values 1, so ``W_i^dagger = W_i^T`` and the
             inverses that target propagation relies on start perfectly conditioned (the smallest
-            singular value of a square Gaussian matrix is about ``1/n`` of its typical one; at
-            ``n = 256`` its inverse amplified MNIST targets 20-80-fold per layer). ``init_std``
-            must be ``None`` with ``orthogonal``.
+            singular value of a square Gaussian matrix is about ``1/n`` of its typical one; see
+            ``docs/initialisation.md``). ``init_std`` must be ``None`` with ``orthogonal``.
         aux_units: AO-SDTP's fixed auxiliary output units (0: none).
+
+    >>> net = MLP([3, 4, 2], init="orthogonal")
+    >>> torch.allclose(net.weights[0].T @ net.weights[0], torch.eye(3), atol=1e-5)  # W_1 is 4 x 3
+    True
     """
 
     def __init__(self, sizes: Sequence[int], *args, **kwargs):

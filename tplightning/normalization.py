@@ -25,6 +25,16 @@ class InputNormalization(nn.Module):
         sizes: input features of the layers, ``[n_0, ..., n_{L-1}]``.
         momentum: of the running mean/variance.
         eps: added to the variance.
+
+    >>> from tplightning.layers import Network, Dense
+    >>> net = Network([Dense(2, 3), Dense(3, 1)])
+    >>> norm = InputNormalization(net.sizes[:-1])
+    >>> hs, pre, inputs, stats = norm.forward_all(net, torch.tensor([[1.0, 2.0], [3.0, 6.0]]), train=True, update=True)
+    >>> inputs[0]  # layer 1's input, normalised over the batch
+    tensor([[-1.0000, -1.0000],
+            [ 1.0000,  1.0000]])
+    >>> norm.running_mean_0  # moved by momentum 0.1 towards the batch mean [2, 4]
+    tensor([0.2000, 0.4000])
     """
 
     def __init__(self, sizes: Sequence[int], momentum: float = 0.1, eps: float = 1e-5):

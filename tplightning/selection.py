@@ -21,6 +21,11 @@ class LayerSelection(ABC):
 
     Args:
         seed: seed of the selection's generator (selections that draw nothing ignore it).
+
+    A selection is abstract; :class:`AllLayers` and :class:`RandomLayer` are the two:
+
+    >>> AllLayers().drawn([1, 2])
+    0
     """
 
     def __init__(self, seed: int = 0):

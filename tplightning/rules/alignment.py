@@ -31,6 +31,9 @@ class FA(TargetPropRule):
     Args:
         target_stepsize: ``eta^`` of the output target; 1 makes the update the FA gradient itself.
         **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
+
+    >>> [tuple(B.shape) for B in FA(sizes=[3, 4, 5, 2]).feedback_weights]
+    [(4, 5), (5, 2)]
     """
 
     def __init__(self, *args, target_stepsize: float = 1.0, **kwargs):
@@ -49,6 +52,9 @@ class DFA(FA):
     """Direct feedback alignment: ``delta_i = D_{s_i} B~_i delta_L`` with fixed random ``B~_i`` of shape ``(n_i, n_L)`` (eq. 3.21).
 
     Run: ``python train.py --config dfa.yaml``.
+
+    >>> [tuple(B.shape) for B in DFA(sizes=[3, 4, 5, 2]).feedback_weights]
+    [(4, 2), (5, 2)]
     """
 
     def make_maps(self):
@@ -70,6 +76,10 @@ class BDFA(FA):
     Args:
         feedback_optimizer: optimizer of ``B_0, ..., B_{L-1}`` (SGD).
         **kwargs: the arguments of :class:`FA`.
+
+    >>> rule = BDFA(sizes=[3, 4, 2])
+    >>> [tuple(B.shape) for B in rule.feedback_parameters()]  # B_0, B_1
+    [(3, 4), (4, 2)]
     """
 
     def __init__(self, *args, feedback_optimizer: OptimizerCallable = torch.optim.SGD, **kwargs):

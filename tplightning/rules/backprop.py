@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+import torch
+
 from .base import LearningRule
 
 __all__ = ["BP", "BPFixed"]
@@ -12,6 +14,10 @@ class BP(LearningRule):
 
     Run: ``python train.py --config bp.yaml``. Takes every argument of
     :class:`~tplightning.rules.base.LearningRule`.
+
+    >>> rule = BP(sizes=[3, 4, 2], loss="cross_entropy")
+    >>> rule.loss, rule(torch.zeros(1, 3)).shape
+    (CrossEntropy(), torch.Size([1, 2]))
     """
 
     def training_step(self, batch, batch_idx):
@@ -31,6 +37,9 @@ class BPFixed(BP):
     """Backprop that trains only the output layer: the control of thesis sections 5.1.3 and 5.2.2.
 
     A rule that beats BPFixed sends useful learning signals to its hidden layers.
+
+    >>> BPFixed(sizes=[3, 4, 2]).train_layers
+    [2]
     """
 
     def __init__(self, *args, **kwargs):

@@ -170,7 +170,15 @@ def _mean_metric() -> torchmetrics.MeanMetric:
 
 
 def check_data(rule: "LearningRule", datamodule) -> None:
-    """:class:`~tplightning.errors.ConfigError` when the data's input/output dimensions or task do not fit ``rule``."""
+    """:class:`~tplightning.errors.ConfigError` when the data's input/output dimensions or task do not fit ``rule``.
+
+    >>> import tplightning as tp
+    >>> from types import SimpleNamespace
+    >>> check_data(tp.BP(sizes=[3, 2]), SimpleNamespace(input_dim=3, output_dim=2, task="classification"))
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: loss='mse' does not fit the data's task 'classification'; use loss='cross_entropy'
+    """
     n_in, n_out = rule.net.sizes[0], rule.output_dim
     d_in = getattr(datamodule, "input_dim", None)
     d_out = getattr(datamodule, "output_dim", None)

@@ -43,6 +43,10 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
     Args:
         feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.057).
         **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
+
+    >>> rule = DRL(sizes=[3, 4, 4, 2])
+    >>> type(rule.maps[0].inner).__name__, rule.maps[0].inner.noise_std
+    ('DifferenceReconstruction', 0.05)
     """
 
     feedback_map = DifferenceReconstruction
@@ -64,6 +68,10 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_noise_std: ``sigma`` (the paper: 0.4-0.08 per layer on CIFAR-10; one value here).
         feedback_iterations: feedback updates per batch (the paper: 20-55 per layer on CIFAR-10).
         **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
+
+    >>> rule = LDRL(sizes=[3, 4, 4, 2])
+    >>> type(rule.maps[0].inner).__name__, rule.feedback_iterations
+    ('LocalDifferenceReconstruction', 20)
     """
 
     feedback_map = LocalDifferenceReconstruction
@@ -82,6 +90,9 @@ class DDTPLinear(_FreshFeedbackPass):
     Args:
         feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.091).
         **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
+
+    >>> [tuple(Q.shape) for Q in DDTPLinear(sizes=[3, 4, 4, 2]).feedback_weights]
+    [(4, 2), (4, 2)]
     """
 
     feedback_map = DirectLinear  # no thesis-form noise batch: the DRL corrupts the batch's own activations

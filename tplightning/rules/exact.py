@@ -43,6 +43,12 @@ class ExactInverseRule(TargetPropRule):
 
     The divergence check is never deferred here: the robust update's SVD stops at a non-finite matrix (and its error
     check reads the device anyway), so a deferred check would come too late to name the step.
+
+    A preset such as :class:`TPEI` is built; the base keeps the options:
+
+    >>> rule = TPEI(sizes=[3, 4, 4], threshold=0.4)
+    >>> rule.maps[0].threshold, rule.divergence.defer
+    (0.4, False)
     """
 
     def __init__(

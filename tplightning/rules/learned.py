@@ -75,6 +75,12 @@ class LearnedInverseRule(TargetPropRule):
         feedback_map: the class of the learned maps, built with :attr:`feedback_options`:
             :class:`~tplightning.target_maps.ThesisInverse` (default, the thesis form) or
             :class:`~tplightning.target_maps.OriginalInverse` and its subclasses (the original form).
+
+    A preset such as :class:`DTPAI` is built; the options reach its maps:
+
+    >>> rule = DTPAI(sizes=[3, 4, 2], feedback_noise_std=0.5)
+    >>> rule.maps[0].inner.noise_std, rule.feedback_options["batch_size"]
+    (0.5, None)
     """
 
     feedback_map: ClassVar[type[TargetMap]] = ThesisInverse

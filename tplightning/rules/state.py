@@ -13,7 +13,13 @@ __all__ = ["CheckpointState"]
 
 class CheckpointState:
     """Mixin for a ``LightningModule``: extra state in checkpoints (the training batches seen so far, and what
-    subclasses add) and picklable generators."""
+    subclasses add) and picklable generators.
+
+    >>> import tplightning as tp
+    >>> rule = tp.RDTPAI(sizes=[3, 4, 2])
+    >>> sorted(rule.extra_state())
+    ['batches_seen', 'layer_generator']
+    """
 
     #: training batches, saved in checkpoints (Lightning's ``global_step`` counts optimizer steps)
     batches_seen: int = 0
