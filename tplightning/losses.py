@@ -11,16 +11,18 @@ modified rules (Alg. A.1, A.6), by ``D_i^{-1}`` (:data:`D_INVERSE`).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torchmetrics
 from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["Loss", "MSE", "CrossEntropy", "get_loss", "LocalScaling", "D", "D_INVERSE"]
+__all__ = ["Loss", "MSE", "CrossEntropy", "get_loss", "loss_for_task", "LocalScaling", "D", "D_INVERSE"]
 
 
-class Loss:
+class Loss(ABC):
     """Base of the output losses: subclasses give :meth:`per_sample`, :meth:`error`, :meth:`labels` and :meth:`metric`.
 
     >>> loss = get_loss("mse")
@@ -34,25 +36,25 @@ class Loss:
     #: the data modules' ``task`` this loss serves
     task: str = ""
 
+    @abstractmethod
     def per_sample(self, h_L: Tensor, y: Tensor) -> Tensor:
         """The per-sample loss ``l(h_L, y)``, shape ``(B,)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def error(self, h_L: Tensor, y: Tensor) -> Tensor:
         """``e_L = dl/dh_L`` (eq. 4.5), shape ``(B, n_L)``."""
-        raise NotImplementedError
 
     def output_target(self, h_L: Tensor, y: Tensor, target_stepsize: float) -> Tensor:
         """``h^_L = h_L - eta^ e_L`` (eq. 4.4): a gradient step of size ``eta^`` on the output."""
         return h_L - target_stepsize * self.error(h_L, y)
 
+    @abstractmethod
     def labels(self, y: Tensor, n_out: int, dtype: torch.dtype | None = None) -> Tensor:
         """The labels in output space (``n_out`` units), as a target activation ``h_L = y``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def metric(self, num_outputs: int) -> dict[str, torchmetrics.Metric]:
         """The evaluation metric of this loss, by its log name (``val/<name>``, ``test/<name>``)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -136,7 +138,16 @@ def get_loss(loss: str | Loss) -> Loss:
     return _LOSSES[loss]()
 
 
-class LocalScaling:
+def loss_for_task(task: str | None) -> Loss | None:
+    """The loss that serves a data module's ``task`` (``regression``, ``classification``); ``None`` for another task.
+
+    >>> loss_for_task("classification")
+    CrossEntropy()
+    """
+    return next((cls() for cls in _LOSSES.values() if cls.task == task), None)
+
+
+class LocalScaling(ABC):
     """How the local update scales the target difference: ``D_i (h_i - h^_i)`` (:data:`D`, eq. 4.12) or
     ``D_i^{-1} (h_i - h^_i)`` (:data:`D_INVERSE`, the modified rules, Alg. A.1, A.6).
 
@@ -148,9 +159,9 @@ class LocalScaling:
     #: divides by ``D`` (needs an invertible activation and dense layers)
     inverse: bool = False
 
+    @abstractmethod
     def delta(self, d: Tensor, h: Tensor, h_hat: Tensor) -> Tensor:
         """The per-sample scaled difference, ``d`` the diagonal of ``D`` per sample."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return "D_INVERSE" if self.inverse else "D"

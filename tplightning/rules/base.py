@@ -14,7 +14,7 @@ from .._lightning import OptimizerCallable, pl
 from ..checkpoints import recorded_class
 from ..errors import ConfigError
 from ..layers import Layer, Network, build_network, resolve_layers
-from ..losses import get_loss
+from ..losses import get_loss, loss_for_task
 from .state import CheckpointState
 
 __all__ = ["LearningRule", "DivergenceError", "DivergenceMonitor", "LinearDecay"]
@@ -40,7 +40,11 @@ def check_optimizer_factory(name: str, factory) -> None:
 
 
 class DivergenceError(RuntimeError):
-    """Raised when a loss becomes NaN/inf; no checkpoint is written after the bad step."""
+    """Raised when a loss becomes NaN/inf; no checkpoint is written after the bad step.
+
+    >>> issubclass(DivergenceError, RuntimeError)  # not a config error: the run itself went wrong
+    True
+    """
 
 
 class DivergenceMonitor:
@@ -187,9 +191,9 @@ def check_data(rule: "LearningRule", datamodule) -> None:
     if d_out is not None and d_out != n_out:
         raise ConfigError(f"model sizes[-1]={n_out} does not match the data's output dimension {d_out}")
     task = getattr(datamodule, "task", None)
-    expected = {"regression": "mse", "classification": "cross_entropy"}.get(task)
-    if expected is not None and expected != rule.loss.name:
-        raise ConfigError(f"loss={rule.loss.name!r} does not fit the data's task {task!r}; use loss={expected!r}")
+    expected = loss_for_task(task)
+    if expected is not None and expected.task != rule.loss.task:
+        raise ConfigError(f"loss={rule.loss.name!r} does not fit the data's task {task!r}; use loss={expected.name!r}")
 
 
 def _as_list(x) -> list:
