@@ -167,10 +167,26 @@ def build_optimizer(name: str, factory, params) -> torch.optim.Optimizer:
         raise ConfigError(f"{name}: {err}") from err
 
 
-def _mean_metric() -> torchmetrics.MeanMetric:
-    """A running mean on the device: no NaN check (it would read the device each batch) and no reduction over DDP
-    replicas at ``compute`` (the epoch mean is logged with ``sync_dist``, the window mean per replica)."""
-    return torchmetrics.MeanMetric(nan_strategy="disable", sync_on_compute=False)
+class RunningMean(torchmetrics.MeanMetric):
+    """``torchmetrics.MeanMetric`` of one 0-d value per update, lean enough for every training batch.
+
+    The parent's ``update`` broadcasts weights, casts and checks for NaN (a host read on an accelerator); here a batch
+    adds its value and a count of one, in float32, nothing else. No reduction over DDP replicas at ``compute``
+    (the epoch mean is logged with ``sync_dist``, the window mean per replica).
+
+    >>> m = RunningMean()
+    >>> for v in (1.0, 2.0, 4.5):
+    ...     m.update(torch.tensor(v))
+    >>> m.compute()
+    tensor(2.5000)
+    """
+
+    def __init__(self):
+        super().__init__(nan_strategy="disable", sync_on_compute=False)
+
+    def update(self, value: Tensor) -> None:  # type: ignore[override]
+        self.mean_value.add_(value.float())  # in place: no module attribute assignment per batch
+        self.weight.add_(1)
 
 
 def check_data(rule: "LearningRule", datamodule) -> None:
@@ -283,7 +299,7 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
             if i not in self.train_layers:
                 layer.requires_grad_(False)
         self.divergence = DivergenceMonitor(self.net)
-        self.window_loss, self.epoch_loss = _mean_metric(), _mean_metric()  # train/loss and train/loss_epoch
+        self.window_loss, self.epoch_loss = RunningMean(), RunningMean()  # train/loss and train/loss_epoch
         self.val_metrics = torchmetrics.MetricCollection(self.loss.metric(self.output_dim), prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
 
@@ -341,7 +357,7 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         ``self.log`` costs about as much as a small TP step, so the hot path only updates two running means (no
         host sync); the window mean goes out as ``train/loss`` and the epoch mean as ``train/loss_epoch``.
         """
-        value = loss.detach().float()
+        value = loss.detach()
         self.window_loss.update(value)
         self.epoch_loss.update(value)
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
