@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from .layers import Network, check_sizes, dense_stack
 
 __all__ = ["MLP", "check_sizes"]
@@ -33,6 +31,7 @@ class MLP(Network):
             ``docs/initialisation.md``). ``init_std`` must be ``None`` with ``orthogonal``.
         aux_units: AO-SDTP's fixed auxiliary output units (0: none).
 
+    >>> import torch
     >>> net = MLP([3, 4, 2], init="orthogonal")
     >>> torch.allclose(net.weights[0].T @ net.weights[0], torch.eye(3), atol=1e-5)  # W_1 is 4 x 3
     True

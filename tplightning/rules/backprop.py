@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-import torch
-
 from .base import LearningRule
 
 __all__ = ["BP", "BPFixed"]
@@ -15,6 +13,7 @@ class BP(LearningRule):
     Run: ``python train.py --config bp.yaml``. Takes every argument of
     :class:`~tplightning.rules.base.LearningRule`.
 
+    >>> import torch
     >>> rule = BP(sizes=[3, 4, 2], loss="cross_entropy")
     >>> rule.loss, rule(torch.zeros(1, 3)).shape
     (CrossEntropy(), torch.Size([1, 2]))

@@ -336,7 +336,7 @@ class AOSDTP(OriginalDTP):
     """
 
     def __init__(self, *args, aux_units: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # aux_units reaches make_network as a recorded argument (self.hparams)
         self.aux_units = self.net.layers[-1].aux_units
 
     def make_network(self, **options):
