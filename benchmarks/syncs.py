@@ -148,7 +148,7 @@ class HostReads(pl.Callback):
     :data:`SYNC_OPS` (``.item()``, ``bool``/``float``/``int`` of a tensor, ``nonzero``, ``allclose``, ...), boolean-mask
     indexing and ``repeat_interleave`` without ``output_size``, and the methods of :data:`HOST_METHODS`, except those
     asked for by the frames of :data:`HOST_SIDE`; ``.to("cpu")`` is not seen there.
-    A rule whose ``defer_finite_check`` is ``None`` gets it deferred, as on an accelerator (on a CPU it reads its flag
+    A rule whose divergence monitor's ``defer`` is ``None`` gets it deferred, as on an accelerator (on a CPU it reads its flag
     at once, which costs nothing there). Checks inside torch's kernels (``torch.linalg``'s error checks, which the
     exact-inverse rules' updates pass through) are seen on CUDA only. The window opens at this callback's
     ``on_train_batch_start`` and closes at its ``on_train_batch_end``: appended last to the trainer's callbacks it
@@ -160,9 +160,10 @@ class HostReads(pl.Callback):
         self._block = None
 
     def on_train_start(self, trainer, pl_module):
-        self._deferred = getattr(pl_module, "defer_finite_check", False) is None  # "deferred on accelerators only"
+        monitor = getattr(pl_module, "divergence", None)
+        self._deferred = monitor is not None and monitor.defer is None  # "deferred on accelerators only"
         if self._deferred:
-            pl_module.defer_finite_check = True
+            monitor.defer = True
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.per_batch.append(collections.Counter())
@@ -176,7 +177,7 @@ class HostReads(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self._close()  # a batch that raised
         if getattr(self, "_deferred", False):
-            del pl_module.defer_finite_check  # the class's setting again
+            pl_module.divergence.defer = None  # the rule's own setting again
             self._deferred = False
 
     def on_exception(self, trainer, pl_module, exception):

@@ -87,6 +87,7 @@ from tplightning._lightning import pl
 from tplightning.rules.base import DivergenceError
 from tplightning.rules.learned import LearnedInverseRule
 from tplightning.rules.target_prop import TargetPropRule
+from tplightning.target_maps import ThesisInverse
 
 from benchmarks import common, mnist
 from benchmarks.common import config_value, rule_class
@@ -166,7 +167,7 @@ def family(rule: str) -> str:
     """The search-space family of ``rule`` (a key of :data:`SPACES`), from the class its config trains."""
     cls = rule_class(_config(rule))
     if issubclass(cls, LearnedInverseRule):
-        return "thesis-form inverses" if cls.form == "thesis" else "learned inverses"
+        return "thesis-form inverses" if issubclass(cls.feedback_map, ThesisInverse) else "learned inverses"
     if issubclass(cls, TargetPropRule):
         return "fixed feedback" if _init_param(cls, "feedback_optimizer") is None else "trained feedback"
     return "forward"

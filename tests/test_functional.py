@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tplightning import functional as F
+from tplightning.losses import D_INVERSE
 
 DT = torch.float64
 
@@ -174,7 +175,7 @@ def test_local_update_modified_uses_inverse_derivative(seed):
     expected = torch.zeros(n_out, n_in, dtype=DT)
     for b in range(B):
         expected += torch.outer((h[b] - h_hat[b]) / slope[b], h_prev[b]) / B
-    torch.testing.assert_close(F.local_update(act.derivative(a), h, h_hat, h_prev, modified=True), expected, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(F.local_update(act.derivative(a), h, h_hat, h_prev, D_INVERSE), expected, rtol=1e-12, atol=1e-13)
     # and the plain one multiplies by D (different unless every slope is 1)
     expected_plain = sum(torch.outer((h[b] - h_hat[b]) * slope[b], h_prev[b]) for b in range(B)) / B
     torch.testing.assert_close(F.local_update(act.derivative(a), h, h_hat, h_prev), expected_plain, rtol=1e-12, atol=1e-13)

@@ -22,6 +22,11 @@ __all__ = ["load", "read", "recorded_class", "class_path_of", "check_fits"]
 
 
 def class_path_of(obj_or_cls) -> str:
+    """The import path of a class (or of an object's class), as checkpoints record it.
+
+    >>> class_path_of(torch.nn.Linear)
+    'torch.nn.modules.linear.Linear'
+    """
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -32,9 +37,16 @@ def _import(path: str):
 
 
 def read(checkpoint_path) -> dict:
-    """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file, ``ConfigError`` (a
-    ``ValueError``) for a folder, a file that is not a PyTorch checkpoint (or is truncated or corrupt) and one that holds
-    no ``state_dict``."""
+    """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file,
+    :class:`~tplightning.errors.ConfigError` for a folder, a file that is not a PyTorch checkpoint (or is truncated or
+    corrupt) and one that holds no ``state_dict``.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.ckpt")
+    >>> torch.save({"state_dict": {}, "epoch": 3}, path)
+    >>> read(path)["epoch"]
+    3
+    """
     path = Path(checkpoint_path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.ckpt"))
@@ -60,11 +72,18 @@ def recorded_class(checkpoint_path, base: type | None = None) -> type:
 
     Raises ``TypeError`` when the recorded class is not a subclass of ``base``, and :func:`read`'s errors for a file
     that is no checkpoint.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.ckpt")
+    >>> torch.save({"state_dict": {}, "tplightning": {"class_path": "tplightning.rules.learned.DTPAI"}}, path)
+    >>> recorded_class(path).__name__
+    'DTPAI'
     """
     path = _recorded_path(read(checkpoint_path))
     if path is None:
         if base is None:
-            raise ValueError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with RuleClass.load_from_checkpoint")
+            raise ConfigError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with the rule's own "
+                              "class, e.g. tplightning.DTPAI.load_from_checkpoint(path)")  # fmt: skip
         return base
     cls = _import(path)
     if base is not None and not issubclass(cls, base):
@@ -73,19 +92,39 @@ def recorded_class(checkpoint_path, base: type | None = None) -> type:
 
 
 def load(checkpoint_path: str | Path, map_location=None, **kwargs):
-    """The rule stored in ``checkpoint_path``, built as the class that wrote it (weights, inverses, extra state)."""
-    from .rules.base import LearningRule
+    """The rule stored in ``checkpoint_path``, built as the class that wrote it (weights, inverses, extra state).
 
-    cls = recorded_class(checkpoint_path, LearningRule)
+    >>> import tempfile, os, tplightning as tp
+    >>> path = os.path.join(tempfile.mkdtemp(), "bp.ckpt")
+    >>> rule = tp.BP(sizes=[2, 3, 1])
+    >>> checkpoint = {"state_dict": rule.state_dict(), "hyper_parameters": dict(rule.hparams),
+    ...               "pytorch-lightning_version": tp._lightning.pl.__version__}
+    >>> rule.on_save_checkpoint(checkpoint)
+    >>> torch.save(checkpoint, path)
+    >>> type(load(path)).__name__
+    'BP'
+    """
+    cls = recorded_class(checkpoint_path)
+    if not callable(getattr(cls, "load_from_checkpoint", None)):
+        raise TypeError(f"checkpoint {checkpoint_path} holds a {class_path_of(cls)}, which is not a tplightning rule")
     return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
 
 
 def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:
-    """``ConfigError`` (a ``ValueError``) unless ``model`` can take the weights of ``checkpoint_path`` (``ckpt``: the
-    file already :func:`read`): the class it records is the model's (or one related by inheritance), and a trial load into a copy
+    """:class:`~tplightning.errors.ConfigError` unless ``model`` can take the weights of ``checkpoint_path`` (``ckpt``: the file already
+    :func:`read`): the class it records is the model's (or one related by inheritance), and a trial load into a copy
     of the model (through ``on_load_checkpoint``, which migrates older checkpoints, and a strict ``load_state_dict``)
     succeeds; a config whose sizes, layers or options differ from the run that wrote it fails here, the first
-    mismatch named."""
+    mismatch named (a :class:`~tplightning.errors.ConfigError`).
+
+    >>> import tplightning as tp
+    >>> ckpt = {"state_dict": tp.BP(sizes=[2, 3, 1]).state_dict()}
+    >>> check_fits(tp.BP(sizes=[2, 3, 1]), "bp.ckpt", ckpt)
+    >>> check_fits(tp.BP(sizes=[2, 4, 1]), "bp.ckpt", ckpt)
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: checkpoint bp.ckpt does not fit the configured BP: net.layers.0.weight is [3, 2] there and [4, 2] here (the config differs from the run that wrote it)
+    """
     ckpt = read(checkpoint_path) if ckpt is None else ckpt
     recorded, own = _recorded_path(ckpt), class_path_of(model)
     try:

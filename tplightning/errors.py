@@ -190,6 +190,12 @@ def _argument_error(chain: list[BaseException], argv: list[str], known: list[str
                 section, _, name = match[0].rpartition(".")
                 lines.append(f"  a config has the top-level key {key!r}; did you mean {name}: under {section}:?" if section
                              else f"  a config has the top-level key {key!r}; did you mean {name}:?")  # fmt: skip
+    for key, value in given.items():  # a base class given as the rule, which the parser refuses as abstract
+        cls = _class(value if value and "." in value else f"tplightning.{value}")
+        if isinstance(cls, type) and inspect.isabstract(cls) and hasattr(cls, "configure_optimizers"):
+            from .rules.base import abstract_rule_message
+
+            lines = [f"error: --{key}: {abstract_rule_message(cls.__name__)}"]
     from ._lightning import ENV_VAR, PACKAGE, package_of
 
     for value in given.values():  # a class of the other Lightning package, which the parser refuses as no subclass

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .losses import D, Loss, LocalScaling, get_loss
+
 __all__ = [
     "Activation",
     "LeakyReLU",
@@ -233,8 +235,8 @@ def get_activation(name: str, negative_slope: float = 0.35) -> Activation:
 # --------------------------------------------------------------------------------------------
 
 
-def label_output(y: Tensor, n_out: int, loss: str, dtype: torch.dtype | None = None) -> Tensor:
-    """The labels in output space: ``y`` itself for ``mse``, ``onehot(y)`` (``n_out`` classes) for ``cross_entropy``.
+def label_output(y: Tensor, n_out: int, loss: str | Loss, dtype: torch.dtype | None = None) -> Tensor:
+    """The labels in output space (:meth:`tplightning.losses.Loss.labels` of the loss ``loss`` names).
 
     A label outside ``[0, n_out)`` gets a row of zeros here (checking would read the labels back from the device);
     the rules compute the loss of a batch first, whose cross-entropy refuses it.
@@ -248,15 +250,11 @@ def label_output(y: Tensor, n_out: int, loss: str, dtype: torch.dtype | None = N
     >>> label_output(torch.tensor([2, 0]), 3, "cross_entropy").tolist()
     [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     """
-    if loss == "mse":
-        return y if dtype is None else y.to(dtype)
-    if loss == "cross_entropy":  # not ``one_hot``: it reads ``y``'s range back to the host (a stall on a GPU)
-        return (y.long().unsqueeze(-1) == torch.arange(n_out, device=y.device)).to(dtype or torch.get_default_dtype())
-    raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
+    return get_loss(loss).labels(y, n_out, dtype)
 
 
-def output_error(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
-    """``e_L = dl/dh_L`` of the per-sample loss (eq. 4.5), shape ``(B, n_L)``.
+def output_error(h_L: Tensor, y: Tensor, loss: str | Loss) -> Tensor:
+    """``e_L = dl/dh_L`` of the per-sample loss (eq. 4.5), shape ``(B, n_L)`` (:meth:`tplightning.losses.Loss.error`).
 
     ``mse``: ``l = 1/2 ||h_L - y||^2`` so ``e_L = h_L - y`` (the thesis' L2 loss, eq. 5.36, per sample and with
     the factor 1/2 that makes ``e_L`` the plain difference); ``cross_entropy`` on logits ``h_L``
@@ -272,59 +270,35 @@ def output_error(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
     >>> output_error(torch.zeros(1, 2), torch.tensor([1]), "cross_entropy").tolist()
     [[0.5, -0.5]]
     """
-    if loss == "mse":
-        return h_L - y
-    if loss == "cross_entropy":
-        p = torch.softmax(h_L, dim=-1)
-        return p - label_output(y, h_L.shape[-1], loss, p.dtype)
-    raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
+    return get_loss(loss).error(h_L, y)
 
 
-def per_sample_loss(h_L: Tensor, y: Tensor, loss: str) -> Tensor:
+def per_sample_loss(h_L: Tensor, y: Tensor, loss: str | Loss) -> Tensor:
     """The per-sample loss ``l`` whose gradient :func:`output_error` returns, shape ``(B,)``.
 
-    ``mse``: ``l = 1/2 ||h_L - y||^2``; ``cross_entropy``: ``l = -log softmax(h_L)_y``. Arguments as in
-    :func:`output_error`.
-
-    >>> per_sample_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]]), "mse").tolist()
-    [2.5]
+    >>> per_sample_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 2.0]]), "mse")
+    tensor([0.5000])
     """
-    if loss == "mse":
-        return 0.5 * ((h_L - y) ** 2).sum(-1)
-    if loss == "cross_entropy":
-        return torch.nn.functional.cross_entropy(h_L, y.long(), reduction="none")
-    raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
+    return get_loss(loss).per_sample(h_L, y)
 
 
-def output_target(h_L: Tensor, y: Tensor, loss: str, target_stepsize: float) -> Tensor:
-    """The output target ``h^_L = h_L - eta^ e_L`` with ``e_L = dl/dh_L`` (eqs. 4.4-4.5).
+def output_target(h_L: Tensor, y: Tensor, loss: str | Loss, target_stepsize: float) -> Tensor:
+    """``h^_L = h_L - eta^ * dl/dh_L`` (eq. 4.4).
 
-    Args:
-        h_L: network output ``(B, n_L)``.
-        y: labels, as for :func:`output_error`.
-        loss: ``mse`` or ``cross_entropy``.
-        target_stepsize: the output step size ``eta^``.
-
-    >>> output_target(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]]), "mse", 0.5).tolist()
-    [[0.5, 3.0]]
+    >>> output_target(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 2.0]]), "mse", 0.1)
+    tensor([[0.9000, 2.0000]])
     """
-    return h_L - target_stepsize * output_error(h_L, y, loss)
+    return get_loss(loss).output_target(h_L, y, target_stepsize)
 
 
-def local_delta(d: Tensor, h: Tensor, h_hat: Tensor, modified: bool = False) -> Tensor:
-    """``D_i (h_i - h^_i)`` per sample (eq. 4.12), or ``D_i^{-1} (h_i - h^_i)`` for the modified rules (Alg. A.1, A.6).
+def local_delta(d: Tensor, h: Tensor, h_hat: Tensor, scaling: LocalScaling = D) -> Tensor:
+    """``D_i (h_i - h^_i)`` per sample, or ``D_i^{-1} (h_i - h^_i)`` with ``scaling=D_INVERSE`` (modified rules, Alg. A.1, A.6).
 
-    Args:
-        d: the diagonal of ``D_{s_i}`` per sample, ``(B, n_i)``.
-        h: activations ``h_i``, ``(B, n_i)``.
-        h_hat: targets ``h^_i``, ``(B, n_i)``.
-        modified: divide by ``d`` instead of multiplying.
-
-    >>> d, h, h_hat = torch.tensor([[0.5, 2.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 3.0]])
-    >>> local_delta(d, h, h_hat).tolist(), local_delta(d, h, h_hat, modified=True).tolist()
-    ([[0.5, -4.0]], [[2.0, -1.0]])
+    >>> from tplightning.losses import D_INVERSE
+    >>> local_delta(torch.tensor([[0.5]]), torch.tensor([[1.0]]), torch.tensor([[0.0]]), D_INVERSE)
+    tensor([[2.]])
     """
-    return (h - h_hat) / d if modified else d * (h - h_hat)
+    return scaling.delta(d, h, h_hat)
 
 
 def delta_update(delta: Tensor, h_prev: Tensor) -> Tensor:
@@ -343,32 +317,18 @@ def delta_update(delta: Tensor, h_prev: Tensor) -> Tensor:
     return (delta / delta.shape[0]).T @ h_prev
 
 
-def local_update(d: Tensor, h: Tensor, h_hat: Tensor, h_prev: Tensor, modified: bool = False) -> Tensor:
+def local_update(d: Tensor, h: Tensor, h_hat: Tensor, h_prev: Tensor, scaling: LocalScaling = D) -> Tensor:
     """Gradient of the local loss ``mean_b 1/2 ||h_i - h^_i||^2`` w.r.t. ``W_i`` (eq. 4.12, Alg. A.10).
 
     ``(1/B) sum_b D_i (h_i - h^_i) h_{i-1}^T`` with ``d`` the diagonal of ``D_i`` per sample; the
-    modified rules use ``D_i^{-1}`` instead (Alg. A.1). A step ``W <- W - eta * result`` is the thesis'
-    ``Delta W_i``: the factor 1/2 in the loss (the thesis writes ``||h_i - h^_i||^2``) and the batch
-    mean make the step equal eq. 4.12 and Alg. A.10's ``-(eta/B) sum_b ...``.
-    :class:`~tplightning.layers.Dense` computes exactly this (from :func:`local_delta`
+    modified rules (``scaling=D_INVERSE``) use ``D_i^{-1}`` instead. A step ``W <- W - eta * result`` is the thesis'
+    ``Delta W_i``. :class:`~tplightning.layers.Dense` computes exactly this (from :func:`local_delta`
     and :func:`delta_update`, whose composition this is).
 
-    Args:
-        d: the diagonal of ``D_{s_i}`` per sample, ``(B, n_i)``.
-        h: activations ``h_i``, ``(B, n_i)``.
-        h_hat: targets ``h^_i``, ``(B, n_i)``.
-        h_prev: the layer's inputs ``h_{i-1}``, ``(B, n_{i-1})``.
-        modified: use ``D_i^{-1}`` (the modified rules).
-
-    >>> W = torch.tensor([[0.5, -1.0]], requires_grad=True)
-    >>> h_prev, h_hat = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0]])
-    >>> a = h_prev @ W.T
-    >>> h = LeakyReLU(0.5)(a)
-    >>> (0.5 * ((h - h_hat) ** 2).sum(-1).mean()).backward()
-    >>> torch.allclose(local_update(LeakyReLU(0.5).derivative(a), h.detach(), h_hat, h_prev), W.grad)
-    True
+    >>> local_update(torch.ones(2, 1), torch.ones(2, 1), torch.zeros(2, 1), torch.tensor([[1.0], [3.0]]))
+    tensor([[2.]])
     """
-    return delta_update(local_delta(d, h, h_hat, modified), h_prev)
+    return delta_update(local_delta(d, h, h_hat, scaling), h_prev)
 
 
 def inverse_loss_grad(Q: Tensor, a_next: Tensor, h: Tensor) -> Tensor:

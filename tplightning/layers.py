@@ -22,6 +22,8 @@ thesis' MLP from layer sizes.
 from __future__ import annotations
 
 import math
+import operator
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -29,34 +31,53 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from . import functional as F
+from .errors import ConfigError
 from .functional import Activation, get_activation
+from .losses import D, LocalScaling
 
-__all__ = ["Layer", "Dense", "AuxiliaryDense", "Conv2d", "Network", "dense_stack", "build_network", "check_sizes", "build_layer"]
+__all__ = ["Layer", "Dense", "AuxiliaryDense", "Conv2d", "Network", "dense_stack", "build_network", "check_sizes", "build_layer", "resolve_layers"]
 
 
 def check_sizes(sizes: Sequence[int]) -> list[int]:
-    """Validate layer sizes ``[n_0, ..., n_L]`` (at least input and output, all positive ints)."""
+    """Validate layer sizes ``[n_0, ..., n_L]`` (at least input and output, all positive ints).
+
+    >>> check_sizes([4, 3, 2])
+    [4, 3, 2]
+    >>> check_sizes([4])
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: sizes must list at least an input and an output size, got [4]
+    """
     if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
-        raise ValueError(f"sizes must be a list of layer sizes such as [784, 256, 10], got {sizes!r}")
+        raise ConfigError(f"sizes must be a list of layer sizes such as [784, 256, 10], got {sizes!r}")
     sizes = list(sizes)
     if len(sizes) < 2:
-        raise ValueError(f"sizes must list at least an input and an output size, got {sizes}")
+        raise ConfigError(f"sizes must list at least an input and an output size, got {sizes}")
     bad = [n for n in sizes if not isinstance(n, int) or isinstance(n, bool) or n <= 0]
     if bad:
-        raise ValueError(f"layer sizes must be positive integers, got {sizes} (bad: {bad})")
+        raise ConfigError(f"layer sizes must be positive integers, got {sizes} (bad: {bad})")
     return sizes
 
 
-class Layer(nn.Module):
+class Layer(nn.Module, metaclass=ABCMeta):
     """Base of the forward layers. Subclasses set ``activation``, ``in_shape``, ``out_shape`` and the
     parameters ``weight`` (and ``bias`` or ``None``), and record their constructor arguments in
-    ``spec`` so a checkpoint can rebuild them (:func:`build_layer`)."""
+    ``spec`` so a checkpoint can rebuild them (:func:`build_layer`).
+
+    A layer is abstract; :class:`Dense` is the usual one:
+
+    >>> layer = Dense(3, 2, activation="tanh")
+    >>> a, h = layer.forward_pre(torch.zeros(4, 3))
+    >>> torch.equal(h, torch.tanh(a)), layer.closed_form
+    (True, True)
+    """
 
     activation: Activation
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    #: whether ``D_i^{-1}`` (modified rules) is defined: dense layers only
-    supports_modified: bool = False
+    #: whether the local gradient (eq. 4.12) and the feedback gradients through :meth:`transpose` have closed forms
+    #: (dense layers); otherwise autograd computes them, and ``D_i^{-1}`` (the modified rules) is not available
+    closed_form: bool = False
     #: whether an exact inverse ``W^{-1}`` can be kept: square dense layers only
     supports_exact_inverse: bool = False
 
@@ -73,8 +94,9 @@ class Layer(nn.Module):
         """``{"class_path": ..., "init_args": {...}}``, the form LightningCLI configs use."""
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": dict(self._init_args)}
 
+    @abstractmethod
     def forward_pre(self, h_prev: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """``(a_i, h_i)``: the pre-activation and the activation ``h_i = s_i(a_i)``."""
 
     def forward(self, h_prev: Tensor) -> Tensor:
         return self.forward_pre(h_prev)[1]
@@ -83,10 +105,10 @@ class Layer(nn.Module):
         """Diagonal of ``D_{s_i}`` at the pre-activation ``a`` (``h = s(a)`` reused where it helps)."""
         return self.activation.derivative(a, h)
 
-    def local_grads(self, h_prev: Tensor, a: Tensor, h: Tensor, h_hat: Tensor, modified: bool = False) -> dict[Tensor, Tensor]:
-        """``{parameter: gradient}`` of ``mean_b 1/2 ||f_i(h_{i-1}) - h^_i||^2`` (autograd)."""
-        if modified:
-            raise ValueError(f"{type(self).__name__} has no D^-1 update (modified rules need dense layers)")
+    def local_grads(self, h_prev: Tensor, a: Tensor, h: Tensor, h_hat: Tensor, scaling: LocalScaling = D) -> dict[Tensor, Tensor]:
+        """``{parameter: gradient}`` of ``mean_b 1/2 ||f_i(h_{i-1}) - h^_i||^2`` (autograd; ``scaling`` must be ``D``)."""
+        if scaling.inverse:
+            raise ConfigError(f"{type(self).__name__} has no D^-1 update (modified rules need dense layers)")
         params = [p for p in (self.weight, self.bias) if p is not None and p.requires_grad]
         with torch.enable_grad():
             out = self(h_prev.detach())
@@ -94,32 +116,33 @@ class Layer(nn.Module):
             grads = torch.autograd.grad(loss, params)
         return dict(zip(params, grads))
 
+    @abstractmethod
     def linear_out(self, h_prev: Tensor) -> Tensor:
         """``W h_{i-1}`` in output coordinates, without bias (``s^{-1}(f_i(h)) - b``)."""
-        raise NotImplementedError
 
     def pre_output(self, h: Tensor) -> Tensor:
         """``s_i^{-1}(h) - b_i`` for a batch ``h`` in this layer's output space."""
         a = self.activation.inverse(h)
         return a if self.bias is None else a - self._bias_view()
 
+    @abstractmethod
     def transpose(self, v: Tensor, M: Tensor) -> Tensor:
         """``M``'s linear map from this layer's output space to its input space (``M`` shaped as :meth:`feedback_shape`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def feedback_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The shape of a weight ``M`` that :meth:`transpose` takes (``W^T``'s for dense layers)."""
 
+    @abstractmethod
     def adjoint(self) -> Tensor:
         """The transposed weight ``W^T`` in :meth:`feedback_shape` (a feedback weight that starts as the adjoint)."""
-        raise NotImplementedError
 
     def pseudo_inverse(self, gamma: float = 0.0) -> Tensor:
         """``W^dagger`` (``gamma = 0``) or theorem 4.7's ``W^T (W W^T + gamma I)^{-1}`` in :meth:`feedback_shape`, where it is
         cheap (dense layers); the adjoint ``W^T`` otherwise (for a convolution the adjoint is a transposed convolution,
         and the pseudo-inverse is not one)."""
         if gamma:
-            raise ValueError(f"the regularised inverse needs a dense layer above, not a {type(self).__name__}")
+            raise ConfigError(f"the regularised inverse needs a dense layer above, not a {type(self).__name__}")
         return self.adjoint()
 
     @property
@@ -145,9 +168,22 @@ class Dense(Layer):
             (all singular values 1; the Gaussian draw is still made first, which keeps seeded streams).
         init_std: std of the Gaussian weights.
         generator: optional ``torch.Generator`` of the initial weights.
+
+    >>> layer = Dense(2, 2, activation="linear")
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    >>> layer(torch.tensor([[1.0, 1.0]])).detach()
+    tensor([[1., 2.]])
+    >>> h_prev, h_hat = torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 2.0]])
+    >>> with torch.no_grad():
+    ...     a, h = layer.forward_pre(h_prev)
+    ...     grads = layer.local_grads(h_prev, a, h, h_hat)
+    >>> grads[layer.weight]  # D (h - h^) h_prev^T with D = 1
+    tensor([[1., 1.],
+            [0., 0.]])
     """
 
-    supports_modified = True
+    closed_form = True
 
     def __init__(
         self,
@@ -178,15 +214,15 @@ class Dense(Layer):
             a = a + self.bias
         return a, self.activation(a)
 
-    def local_grads(self, h_prev, a, h, h_hat, modified=False):
+    def local_grads(self, h_prev, a, h, h_hat, scaling=D):
         """Closed form (eq. 4.12): ``(1/B) sum_b D_i (h_i - h^_i) h_{i-1}^T`` and ``mean_b D_i (h_i - h^_i)``
-        for the bias; ``D_i^{-1}`` for the modified rules (Alg. A.1, A.6)."""
-        delta = self.delta(a, h, h_hat, modified)
+        for the bias; ``D_i^{-1}`` with ``scaling=D_INVERSE`` (the modified rules, Alg. A.1, A.6)."""
+        delta = self.delta(a, h, h_hat, scaling)
         return self.grads_from_delta(delta, h_prev)
 
-    def delta(self, a: Tensor, h: Tensor, h_hat: Tensor, modified: bool = False) -> Tensor:
-        """``D_i (h_i - h^_i)`` per sample (``D_i^{-1}`` when ``modified``), ``(B, n_i)``."""
-        return F.local_delta(self.derivative(a, h), h, h_hat, modified)
+    def delta(self, a: Tensor, h: Tensor, h_hat: Tensor, scaling: LocalScaling = D) -> Tensor:
+        """``D_i (h_i - h^_i)`` per sample (``D_i^{-1}`` with ``scaling=D_INVERSE``), ``(B, n_i)``."""
+        return F.local_delta(self.derivative(a, h), h, h_hat, scaling)
 
     def grads_from_delta(self, delta: Tensor, h_prev: Tensor) -> dict[Tensor, Tensor]:
         if h_prev.dim() > 2:
@@ -228,11 +264,16 @@ class AuxiliaryDense(Dense):
     Args:
         aux_units: number of auxiliary outputs (at least 1).
         **kwargs: the arguments of :class:`Dense`.
+
+    >>> layer = AuxiliaryDense(3, 2, aux_units=1)
+    >>> h = layer(torch.zeros(1, 3))
+    >>> h.shape, layer.model_output(h).shape
+    (torch.Size([1, 3]), torch.Size([1, 2]))
     """
 
     def __init__(self, in_features: int, out_features: int, aux_units: int, **kwargs):
         if not isinstance(aux_units, int) or aux_units < 1:
-            raise ValueError(f"aux_units must be a positive integer, got {aux_units!r}")
+            raise ConfigError(f"aux_units must be a positive integer, got {aux_units!r}")
         super().__init__(in_features, out_features + aux_units, **kwargs)
         self._init_args.update(out_features=out_features, aux_units=aux_units)
         full = self.weight.detach()
@@ -303,6 +344,10 @@ class Conv2d(Layer):
         activation, negative_slope, bias, init, init_std, generator: as for :class:`Dense`
             (fan-in ``C k^2``; ``orthogonal`` makes the flattened ``(out_channels, C k^2)`` kernel
             orthogonal).
+
+    >>> layer = Conv2d((1, 6, 6), out_channels=2, kernel_size=3, pool=2)
+    >>> layer.out_shape, layer(torch.zeros(5, 36)).shape
+    ((2, 2, 2), torch.Size([5, 2, 2, 2]))
     """
 
     def __init__(
@@ -323,10 +368,10 @@ class Conv2d(Layer):
         super().__init__()
         input_shape = tuple(int(n) for n in input_shape)
         if len(input_shape) != 3 or min(input_shape) < 1:
-            raise ValueError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape}")
+            raise ConfigError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape}")
         for name, v, low in (("out_channels", out_channels, 1), ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0), ("pool", pool, 1)):
             if not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+                raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
         self._init_args = {"input_shape": list(input_shape), "out_channels": out_channels, "kernel_size": kernel_size, "stride": stride,
                            "padding": padding, "pool": pool, "activation": getattr(activation, "name", activation),
                            "negative_slope": negative_slope, "bias": bias, "init": init, "init_std": init_std}  # fmt: skip
@@ -335,7 +380,7 @@ class Conv2d(Layer):
         C, H, W = input_shape
         conv_hw = [(n + 2 * padding - kernel_size) // stride + 1 for n in (H, W)]
         if min(conv_hw) < 1 or min(conv_hw) < pool:
-            raise ValueError(f"kernel_size {kernel_size}, padding {padding}, stride {stride}, pool {pool} do not fit input {input_shape}")
+            raise ConfigError(f"kernel_size {kernel_size}, padding {padding}, stride {stride}, pool {pool} do not fit input {input_shape}")
         self.conv_shape = (out_channels, *conv_hw)
         self.in_shape, self.out_shape = input_shape, (out_channels, conv_hw[0] // pool, conv_hw[1] // pool)
         flat = _initial_weight((out_channels, C * kernel_size * kernel_size), init, init_std, generator)
@@ -385,24 +430,28 @@ _LAYERS = {"Dense": Dense, "AuxiliaryDense": AuxiliaryDense, "Conv2d": Conv2d}
 
 
 def build_layer(spec: Layer | dict) -> Layer:
-    """A layer from a :class:`Layer` or its ``{"class_path", "init_args"}`` spec (as checkpoints store it)."""
+    """A layer from a :class:`Layer` or its ``{"class_path", "init_args"}`` spec (as checkpoints store it).
+
+    >>> build_layer({"class_path": "tplightning.layers.Dense", "init_args": {"in_features": 3, "out_features": 2}}).weight.shape
+    torch.Size([2, 3])
+    """
     if isinstance(spec, Layer):
         return spec
     if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(f"a network layer must be a Layer or a {{class_path, init_args}} mapping, got {spec!r}")
+        raise ConfigError(f"a network layer must be a Layer or a {{class_path, init_args}} mapping, got {spec!r}")
     name = str(spec["class_path"]).rsplit(".", 1)[-1]
     if name not in _LAYERS:
-        raise ValueError(f"unknown layer class {spec['class_path']!r}; expected one of {sorted(_LAYERS)}")
+        raise ConfigError(f"unknown layer class {spec['class_path']!r}; expected one of {sorted(_LAYERS)}")
     return _LAYERS[name](**spec.get("init_args", {}))
 
 
 def _initial_weight(shape: tuple[int, int], init: str, init_std: float | None, generator: torch.Generator | None) -> Tensor:
     if init not in ("gaussian", "orthogonal"):
-        raise ValueError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
+        raise ConfigError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
     if init == "orthogonal" and init_std is not None:
-        raise ValueError(f"init_std={init_std} applies to Gaussian weights only; leave it None with init='orthogonal'")
+        raise ConfigError(f"init_std={init_std} applies to Gaussian weights only; leave it None with init='orthogonal'")
     if init_std is not None and not init_std > 0:
-        raise ValueError(f"init_std must be > 0 (or None for 1/sqrt(n_in)), got {init_std}")
+        raise ConfigError(f"init_std must be > 0 (or None for 1/sqrt(n_in)), got {init_std}")
     std = init_std if init_std is not None else 1.0 / math.sqrt(shape[1])
     W = torch.randn(*shape, generator=generator) * std
     if init == "orthogonal":  # drawn after the Gaussian one, which keeps the seeded stream the MNIST runs used
@@ -416,16 +465,21 @@ class Network(nn.Module):
     Consecutive layers must fit (``out_features`` of one = ``in_features`` of the next). The last
     layer may carry units that are not model outputs (:class:`AuxiliaryDense`): :meth:`forward`
     returns the model's outputs, :meth:`forward_all` the whole ``h_L``.
+
+    >>> net = Network([Dense(3, 4), Dense(4, 2, activation="linear")])
+    >>> hs, pre = net.forward_all(torch.zeros(5, 3))
+    >>> net.sizes, len(hs), len(pre)
+    ([3, 4, 2], 3, 2)
     """
 
     def __init__(self, layers: Sequence[Layer | dict]):
         super().__init__()
         layers = [build_layer(layer) for layer in layers]
         if not layers:
-            raise ValueError("a network needs at least one layer")
+            raise ConfigError("a network needs at least one layer")
         for k, (lower, upper) in enumerate(zip(layers[:-1], layers[1:]), start=1):
             if lower.out_features != upper.in_features:
-                raise ValueError(
+                raise ConfigError(
                     f"layer {k} outputs {lower.out_features} features {lower.out_shape} but layer {k + 1} expects "
                     f"{upper.in_features} {upper.in_shape}"
                 )
@@ -508,10 +562,14 @@ def dense_stack(
     aux_units: int = 0,
 ) -> list[Layer]:
     """The thesis' fully connected layers for sizes ``[n_0, ..., n_L]``: ``activation`` in the hidden
-    layers, ``output_activation`` at the output; ``aux_units > 0`` makes the output an :class:`AuxiliaryDense`."""
+    layers, ``output_activation`` at the output; ``aux_units > 0`` makes the output an :class:`AuxiliaryDense`.
+
+    >>> [type(layer).__name__ for layer in dense_stack([3, 4, 2], aux_units=1)]
+    ['Dense', 'AuxiliaryDense']
+    """
     sizes = check_sizes(sizes)
     if init not in ("gaussian", "orthogonal"):
-        raise ValueError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
+        raise ConfigError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
     L = len(sizes) - 1
     common = {"negative_slope": negative_slope, "bias": bias, "init": init, "init_std": init_std, "generator": generator}
     layers: list[Layer] = [Dense(sizes[k], sizes[k + 1], activation, **common) for k in range(L - 1)]
@@ -539,12 +597,49 @@ def build_network(
     """The network of a rule: ``network`` when given (layers or their specs), else the MLP of ``sizes``.
 
     With ``network``, ``sizes`` must be left at its default or equal the network's sizes.
+
+    >>> build_network([3, 4, 2]).sizes
+    [3, 4, 2]
+    >>> build_network(network=[{"class_path": "tplightning.layers.Dense", "init_args": {"in_features": 3, "out_features": 2}}]).sizes
+    [3, 2]
     """
     if network is None:
         return Network(dense_stack(sizes, activation, output_activation, negative_slope, bias, init_std, None, init, aux_units))
     net = network if isinstance(network, Network) else Network(list(network))
     if tuple(sizes) != _DEFAULT_SIZES and list(sizes) != net.sizes:
-        raise ValueError(f"give either sizes or network: sizes={list(sizes)} but the network's sizes are {net.sizes}")
+        raise ConfigError(f"give either sizes or network: sizes={list(sizes)} but the network's sizes are {net.sizes}")
     if aux_units:
-        raise ValueError("aux_units apply to the MLP built from sizes; put an AuxiliaryDense output layer in the network instead")
+        raise ConfigError("aux_units apply to the MLP built from sizes; put an AuxiliaryDense output layer in the network instead")
     return net
+
+
+def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    """The sorted 1-based indices of ``train_layers`` for a network of ``num_layers`` layers (negative indices count
+    from the output, ``-1`` is the output layer); ``None`` means all. Bad entries are a
+    :class:`~tplightning.errors.ConfigError` naming ``train_layers``.
+
+    >>> resolve_layers([-1, 1], 3)
+    [1, 3]
+    >>> resolve_layers(None, 2)
+    [1, 2]
+    """
+    L = num_layers
+    if layers is None:
+        return list(range(1, L + 1))
+    given = layers
+    layers = [] if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") else list(layers)
+    if not layers:
+        raise ConfigError(f"train_layers must list at least one layer index (1..{L}, or -1 for the output layer), got {given!r}")
+    out = []
+    for i in layers:
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            i = operator.index(i)  # ints, numpy and 0-d tensor integers
+        except TypeError:
+            raise ConfigError(f"train_layers entries must be integers, got {i!r}") from None
+        j = i + L + 1 if i < 0 else i
+        if not 1 <= j <= L:
+            raise ConfigError(f"train_layers entry {i} is out of range for a network with {L} layers (1..{L}, or -{L}..-1 from the output)")
+        out.append(j)
+    return sorted(set(out))

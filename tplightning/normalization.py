@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 __all__ = ["InputNormalization"]
 
 
@@ -32,16 +34,15 @@ class InputNormalization(nn.Module):
         momentum: of the running mean/variance.
         eps: added to the variance.
 
-    >>> import torch
-    >>> from tplightning.networks import MLP
-    >>> net = MLP([2, 3, 1], generator=torch.Generator().manual_seed(0))
-    >>> norm = InputNormalization([2, 3])
-    >>> x = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
-    >>> hs, pre, inputs, stats = norm.forward_all(net, x, train=True, update=True)
-    >>> [tuple(h.shape) for h in hs], [round(v, 4) for v in inputs[0][0].tolist()]
-    ([(2, 2), (2, 3), (2, 1)], [-1.0, -1.0])
-    >>> stats[0][0].tolist(), [round(v, 4) for v in norm.running_mean_0.tolist()]
-    ([1.0, 2.0], [0.1, 0.2])
+    >>> from tplightning.layers import Network, Dense
+    >>> net = Network([Dense(2, 3), Dense(3, 1)])
+    >>> norm = InputNormalization(net.sizes[:-1])
+    >>> hs, pre, inputs, stats = norm.forward_all(net, torch.tensor([[1.0, 2.0], [3.0, 6.0]]), train=True, update=True)
+    >>> inputs[0]  # layer 1's input, normalised over the batch
+    tensor([[-1.0000, -1.0000],
+            [ 1.0000,  1.0000]])
+    >>> norm.running_mean_0  # moved by momentum 0.1 towards the batch mean [2, 4]
+    tensor([0.2000, 0.4000])
     """
 
     def __init__(self, sizes: Sequence[int], momentum: float = 0.1, eps: float = 1e-5):
@@ -71,7 +72,7 @@ class InputNormalization(nn.Module):
             mean, var = getattr(self, f"running_mean_{j}"), getattr(self, f"running_var_{j}")
             if train:
                 if h.shape[0] < 2:
-                    raise ValueError(f"batch_norm normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
+                    raise ConfigError(f"batch_norm normalises over the batch and needs batches of at least 2 samples, got {h.shape[0]}")
                 mu = h.mean(0)
                 centred = h - mu
                 v = (centred * centred).mean(0)  # biased variance; reuses h - mu (torch.var's column reduction is slow on CPU)

@@ -10,29 +10,38 @@ checkpoint keeps. Under DDP every replica uses the same seed, so all replicas dr
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 
+from .generators import pickle_generators, restore_generators
+
 __all__ = ["LayerSelection", "AllLayers", "RandomLayer"]
 
 
-class LayerSelection:
+class LayerSelection(ABC):
     """Chooses the layers to update from the trainable ones; ``state``/``load_state`` for checkpoints.
 
-    A subclass implements ``__call__(layers)``: given the 1-based indices of the trainable layers, it returns
-    those to update on this batch. ``state()`` returns what a checkpoint must keep to resume the same choices
-    (a dict merged into the rule's extra state), ``load_state(state)`` restores it; both do nothing here.
+    Args:
+        seed: seed of the selection's generator (selections that draw nothing ignore it).
 
-    >>> class TopLayer(LayerSelection):
-    ...     def __call__(self, layers):
-    ...         return [max(layers)]
-    >>> TopLayer()([1, 2, 3]), TopLayer().state()
-    ([3], {})
+    A selection is abstract; :class:`AllLayers` and :class:`RandomLayer` are the two:
+
+    >>> AllLayers().drawn([1, 2])
+    0
     """
 
+    def __init__(self, seed: int = 0):
+        pass
+
+    @abstractmethod
     def __call__(self, layers: Sequence[int]) -> list[int]:
-        raise NotImplementedError
+        """The layers to update this batch, from the trainable ``layers``."""
+
+    def drawn(self, chosen: Sequence[int]) -> int:
+        """The layer a step of this selection reports as updated (``0``: every layer)."""
+        return 0
 
     def state(self) -> dict:
         """What a checkpoint keeps (nothing here)."""
@@ -44,10 +53,10 @@ class LayerSelection:
 
 
 class AllLayers(LayerSelection):
-    """Every trainable layer, every batch (the non-randomized rules, e.g. Alg. A.10).
+    """Every trainable layer, every batch.
 
-    >>> AllLayers()([1, 3])
-    [1, 3]
+    >>> AllLayers()([1, 2, 3])
+    [1, 2, 3]
     """
 
     def __call__(self, layers):
@@ -57,22 +66,10 @@ class AllLayers(LayerSelection):
 class RandomLayer(LayerSelection):
     """One layer drawn uniformly per batch (Alg. A.2), from ``torch.Generator().manual_seed(seed)``.
 
-    Alg. A.2 draws ``k`` from all layers ``1..L``; we draw from the layers the rule trains (its
-    ``train_layers``, all of them by default), so a frozen layer is never drawn. The generator's state goes
-    into checkpoints (:meth:`state`) and survives pickling, so a resumed or spawned run draws the same
-    sequence.
-
-    Args:
-        seed: seed of the layer draws.
-
     >>> select = RandomLayer(seed=0)
-    >>> [select([1, 2, 3])[0] for _ in range(6)]
-    [3, 1, 3, 1, 2, 1]
-    >>> saved = select.state()
-    >>> first = select([1, 2, 3])
-    >>> select.load_state(saved)
-    >>> select([1, 2, 3]) == first
-    True
+    >>> chosen = select([1, 2, 3])
+    >>> len(chosen), select.drawn(chosen) == chosen[0]
+    (1, True)
     """
 
     def __init__(self, seed: int = 0):
@@ -81,6 +78,9 @@ class RandomLayer(LayerSelection):
     def __call__(self, layers):
         j = int(torch.randint(len(layers), (1,), generator=self.generator))
         return [layers[j]]
+
+    def drawn(self, chosen):
+        return chosen[0]
 
     def state(self):
         """``{"layer_generator": state}``: the generator's state, for the rule's checkpoint."""
@@ -92,8 +92,7 @@ class RandomLayer(LayerSelection):
             self.generator.set_state(state["layer_generator"])
 
     def __getstate__(self):  # bytes, not a state tensor: ddp_spawn pickles the rule through shared memory
-        return {"state": bytes(self.generator.get_state().numpy())}
+        return pickle_generators(self.__dict__)
 
-    def __setstate__(self, d):
-        self.generator = torch.Generator()
-        self.generator.set_state(torch.frombuffer(bytearray(d["state"]), dtype=torch.uint8))
+    def __setstate__(self, state):
+        self.__dict__.update(restore_generators(state))

@@ -27,6 +27,7 @@ corrupted activation up to the output and back) the network's layers and maps.
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .errors import ConfigError
 from .layers import Dense, Layer
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "TrainedFeedback",
     "DirectFeedback",
     "Difference",
+    "plain",
     "DifferenceReconstruction",
     "LocalDifferenceReconstruction",
     "DirectLinear",
@@ -58,7 +61,13 @@ class Step:
     """What a map may read of one training step: ``hs = [h_0..h_L]``, ``pre = [a_1..a_L]``; ``output_error()``
     returns ``e_L = dl/dh_L`` (computed once, on first use) and ``target_stepsize`` is ``eta^``; ``layers`` are
     ``[f_1..f_L]`` and ``maps`` ``[g_1..g_{L-1}]`` (bound), for the feedback losses that need the path to the output.
-    ``memo`` keeps what a map computes at the step's own activations until its weights change (:meth:`TargetMap.at_own`)."""
+    ``memo`` keeps what a map computes at the step's own activations until its weights change (:meth:`TargetMap.at_own`).
+
+    >>> step = Step([torch.zeros(2, 3)], [], 0.1, error_fn=lambda: torch.ones(2, 1))
+    >>> step.output_error()
+    tensor([[1.],
+            [1.]])
+    """
 
     hs: list[Tensor]
     pre: list[Tensor]
@@ -78,8 +87,16 @@ class Step:
         return self._error
 
 
-class TargetMap(nn.Module):
-    """Base of the maps. :meth:`bind` attaches the layers; subclasses define :meth:`forward` (``g_i``)."""
+class TargetMap(nn.Module, metaclass=ABCMeta):
+    """Base of the maps (abstract). :meth:`bind` attaches the layers; subclasses define :meth:`forward` (``g_i``).
+
+    A concrete map bound to two dense layers:
+
+    >>> lower, upper = Dense(3, 3), Dense(3, 3, activation="linear")
+    >>> g = OriginalInverse(init="random").bind(1, lower, upper)
+    >>> g(torch.zeros(2, 3)).shape
+    torch.Size([2, 3])
+    """
 
     #: sets the target itself rather than inverting the layer above (diagnostics: ``e^TP_i = Delta_i``)
     direct: bool = False
@@ -107,10 +124,11 @@ class TargetMap(nn.Module):
         return self
 
     def check_layers(self, lower: Layer, upper: Layer) -> None:
-        """Raise ``ValueError`` when the map cannot serve these layers."""
+        """Raise :class:`~tplightning.errors.ConfigError` when the map cannot serve these layers."""
 
+    @abstractmethod
     def forward(self, h_next: Tensor) -> Tensor:
-        raise NotImplementedError
+        """``g_i(h_{i+1})`` for a batch of layer-``(i+1)`` activations."""
 
     def _shape(self, v: Tensor) -> Tensor:
         return v.reshape(v.shape[0], *self.lower.out_shape)
@@ -151,12 +169,13 @@ class TargetMap(nn.Module):
 class _LinearAfterInverse(TargetMap):
     """``g_i(h) = M (s_{i+1}^{-1}(h) - b_{i+1})``: the exact inverse (``M = W^{-1}``) and the thesis form (``M = Q``)."""
 
+    @abstractmethod
     def matrix(self) -> Tensor:
-        raise NotImplementedError
+        """``M``: ``W_{i+1}^{-1}`` or ``Q_i``."""
 
     def check_layers(self, lower, upper):
         if not upper.activation.invertible:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {self.index + 1} activation {upper.activation!r} has no inverse, which g_{self.index}(h) = M s^-1(h) needs; "
                 "use leaky_relu with negative_slope > 0, tanh or linear, or an original-form map"
             )
@@ -184,6 +203,13 @@ class ExactInverse(_LinearAfterInverse):
         tau_init: a weight is acceptable when ``sigma_min sigma_max > tau_init`` (section 4.2.3).
         inverse_tolerance: the drift guard re-inverts ``W`` when the probed ``|(W W^{-1} - I) r|_inf / |r|_inf``
             exceeds it (against the round-off of chained updates, cf. fig. 5.8).
+
+    >>> lower, upper = Dense(2, 2), Dense(2, 2, activation="linear")
+    >>> with torch.no_grad():
+    ...     _ = upper.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 4.0]]))
+    >>> g = ExactInverse().bind(1, lower, upper)
+    >>> g(torch.tensor([[2.0, 4.0]]))
+    tensor([[1., 1.]])
     """
 
     keeps_upper_weight = True
@@ -191,13 +217,13 @@ class ExactInverse(_LinearAfterInverse):
     def __init__(self, threshold: float = 0.5, tau_init: float = 0.4, inverse_tolerance: float = 1e-4):
         super().__init__()
         if not threshold > 0:
-            raise ValueError(f"threshold (epsilon) must be > 0, got {threshold}")
+            raise ConfigError(f"threshold (epsilon) must be > 0, got {threshold}")
         self.threshold, self.tau_init, self.inverse_tolerance = threshold, tau_init, inverse_tolerance
         self.reset_stats()
 
     def check_layers(self, lower, upper):
         if not upper.supports_exact_inverse:
-            raise ValueError(
+            raise ConfigError(
                 f"an exact inverse of layer {self.index + 1} ({type(upper).__name__} {upper.in_shape} -> {upper.out_shape}) "
                 "is not available: exact inverses need square dense layers; use a learned map (ThesisInverse, OriginalInverse)"
             )
@@ -277,13 +303,20 @@ class ExactInverse(_LinearAfterInverse):
 
 
 def check_feedback_options(noise_std: float, weight_decay: float, init: str) -> None:
-    """``ValueError`` for a negative noise std or weight decay, or an unknown initialisation."""
+    """:class:`~tplightning.errors.ConfigError` for a negative noise std or weight decay, or an unknown initialisation.
+
+    >>> check_feedback_options(1.0, 0.0, "pinv")
+    >>> check_feedback_options(1.0, 0.0, "zeros")
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: feedback_init must be 'pinv' or 'random' or 'regularised', got 'zeros'
+    """
     if noise_std < 0 or weight_decay < 0:
-        raise ValueError(f"feedback_noise_std and feedback_weight_decay must be >= 0, got {noise_std} and {weight_decay}")
+        raise ConfigError(f"feedback_noise_std and feedback_weight_decay must be >= 0, got {noise_std} and {weight_decay}")
     if init not in ("pinv", "regularised", "random"):
-        raise ValueError(f"feedback_init must be 'pinv' or 'random' or 'regularised', got {init!r}")
+        raise ConfigError(f"feedback_init must be 'pinv' or 'random' or 'regularised', got {init!r}")
     if init == "regularised" and not (weight_decay > 0 and noise_std > 0):
-        raise ValueError(
+        raise ConfigError(
             "feedback_init='regularised' is theorem 4.7's inverse for lambda = feedback_weight_decay > 0 and "
             f"sigma = feedback_noise_std > 0, got {weight_decay} and {noise_std}"
         )
@@ -346,21 +379,26 @@ class ThesisInverse(_LearnedMap, _LinearAfterInverse):
     Args:
         batch_size: noise samples per update (``None``: the training batch size).
         **kwargs: see :class:`_LearnedMap`.
+
+    >>> lower, upper = Dense(2, 2), Dense(2, 2, activation="linear")
+    >>> g = ThesisInverse().bind(1, lower, upper)  # Q = W^dagger at the start (init="pinv")
+    >>> torch.allclose(g(upper(torch.ones(1, 2))), torch.ones(1, 2), atol=1e-5)
+    True
     """
 
     def __init__(self, noise_std: float = 1.0, weight_decay: float = 0.0, init: str = "pinv", batch_size: int | None = None):
         super().__init__(noise_std, weight_decay, init)
         if not noise_std > 0:
-            raise ValueError("feedback_noise_std must be > 0 for the thesis form: Alg. A.8 learns Q from white noise of that std")
+            raise ConfigError("feedback_noise_std must be > 0 for the thesis form: Alg. A.8 learns Q from white noise of that std")
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {batch_size}")
+            raise ConfigError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {batch_size}")
         self.batch_size = batch_size
 
     def feedback_grads(self, step, noise):
         B = self.batch_size or step.hs[0].shape[0]
         h = self.noise_std * noise((B, *self.lower.out_shape))
         a_next = self.upper.linear_out(h)  # s^-1(f_{i+1}(h)) - b = W h
-        if isinstance(self.upper, Dense):
+        if self.upper.closed_form:
             return self._decayed(F.inverse_loss_grad(self.Q, a_next, h.flatten(1)))
         return self._decayed(self._autograd(lambda Q: 0.5 * (self._shape(self.upper.transpose(a_next, Q)) - h).pow(2).sum() / B))
 
@@ -370,6 +408,11 @@ class OriginalInverse(_LearnedMap):
 
     Alg. A.9 minimises ``mean_b 1/2 ||g_i(f_{i+1}(h_i)) - h_i||^2`` at the layer's activations, here with the noise
     injection of eq. 3.13 (``h_i + sigma eps``; ``sigma = 0`` disables it). Any activation works (no inverse needed).
+
+    >>> lower, upper = Dense(2, 2, activation="linear"), Dense(2, 2, activation="linear")
+    >>> g = OriginalInverse().bind(1, lower, upper)  # Q = W^dagger at the start
+    >>> torch.allclose(g(upper(torch.ones(1, 2))), torch.ones(1, 2), atol=1e-5)
+    True
     """
 
     def forward(self, h_next):
@@ -392,7 +435,7 @@ class OriginalInverse(_LearnedMap):
         ``g_i(v) = s_i(Q v)``, which every feedback loss of this form ends with (``u_k = dloss/dg_i(v_k)``). Closed form
         ``sum_k (u_k * s'(Q v_k))^T v_k`` for a dense layer above (reusing ``evaluate(v_k)`` when a term brings it),
         autograd otherwise."""
-        if isinstance(self.upper, Dense):
+        if self.upper.closed_form:
             act, grad = self.lower.activation, 0
             for v, u, *known in terms:
                 c, out = known[0] if known else self.evaluate(v)
@@ -405,7 +448,7 @@ class OriginalInverse(_LearnedMap):
         if self.noise_std > 0:
             h = h + self.noise_std * noise(tuple(h.shape))
         h_next = self.upper(h) if self.noise_std > 0 else step.hs[i + 1]
-        if isinstance(self.upper, Dense):
+        if self.upper.closed_form:
             return self._decayed(F.original_inverse_loss_grad(self.Q, h_next, h.flatten(1), self.lower.activation))
         act = self.lower.activation
         return self._decayed(self._autograd(lambda Q: 0.5 * (act(self._shape(self.upper.transpose(h_next, Q))) - h).pow(2).sum() / h.shape[0]))
@@ -416,6 +459,13 @@ class GradientTarget(TargetMap):
 
     Only for ``i = L - 1``; ``dl/dh_{L-1} = W_L^T D_{s_L} e_L`` in closed form for a dense output layer, by
     autograd otherwise. An output layer narrower than the one below is no obstacle (nothing is inverted).
+
+    >>> lower, upper = Dense(2, 2), Dense(2, 1, activation="linear")
+    >>> g = GradientTarget().bind(1, lower, upper)
+    >>> hs, pre = [torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 1)], [torch.ones(1, 2), torch.zeros(1, 1)]
+    >>> step = Step(hs, pre, 0.5, error_fn=lambda: torch.ones(1, 1))
+    >>> torch.allclose(g.target(None, step), 1 - 0.5 * upper.weight.detach())
+    True
     """
 
     direct = True
@@ -425,7 +475,7 @@ class GradientTarget(TargetMap):
         if i != len(step.hs) - 2:
             raise ValueError(f"GradientTarget serves the layer below the output, not layer {i} of {len(step.hs) - 1}")
         e = step.output_error()
-        if isinstance(self.upper, Dense):
+        if self.upper.closed_form:
             delta = e * self.upper.activation.derivative(step.pre[i])  # dl/da_L
             return step.hs[i] - step.target_stepsize * delta @ self.upper.full_weight()
         with torch.enable_grad():
@@ -457,6 +507,11 @@ class FeedbackAlignment(_FixedFeedback):
     the output target ``h^_L - h_L = -eta^ e_L`` this makes ``D_{s_i} (h_i - h^_i) = eta^ delta_i^FA`` of eq. 3.18
     (``delta`` in pre-activation coordinates), so the layer update is eta^ times eq. 3.20's; with ``B_i = W_{i+1}^T`` it is
     backprop's (eq. 3.19). For a convolution above, ``B`` is a transposed convolution.
+
+    >>> lower, upper = Dense(2, 3), Dense(3, 2, activation="linear")
+    >>> g = FeedbackAlignment().bind(1, lower, upper)
+    >>> g.B.shape  # fixed, random, in the shape of W_2^T
+    torch.Size([3, 2])
     """
 
     def check_layers(self, lower, upper):
@@ -472,7 +527,12 @@ class FeedbackAlignment(_FixedFeedback):
 
 class TrainedFeedback(FeedbackAlignment):
     """Feedback alignment's map with ``B_i`` a trainable parameter (bidirectional FA, thesis 3.2.4): the targets are
-    :class:`FeedbackAlignment`'s (eq. 3.23); the rule trains ``B`` (:class:`~tplightning.rules.alignment.BDFA`)."""
+    :class:`FeedbackAlignment`'s (eq. 3.23); the rule trains ``B`` (:class:`~tplightning.rules.alignment.BDFA`).
+
+    >>> g = TrainedFeedback().bind(1, Dense(2, 3), Dense(3, 2))
+    >>> g.feedback_parameters()[0].shape
+    torch.Size([3, 2])
+    """
 
     def _draw(self, shape, fan_in, like):
         self.B = nn.Parameter(torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
@@ -486,6 +546,10 @@ class DirectFeedback(_FixedFeedback):
 
     Args:
         output: the network's output layer (``f_L``), whose derivative scales the output error.
+
+    >>> layers = [Dense(2, 3), Dense(3, 3), Dense(3, 1, activation="linear")]
+    >>> DirectFeedback(layers[-1]).bind(1, layers[0], layers[1]).B.shape
+    torch.Size([3, 1])
     """
 
     direct = True
@@ -512,6 +576,12 @@ class Difference(TargetMap):
 
     The correction ``h_i - g_i(h_{i+1})`` cancels the map's reconstruction error; with an exact inverse it vanishes up
     to float error (``g_i(h_{i+1}) = h_i``).
+
+    >>> lower, upper = Dense(2, 2, activation="linear"), Dense(2, 2, activation="linear")
+    >>> g = Difference(OriginalInverse(init="random")).bind(1, lower, upper)
+    >>> hs = [torch.zeros(1, 2), torch.ones(1, 2), torch.full((1, 2), 3.0)]
+    >>> torch.allclose(g.target(hs[2], Step(hs, [hs[1], hs[2]])), hs[1])  # h^_2 = h_2 gives h^_1 = h_1
+    True
     """
 
     def __init__(self, inner: TargetMap):
@@ -549,8 +619,23 @@ class Difference(TargetMap):
         self.inner.on_weights_changed()
 
 
+def plain(m: TargetMap) -> TargetMap:
+    """Plain target propagation ``h^_i = g_i(h^_{i+1})``: the map itself (the counterpart of :class:`Difference`).
+
+    >>> m = OriginalInverse()
+    >>> plain(m) is m
+    True
+    """
+    return m
+
+
 def forward_from(layers: Sequence[Layer], i: int, h: Tensor) -> Tensor:
-    """``f_{i,L}(h) = f_L(...f_{i+1}(h))``: an activation of layer ``i`` run up to the output (``layers = [f_1..f_L]``)."""
+    """``f_{i,L}(h) = f_L(...f_{i+1}(h))``: an activation of layer ``i`` run up to the output (``layers = [f_1..f_L]``).
+
+    >>> layers = [Dense(2, 2, activation="linear"), Dense(2, 1, activation="linear")]
+    >>> forward_from(layers, 1, torch.zeros(3, 2)).shape
+    torch.Size([3, 1])
+    """
     for layer in layers[i:]:
         h = layer(h)
     return h
@@ -558,7 +643,7 @@ def forward_from(layers: Sequence[Layer], i: int, h: Tensor) -> Tensor:
 
 def _check_noise(noise_std: float, name: str) -> None:
     if not noise_std > 0:
-        raise ValueError(f"feedback_noise_std must be > 0 for {name}: its feedback loss compares noise-corrupted activations, got {noise_std}")
+        raise ConfigError(f"feedback_noise_std must be > 0 for {name}: its feedback loss compares noise-corrupted activations, got {noise_std}")
 
 
 class DifferenceReconstruction(OriginalInverse):
@@ -581,6 +666,10 @@ class DifferenceReconstruction(OriginalInverse):
     Args:
         noise_std: ``sigma`` (> 0; the paper's MNIST search chose about 0.06).
         **kwargs: see :class:`_LearnedMap`.
+
+    >>> g = DifferenceReconstruction(noise_std=0.1).bind(1, Dense(2, 3), Dense(3, 3))
+    >>> g.Q.shape
+    torch.Size([3, 3])
     """
 
     def __init__(self, noise_std: float = 0.05, weight_decay: float = 0.0, init: str = "pinv"):
@@ -622,6 +711,10 @@ class LocalDifferenceReconstruction(OriginalInverse):
     Args:
         noise_std: ``sigma`` (> 0).
         **kwargs: see :class:`_LearnedMap`.
+
+    >>> g = LocalDifferenceReconstruction(noise_std=0.1).bind(1, Dense(2, 3), Dense(3, 3))
+    >>> g.Q.shape
+    torch.Size([3, 3])
     """
 
     def __init__(self, noise_std: float = 0.1, weight_decay: float = 0.0, init: str = "pinv"):
@@ -660,6 +753,10 @@ class DirectLinear(_LearnedMap):
         weight_decay: see above.
         init: ``pinv`` (``Q_i = (W_L ... W_{i+1})^dagger``, the linearised network's Gauss-Newton map; dense layers),
             ``random`` (Gaussian, std ``1/sqrt(n_L)``) or ``regularised`` (``J^T (J J^T + lambda I)^{-1}``, the minimiser above).
+
+    >>> layers = [Dense(2, 3), Dense(3, 3), Dense(3, 1, activation="linear")]
+    >>> DirectLinear(layers).bind(1, layers[0], layers[1]).Q.shape  # Q_1: (n_1, n_L)
+    torch.Size([3, 1])
     """
 
     direct = True

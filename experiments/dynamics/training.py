@@ -132,7 +132,7 @@ class UpdateAngles(pl.Callback):
         D = dtp_ai_update(self._ref, rule.net.weights, x, y)
         entry = {"epoch": trainer.current_epoch, "cos_dtp": [_cos(a, b) for a, b in zip(G, D)]}
         if self.gauss_newton:
-            N = gauss_newton_update(rule.net, x, y, rule.loss_name)
+            N = gauss_newton_update(rule.net, x, y, rule.loss)
             entry["cos_gn"] = [_cos(a.double(), b) for a, b in zip(G, N)]
         self.history.append(entry)
 

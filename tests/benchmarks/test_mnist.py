@@ -92,7 +92,7 @@ def test_config_fast_dev_run(config):
     out = train_main([*args, "--data.init_args.data_dir", str(DATA)])
     cli = out["cli"]
     assert cli.model.net.sizes[0] == 784 and cli.model.output_dim == 10
-    assert cli.model.loss_name == "cross_entropy"
+    assert cli.model.loss.name == "cross_entropy"
     assert 0.0 <= out["test_metrics"]["test/acc"] <= 1.0
 
 

@@ -63,12 +63,12 @@ def test_a_hook_inside_the_optimizer_step_is_no_optimizer_code():
     dm = SyntheticData(6, 4, 16, 8, "regression")
     quiet_trainer(limit_val_batches=0, log_every_n_steps=100, callbacks=[ReadsInTheOptimizerStep(), reads]).fit(rule, datamodule=dm)
     assert [{w.split(":")[0] for w in c} for c in reads.per_batch] == [{"test_syncs.py"}] * 2
-    assert rule.defer_finite_check is type(rule).defer_finite_check  # the rule's own setting again after the run
+    assert rule.divergence.defer is None  # the rule's own setting again after the run
 
 
 def test_one_hot_labels_would_read_the_device(monkeypatch):
     # the cross-entropy output target once built its labels with one_hot, which checks the labels' range on the host
-    monkeypatch.setattr(tp.functional, "label_output", lambda y, n, loss, dtype=None: torch.nn.functional.one_hot(y.long(), n).to(dtype))
+    monkeypatch.setattr(tp.losses.CrossEntropy, "labels", lambda self, y, n, dtype=None: torch.nn.functional.one_hot(y.long(), n).to(dtype))
     reads = reads_of(make_rule("LeeDTP", sizes=(6, 6, 4), loss="cross_entropy"), "classification", batches=2, log_every=100)
     assert all(sum(c.values()) > 0 for c in reads.per_batch)
 

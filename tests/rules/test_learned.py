@@ -178,7 +178,7 @@ def test_feedback_grads_are_autograd_gradients_of_the_inverse_losses(name, bias,
     for n, i in enumerate(rule.feedback_layers):
         Q = rule.Q(i).detach().clone().requires_grad_()
         W = Ws[i]  # W_{i+1}
-        if rule.form == "thesis":
+        if issubclass(rule.feedback_map, tp.target_maps.ThesisInverse):
             h = sigma * drawn[n]
             assert h.shape == (7, sizes[i])
             recon = (h @ W.T) @ Q.T  # Q s^-1(s(W h + b)) - Q b = Q W h
@@ -191,7 +191,7 @@ def test_feedback_grads_are_autograd_gradients_of_the_inverse_losses(name, bias,
         loss = 0.5 * ((recon - h) ** 2).sum(1).mean() + 0.5 * lam * (Q**2).sum()
         (expected,) = torch.autograd.grad(loss, Q)
         torch.testing.assert_close(grads[rule.Q(i)], expected)
-    assert len(drawn) == (len(rule.feedback_layers) if (rule.form == "thesis" or sigma > 0) else 0)
+    assert len(drawn) == (len(rule.feedback_layers) if (issubclass(rule.feedback_map, tp.target_maps.ThesisInverse) or sigma > 0) else 0)
 
 
 def test_feedback_noise_is_seeded():
@@ -303,7 +303,7 @@ def test_difference_targets_satisfy_eq_3_14_for_any_feedback(name):
             torch.testing.assert_close(rule.propagate(i, hs[i + 1], hs, pre), hs[i], rtol=0, atol=1e-12)
             h_hat = hs[i + 1] + 0.3 * torch.randn(hs[i + 1].shape, generator=gen, dtype=DT)
             Q = rule.Q(i)
-            if rule.form == "thesis":
+            if issubclass(rule.feedback_map, tp.target_maps.ThesisInverse):
                 inv = (lambda h: h) if i + 1 == L else leaky_inv
                 g = lambda h: inv(h) @ Q.T  # noqa: E731
             else:

@@ -35,9 +35,9 @@ class StopAfter(pl.Callback):
 @pytest.mark.parametrize("name, defer", [("BP", False), ("DTPAI", False), ("TPEI", False), ("BP", True), ("DTPAI", True)])
 def test_divergence_stops_and_keeps_last_good_checkpoint(name, defer, tmp_path):
     # deferred: the flags stay on the device until the epoch's end (as on a GPU); the error still names the bad step.
-    # Exact-inverse rules never defer (a NaN breaks their SVD first), see ExactInverseRule.defer_finite_check
+    # Exact-inverse rules never defer (a NaN breaks their SVD first), see ExactInverseRule
     rule, dm = make_rule(name), tiny_data()
-    rule.defer_finite_check = defer
+    rule.divergence.defer = defer
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = quiet_trainer(max_epochs=5, enable_checkpointing=True, callbacks=[ckpt, PoisonAt(epoch=2, batch=3)])
     with pytest.raises(DivergenceError, match=r"diverged at batch 19 \(epoch 2\).*first non-finite activation in layer 1"):

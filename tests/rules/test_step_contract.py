@@ -58,7 +58,7 @@ def _expected_forward(rule, lr, x, y, layers):
         W = layer.full_weight().detach().clone().requires_grad_(True)
         h_in, h_hat, s = inputs[i - 1].detach(), targets[i - 1].detach(), acts(rule)[i - 1]
         a = h_in @ W.T
-        if rule.modified:
+        if rule.scaling is tp.losses.D_INVERSE:
             a_ = a.detach().requires_grad_(True)
             D = torch.autograd.grad(s(a_).sum(), a_)[0]
             grad = ((s(a.detach()) - h_hat) / D).T @ h_in / len(h_in)
@@ -77,7 +77,7 @@ def _expected_feedback(rule, x, W_after):
     for i in rule.feedback_layers:
         Q = rule.Q(i).detach().clone().requires_grad_(True)
         W, s_i, s_next = W_after[i], acts(rule)[i - 1], acts(rule)[i]
-        if rule.form == "thesis":
+        if issubclass(rule.feedback_map, tp.target_maps.ThesisInverse):
             h = rule.feedback_noise_std * torch.randn(B, Q.shape[0], generator=gen)
             loss = 0.5 * ((h @ W.T) @ Q.T - h).pow(2).sum(1).mean()  # g(f(h)) = Q s^-1(s(W h)) = Q W h
         else:
@@ -113,7 +113,7 @@ def test_one_step_changes_every_weight_by_its_documented_update(name):
     pre_step = copy.deepcopy(rule)  # the feedback reference needs the step's forward pass
     expected = _expected_forward(rule, lr, x, y, range(1, rule.num_layers + 1))
     quiet_trainer(max_epochs=1).fit(rule, datamodule=OneBatch(x, y))
-    updated = [rule.last_layer] if rule.randomized else list(range(1, rule.num_layers + 1))
+    updated = [rule.last_layer] if isinstance(rule.selection, tp.selection.RandomLayer) else list(range(1, rule.num_layers + 1))
     for i, layer in enumerate(rule.net.layers, start=1):
         if i in updated:
             torch.testing.assert_close(layer.weight, expected[i], rtol=1e-4, atol=1e-6, msg=f"{name} layer {i}")
@@ -137,8 +137,8 @@ def test_modified_rules_divide_by_the_derivative():
     x, y = torch.randn(B, 6), torch.randn(B, 6)
     hs, targets = rule.compute_targets(x, y)
     pre = rule.forward_pass(x)[1]
-    g_mod = rule.net.layers[0].local_grads(hs[0], pre[0], hs[1], targets[0], modified=True)[rule.net.weights[0]]
-    g_tp = rule.net.layers[0].local_grads(hs[0], pre[0], hs[1], targets[0], modified=False)[rule.net.weights[0]]
+    g_mod = rule.net.layers[0].local_grads(hs[0], pre[0], hs[1], targets[0], tp.losses.D_INVERSE)[rule.net.weights[0]]
+    g_tp = rule.net.layers[0].local_grads(hs[0], pre[0], hs[1], targets[0], tp.losses.D)[rule.net.weights[0]]
     neg = (pre[0] < 0).float()
     e = hs[1] - targets[0]
     torch.testing.assert_close(g_mod, ((e * (neg / 0.35 + (1 - neg))).T @ x) / B)

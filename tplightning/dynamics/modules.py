@@ -22,7 +22,7 @@ from tplightning._lightning import OptimizerCallable
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..rules.base import DivergenceError, LearningRule, check_optimizer_factory
+from ..rules.base import DivergenceError, LearningRule, build_optimizer, check_optimizer_factory
 from .models import ConvergenceError, MixtureNetwork, MultiplexingNetwork, TwoPhaseNetwork, nudged_target
 
 __all__ = ["DynamicalTP", "TwoPhaseDTP", "MultiplexingDTP"]
@@ -78,7 +78,7 @@ class _EquilibriumRule:
 
     def build_optimizers(self):
         fb = self.feedback_parameters()
-        return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
+        return super().build_optimizers() + ([build_optimizer("feedback_optimizer", self.feedback_optimizer, fb)] if fb else [])
 
     def equilibria(self, x: Tensor, y: Tensor) -> dict:
         """The rule's phases at equilibrium for float64 ``x, y``: ``{"model": network, phase name: [h_1..h_L], ...}``."""
@@ -210,7 +210,7 @@ class DynamicalTP(_EquilibriumRule, LearningRule):
     def equilibria(self, x: Tensor, y: Tensor) -> dict:
         """The equilibrium (eq. 6.5) under the nudged target (eq. 6.10)."""
         model = self.network()
-        return {"model": model, "learn": model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)}
+        return {"model": model, "learn": model.equilibrium(x, nudged_target(y, self.loss, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)}
 
     def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
         return self._compensate(eq["model"].forward_update(x, eq["learn"]))  # eq. 6.17
@@ -243,7 +243,7 @@ class TwoPhaseDTP(DynamicalTP):
     @torch.no_grad()
     def equilibria(self, x: Tensor, y: Tensor) -> dict:
         model = self.network()
-        free, learn = model.equilibrium(x, nudged_target(y, self.loss_name, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)
+        free, learn = model.equilibrium(x, nudged_target(y, self.loss, self.target_stepsize), tol=self.tol, max_iter=self.max_iter)
         return {"model": model, "free": free, "learn": learn}
 
     def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:
@@ -310,7 +310,7 @@ class MultiplexingDTP(_EquilibriumRule, LearningRule):
     @torch.no_grad()
     def equilibria(self, x: Tensor, y: Tensor) -> dict:
         model = self.network()
-        hs, free, learn = model.phases(x, nudged_target(y, self.loss_name, self.target_stepsize))
+        hs, free, learn = model.phases(x, nudged_target(y, self.loss, self.target_stepsize))
         return {"model": model, "h": hs, "free": free, "learn": learn}
 
     def _forward_updates(self, x: Tensor, eq: dict) -> list[Tensor]:

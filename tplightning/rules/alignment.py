@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
 from .._lightning import OptimizerCallable
+from ..errors import ConfigError
 from ..layers import Dense
 from ..target_maps import DirectFeedback, FeedbackAlignment, TrainedFeedback
-from .base import check_optimizer_factory
+from .base import build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
 __all__ = ["FA", "DFA", "BDFA"]
@@ -31,6 +31,9 @@ class FA(TargetPropRule):
     Args:
         target_stepsize: ``eta^`` of the output target; 1 makes the update the FA gradient itself.
         **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
+
+    >>> [tuple(B.shape) for B in FA(sizes=[3, 4, 5, 2]).feedback_weights]
+    [(4, 5), (5, 2)]
     """
 
     def __init__(self, *args, target_stepsize: float = 1.0, **kwargs):
@@ -49,6 +52,9 @@ class DFA(FA):
     """Direct feedback alignment: ``delta_i = D_{s_i} B~_i delta_L`` with fixed random ``B~_i`` of shape ``(n_i, n_L)`` (eq. 3.21).
 
     Run: ``python train.py --config dfa.yaml``.
+
+    >>> [tuple(B.shape) for B in DFA(sizes=[3, 4, 5, 2]).feedback_weights]
+    [(4, 2), (5, 2)]
     """
 
     def make_maps(self):
@@ -70,6 +76,10 @@ class BDFA(FA):
     Args:
         feedback_optimizer: optimizer of ``B_0, ..., B_{L-1}`` (SGD).
         **kwargs: the arguments of :class:`FA`.
+
+    >>> rule = BDFA(sizes=[3, 4, 2])
+    >>> [tuple(B.shape) for B in rule.feedback_parameters()]  # B_0, B_1
+    [(3, 4), (4, 2)]
     """
 
     def __init__(self, *args, feedback_optimizer: OptimizerCallable = torch.optim.SGD, **kwargs):
@@ -78,7 +88,7 @@ class BDFA(FA):
         self.feedback_optimizer = feedback_optimizer
         first = self.net.layers[0]
         if not isinstance(first, Dense):
-            raise ValueError(f"BDFA reconstructs the input through a dense first layer, got {type(first).__name__}")
+            raise ConfigError(f"BDFA reconstructs the input through a dense first layer, got {type(first).__name__}")
         W = first.weight
         self.input_feedback = nn.Parameter(torch.randn(first.in_features, first.out_features, dtype=W.dtype, device=W.device) / first.out_features**0.5)
 
@@ -89,12 +99,12 @@ class BDFA(FA):
         return [self.input_feedback, *self.feedback_weights]
 
     def build_optimizers(self):
-        return super().build_optimizers() + [self.make_optimizer("feedback_optimizer", self.feedback_parameters())]
+        return super().build_optimizers() + [build_optimizer("feedback_optimizer", self.feedback_optimizer, self.feedback_parameters())]
 
     def feedback_grads(self, x: Tensor, y: Tensor) -> dict[Tensor, Tensor]:
         """``{B_i: mean_b delta^b_i (h^b_{i+1})^T}`` of phase two (eqs. 3.25-3.27) for a batch ``(x, y)``."""
         L, layers = self.num_layers, self.net.layers
-        h = F.label_output(y, self.output_dim, self.loss_name, self.dtype)  # h^b_L = y
+        h = self.loss.labels(y, self.output_dim, self.dtype)  # h^b_L = y
         Bs = self.feedback_parameters()  # B_0, ..., B_{L-1}
         hb, ab = [None] * (L + 1), [None] * L
         hb[L] = h

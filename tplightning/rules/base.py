@@ -1,20 +1,23 @@
 """The shared base of every learning rule: forward, loss, eval steps, metrics, schedule, safety."""
 from __future__ import annotations
 
-import operator
+import inspect
+from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torchmetrics
 from torch import Tensor
 
-from .. import functional as F
 from .._lightning import OptimizerCallable, pl
-from ..layers import Layer, Network, build_network
+from ..checkpoints import recorded_class
+from ..errors import ConfigError
+from ..layers import Layer, Network, build_network, resolve_layers
+from ..losses import get_loss, loss_for_task
 from .state import CheckpointState
 
-__all__ = ["LearningRule", "DivergenceError", "LinearDecay"]
+__all__ = ["LearningRule", "DivergenceError", "DivergenceMonitor", "LinearDecay"]
 
 
 #: the end of a divergence message; the CLI replaces it with the exact command (or says no checkpoint exists yet)
@@ -22,18 +25,109 @@ RESUME_HINT = ". No checkpoint was written after this step; resume from the last
 
 
 def check_optimizer_factory(name: str, factory) -> None:
-    """``ValueError`` unless ``factory`` can build an optimizer from parameters (a class or a partial of one)."""
+    """:class:`~tplightning.errors.ConfigError` unless ``factory`` can build an optimizer from parameters (a class or a
+    partial of one).
+
+    >>> check_optimizer_factory("forward_optimizer", torch.optim.SGD)
+    >>> check_optimizer_factory("forward_optimizer", 0.1)
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: forward_optimizer must build an optimizer from parameters, e.g. functools.partial(torch.optim.SGD, lr=0.01); got 0.1
+    """
     if not callable(factory):
-        raise ValueError(f"{name} must build an optimizer from parameters, e.g. functools.partial(torch.optim.SGD, lr=0.01); "
-                         f"got {factory!r}")  # fmt: skip
-
-
-#: the bases that are not rules by themselves (LearningRule, TargetPropRule): they cannot be built
-ABSTRACT: set[type] = set()
+        raise ConfigError(f"{name} must build an optimizer from parameters, e.g. functools.partial(torch.optim.SGD, lr=0.01); "
+                          f"got {factory!r}")  # fmt: skip
 
 
 class DivergenceError(RuntimeError):
-    """Raised when a loss becomes NaN/inf; no checkpoint is written after the bad step."""
+    """Raised when a loss becomes NaN/inf; no checkpoint is written after the bad step.
+
+    >>> issubclass(DivergenceError, RuntimeError)  # not a config error: the run itself went wrong
+    True
+    """
+
+
+class DivergenceMonitor:
+    """Stops training with :class:`DivergenceError` naming the batch and the layer when a step's loss is NaN/inf.
+
+    :meth:`check` takes a step's loss and activations. On the CPU it reads the finiteness flag at once (reading costs
+    nothing there). On an accelerator reading it would stall the host every step, so the step's flags (the loss and
+    each layer's activations finite) stay on the device until :meth:`raise_pending` reads them all at once; the rules
+    call it at every logging step, at the end of each epoch and before writing a checkpoint, so no checkpoint ever
+    follows a non-finite step.
+
+    Args:
+        net: the network whose weights the message inspects.
+        defer: ``None`` defers on accelerators only; ``True`` or ``False`` forces either way.
+
+    >>> from tplightning.layers import Network, Dense
+    >>> monitor = DivergenceMonitor(Network([Dense(2, 2)]), defer=True)
+    >>> monitor.check(torch.tensor(float("nan")), [torch.ones(1, 2), torch.ones(1, 2)], batch=7, epoch=0)
+    >>> monitor.raise_pending()
+    Traceback (most recent call last):
+    ...
+    tplightning.rules.base.DivergenceError: training diverged at batch 7 (epoch 0): loss is nan, ...
+    """
+
+    def __init__(self, net: Network, defer: bool | None = None):
+        self.net, self.defer = net, defer
+        self._pending: list[tuple[int, int, Tensor, Tensor]] = []
+
+    def check(self, loss: Tensor, activations: Sequence[Tensor], batch: int, epoch: int) -> None:
+        """Raise at once, or keep the flags for :meth:`raise_pending`, when ``loss`` is not finite."""
+        defer = self.defer if self.defer is not None else loss.device.type != "cpu"
+        if not defer:
+            if not bool(torch.isfinite(loss)):
+                self._raise(batch, epoch, loss, [bool(torch.isfinite(h).all()) for h in activations])
+            return
+        flags = torch.stack([torch.isfinite(loss)] + [torch.isfinite(h).all() for h in activations])  # no host sync
+        self._pending.append((batch, epoch, loss.detach(), flags))
+
+    def raise_pending(self) -> None:
+        """Read the deferred flags (one host sync) and raise for the first non-finite step."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        finite = torch.stack([flags[0] for *_, flags in pending]).tolist()
+        if all(finite):
+            return
+        batch, epoch, loss, flags = pending[finite.index(False)]
+        self._raise(batch, epoch, loss, flags[1:].tolist())
+
+    def _raise(self, batch: int, epoch: int, loss: Tensor, finite_layers: list[bool]) -> None:
+        layer = finite_layers.index(False) if False in finite_layers else None
+        bad_w = [i for i, W in enumerate(self.net.weights, start=1) if not bool(torch.isfinite(W).all())]
+        where = f"layer {layer}" if layer is not None else "the output loss"
+        raise DivergenceError(
+            f"training diverged at batch {batch} (epoch {epoch}): loss is "
+            f"{loss.item()}, first non-finite activation in {where}, non-finite weights in layers "
+            f"{bad_w or 'none'}" + RESUME_HINT
+        )
+
+
+def abstract_rule_message(name: str) -> str:
+    """What building the abstract base ``name`` of the rules says (directly, or through a config that names it).
+
+    >>> abstract_rule_message("TargetPropRule")[:44]
+    'TargetPropRule is a base of the rules, not a'
+    """
+    return (f"{name} is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI or tplightning.BP "
+            "(README, 'The rules'), or subclass it")  # fmt: skip
+
+
+class _AbstractRule(ABCMeta):
+    """:class:`abc.ABCMeta` whose abstract classes (the bases of the rules) refuse to be built with a message that names
+    a rule to choose, as a :class:`~tplightning.errors.ConfigError` (a config that names a base class is wrong)."""
+
+    def __call__(cls, *args, **kwargs):
+        if inspect.isabstract(cls):
+            raise ConfigError(abstract_rule_message(cls.__name__))
+        return super().__call__(*args, **kwargs)
+
+    @property
+    def __signature__(cls) -> inspect.Signature:  # the constructor's, as without the ``__call__`` above
+        sig = inspect.signature(cls.__init__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 class LinearDecay:
@@ -42,6 +136,10 @@ class LinearDecay:
     The thesis' schedule (captions of figs. 5.7 and 5.13-5.19): every learning rate decays
     linearly from its initial value to 1/5 of it over training. Epoch ``e`` (0-based) of ``E``
     uses ``1 - (1 - final) * e / (E - 1)``, so the last epoch runs at ``final``.
+
+    >>> decay = LinearDecay(epochs=5, final=0.2)
+    >>> [round(decay(e), 2) for e in range(6)]
+    [1.0, 0.8, 0.6, 0.4, 0.2, 0.2]
     """
 
     def __init__(self, epochs: int, final: float):
@@ -53,7 +151,72 @@ class LinearDecay:
         return 1.0 - (1.0 - self.final) * min(epoch, self.epochs - 1) / (self.epochs - 1)
 
 
-class LearningRule(CheckpointState, pl.LightningModule):
+def build_optimizer(name: str, factory, params) -> torch.optim.Optimizer:
+    """The optimizer that ``factory`` (the rule's argument ``name``) builds for ``params``; a bad setting (a negative
+    learning rate, an unknown argument) is a :class:`~tplightning.errors.ConfigError` naming the argument.
+
+    >>> import functools
+    >>> build_optimizer("forward_optimizer", functools.partial(torch.optim.SGD, lr=-1.0), [torch.zeros(1, requires_grad=True)])
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: forward_optimizer: Invalid learning rate: -1.0
+    """
+    try:
+        return factory(params)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{name}: {err}") from err
+
+
+class RunningMean(torchmetrics.MeanMetric):
+    """``torchmetrics.MeanMetric`` of one 0-d value per update, lean enough for every training batch.
+
+    The parent's ``update`` broadcasts weights, casts and checks for NaN (a host read on an accelerator); here a batch
+    adds its value and a count of one, in float32, nothing else. No reduction over DDP replicas at ``compute``
+    (the epoch mean is logged with ``sync_dist``, the window mean per replica).
+
+    >>> m = RunningMean()
+    >>> for v in (1.0, 2.0, 4.5):
+    ...     m.update(torch.tensor(v))
+    >>> m.compute()
+    tensor(2.5000)
+    """
+
+    def __init__(self):
+        super().__init__(nan_strategy="disable", sync_on_compute=False)
+
+    def update(self, value: Tensor) -> None:  # type: ignore[override]
+        self.mean_value.add_(value.float())  # in place: no module attribute assignment per batch
+        self.weight.add_(1)
+
+
+def check_data(rule: "LearningRule", datamodule) -> None:
+    """:class:`~tplightning.errors.ConfigError` when the data's input/output dimensions or task do not fit ``rule``.
+
+    >>> import tplightning as tp
+    >>> from types import SimpleNamespace
+    >>> check_data(tp.BP(sizes=[3, 2]), SimpleNamespace(input_dim=3, output_dim=2, task="classification"))
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: loss='mse' does not fit the data's task 'classification'; use loss='cross_entropy'
+    """
+    n_in, n_out = rule.net.sizes[0], rule.output_dim
+    d_in = getattr(datamodule, "input_dim", None)
+    d_out = getattr(datamodule, "output_dim", None)
+    if d_in is not None and d_in != n_in:
+        raise ConfigError(f"model sizes[0]={n_in} does not match the data's input dimension {d_in}")
+    if d_out is not None and d_out != n_out:
+        raise ConfigError(f"model sizes[-1]={n_out} does not match the data's output dimension {d_out}")
+    task = getattr(datamodule, "task", None)
+    expected = loss_for_task(task)
+    if expected is not None and expected.task != rule.loss.task:
+        raise ConfigError(f"loss={rule.loss.name!r} does not fit the data's task {task!r}; use loss={expected.name!r}")
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [] if x is None else [x]
+
+
+class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule):
     """Base of all rules: a :class:`~tplightning.layers.Network` trained with manual optimization.
 
     The network is given (``network``: a list of layers, or their ``{class_path, init_args}`` specs as in
@@ -62,7 +225,9 @@ class LearningRule(CheckpointState, pl.LightningModule):
     The base provides the forward pass, the output loss
     (per-sample ``1/2 ||h_L - y||^2`` for ``mse``, cross-entropy on logits for
     ``cross_entropy``), validation/test steps with torchmetrics, the learning-rate schedule,
-    divergence checks and the bookkeeping a resumed run needs to continue identically.
+    divergence checks (:class:`DivergenceMonitor`, ``self.divergence``) and the bookkeeping a resumed run needs to
+    continue identically. It is abstract (:mod:`abc`): building it, or a rule that lacks ``training_step``, is a
+    :class:`~tplightning.errors.ConfigError` naming a rule to choose.
 
     Args:
         sizes: layer sizes ``[n_0, ..., n_L]``.
@@ -70,7 +235,8 @@ class LearningRule(CheckpointState, pl.LightningModule):
         output_activation: output non-linearity (``linear`` for regression and logits).
         negative_slope: leaky-ReLU slope for negative inputs (thesis: 0.35, toy: 0.1).
         bias: give every layer a bias (the thesis uses none).
-        loss: ``mse`` (regression) or ``cross_entropy`` (classification on logits).
+        loss: ``mse`` (regression) or ``cross_entropy`` (classification on logits); the rule holds the
+            :class:`~tplightning.losses.Loss` of that name as ``self.loss``.
         init_std: std of the Gaussian initial weights (``None``: ``1/sqrt(n_in)``).
         init: ``gaussian`` or ``orthogonal`` initial weights (all singular values 1; see
             :class:`~tplightning.networks.MLP`). Deep tanh networks such as MNIST's need
@@ -84,10 +250,18 @@ class LearningRule(CheckpointState, pl.LightningModule):
         network: the layers to train instead of the MLP of ``sizes`` (e.g. a small CNN: a list of
             :class:`~tplightning.layers.Conv2d` and :class:`~tplightning.layers.Dense`); ``sizes``,
             ``activation``, ``negative_slope``, ``bias``, ``init_std`` and ``init`` then do not apply.
-    """
 
-    #: ``True``: defer the per-step finiteness check (:meth:`check_finite`), ``False``: read it at once, ``None``: defer on accelerators only
-    defer_finite_check: ClassVar[bool | None] = None
+    Example (a concrete rule; tiny sizes):
+
+    >>> import tplightning as tp
+    >>> rule = tp.BP(sizes=[3, 4, 2])
+    >>> rule(torch.zeros(5, 3)).shape
+    torch.Size([5, 2])
+    >>> tp.LearningRule()
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: LearningRule is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI or tplightning.BP (README, 'The rules'), or subclass it
+    """
 
     def __init__(
         self,
@@ -104,16 +278,12 @@ class LearningRule(CheckpointState, pl.LightningModule):
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
     ):
-        if type(self) in ABSTRACT:
-            raise TypeError(f"{type(self).__name__} is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI "
-                            "or tplightning.BP (README, 'The rules'), or subclass it")  # fmt: skip
         super().__init__()
         self.save_hyperparameters(ignore=["forward_optimizer", "feedback_optimizer", "network"])
         self.automatic_optimization = False
-        if loss not in ("mse", "cross_entropy"):
-            raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'cross_entropy'")
+        self.loss = get_loss(loss)
         if not 0 < lr_final_factor <= 1:
-            raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
+            raise ConfigError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
         check_optimizer_factory("forward_optimizer", forward_optimizer)
         self.net = self.make_network(
             sizes=sizes, activation=activation, output_activation=output_activation, negative_slope=negative_slope,
@@ -122,47 +292,18 @@ class LearningRule(CheckpointState, pl.LightningModule):
         if network is not None:
             self.hparams["network"] = self.net.spec  # plain data: a checkpoint rebuilds the layers from it
         self.output_dim = self.net.output_dim  # the model's outputs (AOSDTP's network has extra units)
-        self.loss_name = loss
         self.forward_optimizer = forward_optimizer
         self.lr_final_factor = lr_final_factor
-        self.train_layers = self._resolve_layers(train_layers)
+        self.train_layers = resolve_layers(train_layers, self.net.num_layers)
         for i, layer in enumerate(self.net.layers, start=1):
             if i not in self.train_layers:
                 layer.requires_grad_(False)
-        self._train_sums: Tensor | None = None
-        self._pending_checks: list[tuple[int, int, Tensor, Tensor]] = []  # deferred finiteness flags (check_finite)
-        self.batches_seen = 0  # training batches, saved in checkpoints (global_step counts optimizer steps)
-        metrics = (
-            {"mse": torchmetrics.MeanSquaredError()}
-            if loss == "mse"
-            else {"acc": torchmetrics.Accuracy(task="multiclass", num_classes=self.output_dim)}
-        )
-        self.val_metrics = torchmetrics.MetricCollection(metrics, prefix="val/")
+        self.divergence = DivergenceMonitor(self.net)
+        self.window_loss, self.epoch_loss = RunningMean(), RunningMean()  # train/loss and train/loss_epoch
+        self.val_metrics = torchmetrics.MetricCollection(self.loss.metric(self.output_dim), prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
 
     # ----------------------------------------------------------------------------- structure
-    def _resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
-        L = self.net.num_layers
-        if layers is None:
-            return list(range(1, L + 1))
-        given = layers
-        layers = [] if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") else list(layers)
-        if not layers:
-            raise ValueError(f"train_layers must list at least one layer index (1..{L}, or -1 for the output layer), got {given!r}")
-        out = []
-        for i in layers:
-            try:
-                if isinstance(i, bool):
-                    raise TypeError
-                i = operator.index(i)  # ints, numpy and 0-d tensor integers
-            except TypeError:
-                raise ValueError(f"train_layers entries must be integers, got {i!r}") from None
-            j = i + L + 1 if i < 0 else i
-            if not 1 <= j <= L:
-                raise ValueError(f"train_layers entry {i} is out of range for a network with {L} layers (1..{L}, or -{L}..-1 from the output)")
-            out.append(j)
-        return sorted(set(out))
-
     @property
     def num_layers(self) -> int:
         return self.net.num_layers
@@ -173,7 +314,7 @@ class LearningRule(CheckpointState, pl.LightningModule):
         return list(self.net.weights)
 
     def make_network(self, **options) -> Network:
-        """The network this rule trains (hook: AOSDTP adds its auxiliary outputs); see :func:`build_network`."""
+        """The network this rule trains (AOSDTP adds its auxiliary outputs); see :func:`~tplightning.layers.build_network`."""
         return build_network(**options)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -197,70 +338,52 @@ class LearningRule(CheckpointState, pl.LightningModule):
         """Whether ``W`` may serve as layer ``i``'s weights (exact-inverse rules demand robust invertibility)."""
         return True
 
-    # ----------------------------------------------------------------------------- losses
+    # ----------------------------------------------------------------------------- training
+    @abstractmethod
+    def training_step(self, batch, batch_idx):
+        """One training batch with manual optimization; returns the batch's loss."""
+
     def loss_from_output(self, h_L: Tensor, y: Tensor) -> Tensor:
         """Batch mean of the per-sample loss of the model's outputs (``h_L[:, :output_dim]``)."""
-        return F.per_sample_loss(self.net.model_output(h_L), y, self.loss_name).mean()
+        return self.loss.per_sample(self.net.model_output(h_L), y).mean()
 
     def check_finite(self, loss: Tensor, activations: Sequence[Tensor]) -> None:
-        """Stop with :class:`DivergenceError` naming the batch and the layer when ``loss`` is NaN/inf.
+        """This step's :meth:`DivergenceMonitor.check`."""
+        self.divergence.check(loss, activations, self.batches_seen, self.current_epoch)
 
-        On the CPU the check is immediate (reading a flag costs nothing). On an accelerator reading it would stall
-        the host every step, so the step's flags (the loss and each layer's activations finite) stay on the device
-        and :meth:`raise_if_diverged` reads them all at once: at the next logging step, at the end of the epoch and
-        before any checkpoint is written, so no checkpoint ever follows a non-finite step. ``defer_finite_check``
-        (``None``: deferred on accelerators only) forces either way.
+    def log_train(self, loss: Tensor, batch_size: int) -> None:
+        """Accumulate the training loss on the device; log it every ``log_every_n_steps`` batches.
+
+        ``self.log`` costs about as much as a small TP step, so the hot path only updates two running means (no
+        host sync); the window mean goes out as ``train/loss`` and the epoch mean as ``train/loss_epoch``.
         """
-        defer = self.defer_finite_check if self.defer_finite_check is not None else loss.device.type != "cpu"
-        if not defer:
-            if not bool(torch.isfinite(loss)):
-                flags = [bool(torch.isfinite(h).all()) for h in activations]
-                self._raise_divergence(self.batches_seen, self.current_epoch, loss, flags)
-            return
-        flags = torch.stack([torch.isfinite(loss)] + [torch.isfinite(h).all() for h in activations])  # no host sync
-        self._pending_checks.append((self.batches_seen, self.current_epoch, loss.detach(), flags))
+        value = loss.detach()
+        self.window_loss.update(value)
+        self.epoch_loss.update(value)
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if (self.batches_seen + 1) % every == 0:
+            self.divergence.raise_pending()
+            self.log("train/loss", self.window_loss.compute(), prog_bar=True, on_step=True, on_epoch=False)
+            self.window_loss.reset()
 
-    def raise_if_diverged(self) -> None:
-        """Read the deferred flags of :meth:`check_finite` (one host sync) and raise for the first non-finite step."""
-        if not self._pending_checks:
-            return
-        pending, self._pending_checks = self._pending_checks, []
-        finite = torch.stack([flags[0] for *_, flags in pending]).tolist()
-        if all(finite):
-            return
-        batch, epoch, loss, flags = pending[finite.index(False)]
-        self._raise_divergence(batch, epoch, loss, flags[1:].tolist())
-
-    def _raise_divergence(self, batch: int, epoch: int, loss: Tensor, finite_layers: list[bool]) -> None:
-        layer = finite_layers.index(False) if False in finite_layers else None
-        bad_w = [i for i, W in enumerate(self.net.weights, start=1) if not bool(torch.isfinite(W).all())]
-        where = f"layer {layer}" if layer is not None else "the output loss"
-        raise DivergenceError(
-            f"training diverged at batch {batch} (epoch {epoch}): loss is "
-            f"{loss.item()}, first non-finite activation in {where}, non-finite weights in layers "
-            f"{bad_w or 'none'}" + RESUME_HINT
-        )
+    def on_train_epoch_end(self) -> None:
+        self.divergence.raise_pending()
+        if self.epoch_loss.update_count:
+            self.log("train/loss_epoch", self.epoch_loss.compute(), on_step=False, on_epoch=True, sync_dist=True)
+        self.window_loss.reset()
+        self.epoch_loss.reset()
+        self.step_schedulers()
 
     # ----------------------------------------------------------------------------- optimizers
-    def forward_parameters(self) -> list[Tensor]:
-        """Weights of the trained layers, then their biases (the order optimizer states were saved in)."""
-        layers = [self.net.layers[i - 1] for i in self.train_layers]
-        return [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
-
     def feedback_parameters(self) -> list[Tensor]:
         return []
 
     def build_optimizers(self) -> list[torch.optim.Optimizer]:
-        """The forward optimizer, then (in rules with learned feedback) the feedback optimizer."""
-        return [self.make_optimizer("forward_optimizer", self.forward_parameters())]
-
-    def make_optimizer(self, name: str, params) -> torch.optim.Optimizer:
-        """The optimizer that the factory ``self.<name>`` builds for ``params``; a bad setting (a negative learning
-        rate, an unknown argument) is reported as ``ValueError`` naming the factory."""
-        try:
-            return getattr(self, name)(params)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{name}: {err}") from err
+        """The forward optimizer on the weights of the trained layers, then their biases (the order optimizer states
+        were saved in); rules with learned feedback add the feedback optimizer."""
+        layers = [self.net.layers[i - 1] for i in self.train_layers]
+        params = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
+        return [build_optimizer("forward_optimizer", self.forward_optimizer, params)]
 
     def configure_optimizers(self):
         optimizers = self.build_optimizers()
@@ -272,125 +395,63 @@ class LearningRule(CheckpointState, pl.LightningModule):
         return optimizers, schedulers
 
     def optimizer_list(self) -> list:
-        opts = self.optimizers()
-        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
-
-    def on_train_epoch_end(self) -> None:
-        self.raise_if_diverged()
-        self._log_epoch_loss()
-        self.step_schedulers()
+        return _as_list(self.optimizers())
 
     def step_schedulers(self) -> None:
-        schedulers = self.lr_schedulers()
-        if schedulers is None:
-            return
-        for s in schedulers if isinstance(schedulers, list) else [schedulers]:
+        for s in _as_list(self.lr_schedulers()):
             s.step()
 
     def apply_gradients(self, optimizer, grads: dict[Tensor, Tensor]) -> None:
         """Set ``p.grad`` (averaged over DDP replicas) for each ``p`` and take one optimizer step.
 
         Target-propagation updates are computed in closed form, not by autograd, so DDP does not
-        all-reduce them; :meth:`reduce_mean` does, which keeps replicas identical.
+        all-reduce them; this does, which keeps replicas identical.
         """
+        distributed = self._trainer is not None and self.trainer.world_size > 1
         optimizer.zero_grad(set_to_none=True)
         for p, g in grads.items():
-            p.grad = self.reduce_mean(g)
+            p.grad = self.trainer.strategy.reduce(g, reduce_op="mean") if distributed else g
         optimizer.step()
 
-    def reduce_mean(self, t: Tensor) -> Tensor:
-        """Mean over DDP replicas (identity on one device)."""
-        if self._trainer is None or self.trainer.world_size == 1:
-            return t
-        return self.trainer.strategy.reduce(t, reduce_op="mean")
-
     # ----------------------------------------------------------------------------- eval
-    def _eval_step(self, batch, metrics, prefix: str) -> Tensor:
-        x, y = batch
-        out = self(x)
-        loss = self.loss_from_output(out, y)
-        metrics.update(out, y)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True, batch_size=x.shape[0])
-        self.log_dict(metrics, prog_bar=prefix == "val")
-        return loss
-
     def validation_step(self, batch, batch_idx):
-        return self._eval_step(batch, self.val_metrics, "val")
+        return _evaluate(self, batch, self.val_metrics, "val")
 
     def test_step(self, batch, batch_idx):
-        return self._eval_step(batch, self.test_metrics, "test")
+        return _evaluate(self, batch, self.test_metrics, "test")
 
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
         """The model's outputs for a batch of inputs ``x`` or of ``(x, y)`` pairs (``y`` is ignored)."""
         return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
-    def log_train(self, loss: Tensor, batch_size: int) -> None:
-        """Accumulate the training loss on-device; log it every ``log_every_n_steps`` batches.
-
-        ``self.log`` costs about as much as a small TP step, so the hot path only adds to a
-        running sum (no host sync); the window mean goes out as ``train/loss`` and the epoch
-        mean as ``train/loss_epoch``.
-        """
-        if self._train_sums is None:
-            self._train_sums = torch.zeros(4, device=loss.device)  # window sum, window n, epoch sum, epoch n
-        self._train_sums += torch.stack([loss.detach().float(), loss.new_ones((), dtype=torch.float)] * 2)
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        if (self.batches_seen + 1) % every == 0:
-            self.raise_if_diverged()
-            self.log("train/loss", self._train_sums[0] / self._train_sums[1], prog_bar=True, on_step=True, on_epoch=False)
-            self._train_sums[:2] = 0
-
-    def on_train_epoch_start(self) -> None:
-        self._train_sums = None
-
-    def _log_epoch_loss(self) -> None:
-        if self._train_sums is not None and self._train_sums[3] > 0:
-            self.log("train/loss_epoch", self._train_sums[2] / self._train_sums[3], on_step=False, on_epoch=True, sync_dist=True)
-
-    # ----------------------------------------------------------------------------- data checks
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            return
-        n_in, n_out = self.net.sizes[0], self.output_dim
-        d_in = getattr(dm, "input_dim", None)
-        d_out = getattr(dm, "output_dim", None)
-        if d_in is not None and d_in != n_in:
-            raise ValueError(f"model sizes[0]={n_in} does not match the data's input dimension {d_in}")
-        if d_out is not None and d_out != n_out:
-            raise ValueError(f"model sizes[-1]={n_out} does not match the data's output dimension {d_out}")
-        task = getattr(dm, "task", None)
-        expected = {"regression": "mse", "classification": "cross_entropy"}.get(task)
-        if expected is not None and expected != self.loss_name:
-            raise ValueError(f"loss={self.loss_name!r} does not fit the data's task {task!r}; use loss={expected!r}")
+        if dm is not None:
+            check_data(self, dm)
 
     # ----------------------------------------------------------------------------- checkpoints
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.batches_seen += 1
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.raise_if_diverged()  # before the file is written: no checkpoint after a non-finite step
+        self.divergence.raise_pending()  # before the file is written: no checkpoint after a non-finite step
         super().on_save_checkpoint(checkpoint)
-
-    def extra_state(self) -> dict:
-        return {**super().extra_state(), "batches_seen": self.batches_seen}
-
-    def load_extra_state(self, state: dict) -> None:
-        super().load_extra_state(state)
-        self.batches_seen = int(state.get("batches_seen", 0))
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's ``load_from_checkpoint``, building the rule class the checkpoint records (see :mod:`tplightning.checkpoints`)."""
-        from ..checkpoints import recorded_class
-
         target = recorded_class(checkpoint_path, cls)
-        if target in ABSTRACT:
-            raise ValueError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with the rule's own "
-                             "class, e.g. tplightning.DTPAI.load_from_checkpoint(path)")  # fmt: skip
+        if inspect.isabstract(target):
+            raise ConfigError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with the rule's own "
+                              "class, e.g. tplightning.DTPAI.load_from_checkpoint(path)")  # fmt: skip
         if target is not cls:
             return target.load_from_checkpoint(checkpoint_path, *args, **kwargs)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
 
-ABSTRACT.add(LearningRule)
+def _evaluate(rule: LearningRule, batch, metrics, prefix: str) -> Tensor:
+    """A validation or test step: the batch's loss and metrics, logged under ``prefix``."""
+    x, y = batch
+    out = rule(x)
+    loss = rule.loss_from_output(out, y)
+    metrics.update(out, y)
+    rule.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True, batch_size=x.shape[0])
+    rule.log_dict(metrics, prog_bar=prefix == "val")
+    return loss

@@ -43,13 +43,16 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
     Args:
         feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.057).
         **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
+
+    >>> rule = DRL(sizes=[3, 4, 4, 2])
+    >>> type(rule.maps[0].inner).__name__, rule.maps[0].inner.noise_std
+    ('DifferenceReconstruction', 0.05)
     """
+
+    feedback_map = DifferenceReconstruction
 
     def __init__(self, *args, feedback_noise_std: float = 0.05, **kwargs):
         super().__init__(*args, feedback_noise_std=feedback_noise_std, **kwargs)
-
-    def learned_map(self, i):
-        return DifferenceReconstruction(**self.feedback_options)
 
 
 class LDRL(_FreshFeedbackPass, OriginalDTP):
@@ -65,13 +68,16 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_noise_std: ``sigma`` (the paper: 0.4-0.08 per layer on CIFAR-10; one value here).
         feedback_iterations: feedback updates per batch (the paper: 20-55 per layer on CIFAR-10).
         **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
+
+    >>> rule = LDRL(sizes=[3, 4, 4, 2])
+    >>> type(rule.maps[0].inner).__name__, rule.feedback_iterations
+    ('LocalDifferenceReconstruction', 20)
     """
+
+    feedback_map = LocalDifferenceReconstruction
 
     def __init__(self, *args, feedback_noise_std: float = 0.1, feedback_iterations: int = 20, **kwargs):
         super().__init__(*args, feedback_noise_std=feedback_noise_std, feedback_iterations=feedback_iterations, **kwargs)
-
-    def learned_map(self, i):
-        return LocalDifferenceReconstruction(**self.feedback_options)
 
 
 class DDTPLinear(_FreshFeedbackPass):
@@ -84,9 +90,12 @@ class DDTPLinear(_FreshFeedbackPass):
     Args:
         feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.091).
         **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
+
+    >>> [tuple(Q.shape) for Q in DDTPLinear(sizes=[3, 4, 4, 2]).feedback_weights]
+    [(4, 2), (4, 2)]
     """
 
-    form = "original"  # no thesis-form noise batch: the DRL corrupts the batch's own activations
+    feedback_map = DirectLinear  # no thesis-form noise batch: the DRL corrupts the batch's own activations
 
     def __init__(self, *args, feedback_noise_std: float = 0.1, **kwargs):
         super().__init__(*args, feedback_noise_std=feedback_noise_std, **kwargs)

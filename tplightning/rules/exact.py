@@ -7,13 +7,14 @@ robust step shortening ``beta`` that keeps ``W`` away from singularity.
 """
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor
 
 from .. import functional as F
+from ..errors import ConfigError
 from ..layers import Dense
+from ..losses import D_INVERSE
+from ..selection import RandomLayer
 from ..target_maps import Difference, ExactInverse
 from .target_prop import TargetPropRule
 
@@ -39,12 +40,16 @@ class ExactInverseRule(TargetPropRule):
             updates, cf. fig. 5.8).
         inverse_check_every: batches between drift checks and between diagnostics logs.
         **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
-    """
 
-    difference: ClassVar[bool] = False
-    # the robust update's SVD stops at a non-finite matrix (and its error check reads the device anyway), so a
-    # deferred finiteness check would come too late to name the step: check every step
-    defer_finite_check: ClassVar[bool | None] = False
+    The divergence check is never deferred here: the robust update's SVD stops at a non-finite matrix (and its error
+    check reads the device anyway), so a deferred check would come too late to name the step.
+
+    A preset such as :class:`TPEI` is built; the base keeps the options:
+
+    >>> rule = TPEI(sizes=[3, 4, 4], threshold=0.4)
+    >>> rule.maps[0].threshold, rule.divergence.defer
+    (0.4, False)
+    """
 
     def __init__(
         self,
@@ -56,42 +61,44 @@ class ExactInverseRule(TargetPropRule):
         inverse_check_every: int = 100,
         **kwargs,
     ):
+        super().__init__(*args, **kwargs)
         self.threshold, self.tau_init, self.init_attempts, self.inverse_tolerance = threshold, tau_init, init_attempts, inverse_tolerance
         self.inverse_check_every = inverse_check_every
-        super().__init__(*args, **kwargs)
+        self.divergence.defer = False
         self.reinversions = 0
 
     def make_maps(self):
-        sizes, L = self.net.sizes, self.num_layers
-        if not self.threshold > 0:
-            raise ValueError(f"threshold (epsilon) must be > 0, got {self.threshold}")
+        """One :class:`~tplightning.target_maps.ExactInverse` per hidden layer, after drawing ``W_2..W_L`` robustly
+        invertible (``init="gaussian"``)."""
+        sizes, L, options = self.net.sizes, self.num_layers, self.hparams
+        if not options["threshold"] > 0:
+            raise ConfigError(f"threshold (epsilon) must be > 0, got {options['threshold']}")
         if L < 2:
-            raise ValueError(f"exact-inverse rules need at least one hidden layer, got sizes {sizes}")
+            raise ConfigError(f"exact-inverse rules need at least one hidden layer, got sizes {sizes}")
         for i, layer in enumerate(self.net.layers[1:], start=2):
             if not isinstance(layer, Dense):
-                raise ValueError(
+                raise ConfigError(
                     f"layer {i} is a {type(layer).__name__} {layer.in_shape} -> {layer.out_shape}: an exact inverse of it is not "
                     "available (exact inverses need square dense layers above the first); use a learned-inverse rule (DTPAI, LeeDTP)"
                 )
         if len(set(sizes[1:])) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"exact-inverse rules need equal layer sizes above the input (n_1 = ... = n_L), got sizes {sizes}; "
                 "use a learned-inverse rule (DTPAI, LeeDTP, AOSDTP) for other architectures"
             )
         for i in range(2, L + 1):
             layer = self.net.layers[i - 1]
             if not layer.activation.invertible:
-                raise ValueError(
+                raise ConfigError(
                     f"layer {i} activation {layer.activation!r} has no inverse; exact-inverse rules need invertible "
                     "activations above the first layer (leaky_relu with negative_slope > 0, tanh, linear)"
                 )
-        if self.hparams.get("init", "gaussian") == "gaussian" and self.hparams.get("network") is None:
-            n, std = sizes[1], self.hparams.get("init_std") or sizes[1] ** -0.5  # orthogonal weights have sigma_min = 1: kept
+        if options.get("init", "gaussian") == "gaussian" and options.get("network") is None:
+            n, std = sizes[1], options.get("init_std") or sizes[1] ** -0.5  # orthogonal weights have sigma_min = 1: kept
             with torch.no_grad():
                 for i in range(2, L + 1):
-                    self.net.layers[i - 1].weight.copy_(F.robust_invertible_gaussian(n, self.tau_init, std, self.init_attempts))
-        maps = [ExactInverse(self.threshold, self.tau_init, self.inverse_tolerance) for _ in range(L - 1)]
-        return [Difference(m) for m in maps] if self.difference else maps
+                    self.net.layers[i - 1].weight.copy_(F.robust_invertible_gaussian(n, options["tau_init"], std, options["init_attempts"]))
+        return [ExactInverse(options["threshold"], options["tau_init"], options["inverse_tolerance"]) for _ in range(L - 1)]
 
     # ----------------------------------------------------------------------------- inverses
     def inverse(self, i: int) -> Tensor:
@@ -131,7 +138,7 @@ class ExactInverseRule(TargetPropRule):
             if float(opt.param_groups[0].get(k, 0) or 0) != 0
         ]
         if not isinstance(opt, torch.optim.SGD) or bad or opt.param_groups[0].get("nesterov"):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} updates W_2..W_L and their exact inverses in closed form, which needs plain "
                 f"SGD as forward_optimizer; got {type(opt).__name__} with {', '.join(bad) or 'options'} set"
             )
@@ -165,23 +172,36 @@ class ExactInverseRule(TargetPropRule):
 
 
 class TPEI(ExactInverseRule):
-    """TP-EI: target propagation with exact inverses, every layer updated each batch (Alg. A.4)."""
+    """TP-EI: target propagation with exact inverses, every layer updated each batch (Alg. A.4).
+
+    >>> rule = TPEI(sizes=[3, 4, 4])
+    >>> W = rule.forward_weights[1]
+    >>> torch.allclose(W @ rule.inverse(2), torch.eye(4), atol=1e-5)
+    True
+    """
 
 
 class RTPEI(ExactInverseRule):
-    """RTP-EI: randomized TP-EI, one uniformly drawn layer updated per batch (Alg. A.5)."""
+    """RTP-EI: randomized TP-EI, one uniformly drawn layer updated per batch (Alg. A.5).
 
-    randomized = True
+    >>> type(RTPEI(sizes=[3, 4, 4]).selection).__name__
+    'RandomLayer'
+    """
+
+    selection_class = RandomLayer
 
 
 class RMTPEI(ExactInverseRule):
     """RMTP-EI: randomized modified TP-EI, ``D^{-1}`` instead of ``D`` (Alg. A.6).
 
     As in the thesis (section 5.1.3) there is no batch normalisation at batch size 1.
+
+    >>> RMTPEI(sizes=[3, 4, 4]).scaling
+    D_INVERSE
     """
 
-    randomized = True
-    modified = True
+    selection_class = RandomLayer
+    scaling = D_INVERSE
 
 
 class DTPEI(ExactInverseRule):
@@ -190,6 +210,9 @@ class DTPEI(ExactInverseRule):
     With ``g_i = f_{i+1}^{-1}`` the correction ``h_i - g_i(h_{i+1})`` is zero, so the thesis predicts (4.3.3:
     difference targets cancel reconstruction errors, and an exact inverse has none) the same updates as TP-EI up
     to float error. Run: ``python train.py --config dtp_ei.yaml``.
+
+    >>> type(DTPEI(sizes=[3, 4, 4]).maps[0]).__name__
+    'Difference'
     """
 
-    difference = True
+    propagation = Difference

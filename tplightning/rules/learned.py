@@ -26,8 +26,11 @@ import torch
 from torch import Tensor
 
 from .._lightning import OptimizerCallable
+from ..errors import ConfigError
+from ..losses import D_INVERSE
+from ..selection import RandomLayer
 from ..target_maps import Difference, GradientTarget, OriginalInverse, Step, TargetMap, ThesisInverse, check_feedback_options
-from .base import check_optimizer_factory
+from .base import build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
 __all__ = [
@@ -67,10 +70,20 @@ class LearnedInverseRule(TargetPropRule):
             draws Gaussian ``Q_i`` with std ``1/sqrt(n_{i+1})``.
         feedback_seed: seed of the feedback noise (offset by the DDP rank).
         **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
+
+    Attributes:
+        feedback_map: the class of the learned maps, built with :attr:`feedback_options`:
+            :class:`~tplightning.target_maps.ThesisInverse` (default, the thesis form) or
+            :class:`~tplightning.target_maps.OriginalInverse` and its subclasses (the original form).
+
+    A preset such as :class:`DTPAI` is built; the options reach its maps:
+
+    >>> rule = DTPAI(sizes=[3, 4, 2], feedback_noise_std=0.5)
+    >>> rule.maps[0].inner.noise_std, rule.feedback_options["batch_size"]
+    (0.5, None)
     """
 
-    form: ClassVar[Literal["thesis", "original"]] = "thesis"
-    difference: ClassVar[bool] = False
+    feedback_map: ClassVar[type[TargetMap]] = ThesisInverse
 
     def __init__(
         self,
@@ -86,15 +99,12 @@ class LearnedInverseRule(TargetPropRule):
         **kwargs,
     ):
         if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"feedback_iterations must be >= 1 and feedback_pretrain_epochs >= 0, got {feedback_iterations} and {feedback_pretrain_epochs}"
             )
         check_feedback_options(feedback_noise_std, feedback_weight_decay, feedback_init)
-        self.feedback_options = {"noise_std": feedback_noise_std, "weight_decay": feedback_weight_decay, "init": feedback_init}
-        if self.form == "thesis":
-            self.feedback_options["batch_size"] = feedback_batch_size
-        elif feedback_batch_size is not None and feedback_batch_size < 1:
-            raise ValueError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {feedback_batch_size}")
+        if feedback_batch_size is not None and feedback_batch_size < 1:
+            raise ConfigError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {feedback_batch_size}")
         super().__init__(*args, **kwargs)
         check_optimizer_factory("feedback_optimizer", feedback_optimizer)
         self.feedback_optimizer = feedback_optimizer
@@ -105,14 +115,23 @@ class LearnedInverseRule(TargetPropRule):
         self._noise_state: Tensor | None = None
 
     # ----------------------------------------------------------------------------- pieces
+    @property
+    def feedback_options(self) -> dict:
+        """The options of the learned maps, from the constructor's arguments: ``noise_std``, ``weight_decay``, ``init``
+        and, for maps that draw their own inputs (:class:`~tplightning.target_maps.ThesisInverse`), ``batch_size``."""
+        h = self.hparams
+        options = {"noise_std": h["feedback_noise_std"], "weight_decay": h["feedback_weight_decay"], "init": h["feedback_init"]}
+        if issubclass(self.feedback_map, ThesisInverse):
+            options["batch_size"] = h["feedback_batch_size"]
+        return options
+
     def make_maps(self):
-        """One learned map per hidden layer (:meth:`learned_map`), wrapped in :class:`Difference` for difference rules."""
-        maps = [self.learned_map(i) for i in range(1, self.num_layers)]
-        return [Difference(m) if self.difference and not m.direct else m for m in maps]
+        """One learned map per hidden layer (:meth:`learned_map`)."""
+        return [self.learned_map(i) for i in range(1, self.num_layers)]
 
     def learned_map(self, i: int) -> TargetMap:
-        """Layer ``i``'s map before the difference wrapper: the thesis or the original form."""
-        return (ThesisInverse if self.form == "thesis" else OriginalInverse)(**self.feedback_options)
+        """Layer ``i``'s map before :attr:`propagation` wraps it: a :attr:`feedback_map`."""
+        return self.feedback_map(**self.feedback_options)
 
     @property
     def feedback_layers(self) -> list[int]:
@@ -138,7 +157,7 @@ class LearnedInverseRule(TargetPropRule):
 
     def build_optimizers(self):
         fb = self.feedback_parameters()
-        return super().build_optimizers() + ([self.make_optimizer("feedback_optimizer", fb)] if fb else [])
+        return super().build_optimizers() + ([build_optimizer("feedback_optimizer", self.feedback_optimizer, fb)] if fb else [])
 
     # ----------------------------------------------------------------------------- feedback training
     def noise(self, shape: tuple[int, ...]) -> Tensor:
@@ -196,13 +215,21 @@ class LearnedInverseRule(TargetPropRule):
 
 
 class TPAI(LearnedInverseRule):
-    """TP-AI: plain targets through ``g_i = Q_i s_{i+1}^{-1}``, ``Q`` by Alg. A.8 (Alg. A.10)."""
+    """TP-AI: plain targets through ``g_i = Q_i s_{i+1}^{-1}``, ``Q`` by Alg. A.8 (Alg. A.10).
+
+    >>> type(TPAI(sizes=[3, 4, 2]).maps[0]).__name__
+    'ThesisInverse'
+    """
 
 
 class RTPAI(TPAI):
-    """RTP-AI: randomized TP-AI, one forward layer per batch, every ``Q_i`` trained (Alg. A.11)."""
+    """RTP-AI: randomized TP-AI, one forward layer per batch, every ``Q_i`` trained (Alg. A.11).
 
-    randomized = True
+    >>> type(RTPAI(sizes=[3, 4, 2]).selection).__name__
+    'RandomLayer'
+    """
+
+    selection_class = RandomLayer
 
 
 class DTPAI(LearnedInverseRule):
@@ -210,39 +237,63 @@ class DTPAI(LearnedInverseRule):
 
     The thesis' flagship: theorem 4.9 shows it approximates block-diagonal Gauss-Newton targets.
     Run: ``python train.py --config dtp.yaml``.
+
+    >>> rule = DTPAI(sizes=[3, 4, 2])
+    >>> [tuple(Q.shape) for Q in rule.feedback_weights]
+    [(4, 2)]
     """
 
-    difference = True
+    propagation = Difference
 
 
 class RDTPAI(DTPAI):
-    """RDTP-AI: randomized DTP-AI (Alg. A.13)."""
+    """RDTP-AI: randomized DTP-AI (Alg. A.13).
 
-    randomized = True
+    >>> type(RDTPAI(sizes=[3, 4, 2]).selection).__name__
+    'RandomLayer'
+    """
+
+    selection_class = RandomLayer
 
 
 class OriginalTP(LearnedInverseRule):
-    """Original TP (Bengio 2014): ``g_i = s_i(Q_i h)``, ``Q`` by Alg. A.9 (Alg. A.14)."""
+    """Original TP (Bengio 2014): ``g_i = s_i(Q_i h)``, ``Q`` by Alg. A.9 (Alg. A.14).
 
-    form = "original"
+    >>> type(OriginalTP(sizes=[3, 4, 2]).maps[0]).__name__
+    'OriginalInverse'
+    """
+
+    feedback_map = OriginalInverse
 
 
 class OriginalRTP(OriginalTP):
-    """Randomized original TP (Alg. A.15)."""
+    """Randomized original TP (Alg. A.15).
 
-    randomized = True
+    >>> type(OriginalRTP(sizes=[3, 4, 2]).selection).__name__
+    'RandomLayer'
+    """
+
+    selection_class = RandomLayer
 
 
 class OriginalDTP(OriginalTP):
-    """Original DTP without the penultimate gradient step, i.e. simplified DTP (SDTP; Alg. A.16)."""
+    """Original DTP without the penultimate gradient step, i.e. simplified DTP (SDTP; Alg. A.16).
 
-    difference = True
+    >>> type(OriginalDTP(sizes=[3, 4, 2]).maps[0].inner).__name__
+    'OriginalInverse'
+    """
+
+    propagation = Difference
 
 
 class OriginalRDTP(OriginalDTP):
-    """Randomized original DTP (Alg. A.17)."""
+    """Randomized original DTP (Alg. A.17).
 
-    randomized = True
+    >>> type(OriginalRDTP(sizes=[3, 4, 2]).selection).__name__
+    'RandomLayer'
+    """
+
+    selection_class = RandomLayer
 
 
 class LeeDTP(OriginalDTP):
@@ -251,11 +302,14 @@ class LeeDTP(OriginalDTP):
     ``h^_{L-1} = h_{L-1} - eta^ dl/dh_{L-1}`` (:class:`~tplightning.target_maps.GradientTarget`) replaces the feedback
     map between the last two layers (so an output layer narrower than the one below is no obstacle); lower layers use
     the original-form difference targets; ``Q_1..Q_{L-2}`` are trained by Alg. A.9 with noise injection.
+
+    >>> [type(m).__name__ for m in LeeDTP(sizes=[3, 4, 4, 2]).maps]
+    ['Difference', 'GradientTarget']
     """
 
     def make_maps(self):
         if self.num_layers < 2:
-            raise ValueError(f"LeeDTP needs a hidden layer (its target is a gradient step), got sizes {self.net.sizes}")
+            raise ConfigError(f"LeeDTP needs a hidden layer (its target is a gradient step), got sizes {self.net.sizes}")
         return super().make_maps()
 
     def learned_map(self, i):
@@ -275,23 +329,28 @@ class AOSDTP(OriginalDTP):
         aux_units: number of auxiliary outputs; ``None`` makes the output block as wide as the
             layer below (``n_{L-1} - n_L`` units), so ``Q_{L-1}`` inverts a square map.
         **kwargs: the arguments of :class:`LearnedInverseRule`.
+
+    >>> rule = AOSDTP(sizes=[3, 5, 2])
+    >>> rule.aux_units, rule(torch.zeros(1, 3)).shape
+    (3, torch.Size([1, 2]))
     """
 
     def __init__(self, *args, aux_units: int | None = None, **kwargs):
-        self.aux_units = aux_units  # read by make_network during the base constructor
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # aux_units reaches make_network as a recorded argument (self.hparams)
+        self.aux_units = self.net.layers[-1].aux_units
 
     def make_network(self, **options):
-        sizes = list(options["sizes"])
-        aux = self.aux_units if self.aux_units is not None else sizes[-2] - sizes[-1]
+        """The MLP of ``sizes`` with an :class:`~tplightning.layers.AuxiliaryDense` output of ``aux_units`` (the
+        constructor's argument, ``self.hparams``) auxiliary units."""
+        sizes, given = list(options["sizes"]), self.hparams["aux_units"]
+        aux = given if given is not None else sizes[-2] - sizes[-1]
         if options.get("network") is not None:
-            raise ValueError("AOSDTP builds its auxiliary output layer from sizes; with your own network use an AuxiliaryDense output layer and OriginalDTP")
+            raise ConfigError("AOSDTP builds its auxiliary output layer from sizes; with your own network use an AuxiliaryDense output layer and OriginalDTP")
         if aux < 1:
-            raise ValueError(
-                f"AOSDTP needs at least one auxiliary output unit, got aux_units={self.aux_units} for sizes {sizes} "
+            raise ConfigError(
+                f"AOSDTP needs at least one auxiliary output unit, got aux_units={given} for sizes {sizes} "
                 "(the default adds n_{L-1} - n_L units, which needs a penultimate layer wider than the output)"
             )
-        self.aux_units = aux
         return super().make_network(**options, aux_units=aux)
 
 
@@ -306,9 +365,13 @@ class MTP(TPAI):
     Args:
         batch_norm: normalise layer inputs over the batch (Alg. A.1).
         **kwargs: the arguments of :class:`LearnedInverseRule`.
+
+    >>> rule = MTP(sizes=[3, 4, 2])
+    >>> rule.scaling, rule.batch_norm
+    (D_INVERSE, True)
     """
 
-    modified = True
+    scaling = D_INVERSE
 
     def __init__(self, *args, batch_norm: bool = True, **kwargs):
         super().__init__(*args, batch_norm=batch_norm, **kwargs)

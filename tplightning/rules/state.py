@@ -6,43 +6,40 @@ subclasses add their own entries and call ``super()``.
 """
 from __future__ import annotations
 
-import torch
+from ..generators import pickle_generators, restore_generators
 
 __all__ = ["CheckpointState"]
 
 
-class _PickledGenerator:
-    def __init__(self, device: str, state: bytes):
-        self.device, self.state = device, state
-
-    def restore(self) -> torch.Generator:
-        g = torch.Generator(self.device)
-        g.set_state(torch.frombuffer(bytearray(self.state), dtype=torch.uint8))
-        return g
-
-
 class CheckpointState:
-    """Mixin for a ``LightningModule``: extra state in checkpoints and picklable generators."""
+    """Mixin for a ``LightningModule``: extra state in checkpoints (the training batches seen so far, and what
+    subclasses add) and picklable generators.
+
+    >>> import tplightning as tp
+    >>> rule = tp.RDTPAI(sizes=[3, 4, 2])
+    >>> sorted(rule.extra_state())
+    ['batches_seen', 'layer_generator']
+    """
+
+    #: training batches, saved in checkpoints (Lightning's ``global_step`` counts optimizer steps)
+    batches_seen: int = 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.batches_seen += 1
 
     def extra_state(self) -> dict:
         """State outside parameters/buffers/optimizers that a resumed run needs."""
-        return {}
+        return {"batches_seen": self.batches_seen}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        self.batches_seen = int(state.get("batches_seen", 0))
 
     def __getstate__(self) -> dict:
-        """Pickle generators as bytes: ddp_spawn sends the module to its workers, and a
-        ``torch.Generator``'s state tensor cannot always travel through shared memory."""
-        state = self.__dict__.copy()
-        for k, v in state.items():
-            if isinstance(v, torch.Generator):
-                state[k] = _PickledGenerator(str(v.device), bytes(v.get_state().numpy()))
-        return state
+        """Pickle generators as bytes (:mod:`tplightning.generators`): ddp_spawn sends the module to its workers."""
+        return pickle_generators(self.__dict__)
 
     def __setstate__(self, state: dict) -> None:
-        state = {k: v.restore() if isinstance(v, _PickledGenerator) else v for k, v in state.items()}
-        super().__setstate__(state)
+        super().__setstate__(restore_generators(state))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tplightning"] = self.extra_state()

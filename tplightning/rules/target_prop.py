@@ -14,26 +14,40 @@ The thesis' names are presets that choose the pieces (``rules/exact.py``, ``rule
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
+from ..errors import ConfigError
 from ..layers import Dense
+from ..losses import D, LocalScaling
 from ..normalization import InputNormalization
-from ..selection import AllLayers, RandomLayer
-from ..target_maps import Step, TargetMap
-from .base import ABSTRACT, LearningRule
+from ..selection import AllLayers, LayerSelection
+from ..target_maps import Step, TargetMap, plain
+from .base import LearningRule
 
 __all__ = ["TargetPropRule"]
 
 
 class TargetPropRule(LearningRule):
-    """Base of the target-propagation rules; subclasses (presets) choose the maps in :meth:`make_maps`.
+    """Base of the target-propagation rules; presets choose the pieces.
 
-    Class attributes name the pieces a preset takes: ``randomized`` (:class:`~tplightning.selection.RandomLayer`
-    instead of :class:`~tplightning.selection.AllLayers`) and ``modified`` (``D_i^{-1}`` for ``D_i``).
+    A preset (a subclass) chooses its pieces as values: :meth:`make_maps` builds the target maps from the network and
+    the constructor's arguments (``self.hparams``, recorded before any piece is built), and the class attributes
+    below hold the rest. Building this class itself is a :class:`~tplightning.errors.ConfigError` (it is abstract).
+
+    Attributes:
+        selection_class: the :class:`~tplightning.selection.LayerSelection` built with ``layer_seed``:
+            :class:`~tplightning.selection.AllLayers` (default) or :class:`~tplightning.selection.RandomLayer`
+            (the randomized rules, Alg. A.2).
+        scaling: the local update's :data:`~tplightning.losses.D` (default) or :data:`~tplightning.losses.D_INVERSE`
+            (the modified rules, Alg. A.1, A.6).
+        propagation: how targets go through a map: :func:`~tplightning.target_maps.plain` (``h^_i = g_i(h^_{i+1})``,
+            default) or :class:`~tplightning.target_maps.Difference` (eq. 4.101); maps that set the target directly
+            are never wrapped.
 
     Args:
         target_stepsize: output target step size ``eta^`` (eq. 4.4; thesis 0.1).
@@ -46,10 +60,17 @@ class TargetPropRule(LearningRule):
         bn_momentum: momentum of the running mean/variance.
         bn_eps: added to the variance.
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DTPAI(sizes=[3, 4, 4, 2])
+    >>> hs, targets = rule.compute_targets(torch.randn(5, 3), torch.randn(5, 2))
+    >>> [tuple(t.shape) for t in targets]
+    [(5, 4), (5, 4), (5, 2)]
     """
 
-    randomized: ClassVar[bool] = False
-    modified: ClassVar[bool] = False
+    selection_class: ClassVar[type[LayerSelection]] = AllLayers
+    scaling: ClassVar[LocalScaling] = D
+    propagation: ClassVar[Callable[[TargetMap], TargetMap]] = staticmethod(plain)
 
     def __init__(
         self,
@@ -63,37 +84,40 @@ class TargetPropRule(LearningRule):
     ):
         super().__init__(*args, **kwargs)
         if not target_stepsize > 0:
-            raise ValueError(f"target_stepsize must be > 0, got {target_stepsize}")
+            raise ConfigError(f"target_stepsize must be > 0, got {target_stepsize}")
         self.target_stepsize = target_stepsize
         self.layer_seed = layer_seed
-        self.selection = RandomLayer(layer_seed) if self.randomized else AllLayers()
+        self.selection = self.selection_class(layer_seed)
         self.last_layer = 0  # layer updated by the last randomized step (0: all)
         layers = list(self.net.layers)
-        if (self.modified or batch_norm) and not all(isinstance(layer, Dense) for layer in layers):
+        inverse = self.scaling.inverse
+        if (inverse or batch_norm) and not all(isinstance(layer, Dense) for layer in layers):
             kinds = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, Dense)})
-            raise ValueError(f"{'modified rules (D^-1)' if self.modified else 'batch_norm'} need dense layers, got {', '.join(kinds)}")
+            raise ConfigError(f"{'modified rules (D^-1)' if inverse else 'batch_norm'} need dense layers, got {', '.join(kinds)}")
         self.batch_norm, self.bn_momentum, self.bn_eps = batch_norm, bn_momentum, bn_eps
         self.normalization = InputNormalization(self.net.sizes[:-1], bn_momentum, bn_eps) if batch_norm else None
         self._bn_stats: list[tuple[Tensor, Tensor]] = []  # (mu, sigma) of each layer's input, last pass
         self._bn_inputs: list[Tensor] = []  # the normalised inputs of the last pass
-        if self.modified:
+        if inverse:
             for i, act in enumerate(self.net.activations, start=1):
                 if not act.invertible:
-                    raise ValueError(f"modified rules divide by D_{i}; layer {i} activation {act!r} has no inverse")
-        maps = self.make_maps()
+                    raise ConfigError(f"modified rules divide by D_{i}; layer {i} activation {act!r} has no inverse")
+        maps = [m if m.direct else self.propagation(m) for m in self.make_maps()]
         if len(maps) != len(layers) - 1:
             raise ValueError(f"{type(self).__name__} made {len(maps)} target maps for {len(layers) - 1} hidden layers")
         self.maps = nn.ModuleList([m.bind(i, layers[i - 1], layers[i]) for i, m in enumerate(maps, start=1)])
         self._keepers = {m.index + 1: m.base for m in self.maps if m.keeps_upper_weight}
 
     # ----------------------------------------------------------------------------- pieces
+    @abstractmethod
     def make_maps(self) -> list[TargetMap]:
-        """The target maps ``g_1, ..., g_{L-1}`` (unbound); presets define this."""
-        raise NotImplementedError
+        """The target maps ``g_1, ..., g_{L-1}`` (unbound, before :attr:`propagation` wraps them), built from
+        ``self.net`` and the constructor's arguments ``self.hparams``."""
 
-    def propagate(self, i: int, h_hat_next: Tensor, hs: list[Tensor], pre: list[Tensor]) -> Tensor:
-        """``h^_i`` from ``h^_{i+1}`` through layer ``i``'s map (before batch-norm de-normalisation)."""
-        return self.maps[i - 1].target(h_hat_next, Step(hs, pre, self.target_stepsize))
+    def propagate(self, i: int, h_hat_next: Tensor, hs: list[Tensor], pre: list[Tensor], step: Step | None = None) -> Tensor:
+        """``h^_i`` from ``h^_{i+1}`` through layer ``i``'s map (before batch-norm de-normalisation); ``step``: the
+        training step's :class:`~tplightning.target_maps.Step` (one without labels by default)."""
+        return self.maps[i - 1].target(h_hat_next, step if step is not None else Step(hs, pre, self.target_stepsize))
 
     def g(self, i: int, h_next: Tensor) -> Tensor:
         """The feedback map ``g_i`` applied to a batch of layer-``(i+1)`` activations."""
@@ -110,20 +134,20 @@ class TargetPropRule(LearningRule):
     # ----------------------------------------------------------------------------- targets
     def output_target(self, h_L: Tensor, y: Tensor) -> Tensor:
         """``h^_L = h_L - eta^ dl/dh_L`` on the model's outputs (eq. 4.4); auxiliary units keep their values."""
-        o_hat = F.output_target(self.net.model_output(h_L), y, self.loss_name, self.target_stepsize)
+        o_hat = self.loss.output_target(self.net.model_output(h_L), y, self.target_stepsize)
         last = self.net.layers[-1]
         return last.output_target(o_hat, h_L) if hasattr(last, "output_target") else o_hat
 
     def targets_from(self, hs: list[Tensor], pre: list[Tensor], y: Tensor, down_to: int = 1) -> list[Tensor | None]:
-        """``[h^_1, ..., h^_L]`` with entries below ``down_to`` left ``None`` (not computed)."""
+        """``[h^_1, ..., h^_L]`` with entries below ``down_to`` left ``None`` (not computed): :meth:`propagate` down
+        from the output target, each target de-normalised with ``batch_norm``."""
         L = self.num_layers
-        step = Step(hs, pre, self.target_stepsize, lambda: F.output_error(hs[-1], y, self.loss_name))
+        step = Step(hs, pre, self.target_stepsize, lambda: self.loss.error(hs[-1], y))
         targets: list[Tensor | None] = [None] * L
         targets[L - 1] = step.output_target = self.output_target(hs[-1], y)
         for i in range(L - 1, down_to - 1, -1):
-            m = self.maps[i - 1]
-            t = m.target(targets[i], step)
-            if self.normalization is not None and not m.direct:  # g_i targets the normalised input of layer i + 1
+            t = self.propagate(i, targets[i], hs, pre, step)
+            if self.normalization is not None and not self.maps[i - 1].direct:  # g_i targets the normalised input of layer i + 1
                 mu, sigma = self._bn_stats[i]
                 t = sigma * t + mu
             targets[i - 1] = t
@@ -163,11 +187,11 @@ class TargetPropRule(LearningRule):
         return self.selection(self.train_layers)[0]
 
     def forward_grads(self, layers: list[int], hs, pre, targets) -> dict[Tensor, Tensor]:
-        """``{parameter: gradient}`` of the local losses of ``layers`` (eq. 4.12; ``D^{-1}`` for modified rules),
+        """``{parameter: gradient}`` of the local losses of ``layers`` (eq. 4.12, scaled by :attr:`scaling`),
         each layer's :meth:`~tplightning.layers.Layer.local_grads` at the input it received."""
         grads = {}
         for i in layers:
-            grads.update(self.net.layers[i - 1].local_grads(self.layer_input(i, hs), pre[i - 1], hs[i], targets[i - 1], self.modified))
+            grads.update(self.net.layers[i - 1].local_grads(self.layer_input(i, hs), pre[i - 1], hs[i], targets[i - 1], self.scaling))
         return grads
 
     def update_forward(self, layers: list[int], hs, pre, targets) -> None:
@@ -179,7 +203,7 @@ class TargetPropRule(LearningRule):
         kept = {}
         for i in (i for i in layers if i in self._keepers):
             layer = self.net.layers[i - 1]
-            kept[i] = delta = layer.delta(pre[i - 1], hs[i], targets[i - 1], self.modified)  # (B, n)
+            kept[i] = delta = layer.delta(pre[i - 1], hs[i], targets[i - 1], self.scaling)  # (B, n)
             if layer.bias is not None:
                 grads[layer.bias] = delta.mean(0)
         if grads:
@@ -204,7 +228,7 @@ class TargetPropRule(LearningRule):
             loss = self.loss_from_output(hs[-1], y)
             self.check_finite(loss, hs)
             layers = self.selection(self.train_layers)
-            self.last_layer = layers[0] if self.randomized else 0
+            self.last_layer = self.selection.drawn(layers)
             targets = self.targets_from(hs, pre, y, down_to=min(layers))
             self.update_forward(layers, hs, pre, targets)
             self.update_feedback(hs, pre)
@@ -237,5 +261,3 @@ def _legacy_rule_keys(rule: TargetPropRule, sd: dict) -> None:
     for key in [k for k in sd if k.startswith(("running_mean_", "running_var_"))]:
         sd[f"normalization.{key}"] = sd.pop(key)
 
-
-ABSTRACT.add(TargetPropRule)  # presets choose the maps (make_maps)
