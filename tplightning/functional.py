@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .losses import D, Loss, LocalScaling, get_loss
 
 __all__ = [
@@ -103,7 +104,7 @@ class LeakyReLU(Activation):
 
     def __init__(self, negative_slope: float = 0.35):
         if not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
-            raise ValueError(f"leaky_relu negative_slope must be a finite number, got {negative_slope!r}")
+            raise ConfigError(f"leaky_relu negative_slope must be a finite number, got {negative_slope!r}")
         self.negative_slope = float(negative_slope)
         self.invertible = self.negative_slope > 0
 
@@ -224,7 +225,7 @@ def get_activation(name: str, negative_slope: float = 0.35) -> Activation:
         return name
     key = str(name).lower()
     if key not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}")
+        raise ConfigError(f"unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}")
     if key == "leaky_relu":
         return LeakyReLU(negative_slope)
     return _ACTIVATIONS[key]()
