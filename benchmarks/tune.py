@@ -285,9 +285,9 @@ def objective(rule: str, epochs: int | None = None, data: Sequence[str] = (), se
 
     def run(trial) -> float:
         values = {p.name: p.suggest(trial) for p in space}
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         if worker_lock is not None:
             trial.set_user_attr("worker_lock", worker_lock)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning = _Pruning(trial)
         try:
             cli_main(trial_args(rule, values, epochs, data, seed), callbacks=[pruning])
@@ -436,7 +436,8 @@ def fail_stale_trials(study, storage: str) -> list[int]:
         return []
     failed = []
     with _creation_lock(storage):  # one worker at a time: a dead worker's trial is failed and enqueued once
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        # copies: Optuna's retry callback appends to the trial's retry history in place
+        for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
             name = trial.user_attrs.get("worker_lock")
             if name is None or _worker_alive(storage, name):
                 continue
