@@ -47,7 +47,19 @@ default, and their journals, written under ``runs/tune/``, were not kept) unless
 share one study (README, "Tuning").
 
 **The first trial** of a new study is the config as shipped (its values, else the rule's defaults, clipped into the
-ranges above), so a study's best is never worse on the proxy than the config it would replace.
+ranges above), so a study's best is never worse on the proxy than the config it would replace. ``--write-config``
+holds to that: it writes nothing (and says which trial is missing and how to finish it) until a trial of the shipped
+config is scored (complete, or pruned with the accuracy it had reached); a run finds the shipped config's trials all
+failed (interrupted, or their workers dead) enqueues it again and runs it, even when the study is otherwise full.
+
+**Dead workers.** A worker killed mid-trial (SIGKILL, a lost machine) cannot mark its trial; it would stay *running*
+for ever. Every worker looks for such trials when it starts and after each trial, marks them failed and enqueues
+their values again (Optuna's ``RetryHeartbeatStaleTrialCallback``, at most :data:`MAX_RETRY` times per trial; the
+summary names them as *stale*). With a journal file, a worker holds an exclusive ``flock`` on a file of its own in
+``<journal>.workers/`` while it works and names it in its trials; the system drops the lock when the process dies,
+so a trial whose worker's lock is free is stale at once (Optuna's journal storage has no heartbeat). With a
+database, Optuna's heartbeat does it: a running trial without a beat for :data:`GRACE_PERIOD` s (beats every
+:data:`HEARTBEAT_INTERVAL` s) is stale. A worker that is stopped but alive (SIGSTOP) keeps its trial.
 ``--keep NAME...`` holds parameters at the config's value: a proxy of a few epochs cannot see the long-horizon
 effect of weight decay (at BP's lr 1e-3 and wd 0.05, decaying linearly to 5 %, AdamW's factor ``1 - lr·wd`` per
 step shrinks untrained weights by ``e^-1.1`` over the 43k steps of a 100-epoch MNIST run, by 2.5 % over a 6-epoch
@@ -95,7 +107,7 @@ from benchmarks.common import config_value, rule_class
 from benchmarks.mnist import RULES
 
 __all__ = ["Param", "SPACES", "search_space", "searched", "shipped_values", "family", "overrides", "objective", "run_study", "summary", "report",
-           "write_config", "main"]  # fmt: skip
+           "write_config", "fail_stale_trials", "unscored_shipped", "main"]  # fmt: skip
 
 PROG = "python -m benchmarks.tune"
 TUNED_TAG = "# Tuned by"
@@ -327,8 +339,10 @@ def open_storage(storage: str):
         # optuna < 4.9 names the callback failed_trial_callback
         callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(rdb).parameters else "failed_trial_callback"
         why = f"no heartbeat for {GRACE_PERIOD} s"
-        return rdb(storage, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-                   **{callback: lambda study, trial: _stale(study, trial, why)})  # fmt: skip
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return rdb(storage, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                       **{callback: lambda study, trial: _stale(study, trial, why)})  # fmt: skip
     path = Path(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))

@@ -466,3 +466,25 @@ def test_a_worker_killed_mid_trial_leaves_a_trial_the_next_worker_fails_and_reru
     out = capsys.readouterr().out
     assert f"stale: trial 0 (the shipped config): its worker {killed.user_attrs['worker']} died while running it; run again as trial 1" in out
     assert config.read_text().startswith("# Tuned by python -m benchmarks.tune --rule BP: study mnist-BP, 1 trials")
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_database_study_fails_a_trial_without_heartbeat_and_runs_it_again(tmp_path, monkeypatch):
+    """On a database storage, Optuna's heartbeat: a running trial whose last beat is older than GRACE_PERIOD is failed,
+    named stale and enqueued again with its values."""
+    monkeypatch.setattr(tune, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(tune, "GRACE_PERIOD", 1)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    storage = tune.open_storage(url)
+    study = optuna.create_study(study_name="mnist-BP", storage=storage, direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 3e-3, log=True)
+    trial.set_user_attr("worker", "gone:1")
+    study_id = storage.get_study_id_from_name("mnist-BP")
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))  # then it died
+    assert tune.fail_stale_trials(study, url) == []  # within the grace period
+    time.sleep(2.1)
+    assert tune.fail_stale_trials(study, url) == [0]
+    first, again = study.get_trials()
+    assert (first.state, again.state) == (TrialState.FAIL, TrialState.WAITING) and again.params == first.params
+    assert "stale: trial 0: no heartbeat for 1 s; run again as trial 1" in tune.summary(study)
