@@ -102,7 +102,7 @@ def _check_yaml(path: Path) -> None:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not a text file (a YAML config was expected)") from None
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml where PyYAML has it: 1 MB in a second
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml where PyYAML has it, as jsonargparse's loader
     try:
         root = loader.get_single_node()
         if root is not None:
