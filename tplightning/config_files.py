@@ -148,8 +148,9 @@ def resolve_config_args(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> l
     other argument is kept in place.
 
     Raises ``FileNotFoundError`` listing the available configs when the file is found nowhere, and
-    :class:`~tplightning.errors.ConfigError` when ``--config`` has no value or the file is not a YAML mapping
-    (naming the line and column of invalid YAML).
+    :class:`~tplightning.errors.ConfigError` when ``--config`` has no value, the file is larger than
+    :data:`MAX_CONFIG_BYTES`, its aliases expand by more than :data:`MAX_ALIAS_NODES` nodes, or it is not a YAML
+    mapping (naming the line and column of invalid YAML).
 
     >>> args = resolve_config_args(["--config", "configs/dtp.yaml", "--trainer.max_epochs", "1"])
     >>> Path(args[1]) == CONFIG_DIR / "dtp.yaml", args[2:]
