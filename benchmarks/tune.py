@@ -455,6 +455,9 @@ def fail_stale_trials(study, storage: str) -> list[int]:
             name = trial.user_attrs.get("worker_lock")
             if name is None or _worker_alive(storage, name):
                 continue
+            # a worker frees its lock only after its trials are finished: one that ended cleanly just now is no death
+            if trial.number not in {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
+                continue
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             _stale(study, trial, f"its worker {trial.user_attrs.get('worker', name)} died while running it")
             (_workers_dir(storage) / f"{name}.lock").unlink(missing_ok=True)
