@@ -47,7 +47,19 @@ default, and their journals, written under ``runs/tune/``, were not kept) unless
 share one study (README, "Tuning").
 
 **The first trial** of a new study is the config as shipped (its values, else the rule's defaults, clipped into the
-ranges above), so a study's best is never worse on the proxy than the config it would replace.
+ranges above), so a study's best is never worse on the proxy than the config it would replace. ``--write-config``
+holds to that: it writes nothing (and says which trial is missing and how to finish it) until a trial of the shipped
+config is scored (complete, or pruned with the accuracy it had reached); a run finds the shipped config's trials all
+failed (interrupted, or their workers dead) enqueues it again and runs it, even when the study is otherwise full.
+
+**Dead workers.** A worker killed mid-trial (SIGKILL, a lost machine) cannot mark its trial; it would stay *running*
+for ever. Every worker looks for such trials when it starts and after each trial, marks them failed and enqueues
+their values again (Optuna's ``RetryHeartbeatStaleTrialCallback``, at most :data:`MAX_RETRY` times per trial; the
+summary names them as *stale*). With a journal file, a worker holds an exclusive ``flock`` on a file of its own in
+``<journal>.workers/`` while it works and names it in its trials; the system drops the lock when the process dies,
+so a trial whose worker's lock is free is stale at once (Optuna's journal storage has no heartbeat). With a
+database, Optuna's heartbeat does it: a running trial without a beat for :data:`GRACE_PERIOD` s (beats every
+:data:`HEARTBEAT_INTERVAL` s) is stale. A worker that is stopped but alive (SIGSTOP) keeps its trial.
 ``--keep NAME...`` holds parameters at the config's value: a proxy of a few epochs cannot see the long-horizon
 effect of weight decay (at BP's lr 1e-3 and wd 0.05, decaying linearly to 5 %, AdamW's factor ``1 - lr·wd`` per
 step shrinks untrained weights by ``e^-1.1`` over the 43k steps of a 100-epoch MNIST run, by 2.5 % over a 6-epoch
@@ -69,8 +81,10 @@ import inspect
 import math
 import os
 import re
+import secrets
 import socket
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import date
@@ -94,7 +108,7 @@ from benchmarks.common import config_value, rule_class
 from benchmarks.mnist import RULES
 
 __all__ = ["Param", "SPACES", "search_space", "searched", "shipped_values", "family", "overrides", "objective", "run_study", "summary", "report",
-           "write_config", "main"]  # fmt: skip
+           "write_config", "fail_stale_trials", "unscored_shipped", "main"]  # fmt: skip
 
 PROG = "python -m benchmarks.tune"
 TUNED_TAG = "# Tuned by"
@@ -271,8 +285,11 @@ def searched(rule: str, keep: Sequence[str] = ()) -> tuple[Param, ...]:
     return tuple(p for p in space if p.name not in keep)
 
 
-def objective(rule: str, epochs: int | None = None, data: Sequence[str] = (), seed: int = 0, keep: Sequence[str] = ()):
-    """The Optuna objective of ``rule``: best validation accuracy of a run at the sampled values."""
+def objective(rule: str, epochs: int | None = None, data: Sequence[str] = (), seed: int = 0, keep: Sequence[str] = (),
+              worker_lock: str | None = None):  # fmt: skip
+    """The Optuna objective of ``rule``: best validation accuracy of a run at the sampled values. ``worker_lock``,
+    the name of the lock this process holds while it works on a journal's study (:func:`run_study`), goes into each
+    trial's user attributes, so that another worker can tell whether this one is alive (:func:`fail_stale_trials`)."""
     import optuna
 
     from tplightning.cli import main as cli_main
@@ -281,6 +298,8 @@ def objective(rule: str, epochs: int | None = None, data: Sequence[str] = (), se
 
     def run(trial) -> float:
         values = {p.name: p.suggest(trial) for p in space}
+        if worker_lock is not None:
+            trial.set_user_attr("worker_lock", worker_lock)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         pruning = _Pruning(trial)
         try:
@@ -310,12 +329,21 @@ def default_storage(rule: str) -> str:
 
 
 def open_storage(storage: str):
-    """An Optuna storage: a database URL (``scheme://...``) as is, else a journal file (created with its folder)."""
+    """An Optuna storage: a database URL (``scheme://...``) with Optuna's heartbeat (every
+    :data:`HEARTBEAT_INTERVAL` s; a running trial without a beat for :data:`GRACE_PERIOD` s is failed and run again,
+    :func:`_stale`), else a journal file (created with its folder)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if "://" in storage:
-        return optuna.storages.RDBStorage(storage)
+        rdb = optuna.storages.RDBStorage
+        # optuna < 4.9 names the callback failed_trial_callback
+        callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(rdb).parameters else "failed_trial_callback"
+        why = f"no heartbeat for {GRACE_PERIOD} s"
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return rdb(storage, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                       **{callback: lambda study, trial: _stale(study, trial, why)})  # fmt: skip
     path = Path(storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
@@ -337,6 +365,153 @@ def _creation_lock(storage: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------- dead workers
+#: seconds between the heartbeats of a worker on a database storage (Optuna's ``RDBStorage`` heartbeat)
+HEARTBEAT_INTERVAL = 60
+#: seconds without a heartbeat after which a database study's running trial counts as stale (its worker dead)
+GRACE_PERIOD = 180
+#: how often a trial whose worker died is enqueued again (the shipped config's: on every run until it is scored)
+MAX_RETRY = 2
+
+
+def _workers_dir(storage: str) -> Path:
+    """The folder of the worker locks of the journal ``storage``: ``<journal>.workers/``."""
+    return Path(str(storage) + ".workers")
+
+
+@contextlib.contextmanager
+def _worker_lock(storage: str):
+    """Holds an exclusive lock on a file of its own, ``<journal>.workers/<host>-<pid>-<token>.lock``, while this
+    process works on a journal's study; yields the lock's name (None for a database, or without ``fcntl``). The
+    operating system drops the lock when the process dies, however it dies (SIGKILL included), so another worker
+    that can take the lock knows that this one is gone (:func:`_worker_alive`). The token keeps a reused process id
+    from passing for a dead worker."""
+    if "://" in storage or fcntl is None:
+        yield None
+        return
+    name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    path = _workers_dir(storage) / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield name
+        finally:
+            path.unlink(missing_ok=True)  # closing the file then drops the lock
+
+
+def _worker_alive(storage: str, name: str) -> bool:
+    """Whether the worker whose lock is ``name`` (:func:`_worker_lock`) still holds it. A missing lock file is a
+    worker that is gone (it removes its file when it ends)."""
+    try:
+        fd = os.open(_workers_dir(storage) / f"{name}.lock", os.O_RDWR)  # no O_CREAT: a removed lock stays removed
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the lock if this probe took it
+    return False
+
+
+def _stale(study, trial, why: str) -> None:
+    """Record that ``trial`` (failed already) was stale, as the study's user attribute ``stale:<number>`` (the
+    summary names it), and enqueue it again with its values and user attributes (Optuna's retry callback, up to
+    :data:`MAX_RETRY` times per original trial)."""
+    import optuna
+
+    study.set_user_attr(f"stale:{trial.number}", why)
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry(max_retry=MAX_RETRY)(study, trial)
+
+
+def fail_stale_trials(study, storage: str) -> list[int]:
+    """Mark failed the running trials of ``study`` whose worker is dead, and enqueue each again (:func:`_stale`);
+    returns their numbers. A journal's trial is stale when the lock its worker held (user attribute ``worker_lock``)
+    is free: found at once, as soon as any worker of the study looks (at its start and after each trial). A
+    database's stale trials are Optuna's: no heartbeat for :data:`GRACE_PERIOD` s
+    (``optuna.storages.fail_stale_trials``). A running trial without a ``worker_lock`` (run outside
+    :func:`run_study`) is left as it is."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if "://" in storage:
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        return sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before)
+    if fcntl is None:
+        return []
+    failed = []
+    with _creation_lock(storage):  # one worker at a time: a dead worker's trial is failed and enqueued once
+        # copies: Optuna's retry callback appends to the trial's retry history in place
+        for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
+            name = trial.user_attrs.get("worker_lock")
+            if name is None or _worker_alive(storage, name):
+                continue
+            # a worker frees its lock only after its trials are finished: one that ended cleanly just now is no death
+            if trial.number not in {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
+                continue
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            _stale(study, trial, f"its worker {trial.user_attrs.get('worker', name)} died while running it")
+            (_workers_dir(storage) / f"{name}.lock").unlink(missing_ok=True)
+            failed.append(trial.number)
+    return failed
+
+
+def _shipped(study):
+    """``(state, trial)`` of the study's trial of the shipped config: ``"scored"`` with the last complete or pruned
+    one, else ``"waiting"`` or ``"running"`` with the last of those, else ``"missing"`` with the last one that failed
+    (None if the study has none)."""
+    from optuna.trial import TrialState
+
+    shipped = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("shipped")]
+    for state, states in (("scored", (TrialState.COMPLETE, TrialState.PRUNED)), ("waiting", (TrialState.WAITING,)),
+                          ("running", (TrialState.RUNNING,))):  # fmt: skip
+        if found := [t for t in shipped if t.state in states]:
+            return state, found[-1]
+    return "missing", shipped[-1] if shipped else None
+
+
+def _enqueue_shipped(study, rule: str, space: Sequence[Param], storage: str) -> None:
+    """Enqueue the shipped config again when the study holds no trial of it that is scored, waiting or running (its
+    trials failed: a worker died with it beyond :data:`MAX_RETRY`, or it was interrupted): the values of its last
+    trial when that got them all, else the config's (:func:`shipped_values`)."""
+    with _creation_lock(storage):
+        state, last = _shipped(study)
+        if state != "missing":
+            return
+        names = {p.name for p in space}
+        values = dict(last.params) if last is not None and names <= set(last.params) else shipped_values(rule, space)
+        study.enqueue_trial(values, user_attrs={"shipped": True})
+
+
+def unscored_shipped(study, storage: str) -> str | None:
+    """Why ``--write-config`` may not write the study's best yet (None: it may): the trial of the shipped config is
+    not scored, so the best has not been compared with the config it would replace. Says which trial is missing and
+    how to finish it."""
+    state, trial = _shipped(study)
+    if state == "scored":
+        return None
+    again = "rerun the tuning command (without --write-config), which runs it, then with --write-config"
+    if trial is None:
+        return f"study {study.study_name} has no trial of the shipped config: {again}"
+    which = f"trial {trial.number} (the shipped config) of study {study.study_name}"
+    if state == "running":
+        worker = trial.user_attrs.get("worker", "an unknown worker")
+        return (f"{which} is still running in worker {worker}: let that worker finish it, then rerun with "
+                f"--write-config (a worker that died is noticed at the next run on this storage"
+                f"{'' if '://' not in storage else f' after {GRACE_PERIOD} s without its heartbeat'})")  # fmt: skip
+    if state == "waiting":
+        return f"{which} waits to be run: {again}"
+    return f"{which} failed ({trial.state.name}) and was not run again: {again}"
 
 
 def _finished(study) -> list:
@@ -383,12 +558,19 @@ def run_study(
             study.set_user_attr("epochs", epochs)
             study.set_user_attr("data", list(data))
             study.enqueue_trial(shipped_values(rule, space), user_attrs={"shipped": True}, skip_if_exists=True)
+    fail_stale_trials(study, storage)
+    _enqueue_shipped(study, rule, space, storage)
 
     def full(study, _trial) -> None:
-        if len(_finished(study)) >= trials:
+        fail_stale_trials(study, storage)  # a worker that died meanwhile: its trial is run again
+        if len(_finished(study)) >= trials and _shipped(study)[0] != "waiting":
             study.stop()
 
     remaining = trials - len(_finished(study))
+    if _shipped(study)[0] == "waiting":  # the shipped config is run even in a full study (enqueued trials go first)
+        from optuna.trial import TrialState
+
+        remaining = max(remaining, len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
     made = (study.user_attrs.get("epochs"), study.user_attrs.get("data"), study.user_attrs.get("space"))
     if remaining > 0 and made != (epochs, list(data), [p.name for p in space]):
         raise ValueError(
@@ -397,8 +579,9 @@ def run_study(
             "not compare; resume it with the same --epochs/--subset/--keep or name another --study"
         )
     if remaining > 0:
-        study.optimize(objective(rule, epochs, data, seed, keep), n_trials=remaining, callbacks=[full],
-                       show_progress_bar=progress, gc_after_trial=True)  # fmt: skip
+        with _worker_lock(storage) as lock:
+            study.optimize(objective(rule, epochs, data, seed, keep, lock), n_trials=remaining, callbacks=[full],
+                           show_progress_bar=progress, gc_after_trial=True)  # fmt: skip
     return study
 
 
@@ -408,8 +591,23 @@ def summary(study) -> str:
 
     counts = {s: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     diverged = sum("diverged" in t.user_attrs for t in study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    stale = {int(k.split(":")[1]): why for k, why in study.user_attrs.items() if k.startswith("stale:")}
     lines = [f"study {study.study_name}: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned "
-             f"({diverged} of them diverged), {counts[TrialState.FAIL]} failed, {counts[TrialState.RUNNING]} running"]  # fmt: skip
+             f"({diverged} of them diverged), {counts[TrialState.FAIL]} failed ({len(stale)} of them stale), "
+             f"{counts[TrialState.RUNNING]} running, {counts[TrialState.WAITING]} waiting"]  # fmt: skip
+    retried = {}  # failed trial -> the trial that ran its values again
+    for t in trials:
+        if history := t.system_attrs.get("retry_history"):
+            retried[history[-1]] = t.number
+    by_number = {t.number: t for t in trials}
+    for number, why in sorted(stale.items()):
+        shipped = " (the shipped config)" if by_number[number].user_attrs.get("shipped") else ""
+        again = f"run again as trial {retried[number]}" if number in retried else f"not run again (at most {MAX_RETRY} retries)"
+        lines.append(f"stale: trial {number}{shipped}: {why}; {again}")
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        lines.append(f"running: trial {t.number}{' (the shipped config)' if t.user_attrs.get('shipped') else ''} in "
+                     f"worker {t.user_attrs.get('worker', 'unknown')}")  # fmt: skip
     if counts[TrialState.COMPLETE]:
         best = study.best_trial
         lines += ["", f"best: trial {best.number}, best val/acc {best.value:.4f}", "", "| parameter | value |", "|---|---|"]
@@ -813,6 +1011,10 @@ def main(argv: Sequence[str] | None = None):
                       args.sampler_seed, args.startup, args.warmup, progress=not args.no_progress, keep=args.keep)  # fmt: skip
     print(summary(study))
     if args.write_config:
+        storage = args.storage or default_storage(args.rule)
+        fail_stale_trials(study, storage)
+        if (why := unscored_shipped(study, storage)) is not None:
+            sys.exit(f"{PROG} --write-config: nothing written: {why}")
         if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
             print("no complete trial: nothing written", file=sys.stderr)
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,123 @@ def test_the_environment_names_another_config_folder(tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("TPLIGHTNING_CONFIGS")
         importlib.reload(config_files)
+
+
+BOMB = """\
+a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_a_config_above_the_size_limit_is_refused_before_reading(elsewhere, monkeypatch):
+    big = elsewhere / "big.yaml"
+    big.write_text("seed_everything: 1\n" + "# padding\n" * 200_000)  # 2,000,019 bytes of valid YAML
+    size = big.stat().st_size
+    assert config_files.MAX_CONFIG_BYTES == 1_000_000 and size == 2_000_019
+
+    def no_yaml(*args, **kwargs):
+        raise AssertionError("a config above the limit was parsed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(config_files.yaml, "SafeLoader", no_yaml)
+        patch.setattr(config_files.yaml, "CSafeLoader", no_yaml, raising=False)
+        with pytest.raises(ConfigError, match=r"^config file big.yaml is 2,000,019 bytes; configs larger than "
+                                              r"1,000,000 bytes \(MAX_CONFIG_BYTES, 1 MB\) are refused$"):  # fmt: skip
+            resolve_config_args(["--config", "big.yaml"])
+    # the limit itself is accepted: a file of exactly MAX_CONFIG_BYTES bytes is read
+    edge = elsewhere / "edge.yaml"
+    head = "seed_everything: 1\n"
+    edge.write_text(head + "#" * (config_files.MAX_CONFIG_BYTES - len(head) - 1) + "\n")
+    assert edge.stat().st_size == config_files.MAX_CONFIG_BYTES
+    assert resolve_config_args(["--config", "edge.yaml"]) == ["--config", "edge.yaml"]
+
+
+def _refused_in_a_capped_child(config: str, cwd: Path) -> tuple[float, str]:
+    """``resolve_config_args(["--config", config])`` in a child process whose address space is capped at 1 GiB more
+    than it holds after its imports (the config module and its errors only, not the package's torch), so that reading
+    or expanding without bound fails there, not in the test process: ``(seconds, message)`` of its ConfigError."""
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("no /proc (the memory cap needs the process' size)")
+    package = Path(tplightning.__file__).resolve().parent
+    code = (
+        "import resource, sys, time, types\n"
+        f"pkg = types.ModuleType('tplightning'); pkg.__path__ = [{str(package)!r}]; sys.modules['tplightning'] = pkg\n"
+        "from tplightning.config_files import resolve_config_args\n"
+        "from tplightning.errors import ConfigError\n"
+        "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, vm + 2**30))\n"
+        "start = time.perf_counter()\n"
+        "try:\n"
+        f"    resolve_config_args(['--config', {config!r}])\n"
+        "except ConfigError as err:\n"
+        "    print(f'{time.perf_counter() - start:.3f}'); print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout, out.stderr[-2000:]
+    seconds, message = out.stdout.splitlines()
+    return float(seconds), message
+
+
+def test_a_stream_without_a_size_is_read_up_to_the_limit_only(elsewhere):
+    if not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero")
+    seconds, message = _refused_in_a_capped_child("/dev/zero", elsewhere)
+    assert message == ("config file /dev/zero gives more than 1,000,000 bytes; configs larger than 1,000,000 bytes "
+                       "(MAX_CONFIG_BYTES, 1 MB) are refused")  # fmt: skip
+
+
+def test_an_alias_bomb_is_refused_at_once_and_without_memory(elsewhere):
+    """The billion laughs: 9 levels of 9 aliases each, 435 million nodes once expanded, from a file of under 500
+    bytes, refused within a second in a child process of capped memory."""
+    bomb = elsewhere / "bomb.yaml"
+    bomb.write_text(BOMB)
+    assert len(BOMB) < 500
+    seconds, message = _refused_in_a_capped_child("bomb.yaml", elsewhere)
+    # 9 lols + 1 list at level a; each level above: 1 list + 9 copies of the level below; plus the mapping and its keys
+    sizes = [10]
+    for _ in range(8):
+        sizes.append(1 + 9 * sizes[-1])
+    expanded, distinct = 1 + 9 + sum(sizes), 1 + 9 + 10 + 8 * 1
+    assert message == (f"config file bomb.yaml: its YAML aliases expand to {expanded:,} nodes, {expanded - distinct:,} of "
+                       "them repeated; at most 10,000 repeated nodes are accepted (MAX_ALIAS_NODES)")  # fmt: skip
+    assert seconds < 1.0
+
+
+def test_a_recursive_alias_is_refused(elsewhere):
+    (elsewhere / "loop.yaml").write_text("model: &m\n  init_args:\n    inner: *m\n")
+    with pytest.raises(ConfigError, match=r"^config file loop.yaml has a recursive YAML alias \(an alias inside the node"):
+        resolve_config_args(["--config", "loop.yaml"])
+
+
+def test_a_config_with_a_few_anchors_and_aliases_still_loads(elsewhere):
+    """Anchors that share the layer sizes between model and data and an optimizer between the forward and feedback
+    parts (a merge key): a handful of repeated nodes, well under the limit; jsonargparse reads the file as written."""
+    from tplightning.cli import build
+
+    (elsewhere / "shared.yaml").write_text(
+        "model:\n"
+        "  init_args:\n"
+        "    sizes: &sizes [6, 5, 6]\n"
+        "    forward_optimizer: &sgd\n"
+        "      class_path: torch.optim.SGD\n"
+        "      init_args: {lr: 0.05, momentum: 0.5}\n"
+        "    feedback_optimizer:\n"
+        "      <<: *sgd\n"
+        "      init_args: {lr: 0.003, momentum: 0.5}\n"
+        "data:\n"
+        "  init_args: {sizes: *sizes}\n"
+    )
+    args = resolve_config_args(["--config", "dtp.yaml", "--config", "shared.yaml"])
+    assert args == ["--config", str(CONFIG_DIR / "dtp.yaml"), "--config", "shared.yaml"]
+    config = build([*args, "--trainer.logger", "false", "--trainer.callbacks", "[]"]).config
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert list(model["sizes"]) == list(data["sizes"]) == [6, 5, 6]
+    assert model["feedback_optimizer"]["class_path"] == "torch.optim.SGD"
+    assert model["feedback_optimizer"]["init_args"]["lr"] == 0.003 and model["forward_optimizer"]["init_args"]["lr"] == 0.05

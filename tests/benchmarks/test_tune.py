@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -318,3 +320,171 @@ def test_report_without_journals_says_so_and_keeps_the_table(tmp_path, monkeypat
     with pytest.raises(SystemExit, match=r"--report: no study journal under docs/data/tune/ for BP, DTPAI, .*stay as they are"):
         tune.main(["--report", "--out", str(out)])
     assert "| BP | an earlier row |" in out.read_text()
+
+
+# --------------------------------------------------------------------------------------------- dead workers
+def fake_training(args, callbacks=()):
+    """``train.py`` stand-in for trials: a validation accuracy of 0.5 + lr after one epoch, reported as the
+    pruning callback would."""
+    (pruning,) = callbacks
+    acc = 0.5 + float(args[args.index("--model.init_args.forward_optimizer.init_args.lr") + 1])
+    pruning.best = acc
+    pruning.trial.report(acc, 0)
+
+
+def seeded_study(storage, trials=TINY):
+    """A journal study of BP made as ``run_study`` makes one (the proxy of ``trials``), its first trial the shipped
+    config, still waiting."""
+    study = optuna.create_study(study_name="mnist-BP", storage=tune.open_storage(str(storage)), direction="maximize")
+    space = tune.searched("BP")
+    study.set_user_attr("rule", "BP")
+    study.set_user_attr("space", [p.name for p in space])
+    study.set_user_attr("epochs", 1)
+    study.set_user_attr("data", tune._data_overrides(tune.parse_args(["--rule", "BP", *trials])))
+    study.enqueue_trial(tune.shipped_values("BP", space), user_attrs={"shipped": True})
+    return study, space
+
+
+def test_write_config_refuses_while_the_shipped_trial_is_unscored_and_a_dead_workers_trial_is_rerun(tmp_path, monkeypatch, capsys):
+    """Trial 0 (the shipped config) is RUNNING in a worker that holds its lock, and two sampled trials are complete:
+    the study is full, but --write-config refuses, naming the trial and what to do. When that worker is gone (its
+    lock free), the next command fails trial 0, runs its values again as trial 3 and then writes."""
+    monkeypatch.setattr("tplightning.cli.main", fake_training)
+    storage = tmp_path / "bp.journal"
+    config = tmp_path / "bp.yaml"
+    original = (CONFIG_DIR / "mnist" / "bp.yaml").read_text()
+    config.write_text(original)
+    monkeypatch.setattr(tune.common, "_config_path", lambda name: config)
+    study, space = seeded_study(storage)
+    with tune._worker_lock(str(storage)) as lock:  # this process plays the worker of trial 0
+        shipped = study.ask()
+        assert shipped.number == 0
+        for p in space:
+            p.suggest(shipped)
+        shipped.set_user_attr("worker", "elsewhere:123")
+        shipped.set_user_attr("worker_lock", lock)
+        for value in (0.6, 0.7):
+            trial = study.ask()
+            trial.suggest_float("lr", 1e-4, 3e-3, log=True)
+            study.tell(trial, value)
+        args = ["--rule", "BP", "--trials", "2", "--storage", str(storage), "--write-config", *TINY]
+        with pytest.raises(SystemExit) as exc:
+            tune.main(args)
+        assert str(exc.value) == (
+            f"{tune.PROG} --write-config: nothing written: trial 0 (the shipped config) of study mnist-BP is still "
+            "running in worker elsewhere:123: let that worker finish it, then rerun with --write-config (a worker that "
+            "died is noticed at the next run on this storage)")  # fmt: skip
+        assert config.read_text() == original
+        assert "0 failed (0 of them stale), 1 running, 0 waiting\n" in capsys.readouterr().out
+        assert tune.fail_stale_trials(study, str(storage)) == []  # its worker is alive
+    # the worker is gone: the next command fails trial 0 and runs its values again, as the shipped config
+    assert (tune._workers_dir(str(storage)) / f"{lock}.lock").exists() is False  # a clean exit removes the lock
+    study = tune.main(args)
+    out = capsys.readouterr().out
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[3].params == trials[0].params and trials[3].user_attrs["shipped"]
+    assert trials[3].system_attrs["retry_history"] == [0]
+    assert trials[3].value == pytest.approx(0.5 + trials[0].params["lr"])
+    assert "study mnist-BP: 3 complete, 0 pruned (0 of them diverged), 1 failed (1 of them stale), 0 running" in out
+    assert ("stale: trial 0 (the shipped config): its worker elsewhere:123 died while running it; run again as "
+            "trial 3") in out  # fmt: skip
+    assert config.read_text().startswith("# Tuned by python -m benchmarks.tune --rule BP: study mnist-BP, 3 trials")
+    assert list(tune._workers_dir(str(storage)).iterdir()) == []
+
+
+def test_a_shipped_trial_that_failed_is_enqueued_again_and_retries_are_bounded(tmp_path, monkeypatch, capsys):
+    """A shipped trial interrupted (FAIL, no retry) is run again by the next command, even in a full study; a sampled
+    trial whose worker died is retried at most MAX_RETRY times."""
+    monkeypatch.setattr("tplightning.cli.main", fake_training)
+    storage = tmp_path / "bp.journal"
+    study, space = seeded_study(storage)
+    shipped = study.ask()
+    for p in space:
+        p.suggest(shipped)
+    study.tell(shipped, state=TrialState.FAIL)  # as a Ctrl-C leaves it
+    done = study.ask()
+    done.suggest_float("lr", 1e-4, 3e-3, log=True)
+    study.tell(done, 0.6)
+    study = tune.main(["--rule", "BP", "--trials", "1", "--storage", str(storage), *TINY])
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[2].user_attrs["shipped"] and trials[2].params == trials[0].params
+    assert tune.unscored_shipped(study, str(storage)) is None
+    # a sampled trial whose worker is always killed: failed and enqueued again MAX_RETRY times, then left failed
+    assert tune.MAX_RETRY == 2
+    dead = tune._workers_dir(str(storage))
+    for attempt in range(tune.MAX_RETRY + 1):
+        trial = study.ask()  # the waiting retry first, if any
+        trial.suggest_float("lr", 1e-4, 3e-3, log=True)
+        trial.set_user_attr("worker_lock", f"gone-{attempt}")  # a worker that left no lock file
+        assert tune.fail_stale_trials(study, str(storage)) == [trial.number]
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 0 and list(dead.iterdir()) == []
+    lines = tune.summary(study).splitlines()
+    assert lines[0].endswith("4 failed (3 of them stale), 0 running, 0 waiting")
+    assert lines[1:4] == ["stale: trial 3: its worker gone-0 died while running it; run again as trial 4",
+                          "stale: trial 4: its worker gone-1 died while running it; run again as trial 5",
+                          "stale: trial 5: its worker gone-2 died while running it; not run again (at most 2 retries)"]
+
+
+def test_a_worker_killed_mid_trial_leaves_a_trial_the_next_worker_fails_and_reruns(tmp_path, monkeypatch, capsys):
+    """A real worker process, SIGKILLed while it runs the shipped config (its training stands still, so the kill
+    lands mid-trial): the next worker fails that trial, runs its values again (with the stand-in training, as the
+    killed worker's is one) and may then write the config. The seconds are the worker's imports."""
+    storage = tmp_path / "bp.journal"
+    script = ("import time, tplightning.cli\n"
+              "tplightning.cli.main = lambda *args, **kwargs: time.sleep(600)\n"
+              "from benchmarks import tune\n"
+              f"tune.main(['--rule', 'BP', '--trials', '1', '--storage', {str(storage)!r}, *{TINY!r}])\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and worker.poll() is None:
+            if storage.exists():
+                running = load(storage, "mnist-BP").get_trials(states=(TrialState.RUNNING,))
+                if running and "worker" in running[0].user_attrs:  # set as the trial starts
+                    break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the worker never ran its trial: {worker.communicate()[0] if worker.poll() is not None else ''}")
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    killed = running[0]
+    assert killed.number == 0 and killed.user_attrs["worker"].endswith(f":{worker.pid}")
+    config = tmp_path / "bp.yaml"
+    config.write_text((CONFIG_DIR / "mnist" / "bp.yaml").read_text())
+    monkeypatch.setattr(tune.common, "_config_path", lambda name: config)
+    monkeypatch.setattr("tplightning.cli.main", fake_training)
+    study = tune.main(["--rule", "BP", "--trials", "1", "--storage", str(storage), "--write-config", *TINY])
+    first, again = study.get_trials()
+    assert (first.state, again.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert again.params == first.params and again.user_attrs["shipped"]
+    assert again.value == pytest.approx(0.5 + first.params["lr"])
+    out = capsys.readouterr().out
+    assert f"stale: trial 0 (the shipped config): its worker {killed.user_attrs['worker']} died while running it; run again as trial 1" in out
+    assert config.read_text().startswith("# Tuned by python -m benchmarks.tune --rule BP: study mnist-BP, 1 trials")
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_database_study_fails_a_trial_without_heartbeat_and_runs_it_again(tmp_path, monkeypatch):
+    """On a database storage, Optuna's heartbeat: a running trial whose last beat is older than GRACE_PERIOD is failed,
+    named stale and enqueued again with its values."""
+    monkeypatch.setattr(tune, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(tune, "GRACE_PERIOD", 1)
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    storage = tune.open_storage(url)
+    study = optuna.create_study(study_name="mnist-BP", storage=storage, direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 3e-3, log=True)
+    trial.set_user_attr("worker", "gone:1")
+    study_id = storage.get_study_id_from_name("mnist-BP")
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))  # then it died
+    assert tune.fail_stale_trials(study, url) == []  # within the grace period
+    time.sleep(2.1)
+    assert tune.fail_stale_trials(study, url) == [0]
+    first, again = study.get_trials()
+    assert (first.state, again.state) == (TrialState.FAIL, TrialState.WAITING) and again.params == first.params
+    assert "stale: trial 0: no heartbeat for 1 s; run again as trial 1" in tune.summary(study)
