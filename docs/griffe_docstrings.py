@@ -25,15 +25,8 @@ def _short(match: re.Match) -> str:
 def fence_examples(text: str) -> str:
     """Wrap every run of ``>>>`` lines and their output in a ``pycon`` fence, keeping the run's indentation.
 
-    >>> print(fence_examples("Add:\\n\\n>>> 1 + 1\\n2\\n\\nDone."))
-    Add:
-    <BLANKLINE>
-    ```pycon
-    >>> 1 + 1
-    2
-    ```
-    <BLANKLINE>
-    Done.
+    >>> fence_examples("Add:\\n\\n>>> 1 + 1\\n2\\n\\nDone.").split("\\n")
+    ['Add:', '', '```pycon', '>>> 1 + 1', '2', '```', '', 'Done.']
     """
     out, lines, i = [], text.split("\n"), 0
     while i < len(lines):

@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +130,9 @@ def commands(block: Block) -> list[Command]:
 
 
 def extras() -> set[str]:
-    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    """The extras of pyproject.toml's ``[project.optional-dependencies]`` (read by hand: tomllib needs Python 3.11)."""
+    section = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^([\w-]+)\s*=", section, flags=re.M))
 
 
 def lab_module(name: str) -> str:
@@ -201,7 +203,7 @@ def _driver(path: str) -> None:
     runs = json.loads(Path(path).read_text())
     sys.path.insert(0, str(ROOT))
     for run in runs:
-        out, saved_env, saved_argv = io.StringIO(), dict(os.environ), sys.argv
+        out, saved_env, saved_argv, start = io.StringIO(), dict(os.environ), sys.argv, time.perf_counter()
         os.environ.update(run["env"])
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -223,7 +225,7 @@ def _driver(path: str) -> None:
             sys.argv = saved_argv
             os.environ.clear()
             os.environ.update(saved_env)
-        run["output"] = out.getvalue()[-6000:]
+        run["output"], run["seconds"] = out.getvalue()[-6000:], round(time.perf_counter() - start, 2)
     Path(path).write_text(json.dumps(runs))
 
 
@@ -319,6 +321,21 @@ else:  # collected by pytest
 
         assert block.mode.startswith("excerpt-of "), f"{block.where}: mark a YAML block <!-- docs-test: excerpt-of NAME -->"
         _contained(yaml.safe_load(block.text), _config(block.mode.split()[1]), block.mode.split()[1])
+
+    def test_pip_extras_are_read():
+        assert {"test", "plots", "tune", "lightning", "docs"} <= extras(), extras()
+
+    def test_api_docstrings_fence_their_examples():
+        """The griffe extension of the API pages (docs/griffe_docstrings.py): its own example, and a docstring of ours."""
+        import doctest
+
+        pytest.importorskip("griffe", reason="griffe is not installed (pip install -e '.[docs]')")
+        spec = importlib.util.spec_from_file_location("griffe_docstrings", DOCS / "griffe_docstrings.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert doctest.testmod(module).failed == 0
+        assert module.ROLE.sub(module._short, "see :class:`~tplightning.layers.Dense`") == "see ``Dense``"
+        assert module.ROLE.sub(module._short, ":func:`tplightning.load`") == "``tplightning.load``"
 
     # --------------------------------------------------------------------------------------------------- the build
     @pytest.fixture(scope="module")
