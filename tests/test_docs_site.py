@@ -4,9 +4,10 @@ page of DTPAI shows its arguments in a browser.
 Code blocks, by language (a ``<!-- docs-test: MODE -->`` line just before a block sets how its commands are checked):
 
 * ``python``: executed in order, one namespace per page (a page reads like a notebook), in a temporary folder;
-* ``bash``: each command is classified. ``python train.py``, ``tplightning-train`` and ``python -m tplightning``
-  are parsed (``--print_config``) by default, run with quick overrides (one epoch of two batches) under
-  ``docs-test: run``; ``--help`` / ``--model.help`` commands run as written. A lab command (``python -m
+* ``bash``: each command is classified. ``python train.py``, the console scripts of pyproject.toml (``tplightning-train``,
+  run through their entry point) and ``python -m tplightning`` are parsed (``--print_config``) by default, and run with
+  quick overrides (one epoch of two batches, downloads forbidden; skipped when a MNIST config finds no MNIST in the data
+  cache) under ``docs-test: run``; ``--help`` / ``--model.help`` commands run as written. A lab command (``python -m
   benchmarks.mnist ...``) runs its ``--help`` and every option the page gives must appear in it: the campaigns are
   long, so pages mark them ``docs-test: help``. ``pip install`` lines must name extras that pyproject.toml defines;
   environment set-up (``python -m venv``, ``. .venv/bin/activate``) is not run;
@@ -14,12 +15,13 @@ Code blocks, by language (a ``<!-- docs-test: MODE -->`` line just before a bloc
 
 The indented command lines of the results pages (docs/RESULTS.md, docs/experiments.md) are checked like bash blocks,
 their lab commands by ``--help`` (those pages record campaigns and are written by the lab's commands, without marks).
-All shell commands run in one subprocess (one import of torch and Lightning for all of them), started when the module
+All shell commands run in one subprocess, in a temporary folder (one import of torch and Lightning for all of them), started when the module
 starts so that it overlaps the Python blocks.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import io
 import json
@@ -135,6 +137,17 @@ def extras() -> set[str]:
     return set(re.findall(r"^([\w-]+)\s*=", section, flags=re.M))
 
 
+def scripts() -> dict[str, str]:
+    """pyproject.toml's ``[project.scripts]``: name -> ``module:function``."""
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', section, flags=re.M))
+
+
+def _mnist_present() -> bool:
+    raw = Path(os.environ.get("TPLIGHTNING_DATA", Path.home() / ".cache" / "tplightning")) / "MNIST" / "raw"
+    return raw.is_dir() and len(list(raw.iterdir())) >= 4
+
+
 def lab_module(name: str) -> str:
     """The module a lab command names; until the lab leaves the package (issue 26) ``benchmarks.X`` is still
     ``tplightning.benchmarks.X`` and ``experiments[.dynamics].X`` ``tplightning[.dynamics].experiments.X`` (and back)."""
@@ -164,23 +177,25 @@ def plan(cmd: Command) -> dict | None:
     """What to run for a command (``None``: checked here, nothing to run); raises ``AssertionError`` for a command the
     test does not know or a pip extra that does not exist."""
     argv, mode = cmd.argv, cmd.block.mode
-    if argv[0] in (".", "source") or argv[:2] == ["mkdocs", "build"]:
+    if argv[0] in (".", "source") or argv[:2] in (["mkdocs", "build"], ["mkdocs", "serve"]):
         return None  # activating a venv; the build is test_mkdocs_build_strict
     if argv[0] == "pip" or argv[:3] in (["python", "-m", "pip"], ["python3", "-m", "pip"]):
         asked = {e for tok in argv for group in re.findall(r"(?:^\.|^tplightning)\[([^\]]+)\]", tok) for e in group.split(",")}
         assert asked <= extras(), f"{cmd.id}: no such extra {sorted(asked - extras())} in pyproject.toml"
         return None
-    if argv[0] == "tplightning-train":
-        argv = ["python", "train.py", *argv[1:]]
+    if argv[0] in scripts():  # an installed console script: its entry point, as pip would write it
+        argv = ["python", f"script:{scripts()[argv[0]]}", *argv[1:]]
     assert argv[0] in ("python", "python3"), f"{cmd.id}: the docs test does not know this command; teach it"
     if argv[1] == "-m" and argv[2] in SETUP:
         return None
-    if argv[1] == "train.py" or argv[1:3] == ["-m", "tplightning"]:
-        kind, args = ("train", argv[2:]) if argv[1] == "train.py" else ("stock", argv[3:])
+    if argv[1] == "train.py" or argv[1].startswith("script:") or argv[1:3] == ["-m", "tplightning"]:
+        kind, args = ("stock", argv[3:]) if argv[1] == "-m" else (argv[1], argv[2:])
         if any(a in ("-h", "--help") or a.endswith(".help") for a in args):
             return {"kind": kind, "args": args, "env": cmd.env, "expect": 0}
         if mode == "run":
-            return {"kind": kind, "args": args + QUICK, "env": cmd.env, "expect": 0}
+            if any(re.match(r"(mnist|cifar10)/", a) for a in args) and not _mnist_present():
+                return {"skip": f"no MNIST in the data cache {os.environ.get('TPLIGHTNING_DATA')} (the tests never download)"}
+            return {"kind": kind, "args": args + QUICK, "env": {"TPLIGHTNING_NO_DOWNLOAD": "1", **cmd.env}, "expect": 0}
         assert mode in ("", "print_config"), f"{cmd.id}: unknown docs-test mode {mode!r}"
         return {"kind": kind, "args": args + ["--print_config"], "env": cmd.env, "expect": 0}
     assert argv[1] == "-m", f"{cmd.id}: the docs test does not know this command; teach it"
@@ -207,9 +222,13 @@ def _driver(path: str) -> None:
         os.environ.update(run["env"])
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                if run["kind"] == "train":
+                if run["kind"] == "train.py":
                     sys.argv = [str(ROOT / "train.py"), *run["args"]]
                     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+                elif run["kind"].startswith("script:"):
+                    module, function = run["kind"][len("script:"):].split(":")
+                    sys.argv = [module, *run["args"]]
+                    getattr(importlib.import_module(module), function)()
                 elif run["kind"] == "stock":
                     sys.argv = ["tplightning", *run["args"]]
                     runpy.run_module("tplightning", run_name="__main__", alter_sys=True)
@@ -245,7 +264,7 @@ else:  # collected by pytest
                 except AssertionError as err:
                     self.errors[cmd.id] = str(err)
             self.dir = tempfile.mkdtemp(prefix="docs-site-")
-            runs = [dict(p, id=i) for i, p in self.planned.items() if p is not None]
+            runs = [dict(p, id=i) for i, p in self.planned.items() if p is not None and "skip" not in p]
             self.file = Path(self.dir) / "plan.json"
             self.file.write_text(json.dumps(runs))
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -293,6 +312,8 @@ else:  # collected by pytest
         planned = _shell.planned[cmd.id]
         if planned is None:
             return
+        if "skip" in planned:
+            pytest.skip(planned["skip"])
         run = _shell.result(cmd.id)
         assert run["rc"] == planned["expect"], f"{cmd.id} exited {run['rc']}:\n{run['output']}"
         for option in planned.get("options", []):
