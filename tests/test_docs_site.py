@@ -10,7 +10,7 @@ Code blocks, by language (a ``<!-- docs-test: MODE -->`` line just before a bloc
   cache) under ``docs-test: run``; ``--help`` / ``--model.help`` commands run as written. A lab command (``python -m
   benchmarks.mnist ...``) runs its ``--help`` and every option the page gives must appear in it: the campaigns are
   long, so pages mark them ``docs-test: help``. ``pip install`` lines must name extras that pyproject.toml defines;
-  environment set-up (``python -m venv``, ``. .venv/bin/activate``) is not run;
+  environment set-up (``python -m venv``, ``. .venv/bin/activate``) and ``python -m pytest`` are not run;
 * ``yaml``: ``docs-test: excerpt-of NAME`` -- every key and value of the block must be in the shipped config NAME.
 
 The indented command lines of the results pages (docs/RESULTS.md, docs/experiments.md) are checked like bash blocks,
@@ -44,7 +44,7 @@ QUICK = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--t
          "--trainer.limit_test_batches", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]  # fmt: skip
 MARK = re.compile(r"^\s*<!--\s*docs-test:\s*(.+?)\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)(```+)\s*([\w-]*)\s*$")
-SETUP = ("venv",)  # python -m venv: environment set-up, not run
+SETUP = ("venv", "pytest")  # python -m venv: environment set-up; python -m pytest: the suite this test is part of
 # the results pages record long runs; their lab commands are checked by --help without a mark
 RECORD_PAGES = ("docs/RESULTS.md", "docs/experiments.md")
 
