@@ -265,6 +265,12 @@ else:  # collected by pytest
                     self.errors[cmd.id] = str(err)
             self.dir = tempfile.mkdtemp(prefix="docs-site-")
             runs = [dict(p, id=i) for i, p in self.planned.items() if p is not None and "skip" not in p]
+            # the same command on several pages runs once
+            self.same, unique = {}, {}
+            for run in runs:
+                key = json.dumps([run["kind"], run.get("module"), run["args"], run["env"]])
+                self.same[run["id"]] = unique.setdefault(key, run)["id"]
+            runs = list(unique.values())
             self.file = Path(self.dir) / "plan.json"
             self.file.write_text(json.dumps(runs))
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -272,22 +278,46 @@ else:  # collected by pytest
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
             self._results = None
 
+        def close(self) -> None:
+            """Stop the driver if no test read its results (a ``-k`` selection), and remove its folder."""
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.communicate()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
         def result(self, cmd_id: str) -> dict:
             if self._results is None:
                 log, _ = self.proc.communicate(timeout=600)
                 assert self.proc.returncode == 0, f"the command driver failed:\n{log[-4000:]}"
                 self._results = {r["id"]: r for r in json.loads(self.file.read_text())}
                 shutil.rmtree(self.dir, ignore_errors=True)
-            return self._results[cmd_id]
+            return self._results[self.same[cmd_id]]
 
     _STATE: dict = {}
 
+    def _start_build() -> tuple[subprocess.Popen, Path] | None:
+        """``mkdocs build --strict`` into a temporary folder, in the background (``None`` without mkdocs)."""
+        if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
+            return None
+        out = Path(tempfile.mkdtemp(prefix="docs-site-build-"))
+        proc = subprocess.Popen([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})  # fmt: skip
+        return proc, out
+
     @pytest.fixture(scope="module", autouse=True)
     def _shell():
-        """Start the command driver with the module's first test (so that it overlaps the Python blocks)."""
+        """Start the command driver and the site's build with the module's first test (so that they overlap the Python
+        blocks)."""
         if "shell" not in _STATE:
-            _STATE["shell"] = _Shell()
+            _STATE["shell"], _STATE["build"] = _Shell(), _start_build()
         yield _STATE["shell"]
+        build = _STATE.pop("build", None)
+        if build is not None:
+            build[0].kill()
+            build[0].communicate()
+            shutil.rmtree(build[1], ignore_errors=True)
+        _STATE.pop("shell").close()
 
     def test_the_site_has_its_code_blocks():
         """The extraction itself: each kind of block is found (a page renamed or a fence changed would silence all)."""
@@ -364,13 +394,12 @@ else:  # collected by pytest
 
     # --------------------------------------------------------------------------------------------------- the build
     @pytest.fixture(scope="module")
-    def site(tmp_path_factory):
+    def site(_shell):
         pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[docs]')")
         pytest.importorskip("mkdocstrings", reason="mkdocstrings is not installed (pip install -e '.[docs]')")
-        out = tmp_path_factory.mktemp("site")
-        proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
-                              capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})  # fmt: skip
-        return out, proc
+        build, out = _STATE["build"]
+        stdout, stderr = build.communicate(timeout=600)
+        return out, subprocess.CompletedProcess(build.args, build.returncode, stdout, stderr)
 
     def test_mkdocs_build_strict(site):
         out, proc = site
