@@ -273,7 +273,7 @@ else:  # collected by pytest
             runs = list(unique.values())
             self.file = Path(self.dir) / "plan.json"
             self.file.write_text(json.dumps(runs))
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH")] if p)}
             self.proc = subprocess.Popen([sys.executable, __file__, str(self.file)], cwd=self.dir, env=env,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
             self._results = None
