@@ -127,9 +127,6 @@ def test_batch_normalised_rule_keeps_the_running_statistics_of_its_training_batc
     np.testing.assert_allclose(np_(out), numpy_pass(final, np_(x[:6]), mean, var, train=False), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="library bug: a difference target under batch_norm is "
-                   "formed from the raw h_i and then de-normalised, sigma (h_i + g(h^) - g(h)) + mu, so it does not vanish "
-                   "with the output error; consistent would be h_i + sigma (g(h^) - g(h)). No shipped config combines them.")
 def test_difference_targets_under_batch_norm_vanish_with_the_output_error():
     """With ``eta^ -> 0`` the output target is the output, so every difference target must equal its activation
     (eq. 4.101's correction cancels the map's reconstruction error), with or without batch normalisation."""

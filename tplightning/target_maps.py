@@ -137,6 +137,18 @@ class TargetMap(nn.Module, metaclass=ABCMeta):
         """Plain target ``h^_i = g_i(h^_{i+1})``."""
         return self(h_hat_next)
 
+    def denormalised(self, t: Tensor, step: Step, mu: Tensor, sigma: Tensor) -> Tensor:
+        """The target of layer ``i``'s output from :meth:`target`'s ``t`` when layer ``i + 1`` normalises its input
+        (Alg. A.1): ``g_i`` inverts onto the normalised input ``(h_i - mu) / sigma``, so ``sigma t + mu``; a direct map
+        targets ``h_i`` itself and keeps ``t``.
+
+        >>> from tplightning.layers import Dense
+        >>> g = OriginalInverse(init="random").bind(1, Dense(2, 2), Dense(2, 2))
+        >>> g.denormalised(torch.ones(1, 2), None, mu=torch.tensor([1.0, 0.0]), sigma=torch.tensor([2.0, 3.0])).tolist()
+        [[3.0, 3.0]]
+        """
+        return t if self.direct else sigma * t + mu
+
     def difference_target(self, h_hat_next: Tensor, step: Step) -> Tensor:
         """``h_i + g_i(h^_{i+1}) - g_i(h_{i+1})`` (eq. 4.101)."""
         return step.hs[self.index] + self(h_hat_next) - self.at_own(step)
@@ -611,6 +623,15 @@ class Difference(TargetMap):
 
     def target(self, h_hat_next, step):
         return self.inner.difference_target(h_hat_next, step)
+
+    def denormalised(self, t, step, mu, sigma):
+        """Under batch normalisation the difference ``g_i(h^_{i+1}) - g_i(h_{i+1})`` lives in the normalised space of
+        layer ``i``'s output, and the activation it corrects is the normalised ``(h_i - mu) / sigma``: de-normalised,
+        ``h_i + sigma (g_i(h^_{i+1}) - g_i(h_{i+1}))``. (Applying ``sigma t + mu`` to ``t = h_i + ...`` would scale
+        and shift ``h_i`` itself, and the target would not vanish with the output error; the thesis combines batch
+        normalisation only with plain targets, Alg. A.1, so this is our reading.)"""
+        h = step.hs[self.index]
+        return h + sigma * (t - h)
 
     def feedback_grads(self, step, noise):
         return self.inner.feedback_grads(step, noise)

@@ -147,9 +147,8 @@ class TargetPropRule(LearningRule):
         targets[L - 1] = step.output_target = self.output_target(hs[-1], y)
         for i in range(L - 1, down_to - 1, -1):
             t = self.propagate(i, targets[i], hs, pre, step)
-            if self.normalization is not None and not self.maps[i - 1].direct:  # g_i targets the normalised input of layer i + 1
-                mu, sigma = self._bn_stats[i]
-                t = sigma * t + mu
+            if self.normalization is not None:  # g_i targets the normalised input of layer i + 1
+                t = self.maps[i - 1].denormalised(t, step, *self._bn_stats[i])
             targets[i - 1] = t
         return targets
 
