@@ -74,7 +74,8 @@ class Command:
 
 
 def pages() -> list[Path]:
-    return sorted(p for p in DOCS.rglob("*.md") if p.relative_to(DOCS).parts[0] != "data")
+    """The site's pages and the README (the landing page's commands are checked as the site's are)."""
+    return [ROOT / "README.md", *sorted(p for p in DOCS.rglob("*.md") if p.relative_to(DOCS).parts[0] != "data")]
 
 
 def blocks(path: Path) -> list[Block]:

@@ -159,7 +159,7 @@ def test_config_errors_are_short_and_name_the_option(capsys, extra, expected):
 
 def test_a_missing_config_is_short(capsys):
     err = _printed(capsys, main, ["--config", "nope.yaml"])
-    assert re.search(r"^error: config file 'nope\.yaml' not found \(neither as a path nor in .*\); available: .*dtp\.yaml", err), err
+    assert re.search(r"^error: config file 'nope\.yaml' not found \(neither as a path nor in .*\); (did you mean [\w/]+\.yaml\? )?available: .*dtp\.yaml", err), err
 
 
 def test_lightning_misconfiguration_is_short(capsys):

@@ -8,9 +8,15 @@ The choice, made once at import time:
 2. otherwise ``lightning`` if only it has already been imported (``import lightning`` before
    ``import tplightning``), else ``pytorch_lightning``.
 
-Rules, data modules and callbacks of one package cannot be mixed with a trainer of the other
-(Lightning checks classes, not behaviour); :func:`check_same_lightning` turns such a mix into an
-error that names both packages and the switch.
+The choice is not revised afterwards: ``import tplightning`` and then ``import lightning`` keeps
+``pytorch_lightning``. Rules, data modules and callbacks of one package cannot be mixed with a trainer of the
+other (Lightning checks classes, not behaviour). :func:`check_same_lightning` turns such a mix into an error that
+names both packages and the fix wherever tplightning sees it: a rule checks the trainer and the data module it is
+given (its ``configure_callbacks`` hook, which Lightning calls before it prepares the data), the callbacks check the
+trainer, and the CLI names a class path of the other package. One mix cannot be seen: the other package's
+``Trainer().fit(rule)`` refuses the rule before any of its hooks runs (Lightning's "``model`` must be a
+``LightningModule``"). The rule for users: import ``lightning`` before ``tplightning`` (or set
+``TPLIGHTNING_LIGHTNING=lightning``) when you use ``import lightning as L``.
 """
 from __future__ import annotations
 
@@ -70,7 +76,8 @@ def check_same_lightning(obj, what: str) -> None:
     other = package_of(type(obj))
     if other is not None and other != PACKAGE:
         raise TypeError(
-            f"{what} {type(obj).__name__} is a {other!r} object, but tplightning was loaded for {PACKAGE!r}; "
-            f"the packages 'pytorch_lightning' and 'lightning' cannot be mixed. Use one of them throughout, "
-            f"or set {ENV_VAR}={other} before importing tplightning."
+            f"{what} {type(obj).__name__} is a {other!r} object, but tplightning was loaded for {PACKAGE!r} (chosen once, "
+            f"when tplightning was first imported); the packages 'pytorch_lightning' and 'lightning' cannot be mixed. "
+            f"Use {PACKAGE!r} throughout, or import {other} before tplightning (or set {ENV_VAR}={other}) to have "
+            f"tplightning use {other!r}."
         )

@@ -363,10 +363,21 @@ def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     fit_metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     test_metrics = {}
     if cfg.get("test_on") != "none":
-        ckpt = "best" if cfg.get("test_on") == "best" and not cli.trainer.fast_dev_run else None
+        ckpt = _own_best(cli.trainer) if cfg.get("test_on") == "best" and not cli.trainer.fast_dev_run else None
         results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         test_metrics = results[0] if results else {}
     return {"cli": cli, "fit_metrics": fit_metrics, "test_metrics": test_metrics}
+
+
+def _own_best(trainer) -> str:
+    """The best checkpoint that this run's checkpoint callback wrote into its own folder (``--test_on best``); a
+    :class:`ConfigError` when it wrote none there, rather than any other file Lightning could resolve."""
+    callback = trainer.checkpoint_callback
+    best, folder = getattr(callback, "best_model_path", ""), getattr(callback, "dirpath", None)
+    if not best or not Path(best).is_file() or folder is None or Path(best).resolve().parent != Path(folder).resolve():
+        raise ConfigError("this run wrote no best checkpoint of its own (no checkpoint callback with a monitor, or no "
+                          "validation); use --test_on final", option="--test_on", given="best")  # fmt: skip
+    return best
 
 
 def wants_traceback(args: Sequence[str]) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path, PurePath
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, close_matches
 
 __all__ = ["CONFIG_DIR", "MAX_CONFIG_BYTES", "MAX_ALIAS_NODES", "available_configs", "resolve_config_args"]
 
@@ -147,7 +147,8 @@ def resolve_config_args(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> l
     (a leading ``configs/``, the checkout form, is dropped when only the rest names a config there). Every
     other argument is kept in place.
 
-    Raises ``FileNotFoundError`` listing the available configs when the file is found nowhere, and
+    Raises ``FileNotFoundError`` naming the closest config name ("did you mean dtp.yaml?") and listing the available
+    configs when the file is found nowhere, and
     :class:`~tplightning.errors.ConfigError` when ``--config`` has no value, the file is larger than
     :data:`MAX_CONFIG_BYTES`, its aliases expand by more than :data:`MAX_ALIAS_NODES` nodes, or it is not a YAML
     mapping (naming the line and column of invalid YAML).
@@ -164,9 +165,13 @@ def resolve_config_args(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> l
                 raise ConfigError("--config needs a file name")
             path = _locate(value, config_dir)
             if path is None:
+                names = available_configs(config_dir)
+                parts = PurePath(value).parts
+                name = PurePath(*parts[1:]).as_posix() if len(parts) > 1 and parts[0] == _OLD_PREFIX else value
+                near = close_matches(name, names)
                 raise FileNotFoundError(
-                    f"config file {value!r} not found (neither as a path nor in {config_dir}); available: "
-                    + ", ".join(available_configs(config_dir))
+                    f"config file {value!r} not found (neither as a path nor in {config_dir}); "
+                    + (f"did you mean {near[0]}? " if near else "") + "available: " + ", ".join(names)
                 )
             _check_yaml(Path(path))
             out += ["--config", path]

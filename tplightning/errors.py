@@ -161,6 +161,15 @@ def _given(argv: list[str]) -> dict[str, str | None]:
     return out
 
 
+def _unrecognized(err: BaseException) -> str | None:
+    """``a.b`` of the first ``unrecognized arguments: --a.b=v`` (the option as the nested parser of a class saw it, its
+    prefix removed), else ``None``."""
+    head = _first_line(err)
+    if not head.startswith("unrecognized arguments: --"):
+        return None
+    return head[len("unrecognized arguments: --"):].split()[0].partition("=")[0]
+
+
 def _argument_error(chain: list[BaseException], argv: list[str], known: list[str], config_keys: list[str]) -> list[str]:
     path, owner = _parser_path(chain)
     innermost, given = chain[-1], _given(argv)
@@ -179,6 +188,15 @@ def _argument_error(chain: list[BaseException], argv: list[str], known: list[str
                     lines.append(f"  did you mean --{prefix}.init_args.{match[0]}?")
                 if value is not None:
                     lines.append(f"  given: {value}")
+    elif path and (unknown := _unrecognized(innermost)):  # an option under a nested class, reported as given
+        key = path[2:] + "." + unknown
+        lines = [f"error: --{key}: no such option"]
+        index, _, rest = unknown.partition(".")
+        if index.isdigit() and rest.startswith("init_args.") and rest[len("init_args."):] in accepted_arguments(_class(owner)):
+            lines.append(f"  an index cannot pick an item of {path}: {path}.{rest} sets it for the last item ({owner}); "
+                         f"to change another item, give the whole list in a config file")  # fmt: skip
+        if given.get(key) is not None:
+            lines.append(f"  given: {given[key]}")
     elif not path:  # an option or config key the parser does not know: the close matches among those it knows
         for key in [*given, *config_keys]:
             if key in known or any(key.startswith(k + ".") or k.startswith(key + ".") for k in known):
@@ -234,5 +252,26 @@ def short_message(err: BaseException, argv: Iterable[str] = (), known_options: I
     else:
         return None
     lines.append(HINT)
-    return "\n".join(line[:300] for line in lines)
+    return "\n".join(_whole_words(line) for line in lines)
+
+
+#: the longest line :func:`short_message` prints whole; a longer one (a huge value given on the command line) ends at
+#: the last space before it, with the number of characters left out
+MAX_LINE = 2000
+
+
+def _whole_words(line: str, limit: int = MAX_LINE) -> str:
+    """``line`` itself when it has at most ``limit`` characters, else its words up to the limit and how much is left out:
+    a line is never cut inside a word (a path, a cause, a config name stays whole or is left out whole).
+
+    >>> _whole_words("a b c", limit=10)
+    'a b c'
+    >>> _whole_words("alpha beta gamma delta", limit=12)
+    'alpha beta ... (12 more characters; --traceback shows them)'
+    """
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(" ", 0, limit + 1)
+    cut = cut if cut > 0 else limit
+    return f"{line[:cut]} ... ({len(line) - cut} more characters; --traceback shows them)"
 

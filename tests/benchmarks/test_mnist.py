@@ -199,7 +199,7 @@ def test_a_changed_config_is_a_new_run(tmp_path):
 
 @pytest.mark.parametrize("kernels", ["default", "avx2"])
 def test_a_record_names_the_cpu_kernels_it_ran_with(kernels):
-    """``ATEN_CPU_CAPABILITY`` (README, "Reproducing a recorded run exactly") must show in each record's machine line:
+    """``ATEN_CPU_CAPABILITY`` (docs/guide.md, "Reproducing a recorded run exactly") must show in each record's machine line:
     the same seed trains differently under other kernels. A fresh interpreter, since torch reads it at import."""
     if kernels == "avx2" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("AVX2 kernels exist on x86-64 only")

@@ -43,7 +43,7 @@ def test_missing_files_download_into_the_cache(monkeypatch, tmp_path):
         raise OSError("offline")
 
     monkeypatch.setattr(mnist, "download_file", offline)
-    with pytest.raises(FileNotFoundError, match=r"point TPLIGHTNING_DATA .*Download failed"):
+    with pytest.raises(FileNotFoundError, match=r"^MNIST download failed: .*: OSError: offline\. MNIST files missing from .*point TPLIGHTNING_DATA"):
         MNISTDataModule().prepare_data()
     assert asked and all(d.parent == tmp_path / "MNIST" / "raw" for d in asked)
     monkeypatch.setenv("TPLIGHTNING_NO_DOWNLOAD", "1")

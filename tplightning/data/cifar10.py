@@ -163,7 +163,8 @@ class CIFAR10DataModule(TensorDataModule):
             try:
                 mnist.download_file(URL, archive)  # the data cache's one downloader (progress bar, atomic)
             except OSError as err:  # URLError, timeouts, HTTP errors, read-only folder
-                raise self._missing_error(missing, f"Download failed: {URL}: {err}") from err
+                failed = self._missing_error(missing, "")
+                raise MissingDataError(f"CIFAR-10 download failed: {URL}: {mnist.download_cause(err)}. {failed}".rstrip()) from err
         self.extract(archive)
 
     def extract(self, archive: Path) -> None:

@@ -10,7 +10,9 @@ import gzip
 import hashlib
 import math
 import os
+import socket
 import struct
+import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
@@ -22,7 +24,7 @@ from ..errors import ConfigError, MissingDataError
 from .base import TensorData, TensorDataModule, check_split, seeded_split
 
 __all__ = ["MNISTDataModule", "MD5", "MIRRORS", "DATA_ENV", "NO_DOWNLOAD_ENV", "default_data_dir", "download_file",
-           "downloads_allowed", "check_md5", "find_files", "read_idx"]  # fmt: skip
+           "download_cause", "downloads_allowed", "check_md5", "find_files", "read_idx"]  # fmt: skip
 
 #: md5 of the *decompressed* IDX files (the gzip wrappers differ between sources).
 MD5: dict[str, str] = {
@@ -145,6 +147,27 @@ def find_files(data_dir: Path) -> dict[str, Path | None]:
         candidates = (folder / (name + ext) for folder in (data_dir, _raw_dir(data_dir)) for ext in (".gz", ""))
         found[name] = next((p for p in candidates if p.is_file()), None)
     return found
+
+
+def download_cause(err: OSError) -> str:
+    """Why a download failed, in words a user acts on: no network, a refused or timed-out connection, an HTTP status.
+
+    >>> import socket, urllib.error
+    >>> download_cause(urllib.error.URLError(socket.gaierror(-2, "Name or service not known")))
+    'no network (the host name cannot be resolved: Name or service not known)'
+    >>> download_cause(urllib.error.HTTPError("https://x/y", 404, "Not Found", None, None))
+    'the server answered HTTP 404 Not Found'
+    """
+    reason = err.reason if isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError) else err
+    if isinstance(err, urllib.error.HTTPError):
+        return f"the server answered HTTP {err.code} {err.reason}"
+    if isinstance(reason, socket.gaierror):
+        return f"no network (the host name cannot be resolved: {reason.strerror or reason})"
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return f"the connection timed out ({reason})"
+    if isinstance(reason, ConnectionError):
+        return f"no connection to the server ({reason})"
+    return f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
 
 
 def _missing_error(data_dir: Path, missing: list[str], reason: str) -> MissingDataError:
@@ -283,9 +306,10 @@ class MNISTDataModule(TensorDataModule):
                     download_file(f"{mirror}{name}.gz", dest)
                     break
                 except OSError as e:  # URLError, timeouts, HTTP errors, read-only folder
-                    errors.append(f"{mirror}: {e}")
+                    errors.append(f"{mirror}{name}.gz: {download_cause(e)}")
             else:
-                raise _missing_error(self.data_dir, missing, "Download failed: " + "; ".join(errors))
+                failed = _missing_error(self.data_dir, missing, "")
+                raise MissingDataError(f"MNIST download failed: {'; '.join(errors)}. {failed}".rstrip())
             try:
                 read_idx(dest, 3 if "images" in name else 1)
             except ValueError:

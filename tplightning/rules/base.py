@@ -10,7 +10,7 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from .._lightning import OptimizerCallable, pl
+from .._lightning import OptimizerCallable, check_same_lightning, pl
 from ..checkpoints import recorded_class
 from ..errors import ConfigError
 from ..layers import Layer, Network, build_network, resolve_layers
@@ -423,6 +423,15 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
         """The model's outputs for a batch of inputs ``x`` or of ``(x, y)`` pairs (``y`` is ignored)."""
         return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+    def configure_callbacks(self):
+        """No callbacks of its own; the first hook Lightning calls with the trainer attached, so a trainer or data module
+        of the other Lightning package is named here, before Lightning trips over it (see :mod:`tplightning._lightning`)."""
+        if self._trainer is not None:
+            check_same_lightning(self._trainer, "the trainer")
+            if (dm := getattr(self._trainer, "datamodule", None)) is not None:
+                check_same_lightning(dm, "the data module")
+        return super().configure_callbacks()
 
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
