@@ -14,6 +14,7 @@ What it adds:
   learning rate, and exit status 1;
 * every logger of a run writes to one ``<save_dir>/<name>/version_N`` folder; ``validate``/``test``/``predict``
   of a checkpoint (``python -m tplightning``) log beside it, in ``<run folder>/<subcommand>-<checkpoint name>/``;
+  ``predict`` writes the outputs there, as ``predictions.pt`` (:class:`PredictionWriter`);
 * the default progress bar redraws every :data:`PROGRESS_REFRESH` batches.
 
 Errors: an argument or config error (:func:`tplightning.errors.short_message`) prints a few lines and
@@ -43,7 +44,7 @@ from .config_files import CONFIG_DIR, resolve_config_args
 from .errors import ConfigError, accepted_arguments, exception_chain, short_message
 from .rules.base import RESUME_HINT, DivergenceError, LearningRule
 
-__all__ = ["main", "build", "run", "report", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args", "default_threads"]
+__all__ = ["main", "build", "run", "report", "TPLightningCLI", "PredictionWriter", "CONFIG_DIR", "resolve_config_args", "default_threads"]
 
 TRACEBACK_ENV = "TPLIGHTNING_TRACEBACK"
 #: batches between redraws of the default progress bar (Lightning's default, 1, redraws after every batch)
@@ -283,7 +284,50 @@ class TPLightningCLI(LightningCLI):
             self._checkpoint = None  # Lightning reads the file itself
         if section.get("ckpt_path") and self.subcommand in (None, "fit"):  # only a resumed fit restores optimizers
             trainer.callbacks.append(ReapplyOptimizerConfig(reapply=bool(section.get("reapply_optimizer_config"))))
+        if self.subcommand == "predict" and not any(isinstance(c, pl.callbacks.BasePredictionWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter(announce=True))
         return trainer
+
+
+class PredictionWriter(pl.callbacks.BasePredictionWriter):
+    """Writes the outputs of ``trainer.predict`` to ``<trainer.log_dir>/predictions.pt``: one tensor of shape
+    ``(N, outputs)``, the rows in the order of the predict loader (the test split of the shipped data modules). Under
+    DDP each replica writes ``predictions-rank<r>.pt`` holding ``{"predictions": ..., "indices": ...}`` (its samples'
+    positions in the dataset). ``python -m tplightning predict`` adds it; ``path`` is the file written last.
+
+    Args:
+        announce: print the file's path and the outputs' shape once written.
+
+    >>> import tplightning as tp
+    >>> from tempfile import mkdtemp
+    >>> data = tp.StudentTeacherDataModule(sizes=[3, 2], num_train=8, num_val=4, num_test=5)
+    >>> writer = PredictionWriter()
+    >>> trainer = pl.Trainer(default_root_dir=mkdtemp(), logger=False, callbacks=[writer], enable_checkpointing=False,
+    ...                      enable_progress_bar=False, enable_model_summary=False)
+    >>> _ = trainer.predict(tp.BP(sizes=[3, 2]), datamodule=data)
+    >>> writer.path.name, torch.load(writer.path).shape
+    ('predictions.pt', torch.Size([5, 2]))
+    """
+
+    def __init__(self, announce: bool = False):
+        super().__init__(write_interval="epoch")
+        self.announce, self.path = announce, None
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        if predictions and isinstance(predictions[0], list):  # several predict loaders: the first
+            predictions, batch_indices = predictions[0], batch_indices[0]
+        outputs = torch.cat([p.detach().cpu() for p in predictions]) if predictions else torch.empty(0)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if trainer.world_size > 1:
+            indices = torch.tensor([i for batch in batch_indices for i in batch], dtype=torch.long)
+            self.path = folder / f"predictions-rank{trainer.global_rank}.pt"
+            torch.save({"predictions": outputs, "indices": indices}, self.path)
+        else:
+            self.path = folder / "predictions.pt"
+            torch.save(outputs, self.path)
+        if self.announce and trainer.is_global_zero:
+            print(f"predictions {tuple(outputs.shape)} written to {self.path}")
 
 
 class StockCLI(TPLightningCLI):

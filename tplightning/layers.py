@@ -261,9 +261,10 @@ class AuxiliaryDense(Dense):
     model's prediction is ``o`` (:meth:`model_output`). The rows are drawn as one
     ``(out_features + aux_units, in_features)`` matrix, as a plain dense layer of that width would be.
 
+    It takes every argument of :class:`Dense` too.
+
     Args:
         aux_units: number of auxiliary outputs (at least 1).
-        **kwargs: the arguments of :class:`Dense`.
 
     >>> layer = AuxiliaryDense(3, 2, aux_units=1)
     >>> h = layer(torch.zeros(1, 3))
@@ -271,10 +272,21 @@ class AuxiliaryDense(Dense):
     (torch.Size([1, 3]), torch.Size([1, 2]))
     """
 
-    def __init__(self, in_features: int, out_features: int, aux_units: int, **kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        aux_units: int,
+        activation: str | Activation = "leaky_relu",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        init: str = "gaussian",
+        init_std: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
         if not isinstance(aux_units, int) or aux_units < 1:
             raise ConfigError(f"aux_units must be a positive integer, got {aux_units!r}")
-        super().__init__(in_features, out_features + aux_units, **kwargs)
+        super().__init__(in_features, out_features + aux_units, activation, negative_slope, bias, init, init_std, generator)
         self._init_args.update(out_features=out_features, aux_units=aux_units)
         full = self.weight.detach()
         self.weight = nn.Parameter(full[:out_features].clone())
@@ -339,11 +351,16 @@ class Conv2d(Layer):
     Args:
         input_shape: ``(C, H, W)`` of the input.
         out_channels: feature maps.
-        kernel_size, stride, padding: of the convolution.
+        kernel_size: of the convolution.
+        stride: of the convolution.
+        padding: of the convolution.
         pool: max-pooling window and stride (1: none).
-        activation, negative_slope, bias, init, init_std, generator: as for :class:`Dense`
-            (fan-in ``C k^2``; ``orthogonal`` makes the flattened ``(out_channels, C k^2)`` kernel
-            orthogonal).
+        activation: as for :class:`Dense`.
+        negative_slope: as for :class:`Dense`.
+        bias: as for :class:`Dense`.
+        init: as for :class:`Dense` (``orthogonal`` makes the flattened ``(out_channels, C k^2)`` kernel orthogonal).
+        init_std: as for :class:`Dense` (the fan-in is ``C k^2``).
+        generator: as for :class:`Dense`.
 
     >>> layer = Conv2d((1, 6, 6), out_channels=2, kernel_size=3, pool=2)
     >>> layer.out_shape, layer(torch.zeros(5, 36)).shape

@@ -77,8 +77,8 @@ class InputNormalization(nn.Module):
                 centred = h - mu
                 v = (centred * centred).mean(0)  # biased variance; reuses h - mu (torch.var's column reduction is slow on CPU)
                 if update:
-                    mean.lerp_(mu, self.momentum)
-                    var.lerp_(v, self.momentum)
+                    mean.lerp_(mu.to(mean.dtype), self.momentum)  # under autocast the batch's statistics may be bf16/fp16
+                    var.lerp_(v.to(var.dtype), self.momentum)
             else:
                 mu, v = mean, var
                 centred = h - mu

@@ -388,9 +388,10 @@ class ThesisInverse(_LearnedMap, _LinearAfterInverse):
     eq. 4.97), whose minimiser is ``W^T (W W^T + lambda/sigma^2 I)^{-1}`` (theorem 4.7). ``g(f(h)) = Q W h``, so the
     gradient is :func:`~tplightning.functional.inverse_loss_grad`.
 
+    The other arguments are those of :class:`_LearnedMap`.
+
     Args:
         batch_size: noise samples per update (``None``: the training batch size).
-        **kwargs: see :class:`_LearnedMap`.
 
     >>> lower, upper = Dense(2, 2), Dense(2, 2, activation="linear")
     >>> g = ThesisInverse().bind(1, lower, upper)  # Q = W^dagger at the start (init="pinv")
@@ -684,9 +685,10 @@ class DifferenceReconstruction(OriginalInverse):
     become Gauss-Newton targets. The paper's second, damping term ``lambda/sigma^2 ||g^diff_{L,i}(h_L + sigma eps_2) - h_i||^2``
     is replaced by weight decay on ``Q_i`` (``weight_decay``), as in the authors' experiments.
 
+    The other arguments are those of :class:`_LearnedMap`.
+
     Args:
         noise_std: ``sigma`` (> 0; the paper's MNIST search chose about 0.06).
-        **kwargs: see :class:`_LearnedMap`.
 
     >>> g = DifferenceReconstruction(noise_std=0.1).bind(1, Dense(2, 3), Dense(3, 3))
     >>> g.Q.shape
@@ -729,9 +731,10 @@ class LocalDifferenceReconstruction(OriginalInverse):
     The paper trains ``Q`` for many iterations per batch (20-55 per layer on CIFAR-10, ``feedback_iterations``) with
     per-layer noise 0.4-0.08; here ``sigma`` is one number for all layers.
 
+    The other arguments are those of :class:`_LearnedMap`.
+
     Args:
         noise_std: ``sigma`` (> 0).
-        **kwargs: see :class:`_LearnedMap`.
 
     >>> g = LocalDifferenceReconstruction(noise_std=0.1).bind(1, Dense(2, 3), Dense(3, 3))
     >>> g.Q.shape

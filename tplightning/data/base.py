@@ -169,7 +169,9 @@ class TensorDataModule(pl.LightningDataModule):
     ``setup`` and set ``input_dim``, ``output_dim`` and ``task`` (``regression`` or
     ``classification``), which the rules check against their layer sizes. The training loader
     shuffles with an :class:`EpochSeededSampler`; validation and test loaders keep the order. The last
-    batch may be smaller (``drop_last=False``).
+    batch may be smaller (``drop_last=False``). The predict split is the test split by default
+    (``self.predict_data``, set it in ``setup`` to predict other inputs): ``trainer.predict`` and
+    ``python -m tplightning predict`` return the model's outputs for the test set, in its order.
 
     Args:
         batch_size: training batch size (``>= 1``).
@@ -186,6 +188,8 @@ class TensorDataModule(pl.LightningDataModule):
     >>> data.setup()
     >>> [tuple(x.shape) for x, y in data.train_dataloader()]
     [(2, 1), (2, 1), (1, 1)]
+    >>> len(data.predict_dataloader().dataset)  # the test split
+    5
     """
 
     task: str = "regression"
@@ -196,6 +200,7 @@ class TensorDataModule(pl.LightningDataModule):
             raise ConfigError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         self.batch_size, self.eval_batch_size, self.shuffle_seed, self.shuffle = batch_size, eval_batch_size, shuffle_seed, shuffle
         self.train_data = self.val_data = self.test_data = None
+        self.predict_data: TensorData | None = None  # None: the test split
 
     def _loader(self, data: TensorData, train: bool) -> DataLoader:
         if data is None:
@@ -215,3 +220,8 @@ class TensorDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_data, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The inputs of :attr:`predict_data`, or of the test split when it is ``None``, in order, as ``(x, y)`` batches
+        (the rules' ``predict_step`` ignores ``y``)."""
+        return self._loader(self.predict_data if self.predict_data is not None else self.test_data, False)

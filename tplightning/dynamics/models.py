@@ -536,7 +536,9 @@ class MultiplexingNetwork(_Feedforward):
         feedback_activation: ``t_i`` of the apical compartments, ``i = 1..L-1``; ``None`` uses
             ``t_i = s_i`` (so ``g_i = s_i(Q_i .)``, the original DTP form, eq. 5.54), our choice: the
             thesis names ``t_i`` but does not fix it.
-        output_activation, negative_slope, tau: as :class:`MixtureNetwork`.
+        output_activation: as :class:`MixtureNetwork`.
+        negative_slope: as :class:`MixtureNetwork`.
+        tau: as :class:`MixtureNetwork`.
 
     **Feedback dynamics (our choice; the thesis leaves them open).** In the free phase every
     neuron sees its event rate ``h_i``, its burst probability ``h^_i^f = t_i(a_i^a)`` and the bursts

@@ -149,7 +149,8 @@ class DynamicalTP(_EquilibriumRule, LearningRule):
             are replaced) or ``random``.
         feedback_seed: seed of the random ``Q`` initialisation.
         tau: neural time constant (does not change equilibria).
-        tol, max_iter: of :meth:`~tplightning.dynamics.models.MixtureNetwork.equilibrium`.
+        tol: of :meth:`~tplightning.dynamics.models.MixtureNetwork.equilibrium`.
+        max_iter: of :meth:`~tplightning.dynamics.models.MixtureNetwork.equilibrium`.
         **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
 
     >>> _ = torch.manual_seed(0)

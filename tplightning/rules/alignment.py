@@ -9,13 +9,17 @@ Bidirectional FA (3.2.4) trains the feedback weights in a second, auto-encoder p
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
 from .._lightning import OptimizerCallable
 from ..errors import ConfigError
-from ..layers import Dense
+from ..layers import Dense, Layer
 from ..target_maps import DirectFeedback, FeedbackAlignment, TrainedFeedback
+from .arguments import arguments_for
 from .base import build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
@@ -28,16 +32,37 @@ class FA(TargetPropRule):
     ``B_i`` are drawn with std ``1/sqrt(n_{i+1})`` after the forward weights (``seed_everything`` sets both) and kept in
     the checkpoint. Run: ``python train.py --config fa.yaml``.
 
+    It takes every argument of :class:`~tplightning.rules.target_prop.TargetPropRule` too.
+
     Args:
         target_stepsize: ``eta^`` of the output target; 1 makes the update the FA gradient itself.
-        **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
 
     >>> [tuple(B.shape) for B in FA(sizes=[3, 4, 5, 2]).feedback_weights]
     [(4, 5), (5, 2)]
     """
 
-    def __init__(self, *args, target_stepsize: float = 1.0, **kwargs):
-        super().__init__(*args, target_stepsize=target_stepsize, **kwargs)
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
+        target_stepsize: float = 1.0,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+    ):
+        super().__init__(**arguments_for(super().__init__, locals()))
 
     def make_maps(self):
         return [FeedbackAlignment() for _ in range(self.num_layers - 1)]
@@ -73,17 +98,39 @@ class BDFA(FA):
     ``B_0`` (:attr:`input_feedback`, shape ``(n_0, n_1)``) exists for phase two only. Needs a dense first layer.
     Run: ``python train.py --config bdfa.yaml``.
 
+    It takes every argument of :class:`FA` too.
+
     Args:
         feedback_optimizer: optimizer of ``B_0, ..., B_{L-1}`` (SGD).
-        **kwargs: the arguments of :class:`FA`.
 
     >>> rule = BDFA(sizes=[3, 4, 2])
     >>> [tuple(B.shape) for B in rule.feedback_parameters()]  # B_0, B_1
     [(3, 4), (4, 2)]
     """
 
-    def __init__(self, *args, feedback_optimizer: OptimizerCallable = torch.optim.SGD, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
+        target_stepsize: float = 1.0,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        feedback_optimizer: OptimizerCallable = torch.optim.SGD,
+    ):
+        super().__init__(**arguments_for(super().__init__, locals()))
         check_optimizer_factory("feedback_optimizer", feedback_optimizer)
         self.feedback_optimizer = feedback_optimizer
         first = self.net.layers[0]

@@ -1,7 +1,15 @@
 """Error backpropagation baselines: ``BP`` (Alg. A.7) and ``BPFixed`` (only the output layer learns)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from .._lightning import OptimizerCallable
 from ..errors import ConfigError
+from ..layers import Layer
+from .arguments import arguments_for
 from .base import LearningRule
 
 __all__ = ["BP", "BPFixed"]
@@ -41,8 +49,22 @@ class BPFixed(BP):
     [2]
     """
 
-    def __init__(self, *args, **kwargs):
-        layers = kwargs.pop("train_layers", None)  # saved in checkpoints' hyper-parameters as [-1]
-        if layers not in (None, [-1], (-1,)):
-            raise ConfigError(f"BPFixed always trains only the output layer; got train_layers={layers}")
-        super().__init__(*args, train_layers=[-1], **kwargs)
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = (-1,),
+        network: Sequence[Layer] | None = None,
+    ):
+        if train_layers not in (None, [-1], (-1,)):
+            raise ConfigError(f"BPFixed always trains only the output layer; got train_layers={train_layers}")
+        train_layers = [-1]  # recorded so in the hyper-parameters (read from this frame), as checkpoints hold it
+        super().__init__(**arguments_for(super().__init__, locals()))

@@ -405,11 +405,19 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         """Set ``p.grad`` (averaged over DDP replicas) for each ``p`` and take one optimizer step.
 
         Target-propagation updates are computed in closed form, not by autograd, so DDP does not
-        all-reduce them; this does, which keeps replicas identical.
+        all-reduce them; this does, which keeps replicas identical. Under mixed precision a gradient computed in
+        the autocast dtype is cast to its parameter's dtype, and with a gradient scaler (``16-mixed`` on a GPU) it is
+        scaled (``scaler.scale``) as a loss would be, since the precision plugin's step unscales every gradient
+        (closed-form gradients never came from the scaled loss; the scale is a power of two, so the round trip is
+        exact).
         """
         distributed = self._trainer is not None and self.trainer.world_size > 1
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         optimizer.zero_grad(set_to_none=True)
         for p, g in grads.items():
+            g = g.to(p.dtype) if g.dtype != p.dtype else g
+            if scaler is not None:
+                g = scaler.scale(g)
             p.grad = self.trainer.strategy.reduce(g, reduce_op="mean") if distributed else g
         optimizer.step()
 

@@ -15,7 +15,15 @@ the derivations in the docstrings. Equation and theorem numbers are not cited: t
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from .._lightning import OptimizerCallable
+from ..layers import Layer
 from ..target_maps import DifferenceReconstruction, DirectLinear, LocalDifferenceReconstruction
+from .arguments import arguments_for
 from .learned import LearnedInverseRule, OriginalDTP
 
 __all__ = ["DRL", "DDTPLinear", "LDRL"]
@@ -40,9 +48,10 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
     output and back through the difference maps above, so that difference targets approach Gauss-Newton targets
     (:class:`~tplightning.target_maps.DifferenceReconstruction`). Run: ``python train.py --config drl.yaml``.
 
+    It takes every argument of :class:`~tplightning.rules.learned.LearnedInverseRule` too.
+
     Args:
         feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.057).
-        **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
 
     >>> rule = DRL(sizes=[3, 4, 4, 2])
     >>> type(rule.maps[0].inner).__name__, rule.maps[0].inner.noise_std
@@ -51,8 +60,36 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
 
     feedback_map = DifferenceReconstruction
 
-    def __init__(self, *args, feedback_noise_std: float = 0.05, **kwargs):
-        super().__init__(*args, feedback_noise_std=feedback_noise_std, **kwargs)
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
+        target_stepsize: float = 0.1,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        feedback_optimizer: OptimizerCallable = torch.optim.SGD,
+        feedback_noise_std: float = 0.05,
+        feedback_weight_decay: float = 0.0,
+        feedback_iterations: int = 1,
+        feedback_batch_size: int | None = None,
+        feedback_pretrain_epochs: int = 0,
+        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
+        feedback_seed: int = 0,
+    ):
+        super().__init__(**arguments_for(super().__init__, locals()))
 
 
 class LDRL(_FreshFeedbackPass, OriginalDTP):
@@ -64,10 +101,11 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
     transposed layer after the activation; this library's original form ``s_i(Q_i h)`` is used instead (our choice, so
     that DTP, DRL and L-DRL differ only in the feedback loss). Run: ``python train.py --config ldrl.yaml``.
 
+    It takes every argument of :class:`~tplightning.rules.learned.LearnedInverseRule` too.
+
     Args:
         feedback_noise_std: ``sigma`` (the paper: 0.4-0.08 per layer on CIFAR-10; one value here).
         feedback_iterations: feedback updates per batch (the paper: 20-55 per layer on CIFAR-10).
-        **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
 
     >>> rule = LDRL(sizes=[3, 4, 4, 2])
     >>> type(rule.maps[0].inner).__name__, rule.feedback_iterations
@@ -76,8 +114,36 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
 
     feedback_map = LocalDifferenceReconstruction
 
-    def __init__(self, *args, feedback_noise_std: float = 0.1, feedback_iterations: int = 20, **kwargs):
-        super().__init__(*args, feedback_noise_std=feedback_noise_std, feedback_iterations=feedback_iterations, **kwargs)
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
+        target_stepsize: float = 0.1,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        feedback_optimizer: OptimizerCallable = torch.optim.SGD,
+        feedback_noise_std: float = 0.1,
+        feedback_weight_decay: float = 0.0,
+        feedback_iterations: int = 20,
+        feedback_batch_size: int | None = None,
+        feedback_pretrain_epochs: int = 0,
+        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
+        feedback_seed: int = 0,
+    ):
+        super().__init__(**arguments_for(super().__init__, locals()))
 
 
 class DDTPLinear(_FreshFeedbackPass):
@@ -87,9 +153,10 @@ class DDTPLinear(_FreshFeedbackPass):
     (:attr:`feedback_weights`), trained by the DRL to approximate the (damped) pseudo-inverse of ``J_{f_{i,L}}``
     (:class:`~tplightning.target_maps.DirectLinear`). Run: ``python train.py --config ddtp_linear.yaml``.
 
+    It takes every argument of :class:`~tplightning.rules.learned.LearnedInverseRule` too.
+
     Args:
         feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.091).
-        **kwargs: the arguments of :class:`~tplightning.rules.learned.LearnedInverseRule`.
 
     >>> [tuple(Q.shape) for Q in DDTPLinear(sizes=[3, 4, 4, 2]).feedback_weights]
     [(4, 2), (4, 2)]
@@ -97,8 +164,36 @@ class DDTPLinear(_FreshFeedbackPass):
 
     feedback_map = DirectLinear  # no thesis-form noise batch: the DRL corrupts the batch's own activations
 
-    def __init__(self, *args, feedback_noise_std: float = 0.1, **kwargs):
-        super().__init__(*args, feedback_noise_std=feedback_noise_std, **kwargs)
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
+        target_stepsize: float = 0.1,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        feedback_optimizer: OptimizerCallable = torch.optim.SGD,
+        feedback_noise_std: float = 0.1,
+        feedback_weight_decay: float = 0.0,
+        feedback_iterations: int = 1,
+        feedback_batch_size: int | None = None,
+        feedback_pretrain_epochs: int = 0,
+        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
+        feedback_seed: int = 0,
+    ):
+        super().__init__(**arguments_for(super().__init__, locals()))
 
     def make_maps(self):
         return [DirectLinear(self.net.layers, **self.feedback_options) for _ in range(self.num_layers - 1)]

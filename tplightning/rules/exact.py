@@ -7,15 +7,20 @@ robust step shortening ``beta`` that keeps ``W`` away from singularity.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from .. import functional as F
+from .._lightning import OptimizerCallable
 from ..errors import ConfigError
-from ..layers import Dense
+from ..layers import Dense, Layer
 from ..losses import D_INVERSE
 from ..selection import RandomLayer
 from ..target_maps import Difference, ExactInverse
+from .arguments import arguments_for
 from .target_prop import TargetPropRule
 
 __all__ = ["ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI"]
@@ -30,6 +35,8 @@ class ExactInverseRule(TargetPropRule):
     SGD (no momentum, no weight decay); its schedule still applies. ``W_1`` has no inverse to keep
     and is updated by the forward optimizer.
 
+    It takes every argument of :class:`~tplightning.rules.target_prop.TargetPropRule` too.
+
     Args:
         threshold: ``epsilon`` of the robust Sherman-Morrison/Woodbury update (thesis: 0.5).
         tau_init: with ``init="gaussian"``, initial ``W_2..W_L`` are Gaussian, redrawn until ``sigma_min * sigma_max > tau_init``
@@ -39,7 +46,6 @@ class ExactInverseRule(TargetPropRule):
             ``W^{-1}`` is recomputed from ``W`` (drift guard against the round-off of chained
             updates, cf. fig. 5.8).
         inverse_check_every: batches between drift checks and between diagnostics logs.
-        **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
 
     The divergence check is never deferred here: the robust update's SVD stops at a non-finite matrix (and its error
     check reads the device anyway), so a deferred check would come too late to name the step.
@@ -53,15 +59,31 @@ class ExactInverseRule(TargetPropRule):
 
     def __init__(
         self,
-        *args,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
+        target_stepsize: float = 0.1,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
         threshold: float = 0.5,
         tau_init: float = 0.4,
         init_attempts: int = 1000,
         inverse_tolerance: float = 1e-4,
         inverse_check_every: int = 100,
-        **kwargs,
     ):
-        super().__init__(*args, **kwargs)
+        super().__init__(**arguments_for(super().__init__, locals()))
         self.threshold, self.tau_init, self.init_attempts, self.inverse_tolerance = threshold, tau_init, init_attempts, inverse_tolerance
         self.inverse_check_every = inverse_check_every
         self.divergence.defer = False

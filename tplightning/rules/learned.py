@@ -20,6 +20,7 @@ drawn by randomized rules is identical on every replica (same seed, no data invo
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -27,9 +28,11 @@ from torch import Tensor
 
 from .._lightning import OptimizerCallable
 from ..errors import ConfigError
+from ..layers import Layer
 from ..losses import D_INVERSE
 from ..selection import RandomLayer
 from ..target_maps import Difference, GradientTarget, OriginalInverse, Step, TargetMap, ThesisInverse, check_feedback_options
+from .arguments import arguments_for
 from .base import build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
@@ -52,6 +55,8 @@ __all__ = [
 class LearnedInverseRule(TargetPropRule):
     """Shared machinery of the rules whose feedback weights ``Q_i`` are learned.
 
+    It takes every argument of :class:`~tplightning.rules.target_prop.TargetPropRule` too.
+
     Args:
         feedback_optimizer: optimizer of the feedback weights ``Q_i`` (SGD in the thesis).
         feedback_noise_std: ``sigma`` of the white-noise inputs of Alg. A.8 (thesis form) or of the
@@ -69,7 +74,6 @@ class LearnedInverseRule(TargetPropRule):
             point of the feedback training (:func:`tplightning.functional.regularised_inverse`); ``random``
             draws Gaussian ``Q_i`` with std ``1/sqrt(n_{i+1})``.
         feedback_seed: seed of the feedback noise (offset by the DDP rank).
-        **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
 
     Attributes:
         feedback_map: the class of the learned maps, built with :attr:`feedback_options`:
@@ -87,7 +91,24 @@ class LearnedInverseRule(TargetPropRule):
 
     def __init__(
         self,
-        *args,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
+        target_stepsize: float = 0.1,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
         feedback_optimizer: OptimizerCallable = torch.optim.SGD,
         feedback_noise_std: float = 1.0,
         feedback_weight_decay: float = 0.0,
@@ -96,7 +117,6 @@ class LearnedInverseRule(TargetPropRule):
         feedback_pretrain_epochs: int = 0,
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
-        **kwargs,
     ):
         if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
             raise ConfigError(
@@ -105,7 +125,7 @@ class LearnedInverseRule(TargetPropRule):
         check_feedback_options(feedback_noise_std, feedback_weight_decay, feedback_init)
         if feedback_batch_size is not None and feedback_batch_size < 1:
             raise ConfigError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {feedback_batch_size}")
-        super().__init__(*args, **kwargs)
+        super().__init__(**arguments_for(super().__init__, locals()))
         check_optimizer_factory("feedback_optimizer", feedback_optimizer)
         self.feedback_optimizer = feedback_optimizer
         self.feedback_noise_std, self.feedback_weight_decay = feedback_noise_std, feedback_weight_decay
@@ -325,18 +345,48 @@ class AOSDTP(OriginalDTP):
     ``h^_{L-1} = h_{L-1} + g_{L-1}(o^, z) - g_{L-1}(o, z)``: ``z`` carries sample-specific
     information through the otherwise narrow inverse of the output layer. Lower layers use SDTP.
 
+    It takes every argument of :class:`LearnedInverseRule` too.
+
     Args:
         aux_units: number of auxiliary outputs; ``None`` makes the output block as wide as the
             layer below (``n_{L-1} - n_L`` units), so ``Q_{L-1}`` inverts a square map.
-        **kwargs: the arguments of :class:`LearnedInverseRule`.
 
     >>> rule = AOSDTP(sizes=[3, 5, 2])
     >>> rule.aux_units, rule(torch.zeros(1, 3)).shape
     (3, torch.Size([1, 2]))
     """
 
-    def __init__(self, *args, aux_units: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)  # aux_units reaches make_network as a recorded argument (self.hparams)
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
+        target_stepsize: float = 0.1,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        feedback_optimizer: OptimizerCallable = torch.optim.SGD,
+        feedback_noise_std: float = 1.0,
+        feedback_weight_decay: float = 0.0,
+        feedback_iterations: int = 1,
+        feedback_batch_size: int | None = None,
+        feedback_pretrain_epochs: int = 0,
+        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
+        feedback_seed: int = 0,
+        aux_units: int | None = None,
+    ):
+        super().__init__(**arguments_for(super().__init__, locals()))  # aux_units reaches make_network as a recorded argument (self.hparams)
         self.aux_units = self.net.layers[-1].aux_units
 
     def make_network(self, **options):
@@ -362,9 +412,10 @@ class MTP(TPAI):
     :class:`~tplightning.rules.target_prop.TargetPropRule`, on by default here). The thesis
     reports this rule unstable (section 5.2.2); it is here for completeness.
 
+    It takes every argument of :class:`LearnedInverseRule` too.
+
     Args:
         batch_norm: normalise layer inputs over the batch (Alg. A.1).
-        **kwargs: the arguments of :class:`LearnedInverseRule`.
 
     >>> rule = MTP(sizes=[3, 4, 2])
     >>> rule.scaling, rule.batch_norm
@@ -373,5 +424,33 @@ class MTP(TPAI):
 
     scaling = D_INVERSE
 
-    def __init__(self, *args, batch_norm: bool = True, **kwargs):
-        super().__init__(*args, batch_norm=batch_norm, **kwargs)
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
+        target_stepsize: float = 0.1,
+        layer_seed: int = 0,
+        batch_norm: bool = True,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        feedback_optimizer: OptimizerCallable = torch.optim.SGD,
+        feedback_noise_std: float = 1.0,
+        feedback_weight_decay: float = 0.0,
+        feedback_iterations: int = 1,
+        feedback_batch_size: int | None = None,
+        feedback_pretrain_epochs: int = 0,
+        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
+        feedback_seed: int = 0,
+    ):
+        super().__init__(**arguments_for(super().__init__, locals()))

@@ -15,18 +15,20 @@ The thesis' names are presets that choose the pieces (``rules/exact.py``, ``rule
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .._lightning import OptimizerCallable
 from ..errors import ConfigError
-from ..layers import Dense
+from ..layers import Dense, Layer
 from ..losses import D, LocalScaling
 from ..normalization import InputNormalization
 from ..selection import AllLayers, LayerSelection
 from ..target_maps import Step, TargetMap, plain
+from .arguments import arguments_for
 from .base import LearningRule
 
 __all__ = ["TargetPropRule"]
@@ -49,6 +51,8 @@ class TargetPropRule(LearningRule):
             default) or :class:`~tplightning.target_maps.Difference` (eq. 4.101); maps that set the target directly
             are never wrapped.
 
+    It takes every argument of :class:`~tplightning.rules.base.LearningRule` too.
+
     Args:
         target_stepsize: output target step size ``eta^`` (eq. 4.4; thesis 0.1).
         layer_seed: seed of the generator that draws the layer of randomized rules. It is the same
@@ -59,7 +63,6 @@ class TargetPropRule(LearningRule):
             (the thesis' RMTP-EI at batch size 1 runs without it, section 5.1.3) and dense layers.
         bn_momentum: momentum of the running mean/variance.
         bn_eps: added to the variance.
-        **kwargs: the arguments of :class:`~tplightning.rules.base.LearningRule`.
 
     >>> import tplightning as tp
     >>> rule = tp.DTPAI(sizes=[3, 4, 4, 2])
@@ -74,15 +77,26 @@ class TargetPropRule(LearningRule):
 
     def __init__(
         self,
-        *args,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        *,
         target_stepsize: float = 0.1,
         layer_seed: int = 0,
         batch_norm: bool = False,
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
-        **kwargs,
     ):
-        super().__init__(*args, **kwargs)
+        super().__init__(**arguments_for(super().__init__, locals()))
         if not target_stepsize > 0:
             raise ConfigError(f"target_stepsize must be > 0, got {target_stepsize}")
         self.target_stepsize = target_stepsize
