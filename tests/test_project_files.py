@@ -37,7 +37,7 @@ def test_changelog_has_this_round():
 
 def test_readme_is_a_landing_page_with_working_links():
     text = (REPO / "README.md").read_text()
-    assert len(text.splitlines()) < 100
+    assert len(text.splitlines()) < 130  # a landing page: what, install, two commands, links, tests, the layout (issue 26)
     for heading in ("## Install", "## Two commands", "## Documentation", "## Tests", "## License"):
         assert f"\n{heading}\n" in text, heading
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
