@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .._lightning import pl
 from ..errors import ConfigError
 
-__all__ = ["TensorData", "EpochSeededSampler", "TensorDataModule", "derive_seed", "check_split", "seeded_split"]
+__all__ = ["TensorData", "EpochSeededSampler", "TensorDataModule", "derive_seed", "check_split", "seeded_split", "check_values"]
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -89,6 +89,50 @@ def seeded_split(total: int, num_train: int, num_val: int, subset: int | None, s
         )
     perm = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
     return perm[:num_train], perm[num_train : num_train + num_val]
+
+
+def check_values(split: str, x: Tensor, y: Tensor, task: str = "regression", num_classes: int | None = None) -> None:
+    """:class:`~tplightning.errors.ConfigError` naming ``split`` and the count of bad values when a split's data cannot
+    be learned from or scored.
+
+    Refused: non-finite (NaN, inf) inputs or float targets; inputs that are all equal (constant data, e.g. inputs drawn
+    with a standard deviation of 0), and, for ``regression``, targets that are all equal; for ``classification`` with
+    ``num_classes``, labels outside ``[0, num_classes)``. A split of fewer than two items is never called constant.
+    Vectorised: one pass over the tensors and one read of the counts.
+
+    Args:
+        split: the split's name for the message (``train``, ``val``, ``test``).
+        x: inputs, first dimension the items.
+        y: targets (regression) or integer labels (classification).
+        task: ``regression`` or ``classification``.
+        num_classes: the number of classes (``None``: labels not checked).
+
+    >>> check_values("train", torch.randn(4, 2), torch.randn(4, 1))
+    >>> check_values("val", torch.tensor([[1.0, float("nan")], [0.0, float("inf")]]), torch.zeros(2, 1))
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: the val split holds 2 non-finite values (NaN or inf) in its inputs
+    """
+    n = len(x)
+    counts = [(~torch.isfinite(x)).sum() if x.is_floating_point() else x.new_zeros((), dtype=torch.long)]
+    counts.append((~torch.isfinite(y)).sum() if y.is_floating_point() else y.new_zeros((), dtype=torch.long))
+    flat_x, flat_y = x.reshape(n, -1), y.reshape(n, -1)
+    counts.append((flat_x != flat_x[:1]).any(dim=1).sum() if n > 1 else flat_x.new_ones((), dtype=torch.long))
+    regression = task != "classification"
+    counts.append((flat_y != flat_y[:1]).any(dim=1).sum() if n > 1 and regression else flat_y.new_ones((), dtype=torch.long))
+    labels = not regression and num_classes is not None and not y.is_floating_point()
+    counts.append(((y < 0) | (y >= num_classes)).sum() if labels else y.new_zeros((), dtype=torch.long))
+    bad_x, bad_y, varied_x, varied_y, bad_labels = torch.stack([c.to("cpu", torch.long) for c in counts]).tolist()
+    if bad_x:
+        raise ConfigError(f"the {split} split holds {bad_x} non-finite values (NaN or inf) in its inputs")
+    if bad_y:
+        raise ConfigError(f"the {split} split holds {bad_y} non-finite values (NaN or inf) in its targets")
+    if not varied_x:
+        raise ConfigError(f"the {split} split's {n} inputs are all equal (constant data: nothing to learn from or score)")
+    if not varied_y:
+        raise ConfigError(f"the {split} split's {n} targets are all equal (constant data: nothing to learn from or score)")
+    if bad_labels:
+        raise ConfigError(f"the {split} split holds {bad_labels} labels outside [0, {num_classes})")
 
 
 class TensorData(Dataset):
@@ -196,6 +240,13 @@ class TensorDataModule(pl.LightningDataModule):
             raise ConfigError(f"batch sizes must be >= 1, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         self.batch_size, self.eval_batch_size, self.shuffle_seed, self.shuffle = batch_size, eval_batch_size, shuffle_seed, shuffle
         self.train_data = self.val_data = self.test_data = None
+
+    def check_splits(self) -> None:
+        """:func:`check_values` on each split that :meth:`setup` filled (subclasses call it at the end of ``setup``)."""
+        for split in ("train", "val", "test"):
+            data = getattr(self, f"{split}_data")
+            if data is not None and len(data):
+                check_values(split, data.x, data.y, self.task, getattr(self, "output_dim", None))
 
     def _loader(self, data: TensorData, train: bool) -> DataLoader:
         if data is None:
