@@ -69,6 +69,9 @@ class LearnedInverseRule(TargetPropRule):
             point of the feedback training (:func:`tplightning.functional.regularised_inverse`); ``random``
             draws Gaussian ``Q_i`` with std ``1/sqrt(n_{i+1})``.
         feedback_seed: seed of the feedback noise (offset by the DDP rank).
+        feedback_only: train only the feedback weights ``Q_i`` in every epoch (as in the pre-training epochs): the
+            forward weights stay as they are and the learning rates keep their initial values. The CLI refuses a forward
+            learning rate of 0 unless this is set (a run that would learn nothing).
         **kwargs: the arguments of :class:`~tplightning.rules.target_prop.TargetPropRule`.
 
     Attributes:
@@ -96,6 +99,7 @@ class LearnedInverseRule(TargetPropRule):
         feedback_pretrain_epochs: int = 0,
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
+        feedback_only: bool = False,
         **kwargs,
     ):
         if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
@@ -111,6 +115,7 @@ class LearnedInverseRule(TargetPropRule):
         self.feedback_noise_std, self.feedback_weight_decay = feedback_noise_std, feedback_weight_decay
         self.feedback_iterations, self.feedback_batch_size = feedback_iterations, feedback_batch_size
         self.feedback_pretrain_epochs, self.feedback_init, self.feedback_seed = feedback_pretrain_epochs, feedback_init, feedback_seed
+        self.feedback_only = bool(feedback_only)
         self._noise_gen: torch.Generator | None = None
         self._noise_state: Tensor | None = None
 
@@ -186,7 +191,7 @@ class LearnedInverseRule(TargetPropRule):
             self.apply_gradients(opt, self.feedback_grads(hs, pre))
 
     def training_step(self, batch, batch_idx):
-        if self.current_epoch >= self.feedback_pretrain_epochs:
+        if self.current_epoch >= self.feedback_pretrain_epochs and not self.feedback_only:
             return super().training_step(batch, batch_idx)
         x, y = batch  # feedback pre-training: only Q learns
         with torch.no_grad():
@@ -198,7 +203,7 @@ class LearnedInverseRule(TargetPropRule):
         return loss
 
     def step_schedulers(self) -> None:
-        if self.current_epoch >= self.feedback_pretrain_epochs:  # the schedule starts with forward training
+        if self.current_epoch >= self.feedback_pretrain_epochs and not self.feedback_only:  # it starts with forward training
             super().step_schedulers()
 
     # ----------------------------------------------------------------------------- checkpoints
