@@ -79,6 +79,8 @@ def _int_literals(args: Sequence[str]) -> dict[str, int]:
 
     >>> _int_literals(["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches=0.5"])
     {'limit_train_batches': 3}
+    >>> _int_literals(["--trainer.limit_train_batches", "3", "--trainer.limit_train_batches", "0.5"])
+    {}
     """
     found, args = {}, list(args)
     for k, a in enumerate(args):
@@ -87,6 +89,8 @@ def _int_literals(args: Sequence[str]) -> dict[str, int]:
             value = a.split("=", 1)[1] if a.startswith(opt + "=") else args[k + 1] if a == opt and k + 1 < len(args) else None
             if value is not None and value.strip().lstrip("+").isdigit():
                 found[name] = int(value)
+            elif value is not None:  # a later fraction overrides an earlier count
+                found.pop(name, None)
     return found
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 from typing import Literal
@@ -19,6 +20,10 @@ from .state import CheckpointState
 
 __all__ = ["LearningRule", "DivergenceError", "DivergenceMonitor", "LinearDecay"]
 
+
+# the rules check their first training batch in on_after_batch_transfer (the one hook before the batch's own); Lightning
+# warns that a data module's hook of that name would take precedence, which is what a data module overriding it wants
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a")
 
 #: the end of a divergence message; the CLI replaces it with the exact command (or says no checkpoint exists yet)
 RESUME_HINT = ". No checkpoint was written after this step; resume from the last good one with --ckpt_path, with a smaller learning rate or target_stepsize."
