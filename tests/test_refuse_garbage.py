@@ -245,3 +245,12 @@ def test_only_the_first_batch_is_checked():
     rule = Counting(sizes=[6, 6, 6], forward_optimizer=torch.optim.SGD)
     quiet_trainer(limit_val_batches=0).fit(rule, datamodule=tiny_data())
     assert seen == [False] * 8  # checked before the first batch's hooks, then never again
+
+
+@pytest.mark.parametrize("config", ["dtp.yaml", "tp_ei.yaml"])
+@pytest.mark.parametrize("slope", ["0", "-1"])
+def test_an_activation_the_rule_inverts_must_be_invertible(capsys, config, slope):
+    # 6-6-6-6: layer 2's leaky-ReLU is inverted by g_1; with one hidden layer s_1 is never inverted (allowed)
+    err = _refused(capsys, "--config", config, "--model.init_args.sizes", "[6, 6, 6, 6]", "--data.init_args.sizes", "[6, 6, 6, 6]",
+                   "--model.init_args.negative_slope", slope)  # fmt: skip
+    assert err.startswith(f"error: --model.init_args.negative_slope: layer 2 activation LeakyReLU(negative_slope={float(slope)}) has no inverse")
