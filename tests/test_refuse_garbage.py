@@ -138,6 +138,21 @@ def test_mnist_with_a_nan_pixel_is_refused_at_setup(monkeypatch):
         data.setup()
 
 
+def test_cifar10_with_constant_test_images_is_refused_at_setup(monkeypatch, tmp_path):
+    from tplightning.data import CIFAR10DataModule, cifar10
+
+    def fake(path):  # 20 random training images per batch file; a test batch of 20 black images
+        g = torch.Generator().manual_seed(len(path.name))
+        images = torch.randint(256, (20, 3, 32, 32), generator=g, dtype=torch.uint8)
+        return (torch.zeros_like(images) if path.name == "test_batch" else images), torch.arange(20) % 10
+
+    monkeypatch.setattr(CIFAR10DataModule, "find_files", lambda self: {name: tmp_path / name for name in cifar10.MD5})
+    monkeypatch.setattr(cifar10, "read_batch", fake)
+    data = CIFAR10DataModule(data_dir=str(tmp_path), num_train=50, num_val=10)
+    with pytest.raises(ConfigError, match=r"^the test split's 20 inputs are all equal \(constant data"):
+        data.setup()
+
+
 # ----------------------------------------------------------------------------- data modules that break their word
 class Broken(TensorDataModule):
     """6 inputs and 6 outputs declared (regression), the splits as :attr:`kind` says."""
