@@ -53,6 +53,15 @@ def test_a_fit_that_trains_nothing_is_refused(capsys, extra, option):
     assert "trains nothing" in err
 
 
+def test_the_stock_fit_subcommand_refuses_it_too(capsys):
+    from tplightning.__main__ import stock_cli
+
+    with pytest.raises(SystemExit) as info:
+        report(stock_cli, ["fit", *BASE, "--trainer.max_epochs", "0"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error: --trainer.max_epochs: max_epochs=0 trains nothing"), err
+
+
 def test_a_zero_learning_rate_points_at_feedback_only(capsys):
     err = _refused(capsys, LR, "0")
     assert "--model.init_args.feedback_only true" in err

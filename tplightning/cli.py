@@ -300,6 +300,9 @@ class StockCLI(TPLightningCLI):
 
     subcommand_mode = True
 
+    def before_fit(self) -> None:  # LightningCLI calls it before running the ``fit`` subcommand
+        refuse_idle_fit(self.trainer, self.model)
+
 
 def _cli_kwargs(args: list[str]) -> dict:
     return dict(
