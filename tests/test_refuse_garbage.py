@@ -85,8 +85,23 @@ def test_a_zero_forward_rate_with_feedback_only_runs(capsys):
 # ----------------------------------------------------------------------------- option values
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_a_non_finite_learning_rate_is_named(capsys, value):
-    err = _refused(capsys, LR, value)
+    err = _refused(capsys, f"{LR}={value}")  # "--x -inf" would be read as an option
     assert err.splitlines()[0] == f"error: {LR}: the learning rate must be a finite positive float, got {value}"
+
+
+@pytest.mark.parametrize("text", ["nan", ".nan"])  # a string the parser refuses, a YAML float it accepts
+def test_a_non_finite_learning_rate_in_a_config_file_is_named(capsys, tmp_path, text):
+    config = tmp_path / "lr.yaml"
+    config.write_text("model:\n  init_args:\n    forward_optimizer:\n      class_path: torch.optim.SGD\n"
+                      f"      init_args: {{lr: {text}}}\n")  # fmt: skip
+    err = _refused(capsys, "--config", str(config))
+    assert err.splitlines()[0] == f"error: {LR}: the learning rate must be a finite positive float, got nan"
+
+
+def test_a_non_finite_feedback_learning_rate_is_named(capsys):
+    err = _refused(capsys, "--model.init_args.feedback_optimizer.init_args.lr=-inf")
+    assert err.splitlines()[0] == ("error: --model.init_args.feedback_optimizer.init_args.lr: the learning rate must be a "
+                                   "finite positive float, got -inf")  # fmt: skip
 
 
 def test_a_seed_out_of_range_is_named(capsys):

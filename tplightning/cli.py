@@ -41,7 +41,7 @@ from ._lightning import LightningCLI, pl
 from .callbacks import ReapplyOptimizerConfig
 from .checkpoints import check_fits, read as read_checkpoint
 from .config_files import CONFIG_DIR, resolve_config_args
-from .errors import ConfigError, accepted_arguments, exception_chain, short_message
+from .errors import ConfigError, _parser_path, accepted_arguments, exception_chain, short_message
 from .rules.base import RESUME_HINT, DivergenceError, LearningRule, build_optimizer
 
 __all__ = ["main", "build", "run", "report", "TPLightningCLI", "CONFIG_DIR", "resolve_config_args", "default_threads"]
@@ -228,9 +228,10 @@ class TPLightningCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:  # what the parsers know, for the close match of an unknown option or key
-            for option, value in _given_values(self._raw_args):
-                if option.rsplit(".", 1)[-1] == "lr" and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
-                    raise ConfigError(f"the learning rate must be a finite positive float, got {value}", option=option) from err
+            option, _ = _parser_path(exception_chain(err))
+            value = str(exception_chain(err)[-1]).rpartition("Got value: ")[2].strip()
+            if option and option.endswith(".lr") and value.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                raise ConfigError(f"the learning rate must be a finite positive float, got {value}", option=option) from err
             err.tplightning_options = sorted({key for p in self._option_parsers for key in p.get_defaults().keys()})
             err.tplightning_config_keys = _config_keys(self._raw_args)
             raise
@@ -341,21 +342,6 @@ def _divergence_advice(cli, args: Sequence[str]) -> str:
         new += ["--model.init_args.forward_optimizer.init_args.lr", f"{lr / 10:g}"]
     return (". No checkpoint was written after this step. To continue from the last good one with a tenth of the learning "
             "rate: python train.py " + shlex.join([*keep, *new]))  # fmt: skip
-
-
-def _given_values(args: Sequence[str]) -> list[tuple[str, str]]:
-    """``(option, value)`` for each ``--option value`` and ``--option=value`` of ``args``.
-
-    >>> _given_values(["--a.lr", "nan", "--b=1", "--flag"])
-    [('--a.lr', 'nan'), ('--b', '1')]
-    """
-    args, found = list(args), []
-    for k, a in enumerate(args):
-        if a.startswith("--") and "=" in a:
-            found.append(tuple(a.split("=", 1)))
-        elif a.startswith("--") and k + 1 < len(args) and not args[k + 1].startswith("--"):
-            found.append((a, args[k + 1]))
-    return found
 
 
 def check_seed(seed) -> None:
