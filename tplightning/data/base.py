@@ -98,7 +98,8 @@ def check_values(split: str, x: Tensor, y: Tensor, task: str = "regression", num
     Refused: non-finite (NaN, inf) inputs or float targets; inputs that are all equal (constant data, e.g. inputs drawn
     with a standard deviation of 0), and, for ``regression``, targets that are all equal; for ``classification`` with
     ``num_classes``, labels outside ``[0, num_classes)``. A split of fewer than two items is never called constant.
-    Vectorised: one pass over the tensors and one read of the counts.
+    Vectorised: one pass over each tensor (its per-feature minimum and maximum, in which NaN and inf show) and one
+    read of the flags; the bad values are counted only when there are some.
 
     Args:
         split: the split's name for the message (``train``, ``val``, ``test``).
@@ -114,25 +115,34 @@ def check_values(split: str, x: Tensor, y: Tensor, task: str = "regression", num
     tplightning.errors.ConfigError: the val split holds 2 non-finite values (NaN or inf) in its inputs
     """
     n = len(x)
-    counts = [(~torch.isfinite(x)).sum() if x.is_floating_point() else x.new_zeros((), dtype=torch.long)]
-    counts.append((~torch.isfinite(y)).sum() if y.is_floating_point() else y.new_zeros((), dtype=torch.long))
+    if n == 0:
+        return
     flat_x, flat_y = x.reshape(n, -1), y.reshape(n, -1)
-    counts.append((flat_x != flat_x[:1]).any(dim=1).sum() if n > 1 else flat_x.new_ones((), dtype=torch.long))
+    (x_lo, x_hi), (y_lo, y_hi) = torch.aminmax(flat_x, dim=0), torch.aminmax(flat_y, dim=0)  # one pass: NaN and inf show
     regression = task != "classification"
-    counts.append((flat_y != flat_y[:1]).any(dim=1).sum() if n > 1 and regression else flat_y.new_ones((), dtype=torch.long))
     labels = not regression and num_classes is not None and not y.is_floating_point()
-    counts.append(((y < 0) | (y >= num_classes)).sum() if labels else y.new_zeros((), dtype=torch.long))
-    bad_x, bad_y, varied_x, varied_y, bad_labels = torch.stack([c.to("cpu", torch.long) for c in counts]).tolist()
-    if bad_x:
-        raise ConfigError(f"the {split} split holds {bad_x} non-finite values (NaN or inf) in its inputs")
-    if bad_y:
-        raise ConfigError(f"the {split} split holds {bad_y} non-finite values (NaN or inf) in its targets")
+    true = x_lo.new_ones((), dtype=torch.bool)
+
+    def finite(lo: Tensor, hi: Tensor) -> Tensor:
+        return (torch.isfinite(lo) & torch.isfinite(hi)).all() if lo.is_floating_point() else true
+
+    flags = [finite(x_lo, x_hi), finite(y_lo, y_hi), (x_lo != x_hi).any() if n > 1 else true]
+    flags += [(y_lo != y_hi).any() if n > 1 and regression else true]
+    flags += [(y_lo.min() >= 0) & (y_hi.max() < num_classes) if labels and y_lo.numel() else true]
+    finite_x, finite_y, varied_x, varied_y, labels_ok = torch.stack([f.to("cpu") for f in flags]).tolist()
+    if not finite_x:
+        bad = int((~torch.isfinite(x)).sum())
+        raise ConfigError(f"the {split} split holds {bad} non-finite values (NaN or inf) in its inputs")
+    if not finite_y:
+        bad = int((~torch.isfinite(y)).sum())
+        raise ConfigError(f"the {split} split holds {bad} non-finite values (NaN or inf) in its targets")
     if not varied_x:
         raise ConfigError(f"the {split} split's {n} inputs are all equal (constant data: nothing to learn from or score)")
     if not varied_y:
         raise ConfigError(f"the {split} split's {n} targets are all equal (constant data: nothing to learn from or score)")
-    if bad_labels:
-        raise ConfigError(f"the {split} split holds {bad_labels} labels outside [0, {num_classes})")
+    if not labels_ok:
+        bad = int(((y < 0) | (y >= num_classes)).sum())
+        raise ConfigError(f"the {split} split holds {bad} labels outside [0, {num_classes})")
 
 
 class TensorData(Dataset):
