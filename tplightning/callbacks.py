@@ -50,8 +50,13 @@ class InitNearTeacher(pl.Callback):
         student = pl_module.forward_weights
         shapes = [tuple(W.shape) for W in student]
         if [tuple(W.shape) for W in teacher] != shapes:
+            sizes = [int(n) for n in getattr(pl_module.net, "sizes", [])]
             raise ConfigError(
-                f"student weight shapes {shapes} differ from the teacher's {[tuple(W.shape) for W in teacher]}"
+                f"InitNearTeacher places the student near its teacher, but the student's weight shapes {shapes} (sizes "
+                f"{sizes}) differ from the teacher's {[tuple(W.shape) for W in teacher]}; --model.init_args.sizes must "
+                "equal --data.init_args.sizes",
+                option="--model.init_args.sizes",
+                given=sizes,
             )
         g = torch.Generator().manual_seed(derive_seed(self.seed, "init near teacher"))
         new = []

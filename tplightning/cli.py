@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shlex
 import sys
@@ -41,8 +42,8 @@ from ._lightning import LightningCLI, pl
 from .callbacks import ReapplyOptimizerConfig
 from .checkpoints import check_fits, read as read_checkpoint
 from .config_files import CONFIG_DIR, resolve_config_args
-from .errors import ConfigError, accepted_arguments, exception_chain, short_message
-from .rules.base import RESUME_HINT, DivergenceError, LearningRule
+from .errors import ConfigError, _parser_path, accepted_arguments, exception_chain, short_message
+from .rules.base import RESUME_HINT, DivergenceError, LearningRule, build_optimizer
 
 __all__ = ["main", "build", "run", "report", "TPLightningCLI", "PredictionWriter", "CONFIG_DIR", "resolve_config_args", "default_threads"]
 
@@ -79,6 +80,8 @@ def _int_literals(args: Sequence[str]) -> dict[str, int]:
 
     >>> _int_literals(["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches=0.5"])
     {'limit_train_batches': 3}
+    >>> _int_literals(["--trainer.limit_train_batches", "3", "--trainer.limit_train_batches", "0.5"])
+    {}
     """
     found, args = {}, list(args)
     for k, a in enumerate(args):
@@ -87,6 +90,8 @@ def _int_literals(args: Sequence[str]) -> dict[str, int]:
             value = a.split("=", 1)[1] if a.startswith(opt + "=") else args[k + 1] if a == opt and k + 1 < len(args) else None
             if value is not None and value.strip().lstrip("+").isdigit():
                 found[name] = int(value)
+            elif value is not None:  # a later fraction overrides an earlier count
+                found.pop(name, None)
     return found
 
 
@@ -224,10 +229,15 @@ class TPLightningCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:  # what the parsers know, for the close match of an unknown option or key
+            option, _ = _parser_path(exception_chain(err))
+            value = str(exception_chain(err)[-1]).rpartition("Got value: ")[2].strip()
+            if option and option.endswith(".lr") and value.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                raise ConfigError(f"the learning rate must be a finite positive float, got {value}", option=option) from err
             err.tplightning_options = sorted({key for p in self._option_parsers for key in p.get_defaults().keys()})
             err.tplightning_config_keys = _config_keys(self._raw_args)
             raise
         section, sub = self._section(), self.config.get("subcommand")
+        check_seed(section.get("seed_everything"))
         self._checkpoint = self._resume = None
         if _local_checkpoint(section.get("ckpt_path")):  # a missing, foreign or corrupt file: a short error, before torch's
             self._checkpoint = read_checkpoint(section["ckpt_path"])
@@ -335,6 +345,9 @@ class StockCLI(TPLightningCLI):
 
     subcommand_mode = True
 
+    def before_fit(self) -> None:  # LightningCLI calls it before running the ``fit`` subcommand
+        refuse_idle_fit(self.trainer, self.model)
+
 
 def _cli_kwargs(args: list[str]) -> dict:
     return dict(
@@ -375,6 +388,51 @@ def _divergence_advice(cli, args: Sequence[str]) -> str:
             "rate: python train.py " + shlex.join([*keep, *new]))  # fmt: skip
 
 
+def check_seed(seed) -> None:
+    """:class:`~tplightning.errors.ConfigError` naming ``--seed_everything`` for an integer seed outside
+    ``[0, 2^32 - 1]`` (the range every generator that Lightning seeds accepts).
+
+    >>> check_seed(2**70)
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: the seed must be an integer in [0, 4294967295], got 1180591620717411303424
+    """
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= 2**32 - 1:
+        raise ConfigError(f"the seed must be an integer in [0, {2**32 - 1}], got {seed}", option="--seed_everything")
+
+
+def refuse_idle_fit(trainer, model) -> None:
+    """:class:`~tplightning.errors.ConfigError` naming the option when a fit would train nothing: ``max_epochs`` or
+    ``max_steps`` 0, ``limit_train_batches`` 0, or a forward learning rate of 0 (or not finite) on a rule that is not
+    told ``feedback_only`` (the learned-feedback rules' option to train the feedback weights alone).
+
+    The learning rate is read from an optimizer that ``model.forward_optimizer`` builds for a throwaway parameter.
+
+    >>> import tplightning as tp
+    >>> from types import SimpleNamespace
+    >>> refuse_idle_fit(SimpleNamespace(max_epochs=0, max_steps=-1, limit_train_batches=1.0), tp.BP(sizes=[2, 1]))
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: max_epochs=0 trains nothing; give at least 1 epoch
+    """
+    for name in ("max_epochs", "max_steps", "limit_train_batches"):
+        if getattr(trainer, name, None) == 0:
+            what = "epoch" if name == "max_epochs" else "step" if name == "max_steps" else "batch"
+            raise ConfigError(f"{name}={getattr(trainer, name)} trains nothing; give at least 1 {what}", option=f"--trainer.{name}")
+    factory = getattr(model, "forward_optimizer", None)
+    if factory is None or not getattr(model, "train_layers", None):
+        return
+    option = "--model.init_args.forward_optimizer.init_args.lr"
+    lr = build_optimizer("forward_optimizer", factory, [torch.zeros(1, requires_grad=True)]).param_groups[0].get("lr")
+    lr = float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None
+    if lr is not None and not math.isfinite(lr):
+        raise ConfigError(f"the learning rate must be a finite positive float, got {lr}", option=option)
+    if lr == 0 and not getattr(model, "feedback_only", False):
+        extra = ("; to train the feedback weights alone, set --model.init_args.feedback_only true" if hasattr(model, "feedback_only")
+                 else f" ({type(model).__name__} has no feedback weights to train alone)")  # fmt: skip
+        raise ConfigError(f"a forward learning rate of 0 trains nothing{extra}", option=option)
+
+
 def build(args: Sequence[str]) -> TPLightningCLI:
     """The CLI of ``train.py args`` with its model, data module and trainer built (and torch's threads set), not run.
 
@@ -400,6 +458,7 @@ def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     cli = build(raw)
     cli.trainer.callbacks.extend(callbacks)
     cfg = cli.config
+    refuse_idle_fit(cli.trainer, cli.model)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"))
     except DivergenceError as err:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .._lightning import pl
 from ..errors import ConfigError
 
-__all__ = ["TensorData", "EpochSeededSampler", "TensorDataModule", "derive_seed", "check_split", "seeded_split"]
+__all__ = ["TensorData", "EpochSeededSampler", "TensorDataModule", "derive_seed", "check_split", "seeded_split", "check_values"]
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -89,6 +89,60 @@ def seeded_split(total: int, num_train: int, num_val: int, subset: int | None, s
         )
     perm = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
     return perm[:num_train], perm[num_train : num_train + num_val]
+
+
+def check_values(split: str, x: Tensor, y: Tensor, task: str = "regression", num_classes: int | None = None) -> None:
+    """:class:`~tplightning.errors.ConfigError` naming ``split`` and the count of bad values when a split's data cannot
+    be learned from or scored.
+
+    Refused: non-finite (NaN, inf) inputs or float targets; inputs that are all equal (constant data, e.g. inputs drawn
+    with a standard deviation of 0), and, for ``regression``, targets that are all equal; for ``classification`` with
+    ``num_classes``, labels outside ``[0, num_classes)``. A split of fewer than two items is never called constant.
+    Vectorised: one pass over each tensor (its per-feature minimum and maximum, in which NaN and inf show) and one
+    read of the flags; the bad values are counted only when there are some.
+
+    Args:
+        split: the split's name for the message (``train``, ``val``, ``test``).
+        x: inputs, first dimension the items.
+        y: targets (regression) or integer labels (classification).
+        task: ``regression`` or ``classification``.
+        num_classes: the number of classes (``None``: labels not checked).
+
+    >>> check_values("train", torch.randn(4, 2), torch.randn(4, 1))
+    >>> check_values("val", torch.tensor([[1.0, float("nan")], [0.0, float("inf")]]), torch.zeros(2, 1))
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: the val split holds 2 non-finite values (NaN or inf) in its inputs
+    """
+    n = len(x)
+    if n == 0:
+        return
+    flat_x, flat_y = x.reshape(n, -1), y.reshape(n, -1)
+    (x_lo, x_hi), (y_lo, y_hi) = torch.aminmax(flat_x, dim=0), torch.aminmax(flat_y, dim=0)  # one pass: NaN and inf show
+    regression = task != "classification"
+    labels = not regression and num_classes is not None and not y.is_floating_point()
+    true = x_lo.new_ones((), dtype=torch.bool)
+
+    def finite(lo: Tensor, hi: Tensor) -> Tensor:
+        return (torch.isfinite(lo) & torch.isfinite(hi)).all() if lo.is_floating_point() else true
+
+    flags = [finite(x_lo, x_hi), finite(y_lo, y_hi), (x_lo != x_hi).any() if n > 1 else true]
+    flags += [(y_lo != y_hi).any() if n > 1 and regression else true]
+    flags += [(y_lo.min() >= 0) & (y_hi.max() < num_classes) if labels and y_lo.numel() else true]
+    finite_x, finite_y, varied_x, varied_y, labels_ok = torch.stack([f.to("cpu") for f in flags]).tolist()
+    if not finite_x:
+        bad = int((~torch.isfinite(x)).sum())
+        raise ConfigError(f"the {split} split holds {bad} non-finite values (NaN or inf) in its inputs")
+    if not finite_y:
+        bad = int((~torch.isfinite(y)).sum())
+        raise ConfigError(f"the {split} split holds {bad} non-finite values (NaN or inf) in its targets")
+    if not varied_x:
+        raise ConfigError(f"the {split} split's {n} inputs are all equal (constant data: nothing to learn from or score)")
+    if not varied_y:
+        raise ConfigError(f"the {split} split's {n} targets are all equal (constant data: nothing to learn from or score)")
+    if not labels_ok:
+        bad = int(((y < 0) | (y >= num_classes)).sum())
+        raise ConfigError(f"the {split} split holds {bad} labels outside [0, {num_classes})")
 
 
 class TensorData(Dataset):
@@ -201,6 +255,13 @@ class TensorDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.shuffle_seed, self.shuffle = batch_size, eval_batch_size, shuffle_seed, shuffle
         self.train_data = self.val_data = self.test_data = None
         self.predict_data: TensorData | None = None  # None: the test split
+
+    def check_splits(self) -> None:
+        """:func:`check_values` on each split that :meth:`setup` filled (subclasses call it at the end of ``setup``)."""
+        for split in ("train", "val", "test"):
+            data = getattr(self, f"{split}_data")
+            if data is not None and len(data):
+                check_values(split, data.x, data.y, self.task, getattr(self, "output_dim", None))
 
     def _loader(self, data: TensorData, train: bool) -> DataLoader:
         if data is None:

@@ -199,3 +199,4 @@ class CIFAR10DataModule(TensorDataModule):
         self.val_data = TensorData(self._to_float(images[val]), labels[val])
         test_images, test_labels = read_batch(files["test_batch"])
         self.test_data = TensorData(self._to_float(test_images), test_labels)
+        self.check_splits()

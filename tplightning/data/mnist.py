@@ -342,3 +342,4 @@ class MNISTDataModule(TensorDataModule):
         self.val_data = TensorData(self._to_float(images[val]), labels[val])
         test_images, test_labels = self._load(files, "t10k")
         self.test_data = TensorData(self._to_float(test_images), test_labels)
+        self.check_splits()

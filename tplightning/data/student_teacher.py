@@ -80,6 +80,8 @@ class StudentTeacherDataModule(TensorDataModule):
         for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if n < 1:
                 raise ConfigError(f"{name} must be >= 1, got {n}")
+        if not (isinstance(input_std, (int, float)) and 0 < input_std < float("inf")):
+            raise ConfigError(f"input_std must be a finite number > 0 (0 draws constant inputs), got {input_std}")
         self.save_hyperparameters()
         g = torch.Generator().manual_seed(derive_seed(teacher_seed, "teacher"))
         self.teacher = MLP(sizes, teacher_activation, teacher_output_activation, teacher_negative_slope, False, teacher_std, generator=g)
@@ -103,3 +105,4 @@ class StudentTeacherDataModule(TensorDataModule):
             with torch.no_grad():
                 splits.append(TensorData(x, self.teacher(x)))
         self.train_data, self.val_data, self.test_data = splits
+        self.check_splits()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 from typing import Literal
@@ -19,6 +20,10 @@ from .state import CheckpointState
 
 __all__ = ["LearningRule", "DivergenceError", "DivergenceMonitor", "LinearDecay"]
 
+
+# the rules check their first training batch in on_after_batch_transfer (the one hook before the batch's own); Lightning
+# warns that a data module's hook of that name would take precedence, which is what a data module overriding it wants
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a")
 
 #: the end of a divergence message; the CLI replaces it with the exact command (or says no checkpoint exists yet)
 RESUME_HINT = ". No checkpoint was written after this step; resume from the last good one with --ckpt_path, with a smaller learning rate or target_stepsize."
@@ -210,6 +215,92 @@ def check_data(rule: "LearningRule", datamodule) -> None:
     expected = loss_for_task(task)
     if expected is not None and expected.task != rule.loss.task:
         raise ConfigError(f"loss={rule.loss.name!r} does not fit the data's task {task!r}; use loss={expected.name!r}")
+
+
+def check_batch(rule: "LearningRule", batch) -> None:
+    """:class:`~tplightning.errors.ConfigError` (option ``--data``) when a training batch does not fit ``rule``'s network.
+
+    A batch must be a pair ``(x, y)``: ``x`` of ``B`` items, float of the network's dtype, whose features (all
+    dimensions but the first) number ``sizes[0]``, and all finite; ``y`` of ``B`` items, for ``mse`` float targets of
+    shape ``(B, n_out)``, all finite, for ``cross_entropy`` integer labels of shape ``(B,)`` in ``[0, n_out)`` (one-hot
+    float targets are refused: the loss takes class indices). The values are read back from the device once (one
+    host sync), which is why the rules call it on the first training batch only.
+
+    Args:
+        rule: the rule whose network the batch must fit.
+        batch: the batch as the data module yields it (after the transfer to the device).
+
+    >>> import tplightning as tp
+    >>> rule = tp.BP(sizes=[3, 2], loss="cross_entropy")
+    >>> check_batch(rule, (torch.zeros(4, 3), torch.tensor([0, 1, 1, 0])))
+    >>> check_batch(rule, (torch.zeros(4, 3), torch.tensor([0, 1, 2, 5])))
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: the first training batch has 2 labels outside [0, 2) (smallest 0, largest 5)
+    """
+    def refuse(message: str):
+        raise ConfigError(f"the first training batch {message}", option="--data")
+
+    if not isinstance(batch, (list, tuple)) or len(batch) != 2 or not all(torch.is_tensor(t) for t in batch):
+        refuse(f"must be a pair of tensors (inputs, targets), got {type(batch).__name__}")
+    x, y = batch
+    n_in, n_out, dtype = rule.net.sizes[0], rule.output_dim, rule.dtype
+    features = int(torch.tensor(x.shape[1:]).prod()) if x.dim() > 1 else 1
+    if x.dim() < 2 or features != n_in:
+        refuse(f"has inputs of shape {tuple(x.shape)}: {features} features per item, the model's sizes[0] is {n_in}")
+    if x.dtype != dtype:
+        refuse(f"has inputs of dtype {x.dtype}, the model computes in {dtype}")
+    if len(y) != len(x):
+        refuse(f"has {len(x)} inputs but {len(y)} targets")
+    classes = rule.loss.task == "classification"
+    if classes and (y.is_floating_point() or y.dim() != 1):
+        refuse(f"has {y.dtype} targets of shape {tuple(y.shape)}; loss={rule.loss.name!r} takes integer class labels of "
+               f"shape ({len(x)},) (not one-hot rows)")  # fmt: skip
+    if not classes and (not y.is_floating_point() or tuple(y.shape) != (len(x), n_out)):
+        refuse(f"has {y.dtype} targets of shape {tuple(y.shape)}; loss={rule.loss.name!r} takes float targets of shape "
+               f"({len(x)}, {n_out})")  # fmt: skip
+    zero = x.new_zeros((), dtype=torch.long)
+    counts = [(~torch.isfinite(x)).sum(), (~torch.isfinite(y)).sum() if not classes else zero]
+    counts += [((y < 0) | (y >= n_out)).sum(), y.min().long(), y.max().long()] if classes and len(y) else [zero] * 3
+    bad_x, bad_y, bad_labels, low, high = torch.stack([c.long() for c in counts]).tolist()
+    if bad_x:
+        refuse(f"holds {bad_x} non-finite input values (NaN or inf): the data is broken, not the learning rate")
+    if bad_y:
+        refuse(f"holds {bad_y} non-finite target values (NaN or inf): the data is broken, not the learning rate")
+    if bad_labels:
+        refuse(f"has {bad_labels} labels outside [0, {n_out}) (smallest {low}, largest {high})")
+
+
+def check_eval_counts(rule: "LearningRule", prefix: str) -> None:
+    """Fail a validation or test epoch whose loss was NaN/inf in some batch (read once, at the epoch's end): a
+    :class:`~tplightning.errors.ConfigError` (option ``--data``) when those batches' inputs were non-finite, else a
+    :class:`DivergenceError` (the model's outputs are not finite). A NaN metric would otherwise be logged, and a
+    checkpoint monitoring it kept as the "best".
+
+    Args:
+        rule: the rule whose counts (:attr:`_eval_counts`, filled by its validation and test steps) are read and reset.
+        prefix: ``val`` or ``test``.
+
+    >>> import tplightning as tp
+    >>> rule = tp.BP(sizes=[3, 2])
+    >>> rule._eval_counts = {"val": torch.tensor([2, 2])}
+    >>> check_eval_counts(rule, "val")
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: the val loss is NaN or inf in 2 batches, whose inputs hold NaN or inf: ...
+    """
+    counts = getattr(rule, "_eval_counts", {}).pop(prefix, None)
+    if counts is None:
+        return
+    bad, bad_inputs = counts.tolist()
+    what = f"the {prefix} loss is NaN or inf in {bad} batch{'es' if bad != 1 else ''}"
+    if bad_inputs:
+        raise ConfigError(f"{what}, whose inputs hold NaN or inf: the {prefix} data is broken ({bad_inputs} "
+                          f"batch{'es' if bad_inputs != 1 else ''} with non-finite inputs); no metric or checkpoint "
+                          "is made from it", option="--data")  # fmt: skip
+    if bad:
+        raise DivergenceError(f"{what} (finite inputs): the model's outputs are not finite; no metric or checkpoint is "
+                              "made from them")  # fmt: skip
 
 
 def _as_list(x) -> list:
@@ -445,6 +536,23 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
             check_data(self, dm)
+        self._batch_unchecked = stage == "fit"  # the first training batch of this fit is checked (check_batch)
+        self._eval_counts: dict[str, Tensor] = {}
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """The first training batch of a fit, on the device, goes through :func:`check_batch` (once: later batches are
+        not read back); this hook runs before the batch's callbacks and step."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if getattr(self, "_batch_unchecked", False) and self._trainer is not None and self.trainer.training:
+            self._batch_unchecked = False
+            check_batch(self, batch)
+        return batch
+
+    def on_validation_epoch_end(self) -> None:
+        check_eval_counts(self, "val")
+
+    def on_test_epoch_end(self) -> None:
+        check_eval_counts(self, "test")
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -469,6 +577,12 @@ def _evaluate(rule: LearningRule, batch, metrics, prefix: str) -> Tensor:
     out = rule(x)
     loss = rule.loss_from_output(out, y)
     metrics.update(out, y)
+    # on the device, read once at the epoch's end (check_eval_counts): non-finite losses, of them with non-finite inputs
+    flags = torch.stack([~torch.isfinite(loss), ~torch.isfinite(x).all()]).long()
+    counts = getattr(rule, "_eval_counts", None)
+    if counts is None:
+        counts = rule._eval_counts = {}
+    counts[prefix] = flags if prefix not in counts else counts[prefix] + flags
     rule.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True, batch_size=x.shape[0])
     rule.log_dict(metrics, prog_bar=prefix == "val")
     return loss

@@ -88,6 +88,7 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
         feedback_pretrain_epochs: int = 0,
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
+        feedback_only: bool = False,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
 
@@ -142,6 +143,7 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_pretrain_epochs: int = 0,
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
+        feedback_only: bool = False,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
 
@@ -192,6 +194,7 @@ class DDTPLinear(_FreshFeedbackPass):
         feedback_pretrain_epochs: int = 0,
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
+        feedback_only: bool = False,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
 

@@ -74,6 +74,9 @@ class LearnedInverseRule(TargetPropRule):
             point of the feedback training (:func:`tplightning.functional.regularised_inverse`); ``random``
             draws Gaussian ``Q_i`` with std ``1/sqrt(n_{i+1})``.
         feedback_seed: seed of the feedback noise (offset by the DDP rank).
+        feedback_only: train only the feedback weights ``Q_i`` in every epoch (as in the pre-training epochs): the
+            forward weights stay as they are and the learning rates keep their initial values. The CLI refuses a forward
+            learning rate of 0 unless this is set (a run that would learn nothing).
 
     Attributes:
         feedback_map: the class of the learned maps, built with :attr:`feedback_options`:
@@ -117,6 +120,7 @@ class LearnedInverseRule(TargetPropRule):
         feedback_pretrain_epochs: int = 0,
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
+        feedback_only: bool = False,
     ):
         if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
             raise ConfigError(
@@ -131,6 +135,7 @@ class LearnedInverseRule(TargetPropRule):
         self.feedback_noise_std, self.feedback_weight_decay = feedback_noise_std, feedback_weight_decay
         self.feedback_iterations, self.feedback_batch_size = feedback_iterations, feedback_batch_size
         self.feedback_pretrain_epochs, self.feedback_init, self.feedback_seed = feedback_pretrain_epochs, feedback_init, feedback_seed
+        self.feedback_only = bool(feedback_only)
         self._noise_gen: torch.Generator | None = None
         self._noise_state: Tensor | None = None
 
@@ -206,7 +211,7 @@ class LearnedInverseRule(TargetPropRule):
             self.apply_gradients(opt, self.feedback_grads(hs, pre))
 
     def training_step(self, batch, batch_idx):
-        if self.current_epoch >= self.feedback_pretrain_epochs:
+        if self.current_epoch >= self.feedback_pretrain_epochs and not self.feedback_only:
             return super().training_step(batch, batch_idx)
         x, y = batch  # feedback pre-training: only Q learns
         with torch.no_grad():
@@ -218,7 +223,7 @@ class LearnedInverseRule(TargetPropRule):
         return loss
 
     def step_schedulers(self) -> None:
-        if self.current_epoch >= self.feedback_pretrain_epochs:  # the schedule starts with forward training
+        if self.current_epoch >= self.feedback_pretrain_epochs and not self.feedback_only:  # it starts with forward training
             super().step_schedulers()
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -384,6 +389,7 @@ class AOSDTP(OriginalDTP):
         feedback_pretrain_epochs: int = 0,
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
+        feedback_only: bool = False,
         aux_units: int | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))  # aux_units reaches make_network as a recorded argument (self.hparams)
@@ -452,5 +458,6 @@ class MTP(TPAI):
         feedback_pretrain_epochs: int = 0,
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
+        feedback_only: bool = False,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
