@@ -305,10 +305,31 @@ def _cli_kwargs(args: list[str]) -> dict:
     )
 
 
+def _last_good(cli) -> str | None:
+    """The newest checkpoint of this run that passed the divergence check (every checkpoint a rule writes must pass it
+    first), or ``None`` when the run wrote none."""
+    monitor = getattr(cli.model, "divergence", None)
+    if monitor is None or not monitor.checkpoints_passed:
+        return None
+    callback = cli.trainer.checkpoint_callback
+    for path in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")):
+        if path and Path(path).is_file():
+            return str(path)
+    return None
+
+
 def _divergence_advice(cli, args: Sequence[str]) -> str:
-    """The command that resumes from the last good checkpoint with a tenth of the forward learning rate."""
-    ckpt = getattr(cli.trainer.checkpoint_callback, "last_model_path", "") or ""
-    if not ckpt or not Path(ckpt).is_file():
+    """The command that resumes from the last good checkpoint with a tenth of the forward learning rate.
+
+    The last good checkpoint is the newest one this run wrote (each passed the divergence check before it was
+    written); when a resumed run diverges before writing one, it is the checkpoint it resumed from, offered again with
+    a tenth of the rate it was resumed with.
+    """
+    ckpt, resumed = _last_good(cli), cli.config.get("ckpt_path")
+    again = ckpt is None and _local_checkpoint(resumed) and Path(resumed).is_file()
+    if again:
+        ckpt = str(resumed)
+    if ckpt is None:
         return (
             ". No checkpoint had been written yet: rerun with a smaller learning rate "
             "(--model.init_args.forward_optimizer.init_args.lr) or target_stepsize."
@@ -327,8 +348,12 @@ def _divergence_advice(cli, args: Sequence[str]) -> str:
     new = ["--ckpt_path", ckpt, "--reapply_optimizer_config", "true"]
     if lr:
         new += ["--model.init_args.forward_optimizer.init_args.lr", f"{lr / 10:g}"]
-    return (". No checkpoint was written after this step. To continue from the last good one with a tenth of the learning "
-            "rate: python train.py " + shlex.join([*keep, *new]))  # fmt: skip
+    command = "python train.py " + shlex.join([*keep, *new])
+    if again:
+        return (f". The run resumed from {ckpt} diverged again before writing a checkpoint. To retry from the same "
+                f"checkpoint with a tenth of the learning rate again: {command}")  # fmt: skip
+    return (f". No checkpoint was written after this step. To continue from the last good one ({ckpt}, the newest that "
+            f"passed the check) with a tenth of the learning rate: {command}")  # fmt: skip
 
 
 def build(args: Sequence[str]) -> TPLightningCLI:
