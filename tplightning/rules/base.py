@@ -146,7 +146,7 @@ class DivergenceMonitor:
             return torch.isfinite(norms)
         initial = [self._initial.get(n) for n in tensors]
         bounds = torch.stack([norms.new_tensor(float("inf")) if v is None else v.to(norms.device) for v in initial])
-        return norms <= self.norm_guard * bounds.clamp(min=1.0)
+        return torch.isfinite(norms) & (norms <= self.norm_guard * bounds.clamp(min=1.0))  # a buffer's bound is inf
 
     def raise_pending(self) -> None:
         """Read the deferred step flags and the state's flags (one host sync); raise for the first non-finite step, or
