@@ -26,6 +26,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 import traceback
 import warnings
@@ -380,6 +381,16 @@ def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     raw = [a for a in (sys.argv[1:] if args is None else args) if a != "--traceback"]
     cli = build(raw)
     cli.trainer.callbacks.extend(callbacks)
+    try:
+        return _fit_and_test(cli, raw)
+    except Exception as err:
+        if distributed_failure(err):  # which process failed, for report's line; a frozen peer ends with this one
+            err.tplightning_rank = (cli.trainer.global_rank, cli.trainer.world_size)
+            _end_peers(cli.trainer)
+        raise
+
+
+def _fit_and_test(cli, raw: list[str]) -> dict:
     cfg = cli.config
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -392,6 +403,51 @@ def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
         results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
         test_metrics = results[0] if results else {}
     return {"cli": cli, "fit_metrics": fit_metrics, "test_metrics": test_metrics}
+
+
+def distributed_failure(err: BaseException) -> bool:
+    """Whether ``err`` is torch.distributed's report that the process group failed: a ``torch.distributed.DistError``
+    (``DistBackendError``, ``DistNetworkError``, ``DistStoreError``), or a ``RuntimeError`` raised inside
+    ``torch.distributed`` itself (gloo reports a dead peer, "Connection reset by peer", and a timed-out collective this
+    way). A ``RuntimeError`` of any other origin is not one (a bug keeps its traceback).
+
+    >>> distributed_failure(torch.distributed.DistBackendError("NCCL watchdog timeout"))
+    True
+    >>> distributed_failure(RuntimeError("shape mismatch"))
+    False
+    """
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+    return isinstance(err, RuntimeError) and bool(frames) and frames[-1].f_globals.get("__name__", "").startswith("torch.distributed")
+
+
+def distributed_message(err: BaseException) -> str:
+    """The one line :func:`report` prints for a :func:`distributed_failure`: the rank that saw it and torch's reason.
+
+    >>> err = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:61072: Connection reset by peer. This is typically ...")
+    >>> err.tplightning_rank = (0, 2)
+    >>> print(distributed_message(err))
+    error: rank 0 of 2: the distributed run failed: a peer process died or did not answer within the timeout (torch.distributed: Read error [127.0.0.1]:61072: Connection reset by peer); every process of the run ends (--traceback shows the traceback)
+    """
+    rank, world = getattr(err, "tplightning_rank", (None, None))
+    if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    who = f"rank {rank} of {world}" if rank is not None else "a process of the distributed run"
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if text.startswith("[") and "] " in text:  # the C++ source location gloo and NCCL put first
+        text = text.split("] ", 1)[1]
+    reason = text.split(". ")[0][:200]
+    return (f"error: {who}: the distributed run failed: a peer process died or did not answer within the timeout "
+            f"(torch.distributed: {reason}); every process of the run ends (--traceback shows the traceback)")  # fmt: skip
+
+
+def _end_peers(trainer) -> None:
+    """End the processes this one launched (Lightning's launcher ends them only on a keyboard interrupt): a stopped
+    (frozen) peer would otherwise outlive the run."""
+    kill = getattr(getattr(trainer.strategy, "launcher", None), "kill", None)
+    if kill is not None:
+        kill(signal.SIGKILL)
 
 
 def wants_traceback(args: Sequence[str]) -> bool:
@@ -422,6 +478,9 @@ def report(fn, args: list[str]):
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as err:
+        if distributed_failure(err):
+            print(distributed_message(err), file=sys.stderr)
+            raise SystemExit(1) from None
         message = short_message(err, args, getattr(err, "tplightning_options", ()), getattr(err, "tplightning_config_keys", ()),
                                 building=not _while_running(err))
         if message is None:
