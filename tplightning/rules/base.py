@@ -40,7 +40,7 @@ def check_optimizer_factory(name: str, factory) -> None:
 
 
 #: the default ``norm_guard`` of the rules (:class:`DivergenceMonitor`): far above what any shipped config reaches in
-#: training (docs/reliability.md has the measurements), far below float32's overflow
+#: training (docs/divergence.md has the measurements), far below float32's overflow
 NORM_GUARD = 1e3
 
 
