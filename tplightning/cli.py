@@ -17,8 +17,9 @@ What it adds:
 * the default progress bar redraws every :data:`PROGRESS_REFRESH` batches.
 
 Errors: an argument or config error (:func:`tplightning.errors.short_message`) prints a few lines and
-exits with status 2 (``--traceback`` or ``TPLIGHTNING_TRACEBACK=1`` shows the traceback); an exception
-raised while training or testing keeps its traceback.
+exits with status 2 (``--traceback`` or ``TPLIGHTNING_TRACEBACK=1`` shows the traceback); a failed DDP process group
+(a peer that died or did not answer within the strategy's timeout, :func:`distributed_failure`) prints one line naming
+the rank and exits with status 1; any other exception raised while training or testing keeps its traceback.
 """
 from __future__ import annotations
 
@@ -461,8 +462,9 @@ def _while_running(err: BaseException) -> bool:
 
 
 def report(fn, args: list[str]):
-    """Run ``fn(args)``: a user's error prints a few lines and exits 2, a divergence its message and exits 1; any other
-    exception (a bug, wherever it comes from) propagates with its traceback.
+    """Run ``fn(args)``: a user's error prints a few lines and exits 2, a divergence its message and exits 1, a failed
+    DDP process group one line (:func:`distributed_message`) and exits 1; any other exception (a bug, wherever it comes
+    from) propagates with its traceback.
 
     >>> def bad(args):
     ...     raise ConfigError("--epochs must be >= 1, got 0")
