@@ -18,8 +18,9 @@ What it adds:
 * the default progress bar redraws every :data:`PROGRESS_REFRESH` batches.
 
 Errors: an argument or config error (:func:`tplightning.errors.short_message`) prints a few lines and
-exits with status 2 (``--traceback`` or ``TPLIGHTNING_TRACEBACK=1`` shows the traceback); an exception
-raised while training or testing keeps its traceback.
+exits with status 2 (``--traceback`` or ``TPLIGHTNING_TRACEBACK=1`` shows the traceback); a failed DDP process group
+(a peer that died or did not answer within the strategy's timeout, :func:`distributed_failure`) prints one line naming
+the rank and exits with status 1; any other exception raised while training or testing keeps its traceback.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
 import traceback
 import warnings
@@ -362,10 +364,31 @@ def _cli_kwargs(args: list[str]) -> dict:
     )
 
 
+def _last_good(cli) -> str | None:
+    """The newest checkpoint of this run that passed the divergence check (every checkpoint a rule writes must pass it
+    first), or ``None`` when the run wrote none."""
+    monitor = getattr(cli.model, "divergence", None)
+    if monitor is None or not monitor.checkpoints_passed:
+        return None
+    callback = cli.trainer.checkpoint_callback
+    for path in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")):
+        if path and Path(path).is_file():
+            return str(path)
+    return None
+
+
 def _divergence_advice(cli, args: Sequence[str]) -> str:
-    """The command that resumes from the last good checkpoint with a tenth of the forward learning rate."""
-    ckpt = getattr(cli.trainer.checkpoint_callback, "last_model_path", "") or ""
-    if not ckpt or not Path(ckpt).is_file():
+    """The command that resumes from the last good checkpoint with a tenth of the forward learning rate.
+
+    The last good checkpoint is the newest one this run wrote (each passed the divergence check before it was
+    written); when a resumed run diverges before writing one, it is the checkpoint it resumed from, offered again with
+    a tenth of the rate it was resumed with.
+    """
+    ckpt, resumed = _last_good(cli), cli.config.get("ckpt_path")
+    again = ckpt is None and _local_checkpoint(resumed) and Path(resumed).is_file()
+    if again:
+        ckpt = str(resumed)
+    if ckpt is None:
         return (
             ". No checkpoint had been written yet: rerun with a smaller learning rate "
             "(--model.init_args.forward_optimizer.init_args.lr) or target_stepsize."
@@ -384,8 +407,12 @@ def _divergence_advice(cli, args: Sequence[str]) -> str:
     new = ["--ckpt_path", ckpt, "--reapply_optimizer_config", "true"]
     if lr:
         new += ["--model.init_args.forward_optimizer.init_args.lr", f"{lr / 10:g}"]
-    return (". No checkpoint was written after this step. To continue from the last good one with a tenth of the learning "
-            "rate: python train.py " + shlex.join([*keep, *new]))  # fmt: skip
+    command = "python train.py " + shlex.join([*keep, *new])
+    if again:
+        return (f". The run resumed from {ckpt} diverged again before writing a checkpoint. To retry from the same "
+                f"checkpoint with a tenth of the learning rate again: {command}")  # fmt: skip
+    return (f". No checkpoint was written after this step. To continue from the last good one ({ckpt}, the newest that "
+            f"passed the check) with a tenth of the learning rate: {command}")  # fmt: skip
 
 
 def check_seed(seed) -> None:
@@ -457,6 +484,16 @@ def main(args: Sequence[str] | None = None, callbacks: Sequence[pl.Callback] = (
     raw = [a for a in (sys.argv[1:] if args is None else args) if a != "--traceback"]
     cli = build(raw)
     cli.trainer.callbacks.extend(callbacks)
+    try:
+        return _fit_and_test(cli, raw)
+    except Exception as err:
+        if distributed_failure(err):  # which process failed, for report's line; a frozen peer ends with this one
+            err.tplightning_rank = (cli.trainer.global_rank, cli.trainer.world_size)
+            _end_peers(cli.trainer)
+        raise
+
+
+def _fit_and_test(cli, raw: list[str]) -> dict:
     cfg = cli.config
     refuse_idle_fit(cli.trainer, cli.model)
     try:
@@ -483,6 +520,51 @@ def _own_best(trainer) -> str:
     return best
 
 
+def distributed_failure(err: BaseException) -> bool:
+    """Whether ``err`` is torch.distributed's report that the process group failed: a ``torch.distributed.DistError``
+    (``DistBackendError``, ``DistNetworkError``, ``DistStoreError``), or a ``RuntimeError`` raised inside
+    ``torch.distributed`` itself (gloo reports a dead peer, "Connection reset by peer", and a timed-out collective this
+    way). A ``RuntimeError`` of any other origin is not one (a bug keeps its traceback).
+
+    >>> distributed_failure(torch.distributed.DistBackendError("NCCL watchdog timeout"))
+    True
+    >>> distributed_failure(RuntimeError("shape mismatch"))
+    False
+    """
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+    return isinstance(err, RuntimeError) and bool(frames) and frames[-1].f_globals.get("__name__", "").startswith("torch.distributed")
+
+
+def distributed_message(err: BaseException) -> str:
+    """The one line :func:`report` prints for a :func:`distributed_failure`: the rank that saw it and torch's reason.
+
+    >>> err = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:61072: Connection reset by peer. This is typically ...")
+    >>> err.tplightning_rank = (0, 2)
+    >>> print(distributed_message(err))
+    error: rank 0 of 2: the distributed run failed: a peer process died or did not answer within the timeout (torch.distributed: Read error [127.0.0.1]:61072: Connection reset by peer); every process of the run ends (--traceback shows the traceback)
+    """
+    rank, world = getattr(err, "tplightning_rank", (None, None))
+    if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    who = f"rank {rank} of {world}" if rank is not None else "a process of the distributed run"
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if text.startswith("[") and "] " in text:  # the C++ source location gloo and NCCL put first
+        text = text.split("] ", 1)[1]
+    reason = text.split(". ")[0][:200]
+    return (f"error: {who}: the distributed run failed: a peer process died or did not answer within the timeout "
+            f"(torch.distributed: {reason}); every process of the run ends (--traceback shows the traceback)")  # fmt: skip
+
+
+def _end_peers(trainer) -> None:
+    """End the processes this one launched (Lightning's launcher ends them only on a keyboard interrupt): a stopped
+    (frozen) peer would otherwise outlive the run."""
+    kill = getattr(getattr(trainer.strategy, "launcher", None), "kill", None)
+    if kill is not None:
+        kill(signal.SIGKILL)
+
+
 def wants_traceback(args: Sequence[str]) -> bool:
     return "--traceback" in args or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
@@ -494,8 +576,9 @@ def _while_running(err: BaseException) -> bool:
 
 
 def report(fn, args: list[str]):
-    """Run ``fn(args)``: a user's error prints a few lines and exits 2, a divergence its message and exits 1; any other
-    exception (a bug, wherever it comes from) propagates with its traceback.
+    """Run ``fn(args)``: a user's error prints a few lines and exits 2, a divergence its message and exits 1, a failed
+    DDP process group one line (:func:`distributed_message`) and exits 1; any other exception (a bug, wherever it comes
+    from) propagates with its traceback.
 
     >>> def bad(args):
     ...     raise ConfigError("--epochs must be >= 1, got 0")
@@ -511,6 +594,9 @@ def report(fn, args: list[str]):
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as err:
+        if distributed_failure(err):
+            print(distributed_message(err), file=sys.stderr)
+            raise SystemExit(1) from None
         message = short_message(err, args, getattr(err, "tplightning_options", ()), getattr(err, "tplightning_config_keys", ()),
                                 building=not _while_running(err))
         if message is None:

@@ -44,8 +44,14 @@ def check_optimizer_factory(name: str, factory) -> None:
                           f"got {factory!r}")  # fmt: skip
 
 
+#: the default ``norm_guard`` of the rules (:class:`DivergenceMonitor`): far above what any shipped config reaches in
+#: training (docs/divergence.md has the measurements), far below float32's overflow
+NORM_GUARD = 1e3
+
+
 class DivergenceError(RuntimeError):
-    """Raised when a loss becomes NaN/inf; no checkpoint is written after the bad step.
+    """Raised when a loss becomes NaN/inf, or a parameter or buffer non-finite or beyond the norm guard; no checkpoint
+    is written after the bad step.
 
     >>> issubclass(DivergenceError, RuntimeError)  # not a config error: the run itself went wrong
     True
@@ -53,17 +59,30 @@ class DivergenceError(RuntimeError):
 
 
 class DivergenceMonitor:
-    """Stops training with :class:`DivergenceError` naming the batch and the layer when a step's loss is NaN/inf.
+    """Stops training with :class:`DivergenceError` naming the batch, the layer and the tensors when a run diverges.
 
-    :meth:`check` takes a step's loss and activations. On the CPU it reads the finiteness flag at once (reading costs
-    nothing there). On an accelerator reading it would stall the host every step, so the step's flags (the loss and
-    each layer's activations finite) stay on the device until :meth:`raise_pending` reads them all at once; the rules
-    call it at every logging step, at the end of each epoch and before writing a checkpoint, so no checkpoint ever
-    follows a non-finite step.
+    Two checks:
+
+    * every step (:meth:`check`): the loss and each layer's activations are finite;
+    * at every read of the flags (:meth:`raise_pending`): every floating-point parameter and buffer of ``module``
+      (forward and feedback weights, kept inverses, batch-norm statistics) is finite, and every parameter's Frobenius
+      norm stays within the guard ``||T|| <= norm_guard * max(||T_0||, 1)``, where ``||T_0||`` is its norm at the
+      first checked step of training (saved in checkpoints, so a resumed run keeps the bound). The guard stops a run
+      whose weights explode before they overflow to inf; the ``max(., 1)`` keeps a tensor that starts near zero
+      (a zero bias) from tripping it on its first steps. Buffers are derived state and have no bound: a kept inverse's
+      norm is about ``1 / sigma_min(W)``, which grows by hundreds in normal TP-EI training. The state's norms are one
+      reduction per tensor, stacked on the device and read with the step flags in one host read.
+
+    On the CPU :meth:`check` reads the loss's flag at once (reading costs nothing there). On an accelerator reading it
+    would stall the host every step, so the step's flags (the loss and each layer's activations finite) stay on the
+    device until :meth:`raise_pending` reads them all at once; the rules call it at every logging step, at the end of
+    each epoch and before writing a checkpoint, so no checkpoint ever follows a non-finite step or holds a tensor
+    that fails the check.
 
     Args:
-        net: the network whose weights the message inspects.
+        module: the module whose parameters and buffers are checked (a rule passes itself).
         defer: ``None`` defers on accelerators only; ``True`` or ``False`` forces either way.
+        norm_guard: the factor of the norm guard; ``None`` checks finiteness only.
 
     >>> from tplightning.layers import Network, Dense
     >>> monitor = DivergenceMonitor(Network([Dense(2, 2)]), defer=True)
@@ -72,14 +91,49 @@ class DivergenceMonitor:
     Traceback (most recent call last):
     ...
     tplightning.rules.base.DivergenceError: training diverged at batch 7 (epoch 0): loss is nan, ...
+    >>> net = Network([Dense(2, 2)])
+    >>> monitor = DivergenceMonitor(net, norm_guard=10.0)
+    >>> monitor.check(torch.tensor(1.0), [torch.ones(1, 2), torch.ones(1, 2)], batch=3, epoch=0)
+    >>> with torch.no_grad():
+    ...     _ = net.layers[0].weight.fill_(100.0)
+    >>> monitor.raise_pending()
+    Traceback (most recent call last):
+    ...
+    tplightning.rules.base.DivergenceError: training diverged at batch 3 (epoch 0): non-finite tensors: none, parameter norms beyond norm_guard 10 x max(initial norm, 1): layers.0.weight 200 (initial ...
     """
 
-    def __init__(self, net: Network, defer: bool | None = None):
-        self.net, self.defer = net, defer
+    def __init__(self, module: torch.nn.Module, defer: bool | None = None, norm_guard: float | None = NORM_GUARD):
+        if norm_guard is not None and not norm_guard >= 1:
+            raise ConfigError(f"norm_guard must be >= 1 (or None: no guard), got {norm_guard}")
+        self.module, self.defer, self.norm_guard = module, defer, norm_guard
         self._pending: list[tuple[int, int, Tensor, Tensor]] = []
+        self._last = (0, 0)  # the batch and epoch of the last checked step
+        self._initial: dict[str, Tensor] | None = None  # 0-d norms on the device, recorded at the first check
+        #: checkpoints whose state passed the check (:meth:`passed_checkpoint`), in this process
+        self.checkpoints_passed = 0
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The floating-point parameters and buffers the check covers, by their ``state_dict`` names."""
+        found = dict(self.module.named_parameters())
+        found.update(self.module.named_buffers())
+        return {name: t.detach() for name, t in found.items() if t.is_floating_point()}
+
+    def initial_norms(self) -> dict[str, float]:
+        """``{name: ||T_0||}`` for a checkpoint (a host read: only when one is written)."""
+        return {} if self._initial is None else {n: float(v) for n, v in self._initial.items()}
+
+    def load_initial_norms(self, norms: dict[str, float] | None) -> None:
+        """Restore what :meth:`initial_norms` saved; nothing (older checkpoints): the first checked step records them."""
+        if norms:
+            device = next(iter(self.tensors().values()), torch.zeros(())).device
+            self._initial = {n: torch.tensor(float(v), device=device) for n, v in norms.items()}
 
     def check(self, loss: Tensor, activations: Sequence[Tensor], batch: int, epoch: int) -> None:
         """Raise at once, or keep the flags for :meth:`raise_pending`, when ``loss`` is not finite."""
+        self._last = (batch, epoch)
+        if self._initial is None:  # the first checked step: its weights are the initial ones (no host read)
+            params = {n for n, _ in self.module.named_parameters()}
+            self._initial = {n: torch.linalg.vector_norm(t.float()) for n, t in self.tensors().items() if n in params}
         defer = self.defer if self.defer is not None else loss.device.type != "cpu"
         if not defer:
             if not bool(torch.isfinite(loss)):
@@ -88,26 +142,71 @@ class DivergenceMonitor:
         flags = torch.stack([torch.isfinite(loss)] + [torch.isfinite(h).all() for h in activations])  # no host sync
         self._pending.append((batch, epoch, loss.detach(), flags))
 
-    def raise_pending(self) -> None:
-        """Read the deferred flags (one host sync) and raise for the first non-finite step."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        finite = torch.stack([flags[0] for *_, flags in pending]).tolist()
-        if all(finite):
-            return
-        batch, epoch, loss, flags = pending[finite.index(False)]
-        self._raise(batch, epoch, loss, flags[1:].tolist())
+    def _state_ok(self, tensors: dict[str, Tensor]) -> Tensor | None:
+        """One flag per tensor, on the device: finite, and within the guard (NaN and inf norms fail both)."""
+        if not tensors:
+            return None
+        norms = torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors.values()])
+        if self.norm_guard is None or self._initial is None:
+            return torch.isfinite(norms)
+        initial = [self._initial.get(n) for n in tensors]
+        bounds = torch.stack([norms.new_tensor(float("inf")) if v is None else v.to(norms.device) for v in initial])
+        return torch.isfinite(norms) & (norms <= self.norm_guard * bounds.clamp(min=1.0))  # a buffer's bound is inf
 
-    def _raise(self, batch: int, epoch: int, loss: Tensor, finite_layers: list[bool]) -> None:
-        layer = finite_layers.index(False) if False in finite_layers else None
-        bad_w = [i for i, W in enumerate(self.net.weights, start=1) if not bool(torch.isfinite(W).all())]
-        where = f"layer {layer}" if layer is not None else "the output loss"
-        raise DivergenceError(
-            f"training diverged at batch {batch} (epoch {epoch}): loss is "
-            f"{loss.item()}, first non-finite activation in {where}, non-finite weights in layers "
-            f"{bad_w or 'none'}" + RESUME_HINT
-        )
+    def raise_pending(self) -> None:
+        """Read the deferred step flags and the state's flags (one host sync); raise for the first non-finite step, or
+        for the tensors that fail the check."""
+        pending, self._pending = self._pending, []
+        tensors = self.tensors()
+        state = self._state_ok(tensors)
+        parts = [flags[:1] for *_, flags in pending] + ([state.to(torch.bool)] if state is not None else [])
+        if not parts:
+            return
+        read = torch.cat([p.to(parts[-1].device) for p in parts]).tolist()
+        steps = read[: len(pending)]
+        if not all(steps):
+            batch, epoch, loss, flags = pending[steps.index(False)]
+            self._raise(batch, epoch, loss, flags[1:].tolist())
+        if not all(read[len(pending):]):
+            self._raise(*self._last)
+
+    def passed_checkpoint(self) -> None:
+        """The check before a checkpoint: :meth:`raise_pending`, then count the checkpoint as good."""
+        self.raise_pending()
+        self.checkpoints_passed += 1
+
+    def failures(self, tensors: dict[str, Tensor] | None = None) -> tuple[list[str], list[str]]:
+        """The names of the non-finite tensors and ``"name norm (initial n)"`` of those beyond the guard (host reads:
+        for the message)."""
+        tensors = self.tensors() if tensors is None else tensors
+        bad = [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        big = []
+        if self.norm_guard is not None and self._initial is not None:
+            for n, t in tensors.items():
+                norm, start = float(torch.linalg.vector_norm(t.float())), self._initial.get(n)
+                if n not in bad and start is not None and not norm <= self.norm_guard * max(float(start), 1.0):
+                    big.append(f"{n} {norm:.3g} (initial {float(start):.3g})")
+        return bad, big
+
+    def _raise(self, batch: int, epoch: int, loss: Tensor | None = None, finite_layers: list[bool] | None = None) -> None:
+        parts = []
+        if loss is not None:
+            layer = finite_layers.index(False) if finite_layers and False in finite_layers else None
+            where = f"layer {layer}" if layer is not None else "the output loss"
+            parts.append(f"loss is {loss.item()}, first non-finite activation in {where}")
+        bad, big = self.failures()
+        parts.append(f"non-finite tensors: {_names(bad)}")
+        if big:
+            parts.append(f"parameter norms beyond norm_guard {self.norm_guard:g} x max(initial norm, 1): {_names(big)}")
+        raise DivergenceError(f"training diverged at batch {batch} (epoch {epoch}): " + ", ".join(parts) + RESUME_HINT)
+
+
+def _names(items: list[str], most: int = 6) -> str:
+    """``a, b, c`` (``none`` for no item, the first ``most`` and a count of the others for many)."""
+    if not items:
+        return "none"
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 def abstract_rule_message(name: str) -> str:
@@ -341,6 +440,8 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         network: the layers to train instead of the MLP of ``sizes`` (e.g. a small CNN: a list of
             :class:`~tplightning.layers.Conv2d` and :class:`~tplightning.layers.Dense`); ``sizes``,
             ``activation``, ``negative_slope``, ``bias``, ``init_std`` and ``init`` then do not apply.
+        norm_guard: training stops (:class:`DivergenceError`) when a parameter's norm exceeds ``norm_guard`` times
+            ``max(its initial norm, 1)``, before it overflows to inf (:class:`DivergenceMonitor`); ``None``: no guard.
 
     Example (a concrete rule; tiny sizes):
 
@@ -368,6 +469,7 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["forward_optimizer", "feedback_optimizer", "network"])
@@ -389,7 +491,7 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         for i, layer in enumerate(self.net.layers, start=1):
             if i not in self.train_layers:
                 layer.requires_grad_(False)
-        self.divergence = DivergenceMonitor(self.net)
+        self.divergence = DivergenceMonitor(self, norm_guard=norm_guard)
         self.window_loss, self.epoch_loss = RunningMean(), RunningMean()  # train/loss and train/loss_epoch
         self.val_metrics = torchmetrics.MetricCollection(self.loss.metric(self.output_dim), prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
@@ -556,8 +658,13 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.divergence.raise_pending()  # before the file is written: no checkpoint after a non-finite step
+        self.divergence.passed_checkpoint()  # before the file is written: no checkpoint of a state that fails the check
         super().on_save_checkpoint(checkpoint)
+        checkpoint["tplightning"]["initial_norms"] = self.divergence.initial_norms()  # the guard's bounds on resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.divergence.load_initial_norms(checkpoint.get("tplightning", {}).get("initial_norms"))
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
