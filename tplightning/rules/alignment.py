@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..layers import Dense, Layer
 from ..target_maps import DirectFeedback, FeedbackAlignment, TrainedFeedback
 from .arguments import arguments_for
-from .base import build_optimizer, check_optimizer_factory
+from .base import NORM_GUARD, build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
 __all__ = ["FA", "DFA", "BDFA"]
@@ -55,6 +55,7 @@ class FA(TargetPropRule):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 1.0,
         layer_seed: int = 0,
@@ -122,6 +123,7 @@ class BDFA(FA):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 1.0,
         layer_seed: int = 0,

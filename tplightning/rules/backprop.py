@@ -10,7 +10,7 @@ from .._lightning import OptimizerCallable
 from ..errors import ConfigError
 from ..layers import Layer
 from .arguments import arguments_for
-from .base import LearningRule
+from .base import NORM_GUARD, LearningRule
 
 __all__ = ["BP", "BPFixed"]
 
@@ -63,6 +63,7 @@ class BPFixed(BP):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = (-1,),
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
     ):
         if train_layers not in (None, [-1], (-1,)):
             raise ConfigError(f"BPFixed always trains only the output layer; got train_layers={train_layers}")

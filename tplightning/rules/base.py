@@ -651,6 +651,7 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         return batch
 
     def on_validation_epoch_end(self) -> None:
+        self.divergence.raise_pending()  # a training step's divergence, not its consequence on the validation outputs
         check_eval_counts(self, "val")
 
     def on_test_epoch_end(self) -> None:

@@ -25,6 +25,7 @@ from ..layers import Layer
 from ..target_maps import DifferenceReconstruction, DirectLinear, LocalDifferenceReconstruction
 from .arguments import arguments_for
 from .learned import LearnedInverseRule, OriginalDTP
+from .base import NORM_GUARD
 
 __all__ = ["DRL", "DDTPLinear", "LDRL"]
 
@@ -74,6 +75,7 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
         layer_seed: int = 0,
@@ -129,6 +131,7 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
         layer_seed: int = 0,
@@ -180,6 +183,7 @@ class DDTPLinear(_FreshFeedbackPass):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
         layer_seed: int = 0,

@@ -22,6 +22,7 @@ from ..selection import RandomLayer
 from ..target_maps import Difference, ExactInverse
 from .arguments import arguments_for
 from .target_prop import TargetPropRule
+from .base import NORM_GUARD
 
 __all__ = ["ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI"]
 
@@ -71,6 +72,7 @@ class ExactInverseRule(TargetPropRule):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
         layer_seed: int = 0,

@@ -33,7 +33,7 @@ from ..losses import D_INVERSE
 from ..selection import RandomLayer
 from ..target_maps import Difference, GradientTarget, OriginalInverse, Step, TargetMap, ThesisInverse, check_feedback_options
 from .arguments import arguments_for
-from .base import build_optimizer, check_optimizer_factory
+from .base import NORM_GUARD, build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
 __all__ = [
@@ -106,6 +106,7 @@ class LearnedInverseRule(TargetPropRule):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
         layer_seed: int = 0,
@@ -375,6 +376,7 @@ class AOSDTP(OriginalDTP):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
         layer_seed: int = 0,
@@ -444,6 +446,7 @@ class MTP(TPAI):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
         layer_seed: int = 0,

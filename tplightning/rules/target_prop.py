@@ -29,7 +29,7 @@ from ..normalization import InputNormalization
 from ..selection import AllLayers, LayerSelection
 from ..target_maps import Step, TargetMap, plain
 from .arguments import arguments_for
-from .base import LearningRule
+from .base import NORM_GUARD, LearningRule
 
 __all__ = ["TargetPropRule"]
 
@@ -89,6 +89,7 @@ class TargetPropRule(LearningRule):
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
         network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
         layer_seed: int = 0,
