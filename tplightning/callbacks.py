@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ._lightning import check_same_lightning, pl
+from .checkpoints import install_atomic_io
 from .data.base import derive_seed
 from .errors import ConfigError
 
@@ -83,6 +84,10 @@ class Checkpoint(pl.callbacks.ModelCheckpoint):
     epoch's validation). Every argument is ``ModelCheckpoint``'s; ``save_last`` (default ``True``) switches
     ``last.ckpt`` on or off.
 
+    At ``setup`` it gives the trainer an :class:`~tplightning.checkpoints.AtomicCheckpointIO` (unless the trainer has
+    a checkpoint plugin of its own): every checkpoint of the run, its own and Lightning's, is written to a temporary
+    file in the same folder and renamed into place, and carries a content digest checked when it is read.
+
     >>> Checkpoint(dirpath="ckpt", monitor="val/loss").write_last
     True
     """
@@ -90,6 +95,10 @@ class Checkpoint(pl.callbacks.ModelCheckpoint):
     def __init__(self, *args, save_last: bool | None = True, **kwargs):
         super().__init__(*args, save_last=False, **kwargs)
         self.write_last = bool(save_last)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        install_atomic_io(trainer)
+        super().setup(trainer, pl_module, stage)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
