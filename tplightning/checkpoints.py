@@ -34,7 +34,7 @@ from ._lightning import pl
 from .errors import ConfigError
 
 __all__ = ["load", "read", "recorded_class", "class_path_of", "check_fits", "content_digest", "AtomicCheckpointIO",
-           "install_atomic_io", "CHECKSUM_KEY", "describe_factory", "build_factory"]
+           "install_atomic_io", "CHECKSUM_KEY", "describe_factory", "build_factory", "recorded_optimizers"]
 
 #: the checkpoint key holding :func:`content_digest` of the rest of the checkpoint
 CHECKSUM_KEY = "tplightning_sha256"
@@ -278,6 +278,60 @@ def load(checkpoint_path: str | Path, map_location=None, **kwargs):
     if not callable(getattr(cls, "load_from_checkpoint", None)):
         raise TypeError(f"checkpoint {checkpoint_path} holds a {class_path_of(cls)}, which is not a tplightning rule")
     return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+
+
+def describe_factory(factory) -> dict | None:
+    """An optimizer factory as plain data, ``{"class_path", "init_args"}``, or ``None`` when it is not an optimizer class
+    or a ``functools.partial`` of one with keyword arguments only (as Python code and jsonargparse's configs build it).
+
+    >>> describe_factory(functools.partial(torch.optim.AdamW, lr=0.003, weight_decay=0.05))
+    {'class_path': 'torch.optim.adamw.AdamW', 'init_args': {'lr': 0.003, 'weight_decay': 0.05}}
+    >>> describe_factory(lambda params: torch.optim.SGD(params, lr=0.1)) is None
+    True
+    """
+    def optimizer_class(obj) -> bool:
+        return isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)
+
+    if optimizer_class(factory):
+        return {"class_path": class_path_of(factory), "init_args": {}}
+    if not isinstance(factory, functools.partial):
+        return None
+    if optimizer_class(factory.func) and not factory.args:
+        cls = factory.func
+    else:  # jsonargparse's partial(call_without_instantiate_context, instantiator, cls, **init_args)
+        classes = [a for a in factory.args if optimizer_class(a)]
+        if len(classes) != 1 or factory.args[-1] is not classes[0] or getattr(factory.func, "__module__", "").split(".")[0] != "jsonargparse":
+            return None
+        cls = classes[0]
+    return {"class_path": class_path_of(cls), "init_args": dict(factory.keywords)}
+
+
+def build_factory(description: dict):
+    """The optimizer factory that :func:`describe_factory` described: ``functools.partial(cls, **init_args)``.
+
+    >>> build_factory({"class_path": "torch.optim.adamw.AdamW", "init_args": {"lr": 0.003}})
+    functools.partial(<class 'torch.optim.adamw.AdamW'>, lr=0.003)
+    """
+    return functools.partial(_import(description["class_path"]), **description.get("init_args", {}))
+
+
+def recorded_optimizers(ckpt: dict, checkpoint_path="checkpoint") -> dict:
+    """``{argument: factory}`` for the optimizer factories a checkpoint records (``checkpoint["tplightning"]
+    ["optimizers"]``); a factory that could not be recorded is left out, with a warning; a checkpoint written before
+    they were recorded gives ``{}``.
+
+    >>> recorded_optimizers({"tplightning": {"optimizers": {"forward_optimizer": {"class_path": "torch.optim.SGD",
+    ...                                                                         "init_args": {"lr": 0.1}}}}})
+    {'forward_optimizer': functools.partial(<class 'torch.optim.sgd.SGD'>, lr=0.1)}
+    """
+    found = {}
+    for name, description in ((ckpt.get("tplightning") or {}).get("optimizers") or {}).items():
+        if description is None:
+            warnings.warn(f"{checkpoint_path}: {name} was not an optimizer class or a partial of one, so it was not "
+                          f"recorded; the loaded rule has its default {name}; pass {name}=... to choose it", UserWarning, stacklevel=3)  # fmt: skip
+            continue
+        found[name] = build_factory(description)
+    return found
 
 
 def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:

@@ -11,7 +11,7 @@ import torchmetrics
 from torch import Tensor
 
 from .._lightning import OptimizerCallable, pl
-from ..checkpoints import recorded_class
+from ..checkpoints import describe_factory, read as read_checkpoint, recorded_class, recorded_optimizers
 from ..errors import ConfigError
 from ..layers import Layer, Network, build_network, resolve_layers
 from ..losses import get_loss, loss_for_task
@@ -433,16 +433,23 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.divergence.raise_pending()  # before the file is written: no checkpoint after a non-finite step
         super().on_save_checkpoint(checkpoint)
+        # the optimizer factories and the schedule as plain data: load_from_checkpoint rebuilds the rule with them
+        names = [n for n in ("forward_optimizer", "feedback_optimizer") if hasattr(self, n)]
+        checkpoint["tplightning"]["optimizers"] = {n: describe_factory(getattr(self, n)) for n in names}
+        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        checkpoint["tplightning"]["schedule"] = {"lr_final_factor": self.lr_final_factor, "epochs": epochs}
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's ``load_from_checkpoint``, building the rule class the checkpoint records (see :mod:`tplightning.checkpoints`)."""
+        """Lightning's ``load_from_checkpoint``, building the rule class the checkpoint records with the optimizer
+        factories it records (see :mod:`tplightning.checkpoints`; ``forward_optimizer=...`` and the like override them)."""
         target = recorded_class(checkpoint_path, cls)
         if inspect.isabstract(target):
             raise ConfigError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with the rule's own "
                               "class, e.g. tplightning.DTPAI.load_from_checkpoint(path)")  # fmt: skip
         if target is not cls:
             return target.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        kwargs = {**recorded_optimizers(read_checkpoint(checkpoint_path), checkpoint_path), **kwargs}
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
 
