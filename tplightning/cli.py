@@ -158,7 +158,7 @@ def newest_last_checkpoint(roots: Sequence[Path]) -> Path:
     ...
     tplightning.errors.ConfigError: --ckpt_path last: no /nonexistent/dtp/version_*/checkpoints/last.ckpt to resume from; train without --ckpt_path first, or give a checkpoint file
     """
-    found = []
+    found, roots = [], list(dict.fromkeys(roots))  # the CSV and TensorBoard loggers of a run share a folder
     for root in roots:
         for path in root.glob("version_*/checkpoints/last.ckpt"):
             number = path.parent.parent.name[len("version_"):]
