@@ -114,3 +114,22 @@ def test_load_of_a_cli_run_brings_its_optimizers_back():
     assert type(forward) is torch.optim.SGD and forward.defaults["lr"] == 0.1
     assert type(feedback) is torch.optim.SGD and feedback.defaults["lr"] == 0.01
     assert tp.load(_last(0), forward_optimizer=ADAMW).build_optimizers()[0].defaults["lr"] == 0.003  # an override wins
+
+
+def test_max_steps_counts_batches():
+    out = main(["--config", "dtp.yaml", "--trainer.max_steps", "30", "--test_on", "none", *QUIET])
+    assert out["cli"].model.batches_seen == 30 and out["cli"].trainer.global_step == 30
+    assert torch.load(_last(0), weights_only=False)["global_step"] == 30
+
+
+@pytest.mark.parametrize("end", [30, 90])  # within the stopped epoch, and across the next epoch's boundary
+def test_a_resume_after_a_max_steps_stop_is_exact(end):
+    run = ["--config", "dtp.yaml", "--test_on", "none", *QUIET]
+    main([*run, "--trainer.max_steps", "20"])
+    assert torch.load(_last(0), weights_only=False)["global_step"] == 20
+    resumed = main([*run, "--trainer.max_steps", str(end), "--ckpt_path", str(_last(0))])
+    straight = main([*run, "--trainer.max_steps", str(end)])
+    assert resumed["cli"].model.batches_seen == straight["cli"].model.batches_seen == end
+    _assert_same(resumed["cli"].model, straight["cli"].model)
+    lr = [o.param_groups[0]["lr"] for out in (resumed, straight) for o in out["cli"].trainer.optimizers[:1]]
+    assert lr[0] == lr[1] == (0.1 if end == 30 else 0.1 * tp.rules.base.LinearDecay(60, 0.2)(1))

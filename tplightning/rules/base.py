@@ -372,7 +372,17 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
             self.log("train/loss_epoch", self.epoch_loss.compute(), on_step=False, on_epoch=True, sync_dist=True)
         self.window_loss.reset()
         self.epoch_loss.reset()
-        self.step_schedulers()
+        if self.epoch_finished():
+            self.step_schedulers()
+
+    def epoch_finished(self) -> bool:
+        """Whether the training epoch ending now ran all its batches (``False`` when ``max_steps`` stopped it midway:
+        its schedule must not move on, or a run resumed from its checkpoint would finish the epoch at the next
+        epoch's rate)."""
+        if self._trainer is None:
+            return True
+        total = self.trainer.num_training_batches
+        return total == float("inf") or self.trainer.fit_loop.epoch_loop.batch_progress.current.completed >= total
 
     # ----------------------------------------------------------------------------- optimizers
     def feedback_parameters(self) -> list[Tensor]:
@@ -411,6 +421,26 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         optimizer.zero_grad(set_to_none=True)
         for p, g in grads.items():
             p.grad = self.trainer.strategy.reduce(g, reduce_op="mean") if distributed else g
+        self.step_optimizer(optimizer)
+
+    #: the ``batches_seen`` of the last batch whose optimizer step Lightning counted (see :meth:`step_optimizer`)
+    _counted_batch: int = -1
+
+    def step_optimizer(self, optimizer) -> None:
+        """``optimizer.step()``, counted by Lightning once per training batch.
+
+        Lightning's ``global_step`` (and so ``Trainer(max_steps=...)``, ``every_n_train_steps`` and the ``step=`` of
+        checkpoint names) counts the steps of the optimizers it wraps (``self.optimizers()``); a target-propagation
+        batch steps two (feedback and forward) or more. So the first step of a batch goes through Lightning's wrapper
+        and counts, and the others go to the wrapped torch optimizer (``LightningOptimizer.optimizer``): ``global_step``
+        counts batches for every rule, as ``max_steps`` means. The uncounted steps skip Lightning's
+        ``on_before_optimizer_step`` hooks and its precision plugin's step (the updates are set in closed form, not by a
+        scaled backward pass).
+        """
+        if self._counted_batch == self.batches_seen or self._trainer is None:
+            getattr(optimizer, "optimizer", optimizer).step()
+            return
+        self._counted_batch = self.batches_seen
         optimizer.step()
 
     # ----------------------------------------------------------------------------- eval
