@@ -69,6 +69,10 @@ def test_a_resume_from_a_run_folder_keeps_its_version():
         main([*run, "--trainer.max_epochs", str(epochs), "--ckpt_path", str(_last(0))])
     assert sorted(p.name for p in RUNS.iterdir()) == ["version_0"]
     assert torch.load(_last(0), weights_only=False)["epoch"] == 2
+    rows = (RUNS / "version_0" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,step,train/loss,train/loss_epoch,val/loss,val/mse"
+    assert sorted({r.split(",")[0] for r in rows[1:]}) == ["0", "1", "2"]  # every epoch's rows, the first run's kept
+    assert [r.split(",")[1] for r in rows[1:] if r.split(",")[3]] == ["59", "119", "179"]  # train/loss_epoch per epoch
 
 
 class StopAfterEpoch(pl.Callback):

@@ -102,7 +102,15 @@ class Checkpoint(pl.callbacks.ModelCheckpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        resume_mid_epoch(trainer)
+        if resume_mid_epoch(trainer):  # Lightning's warning that this resume is unreliable no longer applies
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE)
+            self._filter = warnings.filters[0]
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if getattr(self, "_filter", None) in warnings.filters:
+            warnings.filters.remove(self._filter)
+        self._filter = None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -111,6 +119,10 @@ class Checkpoint(pl.callbacks.ModelCheckpoint):
         metrics = {"epoch": trainer.current_epoch, "step": trainer.global_step, **trainer.callback_metrics}
         self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
         trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
+
+
+#: the start of Lightning's warning about a resume from the middle of an epoch with a loader that keeps no state
+_NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 class _SkipFirst(torch.utils.data.Sampler):

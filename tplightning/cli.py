@@ -226,6 +226,24 @@ def _culprit(err: ConfigError, config) -> None:
         err.option, err.given = f"--{section}.init_args.{best[0]}", value.get(best[0])
 
 
+def _keep_csv_history(trainer) -> None:
+    """Keep the rows of a resumed run's ``metrics.csv``: Lightning's CSV logger deletes the file it finds in its folder
+    (with a warning that it will); the rows are written back and the logger continues the file with their columns."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if not isinstance(logger, pl.loggers.CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        old = path.read_text() if path.is_file() else None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            writer = logger.experiment  # created now: it removes the file
+        if old:
+            path.write_text(old)
+            writer.metrics_keys = old.splitlines()[0].split(",")
+
+
 class TPLightningCLI(LightningCLI):
     """``LightningCLI`` with ``--ckpt_path``, ``--test_on``, ``--threads`` and ``--reapply_optimizer_config`` (see the
     module's docstring); ``train.py`` builds it with ``run=False``."""
@@ -297,6 +315,7 @@ class TPLightningCLI(LightningCLI):
         if not loggers:
             return
         resumed = _run_version(Path(ckpt), _logger_roots(loggers)) if fit and _local_checkpoint(ckpt) else None
+        self._resumed_in_place = resumed is not None and not any(init.get("version") is not None for init in loggers)
         if self.subcommand in _EVALUATE and _local_checkpoint(ckpt) and Path(ckpt).is_file():
             ckpt = Path(ckpt).resolve()
             run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -332,6 +351,8 @@ class TPLightningCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=PROGRESS_REFRESH)]
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_io(trainer)
+        if getattr(self, "_resumed_in_place", False):
+            _keep_csv_history(trainer)
         section = self._section()
         if self._checkpoint is not None:  # another rule's or another network's weights: a short error
             check_fits(self.model, section["ckpt_path"], self._checkpoint)
