@@ -137,3 +137,13 @@ def test_a_resume_after_a_max_steps_stop_is_exact(end):
     _assert_same(resumed["cli"].model, straight["cli"].model)
     lr = [o.param_groups[0]["lr"] for out in (resumed, straight) for o in out["cli"].trainer.optimizers[:1]]
     assert lr[0] == lr[1] == (0.1 if end == 30 else 0.1 * tp.rules.base.LinearDecay(60, 0.2)(1))
+
+
+def test_an_optimizer_that_cannot_be_recorded_is_named_on_load(tmp_path):
+    rule = tp.BP(sizes=[6, 6, 6], forward_optimizer=lambda params: torch.optim.SGD(params, lr=0.2))
+    trainer = quiet_trainer(enable_checkpointing=True, callbacks=[tp.Checkpoint(dirpath=tmp_path, save_top_k=0)])
+    trainer.fit(rule, datamodule=tiny_data())
+    with pytest.warns(UserWarning, match=r"forward_optimizer was not an optimizer class or a partial of one, so it was "
+                                         r"not recorded; the loaded rule has its default forward_optimizer"):
+        loaded = tp.load(tmp_path / "last.ckpt")
+    assert loaded.forward_optimizer is torch.optim.SGD
