@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tplightning as tp
-from conftest import quiet_trainer, tiny_data
+from conftest import RULES, make_rule, quiet_trainer, tiny_data
 from tplightning._lightning import pl
 from tplightning.errors import ConfigError
 from train import main
@@ -124,6 +124,16 @@ def test_max_steps_counts_batches():
     out = main(["--config", "dtp.yaml", "--trainer.max_steps", "30", "--test_on", "none", *QUIET])
     assert out["cli"].model.batches_seen == 30 and out["cli"].trainer.global_step == 30
     assert torch.load(_last(0), weights_only=False)["global_step"] == 30
+
+
+def test_max_steps_counts_batches_for_every_rule():
+    trained = {}
+    for name in RULES:
+        rule = make_rule(name)
+        trainer = quiet_trainer(max_epochs=-1, max_steps=11)  # 8 batches per epoch: the stop falls in epoch 1
+        trainer.fit(rule, datamodule=tiny_data())
+        trained[name] = (rule.batches_seen, trainer.global_step)
+    assert trained == {name: (11, 11) for name in RULES}
 
 
 @pytest.mark.parametrize("end", [30, 90])  # within the stopped epoch, and across the next epoch's boundary
