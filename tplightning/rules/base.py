@@ -435,11 +435,17 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         and counts, and the others go to the wrapped torch optimizer (``LightningOptimizer.optimizer``): ``global_step``
         counts batches for every rule, as ``max_steps`` means. The uncounted steps skip Lightning's
         ``on_before_optimizer_step`` hooks and its precision plugin's step (the updates are set in closed form, not by a
-        scaled backward pass). Lightning counts only steps taken inside ``training_step``, so a rule whose batch may
+        scaled backward pass). With a gradient scaler (``16-mixed`` on a GPU) every step goes through the precision
+        plugin, which unscales and checks the gradients, so there ``global_step`` counts optimizer steps (two or more
+        per target-propagation batch). Lightning counts only steps taken inside ``training_step``, so a rule whose batch may
         change no optimizer's parameters (an exact-inverse layer drawn by RTP-EI) still calls it, with no gradients
         set (a no-op step).
         """
-        if self._counted_batch == self.batches_seen or self._trainer is None:
+        if self._trainer is None:
+            optimizer.step()
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if self._counted_batch == self.batches_seen and scaler is None:
             getattr(optimizer, "optimizer", optimizer).step()
             return
         self._counted_batch = self.batches_seen
