@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 import warnings
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def test_resume_from_last_ckpt_continues_exactly():
 
 def test_resume_override_is_warned_or_reapplied():
     main(["--config", "dtp.yaml", "--trainer.max_epochs", "1", "--test_on", "none", *QUIET])
-    resume = ["--config", "dtp.yaml", "--trainer.max_epochs", "2", "--ckpt_path", str(LAST), "--test_on", "none", *QUIET]
+    start = Path("start.ckpt")  # a copy outside the run folder: a resume from LAST would rewrite LAST itself
+    shutil.copy(LAST, start)
+    resume = ["--config", "dtp.yaml", "--trainer.max_epochs", "2", "--ckpt_path", str(start), "--test_on", "none", *QUIET]
     new_lr = ["--model.init_args.forward_optimizer.init_args.lr", "0.05"]
     with pytest.warns(UserWarning, match=r"forward_optimizer\.lr: config 0\.05, checkpoint 0\.1.*--reapply_optimizer_config true"):
         ignored = main([*resume, *new_lr])

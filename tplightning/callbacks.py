@@ -8,10 +8,11 @@ from collections.abc import Sequence
 import torch
 
 from ._lightning import check_same_lightning, pl
+from .checkpoints import install_atomic_io
 from .data.base import derive_seed
 from .errors import ConfigError
 
-__all__ = ["InitNearTeacher", "Checkpoint", "ReapplyOptimizerConfig"]
+__all__ = ["InitNearTeacher", "Checkpoint", "ReapplyOptimizerConfig", "resume_mid_epoch"]
 
 
 class InitNearTeacher(pl.Callback):
@@ -88,6 +89,10 @@ class Checkpoint(pl.callbacks.ModelCheckpoint):
     epoch's validation). Every argument is ``ModelCheckpoint``'s; ``save_last`` (default ``True``) switches
     ``last.ckpt`` on or off.
 
+    At ``setup`` it gives the trainer an :class:`~tplightning.checkpoints.AtomicCheckpointIO` (unless the trainer has
+    a checkpoint plugin of its own): every checkpoint of the run, its own and Lightning's, is written to a temporary
+    file in the same folder and renamed into place, and carries a content digest checked when it is read.
+
     >>> Checkpoint(dirpath="ckpt", monitor="val/loss").write_last
     True
     """
@@ -96,6 +101,22 @@ class Checkpoint(pl.callbacks.ModelCheckpoint):
         super().__init__(*args, save_last=False, **kwargs)
         self.write_last = bool(save_last)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        install_atomic_io(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if resume_mid_epoch(trainer):  # Lightning's warning that this resume is unreliable no longer applies
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE)
+            self._filter = warnings.filters[0]
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if getattr(self, "_filter", None) in warnings.filters:
+            warnings.filters.remove(self._filter)
+        self._filter = None
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if not self.write_last or trainer.fast_dev_run or trainer.sanity_checking:
@@ -103,6 +124,68 @@ class Checkpoint(pl.callbacks.ModelCheckpoint):
         metrics = {"epoch": trainer.current_epoch, "step": trainer.global_step, **trainer.callback_metrics}
         self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
         trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
+
+
+#: the start of Lightning's warning about a resume from the middle of an epoch with a loader that keeps no state
+_NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
+
+
+class _SkipFirst(torch.utils.data.Sampler):
+    """``sampler`` in the order of the trainer's current epoch, less its first ``n`` indices in the first iteration
+    (see :func:`resume_mid_epoch`)."""
+
+    def __init__(self, sampler, n: int, trainer):
+        self.sampler, self.n, self.trainer = sampler, n, trainer
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning's count; __iter__ sets the trainer's epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        # after a checkpoint written at an epoch's end, Lightning counts that epoch as processed and gives the sampler
+        # the next epoch's number for the rest of the run; the epoch the trainer trains is current_epoch
+        self.set_epoch(self.trainer.current_epoch)
+        n, self.n = self.n, 0
+        it = iter(self.sampler)
+        for _ in zip(range(n), it):
+            pass
+        yield from it
+
+
+def resume_mid_epoch(trainer) -> bool:
+    """On a fit resumed from a checkpoint written in the middle of an epoch (a ``max_steps`` stop), make the training
+    loader leave out the batches of that epoch the checkpoint has already trained, so the resumed run sees the same
+    batches, in the same order, as an uninterrupted one; returns whether it did.
+
+    Lightning restores the epoch's batch count but starts the loader's epoch from its beginning (unless the loader
+    keeps a state of its own). The order of an epoch must depend on the epoch alone (a sampler with ``set_epoch``, such
+    as the data modules' :class:`~tplightning.data.base.EpochSeededSampler`, or no shuffling); the first
+    ``batches done * batch_size`` indices of the loader's batch sampler are then skipped once, and every epoch of the
+    run draws the order of the trainer's ``current_epoch`` (Lightning's own count is one ahead after such a
+    checkpoint). A loader without a
+    batch size (a batch sampler of its own) is left as it is, with a warning.
+
+    >>> resume_mid_epoch(pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False))
+    False
+    """
+    if not trainer.ckpt_path:
+        return False
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    total = trainer.num_training_batches
+    if not 0 < done < total:
+        return False
+    loader = trainer.train_dataloader
+    batches = getattr(loader, "batch_sampler", None)
+    if getattr(loader, "batch_size", None) is None or not hasattr(batches, "sampler"):
+        warnings.warn(f"the checkpoint {trainer.ckpt_path} was written after batch {done} of an epoch of {total}; this "
+                      "training loader has no batch size, so the resumed epoch starts from its first batch (not exact)",
+                      UserWarning, stacklevel=2)  # fmt: skip
+        return False
+    batches.sampler = _SkipFirst(batches.sampler, done * loader.batch_size, trainer)
+    return True
 
 
 #: optimizer hyper-parameters that a resumed run may take from the config instead of the checkpoint

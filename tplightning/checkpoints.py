@@ -4,21 +4,42 @@ Every rule records its class in the checkpoints it writes (``checkpoint["tplight
 checkpoints written through ``LightningCLI`` also carry ``hyper_parameters["_class_path"]``.
 ``LearningRule.load_from_checkpoint(path)`` on the base class (or on any ancestor of the recorded
 class) therefore builds the recorded rule, not the base class. The optimizers are not part of a
-rule's hyper-parameters: a loaded rule gets the default (SGD) optimizer factories, which matters
-only for further training; pass ``forward_optimizer=...`` to override.
+rule's hyper-parameters; they are recorded apart (``checkpoint["tplightning"]["optimizers"]``, plain data: the
+class path and keyword arguments of each factory) and a loaded rule is rebuilt with them (pass
+``forward_optimizer=...`` to override). A checkpoint written before they were recorded gets the rule's default
+factories (``torch.optim.SGD`` at torch's default rate, as the signature shows).
+
+Writing: :class:`AtomicCheckpointIO`, Lightning's ``CheckpointIO`` plugin that the
+:class:`~tplightning.callbacks.Checkpoint` callback and the CLI install, writes every checkpoint to a temporary
+file in the checkpoint's own folder, flushes it to disk, renames it into place and flushes the folder, so a kill
+at any moment leaves the previous file or the new one, never a partial file, and no temporary file outside the
+folder (a temporary file a kill left behind is removed at the next save into that folder). Each checkpoint carries
+a digest of its content (:func:`content_digest`) that :func:`read` checks: a file changed on disk is refused.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import importlib
+import os
 import re
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from ._lightning import pl
 from .errors import ConfigError
 
-__all__ = ["load", "read", "recorded_class", "class_path_of", "check_fits"]
+__all__ = ["load", "read", "recorded_class", "class_path_of", "check_fits", "content_digest", "AtomicCheckpointIO",
+           "install_atomic_io", "CHECKSUM_KEY", "describe_factory", "build_factory", "recorded_optimizers"]
+
+#: the checkpoint key holding :func:`content_digest` of the rest of the checkpoint
+CHECKSUM_KEY = "tplightning_sha256"
+#: the middle of the names of temporary files (``.<name>.tmp-tplightning-<pid>``) written by :class:`AtomicCheckpointIO`
+TMP_MARK = ".tmp-tplightning-"
 
 
 def class_path_of(obj_or_cls) -> str:
@@ -36,10 +57,157 @@ def _import(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _feed(h, obj) -> None:
+    """Add ``obj`` to the hash ``h`` in a form that does not depend on dict order, memory layout or the process."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(f"{{{len(obj)}".encode())
+        for key, value in sorted(obj.items(), key=lambda kv: repr(kv[0])):
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"[{len(obj)}".encode())
+        for value in obj:
+            _feed(h, value)
+    elif isinstance(obj, (set, frozenset)):
+        _feed(h, sorted(obj, key=repr))
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(b"B%d" % len(obj) + bytes(obj))
+    elif obj is None or isinstance(obj, (str, int, float, complex)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    elif hasattr(obj, "tobytes") and hasattr(obj, "dtype"):  # numpy arrays and scalars
+        h.update(f"N{obj.dtype}{getattr(obj, 'shape', ())}".encode() + obj.tobytes())
+    elif hasattr(obj, "__dict__"):
+        h.update(class_path_of(obj).encode())
+        _feed(h, vars(obj))
+    else:
+        h.update(repr(obj).encode())
+
+
+def content_digest(checkpoint: dict) -> str:
+    """The sha256 of a checkpoint's content (every entry but :data:`CHECKSUM_KEY`): tensors by dtype, shape and bytes,
+    dicts in key order, other values by their ``repr`` (or their attributes), so the digest of the dict written and
+    of the dict read back agree, and any changed bit of a tensor or value changes it.
+
+    >>> a = {"state_dict": {"w": torch.ones(2)}, "epoch": 1}
+    >>> content_digest(a) == content_digest({"epoch": 1, "state_dict": {"w": torch.ones(2)}})
+    True
+    >>> content_digest(a) == content_digest({"state_dict": {"w": torch.tensor([1.0, 1.0000001])}, "epoch": 1})
+    False
+    """
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in checkpoint.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without folder handles (Windows): the rename is all it offers
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(folder: str) -> None:
+    """Remove the temporary files that a killed save of another process left in ``folder``."""
+    own = f"{TMP_MARK}{os.getpid()}"
+    for entry in os.scandir(folder):
+        if TMP_MARK in entry.name and not entry.name.endswith(own) and entry.is_file():
+            try:
+                os.remove(entry.path)
+            except FileNotFoundError:
+                pass
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk, rename it to ``path`` and flush the
+    folder; on any error (or a kill) ``path`` keeps its previous content.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.txt")
+    >>> atomic_write(path, lambda f: f.write(b"hello"))
+    >>> open(path, "rb").read(), os.listdir(os.path.dirname(path))
+    (b'hello', ['x.txt'])
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    _remove_stale(folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_folder(folder)
+
+
+class AtomicCheckpointIO(pl.plugins.io.TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` that writes local checkpoints atomically, with a content digest.
+
+    ``save_checkpoint`` stores :func:`content_digest` under :data:`CHECKSUM_KEY`, serializes the checkpoint and writes
+    it with :func:`atomic_write`: a temporary file in the target's folder (never the system's temporary folder, which
+    may be another filesystem, where a rename becomes a copy), ``fsync``, ``os.replace``, ``fsync`` of the folder.
+    ``load_checkpoint`` refuses a local file whose digest does not match (:func:`read`). Remote paths (``s3://``...)
+    go to Lightning's own writer. Installed by :class:`~tplightning.callbacks.Checkpoint` and by the CLI
+    (:func:`install_atomic_io`); pass ``Trainer(plugins=[AtomicCheckpointIO()])`` to use it without them.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.ckpt")
+    >>> AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(1)}}, path)
+    >>> sorted(read(path))
+    ['state_dict', 'tplightning_sha256']
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        checkpoint[CHECKSUM_KEY] = content_digest(checkpoint)
+        atomic_write(str(path).removeprefix("file://"), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        ckpt = read(path)
+        if map_location is not None:  # read loads on the CPU
+            ckpt = super().load_checkpoint(path, map_location=map_location, weights_only=False)
+        return ckpt
+
+
+def install_atomic_io(trainer) -> None:
+    """Give ``trainer`` an :class:`AtomicCheckpointIO` unless it already writes checkpoints with a plugin of its own.
+
+    >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> install_atomic_io(trainer)
+    >>> type(trainer.strategy.checkpoint_io).__name__
+    'AtomicCheckpointIO'
+    """
+    if type(trainer.strategy.checkpoint_io) is pl.plugins.io.TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
 def read(checkpoint_path) -> dict:
     """The checkpoint file as a dict, or a short error: ``FileNotFoundError`` for a missing file,
     :class:`~tplightning.errors.ConfigError` for a folder, a file that is not a PyTorch checkpoint (or is truncated or
-    corrupt) and one that holds no ``state_dict``.
+    corrupt), one whose content does not match its digest (:func:`content_digest`; a checkpoint written without one
+    is taken as it is) and one that holds no ``state_dict``.
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "x.ckpt")
@@ -60,6 +228,8 @@ def read(checkpoint_path) -> dict:
         raise ConfigError(f"checkpoint {path} cannot be read: not a PyTorch checkpoint, or truncated or corrupt ({reason})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (it holds no state_dict)")
+    if CHECKSUM_KEY in ckpt and ckpt[CHECKSUM_KEY] != content_digest(ckpt):
+        raise ConfigError(f"checkpoint {path}: checksum mismatch: the file is corrupt")
     return ckpt
 
 
@@ -108,6 +278,60 @@ def load(checkpoint_path: str | Path, map_location=None, **kwargs):
     if not callable(getattr(cls, "load_from_checkpoint", None)):
         raise TypeError(f"checkpoint {checkpoint_path} holds a {class_path_of(cls)}, which is not a tplightning rule")
     return cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+
+
+def describe_factory(factory) -> dict | None:
+    """An optimizer factory as plain data, ``{"class_path", "init_args"}``, or ``None`` when it is not an optimizer class
+    or a ``functools.partial`` of one with keyword arguments only (as Python code and jsonargparse's configs build it).
+
+    >>> describe_factory(functools.partial(torch.optim.AdamW, lr=0.003, weight_decay=0.05))
+    {'class_path': 'torch.optim.adamw.AdamW', 'init_args': {'lr': 0.003, 'weight_decay': 0.05}}
+    >>> describe_factory(lambda params: torch.optim.SGD(params, lr=0.1)) is None
+    True
+    """
+    def optimizer_class(obj) -> bool:
+        return isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)
+
+    if optimizer_class(factory):
+        return {"class_path": class_path_of(factory), "init_args": {}}
+    if not isinstance(factory, functools.partial):
+        return None
+    if optimizer_class(factory.func) and not factory.args:
+        cls = factory.func
+    else:  # jsonargparse's partial(call_without_instantiate_context, instantiator, cls, **init_args)
+        classes = [a for a in factory.args if optimizer_class(a)]
+        if len(classes) != 1 or factory.args[-1] is not classes[0] or getattr(factory.func, "__module__", "").split(".")[0] != "jsonargparse":
+            return None
+        cls = classes[0]
+    return {"class_path": class_path_of(cls), "init_args": dict(factory.keywords)}
+
+
+def build_factory(description: dict):
+    """The optimizer factory that :func:`describe_factory` described: ``functools.partial(cls, **init_args)``.
+
+    >>> build_factory({"class_path": "torch.optim.adamw.AdamW", "init_args": {"lr": 0.003}})
+    functools.partial(<class 'torch.optim.adamw.AdamW'>, lr=0.003)
+    """
+    return functools.partial(_import(description["class_path"]), **description.get("init_args", {}))
+
+
+def recorded_optimizers(ckpt: dict, checkpoint_path="checkpoint") -> dict:
+    """``{argument: factory}`` for the optimizer factories a checkpoint records (``checkpoint["tplightning"]
+    ["optimizers"]``); a factory that could not be recorded is left out, with a warning; a checkpoint written before
+    they were recorded gives ``{}``.
+
+    >>> recorded_optimizers({"tplightning": {"optimizers": {"forward_optimizer": {"class_path": "torch.optim.SGD",
+    ...                                                                         "init_args": {"lr": 0.1}}}}})
+    {'forward_optimizer': functools.partial(<class 'torch.optim.sgd.SGD'>, lr=0.1)}
+    """
+    found = {}
+    for name, description in ((ckpt.get("tplightning") or {}).get("optimizers") or {}).items():
+        if description is None:
+            warnings.warn(f"{checkpoint_path}: {name} was not an optimizer class or a partial of one, so it was not "
+                          f"recorded; the loaded rule has its default {name}; pass {name}=... to choose it", UserWarning, stacklevel=3)  # fmt: skip
+            continue
+        found[name] = build_factory(description)
+    return found
 
 
 def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:

@@ -6,12 +6,17 @@ compose (several ``--config``, later wins), overrides (``--trainer.max_epochs 3`
 What it adds:
 
 * ``--ckpt_path`` resumes a fit (the config's values stay; a checkpoint of another rule or network is
-  refused before training), ``--reapply_optimizer_config true`` resumes with the configured optimizer
+  refused before training) in the folder of the run that wrote it (``.../version_N/checkpoints/x.ckpt`` keeps
+  logging to ``version_N``: one run, one folder, however often it is resumed); ``--ckpt_path last`` takes the
+  newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of the config's loggers (by modification time, then
+  by version number), says which, and is an error when there is none; ``--reapply_optimizer_config true`` resumes with the configured optimizer
   settings (:class:`~tplightning.callbacks.ReapplyOptimizerConfig`);
 * ``--test_on final|best|none`` chooses the weights tested after the fit;
 * ``--threads N`` sets torch's CPU threads (default: :func:`default_threads`);
 * a diverged run ends with the command that resumes from the last good checkpoint with a smaller
   learning rate, and exit status 1;
+* every checkpoint is written atomically and with a content digest
+  (:class:`~tplightning.checkpoints.AtomicCheckpointIO`);
 * every logger of a run writes to one ``<save_dir>/<name>/version_N`` folder; ``validate``/``test``/``predict``
   of a checkpoint (``python -m tplightning``) log beside it, in ``<run folder>/<subcommand>-<checkpoint name>/``;
   ``predict`` writes the outputs there, as ``predictions.pt`` (:class:`PredictionWriter`);
@@ -28,6 +33,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -42,7 +48,7 @@ import yaml
 
 from ._lightning import LightningCLI, pl
 from .callbacks import ReapplyOptimizerConfig
-from .checkpoints import check_fits, read as read_checkpoint
+from .checkpoints import check_fits, install_atomic_io, read as read_checkpoint
 from .config_files import CONFIG_DIR, resolve_config_args
 from .errors import ConfigError, _parser_path, accepted_arguments, exception_chain, short_message
 from .rules.base import RESUME_HINT, DivergenceError, LearningRule, build_optimizer
@@ -146,6 +152,43 @@ def _next_version(root: Path) -> int:
     return max(found, default=-1) + 1
 
 
+def _logger_roots(loggers) -> list[Path]:
+    """The ``<save_dir>/<name>`` folders of the file loggers' ``init_args``."""
+    return [Path(init["save_dir"]) / (init.get("name") or "") for init in loggers]
+
+
+def newest_last_checkpoint(roots: Sequence[Path]) -> Path:
+    """The newest ``version_*/checkpoints/last.ckpt`` under ``roots`` (by modification time, then by version number);
+    a :class:`~tplightning.errors.ConfigError` naming ``--ckpt_path`` when there is none.
+
+    >>> newest_last_checkpoint([Path("/nonexistent/dtp")])
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: --ckpt_path last: no /nonexistent/dtp/version_*/checkpoints/last.ckpt to resume from; train without --ckpt_path first, or give a checkpoint file
+    """
+    found, roots = [], list(dict.fromkeys(roots))  # the CSV and TensorBoard loggers of a run share a folder
+    for root in roots:
+        for path in root.glob("version_*/checkpoints/last.ckpt"):
+            number = path.parent.parent.name[len("version_"):]
+            found.append((path.stat().st_mtime_ns, int(number) if number.isdigit() else -1, str(path), path))
+    if not found:
+        where = " or ".join(str(root / "version_*" / "checkpoints" / "last.ckpt") for root in roots)
+        raise ConfigError(f"--ckpt_path last: no {where} to resume from; train without --ckpt_path first, or give a "
+                          "checkpoint file", option="--ckpt_path")  # fmt: skip
+    return max(found)[-1]
+
+
+def _run_version(ckpt: Path, roots: Sequence[Path]) -> int | str | None:
+    """The version (``N`` of ``version_N``, or the folder's name) of the run that wrote ``ckpt`` when it lies in
+    ``<root>/<version>/checkpoints/`` of one of ``roots``; ``None`` otherwise."""
+    ckpt = ckpt.resolve()
+    run_dir = ckpt.parent.parent
+    if ckpt.parent.name != "checkpoints" or not any(run_dir.parent == root.resolve() for root in roots):
+        return None
+    m = re.fullmatch(r"version_(\d+)", run_dir.name)
+    return int(m.group(1)) if m else run_dir.name
+
+
 def _file_loggers(trainer_config) -> list:
     """The ``init_args`` of the configured loggers that write to ``save_dir/name/version`` (CSV, TensorBoard)."""
     loggers = trainer_config.get("logger")
@@ -189,6 +232,24 @@ def _culprit(err: ConfigError, config) -> None:
         err.option = f"--{section}"
     else:
         err.option, err.given = f"--{section}.init_args.{best[0]}", value.get(best[0])
+
+
+def _keep_csv_history(trainer) -> None:
+    """Keep the rows of a resumed run's ``metrics.csv``: Lightning's CSV logger deletes the file it finds in its folder
+    (with a warning that it will); the rows are written back and the logger continues the file with their columns."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if not isinstance(logger, pl.loggers.CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        old = path.read_text() if path.is_file() else None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            writer = logger.experiment  # created now: it removes the file
+        if old:
+            path.write_text(old)
+            writer.metrics_keys = old.splitlines()[0].split(",")
 
 
 class TPLightningCLI(LightningCLI):
@@ -251,19 +312,31 @@ class TPLightningCLI(LightningCLI):
         if self._resume is not None:
             section["ckpt_path"] = self._resume
         # one version for every logger of the run, given to their constructors and taken out of the config again
-        # afterwards (the config saved with the run keeps no version, so rerunning it starts a new one)
+        # afterwards (the config saved with the run keeps no version, so rerunning it starts a new one); a resumed fit
+        # keeps the version of the run that wrote its checkpoint
         loggers, ckpt = _file_loggers(section.get("trainer", {})), section.get("ckpt_path")
         self._logger_versions = [(init, init.get("version")) for init in loggers]
+        fit = self.subcommand in (None, "fit")
+        if fit and ckpt == "last":
+            if not loggers:
+                raise ConfigError("--ckpt_path last needs a logger with a save_dir (CSVLogger or TensorBoardLogger) to "
+                                  "find the run folders; give a checkpoint file", option="--ckpt_path")  # fmt: skip
+            ckpt = newest_last_checkpoint(_logger_roots(loggers))
+            print(f"--ckpt_path last: resuming from {ckpt}", file=sys.stderr)
+            section["ckpt_path"] = ckpt = str(ckpt)
+            self._checkpoint = read_checkpoint(ckpt)
         if not loggers:
             return
+        resumed = _run_version(Path(ckpt), _logger_roots(loggers)) if fit and _local_checkpoint(ckpt) else None
+        self._resumed_in_place = resumed is not None and not any(init.get("version") is not None for init in loggers)
         if self.subcommand in _EVALUATE and _local_checkpoint(ckpt) and Path(ckpt).is_file():
             ckpt = Path(ckpt).resolve()
             run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
             version = str(run_dir / f"{self.subcommand}-{ckpt.stem}")  # absolute: the logger's os.path.join keeps it
         else:
             given = [init["version"] for init in loggers if init.get("version") is not None]
-            roots = [Path(init["save_dir"]) / (init.get("name") or "") for init in loggers]
-            version = given[0] if given else max(_next_version(root) for root in roots)
+            roots = _logger_roots(loggers)
+            version = given[0] if given else resumed if resumed is not None else max(_next_version(root) for root in roots)
         for init in loggers:
             init["version"] = version
 
@@ -290,6 +363,9 @@ class TPLightningCLI(LightningCLI):
         if trainer_config.get("enable_progress_bar") is not False and not bar:
             kwargs["callbacks"] = [*callbacks, pl.callbacks.TQDMProgressBar(refresh_rate=PROGRESS_REFRESH)]
         trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_io(trainer)
+        if getattr(self, "_resumed_in_place", False):
+            _keep_csv_history(trainer)
         section = self._section()
         if self._checkpoint is not None:  # another rule's or another network's weights: a short error
             check_fits(self.model, section["ckpt_path"], self._checkpoint)

@@ -12,7 +12,7 @@ import torchmetrics
 from torch import Tensor
 
 from .._lightning import OptimizerCallable, check_same_lightning, pl
-from ..checkpoints import recorded_class
+from ..checkpoints import describe_factory, read as read_checkpoint, recorded_class, recorded_optimizers
 from ..errors import ConfigError
 from ..layers import Layer, Network, build_network, resolve_layers
 from ..losses import get_loss, loss_for_task
@@ -565,7 +565,17 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
             self.log("train/loss_epoch", self.epoch_loss.compute(), on_step=False, on_epoch=True, sync_dist=True)
         self.window_loss.reset()
         self.epoch_loss.reset()
-        self.step_schedulers()
+        if self.epoch_finished():
+            self.step_schedulers()
+
+    def epoch_finished(self) -> bool:
+        """Whether the training epoch ending now ran all its batches (``False`` when ``max_steps`` stopped it midway:
+        its schedule must not move on, or a run resumed from its checkpoint would finish the epoch at the next
+        epoch's rate)."""
+        if self._trainer is None:
+            return True
+        total = self.trainer.num_training_batches
+        return total == float("inf") or self.trainer.fit_loop.epoch_loop.batch_progress.current.completed >= total
 
     # ----------------------------------------------------------------------------- optimizers
     def feedback_parameters(self) -> list[Tensor]:
@@ -612,6 +622,34 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
             if scaler is not None:
                 g = scaler.scale(g)
             p.grad = self.trainer.strategy.reduce(g, reduce_op="mean") if distributed else g
+        self.step_optimizer(optimizer)
+
+    #: the ``batches_seen`` of the last batch whose optimizer step Lightning counted (see :meth:`step_optimizer`)
+    _counted_batch: int = -1
+
+    def step_optimizer(self, optimizer) -> None:
+        """``optimizer.step()``, counted by Lightning once per training batch.
+
+        Lightning's ``global_step`` (and so ``Trainer(max_steps=...)``, ``every_n_train_steps`` and the ``step=`` of
+        checkpoint names) counts the steps of the optimizers it wraps (``self.optimizers()``); a target-propagation
+        batch steps two (feedback and forward) or more. So the first step of a batch goes through Lightning's wrapper
+        and counts, and the others go to the wrapped torch optimizer (``LightningOptimizer.optimizer``): ``global_step``
+        counts batches for every rule, as ``max_steps`` means. The uncounted steps skip Lightning's
+        ``on_before_optimizer_step`` hooks and its precision plugin's step (the updates are set in closed form, not by a
+        scaled backward pass). With a gradient scaler (``16-mixed`` on a GPU) every step goes through the precision
+        plugin, which unscales and checks the gradients, so there ``global_step`` counts optimizer steps (two or more
+        per target-propagation batch). Lightning counts only steps taken inside ``training_step``, so a rule whose batch may
+        change no optimizer's parameters (an exact-inverse layer drawn by RTP-EI) still calls it, with no gradients
+        set (a no-op step).
+        """
+        if self._trainer is None:
+            optimizer.step()
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if self._counted_batch == self.batches_seen and scaler is None:
+            getattr(optimizer, "optimizer", optimizer).step()
+            return
+        self._counted_batch = self.batches_seen
         optimizer.step()
 
     # ----------------------------------------------------------------------------- eval
@@ -662,6 +700,11 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         self.divergence.passed_checkpoint()  # before the file is written: no checkpoint of a state that fails the check
         super().on_save_checkpoint(checkpoint)
         checkpoint["tplightning"]["initial_norms"] = self.divergence.initial_norms()  # the guard's bounds on resume
+        # the optimizer factories and the schedule as plain data: load_from_checkpoint rebuilds the rule with them
+        names = [n for n in ("forward_optimizer", "feedback_optimizer") if hasattr(self, n)]
+        checkpoint["tplightning"]["optimizers"] = {n: describe_factory(getattr(self, n)) for n in names}
+        epochs = self.trainer.max_epochs if self._trainer is not None else None
+        checkpoint["tplightning"]["schedule"] = {"lr_final_factor": self.lr_final_factor, "epochs": epochs}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -669,13 +712,15 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's ``load_from_checkpoint``, building the rule class the checkpoint records (see :mod:`tplightning.checkpoints`)."""
+        """Lightning's ``load_from_checkpoint``, building the rule class the checkpoint records with the optimizer
+        factories it records (see :mod:`tplightning.checkpoints`; ``forward_optimizer=...`` and the like override them)."""
         target = recorded_class(checkpoint_path, cls)
         if inspect.isabstract(target):
             raise ConfigError(f"checkpoint {checkpoint_path} records no tplightning rule class; load it with the rule's own "
                               "class, e.g. tplightning.DTPAI.load_from_checkpoint(path)")  # fmt: skip
         if target is not cls:
             return target.load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        kwargs = {**recorded_optimizers(read_checkpoint(checkpoint_path), checkpoint_path), **kwargs}
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
 

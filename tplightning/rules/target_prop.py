@@ -220,8 +220,7 @@ class TargetPropRule(LearningRule):
             kept[i] = delta = layer.delta(pre[i - 1], hs[i], targets[i - 1], self.scaling)  # (B, n)
             if layer.bias is not None:
                 grads[layer.bias] = delta.mean(0)
-        if grads:
-            self.apply_gradients(opt, grads)
+        self.apply_gradients(opt, grads)  # also with no gradients (a no-op): Lightning counts one step per batch
         if kept:
             lr = opt.param_groups[0]["lr"]
             world = self.trainer.world_size if self._trainer is not None else 1
