@@ -51,3 +51,25 @@ def test_the_rule_is_documented():
     for page in ("README.md", "docs/getting-started.md"):
         text = " ".join((REPO / page).read_text().split())
         assert "import lightning before tplightning" in text, page
+
+
+def test_importing_the_other_package_afterwards_warns_with_the_fix(tmp_path):
+    """The mix no hook of ours sees (the other package's Trainer refuses the rule itself) is named at the import."""
+    late = _python("""
+        import warnings
+        warnings.simplefilter("always")
+        import tplightning
+        import lightning
+    """, tmp_path)  # fmt: skip
+    assert late.returncode == 0, late.stderr[-2000:]
+    text = " ".join(late.stderr.split())
+    assert "LightningMixWarning: 'lightning' is imported after tplightning chose 'pytorch_lightning'" in text, late.stderr[-2000:]
+    assert "Import lightning before tplightning (or set TPLIGHTNING_LIGHTNING=lightning)" in text, late.stderr[-2000:]
+    early = _python("""
+        import warnings
+        warnings.simplefilter("always")
+        import lightning
+        import tplightning
+        print(tplightning._lightning.PACKAGE)
+    """, tmp_path)  # fmt: skip
+    assert early.stdout.strip() == "lightning" and "LightningMixWarning" not in early.stderr, early.stderr[-2000:]

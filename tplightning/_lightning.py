@@ -13,16 +13,19 @@ The choice is not revised afterwards: ``import tplightning`` and then ``import l
 other (Lightning checks classes, not behaviour). :func:`check_same_lightning` turns such a mix into an error that
 names both packages and the fix wherever tplightning sees it: a rule checks the trainer and the data module it is
 given (its ``configure_callbacks`` hook, which Lightning calls before it prepares the data), the callbacks check the
-trainer, and the CLI names a class path of the other package. One mix cannot be seen: the other package's
+trainer, and the CLI names a class path of the other package. One mix cannot be seen then: the other package's
 ``Trainer().fit(rule)`` refuses the rule before any of its hooks runs (Lightning's "``model`` must be a
-``LightningModule``"). The rule for users: import ``lightning`` before ``tplightning`` (or set
+``LightningModule``"); for it, importing the other package after tplightning warns at once
+(:class:`LightningMixWarning`, naming both packages and the fix). The rule for users: import ``lightning`` before ``tplightning`` (or set
 ``TPLIGHTNING_LIGHTNING=lightning``) when you use ``import lightning as L``.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import os
 import sys
+import warnings
 
 __all__ = ["pl", "cli", "OptimizerCallable", "LightningCLI", "PACKAGE", "ENV_VAR", "check_same_lightning", "package_of"]
 
@@ -50,6 +53,37 @@ except ImportError as err:
     raise ImportError(f"tplightning was asked for the {PACKAGE!r} package ({ENV_VAR}), which is not installed: {extra}") from err
 OptimizerCallable = cli.OptimizerCallable
 LightningCLI = cli.LightningCLI
+
+
+class LightningMixWarning(UserWarning):
+    """The other Lightning package was imported after tplightning chose its package (see the module's docstring)."""
+
+
+class _LateImportWatch(importlib.abc.MetaPathFinder):
+    """A finder that finds nothing: it only warns, once, when the package tplightning did not choose is imported after
+    the choice. That is the one mix no hook of ours can see later (the other package's ``Trainer().fit(rule)`` refuses
+    the rule with Lightning's own "``model`` must be a ``LightningModule``"), so the warning names both packages and
+    the fix when the import happens."""
+
+    def __init__(self, other: str):
+        self.other, self.warned = other, False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.other and not self.warned and name not in sys.modules:
+            self.warned = True
+            warnings.warn(
+                f"{name!r} is imported after tplightning chose {PACKAGE!r}: the two packages' objects cannot be mixed (a "
+                f"{name} Trainer refuses tplightning's rules). Import {name} before tplightning (or set {ENV_VAR}={name}) "
+                f"to have tplightning use {name!r}; or use {PACKAGE!r} throughout.",
+                LightningMixWarning,
+                stacklevel=2,
+            )
+        return None
+
+
+_OTHER = "lightning" if PACKAGE == "pytorch_lightning" else "pytorch_lightning"
+if _OTHER not in sys.modules:
+    sys.meta_path.insert(0, _LateImportWatch(_OTHER))
 
 
 def package_of(cls: type) -> str | None:
