@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import re
+
 import shlex
 import shutil
 import warnings
@@ -96,7 +98,7 @@ def test_divergence_advice_is_followed_and_the_run_finishes():
     assert "--reapply_optimizer_config true" in message and f"--ckpt_path {LAST}" in message
     assert "No checkpoint was written after this step. To continue from the last good one" in message
     assert "resume from the last good one with --ckpt_path" not in message  # the library's hint, replaced by the command
-    advice = shlex.split(message.split("python train.py ", 1)[1])
+    advice = shlex.split(re.split(r"python train\.py |tplightning-train ", message, maxsplit=1)[1])
     out = main(advice)
     model = out["cli"].model
     assert model.batches_seen == 8 * 60

@@ -5,6 +5,8 @@ with a tenth of the rate diverged again one batch later, and its message offered
 """
 from __future__ import annotations
 
+import re
+
 import shlex
 
 import pytest
@@ -19,7 +21,7 @@ LR = "--model.init_args.forward_optimizer.init_args.lr"
 
 
 def _advice(message: str) -> list[str]:
-    return shlex.split(message.split("python train.py ", 1)[1])
+    return shlex.split(re.split(r"python train\.py |tplightning-train ", message, maxsplit=1)[1])
 
 
 def _follow(args: list[str], most: int = 3) -> tuple[dict, list[str]]:
@@ -57,7 +59,7 @@ def test_a_resume_that_diverges_again_is_offered_the_same_checkpoint_with_a_tent
     again = str(info.value)
     assert again.startswith("training diverged at batch 303 (epoch 5)")
     assert f"The run resumed from {ckpt} diverged again before writing a checkpoint. To retry from the same checkpoint with a " \
-           "tenth of the learning rate again: python train.py " in again  # fmt: skip
+           "tenth of the learning rate again: tplightning-train " in again  # fmt: skip
     retry = _advice(again)
     assert retry[retry.index("--ckpt_path") + 1] == ckpt and retry[retry.index(LR) + 1] == "0.1"
     out = main(retry)

@@ -223,9 +223,12 @@ def read(checkpoint_path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as err:  # a class the file names that cannot be imported here: not a corrupt file
+        raise ConfigError(f"checkpoint {path} names code this installation does not have ({err}); load it where the code "
+                          "that wrote it is installed") from err  # fmt: skip
     except Exception as err:  # pickle, zip-archive and end-of-file errors of a foreign, truncated or corrupt file
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
-        raise ConfigError(f"checkpoint {path} cannot be read: not a PyTorch checkpoint, or truncated or corrupt ({reason})") from None
+        raise ConfigError(f"checkpoint {path} cannot be read: not a PyTorch checkpoint, or truncated or corrupt ({reason})") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (it holds no state_dict)")
     if CHECKSUM_KEY in ckpt and ckpt[CHECKSUM_KEY] != content_digest(ckpt):
@@ -359,12 +362,12 @@ def check_fits(model, checkpoint_path, ckpt: dict | None = None) -> None:
         raise ConfigError(f"checkpoint {checkpoint_path} was written by {recorded}, but the model is {own}; "
                          "use the config of the run that wrote it")  # fmt: skip
     trial, ckpt = copy.deepcopy(model), copy.deepcopy(ckpt)  # on_load_checkpoint migrates old checkpoints in place
+    trial.on_load_checkpoint(ckpt)  # outside the try: a bug of a migration keeps its traceback
     try:
-        trial.on_load_checkpoint(ckpt)
         trial.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {checkpoint_path} does not fit the configured {type(model).__name__}: "
-                         f"{_mismatch(str(err))} (the config differs from the run that wrote it)") from None
+                         f"{_mismatch(str(err))} (the config differs from the run that wrote it)") from err
 
 
 def _mismatch(message: str) -> str:

@@ -483,7 +483,8 @@ def _divergence_advice(cli, args: Sequence[str]) -> str:
     new = ["--ckpt_path", ckpt, "--reapply_optimizer_config", "true"]
     if lr:
         new += ["--model.init_args.forward_optimizer.init_args.lr", f"{lr / 10:g}"]
-    command = "python train.py " + shlex.join([*keep, *new])
+    program = "python train.py" if Path(sys.argv[0]).name == "train.py" else "tplightning-train"  # a wheel has no train.py
+    command = f"{program} " + shlex.join([*keep, *new])
     if again:
         return (f". The run resumed from {ckpt} diverged again before writing a checkpoint. To retry from the same "
                 f"checkpoint with a tenth of the learning rate again: {command}")  # fmt: skip
@@ -613,6 +614,13 @@ def distributed_failure(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and bool(frames) and frames[-1].f_globals.get("__name__", "").startswith("torch.distributed")
 
 
+def _peer_lost(err: BaseException) -> bool:
+    """Whether a :func:`distributed_failure` says a peer is gone: torch's own error types, or gloo's report of a closed
+    connection or a timed-out collective (a ``RuntimeError`` that carries no type of its own)."""
+    text = str(err).lower()
+    return isinstance(err, torch.distributed.DistError) or any(w in text for w in ("connection", "timed out", "timeout", "peer"))
+
+
 def distributed_message(err: BaseException) -> str:
     """The one line :func:`report` prints for a :func:`distributed_failure`: the rank that saw it and torch's reason.
 
@@ -672,6 +680,8 @@ def report(fn, args: list[str]):
     except Exception as err:
         if distributed_failure(err):
             print(distributed_message(err), file=sys.stderr)
+            if not _peer_lost(err):  # a collective misused (a shape, a dtype): a bug, which keeps its traceback
+                raise
             raise SystemExit(1) from None
         message = short_message(err, args, getattr(err, "tplightning_options", ()), getattr(err, "tplightning_config_keys", ()),
                                 building=not _while_running(err))

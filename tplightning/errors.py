@@ -240,7 +240,12 @@ def short_message(err: BaseException, argv: Iterable[str] = (), known_options: I
     True
     """
     argv, chain = list(argv), exception_chain(err)
-    config = next((e for e in chain if isinstance(e, ConfigError)), None)
+    # a ConfigError counts where the error was raised from it (``raise ... from``, as jsonargparse wraps one), not where
+    # another error merely happened while one was being handled: that one is a bug and keeps its traceback
+    raised_from = [err]
+    while raised_from[-1].__cause__ is not None and raised_from[-1].__cause__ not in raised_from:
+        raised_from.append(raised_from[-1].__cause__)
+    config = next((e for e in raised_from if isinstance(e, ConfigError)), None)
     if isinstance(err, argparse.ArgumentError) and config is None:
         lines = _argument_error(chain, argv, list(known_options), list(config_keys))
     elif config is not None and (config is err or isinstance(err, (ValueError, TypeError))):  # jsonargparse wraps it

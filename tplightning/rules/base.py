@@ -259,6 +259,9 @@ def build_optimizer(name: str, factory, params) -> torch.optim.Optimizer:
     """The optimizer that ``factory`` (the rule's argument ``name``) builds for ``params``; a bad setting (a negative
     learning rate, an unknown argument) is a :class:`~tplightning.errors.ConfigError` naming the argument.
 
+    The settings are tried first on a probe parameter, so only an error of the settings becomes a short error; one
+    that ``params`` cause (a bug of the rule) keeps its traceback.
+
     >>> import functools
     >>> build_optimizer("forward_optimizer", functools.partial(torch.optim.SGD, lr=-1.0), [torch.zeros(1, requires_grad=True)])
     Traceback (most recent call last):
@@ -266,9 +269,10 @@ def build_optimizer(name: str, factory, params) -> torch.optim.Optimizer:
     tplightning.errors.ConfigError: forward_optimizer: Invalid learning rate: -1.0
     """
     try:
-        return factory(params)
+        factory([torch.zeros(1, requires_grad=True)])
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{name}: {err}") from err
+    return factory(params)
 
 
 class RunningMean(torchmetrics.MeanMetric):
