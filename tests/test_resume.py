@@ -146,7 +146,38 @@ def test_a_resume_after_a_max_steps_stop_is_exact(end):
     assert resumed["cli"].model.batches_seen == straight["cli"].model.batches_seen == end
     _assert_same(resumed["cli"].model, straight["cli"].model)
     lr = [o.param_groups[0]["lr"] for out in (resumed, straight) for o in out["cli"].trainer.optimizers[:1]]
-    assert lr[0] == lr[1] == (0.1 if end == 30 else 0.1 * tp.rules.base.LinearDecay(60, 0.2)(1))
+    assert lr[0] == lr[1] == (0.1 if end == 30 else 0.1 * (1 - 0.8 / 59))  # 60 epochs down to 0.2: one step taken
+
+
+def _dtpai(max_steps: int, folder, ckpt=None, callback=tp.Checkpoint):
+    pl.seed_everything(0, verbose=False)
+    rule = tp.DTPAI(sizes=[6, 6, 6], forward_optimizer=functools.partial(torch.optim.SGD, lr=0.05), lr_final_factor=0.2)
+    data = tp.StudentTeacherDataModule(sizes=[6, 6, 6], num_train=256, num_val=32, num_test=32, batch_size=32)
+    trainer = quiet_trainer(max_epochs=3, max_steps=max_steps, enable_checkpointing=True, num_sanity_val_steps=0,
+                            callbacks=[callback(dirpath=folder, save_last=True)])  # fmt: skip
+    trainer.fit(rule, datamodule=data, ckpt_path=ckpt)
+    return rule, trainer
+
+
+@pytest.mark.parametrize("callback", [tp.Checkpoint, pl.callbacks.ModelCheckpoint], ids=["Checkpoint", "ModelCheckpoint"])
+def test_a_max_steps_stop_resumed_to_the_max_epochs_end_trains_every_epoch(tmp_path, callback):
+    # 8 batches per epoch, 3 epochs; the stop after 12 batches cuts epoch 1 in half
+    _dtpai(12, tmp_path / "cut", callback=callback)
+    resumed, trainer = _dtpai(-1, tmp_path / "resumed", ckpt=tmp_path / "cut" / "last.ckpt", callback=callback)
+    straight, _ = _dtpai(-1, tmp_path / "straight", callback=callback)
+    assert resumed.batches_seen == straight.batches_seen == 24 and trainer.current_epoch == 3
+    lr = [t.optimizers[0].param_groups[0]["lr"] for t in (trainer, straight.trainer)]
+    assert lr == [pytest.approx(0.01, rel=1e-12)] * 2  # 0.05 * 0.2 after the 2 steps of a 3-epoch schedule
+    _assert_same(resumed, straight)
+
+
+def test_a_resume_within_the_cut_epoch_is_exact_with_a_plain_model_checkpoint(tmp_path):
+    _dtpai(12, tmp_path / "cut", callback=pl.callbacks.ModelCheckpoint)
+    ckpt = tmp_path / "cut" / "last.ckpt"
+    resumed, _ = _dtpai(14, tmp_path / "resumed", ckpt=ckpt, callback=pl.callbacks.ModelCheckpoint)
+    straight, _ = _dtpai(14, tmp_path / "straight", callback=pl.callbacks.ModelCheckpoint)
+    assert resumed.batches_seen == straight.batches_seen == 14
+    _assert_same(resumed, straight)
 
 
 def test_an_optimizer_that_cannot_be_recorded_is_named_on_load(tmp_path):

@@ -12,7 +12,7 @@ from .checkpoints import install_atomic_io
 from .data.base import derive_seed
 from .errors import ConfigError
 
-__all__ = ["InitNearTeacher", "Checkpoint", "ReapplyOptimizerConfig", "resume_mid_epoch"]
+__all__ = ["InitNearTeacher", "Checkpoint", "ReapplyOptimizerConfig", "resume_mid_epoch", "keep_epoch_open"]
 
 
 class InitNearTeacher(pl.Callback):
@@ -105,18 +105,6 @@ class Checkpoint(pl.callbacks.ModelCheckpoint):
         install_atomic_io(trainer)
         super().setup(trainer, pl_module, stage)
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
-        if resume_mid_epoch(trainer):  # Lightning's warning that this resume is unreliable no longer applies
-            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE)
-            self._filter = warnings.filters[0]
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        if getattr(self, "_filter", None) in warnings.filters:
-            warnings.filters.remove(self._filter)
-        self._filter = None
-
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if not self.write_last or trainer.fast_dev_run or trainer.sanity_checking:
@@ -131,23 +119,15 @@ _NOT_RESUMABLE = "You're resuming from a checkpoint that ended before the epoch 
 
 
 class _SkipFirst(torch.utils.data.Sampler):
-    """``sampler`` in the order of the trainer's current epoch, less its first ``n`` indices in the first iteration
-    (see :func:`resume_mid_epoch`)."""
+    """``sampler`` less its first ``n`` indices in the first iteration (see :func:`resume_mid_epoch`)."""
 
-    def __init__(self, sampler, n: int, trainer):
-        self.sampler, self.n, self.trainer = sampler, n, trainer
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning's count; __iter__ sets the trainer's epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+    def __init__(self, sampler, n: int):
+        self.sampler, self.n = sampler, n
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
-        # after a checkpoint written at an epoch's end, Lightning counts that epoch as processed and gives the sampler
-        # the next epoch's number for the rest of the run; the epoch the trainer trains is current_epoch
-        self.set_epoch(self.trainer.current_epoch)
         n, self.n = self.n, 0
         it = iter(self.sampler)
         for _ in zip(range(n), it):
@@ -158,14 +138,13 @@ class _SkipFirst(torch.utils.data.Sampler):
 def resume_mid_epoch(trainer) -> bool:
     """On a fit resumed from a checkpoint written in the middle of an epoch (a ``max_steps`` stop), make the training
     loader leave out the batches of that epoch the checkpoint has already trained, so the resumed run sees the same
-    batches, in the same order, as an uninterrupted one; returns whether it did.
+    batches, in the same order, as an uninterrupted one; returns whether it did. Every rule calls it when training
+    starts, whatever callback wrote the checkpoint.
 
     Lightning restores the epoch's batch count but starts the loader's epoch from its beginning (unless the loader
     keeps a state of its own). The order of an epoch must depend on the epoch alone (a sampler with ``set_epoch``, such
     as the data modules' :class:`~tplightning.data.base.EpochSeededSampler`, or no shuffling); the first
-    ``batches done * batch_size`` indices of the loader's batch sampler are then skipped once, and every epoch of the
-    run draws the order of the trainer's ``current_epoch`` (Lightning's own count is one ahead after such a
-    checkpoint). A loader without a
+    ``batches done * batch_size`` indices of the loader's batch sampler are then skipped once. A loader without a
     batch size (a batch sampler of its own) is left as it is, with a warning.
 
     >>> resume_mid_epoch(pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False))
@@ -173,7 +152,8 @@ def resume_mid_epoch(trainer) -> bool:
     """
     if not trainer.ckpt_path:
         return False
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    # batches trained: a checkpoint written in on_train_batch_end counts its last batch as processed, not completed
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     total = trainer.num_training_batches
     if not 0 < done < total:
         return False
@@ -184,8 +164,29 @@ def resume_mid_epoch(trainer) -> bool:
                       "training loader has no batch size, so the resumed epoch starts from its first batch (not exact)",
                       UserWarning, stacklevel=2)  # fmt: skip
         return False
-    batches.sampler = _SkipFirst(batches.sampler, done * loader.batch_size, trainer)
+    batches.sampler = _SkipFirst(batches.sampler, done * loader.batch_size)
     return True
+
+
+def keep_epoch_open(checkpoint: dict) -> None:
+    """Record in ``checkpoint`` that the epoch being trained has not ended; for a checkpoint written in the epoch-end
+    hooks of an epoch that ``max_steps`` cut short.
+
+    Lightning counts an epoch as processed before its ``on_train_epoch_end`` hooks, so a checkpoint written there (by
+    ``ModelCheckpoint`` or :class:`Checkpoint`) would resume at the next epoch, and the rest of the cut epoch would
+    be trained under the next epoch's number and the run would end one epoch early. Here the fit loop's saved epoch
+    count goes back to "started, not processed", the state of a checkpoint written during the epoch, which Lightning
+    resumes in the same epoch. A checkpoint without that state (written elsewhere, or without loops) is left as it is.
+
+    >>> ckpt = {"loops": {"fit_loop": {"epoch_progress": {k: {"ready": 2, "started": 2, "processed": 2, "completed": 1}
+    ...                                                    for k in ("total", "current")}}}}
+    >>> keep_epoch_open(ckpt); ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]
+    {'ready': 2, 'started': 2, 'processed': 1, 'completed': 1}
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    for counts in (progress.get("total"), progress.get("current")):
+        if counts is not None and counts["processed"] == counts["completed"] + 1:
+            counts["processed"] -= 1
 
 
 #: optimizer hyper-parameters that a resumed run may take from the config instead of the checkpoint

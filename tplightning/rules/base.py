@@ -12,6 +12,7 @@ import torchmetrics
 from torch import Tensor
 
 from .._lightning import OptimizerCallable, check_same_lightning, pl
+from ..callbacks import _NOT_RESUMABLE, keep_epoch_open, resume_mid_epoch
 from ..checkpoints import describe_factory, read as read_checkpoint, recorded_class, recorded_optimizers
 from ..errors import ConfigError
 from ..layers import Layer, Network, build_network, resolve_layers
@@ -709,10 +710,27 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         checkpoint["tplightning"]["optimizers"] = {n: describe_factory(getattr(self, n)) for n in names}
         epochs = self.trainer.max_epochs if self._trainer is not None else None
         checkpoint["tplightning"]["schedule"] = {"lr_final_factor": self.lr_final_factor, "epochs": epochs}
+        if not self.epoch_finished():  # a max_steps stop: the resumed run finishes this epoch (exact resume)
+            keep_epoch_open(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.divergence.load_initial_norms(checkpoint.get("tplightning", {}).get("initial_norms"))
+
+    def on_train_start(self) -> None:
+        """A fit resumed from the middle of an epoch continues with that epoch's next batch (:func:`resume_mid_epoch`),
+        whatever callback wrote the checkpoint; Lightning's warning that such a resume is unreliable is then silenced
+        until ``teardown``."""
+        self._resume_filter = None
+        if resume_mid_epoch(self.trainer):
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE)
+            self._resume_filter = warnings.filters[0]
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        if getattr(self, "_resume_filter", None) in warnings.filters:
+            warnings.filters.remove(self._resume_filter)
+        self._resume_filter = None
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
