@@ -133,7 +133,7 @@ RULES = {
         Rule("CNN-LeeDTP", "mnist/cnn_lee_dtp.yaml"),
     ]
 }
-#: rows of the convolutional network (configs/mnist/cnn_*.yaml), rendered as a table of their own
+#: rows of the convolutional network (mnist/cnn_*.yaml), rendered as a table of their own
 CNN = ("CNN-BP", "CNN-LeeDTP")
 
 #: thesis table 3.1 (from Bartunov et al. 2018): test error % on MNIST and CIFAR-10, Adam, best of 500 epochs.

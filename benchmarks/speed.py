@@ -9,7 +9,7 @@
   batch 1 (Sherman-Morrison) and batch 32 (Woodbury), against BP at the same size and against
   re-inverting every ``W`` each step (O(n^3)); a log-log fit gives the scaling exponent of the
   step time in n;
-* (c) the small CNN of ``configs/mnist/cnn_bp.yaml`` (BP, LeeDTP, OriginalDTP, DTP-AI), paired with BP as in (a);
+* (c) the small CNN of ``mnist/cnn_bp.yaml`` (BP, LeeDTP, OriginalDTP, DTP-AI), paired with BP as in (a);
 * (d) memory: the peak GPU allocation on CUDA; on CPU the bytes of the rule's state
   (parameters, buffers, optimizer state);
 * (e) ``--part trainer``: what a user runs. Each MNIST config (BP, FA, DFA, DTP-AI, RDTP-AI, LeeDTP, OriginalDTP,

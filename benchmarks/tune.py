@@ -5,7 +5,7 @@
     python -m benchmarks.tune --report [RULE...]      (the tuning table of docs/RESULTS.md)
     python -m benchmarks.tune --rule FA --check [--jobs 2]   (the tuned config against the one before, full schedule)
 
-Each trial trains the rule's ``configs/mnist/<rule>.yaml`` through ``train.py`` with the sampled values as
+Each trial trains the rule's ``mnist/<rule>.yaml`` (in ``tplightning/configs/``) through ``train.py`` with the sampled values as
 overrides (no logger, no checkpoint, no test run) and scores it by its **best validation accuracy** on the
 5k validation split; the test images are never looked at. The validation accuracy of each epoch is
 reported to Optuna, whose median pruner stops a trial that trails the median of the earlier trials at the
@@ -70,7 +70,7 @@ epochs; with ``--subset n`` a tenth of the ``n`` images validate, unless ``--num
 under a header comment line naming the study, its trials and the date.
 
 **The check** (``--check``, :func:`check`): the tuned config against the config before tuning on the full
-schedule, one seed, by best validation accuracy; the better one stays in ``configs/mnist/``, and its run is the
+schedule, one seed, by best validation accuracy; the better one stays in ``tplightning/configs/mnist/``, and its run is the
 campaign's run of that seed.
 """
 from __future__ import annotations
@@ -837,7 +837,7 @@ def _tuned_values(text: str) -> str:
 def check(rule: str, jobs: int = 1, record: Path = mnist.RECORD, seed: int = 0) -> dict:
     """Train the tuned config of ``rule`` and the config as it was before tuning (:func:`before_tuning`) on the
     full schedule (the config's epochs and data) with seed ``seed``; keep the one with the higher best validation
-    accuracy in ``configs/mnist/<rule>.yaml``, under a ``# Checked by`` header line that gives both scores.
+    accuracy in ``mnist/<rule>.yaml`` (``tplightning/configs/``), under a ``# Checked by`` header line that gives both scores.
 
     A proxy of a few epochs can prefer what does not hold over the full schedule (a larger learning rate that
     the proxy's compressed decay tames), so a study's best replaces the config only if it also wins here. Both
@@ -942,7 +942,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="epochs a trial runs before it can be pruned (default: %(default)s)")
     p.add_argument("--keep", nargs="+", default=[], metavar="NAME",
                    help="parameters held at the config's value instead of searched (e.g. weight_decay)")
-    p.add_argument("--write-config", action="store_true", help="write the best values into the rule's configs/ file")
+    p.add_argument("--write-config", action="store_true", help="write the best values into the rule's config in tplightning/configs/mnist/")
     p.add_argument("--check", action="store_true",
                    help="tune nothing: train the tuned config and the config before tuning on the full schedule, keep the better")
     p.add_argument("--jobs", type=int, default=1, help="--check: worker processes (default: %(default)s)")

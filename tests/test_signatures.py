@@ -65,3 +65,19 @@ def test_help_lists_the_arguments():
 def test_docs_site_checks_documented_arguments():
     """griffe warns (and the strict build fails) on a documented argument that the signature lacks."""
     assert "warn_unknown_params: true" in (ROOT / "mkdocs.yml").read_text()
+
+
+def _named_parameters(function) -> set[str]:
+    """The arguments ``function`` declares by name (not ``self``, not a ``*args``/``**kwargs`` pass-through)."""
+    return {p.name for p in inspect.signature(function).parameters.values() if p.kind not in PASS_THROUGH} - {"self"}
+
+
+@pytest.mark.parametrize("cls", RULES, ids=lambda c: c.__name__)
+def test_every_base_argument_is_declared(cls):
+    """A rule that writes its own signature repeats every argument of every ``__init__`` above it in its MRO: one that
+    is left out could no longer be given to that rule (by keyword, in a config) though its base takes it."""
+    own = _named_parameters(cls.__init__)
+    bases = [base for base in cls.__mro__[1:] if "__init__" in vars(base)]
+    assert cls is tp.LearningRule or tp.LearningRule in bases, "the check must reach the base of the rules"
+    missing = {base.__qualname__: sorted(_named_parameters(base.__init__) - own) for base in bases}
+    assert {name: args for name, args in missing.items() if args} == {}

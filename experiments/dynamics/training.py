@@ -2,7 +2,7 @@
 
 Student-teacher regression (thesis 5.2.2: batch 32, 60 batches per epoch, students at Frobenius
 distance 8 from the teacher) on the 6-6-6 and the deep 6-6-6-6-6-6 network, each rule with its
-config (``configs/dtp.yaml`` and ``configs/dynamics/*.yaml``, mu = 0.1, the layer-specific learning
+config (``dtp.yaml`` and ``dynamics/*.yaml``, mu = 0.1, the layer-specific learning
 rate of eq. 6.19 on for the mixture networks; the deep network with forward learning rate 1e-4 and
 120 batches per epoch, as fig. 5.13's caption and the benchmark's ``deep`` table, and the dynamical
 rules' feedback learning rate 1e-5: their ``Q`` rules run on the activations, whose norms are about

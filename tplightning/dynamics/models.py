@@ -506,11 +506,6 @@ class TwoPhaseNetwork(MixtureNetwork):
             out.append(F.local_update(d, free[i - 1], learn[i - 1], prev[i - 1]))
         return out
 
-    def phase_errors(self, x: Tensor, free: Sequence[Tensor], learn: Sequence[Tensor], ideal: Sequence[Tensor]) -> list[Tensor]:
-        """``e_i^phase = (h_i^{f*} - h_i^{l*}) - ideal_i`` (eq. 6.36), ``ideal_i`` the clean first-order signal
-        ``(mu/(1-mu))^{L+1-i} eta^ [prod J_{g_k}] e_L`` (from :func:`tplightning.dynamics.theory.mixture_first_order`)."""
-        return [hf - hl - s for hf, hl, s in zip(free, learn, ideal)]
-
 
 # --------------------------------------------------------------------------------------------
 # The multiplexing network (section 6.9.2)

@@ -217,7 +217,7 @@ def abstract_rule_message(name: str) -> str:
     'TargetPropRule is a base of the rules, not a'
     """
     return (f"{name} is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI or tplightning.BP "
-            "(README, 'The rules'), or subclass it")  # fmt: skip
+            "(the user guide, docs/guide.md, 'The rules'), or subclass it")  # fmt: skip
 
 
 class _AbstractRule(ABCMeta):
@@ -457,7 +457,7 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
     >>> tp.LearningRule()
     Traceback (most recent call last):
     ...
-    tplightning.errors.ConfigError: LearningRule is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI or tplightning.BP (README, 'The rules'), or subclass it
+    tplightning.errors.ConfigError: LearningRule is a base of the rules, not a rule; choose a rule such as tplightning.DTPAI or tplightning.BP (the user guide, docs/guide.md, 'The rules'), or subclass it
     """
 
     def __init__(

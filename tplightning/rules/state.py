@@ -21,7 +21,8 @@ class CheckpointState:
     ['batches_seen', 'layer_generator']
     """
 
-    #: training batches, saved in checkpoints (Lightning's ``global_step`` counts optimizer steps)
+    #: training batches, saved in checkpoints (Lightning's ``global_step`` counts them too, one optimizer step per batch,
+    #: except with a gradient scaler: see docs/guide.md, 'Trainer features under manual optimization')
     batches_seen: int = 0
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
