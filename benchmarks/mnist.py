@@ -45,7 +45,7 @@ rest of the file is left as it is. The table holds no data of its own: each row 
 command), appended when a row changes, so a later invocation with other ``--rules`` (or other epochs) replaces
 only the rows of the rules it runs and keeps the others. Run from the repository
 root (``--out``, ``--record`` and the runs' folders are relative to it; MNIST comes from the data cache,
-README "Data").
+docs/guide.md, "Data").
 """
 from __future__ import annotations
 
@@ -563,7 +563,7 @@ def _verify(args, done: dict, todo: list) -> list[dict]:
             print(f"  other kernels: rerun with ATEN_CPU_CAPABILITY={theirs[1].lower()}", flush=True)
     if differ:
         print(f"{differ} of {len(done)} runs differ from the record. The same code and seed give other float32 results under other "
-              "CPU kernels: set ATEN_CPU_CAPABILITY (avx2, avx512, default) to the record's kernels (README, 'Reproducing a "
+              "CPU kernels: set ATEN_CPU_CAPABILITY (avx2, avx512, default) to the record's kernels (docs/guide.md, 'Reproducing a "
               "recorded run exactly').")  # fmt: skip
         raise SystemExit(1)
     return list(done.values())

@@ -44,7 +44,7 @@ trials with ``k`` workers ends with ``n`` to ``n + k - 1``). Studies live in ``d
 config it tuned; safe for several processes of one machine; the studies behind the shipped configs predate this
 default, and their journals, written under ``runs/tune/``, were not kept) unless ``--storage`` names another: a database URL
 (``postgresql://...``, ``mysql+pymysql://...``, ``sqlite:///file.db``) lets processes on several machines
-share one study (README, "Tuning").
+share one study (docs/guide.md, "Tuning").
 
 **The first trial** of a new study is the config as shipped (its values, else the rule's defaults, clipped into the
 ranges above), so a study's best is never worse on the proxy than the config it would replace. ``--write-config``

@@ -108,7 +108,7 @@ def default_threads(model) -> int | None:
     weights have at most :data:`SMALL_LAYER` entries, ``None`` (torch's default, one per core) otherwise.
 
     A small network's step is many small operations; split over threads, each waits for the others at every
-    operation's end, which costs a scheduler time slice whenever another process holds a core (README, "Threads and
+    operation's end, which costs a scheduler time slice whenever another process holds a core (docs/guide.md, "Threads and
     speed", has the measurements).
 
     >>> import tplightning as tp
