@@ -116,3 +116,27 @@ def test_ddp_checkpoint_on_more_ranks_reseeds_the_new_ones():
     rule = _rule(3, 4)
     rule.load_extra_state(state)
     torch.testing.assert_close(_draw(rule, 1), _stream(SEED + 3, skip=0, n=1), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_ddp_resume_equals_uninterrupted_run(tmp_path):
+    """2 processes (gloo, ddp_spawn): DTPAI's feedback gradients are averaged over the ranks' noise, so a resume that
+    gave rank 1 rank 0's noise would end on other weights than 2 uninterrupted epochs."""
+    from conftest import fit_ddp_replicas, make_rule, tiny_data
+    from tplightning._lightning import pl
+
+    def fit(name, **kw):
+        (tmp_path / name).mkdir()
+        pl.seed_everything(0)
+        rule, dm = make_rule("DTPAI", sizes=(6, 6, 6, 6)), tiny_data(sizes=(6, 6, 6, 6))
+        return fit_ddp_replicas(rule, dm, tmp_path / name, **kw)
+
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)  # every epoch
+    whole = fit("whole", max_epochs=2, callbacks=[saver], enable_checkpointing=True)
+    first = tmp_path / "ckpt" / "epoch=0.ckpt"
+    state = torch.load(first, weights_only=False)["tplightning"]
+    assert len(state["noise_generators"]) == 2 and not torch.equal(*state["noise_generators"])
+    resumed = fit("resumed", max_epochs=2, ckpt_path=first)
+    for rank in (0, 1):
+        for a, b in zip(resumed[rank], whole[rank]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"rank {rank}")
