@@ -96,16 +96,17 @@ class SaveReplica(pl.Callback):
         torch.save(weights_of(pl_module), self.folder / f"rank{trainer.global_rank}.pt")
 
 
-def fit_ddp_replicas(rule, datamodule, folder: Path, **trainer_kw) -> list[list[torch.Tensor]]:
-    """Fit ``rule`` on 2 CPU processes (gloo, ``ddp_spawn``); each rank's final weights.
+def fit_ddp_replicas(rule, datamodule, folder: Path, callbacks=(), ckpt_path=None, **trainer_kw) -> list[list[torch.Tensor]]:
+    """Fit ``rule`` on 2 CPU processes (gloo, ``ddp_spawn``), with ``callbacks`` and resuming from ``ckpt_path`` if
+    given; each rank's final weights.
 
     On some hosts a gloo worker aborts at interpreter exit ("terminate called without an active exception"), after
     training ended. Only that is tolerated: exit by SIGABRT with both ranks' replicas saved by ``on_train_end``."""
     from torch.multiprocessing import ProcessExitedException
 
-    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", callbacks=[SaveReplica(folder)], **trainer_kw)
+    trainer = quiet_trainer(devices=2, strategy="ddp_spawn", callbacks=[SaveReplica(folder), *callbacks], **trainer_kw)
     try:
-        trainer.fit(rule, datamodule=datamodule)
+        trainer.fit(rule, datamodule=datamodule, ckpt_path=ckpt_path)
     except ProcessExitedException as e:
         if e.exit_code != -signal.SIGABRT or not all((folder / f"rank{r}.pt").exists() for r in (0, 1)):
             raise

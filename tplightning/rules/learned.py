@@ -138,7 +138,7 @@ class LearnedInverseRule(TargetPropRule):
         self.feedback_pretrain_epochs, self.feedback_init, self.feedback_seed = feedback_pretrain_epochs, feedback_init, feedback_seed
         self.feedback_only = bool(feedback_only)
         self._noise_gen: torch.Generator | None = None
-        self._noise_state: Tensor | None = None
+        self._noise_states: list[Tensor] | None = None  # per-rank states a checkpoint restored, not yet applied
 
     # ----------------------------------------------------------------------------- pieces
     @property
@@ -187,14 +187,39 @@ class LearnedInverseRule(TargetPropRule):
 
     # ----------------------------------------------------------------------------- feedback training
     def noise(self, shape: tuple[int, ...]) -> Tensor:
-        """Gaussian noise from the rule's seeded generator on the rule's device."""
+        """Gaussian noise from the rule's seeded generator on the rule's device.
+
+        The generator is seeded ``feedback_seed + rank``; after a resume, rank ``r`` continues from entry ``r`` of the
+        checkpoint's states (:meth:`load_extra_state`), and a rank the checkpoint has no state for starts afresh from
+        ``feedback_seed + rank``.
+
+        >>> import tplightning as tp
+        >>> rule = tp.DTPAI(sizes=[3, 4, 2], feedback_seed=7)
+        >>> torch.equal(rule.noise((2, 3)), torch.randn(2, 3, generator=torch.Generator().manual_seed(7)))
+        True
+        """
         if self._noise_gen is None or self._noise_gen.device != self.device:
-            rank = self.global_rank if self._trainer is not None else 0
+            rank = self._rank()
             self._noise_gen = torch.Generator(self.device).manual_seed(self.feedback_seed + rank)
-            if self._noise_state is not None:
-                self._noise_gen.set_state(self._noise_state)
-                self._noise_state = None
+            if self._noise_states is not None:
+                if rank < len(self._noise_states):
+                    self._noise_gen.set_state(self._noise_states[rank])
+                self._noise_states = None
         return torch.randn(shape, generator=self._noise_gen, device=self.device, dtype=self.dtype)
+
+    def _rank(self) -> int:
+        return self.global_rank if self._trainer is not None else 0
+
+    def _own_noise_state(self) -> Tensor | None:
+        """This rank's generator state as :meth:`noise` would continue from it; ``None`` before any draw or restore."""
+        if self._noise_gen is not None:
+            return self._noise_gen.get_state()
+        if self._noise_states is None:
+            return None
+        rank = self._rank()
+        if rank < len(self._noise_states):
+            return self._noise_states[rank]
+        return torch.Generator(self.device).manual_seed(self.feedback_seed + rank).get_state()
 
     def feedback_grads(self, hs: list[Tensor], pre: list[Tensor] | None = None) -> dict[Tensor, Tensor]:
         """Gradients of every map's (regularised) inverse loss (Alg. A.8 / A.9)."""
@@ -229,15 +254,31 @@ class LearnedInverseRule(TargetPropRule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def extra_state(self) -> dict:
+        """Adds the noise generator: ``noise_generator`` (this process's state; rank 0's under DDP) and, under DDP,
+        ``noise_generators``, every rank's state in rank order, gathered from all ranks (Lightning calls
+        ``on_save_checkpoint`` on every rank and rank 0 writes the file)."""
         state = super().extra_state()
-        if self._noise_gen is not None:
-            state["noise_generator"] = self._noise_gen.get_state()
+        own = self._own_noise_state()
+        if own is None:
+            return state
+        if self._trainer is not None and self.trainer.world_size > 1:
+            gathered = self.all_gather(own.to(self.device))  # (world_size, state bytes), uint8
+            state["noise_generators"] = [g.cpu().clone() for g in gathered]  # own storage each: set_state and torch.save want it
+            own = state["noise_generators"][0]
+        state["noise_generator"] = own
         return state
 
     def load_extra_state(self, state: dict) -> None:
+        """Restores the noise generators: rank ``r`` takes entry ``r`` of ``noise_generators``; a checkpoint with one
+        state (``noise_generator`` alone: a single-process run, or a file written before per-rank states were kept)
+        restores rank 0, and every other rank starts afresh from ``feedback_seed + rank``, so ranks keep drawing
+        different noise (their streams restart rather than continue). The state is applied at the next draw
+        (:meth:`noise`), when the rank and device are known."""
         super().load_extra_state(state)
-        if "noise_generator" in state:
-            self._noise_gen, self._noise_state = None, state["noise_generator"]
+        if "noise_generators" in state:
+            self._noise_gen, self._noise_states = None, list(state["noise_generators"])
+        elif "noise_generator" in state:
+            self._noise_gen, self._noise_states = None, [state["noise_generator"]]
 
 
 class TPAI(LearnedInverseRule):
