@@ -453,6 +453,11 @@ def _last_good(cli) -> str | None:
     return None
 
 
+def _step_of(path) -> int | None:
+    """The training step a checkpoint file was written at (``None`` when it records none)."""
+    return read_checkpoint(path).get("global_step")
+
+
 def _divergence_advice(cli, args: Sequence[str]) -> str:
     """The command that resumes from the last good checkpoint with a tenth of the forward learning rate.
 
@@ -461,7 +466,10 @@ def _divergence_advice(cli, args: Sequence[str]) -> str:
     a tenth of the rate it was resumed with.
     """
     ckpt, resumed = _last_good(cli), cli.config.get("ckpt_path")
-    again = ckpt is None and _local_checkpoint(resumed) and Path(resumed).is_file()
+    resumed_file = _local_checkpoint(resumed) and Path(resumed).is_file()
+    # "again" also when the only checkpoint since the resume holds the resumed state itself (the resumed epoch's end
+    # written once more): the same step, so the same weights
+    again = resumed_file and (ckpt is None or _step_of(ckpt) == _step_of(resumed))
     if again:
         ckpt = str(resumed)
     if ckpt is None:
