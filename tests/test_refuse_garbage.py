@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tplightning as tp
+from tplightning.__main__ import stock_cli
 from tplightning.cli import report
 from tplightning.data import MNISTDataModule, TensorData, TensorDataModule
 from tplightning.data.base import check_values
@@ -51,6 +52,17 @@ def test_a_fit_that_trains_nothing_is_refused(capsys, extra, option):
     err = _refused(capsys, *extra)
     assert err.startswith(f"error: {option}: "), err
     assert "trains nothing" in err
+
+
+@pytest.mark.parametrize("name", ["val_check_interval", "check_val_every_n_epoch"])
+def test_a_zero_validation_interval_is_refused(capsys, name):
+    err = _refused(capsys, f"--trainer.{name}", "0")  # Lightning divides by it: a ZeroDivisionError traceback before
+    assert err.splitlines()[0] == f"error: --trainer.{name}: {name} must be > 0 (null: no validation by epochs), got 0", err
+
+
+def test_a_learning_rate_beyond_float32_is_named(capsys):
+    err = _refused(capsys, f"{LR}=1e300")  # an overflow inside the optimizer's step before
+    assert err.splitlines()[0] == f"error: {LR}: the learning rate must be a finite positive float, got 1e+300", err
 
 
 def test_the_stock_fit_subcommand_refuses_it_too(capsys):
@@ -293,3 +305,12 @@ def test_an_activation_the_rule_inverts_must_be_invertible(capsys, config, slope
     err = _refused(capsys, "--config", config, "--model.init_args.sizes", "[6, 6, 6, 6]", "--data.init_args.sizes", "[6, 6, 6, 6]",
                    "--model.init_args.negative_slope", slope)  # fmt: skip
     assert err.startswith(f"error: --model.init_args.negative_slope: layer 2 activation LeakyReLU(negative_slope={float(slope)}) has no inverse")
+
+
+@pytest.mark.parametrize("sub", ["validate", "test", "predict"])
+def test_evaluating_without_a_checkpoint_is_refused(capsys, sub):
+    """Before, ``python -m tplightning test --config dtp.yaml`` tested the untrained initial weights and exited 0."""
+    with pytest.raises(SystemExit) as info:
+        report(stock_cli, [sub, "--config", "dtp.yaml"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith(f"error: --ckpt_path: python -m tplightning {sub} evaluates a trained rule"), err

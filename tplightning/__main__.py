@@ -23,6 +23,12 @@ def stock_cli(args: Sequence[str] | None = None) -> StockCLI:
     if not any(a in SUBCOMMANDS for a in args) and not any(a in ("-h", "--help") for a in args):
         raise ConfigError(f"python -m tplightning needs a subcommand ({', '.join(SUBCOMMANDS)}) before the options, e.g. "
                           "python -m tplightning fit --config dtp.yaml (train.py fits and tests in one call)")  # fmt: skip
+    sub = next((a for a in args if a in SUBCOMMANDS), None)
+    if sub in ("validate", "test", "predict") and not any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in args) \
+            and not any(a in ("-h", "--help") for a in args):  # fmt: skip
+        raise ConfigError(f"python -m tplightning {sub} evaluates a trained rule: give --ckpt_path (a run's "
+                          "checkpoints/last.ckpt); without one it would use the untrained initial weights",
+                          option="--ckpt_path")  # fmt: skip
     args = resolve_config_args(args)
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:

@@ -531,13 +531,16 @@ def refuse_idle_fit(trainer, model) -> None:
         if getattr(trainer, name, None) == 0:
             what = "epoch" if name == "max_epochs" else "step" if name == "max_steps" else "batch"
             raise ConfigError(f"{name}={getattr(trainer, name)} trains nothing; give at least 1 {what}", option=f"--trainer.{name}")
+    for name in ("val_check_interval", "check_val_every_n_epoch"):  # Lightning divides by them
+        if getattr(trainer, name, None) == 0:
+            raise ConfigError(f"{name} must be > 0 (null: no validation by epochs), got 0", option=f"--trainer.{name}")
     factory = getattr(model, "forward_optimizer", None)
     if factory is None or not getattr(model, "train_layers", None):
         return
     option = "--model.init_args.forward_optimizer.init_args.lr"
     lr = build_optimizer("forward_optimizer", factory, [torch.zeros(1, requires_grad=True)]).param_groups[0].get("lr")
     lr = float(lr) if isinstance(lr, (int, float, torch.Tensor)) else None
-    if lr is not None and not math.isfinite(lr):
+    if lr is not None and not (math.isfinite(lr) and abs(lr) <= torch.finfo(torch.get_default_dtype()).max):
         raise ConfigError(f"the learning rate must be a finite positive float, got {lr}", option=option)
     if lr == 0 and not getattr(model, "feedback_only", False):
         extra = ("; to train the feedback weights alone, set --model.init_args.feedback_only true" if hasattr(model, "feedback_only")
