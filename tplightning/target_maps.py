@@ -27,6 +27,7 @@ corrupted activation up to the output and back) the network's layers and maps.
 """
 from __future__ import annotations
 
+import math
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .errors import ConfigError
-from .layers import Dense, Layer
+from .layers import AuxiliaryDense, Conv2d, Dense, Layer
 
 __all__ = [
     "Step",
@@ -47,6 +48,8 @@ __all__ = [
     "GradientTarget",
     "FeedbackAlignment",
     "TrainedFeedback",
+    "SignSymmetry",
+    "KolenPollack",
     "DirectFeedback",
     "Difference",
     "plain",
@@ -549,6 +552,111 @@ class TrainedFeedback(FeedbackAlignment):
 
     def _draw(self, shape, fan_in, like):
         self.B = nn.Parameter(torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
+
+
+def sign_feedback_scales(feedback_shape: Sequence[int]) -> tuple[float, float]:
+    """``(sqrt(2 / (fan_in + fan_out)), sqrt(6 / (fan_in + fan_out)))`` of a weight: the std of a Xavier (Glorot) law and the
+    bound ``a`` of Xavier's uniform law ``U(-a, a)``, the scales biotorch gives sign-concordant feedback. ``fan_in + fan_out``
+    is symmetric in the two leading dimensions, so the weight's shape or its transpose's give the same numbers: for a dense
+    ``(n_out, n_in)`` weight it is ``n_out + n_in``, for a ``(C_out, C_in, k, k)`` kernel ``(C_out + C_in) k^2``.
+
+    >>> sign_feedback_scales((3, 5))  # dense: sqrt(2/8), sqrt(6/8)
+    (0.5, 0.8660254037844386)
+    >>> sign_feedback_scales((2, 1, 3, 3))[0] == (2 / 27) ** 0.5
+    True
+    """
+    n = (feedback_shape[0] + feedback_shape[1]) * math.prod(feedback_shape[2:])
+    return (2 / n) ** 0.5, (6 / n) ** 0.5
+
+
+class SignSymmetry(FeedbackAlignment):
+    """Sign-concordant feedback: :class:`FeedbackAlignment`'s target with ``B_i = M_i ⊙ sign(W_{i+1})^T``.
+
+    Only the feedback weight differs from FA (the target is eq. 3.18's with this ``B``): the signs of ``W_{i+1}^T`` are read
+    at every use, so they follow the forward weights, and the magnitudes ``M_i`` never carry ``W``'s. The three variants of
+    Liao, Leibo & Poggio (2016), with the scales of biotorch (Sanfiz & Akrout 2021, which follows Xiao et al. 2018 in
+    scaling uSF by the initial weights' std to avoid exploding gradients):
+
+    * ``magnitude="uniform"`` (uSF): ``M = c``, ``c = sqrt(2 / (fan_in + fan_out))`` of ``W_{i+1}`` (the std of a Xavier
+      law, biotorch's default initialisation; :func:`sign_feedback_scales`);
+    * ``magnitude="fixed"`` (frSF): ``M = |R|``, ``R ~ U(-a, a)`` with Xavier's bound ``a = sqrt(6 / (fan_in + fan_out))``,
+      drawn once when the map is bound (torch's global generator, as FA's ``B``) and kept (a buffer, in checkpoints);
+    * ``magnitude="batch"`` (brSF): the same law, drawn afresh before every training batch by :meth:`redraw` from the
+      rule's generator (:class:`~tplightning.rules.alignment.BRSF`).
+
+    ``B`` is in ``W_{i+1}^T``'s shape for a dense layer above and in the kernel's shape for a convolution (used through a
+    transposed convolution, :meth:`~tplightning.layers.Layer.transpose`). This library's forward weights are Gaussian with
+    std ``1/sqrt(fan_in)``, not Xavier's, so the ratio of ``|B|`` to ``|W|`` is not biotorch's exactly; the scales above
+    are kept as biotorch's so that ``B`` means the same number there and here.
+
+    Args:
+        magnitude: ``uniform`` (uSF), ``fixed`` (frSF) or ``batch`` (brSF).
+
+    >>> upper = Dense(3, 2, activation="linear")
+    >>> g = SignSymmetry().bind(1, Dense(2, 3), upper)
+    >>> torch.allclose(g.B, (2 / 5) ** 0.5 * torch.sign(upper.weight.detach()).T)  # uSF, c = sqrt(2 / (3 + 2))
+    True
+    """
+
+    MAGNITUDES = ("uniform", "fixed", "batch")
+
+    def __init__(self, magnitude: str = "uniform"):
+        super().__init__()
+        if magnitude not in self.MAGNITUDES:
+            raise ConfigError(f"magnitude must be one of {', '.join(map(repr, self.MAGNITUDES))}, got {magnitude!r}")
+        self.magnitude = magnitude
+
+    def check_layers(self, lower, upper):
+        shape = upper.feedback_shape()
+        self.scale, self.bound = sign_feedback_scales(shape)
+        if self.magnitude != "uniform":
+            W = upper.weight
+            self.register_buffer("R", self.bound * torch.rand(*shape, dtype=W.dtype, device=W.device))
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator) -> None:
+        """Draw the magnitudes ``|R| ~ U(0, a)`` afresh from ``generator`` (a CPU generator: the same numbers on every
+        device); for ``magnitude="batch"`` only."""
+        if self.magnitude != "batch":
+            raise ValueError(f"only brSF's magnitudes are redrawn, this map's are {self.magnitude!r}")
+        self.R.copy_(self.bound * torch.rand(self.R.shape, generator=generator, dtype=self.R.dtype))
+
+    @property
+    def B(self) -> Tensor:  # type: ignore[override]
+        """``M ⊙ sign(W_{i+1})^T`` at the forward weights' current values."""
+        signs = torch.sign(self.upper.adjoint())
+        return self.scale * signs if self.magnitude == "uniform" else self.R * signs
+
+
+class KolenPollack(TrainedFeedback):
+    """Kolen–Pollack feedback (Akrout et al. 2019, eqs. 16-17): :class:`FeedbackAlignment`'s target, ``B_i`` a parameter
+    that takes ``W_{i+1}``'s own update, transposed:
+
+    ``Delta W_{i+1} = -eta delta_{i+1} h_i^T - lambda W_{i+1}``,  ``Delta B_i = -eta h_i delta_{i+1}^T - lambda B_i``,
+
+    so ``W_{i+1} - B_i^T`` shrinks by ``(1 - lambda)`` at every step whatever the data, and ``B_i -> W_{i+1}^T`` (with
+    ``delta`` the FA-style error that ``B`` itself carries). The rule (:class:`~tplightning.rules.alignment.KP`) gives
+    :meth:`mirrored` of the forward gradient to ``B`` through the forward optimizer, whose weight decay is the ``lambda``
+    of both. ``B`` starts random, as FA's. Dense (``B`` in ``W^T``'s shape) and convolutional layers above (``B`` in the
+    kernel's shape); not AO-SDTP's auxiliary layer, whose fixed rows get no update to mirror.
+
+    >>> upper = Dense(3, 2)
+    >>> g = KolenPollack().bind(1, Dense(2, 3), upper)
+    >>> g.mirrored(torch.ones(2, 3)).shape  # W_2's gradient, (2, 3), in B_1's shape
+    torch.Size([3, 2])
+    """
+
+    def check_layers(self, lower, upper):
+        if isinstance(upper, AuxiliaryDense) or not isinstance(upper, (Dense, Conv2d)):
+            raise ConfigError(
+                f"Kolen-Pollack feedback mirrors the update of layer {self.index + 1}'s whole weight: it needs a Dense or Conv2d "
+                f"layer there, got {type(upper).__name__}"
+            )
+        super().check_layers(lower, upper)
+
+    def mirrored(self, grad: Tensor) -> Tensor:
+        """``W_{i+1}``'s gradient in ``B_i``'s shape: transposed for a dense layer, the kernel's own shape for a convolution."""
+        return grad.T if isinstance(self.upper, Dense) else grad
 
 
 class DirectFeedback(_FixedFeedback):

@@ -1,11 +1,14 @@
-"""Feedback alignment presets: FA (thesis 3.2.1, Lillicrap et al. 2016), DFA (3.2.2, Noekland 2016), BDFA (3.2.4, Luo et al. 2017).
+"""Feedback alignment presets: FA (thesis 3.2.1, Lillicrap et al. 2016), DFA (3.2.2, Noekland 2016), BDFA (3.2.4, Luo et al. 2017),
+and the family biotorch ships beside them: sign symmetry (uSF, brSF, frSF; Liao, Leibo & Poggio 2016) and Kolen–Pollack
+feedback (KP; Akrout et al. 2019).
 
 Both are target-propagation rules whose maps carry fixed random feedback matrices
 (:class:`~tplightning.target_maps.FeedbackAlignment`, :class:`~tplightning.target_maps.DirectFeedback`): the propagated
 "targets" are ``h_i`` plus ``eta^`` times the FA/DFA error signal, and the local update ``D_i (h_i - h^_i) h_{i-1}^T``
 is then eq. 3.20's. ``target_stepsize`` defaults to 1 here, so the forward learning rate means what it means for BP.
 Bidirectional FA (3.2.4) trains the feedback weights in a second, auto-encoder phase (:class:`BDFA`); broadcast FA
-(3.2.3) needs spiking neurons and is not implemented.
+(3.2.3) needs spiking neurons and is not implemented. The sign-symmetric rules and KP are FA with another ``B_i``
+(:class:`~tplightning.target_maps.SignSymmetry`, :class:`~tplightning.target_maps.KolenPollack`).
 """
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ from torch import Tensor, nn
 from .._lightning import OptimizerCallable
 from ..errors import ConfigError
 from ..layers import Dense, Layer
-from ..target_maps import DirectFeedback, FeedbackAlignment, TrainedFeedback
+from ..target_maps import DirectFeedback, FeedbackAlignment, KolenPollack, SignSymmetry, TrainedFeedback
 from .arguments import arguments_for
 from .base import NORM_GUARD, build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
-__all__ = ["FA", "DFA", "BDFA"]
+__all__ = ["FA", "DFA", "BDFA", "USF", "BRSF", "FRSF", "KP"]
 
 
 class FA(TargetPropRule):
@@ -173,3 +176,156 @@ class BDFA(FA):
         with torch.no_grad():
             self.apply_gradients(self.optimizer_list()[1], self.feedback_grads(*batch))
         return loss
+
+
+class USF(FA):
+    """Uniform sign-concordant feedback (uSF; Liao, Leibo & Poggio 2016): FA with ``B_i = c sign(W_{i+1})^T``, the signs read
+    from the current forward weights at every step and ``c = sqrt(2 / (fan_in + fan_out))`` as in biotorch
+    (:class:`~tplightning.target_maps.SignSymmetry`, ``magnitude="uniform"``). Run: ``python train.py --config usf.yaml``.
+
+    It takes every argument of :class:`FA`.
+
+    >>> rule = USF(sizes=[3, 4, 2])
+    >>> torch.equal(torch.sign(rule.feedback_weights[0]), torch.sign(rule.net.weights[1].detach()).T)
+    True
+    """
+
+    def make_maps(self):
+        return [SignSymmetry("uniform") for _ in range(self.num_layers - 1)]
+
+
+class FRSF(FA):
+    """Fixed random-magnitude sign-concordant feedback (frSF; Liao, Leibo & Poggio 2016): FA with
+    ``B_i = |R_i| ⊙ sign(W_{i+1})^T``, ``R_i ~ U(-a, a)`` (Xavier's bound, as biotorch) drawn once after the forward weights
+    (``seed_everything`` sets both) and kept in the checkpoint (:class:`~tplightning.target_maps.SignSymmetry`,
+    ``magnitude="fixed"``). Run: ``python train.py --config frsf.yaml``.
+
+    It takes every argument of :class:`FA`.
+
+    >>> rule = FRSF(sizes=[3, 4, 2])
+    >>> torch.equal(rule.feedback_weights[0].abs(), rule.maps[0].R)
+    True
+    """
+
+    def make_maps(self):
+        return [SignSymmetry("fixed") for _ in range(self.num_layers - 1)]
+
+
+class BRSF(FA):
+    """Batchwise random-magnitude sign-concordant feedback (brSF; Liao, Leibo & Poggio 2016): FA with
+    ``B_i = |R_i| ⊙ sign(W_{i+1})^T`` and ``R_i ~ U(-a, a)`` drawn afresh for every training batch
+    (:class:`~tplightning.target_maps.SignSymmetry`, ``magnitude="batch"``), as biotorch redraws it at every forward pass.
+
+    The magnitudes a batch uses are drawn at the end of the batch before (the first batch's when the maps are bound, from
+    torch's global generator as frSF's), so the rule's buffers always hold the next batch's ``R`` (what
+    :meth:`~tplightning.rules.target_prop.TargetPropRule.compute_targets` and the diagnostics see). The draws come from a CPU
+    generator seeded ``feedback_seed``, the same on every DDP replica (the draw carries no data, so replicas stay
+    identical, as with ``layer_seed``); its state and ``R`` are in the checkpoint, so a resumed run draws what the
+    uninterrupted one would. Run: ``python train.py --config brsf.yaml``.
+
+    It takes every argument of :class:`FA` too.
+
+    Args:
+        feedback_seed: seed of the magnitudes' generator.
+
+    >>> rule = BRSF(sizes=[3, 4, 2], feedback_seed=1)
+    >>> rule.redraw_feedback()
+    >>> g = torch.Generator().manual_seed(1)
+    >>> torch.equal(rule.maps[0].R, rule.maps[0].bound * torch.rand(4, 2, generator=g))
+    True
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer] | None = None,
+        norm_guard: float | None = NORM_GUARD,
+        *,
+        target_stepsize: float = 1.0,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        feedback_seed: int = 0,
+    ):
+        super().__init__(**arguments_for(super().__init__, locals()))
+        self.feedback_seed = feedback_seed
+        self._feedback_gen: torch.Generator | None = None
+
+    def make_maps(self):
+        return [SignSymmetry("batch") for _ in range(self.num_layers - 1)]
+
+    def feedback_generator(self) -> torch.Generator:
+        """The magnitudes' CPU generator (seeded ``feedback_seed`` on first use, or restored from a checkpoint)."""
+        if self._feedback_gen is None:
+            self._feedback_gen = torch.Generator().manual_seed(self.feedback_seed)
+        return self._feedback_gen
+
+    def redraw_feedback(self) -> None:
+        """Draw every ``|R_i|`` afresh (layer 1's first)."""
+        g = self.feedback_generator()
+        for m in self.maps:
+            m.redraw(g)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.redraw_feedback()  # the next batch's magnitudes
+        return loss
+
+    def extra_state(self) -> dict:
+        """Adds ``feedback_generator``, the magnitudes' generator state."""
+        return {**super().extra_state(), "feedback_generator": self.feedback_generator().get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if "feedback_generator" in state:
+            self.feedback_generator().set_state(state["feedback_generator"])
+
+
+class KP(FA):
+    """Kolen–Pollack feedback (Akrout et al. 2019, eqs. 16-17): FA whose ``B_i`` take ``W_{i+1}``'s update transposed, with
+    weight decay on both, so that ``W_{i+1} - B_i^T`` shrinks by ``(1 - eta lambda)`` at each step and ``B_i -> W_{i+1}^T``
+    (:class:`~tplightning.target_maps.KolenPollack`).
+
+    ``B_i`` of the trained layers ``i + 1`` are a second parameter group of the forward optimizer: same learning rate,
+    schedule, momentum and weight decay ``lambda`` (the optimizer's ``weight_decay``; without it ``W - B^T`` stays as it
+    started). The shrinking is exact for SGD (with or without momentum) and for decoupled weight decay (AdamW), where the
+    moments of ``B`` are those of ``W`` transposed; with Adam's coupled decay it holds only approximately. Akrout et al.'s
+    code writes the decay as the factor ``(1 - lambda)`` on both weights. Run: ``python train.py --config kp.yaml``.
+
+    It takes every argument of :class:`FA`.
+
+    >>> [tuple(B.shape) for B in KP(sizes=[3, 4, 5, 2]).feedback_parameters()]
+    [(4, 5), (5, 2)]
+    """
+
+    def make_maps(self):
+        return [KolenPollack() for _ in range(self.num_layers - 1)]
+
+    def feedback_parameters(self) -> list[Tensor]:
+        """The ``B_i`` whose layer above is trained (the others keep their initial values, as FA's)."""
+        return [m.B for m in self.maps if m.index + 1 in self.train_layers]
+
+    def build_optimizers(self):
+        optimizers = super().build_optimizers()
+        optimizers[0].add_param_group({"params": self.feedback_parameters()})
+        return optimizers
+
+    def forward_grads(self, layers, hs, pre, targets):
+        """FA's gradients, and for each ``B_i`` whose ``W_{i+1}`` has one, that gradient in ``B_i``'s shape."""
+        grads = super().forward_grads(layers, hs, pre, targets)
+        for m in self.maps:
+            g = grads.get(m.upper.weight)
+            if g is not None:
+                grads[m.B] = m.mirrored(g)
+        return grads
