@@ -590,7 +590,8 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         """The forward optimizer on the weights of the trained layers, then their biases (the order optimizer states
         were saved in); rules with learned feedback add the feedback optimizer."""
         layers = [self.net.layers[i - 1] for i in self.train_layers]
-        params = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
+        groups = [layer.parameter_groups() for layer in layers]  # dense layers: ([W], [b]); a block: every parameter
+        params = [p for weights, _ in groups for p in weights] + [p for _, others in groups for p in others]
         return [build_optimizer("forward_optimizer", self.forward_optimizer, params)]
 
     def configure_optimizers(self):
