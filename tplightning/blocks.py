@@ -29,18 +29,14 @@ kept when a block holds dropout), so the gradient is that of the function that p
 
 The automatic feedback module mirrors the block's modules in reverse order:
 
-=============================================  ==========================================================
-forward module                                  feedback module
-=============================================  ==========================================================
-``Linear(n_in, n_out)``                         ``Linear(n_out, n_in, bias=False)``
-``Conv2d(c_in, c_out, k, s, p, d)`` (groups 1)   ``ConvTranspose2d(c_out, c_in, k, s, p, output_padding, d,
-                                                bias=False)``, ``output_padding`` such that the shape is the
-                                                convolution's input shape exactly
-``MaxPool2d``, ``AvgPool2d``, adaptive pools     ``Upsample(size=input size, mode="nearest")``
-``Flatten``                                     ``Unflatten`` to the flattened shape
-batch norm, dropout, activations, ``Identity``   nothing (skipped)
-anything else                                   refused: give ``feedback=``
-=============================================  ==========================================================
+| forward module | feedback module |
+| --- | --- |
+| ``Linear(n_in, n_out)`` | ``Linear(n_out, n_in, bias=False)`` |
+| ``Conv2d(c_in, c_out, k, s, p, d)``, groups 1, zero padding | ``ConvTranspose2d(c_out, c_in, k, s, p, output_padding, d, bias=False)``, ``output_padding`` such that the output has the convolution's input shape exactly |
+| ``MaxPool2d``, ``AvgPool2d``, adaptive 2-d pools | ``Upsample(size=input size, mode="nearest")`` |
+| ``Flatten``, ``Unflatten`` | ``Unflatten`` / ``Flatten`` back to the input's shape |
+| batch norm, dropout, activations, ``Identity`` | nothing (skipped) |
+| anything else | refused: give ``feedback=`` |
 
 Nearest upsampling is chosen over ``MaxUnpool2d`` because a target has no pooling indices of its own (the indices of
 the forward pass belong to ``h_i``, not to ``h^_i``). Feedback weights are drawn Gaussian with std ``1/sqrt(fan-in)``
@@ -312,8 +308,8 @@ class Block(Layer):
     rules).
 
     Args:
-        module: the block's function: an ``nn.Module`` (or its ``{class_path, init_args}`` spec, as checkpoints and
-            configs give it). Its parameters are the layer's forward parameters.
+        module: the block's function: an ``nn.Module``, a list of modules (made an ``nn.Sequential``), or a
+            ``{class_path, init_args}`` spec as checkpoints give it. Its parameters are the layer's forward parameters.
         input_shape: the shape of one input (without the batch dimension); ``None`` takes it from a first ``Linear``
             (``(in_features,)``) or ``Unflatten(1, shape)`` (``(prod(shape),)``). Flat inputs are reshaped to it.
         feedback: the block's feedback module ``G`` (output shape -> input shape), used by the learned maps instead
@@ -330,8 +326,15 @@ class Block(Layer):
     supports_exact_inverse = False
     matrix_structure = False
 
-    def __init__(self, module: nn.Module | dict, input_shape: Sequence[int] | None = None, feedback: nn.Module | dict | None = None):
+    def __init__(
+        self,
+        module: nn.Module | Sequence[nn.Module] | dict,
+        input_shape: Sequence[int] | None = None,
+        feedback: nn.Module | dict | None = None,
+    ):
         super().__init__()
+        if isinstance(module, (list, tuple)):  # a config's list of modules (jsonargparse cannot fill nn.Sequential(*modules))
+            module = nn.Sequential(*[build_module(m) for m in module])
         module = build_module(module)
         why = refusal(module)
         if why is not None:
@@ -540,8 +543,8 @@ class Block(Layer):
             return back
         if isinstance(leaf, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             return nn.Upsample(size=tuple(in_shape[1:]), mode="nearest")
-        if isinstance(leaf, nn.Flatten):
-            return nn.Flatten(1) if len(out_shape) == len(in_shape) else nn.Unflatten(1, in_shape)
+        if isinstance(leaf, (nn.Flatten, nn.Unflatten)):  # back to the input's shape
+            return nn.Flatten(1) if len(in_shape) == 1 else nn.Unflatten(1, in_shape)
         raise ConfigError(f"{self.describe()}: module {pos} ({type(leaf).__name__}) has no automatic feedback module "
                           "(Linear, Conv2d with groups=1 and zero padding, 2-d pooling and Flatten are mirrored; normalisation, "
                           "dropout and activations skipped); give the block a feedback= module")  # fmt: skip
@@ -671,7 +674,7 @@ def convert(
             raise ConfigError(f"convert cannot serve module {pos} ({why})")
     if split is None:
         starts = [k for k, (_, m) in enumerate(found) if _is_weighted(m)]
-        starts = [0] + [k for k in starts if k > 0] if starts else [0]
+        starts = [0] + starts[1:]  # what precedes the first weighted module joins its block
     else:
         starts = sorted({int(k) for k in split} | {0})
         if starts[-1] >= len(found) or starts[0] < 0:

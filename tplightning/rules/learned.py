@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._lightning import OptimizerCallable
 from ..errors import ConfigError
@@ -105,7 +105,7 @@ class LearnedInverseRule(TargetPropRule):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
@@ -420,7 +420,7 @@ class AOSDTP(OriginalDTP):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
@@ -490,7 +490,7 @@ class MTP(TPAI):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,

@@ -88,7 +88,7 @@ class TargetPropRule(LearningRule):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
