@@ -20,7 +20,8 @@ learned inverses, Alg. A.12) on a small student-teacher problem (section 5.2.2):
 >>> bool((rule.net.weights[0] != before).any()), tuple(rule(torch.zeros(3, 6)).shape)
 (True, (3, 6))
 """
-from . import functional, layers, networks, selection, target_maps
+from . import blocks, functional, layers, networks, selection, target_maps
+from .blocks import Block, convert
 from .callbacks import Checkpoint, InitNearTeacher, ReapplyOptimizerConfig
 from .checkpoints import load
 from .diagnostics import TargetPropDiagnostics
@@ -30,4 +31,4 @@ from .rules import __all__ as _rules
 from .dynamics import DynamicalTP, MultiplexingDTP, TwoPhaseDTP  # noqa: F401 (chapter 6; not in __all__, see tplightning.dynamics)
 
 __version__ = "0.1.0"
-__all__ = ["functional", "layers", "networks", "selection", "target_maps", "load", "Checkpoint", "ReapplyOptimizerConfig", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", "CIFAR10DataModule", *_rules]
+__all__ = ["blocks", "Block", "convert", "functional", "layers", "networks", "selection", "target_maps", "load", "Checkpoint", "ReapplyOptimizerConfig", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", "CIFAR10DataModule", *_rules]

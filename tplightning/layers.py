@@ -21,6 +21,7 @@ thesis' MLP from layer sizes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from abc import ABCMeta, abstractmethod
@@ -80,6 +81,9 @@ class Layer(nn.Module, metaclass=ABCMeta):
     closed_form: bool = False
     #: whether an exact inverse ``W^{-1}`` can be kept: square dense layers only
     supports_exact_inverse: bool = False
+    #: whether the layer is ``s(W h + b)`` with a weight matrix (``linear_out``, ``pre_output``, ``feedback_shape``);
+    #: a :class:`~tplightning.blocks.Block` is not
+    matrix_structure: bool = True
 
     @property
     def in_features(self) -> int:
@@ -136,6 +140,33 @@ class Layer(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def adjoint(self) -> Tensor:
         """The transposed weight ``W^T`` in :meth:`feedback_shape` (a feedback weight that starts as the adjoint)."""
+
+    def make_feedback(self) -> Tensor | nn.Module:
+        """A fresh feedback operator ``M`` for :meth:`transpose`, as the learned maps draw it: a Gaussian parameter of
+        :meth:`feedback_shape` with std ``1/sqrt(feedback_fan_in)`` from torch's global generator (a
+        :class:`~tplightning.blocks.Block` returns a feedback module instead)."""
+        W = self.weight
+        return nn.Parameter(torch.randn(*self.feedback_shape(), dtype=W.dtype, device=W.device) / self.feedback_fan_in**0.5)
+
+    @torch.no_grad()
+    def init_feedback(self, M: Tensor | nn.Module, gamma: float = 0.0) -> None:
+        """Set a feedback operator from :meth:`make_feedback` to :meth:`pseudo_inverse` (``feedback_init='pinv'``, or
+        ``'regularised'`` with ``gamma``)."""
+        M.copy_(self.pseudo_inverse(gamma))
+
+    def parameter_groups(self) -> tuple[list[Tensor], list[Tensor]]:
+        """``(weights, biases)``: the forward parameters, in the order the forward optimizer holds them."""
+        return [self.weight], ([self.bias] if self.bias is not None else [])
+
+    def vjp(self, h_prev: Tensor, v: Tensor) -> Tensor:
+        """``J_{f_i}(h_{i-1})^T v`` by autograd, shaped as ``h_prev``."""
+        with torch.enable_grad():
+            h = h_prev.detach().requires_grad_(True)
+            return torch.autograd.grad(self(h), h, grad_outputs=v)[0]
+
+    def describe(self) -> str:
+        """The layer in a few words, for messages."""
+        return f"{type(self).__name__} {self.in_shape} -> {self.out_shape}"
 
     def pseudo_inverse(self, gamma: float = 0.0) -> Tensor:
         """``W^dagger`` (``gamma = 0``) or theorem 4.7's ``W^T (W W^T + gamma I)^{-1}`` in :meth:`feedback_shape`, where it is
@@ -446,6 +477,12 @@ class Conv2d(Layer):
 _LAYERS = {"Dense": Dense, "AuxiliaryDense": AuxiliaryDense, "Conv2d": Conv2d}
 
 
+def _layer_classes() -> dict[str, type]:
+    from .blocks import Block  # blocks builds on this module
+
+    return {**_LAYERS, "Block": Block}
+
+
 def build_layer(spec: Layer | dict) -> Layer:
     """A layer from a :class:`Layer` or its ``{"class_path", "init_args"}`` spec (as checkpoints store it).
 
@@ -456,10 +493,10 @@ def build_layer(spec: Layer | dict) -> Layer:
         return spec
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ConfigError(f"a network layer must be a Layer or a {{class_path, init_args}} mapping, got {spec!r}")
-    name = str(spec["class_path"]).rsplit(".", 1)[-1]
-    if name not in _LAYERS:
-        raise ConfigError(f"unknown layer class {spec['class_path']!r}; expected one of {sorted(_LAYERS)}")
-    return _LAYERS[name](**spec.get("init_args", {}))
+    name, classes = str(spec["class_path"]).rsplit(".", 1)[-1], _layer_classes()
+    if name not in classes:
+        raise ConfigError(f"unknown layer class {spec['class_path']!r}; expected one of {sorted(classes)}")
+    return classes[name](**spec.get("init_args", {}))
 
 
 def _initial_weight(shape: tuple[int, int], init: str, init_std: float | None, generator: torch.Generator | None) -> Tensor:
@@ -536,6 +573,26 @@ class Network(nn.Module):
     def spec(self) -> list[dict]:
         return [layer.spec for layer in self.layers]
 
+    @contextlib.contextmanager
+    def frozen_state(self):
+        """Inside, the layers' forward passes leave their state alone: a :class:`~tplightning.blocks.Block` in training
+        mode normalises by the batch's statistics but does not update its running statistics. The target-propagation
+        rules run everything after a batch's forward pass inside it, so the statistics move once per batch.
+
+        >>> net = Network([Dense(2, 2)])
+        >>> with net.frozen_state():
+        ...     net(torch.zeros(1, 2)).shape
+        torch.Size([1, 2])
+        """
+        held = [layer for layer in self.layers if hasattr(layer, "_frozen")]
+        for layer in held:
+            layer._frozen += 1
+        try:
+            yield
+        finally:
+            for layer in held:
+                layer._frozen -= 1
+
     def layer(self, i: int, h_prev: Tensor) -> tuple[Tensor, Tensor]:
         """Layer ``i`` (1-based): ``(a_i, h_i)``."""
         return self.layers[i - 1].forward_pre(h_prev)
@@ -608,10 +665,11 @@ def build_network(
     bias: bool = False,
     init_std: float | None = None,
     init: str = "gaussian",
-    network: Sequence[Layer | dict] | Network | None = None,
+    network: Sequence[Layer | dict | nn.Module] | nn.Module | None = None,
     aux_units: int = 0,
 ) -> Network:
-    """The network of a rule: ``network`` when given (layers or their specs), else the MLP of ``sizes``.
+    """The network of a rule: ``network`` when given (layers or their specs, or a PyTorch model: an ``nn.Sequential`` or
+    a list of torch modules, converted to blocks by :func:`tplightning.blocks.convert`), else the MLP of ``sizes``.
 
     With ``network``, ``sizes`` must be left at its default or equal the network's sizes.
 
@@ -622,7 +680,14 @@ def build_network(
     """
     if network is None:
         return Network(dense_stack(sizes, activation, output_activation, negative_slope, bias, init_std, None, init, aux_units))
-    net = network if isinstance(network, Network) else Network(list(network))
+    if isinstance(network, Network):
+        net = network
+    elif isinstance(network, nn.Module) or any(isinstance(m, nn.Module) and not isinstance(m, Layer) for m in network):
+        from .blocks import convert  # blocks builds on this module
+
+        net = convert(network)
+    else:
+        net = Network(list(network))
     if tuple(sizes) != _DEFAULT_SIZES and list(sizes) != net.sizes:
         raise ConfigError(f"give either sizes or network: sizes={list(sizes)} but the network's sizes are {net.sizes}")
     if aux_units:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .errors import ConfigError
+from .blocks import Block
 from .layers import AuxiliaryDense, Conv2d, Dense, Layer
 
 __all__ = [
@@ -189,6 +190,11 @@ class _LinearAfterInverse(TargetMap):
         """``M``: ``W_{i+1}^{-1}`` or ``Q_i``."""
 
     def check_layers(self, lower, upper):
+        if not upper.matrix_structure:
+            raise ConfigError(
+                f"layer {self.index + 1} is a {upper.describe()}: {type(self).__name__}'s g_{self.index}(h) = M s^-1(h) needs a "
+                "layer s(W h + b) with a weight matrix and an invertible activation; use an original-form map (OriginalDTP, LeeDTP, DRL, LDRL, DDTPLinear)"
+            )
         if not upper.activation.invertible:
             raise ConfigError(
                 f"layer {self.index + 1} activation {upper.activation!r} has no inverse, which g_{self.index}(h) = M s^-1(h) needs; "
@@ -239,7 +245,7 @@ class ExactInverse(_LinearAfterInverse):
     def check_layers(self, lower, upper):
         if not upper.supports_exact_inverse:
             raise ConfigError(
-                f"an exact inverse of layer {self.index + 1} ({type(upper).__name__} {upper.in_shape} -> {upper.out_shape}) "
+                f"an exact inverse of layer {self.index + 1} ({upper.describe()}) "
                 "is not available: exact inverses need square dense layers; use a learned map (ThesisInverse, OriginalInverse)"
             )
         super().check_layers(lower, upper)
@@ -356,32 +362,47 @@ class _LearnedMap(TargetMap):
 
     def check_layers(self, lower, upper):
         super().check_layers(lower, upper)
-        shape = upper.feedback_shape()
-        W = upper.weight
-        self.Q = nn.Parameter(torch.randn(*shape, dtype=W.dtype, device=W.device) / upper.feedback_fan_in**0.5)
+        M = upper.make_feedback()  # Q: a matrix of the shape of W_{i+1}^T; a block's feedback module G_{i+1}
+        if isinstance(M, nn.Parameter):
+            self.Q = M
+        else:
+            self.feedback_module = M
         if self.init != "random":
             self.init_pinv()
 
+    @property
+    def operator(self) -> Tensor | nn.Module:
+        """What ``f_{i+1}``'s :meth:`~tplightning.layers.Layer.transpose` applies: the matrix ``Q``, or for a block the
+        feedback module (:meth:`~tplightning.blocks.Block.make_feedback`)."""
+        return self.Q if "Q" in self._parameters else self.feedback_module
+
     def matrix(self):
-        return self.Q
+        return self.operator
 
     @torch.no_grad()
     def init_pinv(self) -> None:
         """``Q = W^dagger``, or theorem 4.7's regularised inverse with ``gamma = lambda / sigma^2`` for ``init='regularised'``."""
         gamma = self.weight_decay / self.noise_std**2 if self.init == "regularised" else 0.0
-        self.Q.copy_(self.upper.pseudo_inverse(gamma))
+        self.upper.init_feedback(self.operator, gamma)
 
     def on_weights_changed(self):
         if self.init != "random":
             self.init_pinv()
 
-    def _decayed(self, grad: Tensor) -> dict[Tensor, Tensor]:
-        return {self.Q: grad + self.weight_decay * self.Q if self.weight_decay else grad}
+    def _decayed(self, grad: Tensor | dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """``{parameter: gradient + lambda parameter}`` from the gradient of ``Q`` or the ``{parameter: gradient}`` of a
+        feedback module."""
+        grads = grad if isinstance(grad, dict) else {self.Q: grad}
+        return {p: g + self.weight_decay * p for p, g in grads.items()} if self.weight_decay else grads
 
-    def _autograd(self, loss_of_Q: Callable[[Tensor], Tensor]) -> Tensor:
+    def _autograd(self, loss_of_Q: Callable[[Tensor | nn.Module], Tensor]) -> Tensor | dict[Tensor, Tensor]:
+        """The gradient of ``loss_of_Q(operator)``: of ``Q`` (a tensor), or ``{parameter: gradient}`` of a feedback module."""
         with torch.enable_grad():
-            Q = self.Q.detach().requires_grad_(True)
-            return torch.autograd.grad(loss_of_Q(Q), Q)[0]
+            if "Q" in self._parameters:
+                Q = self.Q.detach().requires_grad_(True)
+                return torch.autograd.grad(loss_of_Q(Q), Q)[0]
+            params = [p for p in self.feedback_module.parameters() if p.requires_grad]
+            return dict(zip(params, torch.autograd.grad(loss_of_Q(self.feedback_module), params)))
 
 
 class ThesisInverse(_LearnedMap, _LinearAfterInverse):
@@ -436,7 +457,7 @@ class OriginalInverse(_LearnedMap):
 
     def evaluate(self, h_next: Tensor) -> tuple[Tensor, Tensor]:
         """``(Q h, s_i(Q h))``: the feedback gradients reuse the pre-activation (:meth:`q_grad`)."""
-        c = self.upper.transpose(h_next, self.Q)
+        c = self.upper.transpose(h_next, self.operator)
         return c, self.lower.activation(self._shape(c))
 
     def at_own(self, step):
@@ -494,10 +515,7 @@ class GradientTarget(TargetMap):
         if self.upper.closed_form:
             delta = e * self.upper.activation.derivative(step.pre[i])  # dl/da_L
             return step.hs[i] - step.target_stepsize * delta @ self.upper.full_weight()
-        with torch.enable_grad():
-            h = step.hs[i].detach().requires_grad_(True)
-            grad = torch.autograd.grad(self.upper(h), h, grad_outputs=e)[0]
-        return step.hs[i] - step.target_stepsize * grad
+        return step.hs[i] - step.target_stepsize * self._shape(self.upper.vjp(step.hs[i], e))
 
     difference_target = target
 
@@ -908,9 +926,9 @@ class DirectLinear(_LearnedMap):
     def jacobian_product(self) -> Tensor:
         """``W_L ... W_{i+1}``: the Jacobian of ``f_{i,L}`` of the linearised network, ``(n_L, n_i)``."""
         above = self._net_layers[self.index:]
-        if not all(isinstance(layer, Dense) for layer in above):
+        if not all(isinstance(layer, (Dense, Block)) for layer in above):
             raise ValueError("DirectLinear's feedback_init 'pinv'/'regularised' needs dense layers above; use feedback_init: random")
-        return F.weight_product([layer.full_weight().detach().double() for layer in above])
+        return F.weight_product([layer.full_weight().detach().double() for layer in above])  # a block: ConfigError unless one Linear
 
     @torch.no_grad()
     def init_pinv(self):

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from torch import nn
 
 from .._lightning import OptimizerCallable
 from ..errors import ConfigError
@@ -62,7 +63,7 @@ class BPFixed(BP):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = (-1,),
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
     ):
         if train_layers not in (None, [-1], (-1,)):

@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 import torchmetrics
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._lightning import OptimizerCallable, check_same_lightning, pl
 from ..callbacks import _NOT_RESUMABLE, keep_epoch_open, resume_mid_epoch
@@ -443,8 +443,10 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         train_layers: 1-based indices of the layers whose weights learn (negative counts
             from the output, ``-1`` is the output layer); ``None`` trains all.
         network: the layers to train instead of the MLP of ``sizes`` (e.g. a small CNN: a list of
-            :class:`~tplightning.layers.Conv2d` and :class:`~tplightning.layers.Dense`); ``sizes``,
-            ``activation``, ``negative_slope``, ``bias``, ``init_std`` and ``init`` then do not apply.
+            :class:`~tplightning.layers.Conv2d` and :class:`~tplightning.layers.Dense`), or a PyTorch model: an
+            ``nn.Sequential`` or a list of torch modules, split into :class:`~tplightning.blocks.Block` s by
+            :func:`~tplightning.blocks.convert`; ``sizes``, ``activation``, ``negative_slope``, ``bias``, ``init_std`` and
+            ``init`` then do not apply.
         norm_guard: training stops (:class:`DivergenceError`) when a parameter's norm exceeds ``norm_guard`` times
             ``max(its initial norm, 1)``, before it overflows to inf (:class:`DivergenceMonitor`); ``None``: no guard.
 
@@ -473,7 +475,7 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
     ):
         super().__init__()
@@ -590,7 +592,8 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         """The forward optimizer on the weights of the trained layers, then their biases (the order optimizer states
         were saved in); rules with learned feedback add the feedback optimizer."""
         layers = [self.net.layers[i - 1] for i in self.train_layers]
-        params = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
+        groups = [layer.parameter_groups() for layer in layers]  # dense layers: ([W], [b]); a block: every parameter
+        params = [p for weights, _ in groups for p in weights] + [p for _, others in groups for p in others]
         return [build_optimizer("forward_optimizer", self.forward_optimizer, params)]
 
     def configure_optimizers(self):

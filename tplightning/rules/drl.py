@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from torch import nn
 
 from .._lightning import OptimizerCallable
 from ..layers import Layer
@@ -74,7 +75,7 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
@@ -130,7 +131,7 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
@@ -182,7 +183,7 @@ class DDTPLinear(_FreshFeedbackPass):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional as F
 from .._lightning import OptimizerCallable
@@ -71,7 +71,7 @@ class ExactInverseRule(TargetPropRule):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,

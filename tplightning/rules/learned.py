@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._lightning import OptimizerCallable
 from ..errors import ConfigError
@@ -105,7 +105,7 @@ class LearnedInverseRule(TargetPropRule):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
@@ -165,11 +165,14 @@ class LearnedInverseRule(TargetPropRule):
         return [m.index for m in self.maps if m.feedback_parameters()]
 
     def Q(self, i: int) -> Tensor:
-        return self.maps[i - 1].base.Q
+        """``Q_i``, or the feedback module of a map whose upper layer is a block."""
+        base = self.maps[i - 1].base
+        return base.operator if hasattr(type(base), "operator") else base.Q
 
     @property
     def feedback_weights(self) -> list[Tensor]:
-        """The live feedback tensors ``[Q_1, ..., Q_{L-1}]``, ``Q_i`` of shape ``(n_i, n_{i+1})``."""
+        """The live feedback tensors ``[Q_1, ..., Q_{L-1}]``, ``Q_i`` of shape ``(n_i, n_{i+1})`` (a feedback module for a
+        map above which a block lies)."""
         return [self.Q(i) for i in self.feedback_layers]
 
     def feedback_parameters(self) -> list[Tensor]:
@@ -244,7 +247,8 @@ class LearnedInverseRule(TargetPropRule):
             hs, pre = self.forward_pass(x)
             loss = self.loss_from_output(hs[-1], y)
             self.check_finite(loss, hs)
-            self.update_feedback(hs, pre)
+            with self.net.frozen_state():
+                self.update_feedback(hs, pre)
         self.log_train(loss, x.shape[0])
         return loss
 
@@ -416,7 +420,7 @@ class AOSDTP(OriginalDTP):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
@@ -486,7 +490,7 @@ class MTP(TPAI):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,

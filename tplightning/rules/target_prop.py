@@ -88,7 +88,7 @@ class TargetPropRule(LearningRule):
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
-        network: Sequence[Layer] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
         norm_guard: float | None = NORM_GUARD,
         *,
         target_stepsize: float = 0.1,
@@ -107,7 +107,7 @@ class TargetPropRule(LearningRule):
         layers = list(self.net.layers)
         inverse = self.scaling.inverse
         if (inverse or batch_norm) and not all(isinstance(layer, Dense) for layer in layers):
-            kinds = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, Dense)})
+            kinds = [f"layer {i} ({layer.describe()})" for i, layer in enumerate(layers, start=1) if not isinstance(layer, Dense)]
             raise ConfigError(f"{'modified rules (D^-1)' if inverse else 'batch_norm'} need dense layers, got {', '.join(kinds)}")
         self.batch_norm, self.bn_momentum, self.bn_eps = batch_norm, bn_momentum, bn_eps
         self.normalization = InputNormalization(self.net.sizes[:-1], bn_momentum, bn_eps) if batch_norm else None
@@ -171,7 +171,10 @@ class TargetPropRule(LearningRule):
         """``([h_0..h_L], [a_1..a_L])`` of a training batch; with ``batch_norm`` the layer inputs are
         normalised and, if ``update_state``, the running statistics updated."""
         if self.normalization is None:
-            return self.net.forward_all(x)
+            if update_state:
+                return self.net.forward_all(x)
+            with self.net.frozen_state():
+                return self.net.forward_all(x)
         hs, pre, self._bn_inputs, self._bn_stats = self.normalization.forward_all(self.net, x, self.training, update_state)
         return hs, pre
 
@@ -237,14 +240,15 @@ class TargetPropRule(LearningRule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         with torch.no_grad():
-            hs, pre = self.forward_pass(x)
+            hs, pre = self.forward_pass(x)  # the batch's one pass that updates running statistics (blocks with batch norm)
             loss = self.loss_from_output(hs[-1], y)
             self.check_finite(loss, hs)
             layers = self.selection(self.train_layers)
             self.last_layer = self.selection.drawn(layers)
-            targets = self.targets_from(hs, pre, y, down_to=min(layers))
-            self.update_forward(layers, hs, pre, targets)
-            self.update_feedback(hs, pre)
+            with self.net.frozen_state():
+                targets = self.targets_from(hs, pre, y, down_to=min(layers))
+                self.update_forward(layers, hs, pre, targets)
+                self.update_feedback(hs, pre)
         self.log_train(loss, x.shape[0])
         return loss
 
