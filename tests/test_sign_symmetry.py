@@ -215,5 +215,5 @@ def test_kp_mirrors_only_trained_layers_and_refuses_an_auxiliary_layer():
     assert [tuple(B.shape) for B in rule.feedback_parameters()] == [(5, 3)]  # B_2 ~ W_3; W_2 is not trained
     net = [Dense(4, 5), AuxiliaryDense(5, 3, aux_units=2, activation="linear")]
     with pytest.raises(ConfigError, match="^Kolen-Pollack feedback mirrors the update of layer 2's whole weight: it needs a Dense or "
-                                          "Conv2d layer there, got AuxiliaryDense$"):  # fmt: skip
+                                          "Conv2d layer or a block there, got AuxiliaryDense$"):  # fmt: skip
         tp.KP(network=net)

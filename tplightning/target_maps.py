@@ -27,12 +27,15 @@ corrupted activation up to the output and back) the network's layers and maps.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 from . import functional as F
@@ -523,12 +526,102 @@ class GradientTarget(TargetMap):
         raise ValueError("GradientTarget has no feedback map g: it sets the target from the loss gradient")
 
 
+#: modules with parameters that feedback alignment through a block leaves as they are: element-wise scales and shifts
+#: (normalisation layers, PReLU), whose "transport" carries no weight matrix
+_DIAGONAL_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                     nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm, nn.PReLU)  # fmt: skip
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def feedback_slots(block: Block, who: str) -> list[tuple[str, tuple[int, ...], int]]:
+    """``[(name, feedback shape, fan-in)]`` of a block's weighted submodules, for the feedback-alignment maps: ``W^T``'s
+    shape for a ``Linear`` and the kernel's for a convolution (the conventions of :class:`~tplightning.layers.Dense` and
+    :class:`~tplightning.layers.Conv2d`), and the fan-in of the map back (output features; output channels times the
+    kernel's size). A :class:`~tplightning.errors.ConfigError` names ``who`` and the module for a block with no weight
+    matrix, or with a parameterised module other than ``Linear``, a zero-padded convolution or a normalisation.
+
+    >>> from tplightning.blocks import Block
+    >>> feedback_slots(Block(nn.Sequential(nn.Linear(3, 4), nn.Tanh())), "FA")
+    [('0', (3, 4), 4)]
+    """
+    slots = []
+    for name, m in block.module.named_modules():
+        if isinstance(m, nn.Linear):
+            slots.append((name, (m.in_features, m.out_features), m.out_features))
+        elif isinstance(m, _CONVS) and m.padding_mode == "zeros":
+            slots.append((name, tuple(m.weight.shape), m.weight.shape[0] * math.prod(m.weight.shape[2:])))
+        elif any(True for _ in m.parameters(recurse=False)) and not isinstance(m, _DIAGONAL_MODULES):
+            raise ConfigError(
+                f"{who} cannot serve {block.describe()}: its module {name or '(the block)'} ({type(m).__name__}) has weights that "
+                "feedback alignment would have to replace in the backward pass; it serves Linear, zero-padded Conv1d/2d/3d and "
+                "normalisation modules"
+            )
+    if not slots:
+        raise ConfigError(f"{who} cannot serve {block.describe()}: the block has no Linear or convolution whose weight a feedback weight replaces")
+    return slots
+
+
+def transposed_for(owner: Layer | nn.Module, t: Tensor) -> Tensor:
+    """A weight-shaped tensor in feedback shape or back: transposed for a dense layer or ``Linear`` (feedback ``W^T``), as is
+    for a convolution (feedback in the kernel's shape, used by a transposed convolution).
+
+    >>> transposed_for(nn.Linear(3, 2), torch.zeros(2, 3)).shape
+    torch.Size([3, 2])
+    """
+    return t.T if isinstance(owner, (Dense, nn.Linear)) else t
+
+
+def _input_map(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """The part of a ``Linear`` or convolution's output that is linear in its input, with ``weight`` in place of its own."""
+    if isinstance(module, nn.Linear):
+        return nnf.linear(x, weight)
+    conv = {1: nnf.conv1d, 2: nnf.conv2d, 3: nnf.conv3d}[weight.dim() - 2]
+    return conv(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _straight_through(module: nn.Module, inputs: tuple, output: Tensor, weight: Tensor) -> Tensor:
+    alt = _input_map(module, inputs[0], weight)
+    return output.detach() + (alt - alt.detach())
+
+
+@contextlib.contextmanager
+def feedback_in_backward(block: Block, weights: dict[str, Tensor]):
+    """Inside, each submodule ``name`` of ``block.module`` named in ``weights`` (a ``Linear`` or convolution) returns
+    ``f(x; W).detach() + f(x; B) - f(x; B).detach()`` with ``B = weights[name]`` in its weight's shape: exactly its own
+    output (``a - a = 0`` in floating point), so every activation, pooling and normalisation after it runs at the true
+    forward point, but the gradient with respect to its input ``x`` is ``B``'s (``B^T v`` for a ``Linear``, the transposed
+    convolution with ``B`` for a convolution). A vector-Jacobian product of the block inside
+    (:meth:`~tplightning.blocks.Block.vjp`) is backprop through the block with each weight replaced by its feedback
+    weight in the backward pass only. Forward hooks do it, so the block's own forward code is untouched.
+
+    >>> from tplightning.blocks import Block
+    >>> block = Block(nn.Sequential(nn.Linear(2, 2, bias=False), nn.Tanh()))
+    >>> B, x, v = torch.eye(2), torch.ones(1, 2), torch.ones(1, 2)
+    >>> with feedback_in_backward(block, {"0": B}):
+    ...     back = block.vjp(x, v)
+    >>> torch.allclose(back, (1 - block(x) ** 2) @ B)  # tanh' at the true point, then B^T v
+    True
+    """
+    handles = []
+    try:
+        for name, W in weights.items():
+            handles.append(block.module.get_submodule(name).register_forward_hook(functools.partial(_straight_through, weight=W)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class _FixedFeedback(TargetMap):
     """A fixed random feedback matrix ``B`` (a buffer: it never learns), Gaussian with std ``1/sqrt(fan-in)``, drawn from
     torch's global generator when the map is bound (so ``seed_everything`` sets it)."""
 
-    def _draw(self, shape: tuple[int, ...], fan_in: int, like: Tensor) -> None:
-        self.register_buffer("B", torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
+    def _draw(self, shape: tuple[int, ...], fan_in: int, like: Tensor, name: str = "B") -> None:
+        self.register_buffer(name, torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
+
+    def feedback_tensors(self) -> list[Tensor]:
+        """The feedback weights (``[B]``; one per weighted submodule of a block above)."""
+        return [self.B]
 
     def forward(self, h_next):
         raise ValueError(f"{type(self).__name__} propagates errors, not activations: it has no feedback map g of h")
@@ -542,17 +635,46 @@ class FeedbackAlignment(_FixedFeedback):
     (``delta`` in pre-activation coordinates), so the layer update is eta^ times eq. 3.20's; with ``B_i = W_{i+1}^T`` it is
     backprop's (eq. 3.19). For a convolution above, ``B`` is a transposed convolution.
 
+    Above a :class:`~tplightning.blocks.Block`, each weighted submodule ``k`` (``Linear`` or convolution) has its own
+    ``B_k`` (buffers ``B_0, B_1, ...``, shaped and drawn as for a dense or convolutional layer, :func:`feedback_slots`),
+    and ``h^_i = h_i + J~^T (h^_{i+1} - h_{i+1})`` with ``J~^T`` backprop through the block with every ``W_k`` replaced by
+    ``B_k`` in the backward pass only (:func:`feedback_in_backward`): activation derivatives, max-pooling's routing and
+    batch normalisation at the true forward point. A ``Linear -> Tanh`` block so gets the dense layer's target.
+
     >>> lower, upper = Dense(2, 3), Dense(3, 2, activation="linear")
     >>> g = FeedbackAlignment().bind(1, lower, upper)
     >>> g.B.shape  # fixed, random, in the shape of W_2^T
     torch.Size([3, 2])
     """
 
+    _slots: tuple = ()  # (name, feedback shape, fan-in) of a block's weighted submodules
+
     def check_layers(self, lower, upper):
-        self._draw(upper.feedback_shape(), upper.feedback_fan_in, upper.weight)
+        if isinstance(upper, Block):
+            self._slots = tuple(feedback_slots(upper, type(self).__name__))
+            for k, (_, shape, fan_in) in enumerate(self._slots):
+                self._draw(shape, fan_in, upper.weight, f"B_{k}")
+        else:
+            self._draw(upper.feedback_shape(), upper.feedback_fan_in, upper.weight)
+
+    def slot_feedback(self, k: int) -> Tensor:
+        """The feedback weight of a block's ``k``-th weighted submodule, in feedback shape (``B_k``)."""
+        return getattr(self, f"B_{k}")
+
+    def feedback_tensors(self):
+        return [self.slot_feedback(k) for k in range(len(self._slots))] if self._slots else [self.B]
+
+    def block_feedback(self) -> dict[str, Tensor]:
+        """``{submodule name: B_k in the weight's shape}`` for :func:`feedback_in_backward`."""
+        module = self.upper.module
+        return {name: transposed_for(module.get_submodule(name), self.slot_feedback(k)) for k, (name, _, _) in enumerate(self._slots)}
 
     def target(self, h_hat_next, step):
         i = self.index
+        if self._slots:
+            with feedback_in_backward(self.upper, self.block_feedback()):
+                back = self.upper.vjp(step.hs[i], h_hat_next - step.hs[i + 1])
+            return step.hs[i] + self._shape(back)
         delta = self.upper.derivative(step.pre[i], step.hs[i + 1]) * (h_hat_next - step.hs[i + 1])
         return step.hs[i] + self._shape(self.upper.transpose(delta, self.B))
 
@@ -568,8 +690,8 @@ class TrainedFeedback(FeedbackAlignment):
     torch.Size([3, 2])
     """
 
-    def _draw(self, shape, fan_in, like):
-        self.B = nn.Parameter(torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
+    def _draw(self, shape, fan_in, like, name="B"):
+        setattr(self, name, nn.Parameter(torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5))
 
 
 def sign_feedback_scales(feedback_shape: Sequence[int]) -> tuple[float, float]:
@@ -599,13 +721,15 @@ class SignSymmetry(FeedbackAlignment):
       law, biotorch's default initialisation; :func:`sign_feedback_scales`);
     * ``magnitude="fixed"`` (frSF): ``M = |R|``, ``R ~ U(-a, a)`` with Xavier's bound ``a = sqrt(6 / (fan_in + fan_out))``,
       drawn once when the map is bound (torch's global generator, as FA's ``B``) and kept (a buffer, in checkpoints);
-    * ``magnitude="batch"`` (brSF): the same law, drawn afresh before every training batch by :meth:`redraw` from the
+    * ``magnitude="batch"`` (brSF): the same law, drawn afresh for every training batch by :meth:`redraw` from the
       rule's generator (:class:`~tplightning.rules.alignment.BRSF`).
 
     ``B`` is in ``W_{i+1}^T``'s shape for a dense layer above and in the kernel's shape for a convolution (used through a
-    transposed convolution, :meth:`~tplightning.layers.Layer.transpose`). This library's forward weights are Gaussian with
-    std ``1/sqrt(fan_in)``, not Xavier's, so the ratio of ``|B|`` to ``|W|`` is not biotorch's exactly; the scales above
-    are kept as biotorch's so that ``B`` means the same number there and here.
+    transposed convolution, :meth:`~tplightning.layers.Layer.transpose`); above a :class:`~tplightning.blocks.Block` each
+    weighted submodule ``k`` has its own (magnitudes ``R_0, R_1, ...``), used as FA's are (:class:`FeedbackAlignment`).
+    This library's forward weights are Gaussian with std ``1/sqrt(fan_in)``, not Xavier's, so the ratio of ``|B|`` to
+    ``|W|`` is not biotorch's exactly; the scales above are kept as biotorch's so that ``B`` means the same number there
+    and here.
 
     Args:
         magnitude: ``uniform`` (uSF), ``fixed`` (frSF) or ``batch`` (brSF).
@@ -625,25 +749,46 @@ class SignSymmetry(FeedbackAlignment):
         self.magnitude = magnitude
 
     def check_layers(self, lower, upper):
-        shape = upper.feedback_shape()
-        self.scale, self.bound = sign_feedback_scales(shape)
+        if isinstance(upper, Block):
+            self._slots = tuple(feedback_slots(upper, type(self).__name__))
+            shapes = [shape for _, shape, _ in self._slots]
+        else:
+            shapes = [upper.feedback_shape()]
+        self.scales, self.bounds = zip(*(sign_feedback_scales(shape) for shape in shapes))
         if self.magnitude != "uniform":
             W = upper.weight
-            self.register_buffer("R", self.bound * torch.rand(*shape, dtype=W.dtype, device=W.device))
+            for k, (shape, bound) in enumerate(zip(shapes, self.bounds)):
+                self.register_buffer(self._name("R", k), bound * torch.rand(*shape, dtype=W.dtype, device=W.device))
+
+    def _name(self, base: str, k: int) -> str:
+        return f"{base}_{k}" if self._slots else base
+
+    def magnitudes(self) -> list[Tensor]:
+        """``|R|`` of each feedback weight (frSF, brSF)."""
+        return [getattr(self, self._name("R", k)) for k in range(len(self.bounds))]
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator) -> None:
         """Draw the magnitudes ``|R| ~ U(0, a)`` afresh from ``generator`` (a CPU generator: the same numbers on every
-        device); for ``magnitude="batch"`` only."""
+        device), a block's submodules in order; for ``magnitude="batch"`` only."""
         if self.magnitude != "batch":
             raise ValueError(f"only brSF's magnitudes are redrawn, this map's are {self.magnitude!r}")
-        self.R.copy_(self.bound * torch.rand(self.R.shape, generator=generator, dtype=self.R.dtype))
+        for R, bound in zip(self.magnitudes(), self.bounds):
+            R.copy_(bound * torch.rand(R.shape, generator=generator, dtype=R.dtype))
+
+    def slot_feedback(self, k: int) -> Tensor:
+        """``M ⊙ sign(W)`` in feedback shape, at the forward weights' current values (``k``: a block's submodule)."""
+        if self._slots:
+            owner = self.upper.module.get_submodule(self._slots[k][0])
+            signs = transposed_for(owner, torch.sign(owner.weight.detach()))
+        else:
+            signs = torch.sign(self.upper.adjoint())
+        return self.scales[k] * signs if self.magnitude == "uniform" else getattr(self, self._name("R", k)) * signs
 
     @property
     def B(self) -> Tensor:  # type: ignore[override]
-        """``M ⊙ sign(W_{i+1})^T`` at the forward weights' current values."""
-        signs = torch.sign(self.upper.adjoint())
-        return self.scale * signs if self.magnitude == "uniform" else self.R * signs
+        """``M ⊙ sign(W_{i+1})^T`` (a layer above; a block's are :meth:`slot_feedback`)."""
+        return self.slot_feedback(0)
 
 
 class KolenPollack(TrainedFeedback):
@@ -654,27 +799,34 @@ class KolenPollack(TrainedFeedback):
 
     so ``W_{i+1} - B_i^T`` shrinks by ``(1 - lambda)`` at every step whatever the data, and ``B_i -> W_{i+1}^T`` (with
     ``delta`` the FA-style error that ``B`` itself carries). The rule (:class:`~tplightning.rules.alignment.KP`) gives
-    :meth:`mirrored` of the forward gradient to ``B`` through the forward optimizer, whose weight decay is the ``lambda``
-    of both. ``B`` starts random, as FA's. Dense (``B`` in ``W^T``'s shape) and convolutional layers above (``B`` in the
-    kernel's shape); not AO-SDTP's auxiliary layer, whose fixed rows get no update to mirror.
+    :meth:`mirrored_grads` of the forward gradients to ``B`` through the forward optimizer, whose weight decay is the
+    ``lambda`` of both. ``B`` starts random, as FA's. Dense (``B`` in ``W^T``'s shape) and convolutional layers above
+    (``B`` in the kernel's shape), and blocks (one ``B_k`` per ``Linear`` or convolution); not AO-SDTP's auxiliary layer,
+    whose fixed rows get no update to mirror.
 
     >>> upper = Dense(3, 2)
     >>> g = KolenPollack().bind(1, Dense(2, 3), upper)
-    >>> g.mirrored(torch.ones(2, 3)).shape  # W_2's gradient, (2, 3), in B_1's shape
-    torch.Size([3, 2])
+    >>> [tuple(t.shape) for t in g.mirrored_grads({upper.weight: torch.ones(2, 3)}).values()]  # W_2's gradient in B_1's shape
+    [(3, 2)]
     """
 
     def check_layers(self, lower, upper):
-        if isinstance(upper, AuxiliaryDense) or not isinstance(upper, (Dense, Conv2d)):
+        if not isinstance(upper, (Dense, Conv2d, Block)) or isinstance(upper, AuxiliaryDense):
             raise ConfigError(
                 f"Kolen-Pollack feedback mirrors the update of layer {self.index + 1}'s whole weight: it needs a Dense or Conv2d "
-                f"layer there, got {type(upper).__name__}"
+                f"layer or a block there, got {type(upper).__name__}"
             )
         super().check_layers(lower, upper)
 
-    def mirrored(self, grad: Tensor) -> Tensor:
-        """``W_{i+1}``'s gradient in ``B_i``'s shape: transposed for a dense layer, the kernel's own shape for a convolution."""
-        return grad.T if isinstance(self.upper, Dense) else grad
+    def mirrored_grads(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """``{B: gradient}``: the gradient of each forward weight ``W`` (layer ``i + 1``'s, or each weighted submodule's of a
+        block) that ``grads`` holds, in its ``B``'s shape (transposed for a dense layer or ``Linear``)."""
+        if self._slots:
+            owners = [self.upper.module.get_submodule(name) for name, _, _ in self._slots]
+            pairs = [(m.weight, m, self.slot_feedback(k)) for k, m in enumerate(owners)]
+        else:
+            pairs = [(self.upper.weight, self.upper, self.B)]
+        return {B: transposed_for(owner, grads[W]) for W, owner, B in pairs if W in grads}
 
 
 class DirectFeedback(_FixedFeedback):
@@ -685,6 +837,9 @@ class DirectFeedback(_FixedFeedback):
 
     Args:
         output: the network's output layer (``f_L``), whose derivative scales the output error.
+
+    Any layer below may be a :class:`~tplightning.blocks.Block` (``B~_i`` maps to its flattened output); an output block must
+    end with its last ``Linear`` or convolution (no activation: ``D_{s_L} = I``).
 
     >>> layers = [Dense(2, 3), Dense(3, 3), Dense(3, 1, activation="linear")]
     >>> DirectFeedback(layers[-1]).bind(1, layers[0], layers[1]).B.shape
@@ -699,12 +854,18 @@ class DirectFeedback(_FixedFeedback):
 
     def check_layers(self, lower, upper):
         out = self._output[0]
+        if isinstance(out, Block) and out.activation.name != "linear":
+            raise ConfigError(
+                f"DFA sends the output layer's pre-activation error D_s_L (h^_L - h_L) to every layer; the output {out.describe()} "
+                f"ends with {out.activation!r} and has no pre-activation: end the model with its last Linear (logits)"
+            )
         self._draw((lower.out_features, out.out_features), out.out_features, out.weight)
 
     def target(self, h_hat_next, step):
         if step.output_target is None:
             raise ValueError("DirectFeedback needs the step's output target h^_L")
-        delta = self._output[0].derivative(step.pre[-1], step.hs[-1]) * (step.output_target - step.hs[-1])
+        out, error = self._output[0], step.output_target - step.hs[-1]
+        delta = error if isinstance(out, Block) else out.derivative(step.pre[-1], step.hs[-1]) * error  # a block: linear output
         return step.hs[self.index] + self._shape(delta.flatten(1) @ self.B.T)
 
     difference_target = target

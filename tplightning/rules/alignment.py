@@ -33,7 +33,9 @@ class FA(TargetPropRule):
     """Feedback alignment: ``delta_i = D_{s_i} B_i delta_{i+1}`` with fixed random ``B_i`` of shape ``(n_i, n_{i+1})`` (eq. 3.18).
 
     ``B_i`` are drawn with std ``1/sqrt(n_{i+1})`` after the forward weights (``seed_everything`` sets both) and kept in
-    the checkpoint. Run: ``python train.py --config fa.yaml``.
+    the checkpoint. On a converted PyTorch model (:func:`~tplightning.blocks.convert`) each ``Linear`` and convolution of a
+    block has its own ``B`` and the error is backpropagated through the block with them in the backward pass only
+    (:class:`~tplightning.target_maps.FeedbackAlignment`); so for uSF, brSF, frSF and KP. Run: ``python train.py --config fa.yaml``.
 
     It takes every argument of :class:`~tplightning.rules.target_prop.TargetPropRule` too.
 
@@ -73,8 +75,8 @@ class FA(TargetPropRule):
 
     @property
     def feedback_weights(self) -> list[Tensor]:
-        """The fixed feedback matrices ``[B_1, ..., B_{L-1}]``."""
-        return [m.B for m in self.maps]
+        """The feedback weights ``[B_1, ..., B_{L-1}]`` (a block above contributes one per weighted submodule, in order)."""
+        return [B for m in self.maps for B in m.feedback_tensors()]
 
 
 class DFA(FA):
@@ -140,7 +142,13 @@ class BDFA(FA):
         self.feedback_optimizer = feedback_optimizer
         first = self.net.layers[0]
         if not isinstance(first, Dense):
-            raise ConfigError(f"BDFA reconstructs the input through a dense first layer, got {type(first).__name__}")
+            raise ConfigError(f"BDFA reconstructs the input through a dense first layer, got {first.describe()}")
+        blocks = [f"layer {i} ({layer.describe()})" for i, layer in enumerate(self.net.layers, start=1) if not isinstance(layer, Dense)]
+        if blocks:
+            raise ConfigError(
+                f"BDFA's second phase (eqs. 3.25-3.27) runs the labels down through B_i as matrices and the error forward through "
+                f"W_i and D_s_i of dense layers; it cannot serve {', '.join(blocks)}: use FA, DFA, uSF, brSF, frSF or KP there"
+            )
         W = first.weight
         self.input_feedback = nn.Parameter(torch.randn(first.in_features, first.out_features, dtype=W.dtype, device=W.device) / first.out_features**0.5)
 
@@ -231,7 +239,7 @@ class BRSF(FA):
     >>> rule = BRSF(sizes=[3, 4, 2], feedback_seed=1)
     >>> rule.redraw_feedback()
     >>> g = torch.Generator().manual_seed(1)
-    >>> torch.equal(rule.maps[0].R, rule.maps[0].bound * torch.rand(4, 2, generator=g))
+    >>> torch.equal(rule.maps[0].R, rule.maps[0].bounds[0] * torch.rand(4, 2, generator=g))
     True
     """
 
@@ -313,8 +321,9 @@ class KP(FA):
         return [KolenPollack() for _ in range(self.num_layers - 1)]
 
     def feedback_parameters(self) -> list[Tensor]:
-        """The ``B_i`` whose layer above is trained (the others keep their initial values, as FA's)."""
-        return [m.B for m in self.maps if m.index + 1 in self.train_layers]
+        """The ``B_i`` whose layer above is trained (the others keep their initial values, as FA's); a block above has one per
+        weighted submodule."""
+        return [B for m in self.maps if m.index + 1 in self.train_layers for B in m.feedback_tensors()]
 
     def build_optimizers(self):
         optimizers = super().build_optimizers()
@@ -325,7 +334,5 @@ class KP(FA):
         """FA's gradients, and for each ``B_i`` whose ``W_{i+1}`` has one, that gradient in ``B_i``'s shape."""
         grads = super().forward_grads(layers, hs, pre, targets)
         for m in self.maps:
-            g = grads.get(m.upper.weight)
-            if g is not None:
-                grads[m.B] = m.mirrored(g)
+            grads.update(m.mirrored_grads(grads))
         return grads
