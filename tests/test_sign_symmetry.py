@@ -18,6 +18,8 @@ from conftest import OneBatch, quiet_trainer, tiny_data
 from tplightning._lightning import pl
 from tplightning.errors import ConfigError
 from tplightning.layers import AuxiliaryDense, Conv2d, Dense
+from torch import nn
+import torch.nn.functional as nnf
 
 
 def np_(t: torch.Tensor) -> np.ndarray:
@@ -217,3 +219,145 @@ def test_kp_mirrors_only_trained_layers_and_refuses_an_auxiliary_layer():
     with pytest.raises(ConfigError, match="^Kolen-Pollack feedback mirrors the update of layer 2's whole weight: it needs a Dense or "
                                           "Conv2d layer or a block there, got AuxiliaryDense$"):  # fmt: skip
         tp.KP(network=net)
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+def _step(h, h_next) -> tp.target_maps.Step:
+    """The step a map bound at index 1 reads: ``hs = [h_0, h_1, h_2]`` (``h_0`` unused) and pre-activations (unused by blocks)."""
+    return tp.target_maps.Step([torch.zeros(1), h, h_next], [h, h_next])
+
+
+def test_fa_through_a_conv_tanh_maxpool_block_equals_the_hand_written_backward_with_b():
+    """h^_i = h_i + J~^T v, J~^T written out: max-unpooling to the forward pass's argmax, tanh' at the true pre-activation,
+    then the transposed convolution with B (not W)."""
+    torch.manual_seed(6)
+    lower = Conv2d((1, 6, 6), out_channels=2, kernel_size=3, padding=1)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    upper = tp.Block(nn.Sequential(conv, nn.Tanh(), nn.MaxPool2d(2)), input_shape=(2, 6, 6))
+    g = tp.target_maps.FeedbackAlignment().bind(1, lower, upper)
+    B = g.B_0
+    assert B.shape == conv.weight.shape and not torch.allclose(B, conv.weight)
+    h = torch.randn(4, 2, 6, 6)
+    with torch.no_grad():
+        a = nnf.conv2d(h, conv.weight, conv.bias, padding=1)
+        t = torch.tanh(a)
+        pooled, where = nnf.max_pool2d(t, 2, return_indices=True)
+    v = torch.randn(4, 3, 3, 3)
+    back = nnf.conv_transpose2d(nnf.max_unpool2d(v, where, 2, output_size=t.shape[2:]) * (1 - t**2), B, padding=1)
+    got = g.target(pooled + v, _step(h, pooled))
+    torch.testing.assert_close(got, h + back, rtol=1e-5, atol=1e-6)
+    with_W = nnf.conv_transpose2d(nnf.max_unpool2d(v, where, 2, output_size=t.shape[2:]) * (1 - t**2), conv.weight.detach(), padding=1)
+    assert (got - h - with_W).abs().max() > 1e-2  # B, not W, carried it back
+
+
+def test_fa_and_usf_through_a_linear_tanh_block_equal_the_dense_layer_and_the_closed_form():
+    torch.manual_seed(7)
+    linear = nn.Linear(5, 4, bias=False)
+    upper_block = tp.Block(nn.Sequential(linear, nn.Tanh()))
+    upper_dense = Dense(5, 4, activation="tanh")
+    with torch.no_grad():
+        upper_dense.weight.copy_(linear.weight)
+    lower = Dense(3, 5)
+    h, v = torch.randn(6, 5), torch.randn(6, 4)
+    t = torch.tanh(h @ linear.weight.detach().T)
+    for map_class in (tp.target_maps.FeedbackAlignment, tp.target_maps.SignSymmetry):
+        on_block, on_dense = map_class().bind(1, lower, upper_block), map_class().bind(1, lower, upper_dense)
+        B = on_block.feedback_tensors()[0]  # (5, 4): W^T's shape
+        if map_class is tp.target_maps.FeedbackAlignment:
+            on_dense.B.copy_(B)
+        else:  # uSF: c sign(W)^T, c = sqrt(2 / (5 + 4))
+            np.testing.assert_allclose(np_(B), np.sqrt(2 / 9) * np.sign(np_(linear.weight)).T, rtol=1e-7)
+        got = on_block.target(t + v, _step(h, t))
+        torch.testing.assert_close(got, h + ((1 - t**2) * v) @ B.T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, on_dense.target(t + v, tp.target_maps.Step([torch.zeros(1), h, t], [h, h @ linear.weight.detach().T])), rtol=1e-5, atol=1e-6)
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 5, bias=False), nn.Tanh(), nn.Linear(5, 6, bias=False))
+
+
+@pytest.mark.parametrize("name", ["FA", "DFA", "USF", "FRSF", "KP"])
+def test_a_converted_linear_tanh_model_trains_as_the_dense_network(name):
+    """Same forward weights and feedback weights: two epochs of the rule on blocks and on Dense layers agree to 1e-6."""
+    cls = getattr(tp, name)
+    torch.manual_seed(8)
+    kw = {"activation": "tanh", "forward_optimizer": sgd(0.05, 0.01 if name == "KP" else 0.0)}
+    on_blocks = cls(network=_mlp(), **kw)
+    dense = cls(sizes=[6, 5, 5, 6], **kw)
+    with torch.no_grad():
+        for W, w in zip(dense.forward_weights, on_blocks.forward_weights):
+            W.copy_(w)
+        for m, m_blocks in zip(dense.maps, on_blocks.maps):
+            for name_, t in m_blocks.named_buffers():
+                getattr(m, name_.replace("_0", "")).copy_(t)
+            for name_, t in m_blocks.named_parameters():
+                getattr(m, name_.replace("_0", "")).copy_(t)
+    for rule in (on_blocks, dense):
+        quiet_trainer(max_epochs=2).fit(rule, datamodule=tiny_data(sizes=(6, 5, 5, 6)))
+    for W, w in zip(dense.forward_weights, on_blocks.forward_weights):
+        torch.testing.assert_close(w, W, rtol=1e-5, atol=1e-6)
+    for B, b in zip(dense.feedback_weights, on_blocks.feedback_weights):
+        torch.testing.assert_close(b, B, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(on_blocks.forward_weights[0], _mlp()[0].weight)
+
+
+def _cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(27, 3))  # fmt: skip
+
+
+def test_kp_on_a_converted_cnn_mirrors_every_weighted_submodule():
+    torch.manual_seed(9)
+    lr, wd, steps = 0.05, 0.4, 10
+    rule = tp.KP(network=_cnn(), forward_optimizer=sgd(lr, wd), lr_final_factor=1.0).double()
+    assert [tuple(B.shape) for B in rule.feedback_parameters()] == [(3, 2, 3, 3), (27, 3)]
+    owners = [rule.net.layers[1].module[0], rule.net.layers[2].module[0]]  # block 2: Conv2d(2, 3); block 3: Linear
+
+    def gaps():
+        return [float((B.detach() - transposed(m)).norm()) for B, m in zip(rule.feedback_parameters(), owners)]
+
+    def transposed(m):
+        return m.weight.detach().T if isinstance(m, nn.Linear) else m.weight.detach()
+
+    start = gaps()
+    x, y = torch.randn(10, 64, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    quiet_trainer(max_epochs=steps).fit(rule, datamodule=OneBatch(x, y))
+    for got, s in zip(gaps(), start):
+        assert got == pytest.approx(s * (1 - lr * wd) ** steps, rel=1e-6)
+
+
+def test_dfa_on_a_converted_cnn_sends_the_output_error_to_each_block():
+    torch.manual_seed(10)
+    rule = tp.DFA(network=_cnn(), forward_optimizer=sgd(0.05))
+    assert [tuple(B.shape) for B in rule.feedback_weights] == [(2 * 64, 3), (27, 3)]
+    x, y = torch.randn(5, 64), torch.randn(5, 3)
+    hs, targets = rule.compute_targets(x, y)
+    e = targets[-1] - hs[-1]  # h^_L - h_L (a linear output block: D_s_L = I)
+    for i, B in enumerate(rule.feedback_weights, start=1):
+        torch.testing.assert_close(targets[i - 1], hs[i] + (e @ B.T).reshape(hs[i].shape))
+    quiet_trainer(max_epochs=2).fit(rule, datamodule=OneBatch(x, y))
+    assert all(torch.isfinite(W).all() for W in rule.forward_weights)
+
+
+def test_brsf_on_blocks_redraws_every_submodules_magnitudes():
+    torch.manual_seed(11)
+    rule = tp.BRSF(network=_cnn(), forward_optimizer=sgd(0.05), feedback_seed=3)
+    before = [R.clone() for m in rule.maps for R in m.magnitudes()]
+    rule.redraw_feedback()
+    g = torch.Generator().manual_seed(3)
+    bounds = [(6 / ((3 + 2) * 9)) ** 0.5, (6 / 30) ** 0.5]
+    expected = [b * torch.rand(shape, generator=g) for b, shape in zip(bounds, [(3, 2, 3, 3), (27, 3)])]
+    got = [R for m in rule.maps for R in m.magnitudes()]
+    assert all(torch.equal(r, e) for r, e in zip(got, expected)) and not torch.equal(got[0], before[0])
+    conv = rule.net.layers[1].module[0]
+    assert torch.equal(rule.feedback_weights[0], got[0] * torch.sign(conv.weight.detach()))
+
+
+def test_blocks_the_family_cannot_serve_are_refused_naming_them():
+    with pytest.raises(ConfigError, match=r"^BDFA's second phase .* cannot serve layer 2 \(block \(Linear -> Tanh\)\)"):
+        tp.BDFA(network=[Dense(6, 5, activation="tanh"), tp.Block(nn.Sequential(nn.Linear(5, 5), nn.Tanh())), Dense(5, 6, activation="linear")])
+    with pytest.raises(ConfigError, match=r"^FeedbackAlignment cannot serve block \(ConvTranspose2d -> Tanh\): its module 0 \(ConvTranspose2d\)"):
+        tp.FA(network=[Conv2d((1, 4, 4), 2, kernel_size=3), tp.Block(nn.Sequential(nn.ConvTranspose2d(2, 1, 3), nn.Tanh()), input_shape=(2, 2, 2)),
+                       Dense(16, 3, activation="linear")])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^DFA sends the output layer's pre-activation error .* ends with Tanh\(\)"):
+        tp.DFA(network=nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 6), nn.Tanh()))
