@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -110,7 +111,7 @@ def seed_overrides(config: str | Path, seed: int) -> list[str]:
     args = ["--seed_everything", s, "--data.init_args.shuffle_seed", s]
     if issubclass(cls, TargetPropRule):
         args += ["--model.init_args.layer_seed", s]
-    if issubclass(cls, LearnedInverseRule):
+    if issubclass(cls, LearnedInverseRule) or "feedback_seed" in inspect.signature(cls).parameters:  # brSF's magnitudes too
         args += ["--model.init_args.feedback_seed", s]
     return args
 

@@ -50,7 +50,7 @@ def seed_args(config: str, seed: int) -> list[str]:
     args += ["--trainer.callbacks", json.dumps(callbacks)]  # also drops the checkpoint callback
     if issubclass(rule, tp.TargetPropRule):
         args += ["--model.init_args.layer_seed", s]
-    if issubclass(rule, tp.LearnedInverseRule):
+    if issubclass(rule, (tp.LearnedInverseRule, tp.BRSF)):
         args += ["--model.init_args.feedback_seed", s]
     return args
 
