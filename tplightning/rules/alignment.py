@@ -2,7 +2,7 @@
 and the family biotorch ships beside them: sign symmetry (uSF, brSF, frSF; Liao, Leibo & Poggio 2016) and Kolen–Pollack
 feedback (KP; Akrout et al. 2019).
 
-Both are target-propagation rules whose maps carry fixed random feedback matrices
+FA and DFA are target-propagation rules whose maps carry fixed random feedback matrices
 (:class:`~tplightning.target_maps.FeedbackAlignment`, :class:`~tplightning.target_maps.DirectFeedback`): the propagated
 "targets" are ``h_i`` plus ``eta^`` times the FA/DFA error signal, and the local update ``D_i (h_i - h^_i) h_{i-1}^T``
 is then eq. 3.20's. ``target_stepsize`` defaults to 1 here, so the forward learning rate means what it means for BP.
