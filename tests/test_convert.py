@@ -283,3 +283,18 @@ def test_a_config_names_torch_modules_and_resumes(tmp_path):
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert int(tp.load(last).net.layers[0].module[2].num_batches_tracked) == 8
+
+
+def test_a_residual_block_trains_with_the_feedback_module_given():
+    torch.manual_seed(0)
+    feedback = nn.Sequential(nn.Linear(4, 4, bias=False))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Residual(4), nn.Linear(4, 2))
+    net = convert(model, feedback={2: feedback})
+    assert [[type(m).__name__ for m in b.module] for b in net.layers] == [["Linear", "Tanh"], ["Residual"], ["Linear"]]
+    rule = tp.LDRL(network=net, forward_optimizer=SGD, feedback_optimizer=SGD, feedback_iterations=2)
+    assert rule.maps[0].inner.feedback_module is feedback  # g_1 = s_1(G_2(h)): block 2's feedback, tanh of block 1
+    before = feedback[0].weight.detach().clone()
+    quiet_trainer(max_steps=1).fit(rule, loader(torch.randn(8, 3), torch.randn(8, 2)))
+    assert not torch.equal(feedback[0].weight, before)
+    with pytest.raises(ConfigError, match=r"feedback keys must be block indices 1..3, got \[4\]"):
+        convert(model, feedback={4: feedback})
