@@ -618,10 +618,13 @@ class Block(Layer):
 
 
 def _input_shape(module: nn.Module) -> tuple[int, ...]:
-    first = leaves(module)[0][1]
+    found = leaves(module)
+    if not found:
+        raise ConfigError("a block needs at least one module, got an empty nn.Sequential")
+    first = found[0][1]
     if isinstance(first, nn.Linear):
         return (first.in_features,)
-    if isinstance(first, nn.Unflatten) and first.dim in (1, -len(first.unflattened_size) - 1):
+    if isinstance(first, nn.Unflatten) and first.dim in (1, -1):  # of a flat (batch, features) input
         return (math.prod(first.unflattened_size),)
     raise ConfigError(f"give input_shape: the first module, {type(first).__name__}, does not fix the shape of its input "
                       "(a Linear or an Unflatten(1, shape) first does)")  # fmt: skip
