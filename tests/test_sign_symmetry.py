@@ -7,6 +7,7 @@ the learning rate and the weight decay alone.
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -375,3 +376,32 @@ def test_ddp_replicas_stay_identical(name, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     initial = weights_of(make_rule(name, sizes=(6, 6, 6, 6), **extra))
     assert any(not torch.equal(a, b) for a, b in zip(rank0, initial) if a.shape == b.shape)
+
+
+def test_kp_started_at_the_transposed_weights_trains_a_relu_maxpool_cnn_exactly_as_backprop():
+    """With B_k = W_k^T at the start, KP's shared update (and the shared weight decay) keeps B = W^T, and FA's target
+    through each block with B in the backward pass is then backprop's gradient: KP and BP (autograd on the plain model)
+    take the same steps, biases, momentum and weight decay included."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Unflatten(1, (1, 12, 12)), nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(24, 16), nn.ReLU(),
+                          nn.Linear(16, 5)).double()  # fmt: skip
+    opt = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    kp = tp.KP(network=copy.deepcopy(model), loss="cross_entropy", lr_final_factor=1.0, forward_optimizer=opt).double()
+    bp = tp.BP(network=copy.deepcopy(model), loss="cross_entropy", lr_final_factor=1.0, forward_optimizer=opt).double()
+    with torch.no_grad():
+        for m in kp.maps:
+            for k, (name, _, _) in enumerate(m._slots):
+                W = m.upper.module.get_submodule(name).weight
+                m.slot_feedback(k).copy_(W.T if W.dim() == 2 else W)
+    x, y = torch.randn(64, 144, dtype=torch.float64), torch.randint(0, 5, (64,))
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+    for rule in (kp, bp):
+        quiet_trainer(max_epochs=5).fit(rule, datamodule=Data())
+    for a, b, start in zip(kp.net.parameters(), bp.net.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(a, start)
