@@ -405,3 +405,19 @@ def test_kp_started_at_the_transposed_weights_trains_a_relu_maxpool_cnn_exactly_
     for a, b, start in zip(kp.net.parameters(), bp.net.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         assert not torch.allclose(a, start)
+
+
+@pytest.mark.parametrize("name", ["FA", "BRSF", "KP"])
+def test_a_converted_model_under_the_family_round_trips_through_a_checkpoint(name, tmp_path):
+    torch.manual_seed(13)
+    rule = getattr(tp, name)(network=_cnn(), forward_optimizer=sgd(0.01, 0.01))
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(rule, datamodule=OneBatch(torch.randn(8, 64), torch.randn(8, 3)))
+    trainer.save_checkpoint(tmp_path / "rule.ckpt")
+    loaded = tp.load(tmp_path / "rule.ckpt")
+    sa, sb = loaded.state_dict(), rule.state_dict()
+    assert sa.keys() == sb.keys() and any(".B_0" in k or ".R_0" in k for k in sa)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(loaded(x), rule(x))
