@@ -6,7 +6,7 @@ from a layer (:class:`~tplightning.layers.Layer`):
 
 * the local-loss gradient ``mean_b 1/2 ||f_i(h_{i-1}) - h^_i||^2`` (thesis eq. 4.12) with respect to every parameter of
   every submodule, by autograd (a vector-Jacobian product); :meth:`Block.vjp` gives ``J_{f_i}^T v`` for feedback that
-  follows the block's Jacobian (backprop-like maps, feedback alignment with other weights put in the block);
+  follows the block's Jacobian (backprop-like maps such as LeeDTP's gradient target);
 * a learned feedback module ``g_i`` (:meth:`Block.make_feedback`), built from the block by the mirror rule below, or
   the module you give (``feedback=``); the learned target maps call it where a dense layer's map multiplies by a matrix
   ``Q`` (:meth:`Block.transpose`).
@@ -463,22 +463,21 @@ class Block(Layer):
                 torch.cuda.set_rng_state(self._rng[1], device)
             yield
 
-    def call(self, h_prev: Tensor, weights: dict[str, Tensor] | None = None, frozen: bool | None = None) -> Tensor:
-        """``f_i(h_{i-1})``, with ``weights`` (``{parameter name: tensor}``) in place of the block's own, if given.
+    def call(self, h_prev: Tensor, frozen: bool | None = None) -> Tensor:
+        """``f_i(h_{i-1})``.
 
-        ``frozen`` (default: inside :meth:`~tplightning.layers.Network.frozen_state`, or with ``weights``) evaluates
-        training-mode batch norm on copies of its buffers, so its running statistics do not move.
+        ``frozen`` (default: inside :meth:`~tplightning.layers.Network.frozen_state`) evaluates training-mode batch norm
+        on copies of its buffers, so its running statistics do not move.
         """
         x = self._unflat(h_prev)
-        frozen = (self._frozen > 0 or weights is not None) if frozen is None else frozen
+        frozen = self._frozen > 0 if frozen is None else frozen
         if not frozen:
             if self._stochastic and self.training:
                 self._keep_rng(x.device)
             return self.module(x)
-        if not weights and not (self._stateful and self.training):
+        if not (self._stateful and self.training):
             return self.module(x)
-        state = {n: b.clone() for n, b in self.module.named_buffers()} if self.training else {}
-        state.update(weights or {})
+        state = {n: b.clone() for n, b in self.module.named_buffers()}
         return functional_call(self.module, state, (x,))
 
     def forward(self, h_prev: Tensor) -> Tensor:
@@ -504,10 +503,10 @@ class Block(Layer):
             grads = torch.autograd.grad(loss, params)
         return dict(zip(params, grads))
 
-    def vjp(self, h_prev: Tensor, v: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
+    def vjp(self, h_prev: Tensor, v: Tensor) -> Tensor:
         """``J_{f_i}(h_{i-1})^T v``, shaped as ``h_prev``, by autograd (frozen statistics, the forward pass's dropout
-        mask); ``weights`` puts other tensors in place of named parameters (``{"0.weight": B}``), e.g. feedback
-        alignment's random ``B`` for the forward weight.
+        mask). Feedback alignment does not use it: it needs ``B`` in the backward pass only, at the true forward point
+        (:func:`~tplightning.target_maps.feedback_in_backward`).
 
         >>> block = Block(nn.Linear(3, 2, bias=False))
         >>> v = torch.ones(1, 2)
@@ -516,7 +515,7 @@ class Block(Layer):
         """
         with torch.enable_grad(), self._replay(h_prev.device):
             x = h_prev.detach().requires_grad_(True)
-            out = self.call(x, weights=weights, frozen=True)
+            out = self.call(x, frozen=True)
             return torch.autograd.grad(out, x, grad_outputs=v.reshape(out.shape))[0]
 
     # ----------------------------------------------------------------------------- feedback
