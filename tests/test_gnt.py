@@ -155,3 +155,96 @@ def test_bad_damping_is_refused():
         D.TargetPropDiagnostics(gnt_damping=[1.0, -1.0])
     with pytest.raises(ValueError, match="one value per hidden layer"):
         D.gnt_angles(_rule(), torch.randn(2, 4), torch.tensor([0, 1]), [1.0])
+
+
+def test_damping_search_picks_the_smallest_mean_angle_per_layer():
+    rule = _rule()
+    batches = [(torch.randn(4, 4), torch.randint(0, 3, (4,))) for _ in range(2)]
+    grid = [0.0, 0.05, 3.0]
+    lams, table = D.damping_search(rule, batches, grid)
+    for c, i in enumerate((1, 2)):
+        means = [sum(_angle(_gnt_update(rule, x, y, i, lam), _our_update(rule, x, y, i)) for x, y in batches) / 2 for lam in grid]
+        assert [float(v) for v in table[:, c]] == pytest.approx(means, abs=1e-3)
+        assert lams[c] == grid[means.index(min(means))]
+    assert len({round(float(v), 6) for v in table[:, 0]}) == 3  # the grid values give different angles
+
+
+# ----------------------------------------------------------------------------------------------- the papers' protocol
+from conftest import make_rule, quiet_trainer, tiny_data  # noqa: E402
+from tplightning._lightning import pl  # noqa: E402
+
+
+def test_trains_forward_schedule_literal():
+    rule = make_rule("DRL", feedback_pretrain_epochs=1, feedback_extra_epochs=2)
+    assert [rule.trains_forward(e) for e in range(8)] == [False, True, False, False, True, False, False, True]
+    assert [make_rule("DRL").trains_forward(e) for e in range(3)] == [True, True, True]
+    with pytest.raises(ValueError, match="feedback_extra_epochs must be >= 0, got -1"):
+        make_rule("DRL", feedback_extra_epochs=-1)
+
+
+def _fit(max_epochs, ckpt_path=None, save_dir=None, **kw):
+    pl.seed_everything(0)
+    rule, dm = make_rule("DRL", sizes=(6, 6, 6, 6), activation="tanh", **kw), tiny_data(sizes=(6, 6, 6, 6))
+    weights = []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            weights.append((trainer.current_epoch, [W.detach().clone() for W in module.net.weights],
+                            [Q.detach().clone() for Q in module.feedback_weights]))  # fmt: skip
+
+    callbacks = [Record()]
+    if save_dir:  # a checkpoint at every epoch's end
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=save_dir, filename="{epoch}", save_top_k=-1))
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, limit_val_batches=0, enable_checkpointing=bool(save_dir))
+    trainer.fit(rule, datamodule=dm, ckpt_path=ckpt_path)
+    return rule, weights
+
+
+def test_feedback_only_epochs_keep_the_forward_weights_and_resume_exactly(tmp_path):
+    kw = {"feedback_pretrain_epochs": 1, "feedback_extra_epochs": 1}
+    pl.seed_everything(0)
+    W0 = [W.detach().clone() for W in make_rule("DRL", sizes=(6, 6, 6, 6), activation="tanh", **kw).net.weights]
+    rule, hist = _fit(5, save_dir=tmp_path, **kw)
+    forward = [e for e, Ws, _ in hist if any(not torch.equal(a, b) for a, b in zip(Ws, W0 if e == 0 else hist[e - 1][1]))]
+    assert forward == [1, 3]  # epochs 0 (pre-training), 2 and 4 (extra feedback epochs) leave W as it was
+    assert all(not torch.equal(a, b) for a, b in zip(hist[2][2], hist[1][2]))  # Q learns in a feedback-only epoch
+    resumed, _ = _fit(5, ckpt_path=tmp_path / "epoch=2.ckpt", **kw)  # after the feedback-only epoch 2
+    for a, b in zip(list(resumed.net.weights) + resumed.feedback_weights, list(rule.net.weights) + rule.feedback_weights):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_feedback_first_trains_q_on_the_weights_before_the_forward_step():
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+
+    def step(**kw):
+        torch.manual_seed(1)
+        return make_rule("DRL", sizes=(6, 6, 6, 6), activation="tanh", feedback_init="random", **kw)
+
+    first, after, only = step(feedback_first=True), step(), step(feedback_only=True)
+    for rule in (first, after, only):
+        opts = rule.build_optimizers()
+        rule.optimizer_list = lambda opts=opts: opts
+        rule.step_optimizer = lambda opt: opt.step()
+        rule.training_step((x, y), 0)
+    for a, b in zip(first.net.weights, after.net.weights):  # same targets (from Q before its step): same forward step
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(first.feedback_weights, only.feedback_weights):  # Q stepped on the forward weights before the step
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(first.feedback_weights, after.feedback_weights))
+
+
+def test_xavier_normal_init_std():
+    from tplightning.layers import Dense
+
+    torch.manual_seed(0)
+    W = Dense(600, 200, init="xavier_normal").weight.detach()
+    assert float(W.std()) == pytest.approx(math.sqrt(2 / 800), rel=0.02)
+    assert float(W.mean()) == pytest.approx(0.0, abs=0.002)
+
+
+def test_callback_skips_the_new_measures_in_feedback_only_epochs():
+    pl.seed_everything(0)
+    rule, dm = make_rule("DRL", sizes=(6, 6, 6), feedback_pretrain_epochs=1), tiny_data()
+    diag = D.TargetPropDiagnostics(every_n_steps=4, max_samples=8, gnt_damping=0.1)
+    quiet_trainer(max_epochs=2, callbacks=[diag], limit_val_batches=0).fit(rule, datamodule=dm)
+    assert [(h["epoch"], "diag/gnt_angle_1" in h) for h in diag.history] == [(0, False), (0, False), (1, True), (1, True)]

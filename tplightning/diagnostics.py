@@ -71,6 +71,8 @@ __all__ = [
     "gnt_angles",
     "null_space_shares",
     "gauss_newton_angles",
+    "damping_search",
+    "DAMPING_GRID",
 ]
 
 
@@ -591,13 +593,18 @@ def gnt_weight_updates(net, x: Tensor, e: Tensor, dampings: dict[int, float]) ->
     >>> torch.allclose(gnt_weight_updates(net, x, e, {1: 0.0})[1], torch.linalg.pinv(net.layers[1].weight.detach()))
     True
     """
+    return {i: updates[0] for i, updates in _gnt_weight_updates_grid(net, x, e, {i: [lam] for i, lam in dampings.items()}).items()}
+
+
+def _gnt_weight_updates_grid(net, x: Tensor, e: Tensor, grids: dict[int, Sequence[float]]) -> dict[int, list[Tensor]]:
+    """:func:`gnt_weight_updates` for several dampings per layer, the Jacobians computed once."""
     with torch.no_grad():
         hs, pre = net.forward_all(x.to(e.dtype))
     out = {}
-    for i, damping in dampings.items():
-        dh = damped_gn_activation_updates(output_jacobians(net, i, hs[i]), e, damping)
+    for i, lams in grids.items():
+        J = output_jacobians(net, i, hs[i])
         d = net.layers[i - 1].derivative(pre[i - 1], hs[i])
-        out[i] = F.delta_update(2 * d * dh, hs[i - 1])
+        out[i] = [F.delta_update(2 * d * damped_gn_activation_updates(J, e, lam), hs[i - 1]) for lam in lams]
     return out
 
 
@@ -656,6 +663,51 @@ def gnt_angles(rule, x: Tensor, y: Tensor, dampings: Sequence[float] | float) ->
     gnt = gnt_weight_updates(net, x, _output_error64(rule, net, x, y), dict(enumerate(lams, start=1)))
     ours = rule_weight_updates(rule, x, y, list(gnt))
     return {i: angle_degrees(gnt[i], ours[i].double()) for i in gnt}
+
+
+#: the authors' damping grid (``gn_damping_hpsearch``, ``lib/train.py``): 0 and 1e-5 ... 10
+DAMPING_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def damping_search(rule, batches, grid: Sequence[float] = DAMPING_GRID) -> tuple[list[float], Tensor]:
+    """The damping ``lambda_i`` per hidden layer whose GNT angle, averaged over ``batches``, is smallest.
+
+    Meulemans et al. 2020 choose the damping of the GNT angle per method and per layer this way (the authors'
+    ``gn_damping_hpsearch``, ``lib/train.py``, after epoch 2 with the forward weights frozen, the GNT angle on every
+    80th batch, 0 and 1e-5 ... 10). Nothing is trained here: the weights stay as they are, so the forward (and
+    feedback) weights are frozen by construction. The Jacobians of each batch are computed once for the whole grid.
+
+    Args:
+        rule: a target-propagation rule with dense layers and no batch normalisation.
+        batches: an iterable of ``(x, y)``.
+        grid: the dampings tried.
+
+    Returns:
+        ``([lambda_1, ..., lambda_{L-1}], mean_angles)``, ``mean_angles`` of shape ``(len(grid), L-1)`` in degrees;
+        a tie goes to the first value of ``grid``.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DRL(sizes=[3, 4, 4, 2])
+    >>> lams, table = damping_search(rule, [(torch.randn(5, 3), torch.randn(5, 2))], grid=[0.0, 1.0])
+    >>> len(lams), tuple(table.shape), all(lam in (0.0, 1.0) for lam in lams)
+    (2, (2, 2), True)
+    """
+    grid = [float(v) for v in grid]
+    if not grid or any(not v >= 0 for v in grid):
+        raise ValueError(f"grid must hold dampings >= 0, got {grid}")
+    hidden = list(range(1, rule.num_layers))
+    total, n = torch.zeros(len(grid), len(hidden), dtype=torch.float64), 0
+    for x, y in batches:
+        net = _network64(rule, "the damping search")
+        gnt = _gnt_weight_updates_grid(net, x, _output_error64(rule, net, x, y), {i: grid for i in hidden})
+        ours = rule_weight_updates(rule, x, y, hidden)
+        for c, i in enumerate(hidden):
+            total[:, c] += torch.stack([angle_degrees(u, ours[i].double()) for u in gnt[i]])
+        n += 1
+    if n == 0:
+        raise ValueError("damping_search needs at least one batch")
+    mean = total / n
+    return [grid[int(k)] for k in mean.argmin(0)], mean
 
 
 def _weight_jacobians(net, x: Tensor) -> list[Tensor]:
