@@ -819,7 +819,10 @@ class TargetPropDiagnostics(pl.Callback):
       ``gn_damping``). Cost: the same Jacobian and one pseudo-inverse (or solve) of ``B n_out x P`` (``P`` all
       weights): small networks only.
 
-    ``signals=False`` skips the thesis' diagnostics above (then only the optional measures are logged).
+    ``signals=False`` skips the thesis' diagnostics above (then only the optional measures are logged);
+    ``forward_batches_only`` counts (and measures) only the batches of epochs that train the forward weights, so
+    ``every_n_steps`` counts forward steps (the authors' ``log_interval``) and ``step`` in :attr:`history` is the
+    forward step.
 
     Values go to ``trainer.callback_metrics`` through ``pl_module.log`` (``on_step``, progress bar
     off) and to the loggers directly at every diagnostic step (Lightning's own logging would keep
@@ -836,6 +839,7 @@ class TargetPropDiagnostics(pl.Callback):
         null_space: log the null-space shares.
         gauss_newton: log the angles to the parameter-space Gauss-Newton update.
         gn_damping: the damping of that update.
+        forward_batches_only: count only the batches that train the forward weights.
 
     >>> import tplightning as tp
     >>> diag = TargetPropDiagnostics(every_n_steps=1, max_samples=8, gnt_damping=[1.0])
@@ -857,6 +861,7 @@ class TargetPropDiagnostics(pl.Callback):
         null_space: bool = False,
         gauss_newton: bool = False,
         gn_damping: float = 0.0,
+        forward_batches_only: bool = False,
     ):
         if every_n_steps < 1 or max_samples < 1:
             raise ValueError(f"every_n_steps and max_samples must be >= 1, got {every_n_steps} and {max_samples}")
@@ -869,12 +874,17 @@ class TargetPropDiagnostics(pl.Callback):
         self.signals = bool(signals)
         self.gnt_damping = None if gnt_damping is None else float(gnt_damping) if isinstance(gnt_damping, (int, float)) else [float(v) for v in gnt_damping]
         self.null_space, self.gauss_newton, self.gn_damping = bool(null_space), bool(gauss_newton), float(gn_damping)
+        self.forward_batches_only = bool(forward_batches_only)
         self.history: list[dict] = []
         self._batches = 0
         self._before: dict[str, Tensor] = {}
 
+    def _counted(self, pl_module) -> bool:
+        forward = getattr(pl_module, "trains_forward", None)
+        return not self.forward_batches_only or forward is None or forward(pl_module.current_epoch)
+
     def _due(self, pl_module) -> bool:
-        return self._batches % self.every_n_steps == 0 and is_target_prop(pl_module)
+        return self._batches % self.every_n_steps == 0 and is_target_prop(pl_module) and self._counted(pl_module)
 
     def _layers(self, pl_module) -> list[int]:
         L = pl_module.num_layers
@@ -902,6 +912,8 @@ class TargetPropDiagnostics(pl.Callback):
             self._before = self.before_update(pl_module, batch[0][: self.max_samples], batch[1][: self.max_samples])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if not self._counted(pl_module):
+            return
         due = self._due(pl_module)
         self._batches += 1
         if not due:
