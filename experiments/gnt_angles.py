@@ -126,8 +126,9 @@ def run_rule(name: str, args) -> dict:
     overrides = dict(args.overrides.get(name, {}))
     if args.pretrain is not None and RULES[name][1].get("feedback_pretrain_epochs", 0):
         overrides.setdefault("feedback_pretrain_epochs", args.pretrain)
-    rule = build(name, args.sizes, overrides, args.seed)
     dampings = overrides.pop("gnt_damping", None) or RULES[name][2]
+    rule = build(name, args.sizes, overrides, args.seed)
+    dampings = dampings[len(dampings) - (len(args.sizes) - 2):]  # a shallower network (tests): the top layers' values
     data_dir = os.environ.get("TPLIGHTNING_DATA")
     num_val = 1000 if args.subset else 5000
     dm = tp.MNISTDataModule(data_dir=data_dir, num_train=(args.subset or 60000) - num_val, num_val=num_val, subset=args.subset,
