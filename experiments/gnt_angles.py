@@ -27,7 +27,8 @@ Output: ``gnt_angles.json`` (per rule: the settings, every logged angle with its
 last ``--tail`` logs per layer) and ``gnt_angles.png``; a rule already in the JSON is skipped (``--force`` reruns it),
 so an interrupted run resumes after the last finished rule. ``--subset`` trains on the first N training images
 (shuffled split), ``--pretrain`` overrides the pre-training epochs, ``--set RULE.key=value`` any rule argument (JSON
-value), e.g. ``--set DRL.feedback_first=false`` (the investigation of docs/experiments.md).
+value; ``forward_lr`` and ``feedback_lr`` replace a rate alone), e.g. ``--set DRL.feedback_first=false`` (the
+investigation of docs/experiments.md).
 
     python -m experiments.gnt_angles [--rules DRL,DTP] [--epochs 1] [--subset 10000] [--every 10] [--out DIR]
 """
@@ -99,7 +100,11 @@ def build(name: str, sizes: Sequence[int], overrides: dict | None = None, seed: 
         args.update(feedback_first=True, feedback_init="xavier")
     elif cls_name == "OriginalDTP":
         args["feedback_init"] = "xavier"
-    args.update(overrides or {})
+    overrides = dict(overrides or {})
+    for key, opt in (("forward_lr", "forward_optimizer"), ("feedback_lr", "feedback_optimizer")):  # a rate alone
+        if key in overrides:
+            args[opt] = functools.partial(args[opt].func, *args[opt].args, **{**args[opt].keywords, "lr": overrides.pop(key)})
+    args.update(overrides)
     xavier = args.get("feedback_init") == "xavier"
     if xavier:
         args["feedback_init"] = "random"
