@@ -27,7 +27,9 @@ Output: ``gnt_angles.json`` (per rule: the settings, every logged angle with its
 last ``--tail`` logs per layer) and ``gnt_angles.png``; a rule already in the JSON is skipped (``--force`` reruns it),
 so an interrupted run resumes after the last finished rule. ``--subset`` trains on the first N training images
 (shuffled split), ``--pretrain`` overrides the pre-training epochs, ``--set RULE.key=value`` any rule argument (JSON
-value; ``forward_lr`` and ``feedback_lr`` replace a rate alone), e.g. ``--set DRL.feedback_first=false`` (the
+value; ``forward_lr`` and ``feedback_lr`` replace a rate alone), ``--search N`` runs the authors' damping search
+(:func:`tplightning.diagnostics.damping_search`, their grid) after training on every ``--every``-th of the first
+batches, N of them, and stores the chosen dampings, e.g. ``--set DRL.feedback_first=false`` (the
 investigation of docs/experiments.md).
 
     python -m experiments.gnt_angles [--rules DRL,DTP] [--epochs 1] [--subset 10000] [--every 10] [--out DIR]
@@ -47,7 +49,7 @@ import torch
 
 import tplightning as tp
 from tplightning._lightning import pl
-from tplightning.diagnostics import TargetPropDiagnostics
+from tplightning.diagnostics import DAMPING_GRID, TargetPropDiagnostics, damping_search
 
 from experiments.common import REPO, save_figure, subplots
 
@@ -147,13 +149,18 @@ def run_rule(name: str, args) -> dict:
     trainer.fit(rule, datamodule=dm)
     seconds = time.perf_counter() - start
     L = len(args.sizes) - 1
+    search = {}
+    if args.search:  # the authors' damping search, at the end of the run (theirs: after epoch 2), every 80th batch
+        batches = [b for k, b in enumerate(dm.train_dataloader()) if k % args.every == 0][: args.search]
+        lams, table = damping_search(rule, batches)
+        search = {"dampings": lams, "grid": list(DAMPING_GRID), "mean_angles": table.tolist(), "batches": len(batches)}
     logs = [{"forward_step": h["step"], "epoch": h["epoch"], "angles": [h[f"diag/gnt_angle_{i}"] for i in range(1, L)]}
             for h in diag.history if "diag/gnt_angle_1" in h]  # fmt: skip
     tail = logs[-args.tail :]
     mean = [sum(e["angles"][i] for e in tail) / len(tail) for i in range(L - 1)] if tail else []
     return {"rule": name, "class": RULES[name][0], "overrides": {k: repr(v) for k, v in overrides.items()}, "dampings": dampings,
             "epochs": args.epochs, "max_epochs": trainer.max_epochs, "subset": args.subset, "every": args.every, "max_samples": args.max_samples,
-            "seconds": seconds, "logs": logs, "first": logs[0]["angles"] if logs else [], "tail_mean": mean}  # fmt: skip
+            "seconds": seconds, "search": search, "logs": logs, "first": logs[0]["angles"] if logs else [], "tail_mean": mean}  # fmt: skip
 
 
 def plot(results: dict, out: Path) -> Path:
@@ -188,6 +195,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="RULE.key=value", help="override a rule argument (JSON value)")
     p.add_argument("--name", default=None, help="key of the results in the JSON (default: the rule; for variants)")
     p.add_argument("--force", action="store_true", help="rerun rules already in the JSON")
+    p.add_argument("--search", type=int, default=0, help="after training, the damping search on this many batches (0: off)")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]

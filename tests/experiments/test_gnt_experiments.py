@@ -16,12 +16,13 @@ MNIST = os.path.join(os.environ.get("TPLIGHTNING_DATA", ""), "MNIST", "raw", "tr
 @pytest.mark.skipif(not os.path.exists(MNIST), reason="needs the MNIST files under $TPLIGHTNING_DATA")
 def test_gnt_angles_tiny_run_writes_and_resumes(tmp_path):
     argv = ["--rules", "DRL,DTP", "--epochs", "1", "--pretrain", "1", "--subset", "1200", "--limit-batches", "2", "--every", "1",
-            "--max-samples", "8", "--sizes", "784,12,12,10", "--out", str(tmp_path)]  # fmt: skip
+            "--max-samples", "8", "--sizes", "784,12,12,10", "--search", "1", "--out", str(tmp_path)]  # fmt: skip
     results = gnt_angles.main(argv)
     assert sorted(results) == ["DRL", "DTP"]
     assert results["DRL"]["max_epochs"] == 2 and results["DTP"]["max_epochs"] == 1  # one pre-training epoch for DRL only
     assert [e["forward_step"] for e in results["DRL"]["logs"]] == [0, 1]
     assert all(0 < a < 180 for e in results["DRL"]["logs"] for a in e["angles"]) and len(results["DRL"]["first"]) == 2
+    assert len(results["DTP"]["search"]["dampings"]) == 2 and results["DTP"]["search"]["batches"] == 1
     assert (tmp_path / "gnt_angles.png").stat().st_size > 0
     stored = json.loads((tmp_path / "gnt_angles.json").read_text())
     stored["DTP"]["seconds"] = -1.0  # a finished rule is not run again
