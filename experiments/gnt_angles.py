@@ -27,7 +27,8 @@ Output: ``gnt_angles.json`` (per rule: the settings, every logged angle with its
 last ``--tail`` logs per layer) and ``gnt_angles.png``; a rule already in the JSON is skipped (``--force`` reruns it),
 so an interrupted run resumes after the last finished rule. ``--subset`` trains on the first N training images
 (shuffled split), ``--pretrain`` overrides the pre-training epochs, ``--set RULE.key=value`` any rule argument (JSON
-value; ``forward_lr`` and ``feedback_lr`` replace a rate alone), ``--search N`` runs the authors' damping search
+value; ``forward_lr`` and ``feedback_lr`` replace a rate alone, ``top_feedback_std`` rescales the top feedback
+matrix's draw to that std), ``--search N`` runs the authors' damping search
 (:func:`tplightning.diagnostics.damping_search`, their grid) after training on every ``--every``-th of the first
 batches, N of them, and stores the chosen dampings, e.g. ``--set DRL.feedback_first=false`` (the
 investigation of docs/experiments.md).
@@ -107,6 +108,7 @@ def build(name: str, sizes: Sequence[int], overrides: dict | None = None, seed: 
         if key in overrides:
             args[opt] = functools.partial(args[opt].func, *args[opt].args, **{**args[opt].keywords, "lr": overrides.pop(key)})
     args.update(overrides)
+    top_std = args.pop("top_feedback_std", None)
     xavier = args.get("feedback_init") == "xavier"
     if xavier:
         args["feedback_init"] = "random"
@@ -117,6 +119,10 @@ def build(name: str, sizes: Sequence[int], overrides: dict | None = None, seed: 
         with torch.no_grad():
             for Q in rule.feedback_weights:
                 Q.copy_(torch.randn(Q.shape, generator=gen) * math.sqrt(2.0 / sum(Q.shape)))
+    if top_std is not None:  # the top feedback map alone rescaled to this std (the same draw)
+        with torch.no_grad():
+            Q = rule.feedback_weights[-1]
+            Q.mul_(top_std / float(Q.std()))
     return rule
 
 
