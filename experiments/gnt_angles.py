@@ -20,6 +20,8 @@ Adam for both weight sets with their searched rates, betas and epsilons, the fee
 pre-training epochs and one feedback-only epoch after every epoch where their config has them, the GNT damping per
 method and layer of their figure script. Conversions: their loss is the batch *mean*, so their output target step
 ``eta`` is ``eta / 128`` in ours (per-sample errors); ``normalize_lr`` divides their forward rate by ``eta``; their
+feedback losses average over the layer's units as well, so our feedback gradients are ``n_i / 2 = 128`` times theirs
+and their feedback Adam's ``eps`` and weight decay are multiplied by 128 here (:data:`FEEDBACK_SCALE`); their
 random feedback weights are Xavier normal (ours are drawn here with the rule's ``feedback_seed``). Differences left:
 our feedback maps have no biases; float32 training (the angles are computed in float64).
 
@@ -27,7 +29,7 @@ Output: ``gnt_angles.json`` (per rule: the settings, every logged angle with its
 last ``--tail`` logs per layer) and ``gnt_angles.png``; a rule already in the JSON is skipped (``--force`` reruns it),
 so an interrupted run resumes after the last finished rule. ``--subset`` trains on the first N training images
 (shuffled split), ``--pretrain`` overrides the pre-training epochs, ``--set RULE.key=value`` any rule argument (JSON
-value; ``forward_lr`` and ``feedback_lr`` replace a rate alone, ``top_feedback_std`` rescales the top feedback
+value; ``forward_lr``, ``feedback_lr``, ``feedback_eps`` and ``feedback_adam_wd`` replace one optimizer setting alone, ``top_feedback_std`` rescales the top feedback
 matrix's draw to that std), ``--search N`` runs the authors' damping search
 (:func:`tplightning.diagnostics.damping_search`, their grid) after training on every ``--every``-th of the first
 batches, N of them, and stores the chosen dampings, e.g. ``--set DRL.feedback_first=false`` (the
@@ -62,12 +64,17 @@ def _adam(lr: float, betas: tuple[float, float], eps: float, weight_decay: float
     return functools.partial(torch.optim.Adam, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
+#: their feedback losses are means over the layer's units too (``F.mse_loss``): our feedback gradients are ``n_i / 2``
+#: times theirs (``n_i = 256``), so Adam's ``eps`` and the weight decay added to the gradient scale by that factor
+FEEDBACK_SCALE = 256 / 2
+
+
 def _authors(lr, eta, betas, eps, lr_fb, betas_fb, eps_fb, sigma, wd_fb=0.0, pretrain=6, extra=1) -> dict:
     """Our arguments for one of the authors' MNIST configs (conversions in the module docstring)."""
     return {
         "forward_optimizer": _adam(lr / eta, betas, eps),  # normalize_lr: True
         "target_stepsize": eta / BATCH,  # their dL/do carries the batch mean's 1/B
-        "feedback_optimizer": _adam(lr_fb, betas_fb, eps_fb, wd_fb),
+        "feedback_optimizer": _adam(lr_fb, betas_fb, eps_fb * FEEDBACK_SCALE, wd_fb * FEEDBACK_SCALE),
         "feedback_noise_std": sigma,
         "feedback_pretrain_epochs": pretrain,
         "feedback_extra_epochs": extra,
@@ -104,9 +111,10 @@ def build(name: str, sizes: Sequence[int], overrides: dict | None = None, seed: 
     elif cls_name == "OriginalDTP":
         args["feedback_init"] = "xavier"
     overrides = dict(overrides or {})
-    for key, opt in (("forward_lr", "forward_optimizer"), ("feedback_lr", "feedback_optimizer")):  # a rate alone
-        if key in overrides:
-            args[opt] = functools.partial(args[opt].func, *args[opt].args, **{**args[opt].keywords, "lr": overrides.pop(key)})
+    for key, opt, name in (("forward_lr", "forward_optimizer", "lr"), ("feedback_lr", "feedback_optimizer", "lr"),
+                           ("feedback_eps", "feedback_optimizer", "eps"), ("feedback_adam_wd", "feedback_optimizer", "weight_decay")):  # fmt: skip
+        if key in overrides:  # one optimizer setting alone
+            args[opt] = functools.partial(args[opt].func, *args[opt].args, **{**args[opt].keywords, name: overrides.pop(key)})
     args.update(overrides)
     top_std = args.pop("top_feedback_std", None)
     xavier = args.get("feedback_init") == "xavier"

@@ -35,6 +35,8 @@ def test_gnt_angles_protocol_conversions():
     assert rule.target_stepsize == pytest.approx(0.06858850589618244 / 128)  # their batch-mean loss
     opt = rule.forward_optimizer
     assert opt.keywords["lr"] == pytest.approx(2.968902530985572e-05 / 0.06858850589618244)  # normalize_lr
+    fb = rule.feedback_optimizer.keywords  # their feedback loss averages over 256 units: eps and decay x 128
+    assert fb["eps"] == pytest.approx(5.0844503288987736e-08 * 128) and fb["weight_decay"] == pytest.approx(5.384963778780523e-06 * 128)
     assert rule.feedback_first and rule.feedback_pretrain_epochs == 6 and rule.feedback_extra_epochs == 1
     assert gnt_angles.max_epochs(rule, 3) == 6 + 5  # P + (E - 1)(1 + K) + 1
     Q = rule.feedback_weights[0]  # Xavier normal (5 x 5): std sqrt(2 / 10)
