@@ -734,7 +734,8 @@ def null_space_shares(rule, x: Tensor, y: Tensor, layers: Sequence[int] | None =
 
     Args:
         rule: a target-propagation rule with dense layers and no batch normalisation.
-        x, y: the batch.
+        x: input batch ``(B, n_0)``.
+        y: its labels.
         layers: layers ``1..L`` to report (``None``: the hidden layers ``1..L-1``).
 
     >>> import tplightning as tp
