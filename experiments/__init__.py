@@ -16,6 +16,10 @@ short summary. ``--full`` uses the thesis' sizes; the default finishes in second
   expanding layers; white vs coloured noise; lambda 0 vs 0.2) and the original form's error.
 - ``student_teacher``: figs. 5.7/5.8 and 5.13-5.19, multi-seed curves with the
   :class:`~tplightning.diagnostics.TargetPropDiagnostics` angles and approximation errors.
+- ``gnt_angles``: Meulemans et al. 2020's figs. 4/S4, GNT angles of DTP, DTP with pre-trained feedback, DRL,
+  DDTP-linear, L-DRL and DTP-AI on MNIST at the authors' protocol (its own options, not ``--full``).
+- ``null_space``: Meulemans et al. 2020's fig. 2, the null-space share of the layer updates on its student-teacher
+  setup.
 
 Shared helpers (CLI, output, figures, batched random matrices) live in :mod:`experiments.common`; chapter 6's
 commands in :mod:`experiments.dynamics`.

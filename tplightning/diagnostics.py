@@ -38,6 +38,7 @@ LeeDTP's penultimate :class:`~tplightning.target_maps.GradientTarget`), count as
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 from ._lightning import pl
@@ -62,6 +63,16 @@ __all__ = [
     "diagnostics",
     "is_target_prop",
     "weight_alignment_angles",
+    "damped_gn_activation_updates",
+    "angle_degrees",
+    "output_jacobians",
+    "gnt_weight_updates",
+    "rule_weight_updates",
+    "gnt_angles",
+    "null_space_shares",
+    "gauss_newton_angles",
+    "damping_search",
+    "DAMPING_GRID",
 ]
 
 
@@ -472,6 +483,311 @@ def diagnostics(rule, x: Tensor, y: Tensor, layers: Sequence[int] | None = None,
 
 
 # --------------------------------------------------------------------------------------------
+# Gauss-Newton-target angles, null-space shares, parameter-space Gauss-Newton (Meulemans et al. 2020)
+# --------------------------------------------------------------------------------------------
+
+
+def damped_gn_activation_updates(J: Tensor, e: Tensor, damping: float) -> Tensor:
+    """``Delta h_b = J_b^T (J_b J_b^T + lambda I)^{-1} e_b`` per sample: the damped Gauss-Newton step on ``h_i``.
+
+    The damped Gauss-Newton targets of Meulemans et al. 2020 (NeurIPS, section 3: the damped pseudo-inverse
+    ``J^T (J J^T + lambda I)^{-1}``), as the authors' ``compute_damped_gn_update`` computes them per sample
+    (``lib/utils.py``, ``lib/dtp_layers.py`` ``compute_gn_activation_updates`` of
+    github.com/meulemansalex/theoretical_framework_for_target_propagation); ``lambda = 0`` takes the pseudo-inverse
+    ``J_b^dagger e_b`` (``torch.linalg.pinv``). Computed in the inputs' dtype (pass float64).
+
+    Args:
+        J: per-sample Jacobians ``J_b = dh_L/dh_i``, ``(B, n_L, n_i)``.
+        e: output errors ``e_b = dL/dh_L``, ``(B, n_L)``.
+        damping: ``lambda >= 0``.
+
+    Returns:
+        ``(B, n_i)``.
+
+    >>> J = torch.tensor([[[2.0, 0.0]]], dtype=torch.float64)  # one sample, n_L = 1, n_i = 2
+    >>> damped_gn_activation_updates(J, torch.tensor([[4.0]], dtype=torch.float64), 0.0).tolist()  # J^dagger e
+    [[2.0, 0.0]]
+    >>> damped_gn_activation_updates(J, torch.tensor([[4.0]], dtype=torch.float64), 4.0).tolist()  # 2 * 4 / (4 + 4)
+    [[1.0, 0.0]]
+    """
+    if not damping >= 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    if damping == 0:
+        return (torch.linalg.pinv(J) @ e.unsqueeze(-1)).squeeze(-1)
+    n = J.shape[-2]
+    C = J @ J.transpose(-1, -2) + damping * torch.eye(n, dtype=J.dtype, device=J.device)
+    return (J.transpose(-1, -2) @ torch.linalg.solve(C, e.unsqueeze(-1))).squeeze(-1)
+
+
+def angle_degrees(a: Tensor, b: Tensor) -> Tensor:
+    """Angle in degrees between two tensors, both flattened: ``arccos(<a, b> / (||a|| ||b||))`` (0-d; NaN if one is 0).
+
+    >>> round(float(angle_degrees(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))), 3)
+    45.0
+    """
+    a, b = a.reshape(-1), b.reshape(-1).to(a.dtype)
+    cos = (a @ b) / (a.norm() * b.norm())
+    return torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
+
+
+def _network64(rule, what: str):
+    """A float64 copy of ``rule.net`` (dense layers, no batch normalisation; else ``ValueError`` naming ``what``)."""
+    other = [f"{k} ({type(layer).__name__})" for k, layer in enumerate(rule.net.layers, start=1) if not isinstance(layer, Dense)]
+    if other:
+        raise ValueError(f"{what} needs dense layers; layers {', '.join(other)} are not")
+    if getattr(rule, "normalization", None) is not None:
+        raise ValueError(f"{what} needs a rule without batch_norm (its layers see normalised inputs)")
+    net = copy.deepcopy(rule.net).double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def output_jacobians(net, i: int, h_i: Tensor) -> Tensor:
+    """Per-sample Jacobians ``J_b = do_b/dh_{i,b}`` of the model output ``o`` (``h_L``; the logits of a linear output)
+    with respect to hidden layer ``i``, batched with :func:`torch.func.vmap` over :func:`torch.func.jacrev`.
+
+    Args:
+        net: a :class:`~tplightning.layers.Network` (the diagnostics pass a float64 copy).
+        i: hidden layer, ``1..L-1``.
+        h_i: its activations, ``(B, n_i)``.
+
+    Returns:
+        ``(B, n_out, n_i)``.
+
+    >>> from tplightning.layers import Network, Dense
+    >>> net = Network([Dense(2, 3, activation="linear"), Dense(3, 2, activation="linear")])
+    >>> torch.equal(output_jacobians(net, 1, torch.randn(4, 3))[2], net.layers[1].weight)
+    True
+    """
+    upper = list(net.layers)[i:]
+
+    def f(h: Tensor) -> Tensor:
+        h = h.unsqueeze(0)
+        for layer in upper:
+            h = layer(h)
+        return net.model_output(h).squeeze(0)
+
+    return torch.func.vmap(torch.func.jacrev(f))(h_i)
+
+
+def gnt_weight_updates(net, x: Tensor, e: Tensor, dampings: dict[int, float]) -> dict[int, Tensor]:
+    """``Delta W^GNT_i = (2/B) sum_b (s_i'(a_{i,b}) * Delta h_{i,b}) h_{i-1,b}^T`` for the layers in ``dampings``.
+
+    The weight update the damped Gauss-Newton targets ``h_i + Delta h_i`` (:func:`damped_gn_activation_updates`,
+    ``lambda = dampings[i]``) give through the local loss (Meulemans et al. 2020; the authors' ``compute_gnt_updates``,
+    ``lib/dtp_layers.py``, with its factor 2 and the sign of a gradient, ``e = dL/do``). All in ``net``'s dtype.
+
+    Args:
+        net: a dense :class:`~tplightning.layers.Network` (float64 for the diagnostics).
+        x: input batch ``(B, n_0)``.
+        e: ``dL/do`` per sample, ``(B, n_out)``.
+        dampings: ``{i: lambda_i}`` for hidden layers ``i``.
+
+    Returns:
+        ``{i: (n_i, n_{i-1})}``.
+
+    >>> from tplightning.layers import Network, Dense
+    >>> net = Network([Dense(2, 2, activation="linear"), Dense(2, 1, activation="linear")]).double()
+    >>> x, e = torch.eye(2, dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64)
+    >>> torch.allclose(gnt_weight_updates(net, x, e, {1: 0.0})[1], torch.linalg.pinv(net.layers[1].weight.detach()))
+    True
+    """
+    return {i: updates[0] for i, updates in _gnt_weight_updates_grid(net, x, e, {i: [lam] for i, lam in dampings.items()}).items()}
+
+
+def _gnt_weight_updates_grid(net, x: Tensor, e: Tensor, grids: dict[int, Sequence[float]]) -> dict[int, list[Tensor]]:
+    """:func:`gnt_weight_updates` for several dampings per layer, the Jacobians computed once."""
+    with torch.no_grad():
+        hs, pre = net.forward_all(x.to(e.dtype))
+    out = {}
+    for i, lams in grids.items():
+        J = output_jacobians(net, i, hs[i])
+        d = net.layers[i - 1].derivative(pre[i - 1], hs[i])
+        out[i] = [F.delta_update(2 * d * damped_gn_activation_updates(J, e, lam), hs[i - 1]) for lam in lams]
+    return out
+
+
+def rule_weight_updates(rule, x: Tensor, y: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
+    """The weight gradients the rule's forward update hands its optimizer for ``(x, y)``, ``{i: grad W_i}``.
+
+    The rule's own forward pass, targets (:meth:`targets_from`) and local gradients (:meth:`forward_grads`, eq. 4.12)
+    at its current weights, in its dtype: the update a training step on this batch takes (before the optimizer's
+    rescaling, e.g. Adam's; the authors compare the same ``weights.grad``). Changes no weight, buffer or generator.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DRL(sizes=[3, 4, 4, 2])
+    >>> {i: tuple(g.shape) for i, g in rule_weight_updates(rule, torch.randn(5, 3), torch.randn(5, 2), [1, 2]).items()}
+    {1: (4, 3), 2: (4, 4)}
+    """
+    with torch.no_grad():
+        hs, pre = forward_pass(rule, x)
+        targets = rule.targets_from(hs, pre, y, min(layers))
+        grads = rule.forward_grads(list(layers), hs, pre, targets)
+    return {i: grads[rule.net.layers[i - 1].weight] for i in layers}
+
+
+def _output_error64(rule, net, x: Tensor, y: Tensor) -> Tensor:
+    with torch.no_grad():
+        o = net(x.double())
+    return rule.loss.error(o, y if not y.is_floating_point() else y.double())
+
+
+def gnt_angles(rule, x: Tensor, y: Tensor, dampings: Sequence[float] | float) -> dict[int, Tensor]:
+    """Angle in degrees between each hidden layer's weight update and the Gauss-Newton-target update (the GNT angle).
+
+    Meulemans et al. 2020's measure (figs. 3-4, S4; the authors' ``compute_gnt_angle``, ``lib/networks.py``): the
+    rule's update (:func:`rule_weight_updates`) against ``Delta W^GNT_i`` (:func:`gnt_weight_updates`) with
+    ``J_b = do/dh_i`` per sample (:func:`output_jacobians`), ``e = dL/do`` (``o`` the logits; the loss' own
+    :meth:`~tplightning.losses.Loss.error`), all Jacobians and solves in float64 (the rule's update is cast to it).
+
+    Args:
+        rule: a target-propagation rule with dense layers and no batch normalisation.
+        x: input batch ``(B, n_0)``.
+        y: its labels.
+        dampings: ``lambda_i`` per hidden layer (a list of ``L-1`` values) or one for all.
+
+    Returns:
+        ``{i: angle}`` for ``i = 1..L-1``, float64.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DRL(sizes=[3, 4, 4, 2])
+    >>> sorted(gnt_angles(rule, torch.randn(5, 3), torch.randn(5, 2), [1.0, 0.0]))
+    [1, 2]
+    """
+    L = rule.num_layers
+    lams = [float(dampings)] * (L - 1) if isinstance(dampings, (int, float)) else [float(v) for v in dampings]
+    if len(lams) != L - 1:
+        raise ValueError(f"dampings needs one value per hidden layer ({L - 1}), got {len(lams)}")
+    net = _network64(rule, "the GNT angle")
+    gnt = gnt_weight_updates(net, x, _output_error64(rule, net, x, y), dict(enumerate(lams, start=1)))
+    ours = rule_weight_updates(rule, x, y, list(gnt))
+    return {i: angle_degrees(gnt[i], ours[i].double()) for i in gnt}
+
+
+#: the authors' damping grid (``gn_damping_hpsearch``, ``lib/train.py``): 0 and 1e-5 ... 10
+DAMPING_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def damping_search(rule, batches, grid: Sequence[float] = DAMPING_GRID) -> tuple[list[float], Tensor]:
+    """The damping ``lambda_i`` per hidden layer whose GNT angle, averaged over ``batches``, is smallest.
+
+    Meulemans et al. 2020 choose the damping of the GNT angle per method and per layer this way (the authors'
+    ``gn_damping_hpsearch``, ``lib/train.py``, after epoch 2 with the forward weights frozen, the GNT angle on every
+    80th batch, 0 and 1e-5 ... 10). Nothing is trained here: the weights stay as they are, so the forward (and
+    feedback) weights are frozen by construction. The Jacobians of each batch are computed once for the whole grid.
+
+    Args:
+        rule: a target-propagation rule with dense layers and no batch normalisation.
+        batches: an iterable of ``(x, y)``.
+        grid: the dampings tried.
+
+    Returns:
+        ``([lambda_1, ..., lambda_{L-1}], mean_angles)``, ``mean_angles`` of shape ``(len(grid), L-1)`` in degrees;
+        a tie goes to the first value of ``grid``.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DRL(sizes=[3, 4, 4, 2])
+    >>> lams, table = damping_search(rule, [(torch.randn(5, 3), torch.randn(5, 2))], grid=[0.0, 1.0])
+    >>> len(lams), tuple(table.shape), all(lam in (0.0, 1.0) for lam in lams)
+    (2, (2, 2), True)
+    """
+    grid = [float(v) for v in grid]
+    if not grid or any(not v >= 0 for v in grid):
+        raise ValueError(f"grid must hold dampings >= 0, got {grid}")
+    hidden = list(range(1, rule.num_layers))
+    total, n = torch.zeros(len(grid), len(hidden), dtype=torch.float64), 0
+    for x, y in batches:
+        net = _network64(rule, "the damping search")
+        gnt = _gnt_weight_updates_grid(net, x, _output_error64(rule, net, x, y), {i: grid for i in hidden})
+        ours = rule_weight_updates(rule, x, y, hidden)
+        for c, i in enumerate(hidden):
+            total[:, c] += torch.stack([angle_degrees(u, ours[i].double()) for u in gnt[i]])
+        n += 1
+    if n == 0:
+        raise ValueError("damping_search needs at least one batch")
+    mean = total / n
+    return [grid[int(k)] for k in mean.argmin(0)], mean
+
+
+def _weight_jacobians(net, x: Tensor) -> list[Tensor]:
+    """``[dO/dW_1, ..., dO/dW_L]`` of the batch's flattened outputs ``O`` (``(B n_out,)``), each ``(B n_out, numel W_k)``."""
+    names = [f"layers.{k}.weight" for k in range(len(net.layers))]
+    weights = {n: dict(net.named_parameters())[n] for n in names}
+
+    def outputs(ws: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(net, ws, (x.double(),), strict=False).reshape(-1)
+
+    J = torch.func.jacrev(outputs)(weights)
+    return [J[n].reshape(J[n].shape[0], -1) for n in names]
+
+
+def null_space_shares(rule, x: Tensor, y: Tensor, layers: Sequence[int] | None = None) -> dict[int, Tensor]:
+    """Share of each layer's weight update in the null space of the output's Jacobian with respect to its weights.
+
+    Meulemans et al. 2020, fig. 2 (the authors' ``compute_nullspace_relative_norm`` and ``nullspace_relative_norm``,
+    ``lib/dtp_layers.py``, ``lib/utils.py``): with ``J_i = dO/dvec(W_i)`` (``O`` the batch's outputs, flattened) and
+    ``u = vec(rule's update of W_i)``, the share is ``||u - J_i^dagger J_i u|| / ||u||``: the part of the update that
+    does not change the output of this batch at all. The authors take the null space from an SVD with an absolute
+    tolerance ``1e-12``; here it is the complement of ``J_i``'s row space by ``torch.linalg.pinv`` (its default relative
+    tolerance), in float64. Cost: ``J_i`` has ``B n_out`` rows and ``n_i n_{i-1}`` columns (small networks).
+
+    Args:
+        rule: a target-propagation rule with dense layers and no batch normalisation.
+        x: input batch ``(B, n_0)``.
+        y: its labels.
+        layers: layers ``1..L`` to report (``None``: the hidden layers ``1..L-1``).
+
+    >>> import tplightning as tp
+    >>> rule = tp.DRL(sizes=[3, 4, 4, 2])
+    >>> shares = null_space_shares(rule, torch.randn(1, 3), torch.randn(1, 2))
+    >>> sorted(shares), all(0 <= float(s) <= 1 for s in shares.values())
+    ([1, 2], True)
+    """
+    L = rule.num_layers
+    layers = list(range(1, L)) if layers is None else [int(i) for i in layers]
+    net = _network64(rule, "the null-space share")
+    Js = _weight_jacobians(net, x)
+    ours = rule_weight_updates(rule, x, y, layers)
+    out = {}
+    for i in layers:
+        J, u = Js[i - 1], ours[i].double().reshape(-1)
+        row = torch.linalg.pinv(J) @ (J @ u)
+        out[i] = (u - row).norm() / u.norm()
+    return out
+
+
+def gauss_newton_angles(rule, x: Tensor, y: Tensor, damping: float = 0.0) -> dict[int, Tensor]:
+    """Angles in degrees between the rule's weight updates and the parameter-space Gauss-Newton update of all weights.
+
+    ``Delta theta^GN = J_theta^T (J_theta J_theta^T + lambda I)^{-1} e`` with ``J_theta = dO/dtheta`` over all layers'
+    weights (``O`` the batch's outputs, flattened; ``e = dL/dO``; :func:`damped_gn_activation_updates` with one
+    "sample" of ``B n_out`` outputs; ``lambda = 0``: the minimum-norm step ``J_theta^dagger e``, the thesis' Gauss-Newton
+    of section 4.2 on parameters). Key ``i`` (``1..L-1``): the angle between layer ``i``'s block of ``Delta theta^GN``
+    and its update; key ``0``: between the hidden layers' updates concatenated and those blocks concatenated. (The
+    authors' ``compute_gn_angles`` takes each layer's own block Jacobian instead: block-diagonal Gauss-Newton.) Cost:
+    ``J_theta`` has ``B n_out`` rows and as many columns as weights: small networks only.
+
+    >>> import tplightning as tp
+    >>> rule = tp.DRL(sizes=[3, 4, 4, 2])
+    >>> sorted(gauss_newton_angles(rule, torch.randn(5, 3), torch.randn(5, 2)))
+    [0, 1, 2]
+    """
+    L = rule.num_layers
+    net = _network64(rule, "the Gauss-Newton angle")
+    Js = _weight_jacobians(net, x)
+    J = torch.cat(Js, dim=1)
+    e = _output_error64(rule, net, x, y).reshape(1, -1)
+    step = damped_gn_activation_updates(J.unsqueeze(0), e, damping).squeeze(0)
+    blocks = step.split([j.shape[1] for j in Js])
+    hidden = list(range(1, L))
+    ours = rule_weight_updates(rule, x, y, hidden)
+    out = {i: angle_degrees(blocks[i - 1], ours[i].double()) for i in hidden}
+    out[0] = angle_degrees(torch.cat([blocks[i - 1] for i in hidden]), torch.cat([ours[i].double().reshape(-1) for i in hidden]))
+    return dict(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------------------------
 # Callback
 # --------------------------------------------------------------------------------------------
 
@@ -488,6 +804,27 @@ class TargetPropDiagnostics(pl.Callback):
     ``B_i`` and ``W_{i+1}^T``, :func:`weight_alignment_angles`). Reads only: no weight, optimizer or
     generator state changes, so training is identical with and without it. A no-op for BP rules.
 
+    Optional, off by default (Meulemans et al. 2020's measures; dense networks without batch normalisation), measured
+    on the same rows *before* the rule's update of the batch, so the update compared is the one the step takes (the
+    authors measure at the same point), and only in batches that update the forward weights (not in feedback-only
+    epochs):
+
+    * ``gnt_damping``: ``diag/gnt_angle_i`` (degrees, :func:`gnt_angles`), ``lambda_i`` per hidden layer. Cost per
+      diagnostic step: ``B`` per-sample Jacobians ``n_out x n_i`` per layer (``n_out`` reverse passes through the
+      layers above, vectorised over the batch), a float64 copy of the network and ``B`` solves of ``n_out x n_out``
+      systems; about a forward-backward pass of the network ``n_out`` times per hidden layer.
+    * ``null_space``: ``diag/null_share_i`` (:func:`null_space_shares`, fig. 2). Cost: the Jacobian of the batch's
+      ``B n_out`` outputs with respect to all weights and one pseudo-inverse per layer of a ``B n_out x n_i n_{i-1}``
+      matrix: small networks only.
+    * ``gauss_newton``: ``diag/gn_angle_i`` and ``diag/gn_angle_all`` (:func:`gauss_newton_angles`, damping
+      ``gn_damping``). Cost: the same Jacobian and one pseudo-inverse (or solve) of ``B n_out x P`` (``P`` all
+      weights): small networks only.
+
+    ``signals=False`` skips the thesis' diagnostics above (then only the optional measures are logged);
+    ``forward_batches_only`` counts (and measures) only the batches of epochs that train the forward weights, so
+    ``every_n_steps`` counts forward steps (the authors' ``log_interval``) and ``step`` in :attr:`history` is the
+    forward step.
+
     Values go to ``trainer.callback_metrics`` through ``pl_module.log`` (``on_step``, progress bar
     off) and to the loggers directly at every diagnostic step (Lightning's own logging would keep
     only those on ``log_every_n_steps``), so none is lost. With ``keep_history`` the floats are also kept
@@ -498,32 +835,94 @@ class TargetPropDiagnostics(pl.Callback):
         max_samples: rows of the batch used (bounds the cost).
         layers: hidden layers to report (1-based; ``None``: all ``1..L-1``).
         keep_history: keep every logged value in :attr:`history`.
+        signals: log the thesis' learning-signal diagnostics.
+        gnt_damping: ``lambda_i`` of the GNT angle, one per hidden layer or one for all (``None``: off).
+        null_space: log the null-space shares.
+        gauss_newton: log the angles to the parameter-space Gauss-Newton update.
+        gn_damping: the damping of that update.
+        forward_batches_only: count only the batches that train the forward weights.
 
     >>> import tplightning as tp
-    >>> diag = TargetPropDiagnostics(every_n_steps=1, max_samples=8)
+    >>> diag = TargetPropDiagnostics(every_n_steps=1, max_samples=8, gnt_damping=[1.0])
     >>> trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
     ...                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[diag])
     >>> trainer.fit(tp.DTPAI(sizes=[6, 6, 6]), datamodule=tp.StudentTeacherDataModule(num_train=64))
-    >>> [h["step"] for h in diag.history], round(diag.history[0]["diag/cos_tp_1"], 3)
-    ([0, 1], 1.0)
+    >>> [h["step"] for h in diag.history], round(diag.history[0]["diag/cos_tp_1"], 3), "diag/gnt_angle_1" in diag.history[0]
+    ([0, 1], 1.0, True)
     """
 
-    def __init__(self, every_n_steps: int = 50, max_samples: int = 64, layers: Sequence[int] | None = None, keep_history: bool = True):
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        max_samples: int = 64,
+        layers: Sequence[int] | None = None,
+        keep_history: bool = True,
+        signals: bool = True,
+        gnt_damping: Sequence[float] | float | None = None,
+        null_space: bool = False,
+        gauss_newton: bool = False,
+        gn_damping: float = 0.0,
+        forward_batches_only: bool = False,
+    ):
         if every_n_steps < 1 or max_samples < 1:
             raise ValueError(f"every_n_steps and max_samples must be >= 1, got {every_n_steps} and {max_samples}")
+        lams = [] if gnt_damping is None else [gnt_damping] if isinstance(gnt_damping, (int, float)) else list(gnt_damping)
+        if any(not float(v) >= 0 for v in lams) or not gn_damping >= 0:
+            raise ValueError(f"gnt_damping and gn_damping must be >= 0, got {gnt_damping} and {gn_damping}")
         self.every_n_steps, self.max_samples = int(every_n_steps), int(max_samples)
         self.layers = None if layers is None else [int(i) for i in layers]
         self.keep_history = keep_history
+        self.signals = bool(signals)
+        self.gnt_damping = None if gnt_damping is None else float(gnt_damping) if isinstance(gnt_damping, (int, float)) else [float(v) for v in gnt_damping]
+        self.null_space, self.gauss_newton, self.gn_damping = bool(null_space), bool(gauss_newton), float(gn_damping)
+        self.forward_batches_only = bool(forward_batches_only)
         self.history: list[dict] = []
         self._batches = 0
+        self._before: dict[str, Tensor] = {}
+
+    def _counted(self, pl_module) -> bool:
+        forward = getattr(pl_module, "trains_forward", None)
+        return not self.forward_batches_only or forward is None or forward(pl_module.current_epoch)
+
+    def _due(self, pl_module) -> bool:
+        return self._batches % self.every_n_steps == 0 and is_target_prop(pl_module) and self._counted(pl_module)
+
+    def _layers(self, pl_module) -> list[int]:
+        L = pl_module.num_layers
+        return list(range(1, L)) if self.layers is None else [i for i in self.layers if 1 <= i < L]
+
+    def before_update(self, pl_module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """The optional measures (GNT angles, null-space shares, Gauss-Newton angles) for the batch ``(x, y)``."""
+        forward = getattr(pl_module, "trains_forward", None)
+        if forward is not None and not forward(pl_module.current_epoch):
+            return {}
+        layers, out = self._layers(pl_module), {}
+        if self.gnt_damping is not None:
+            out.update({f"diag/gnt_angle_{i}": v for i, v in gnt_angles(pl_module, x, y, self.gnt_damping).items() if i in layers})
+        if self.null_space:
+            out.update({f"diag/null_share_{i}": v for i, v in null_space_shares(pl_module, x, y, layers).items()})
+        if self.gauss_newton:
+            for i, v in gauss_newton_angles(pl_module, x, y, self.gn_damping).items():
+                if i == 0 or i in layers:
+                    out[f"diag/gn_angle_{'all' if i == 0 else i}"] = v
+        return out
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._before = {}
+        if self._due(pl_module) and (self.gnt_damping is not None or self.null_space or self.gauss_newton):
+            self._before = self.before_update(pl_module, batch[0][: self.max_samples], batch[1][: self.max_samples])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        count = self._batches
+        if not self._counted(pl_module):
+            return
+        due = self._due(pl_module)
         self._batches += 1
-        if count % self.every_n_steps or not is_target_prop(pl_module):
+        if not due:
             return
         x, y = batch[0][: self.max_samples], batch[1][: self.max_samples]
-        values = diagnostics(pl_module, x, y, self.layers)
+        values = diagnostics(pl_module, x, y, self.layers) if self.signals else {}
+        values.update(self._before)
+        self._before = {}
         if not values:
             return
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=x.shape[0], logger=False)
@@ -531,7 +930,7 @@ class TargetPropDiagnostics(pl.Callback):
         for logger in trainer.loggers:  # every diagnostic step, not only those on Lightning's log_every_n_steps
             logger.log_metrics(floats, step=trainer.global_step)
         if self.keep_history:
-            self.history.append({"step": count, "epoch": trainer.current_epoch, **floats})
+            self.history.append({"step": self._batches - 1, "epoch": trainer.current_epoch, **floats})
 
     def state_dict(self) -> dict:
         """The batch count, so a resumed run keeps the ``every_n_steps`` rhythm."""

@@ -195,8 +195,9 @@ class Dense(Layer):
         activation: ``leaky_relu``, ``tanh``, ``linear`` or ``relu`` (or an :class:`~tplightning.functional.Activation`).
         negative_slope: leaky-ReLU slope.
         bias: learn a bias ``b_i`` (initially 0).
-        init: ``gaussian`` (std ``init_std``, default ``1/sqrt(n_{i-1})``) or ``orthogonal``
-            (all singular values 1; the Gaussian draw is still made first, which keeps seeded streams).
+        init: ``gaussian`` (std ``init_std``, default ``1/sqrt(n_{i-1})``), ``orthogonal``
+            (all singular values 1; the Gaussian draw is still made first, which keeps seeded streams) or
+            ``xavier_normal`` (std ``sqrt(2 / (n_{i-1} + n_i))``, the same draw rescaled).
         init_std: std of the Gaussian weights.
         generator: optional ``torch.Generator`` of the initial weights.
 
@@ -499,14 +500,23 @@ def build_layer(spec: Layer | dict) -> Layer:
     return classes[name](**spec.get("init_args", {}))
 
 
+#: the initial weights a layer can draw: Gaussian (std ``init_std``, default ``1/sqrt(fan_in)``), orthogonal, or Xavier
+#: normal (Gaussian with std ``sqrt(2 / (fan_in + fan_out))``, Glorot & Bengio 2010; Meulemans et al. 2020's
+#: ``initialization: xavier_normal``)
+INITS = ("gaussian", "orthogonal", "xavier_normal")
+
+
 def _initial_weight(shape: tuple[int, int], init: str, init_std: float | None, generator: torch.Generator | None) -> Tensor:
-    if init not in ("gaussian", "orthogonal"):
-        raise ConfigError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
-    if init == "orthogonal" and init_std is not None:
-        raise ConfigError(f"init_std={init_std} applies to Gaussian weights only; leave it None with init='orthogonal'")
+    if init not in INITS:
+        raise ConfigError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+    if init != "gaussian" and init_std is not None:
+        raise ConfigError(f"init_std={init_std} applies to Gaussian weights only; leave it None with init={init!r}")
     if init_std is not None and not init_std > 0:
         raise ConfigError(f"init_std must be > 0 (or None for 1/sqrt(n_in)), got {init_std}")
-    std = init_std if init_std is not None else 1.0 / math.sqrt(shape[1])
+    if init == "xavier_normal":  # Glorot & Bengio 2010: std sqrt(2 / (fan_in + fan_out)), fans of the flattened matrix
+        std = math.sqrt(2.0 / (shape[0] + shape[1]))
+    else:
+        std = init_std if init_std is not None else 1.0 / math.sqrt(shape[1])
     W = torch.randn(*shape, generator=generator) * std
     if init == "orthogonal":  # drawn after the Gaussian one, which keeps the seeded stream the MNIST runs used
         nn.init.orthogonal_(W, generator=generator)
@@ -642,8 +652,8 @@ def dense_stack(
     ['Dense', 'AuxiliaryDense']
     """
     sizes = check_sizes(sizes)
-    if init not in ("gaussian", "orthogonal"):
-        raise ConfigError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
+    if init not in INITS:
+        raise ConfigError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     L = len(sizes) - 1
     common = {"negative_slope": negative_slope, "bias": bias, "init": init, "init_std": init_std, "generator": generator}
     layers: list[Layer] = [Dense(sizes[k], sizes[k + 1], activation, **common) for k in range(L - 1)]

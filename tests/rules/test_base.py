@@ -131,7 +131,7 @@ def test_orthogonal_init_gives_unit_singular_values_and_transpose_inverses():
     a = MLP([5, 5], init="orthogonal").weights[0]
     torch.manual_seed(3)
     torch.testing.assert_close(MLP([5, 5], init="orthogonal").weights[0], a)  # seeded
-    with pytest.raises(ValueError, match="init must be 'gaussian' or 'orthogonal', got 'xavier'"):
+    with pytest.raises(ValueError, match="init must be one of 'gaussian', 'orthogonal', 'xavier_normal', got 'xavier'"):
         MLP([3, 3], init="xavier")
     with pytest.raises(ValueError, match=r"init_std=0.5 applies to Gaussian weights only"):
         make_rule("BP", init="orthogonal", init_std=0.5)

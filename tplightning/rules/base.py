@@ -433,7 +433,8 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         loss: ``mse`` (regression) or ``cross_entropy`` (classification on logits); the rule holds the
             :class:`~tplightning.losses.Loss` of that name as ``self.loss``.
         init_std: std of the Gaussian initial weights (``None``: ``1/sqrt(n_in)``).
-        init: ``gaussian`` or ``orthogonal`` initial weights (all singular values 1; see
+        init: ``gaussian``, ``xavier_normal`` (std ``sqrt(2 / (fan_in + fan_out))``, Meulemans et al. 2020's) or
+            ``orthogonal`` initial weights (all singular values 1; see
             :class:`~tplightning.networks.MLP`). Deep tanh networks such as MNIST's need
             ``orthogonal`` for target propagation: the inverses of square Gaussian layers are
             so ill-conditioned that the propagated targets leave tanh's range.
@@ -471,7 +472,7 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
         bias: bool = False,
         loss: Literal["mse", "cross_entropy"] = "mse",
         init_std: float | None = None,
-        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        init: Literal["gaussian", "orthogonal", "xavier_normal"] = "gaussian",
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,

@@ -6,8 +6,11 @@ All three keep DTP's forward targets (output target ``h^_L = h_L - eta^ dl/dh_L`
 and change how the feedback weights learn; the losses live in :mod:`tplightning.target_maps`
 (:class:`~tplightning.target_maps.DifferenceReconstruction`, :class:`~tplightning.target_maps.DirectLinear`,
 :class:`~tplightning.target_maps.LocalDifferenceReconstruction`). ``feedback_iterations`` feedback updates follow every
-forward update (:class:`~tplightning.rules.learned.LearnedInverseRule`); ``feedback_pretrain_epochs`` trains only the
-feedback weights first (the papers pre-train them: 6 epochs for DRL/DDTP on MNIST, 1 to several for L-DRL).
+forward update (:class:`~tplightning.rules.learned.LearnedInverseRule`), after it by default or, with ``feedback_first``,
+before it on the same forward pass (the authors' order). The papers' epoch schedule is two options of
+:class:`~tplightning.rules.learned.LearnedInverseRule`: ``feedback_pretrain_epochs`` trains only the feedback weights first
+(Meulemans et al. pre-train them for 6 epochs on MNIST; none of the shipped configs does) and ``feedback_extra_epochs``
+follows every forward epoch with feedback-only epochs (theirs: 1 for DRL on MNIST).
 
 Sources: the papers' abstracts and summaries, the authors' code (github.com/meulemansalex/theoretical_framework_for_target_propagation,
 ``lib/dtpdrl_layers.py``, ``final_configs/mnist_*.py``; github.com/ernoult/scalingDTP, ``target_prop/feedback_loss.py``) and
@@ -34,9 +37,23 @@ __all__ = ["DRL", "DDTPLinear", "LDRL"]
 class _FreshFeedbackPass(LearnedInverseRule):
     """The feedback losses below compare corrupted activations run through the *current* layers with the clean ones, so
     they read a fresh forward pass after the forward update (the step's ``hs`` are from before it; their offset from the
-    updated layers would otherwise enter the losses divided by ``sigma``). One extra forward pass per batch."""
+    updated layers would otherwise enter the losses divided by ``sigma``). One extra forward pass per batch.
+
+    ``feedback_first`` (an argument of the presets below) runs the feedback updates before the forward update instead,
+    on the step's own forward pass, with the targets already computed from the feedback weights before those updates:
+    the order of the authors' ``train_parallel`` (``lib/train.py``: forward gradients, feedback step, forward optimizer
+    step). No extra forward pass then."""
+
+    feedback_first: bool = False
+
+    def update_forward(self, layers, hs, pre, targets):
+        if self.feedback_first:
+            LearnedInverseRule.update_feedback(self, hs, pre)
+        super().update_forward(layers, hs, pre, targets)
 
     def update_feedback(self, hs, pre):
+        if self.feedback_first and self.trains_forward(self.current_epoch):
+            return  # done before the forward update, on this step's pass
         if self.feedback_layers:
             hs, pre = self.forward_pass(hs[0], update_state=False)
         super().update_feedback(hs, pre)
@@ -54,6 +71,10 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
 
     Args:
         feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.057).
+        feedback_first: the feedback updates before the forward update, on the step's forward pass (the authors'
+            order; default: after it, on a fresh pass).
+        feedback_extra_epochs: feedback-only epochs after every forward epoch (the authors: 1 on MNIST, with
+            ``feedback_pretrain_epochs`` 6; see :class:`~tplightning.rules.learned.LearnedInverseRule`).
 
     >>> rule = DRL(sizes=[3, 4, 4, 2])
     >>> type(rule.maps[0].inner).__name__, rule.maps[0].inner.noise_std
@@ -71,7 +92,7 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
         bias: bool = False,
         loss: Literal["mse", "cross_entropy"] = "mse",
         init_std: float | None = None,
-        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        init: Literal["gaussian", "orthogonal", "xavier_normal"] = "gaussian",
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
@@ -92,8 +113,11 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        feedback_extra_epochs: int = 0,
+        feedback_first: bool = False,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
+        self.feedback_first = bool(feedback_first)
 
 
 class LDRL(_FreshFeedbackPass, OriginalDTP):
@@ -110,6 +134,8 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
     Args:
         feedback_noise_std: ``sigma`` (the paper: 0.4-0.08 per layer on CIFAR-10; one value here).
         feedback_iterations: feedback updates per batch (the paper: 20-55 per layer on CIFAR-10).
+        feedback_first: as for :class:`DRL`.
+        feedback_extra_epochs: as for :class:`DRL`.
 
     >>> rule = LDRL(sizes=[3, 4, 4, 2])
     >>> type(rule.maps[0].inner).__name__, rule.feedback_iterations
@@ -127,7 +153,7 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         bias: bool = False,
         loss: Literal["mse", "cross_entropy"] = "mse",
         init_std: float | None = None,
-        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        init: Literal["gaussian", "orthogonal", "xavier_normal"] = "gaussian",
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
@@ -148,8 +174,11 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        feedback_extra_epochs: int = 0,
+        feedback_first: bool = False,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
+        self.feedback_first = bool(feedback_first)
 
 
 class DDTPLinear(_FreshFeedbackPass):
@@ -163,6 +192,8 @@ class DDTPLinear(_FreshFeedbackPass):
 
     Args:
         feedback_noise_std: ``sigma`` of the DRL (the authors' MNIST search: 0.091).
+        feedback_first: as for :class:`DRL`.
+        feedback_extra_epochs: as for :class:`DRL`.
 
     >>> [tuple(Q.shape) for Q in DDTPLinear(sizes=[3, 4, 4, 2]).feedback_weights]
     [(4, 2), (4, 2)]
@@ -179,7 +210,7 @@ class DDTPLinear(_FreshFeedbackPass):
         bias: bool = False,
         loss: Literal["mse", "cross_entropy"] = "mse",
         init_std: float | None = None,
-        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        init: Literal["gaussian", "orthogonal", "xavier_normal"] = "gaussian",
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
@@ -200,8 +231,11 @@ class DDTPLinear(_FreshFeedbackPass):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        feedback_extra_epochs: int = 0,
+        feedback_first: bool = False,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
+        self.feedback_first = bool(feedback_first)
 
     def make_maps(self):
         return [DirectLinear(self.net.layers, **self.feedback_options) for _ in range(self.num_layers - 1)]

@@ -67,7 +67,7 @@ class ExactInverseRule(TargetPropRule):
         bias: bool = False,
         loss: Literal["mse", "cross_entropy"] = "mse",
         init_std: float | None = None,
-        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        init: Literal["gaussian", "orthogonal", "xavier_normal"] = "gaussian",
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,

@@ -66,7 +66,8 @@ class LearnedInverseRule(TargetPropRule):
         feedback_iterations: feedback updates per training batch.
         feedback_batch_size: noise samples per feedback update (thesis form); ``None``: the
             training batch size.
-        feedback_pretrain_epochs: epochs at the start of training that update only ``Q``.
+        feedback_pretrain_epochs: epochs at the start of training that update only ``Q`` (Meulemans et al. 2020
+            pre-train DRL's and DDTP's feedback for 6 epochs on MNIST; their ``epochs_fb``).
         feedback_init: ``pinv`` sets ``Q_i = W_{i+1}^dagger`` at the start and whenever the forward
             weights are replaced (what the thesis' experiments do, section 5.2.2); ``regularised``
             sets the regularised inverse of theorem 4.7, ``W^T (W W^T + lambda/sigma^2 I)^{-1}`` with
@@ -77,6 +78,10 @@ class LearnedInverseRule(TargetPropRule):
         feedback_only: train only the feedback weights ``Q_i`` in every epoch (as in the pre-training epochs): the
             forward weights stay as they are and the learning rates keep their initial values. The CLI refuses a forward
             learning rate of 0 unless this is set (a run that would learn nothing).
+        feedback_extra_epochs: after the pre-training, every epoch that trains the forward weights is followed by this
+            many epochs that train only ``Q`` (Meulemans et al. 2020's ``extra_fb_epochs``: 1 for DRL on MNIST). Epochs
+            count in ``max_epochs``; which kind an epoch is follows from its number alone (:meth:`trains_forward`), so a
+            resumed run continues the schedule exactly. The learning-rate schedule moves on forward epochs only.
 
     Attributes:
         feedback_map: the class of the learned maps, built with :attr:`feedback_options`:
@@ -101,7 +106,7 @@ class LearnedInverseRule(TargetPropRule):
         bias: bool = False,
         loss: Literal["mse", "cross_entropy"] = "mse",
         init_std: float | None = None,
-        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        init: Literal["gaussian", "orthogonal", "xavier_normal"] = "gaussian",
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
@@ -122,6 +127,7 @@ class LearnedInverseRule(TargetPropRule):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        feedback_extra_epochs: int = 0,
     ):
         if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
             raise ConfigError(
@@ -137,6 +143,9 @@ class LearnedInverseRule(TargetPropRule):
         self.feedback_iterations, self.feedback_batch_size = feedback_iterations, feedback_batch_size
         self.feedback_pretrain_epochs, self.feedback_init, self.feedback_seed = feedback_pretrain_epochs, feedback_init, feedback_seed
         self.feedback_only = bool(feedback_only)
+        if feedback_extra_epochs < 0:
+            raise ConfigError(f"feedback_extra_epochs must be >= 0, got {feedback_extra_epochs}")
+        self.feedback_extra_epochs = int(feedback_extra_epochs)
         self._noise_gen: torch.Generator | None = None
         self._noise_states: list[Tensor] | None = None  # per-rank states a checkpoint restored, not yet applied
 
@@ -239,8 +248,19 @@ class LearnedInverseRule(TargetPropRule):
         for _ in range(self.feedback_iterations):
             self.apply_gradients(opt, self.feedback_grads(hs, pre))
 
+    def trains_forward(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) trains the forward weights: not with ``feedback_only``, not in the
+        ``feedback_pretrain_epochs`` pre-training epochs, and after them the first of every ``1 + feedback_extra_epochs``.
+
+        >>> rule = DTPAI(sizes=[3, 4, 2], feedback_pretrain_epochs=2, feedback_extra_epochs=1)
+        >>> [rule.trains_forward(e) for e in range(6)]
+        [False, False, True, False, True, False]
+        """
+        after = epoch - self.feedback_pretrain_epochs
+        return not self.feedback_only and after >= 0 and after % (1 + self.feedback_extra_epochs) == 0
+
     def training_step(self, batch, batch_idx):
-        if self.current_epoch >= self.feedback_pretrain_epochs and not self.feedback_only:
+        if self.trains_forward(self.current_epoch):
             return super().training_step(batch, batch_idx)
         x, y = batch  # feedback pre-training: only Q learns
         with torch.no_grad():
@@ -253,7 +273,7 @@ class LearnedInverseRule(TargetPropRule):
         return loss
 
     def step_schedulers(self) -> None:
-        if self.current_epoch >= self.feedback_pretrain_epochs and not self.feedback_only:  # it starts with forward training
+        if self.trains_forward(self.current_epoch):  # it starts with forward training
             super().step_schedulers()
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -416,7 +436,7 @@ class AOSDTP(OriginalDTP):
         bias: bool = False,
         loss: Literal["mse", "cross_entropy"] = "mse",
         init_std: float | None = None,
-        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        init: Literal["gaussian", "orthogonal", "xavier_normal"] = "gaussian",
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
@@ -437,6 +457,7 @@ class AOSDTP(OriginalDTP):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        feedback_extra_epochs: int = 0,
         aux_units: int | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))  # aux_units reaches make_network as a recorded argument (self.hparams)
@@ -486,7 +507,7 @@ class MTP(TPAI):
         bias: bool = False,
         loss: Literal["mse", "cross_entropy"] = "mse",
         init_std: float | None = None,
-        init: Literal["gaussian", "orthogonal"] = "gaussian",
+        init: Literal["gaussian", "orthogonal", "xavier_normal"] = "gaussian",
         forward_optimizer: OptimizerCallable = torch.optim.SGD,
         lr_final_factor: float = 0.2,
         train_layers: Sequence[int] | None = None,
@@ -507,5 +528,6 @@ class MTP(TPAI):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        feedback_extra_epochs: int = 0,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
