@@ -347,3 +347,23 @@ def test_fa_signal_is_backprops_when_b_is_w_transposed():
             m.B.copy_(m.upper.weight.T)
     out = diagnostics(rule, *batch(sizes))
     assert float(out["diag/cos_bp_1"]) == pytest.approx(1.0, abs=1e-9) and float(out["diag/weight_angle_1"]) < 1e-5
+
+
+def test_weight_alignment_angle_above_a_block_compares_every_feedback_weight_with_its_forward_weight():
+    import numpy as np
+    from torch import nn
+
+    from tplightning.diagnostics import weight_alignment_angles
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))
+    rule = tp.FA(network=tp.convert(model))
+    g = rule.maps[0].base  # the map below block 1 (Linear(5, 3) -> Tanh)
+    B = g.slot_feedback(0).detach().numpy().ravel()
+    W = model[2].weight.detach().numpy().T.ravel()  # B_k is stored as W_k^T
+    expected = np.degrees(np.arccos(B @ W / (np.linalg.norm(B) * np.linalg.norm(W))))
+    angles = weight_alignment_angles(rule)
+    assert abs(float(angles[1]) - expected) < 1e-3
+    with torch.no_grad():
+        g.slot_feedback(0).copy_(-model[2].weight.T)  # anti-aligned
+    assert abs(float(weight_alignment_angles(rule)[1]) - 180.0) < 0.1

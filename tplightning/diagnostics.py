@@ -392,7 +392,8 @@ def weight_alignment_angles(rule) -> dict[int, Tensor]:
     FA (:class:`~tplightning.target_maps.FeedbackAlignment`): ``B_i`` against ``W_{i+1}^T`` (Lillicrap et al. 2016: the
     forward weights come to align with the fixed feedback); DFA (:class:`~tplightning.target_maps.DirectFeedback`):
     ``B~_i`` against ``(W_L ... W_{i+1})^T``, the linear path backprop takes from the output (Noekland 2016). The angle
-    is ``arccos(<A, B>_F / (||A||_F ||B||_F))``, both matrices flattened. Empty for rules without such maps; the DFA
+    is ``arccos(<A, B>_F / (||A||_F ||B||_F))``, both matrices flattened; above a block, all its ``B_k`` against their
+    submodules' weights ``W_k`` as one flattened vector. Empty for rules without such maps; the DFA
     angle needs dense layers above (others are skipped); the product ``W_L ... W_{i+1}`` is
     :func:`~tplightning.functional.weight_product`.
 
@@ -405,7 +406,11 @@ def weight_alignment_angles(rule) -> dict[int, Tensor]:
     """
     out = {}
     for m in rule.maps:
-        if isinstance(m.base, FeedbackAlignment):
+        if isinstance(m.base, FeedbackAlignment) and m.base.block_slots():  # a block above: every B_k against its W_k
+            fb = m.base.block_feedback()
+            B = torch.cat([b.flatten() for b in fb.values()])
+            ref = torch.cat([m.upper.module.get_submodule(name).weight.flatten() for name in fb])
+        elif isinstance(m.base, FeedbackAlignment):
             B, ref = m.base.B, m.upper.adjoint()
         elif isinstance(m.base, DirectFeedback) and all(isinstance(layer, Dense) for layer in rule.net.layers[m.index:]):
             B, ref = m.base.B, F.weight_product([layer.full_weight() for layer in rule.net.layers[m.index:]]).T

@@ -667,6 +667,10 @@ class FeedbackAlignment(_FixedFeedback):
     def feedback_tensors(self):
         return [self.slot_feedback(k) for k in range(len(self._slots))] if self._slots else [self.B]
 
+    def block_slots(self) -> tuple:
+        """``(name, feedback shape, fan-in)`` of each weighted submodule of a block above; empty above a dense or conv layer."""
+        return self._slots
+
     def block_feedback(self) -> dict[str, Tensor]:
         """``{submodule name: B_k in the weight's shape}`` for :func:`feedback_in_backward`."""
         module = self.upper.module
