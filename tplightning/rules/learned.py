@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .._lightning import OptimizerCallable
+from ..adaptive import Adaptive, AdaptiveTargetProp
 from ..errors import ConfigError
 from ..layers import Layer
 from ..losses import D_INVERSE
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 
-class LearnedInverseRule(TargetPropRule):
+class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
     """Shared machinery of the rules whose feedback weights ``Q_i`` are learned.
 
     It takes every argument of :class:`~tplightning.rules.target_prop.TargetPropRule` too.
@@ -77,6 +78,8 @@ class LearnedInverseRule(TargetPropRule):
         feedback_only: train only the feedback weights ``Q_i`` in every epoch (as in the pre-training epochs): the
             forward weights stay as they are and the learning rates keep their initial values. The CLI refuses a forward
             learning rate of 0 unless this is set (a run that would learn nothing).
+        adaptive: local adaptive damping and step sizes (:class:`~tplightning.adaptive.Adaptive`; thesis 4.2.3);
+            ``None``: fixed ``eta^`` and the decaying learning rate.
 
     Attributes:
         feedback_map: the class of the learned maps, built with :attr:`feedback_options`:
@@ -122,6 +125,7 @@ class LearnedInverseRule(TargetPropRule):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        adaptive: Adaptive | None = None,
     ):
         if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
             raise ConfigError(
@@ -139,6 +143,7 @@ class LearnedInverseRule(TargetPropRule):
         self.feedback_only = bool(feedback_only)
         self._noise_gen: torch.Generator | None = None
         self._noise_states: list[Tensor] | None = None  # per-rank states a checkpoint restored, not yet applied
+        self.init_adaptive(adaptive)
 
     # ----------------------------------------------------------------------------- pieces
     @property
