@@ -237,7 +237,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=60, help="epochs (default: %(default)s)")
     p.add_argument("--num-train", type=int, default=0, help="training samples (0: the table's)")
-    p.add_argument("--fraction", type=float, default=0.5, help="LayerStep fraction (default: %(default)s)")
+    p.add_argument("--fraction", type=float, default=0.1, help="LayerStep fraction (default: %(default)s)")
     args = p.parse_args(argv)
     args.tables = [t for t in args.tables.split(",") if t]
     unknown = set(args.tables) - set(TABLES)

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from .._lightning import OptimizerCallable
+from ..adaptive import Adaptive
 from ..layers import Layer
 from ..target_maps import DifferenceReconstruction, DirectLinear, LocalDifferenceReconstruction
 from .arguments import arguments_for
@@ -91,6 +92,7 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        adaptive: Adaptive | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
 
@@ -147,6 +149,7 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        adaptive: Adaptive | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
 
@@ -199,6 +202,7 @@ class DDTPLinear(_FreshFeedbackPass):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        adaptive: Adaptive | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
 

@@ -438,6 +438,7 @@ class AOSDTP(OriginalDTP):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        adaptive: Adaptive | None = None,
         aux_units: int | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))  # aux_units reaches make_network as a recorded argument (self.hparams)
@@ -508,5 +509,6 @@ class MTP(TPAI):
         feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
         feedback_seed: int = 0,
         feedback_only: bool = False,
+        adaptive: Adaptive | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
