@@ -261,3 +261,29 @@ def test_resume_with_the_adaptive_state_is_exact(tmp_path, kind):
     else:
         for k, v in straight.adaptive_state.items():
             torch.testing.assert_close(resumed.adaptive_state[k], v, rtol=0, atol=0, msg=k)
+
+
+# ------------------------------------------------------------------------------------------- DDP
+class _SaveAdaptiveState(pl.Callback):
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.adaptive_state, self.folder / f"adaptive{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow  # a 2-process spawn: about 35 s on the shared 2-core machine
+def test_ddp_replicas_take_the_same_adaptive_decisions(tmp_path):
+    """Two gloo processes, DTP-AI with every piece: the per-rank decisions come from replica-averaged scalars, so the
+    weights (through per-layer learning rates) and the adaptive state end identical on both ranks."""
+    from conftest import fit_ddp_replicas
+
+    pl.seed_everything(0, verbose=False)
+    rule = tp.DTPAI(sizes=[6, 6, 6, 6], forward_optimizer=_sgd(0.01), adaptive=Adaptive(LayerDamping(), LayerStep(), OutputStep()))
+    rank0, rank1 = fit_ddp_replicas(rule, tiny_data(sizes=(6, 6, 6, 6)), tmp_path, callbacks=[_SaveAdaptiveState(tmp_path)], max_epochs=1)
+    s0, s1 = (torch.load(tmp_path / f"adaptive{r}.pt") for r in (0, 1))
+    for k in s0:
+        torch.testing.assert_close(s0[k], s1[k], rtol=0, atol=0, msg=k)
+    for a, b in zip(rank0, rank1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert bool(torch.isfinite(s0["eta"]).all())  # the layer steps were taken

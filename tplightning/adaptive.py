@@ -360,7 +360,9 @@ class AdaptiveTargetProp:
             return super().update_forward(layers, hs, pre, targets)
         group = self.optimizer_list()[0].param_groups[0]
         lr = group["lr"]
-        eta, lam = self._state("eta"), self._state("lambda")
+        # new tensors, never written in place: under ddp_spawn the pickled state's storage is shared between processes
+        eta, lam = self._state("eta").clone(), self._state("lambda").clone()
+        self.adaptive_state.update(eta=eta, **{"lambda": lam})
         try:
             for i in layers:
                 layer = self.net.layers[i - 1]
