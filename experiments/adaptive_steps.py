@@ -22,7 +22,10 @@ from the records. "Epochs to BP": the first epoch at which a variant's mean trai
 mean training MSE.
 
     python -m experiments.adaptive_steps [--out DIR] [--tables exact,deep,contracting] [--seeds N] [--epochs E]
-        [--num-train N] [--variants V,V,...] [--fraction F]
+        [--num-train N] [--variants V,V,...] [--fraction F] [--docs]
+
+``--docs`` also copies the figures to docs/figures/ and writes the tables and verdicts between the markers
+``<!-- adaptive_steps:start/end -->`` of docs/experiments.md, from every table's latest records in ``--out``.
 """
 from __future__ import annotations
 
@@ -229,6 +232,38 @@ def plot(summary: dict, out: Path) -> list[Path]:
     return paths
 
 
+def docs_block(summary: dict, verdicts_: dict) -> str:
+    """The block of docs/experiments.md: per table its command, a table of the variants and the verdicts."""
+    from experiments.common import markdown_table
+
+    parts = []
+    for table, s in summary.items():
+        seeds = sorted({k for e in s["variants"].values() for k in e["seeds"]})
+        command = (f"python -m experiments.{NAME} --tables {table} --seeds {len(seeds)} --epochs {s['epochs']} "
+                   f"--num-train {s['num_train']} --fraction {s['fraction']:g} --out docs/data/{NAME} --docs")  # fmt: skip
+        rows = []
+        for variant, e in sorted(s["variants"].items(), key=lambda kv: kv[1].get("final_train_mse", math.inf)):
+            if "train_mse" not in e:
+                rows.append([variant, f"{e['diverged']}/{e['runs']}", "–", "–", "–", "–", "–", "–"])
+                continue
+            to = e.get("epochs_to_bp_sgd")
+            rows.append([variant, f"{e['diverged']}/{e['runs']}", e["train_mse"][1], e["final_train_mse"], e["final_test_mse"],
+                         "not reached" if to is None else to, "–" if to is None else f"{e['seconds_to_bp_sgd']:.0f}",
+                         f"{e['seconds'][-1]:.0f}"])  # fmt: skip
+        target = s["bp_sgd_final_train_mse"]
+        parts += [f"**{table}** (seeds {', '.join(map(str, seeds))}; BP-SGD's final mean training MSE "
+                  f"{'not run' if target is None else f'{target:.4g}'}). Command: `{command}`", "",
+                  markdown_table(["variant", "diverged/runs", "train MSE after epoch 1", f"final train MSE (epoch {s['epochs']})",
+                                  "final test MSE", "epochs to BP-SGD's final", "seconds to it", "training seconds"], rows),
+                  "", f"![{NAME}_{table}](figures/{NAME}_{table}.png)", ""]  # fmt: skip
+    words = {True: "yes", False: "no", None: "not run"}
+    exact = summary.get("exact", {})
+    parts.append(f"Verdicts (from the exact table, {exact.get('epochs')} epochs): (a) TP-EI with the adaptive pieces reaches "
+                 f"BP-SGD's final training loss in at most half the epochs: **{words[verdicts_['a']]}**; (b) RMTP-EI with the "
+                 f"adaptive pieces reaches it at all (competitive): **{words[verdicts_['b']]}**.")  # fmt: skip
+    return "\n".join(parts)
+
+
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "out" / NAME, help="output folder (default: %(default)s)")
@@ -238,6 +273,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=60, help="epochs (default: %(default)s)")
     p.add_argument("--num-train", type=int, default=0, help="training samples (0: the table's)")
     p.add_argument("--fraction", type=float, default=0.1, help="LayerStep fraction (default: %(default)s)")
+    p.add_argument("--docs", action="store_true", help="also copy the figures to docs/figures/ and write the block of docs/experiments.md")
     args = p.parse_args(argv)
     args.tables = [t for t in args.tables.split(",") if t]
     unknown = set(args.tables) - set(TABLES)
@@ -273,7 +309,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary = summarise(latest_settings([e.record for e in common.read_records(path, RUN_KIND)]))
     result = {"verdicts": verdicts(summary), "summary": summary}
     save_json(args.out, NAME, result)
-    plot(summary, args.out)
+    figures = plot(summary, args.out)
+    if args.docs:
+        import shutil
+
+        from benchmarks.common import write_block
+        from experiments.common import DOCS, FIGURES
+
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        for f in figures:
+            shutil.copy(f, FIGURES / f.name)
+        write_block(DOCS, NAME, docs_block(summary, result["verdicts"]))
     print(json.dumps(result["verdicts"]))
     return result
 
