@@ -53,9 +53,12 @@ class TrustRegion:
     result is clamped to ``[minimum, maximum]`` (so a value of 0 becomes ``minimum`` at its first update).
 
     Args:
-        low, high: the thresholds on ``rho`` (classic: 1/4 and 3/4).
-        increase, decrease: the factors (classic: 3/2 and 2/3).
-        minimum, maximum: the bounds of the value.
+        low: ``rho`` below it increases the value (classic: 1/4).
+        high: ``rho`` above it decreases the value (classic: 3/4).
+        increase: the factor after a poor step (classic: 3/2).
+        decrease: the factor after a good step (classic: 2/3).
+        minimum: the value's lower bound.
+        maximum: the value's upper bound.
 
     >>> tr = TrustRegion()
     >>> tr.update(torch.tensor(1.0), actual=torch.tensor(-0.1), predicted=torch.tensor(0.2))  # the loss rose
@@ -205,7 +208,8 @@ class LayerStep:
     Args:
         fraction: the share of the parabola's minimum taken (``0 < fraction <= 1``).
         growth: the step grows by at most this factor per batch.
-        minimum, maximum: bounds of ``eta_i``.
+        minimum: the lower bound of ``eta_i``.
+        maximum: the upper bound of ``eta_i``.
 
     >>> LayerStep().growth
     2.0
@@ -227,7 +231,8 @@ class OutputStep:
 
     Args:
         growth: ``eta^`` changes by at most this factor per batch.
-        minimum, maximum: bounds of ``eta^`` (``maximum = 1``: the target ``y`` itself, the Gauss-Newton output step).
+        minimum: the lower bound of ``eta^``.
+        maximum: the upper bound of ``eta^`` (1: the target ``y`` itself, the Gauss-Newton output step).
 
     >>> OutputStep().maximum
     1.0
