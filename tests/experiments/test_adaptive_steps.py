@@ -29,6 +29,8 @@ def test_summary_counts_the_epochs_to_bp_sgds_final_loss():
     assert s["variants"]["BP-SGD"]["epochs_to_bp_sgd"] == 3
     assert s["variants"]["RMTP-EI+adaptive"]["epochs_to_bp_sgd"] is None and s["variants"]["RMTP-EI+adaptive"]["diverged"] == 1
     assert ex.verdicts({"exact": s}) == {"a": True, "b": False}  # 1 <= 4 / 2; never reached
+    s = ex.summarise(records + [_record("RMTP-EI+layer-step", [9.0, 8.0, 7.0, 6.0, 2.0])])["exact"]
+    assert ex.verdicts({"exact": s}) == {"a": True, "b": True}  # either adaptive variant counts
 
 
 def test_a_tiny_run_writes_records_json_and_figures_and_resumes(tmp_path, capsys):
