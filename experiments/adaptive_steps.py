@@ -182,10 +182,14 @@ def _mean(rows: list[list[float]]) -> list[float]:
 
 def summarise(records: list[dict]) -> dict:
     """Per table and variant: mean curves over the seeds that did not diverge, final MSEs, epochs and seconds to reach
-    BP-SGD's final mean training MSE."""
+    BP-SGD's final mean training MSE; only the seeds that every variant of the table ran count."""
     out: dict = {}
     for table in dict.fromkeys(r["table"] for r in records):
         runs = [r for r in records if r["table"] == table]
+        # only the seeds every variant ran, so that means compare like with like (an interrupted invocation leaves some)
+        seed_sets = [{r["seed"] for r in runs if r["variant"] == v} for v in dict.fromkeys(r["variant"] for r in runs)]
+        common_seeds = set.intersection(*seed_sets)
+        runs = [r for r in runs if r["seed"] in common_seeds]
         entries = {}
         for variant in dict.fromkeys(r["variant"] for r in runs):
             mine = [r for r in runs if r["variant"] == variant]

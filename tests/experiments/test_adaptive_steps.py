@@ -29,8 +29,11 @@ def test_summary_counts_the_epochs_to_bp_sgds_final_loss():
     assert s["variants"]["BP-SGD"]["epochs_to_bp_sgd"] == 3
     assert s["variants"]["RMTP-EI+adaptive"]["epochs_to_bp_sgd"] is None and s["variants"]["RMTP-EI+adaptive"]["diverged"] == 1
     assert ex.verdicts({"exact": s}) == {"a": True, "b": False}  # 1 <= 4 / 2; never reached
-    s = ex.summarise(records + [_record("RMTP-EI+layer-step", [9.0, 8.0, 7.0, 6.0, 2.0])])["exact"]
+    more = [_record(v, [9.0, 8.0, 7.0, 6.0, 2.0], seed=k) for v in ("RMTP-EI+layer-step",) for k in (0, 1)]
+    s = ex.summarise(records + more)["exact"]
     assert ex.verdicts({"exact": s}) == {"a": True, "b": True}  # either adaptive variant counts
+    s = ex.summarise(records + more + [_record("BP-SGD", [9.0, 1.0, 1.0, 1.0, 1.0], seed=2)])["exact"]  # seed 2: BP-SGD only
+    assert s["bp_sgd_final_train_mse"] == 2.0 and s["variants"]["BP-SGD"]["runs"] == 2
 
 
 def test_a_tiny_run_writes_records_json_and_figures_and_resumes(tmp_path, capsys):
