@@ -235,18 +235,21 @@ def plot(summary: dict, out: Path) -> list[Path]:
     paths = []
     for table, s in summary.items():
         fig, (ax_e, ax_t) = subplots(2, width=5.0, height=3.6)
+        rules = list(dict.fromkeys(v.split("+")[0] for v in s["variants"]))
+        colors = {r: f"C{k}" for k, r in enumerate(rules)}  # one colour per rule; the line style tells the variant
         for variant, e in s["variants"].items():
             if "train_mse" not in e:
                 continue
-            style = "--" if variant.endswith("+adaptive") else (":" if variant in BASELINES else "-")
-            ax_e.plot(range(len(e["train_mse"])), e["train_mse"], style, label=variant)
-            ax_t.plot(e["seconds"], e["train_mse"], style, label=variant)
+            style = "--" if variant.endswith("+adaptive") else "-." if variant.endswith("+layer-step") else ":" if variant in BASELINES else "-"
+            kw = {"color": colors[variant.split("+")[0]], "label": variant}
+            ax_e.plot(range(len(e["train_mse"])), e["train_mse"], style, **kw)
+            ax_t.plot(e["seconds"], e["train_mse"], style, **kw)
         if s["bp_sgd_final_train_mse"] is not None:
             for ax in (ax_e, ax_t):
                 ax.axhline(s["bp_sgd_final_train_mse"], color="gray", lw=0.6)
         ax_e.set(title=f"{table}: train MSE vs epoch", xlabel="epoch", yscale="log")
         ax_t.set(title=f"{table}: train MSE vs wall time", xlabel="training seconds", yscale="log")
-        ax_e.legend(fontsize="x-small")
+        ax_t.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
         paths.append(save_figure(fig, out, f"{NAME}_{table}", dpi=80))
     return paths
 
