@@ -53,8 +53,9 @@ RULES: dict[str, tuple[type, dict]] = {
     "DRL": (tp.DRL, {}),
     "DDTPLinear": (tp.DDTPLinear, {}),
     "LDRL": (tp.LDRL, {"feedback_iterations": 1}),
+    "GaussNewton": (tp.GaussNewton, {}),
 }
-TP_RULES = [n for n in RULES if n not in ("BP", "BPFixed")]
+TP_RULES = [n for n in RULES if n not in ("BP", "BPFixed", "GaussNewton")]
 
 
 def make_rule(name: str, sizes=(6, 6, 6), **kw):

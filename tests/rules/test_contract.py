@@ -78,13 +78,13 @@ class TargetPropContract(RuleContract):
 
 
 def _contract(name: str) -> type:
-    base = RuleContract if name in ("BP", "BPFixed") else TargetPropContract
+    base = RuleContract if name in ("BP", "BPFixed", "GaussNewton") else TargetPropContract
     return type(f"Test{name}Contract", (base,), {"rule_name": name})
 
 
 for _name in ("BP", "BPFixed", "TPEI", "RTPEI", "RMTPEI", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP",
               "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP", "FA", "DFA", "BDFA", "USF", "BRSF", "FRSF", "KP", "DRL", "DDTPLinear",
-              "LDRL"):
+              "LDRL", "GaussNewton"):
     globals()[f"Test{_name}Contract"] = _contract(_name)
 
 

@@ -3,6 +3,7 @@ from .alignment import BDFA, BRSF, DFA, FA, FRSF, KP, USF
 from .backprop import BP, BPFixed
 from .base import DivergenceError, LearningRule
 from .drl import DRL, LDRL, DDTPLinear
+from .gauss_newton import GaussNewton
 from .exact import DTPEI, RMTPEI, RTPEI, TPEI, ExactInverseRule
 from .learned import AOSDTP, DTPAI, MTP, RDTPAI, RTPAI, TPAI, LearnedInverseRule, LeeDTP, OriginalDTP, OriginalRDTP, OriginalRTP, OriginalTP
 from .target_prop import TargetPropRule
@@ -10,5 +11,5 @@ from .target_prop import TargetPropRule
 __all__ = [
     "LearningRule", "DivergenceError", "BP", "BPFixed", "FA", "DFA", "BDFA", "USF", "BRSF", "FRSF", "KP", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI",
     "LearnedInverseRule", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP",
-    "DRL", "DDTPLinear", "LDRL",
+    "DRL", "DDTPLinear", "LDRL", "GaussNewton",
 ]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._lightning import OptimizerCallable
+from ..adaptive import Adaptive
 from ..layers import Layer
 from ..target_maps import DifferenceReconstruction, DirectLinear, LocalDifferenceReconstruction
 from .arguments import arguments_for
@@ -115,6 +116,7 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
         feedback_first: bool = False,
+        adaptive: Adaptive | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
         self.feedback_first = bool(feedback_first)
@@ -176,6 +178,7 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
         feedback_first: bool = False,
+        adaptive: Adaptive | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
         self.feedback_first = bool(feedback_first)
@@ -233,6 +236,7 @@ class DDTPLinear(_FreshFeedbackPass):
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
         feedback_first: bool = False,
+        adaptive: Adaptive | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
         self.feedback_first = bool(feedback_first)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..adaptive import Adaptive, AdaptiveTargetProp
 from .._lightning import OptimizerCallable
 from ..errors import ConfigError
 from ..layers import Dense, Layer
@@ -27,7 +28,7 @@ from .base import NORM_GUARD
 __all__ = ["ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI"]
 
 
-class ExactInverseRule(TargetPropRule):
+class ExactInverseRule(AdaptiveTargetProp, TargetPropRule):
     """Shared options of the exact-inverse presets.
 
     Layers 2..L must be square and of equal size (``n_1 = ... = n_L``; the first layer may map
@@ -47,6 +48,8 @@ class ExactInverseRule(TargetPropRule):
             ``W^{-1}`` is recomputed from ``W`` (drift guard against the round-off of chained
             updates, cf. fig. 5.8).
         inverse_check_every: batches between drift checks and between diagnostics logs.
+        adaptive: local adaptive damping and step sizes (:class:`~tplightning.adaptive.Adaptive`; thesis 4.2.3);
+            ``None``: the thesis' fixed ``eta^`` and decaying learning rate.
 
     The divergence check is never deferred here: the robust update's SVD stops at a non-finite matrix (and its error
     check reads the device anyway), so a deferred check would come too late to name the step.
@@ -84,8 +87,10 @@ class ExactInverseRule(TargetPropRule):
         init_attempts: int = 1000,
         inverse_tolerance: float = 1e-4,
         inverse_check_every: int = 100,
+        adaptive: Adaptive | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
+        self.init_adaptive(adaptive)
         self.threshold, self.tau_init, self.init_attempts, self.inverse_tolerance = threshold, tau_init, init_attempts, inverse_tolerance
         self.inverse_check_every = inverse_check_every
         self.divergence.defer = False

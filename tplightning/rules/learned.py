@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .._lightning import OptimizerCallable
+from ..adaptive import Adaptive, AdaptiveTargetProp
 from ..errors import ConfigError
 from ..layers import Layer
 from ..losses import D_INVERSE
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 
-class LearnedInverseRule(TargetPropRule):
+class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
     """Shared machinery of the rules whose feedback weights ``Q_i`` are learned.
 
     It takes every argument of :class:`~tplightning.rules.target_prop.TargetPropRule` too.
@@ -82,6 +83,8 @@ class LearnedInverseRule(TargetPropRule):
             many epochs that train only ``Q`` (Meulemans et al. 2020's ``extra_fb_epochs``: 1 for DRL on MNIST). Epochs
             count in ``max_epochs``; which kind an epoch is follows from its number alone (:meth:`trains_forward`), so a
             resumed run continues the schedule exactly. The learning-rate schedule moves on forward epochs only.
+        adaptive: local adaptive damping and step sizes (:class:`~tplightning.adaptive.Adaptive`; thesis 4.2.3);
+            ``None``: fixed ``eta^`` and the decaying learning rate.
 
     Attributes:
         feedback_map: the class of the learned maps, built with :attr:`feedback_options`:
@@ -128,6 +131,7 @@ class LearnedInverseRule(TargetPropRule):
         feedback_seed: int = 0,
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
+        adaptive: Adaptive | None = None,
     ):
         if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
             raise ConfigError(
@@ -148,6 +152,7 @@ class LearnedInverseRule(TargetPropRule):
         self.feedback_extra_epochs = int(feedback_extra_epochs)
         self._noise_gen: torch.Generator | None = None
         self._noise_states: list[Tensor] | None = None  # per-rank states a checkpoint restored, not yet applied
+        self.init_adaptive(adaptive)
 
     # ----------------------------------------------------------------------------- pieces
     @property
@@ -458,6 +463,7 @@ class AOSDTP(OriginalDTP):
         feedback_seed: int = 0,
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
+        adaptive: Adaptive | None = None,
         aux_units: int | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))  # aux_units reaches make_network as a recorded argument (self.hparams)
@@ -529,5 +535,6 @@ class MTP(TPAI):
         feedback_seed: int = 0,
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
+        adaptive: Adaptive | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
