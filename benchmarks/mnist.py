@@ -129,6 +129,8 @@ RULES = {
         Rule("DRL", "mnist/drl.yaml"),
         Rule("DDTPLinear", "mnist/ddtp_linear.yaml"),
         Rule("LDRL", "mnist/ldrl.yaml"),
+        Rule("FWDTP", "mnist/fw_dtp.yaml"),
+        Rule("CCL", "mnist/ccl.yaml"),
         Rule("CNN-BP", "mnist/cnn_bp.yaml"),
         Rule("CNN-LeeDTP", "mnist/cnn_lee_dtp.yaml"),
     ]
