@@ -49,6 +49,8 @@ RULES: dict[str, tuple[type, dict]] = {
     "DRL": (tp.DRL, {}),
     "DDTPLinear": (tp.DDTPLinear, {}),
     "LDRL": (tp.LDRL, {"feedback_iterations": 1}),
+    "FWDTP": (tp.FWDTP, {}),
+    "CCL": (tp.CCL, {"feedback_optimizer": SGD}),
 }
 TP_RULES = [n for n in RULES if n not in ("BP", "BPFixed")]
 

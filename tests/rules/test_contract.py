@@ -83,7 +83,8 @@ def _contract(name: str) -> type:
 
 
 for _name in ("BP", "BPFixed", "TPEI", "RTPEI", "RMTPEI", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP",
-              "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP", "FA", "DFA", "BDFA", "DRL", "DDTPLinear", "LDRL"):
+              "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP", "FA", "DFA", "BDFA", "DRL", "DDTPLinear", "LDRL",
+              "FWDTP", "CCL"):
     globals()[f"Test{_name}Contract"] = _contract(_name)
 
 
