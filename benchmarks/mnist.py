@@ -2,7 +2,7 @@
 
     python -m benchmarks.mnist [--rules R ...] [--epochs N] [--seeds S ...] [--jobs J]
         [--out docs/RESULTS.md] [--record docs/data/mnist_runs.jsonl] [--rerun]
-        [--subset N --num-train N --num-val N] [--json PATH] [--dry-run] [--rewrite] [--verify EPOCHS]
+        [--subset N --num-train N --num-val N] [--val-every N] [--json PATH] [--dry-run] [--rewrite] [--verify EPOCHS]
 
 Each run is ``python train.py --config mnist/<rule>.yaml --test_on best <overrides>``: the config's
 loggers and its ``ModelCheckpoint`` on ``val/acc`` stay on (each run in its own folder,
@@ -38,6 +38,16 @@ Each row gives the mean ± sd over the seeds of the test error at the best-valid
 validation accuracy of every epoch (read from each run's ``metrics.csv``) is kept with the run, and
 ``figures/mnist_curves.png`` beside ``--out`` shows it against the epoch, one line per rule (the mean
 over seeds), with a band of ± one sd.
+
+**Time to accuracy.** Below the table, ``<!-- mnist-tta:start/end -->`` holds, per rule, the wall time and the training
+batches until the validation accuracy first reaches 97 %, 98 % and 98.3 % (median over seeds, a seed that never
+reaches a threshold counted as infinitely slow: :func:`censored_median`), its ratio to the BP row's, and the final test
+error; ``figures/mnist_time_to_accuracy.png`` shows the validation accuracy against time, one line per rule with a band
+over seeds. Both are computed from the same run records (:func:`time_to_accuracy`). Every run carries a
+:class:`ValTimer`, which records the training batches and the training seconds (validation excluded) at each
+validation; ``--val-every N`` also evaluates every N training batches (Lightning's ``val_check_interval``; part of the
+run's key), which gives points within the epoch. Runs recorded before the timer have one point per epoch at ``e *``
+their seconds per epoch.
 
 The table is written between ``<!-- mnist:start -->`` and ``<!-- mnist:end -->`` in ``--out``; the
 rest of the file is left as it is. The table holds no data of its own: each row is a record of
@@ -639,7 +649,9 @@ def render_tta(rows: Sequence[dict], figure: Path | None = None) -> str:
         "(the run's wall time, validation, checkpoints and the final test included, / its epochs); *measured* runs "
         "(recorded with the benchmark's `ValTimer`) carry the training time at every validation, validation time excluded, "
         "and with `--val-every N` points within the epoch. Rows sorted by the time to 98 %. Runs have the epochs of their "
-        "config (FW-DTP and CCL: 20; the others: 100), so a rule that needs more epochs than it ran is \"not reached\".",
+        "config (FW-DTP and CCL: 20; the others: 100), so a rule that needs more epochs than it ran is \"not reached\". "
+        "The seconds depend on the load of the shared machine while a run ran (compare the s/epoch column with the trainer "
+        "speed table's epoch, measured paired with BP); the batches do not.",
         "",
         *head,
         *(row for _, row in body),
