@@ -597,7 +597,7 @@ def time_to_accuracy(records: Sequence[dict]) -> list[dict]:
         row = {"rule": rec["rule"], "config": rec["config"], "epochs": rec["epochs"], "seeds": sorted(per_seed), "machine": rec["machine"],
                "diverged": sum(bool(r["diverged"]) for r in rec["runs"]), "runs": len(rec["runs"]),
                "test_errors": [r["test_error"] for r in runs], "seconds_per_epoch": [r["seconds_per_epoch"] for r in runs if r["seconds_per_epoch"]],
-               "measured": all(r.get("val_points") for r in runs), "val_every": sorted({r.get("val_every") for r in runs if r.get("val_every")}),
+               "measured": sum(bool(r.get("val_points")) for r in runs), "val_every": sorted({r.get("val_every") for r in runs if r.get("val_every")}),
                "thresholds": {}}  # fmt: skip
         for th in THRESHOLDS:
             hits = {seed: time_to(points, th) for seed, points in per_seed.items()}
@@ -627,7 +627,9 @@ def render_tta(rows: Sequence[dict], figure: Path | None = None) -> str:
     body = []
     for r in rows:
         cells = [_tta_cell(r["thresholds"][th], bp["thresholds"][th] if bp else None) for th in THRESHOLDS]
-        how = "measured" + (f", val every {', '.join(map(str, r['val_every']))} batches" if r["val_every"] else "") if r["measured"] else "per epoch, derived"
+        k, n = r["measured"], len(r["test_errors"])
+        how = "measured" if k == n and n else "per epoch, derived" if not k else f"measured ({k} of {n} seeds; the others per epoch, derived)"
+        how += f", val every {', '.join(map(str, r['val_every']))} batches" if r["val_every"] else ""
         err = _fmt(r["test_errors"]) + (f" ({r['diverged']}/{r['runs']} diverged)" if r["diverged"] else "")
         key = r["thresholds"][0.98]["seconds"]
         body.append((key, f"| {r['rule']} | {r['epochs']} | " + " | ".join(cells) + f" | {err} | {_fmt(r['seconds_per_epoch'], 1)} | {how} |"))

@@ -101,7 +101,7 @@ def test_val_every_records_points_within_the_epoch(tmp_path, monkeypatch):
     (rec,) = bench.read_runs(tmp_path / "data" / "mnist_runs.jsonl").values()
     assert rec["val_points"] == points and "--trainer.val_check_interval" in rec["overrides"]
     (row,) = bench.time_to_accuracy(bench.read_records(out))
-    assert row["measured"] and row["val_every"] == [2]
+    assert row["measured"] == 1 and row["val_every"] == [2]
     text = out.read_text()
     assert "<!-- mnist-tta:start -->" in text and "measured, val every 2 batches" in text
     assert (tmp_path / "figures" / "mnist_time_to_accuracy.png").is_file()
