@@ -869,6 +869,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         results.append(r)
         if r["error"] is None or r["diverged"]:
             record_run(args.record, r, _machine(args.jobs))
+            r.setdefault("date", date.today().isoformat())  # the record's date: a row's date is its runs' latest, read back or not
         _report(i, len(tasks), start, r)
     records, rows = {rec["rule"]: rec for rec in read_records(args.out)}, []
     for rule in args.rules:
