@@ -2,7 +2,7 @@
 
     python -m benchmarks.mnist [--rules R ...] [--epochs N] [--seeds S ...] [--jobs J]
         [--out docs/RESULTS.md] [--record docs/data/mnist_runs.jsonl] [--rerun]
-        [--subset N --num-train N --num-val N] [--json PATH] [--dry-run] [--rewrite] [--verify EPOCHS]
+        [--subset N --num-train N --num-val N] [--val-every N] [--json PATH] [--dry-run] [--rewrite] [--verify EPOCHS]
 
 Each run is ``python train.py --config mnist/<rule>.yaml --test_on best <overrides>``: the config's
 loggers and its ``ModelCheckpoint`` on ``val/acc`` stay on (each run in its own folder,
@@ -39,6 +39,16 @@ validation accuracy of every epoch (read from each run's ``metrics.csv``) is kep
 ``figures/mnist_curves.png`` beside ``--out`` shows it against the epoch, one line per rule (the mean
 over seeds), with a band of ± one sd.
 
+**Time to accuracy.** Below the table, ``<!-- mnist-tta:start/end -->`` holds, per rule, the wall time and the training
+batches until the validation accuracy first reaches 97 %, 98 % and 98.3 % (median over seeds, a seed that never
+reaches a threshold counted as infinitely slow: :func:`censored_median`), its ratio to the BP row's, and the final test
+error; ``figures/mnist_time_to_accuracy.png`` shows the validation accuracy against time, one line per rule with a band
+over seeds. Both are computed from the same run records (:func:`time_to_accuracy`). Every run carries a
+:class:`ValTimer`, which records the training batches and the training seconds (validation excluded) at each
+validation; ``--val-every N`` also evaluates every N training batches (Lightning's ``val_check_interval``; part of the
+run's key), which gives points within the epoch. Runs recorded before the timer have one point per epoch at ``e *``
+their seconds per epoch.
+
 The table is written between ``<!-- mnist:start -->`` and ``<!-- mnist:end -->`` in ``--out``; the
 rest of the file is left as it is. The table holds no data of its own: each row is a record of
 ``data/mnist_table.jsonl`` beside ``--out`` (the rule's runs as the latest invocation for it saw them, with its
@@ -74,7 +84,8 @@ from tplightning.rules.base import DivergenceError
 from benchmarks import common
 from benchmarks.common import Rule, config_value, seed_overrides
 
-__all__ = ["RULES", "THESIS", "run_args", "run_one", "render", "run_key", "read_runs", "plot_curves", "main"]
+__all__ = ["RULES", "THESIS", "run_args", "run_one", "render", "run_key", "read_runs", "plot_curves", "ValTimer", "curve_points", "time_to",
+           "censored_median", "time_to_accuracy", "render_tta", "plot_tta", "write_tta", "main"]
 
 PROG = "python -m benchmarks.mnist"
 #: the curves figure, relative to the folder of ``--out``
@@ -90,6 +101,10 @@ RUN_TYPES = {"seed": "int", "test_error": "number|null", "best_val_acc": "number
              "epochs_run": "int|null", "seconds": "number", "seconds_per_epoch": "number|null", "diverged": "bool",
              "error": "str|null", "val_acc": "list|null"}  # fmt: skip
 RUN_FIELDS = tuple(RUN_TYPES)
+#: what a row keeps of each run when the run has it (runs recorded before time to accuracy was measured lack them):
+#: ``batches_per_epoch`` (the trainer's training batches per epoch), ``val_every`` (``--val-every``, or None) and
+#: ``val_points``, ``[[batches trained, training seconds, val/acc], ...]`` at every validation (:class:`ValTimer`)
+OPTIONAL_RUN_FIELDS = ("batches_per_epoch", "val_every", "val_points")
 
 
 def _curve_problem(record: dict) -> str | None:
@@ -129,6 +144,8 @@ RULES = {
         Rule("DRL", "mnist/drl.yaml"),
         Rule("DDTPLinear", "mnist/ddtp_linear.yaml"),
         Rule("LDRL", "mnist/ldrl.yaml"),
+        Rule("FWDTP", "mnist/fw_dtp.yaml"),
+        Rule("CCL", "mnist/ccl.yaml"),
         Rule("CNN-BP", "mnist/cnn_bp.yaml"),
         Rule("CNN-LeeDTP", "mnist/cnn_lee_dtp.yaml"),
     ]
@@ -143,8 +160,10 @@ THESIS = [("BP", "1.48", "41.32"), ("FA", "1.85", "41.97"), ("DTP", "1.83", "42.
 
 # --------------------------------------------------------------------------------------------- one run
 def run_args(config: str, seed: int, epochs: int | None = None, overrides: Sequence[str] = ()) -> list[str]:
-    """The ``train.py`` arguments of one run of ``config`` with seed ``seed``."""
-    args = ["--config", common.cli_config(config), "--test_on", "best", "--trainer.enable_progress_bar", "false", *seed_overrides(config, seed)]
+    """The ``train.py`` arguments of one run of ``config`` with seed ``seed`` (with a :class:`ValTimer`)."""
+    timer = {"class_path": f"{__name__.replace('__main__', 'benchmarks.mnist')}.ValTimer"}
+    args = ["--config", common.cli_config(config), "--test_on", "best", "--trainer.enable_progress_bar", "false", *seed_overrides(config, seed),
+            f"--trainer.callbacks+={json.dumps(timer)}"]
     if epochs is not None:
         args += ["--trainer.max_epochs", str(epochs)]
     loggers = config_value(config, (), "trainer.logger")
@@ -153,6 +172,34 @@ def run_args(config: str, seed: int, epochs: int | None = None, overrides: Seque
         loggers = [{**lg, "init_args": {**lg.get("init_args", {}), "version": version}} for lg in loggers]
         args += ["--trainer.logger", json.dumps(loggers)]
     return [*args, *overrides]
+
+
+class ValTimer(pl.Callback):
+    """Records ``[batches trained, training seconds, val/acc]`` at the end of every validation (not the sanity check):
+    the training seconds are the wall time since training started less the time spent validating, so evaluating more
+    often (``--val-every``) does not count against a rule. Read back as ``trainer.val_points``."""
+
+    def __init__(self, key: str = "val/acc"):
+        self.key = key
+
+    def on_train_start(self, trainer, pl_module):
+        self.start, self.validating, self.batches, self.points = time.perf_counter(), 0.0, 0, []
+        trainer.val_points = self.points
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+
+    def on_validation_start(self, trainer, pl_module):
+        self.val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not hasattr(self, "start"):
+            return
+        now = time.perf_counter()
+        self.validating += now - self.val_start
+        value = trainer.callback_metrics.get(self.key)
+        if value is not None:
+            self.points.append([self.batches, round(now - self.start - self.validating, 3), round(float(value), 5)])
 
 
 def _best_epoch(trainer: pl.Trainer) -> int | None:
@@ -191,7 +238,8 @@ def run_one(rule: str, config: str, seed: int, epochs: int | None = None, overri
     args = run_args(config, seed, epochs, overrides)
     result = {"rule": rule, "config": config, "seed": seed, "epochs": epochs, "overrides": list(overrides), "args": args,
               "test_error": None, "best_val_acc": None}  # fmt: skip
-    result.update(best_epoch=None, epochs_run=None, diverged=False, error=None, val_acc=None)
+    result.update(best_epoch=None, epochs_run=None, diverged=False, error=None, val_acc=None, batches_per_epoch=None,
+                  val_every=_val_every(overrides), val_points=None)
     start = time.perf_counter()
     try:
         out = cli_main(args)
@@ -210,10 +258,18 @@ def run_one(rule: str, config: str, seed: int, epochs: int | None = None, overri
             best_epoch=_best_epoch(trainer),
             epochs_run=int(trainer.current_epoch),
             val_acc=val_curve(trainer),
+            batches_per_epoch=int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else None,
+            val_points=getattr(trainer, "val_points", None),
         )
     result["seconds"] = time.perf_counter() - start
     result["seconds_per_epoch"] = result["seconds"] / result["epochs_run"] if result["epochs_run"] else None
     return result
+
+
+def _val_every(overrides: Sequence[str]) -> int | None:
+    """The ``--val-every`` of a run from its overrides (``--trainer.val_check_interval N``), or None."""
+    flag = "--trainer.val_check_interval"
+    return int(overrides[list(overrides).index(flag) + 1]) if flag in overrides else None
 
 
 def _run_task(task: tuple) -> dict:
@@ -473,6 +529,209 @@ def write_rows(out: Path, rows: Sequence[dict]) -> None:
             common.append_record(common.data_file(out, ROWS), ROW_KIND, row)
 
 
+# --------------------------------------------------------------------------------------------- time to accuracy
+#: validation accuracies the time-to-accuracy table reports
+THRESHOLDS = (0.97, 0.98, 0.983)
+#: the time-to-accuracy figure, relative to the folder of ``--out``
+TTA_FIGURE = Path("figures") / "mnist_time_to_accuracy.png"
+
+
+def batches_per_epoch(run: dict, config: str) -> int:
+    """Training batches per epoch of ``run``: recorded (:class:`ValTimer`'s runs), else ``ceil(num_train / batch_size)``
+    from its config (the data module keeps the last, smaller batch)."""
+    if run.get("batches_per_epoch"):
+        return int(run["batches_per_epoch"])
+    return math.ceil(config_value(config, (), "data.init_args.num_train") / config_value(config, (), "data.init_args.batch_size"))
+
+
+def curve_points(run: dict, config: str) -> list[tuple[int, float, float]]:
+    """``[(batches trained, seconds, validation accuracy)]`` of ``run`` at each of its validations, in order.
+
+    Runs with :class:`ValTimer` points use them (measured training seconds, validation excluded). Older runs have one
+    accuracy per epoch and only the run's total time: epoch ``e`` is put at ``e * seconds_per_epoch`` seconds (the run's
+    wall time, validation, checkpoints and the final test included, divided by its epochs) and ``e * batches_per_epoch``
+    batches. A diverged or failed run has none.
+
+    >>> curve_points({"val_acc": [0.9, 0.95], "seconds_per_epoch": 4.0, "batches_per_epoch": 430}, "mnist/bp.yaml")
+    [(430, 4.0, 0.9), (860, 8.0, 0.95)]
+    """
+    if run.get("val_points"):
+        return [(int(b), float(t), float(a)) for b, t, a in run["val_points"]]
+    if not run.get("val_acc") or not run.get("seconds_per_epoch"):
+        return []
+    bpe, spe = batches_per_epoch(run, config), float(run["seconds_per_epoch"])
+    return [(e * bpe, e * spe, float(a)) for e, a in enumerate(run["val_acc"], start=1)]
+
+
+def time_to(points: Sequence[tuple[int, float, float]], threshold: float) -> tuple[int, float] | None:
+    """``(batches, seconds)`` at the first validation whose accuracy is at least ``threshold``; None if none is.
+
+    >>> time_to([(430, 4.0, 0.96), (860, 8.0, 0.981)], 0.98), time_to([(430, 4.0, 0.96)], 0.98)
+    ((860, 8.0), None)
+    """
+    return next(((b, t) for b, t, a in points if a >= threshold), None)
+
+
+def censored_median(values: Sequence[float | None]) -> float:
+    """The median of ``values`` over all seeds, a seed that never reached the threshold (None) counted as infinitely
+    slow: finite when more than half of the seeds reached it (then it is the median of all seeds, not of those that
+    reached), ``inf`` otherwise. Never the median of the reaching seeds alone, which would flatter a rule that often fails.
+
+    >>> censored_median([10.0, None, 30.0]), censored_median([10.0, None, None]), censored_median([])
+    (30.0, inf, inf)
+    """
+    if not values:
+        return math.inf
+    return statistics.median([math.inf if v is None else v for v in values])
+
+
+def time_to_accuracy(records: Sequence[dict]) -> list[dict]:
+    """Per rule (the table's rows ``records``, fully connected only): for every threshold, each seed's ``(batches,
+    seconds)`` or None, and the censored medians over seeds (:func:`censored_median`)."""
+    out = []
+    for rec in records:
+        if rec["rule"] in CNN:
+            continue
+        runs = [r for r in rec["runs"] if not r["diverged"] and r["test_error"] is not None]
+        per_seed = {r["seed"]: curve_points(r, rec["config"]) for r in runs}
+        row = {"rule": rec["rule"], "config": rec["config"], "epochs": rec["epochs"], "seeds": sorted(per_seed), "machine": rec["machine"],
+               "diverged": sum(bool(r["diverged"]) for r in rec["runs"]), "runs": len(rec["runs"]),
+               "test_errors": [r["test_error"] for r in runs], "seconds_per_epoch": [r["seconds_per_epoch"] for r in runs if r["seconds_per_epoch"]],
+               "measured": sum(bool(r.get("val_points")) for r in runs), "val_every": sorted({r.get("val_every") for r in runs if r.get("val_every")}),
+               "thresholds": {}}  # fmt: skip
+        for th in THRESHOLDS:
+            hits = {seed: time_to(points, th) for seed, points in per_seed.items()}
+            hits.update({r["seed"]: None for r in rec["runs"] if r["diverged"]})  # a diverged seed never reaches it
+            row["thresholds"][th] = {
+                "per_seed": hits, "reached": sum(h is not None for h in hits.values()), "of": len(hits),
+                "seconds": censored_median([None if h is None else h[1] for h in hits.values()]),
+                "batches": censored_median([None if h is None else h[0] for h in hits.values()]),
+            }
+        out.append(row)
+    return out
+
+
+def _tta_cell(entry: dict, bp: dict | None) -> str:
+    count = f"{entry['reached']}/{entry['of']}"
+    if not math.isfinite(entry["seconds"]):
+        return f"not reached ({count})"
+    ratio = f" ({entry['seconds'] / bp['seconds']:.1f}× BP)" if bp is not None and math.isfinite(bp["seconds"]) else ""
+    return f"{entry['seconds']:.0f} s{ratio} · {entry['batches'] / 1000:.1f}k ({count})"
+
+
+def render_tta(rows: Sequence[dict], figure: Path | None = None) -> str:
+    """The Markdown block (without markers) of the time-to-accuracy table of :func:`time_to_accuracy`'s ``rows``."""
+    bp = next((r for r in rows if r["rule"] == "BP"), None)
+    head = ["| rule | epochs | " + " | ".join(f"to {100 * th:g} %: seconds (× BP) · batches (seeds reached)" for th in THRESHOLDS)
+            + " | test error % | s/epoch | how timed |", "|---|---|" + "---|" * len(THRESHOLDS) + "---|---|---|"]  # fmt: skip
+    body = []
+    for r in rows:
+        cells = [_tta_cell(r["thresholds"][th], bp["thresholds"][th] if bp else None) for th in THRESHOLDS]
+        k, n = r["measured"], len(r["test_errors"])
+        how = "measured" if k == n and n else "per epoch, derived" if not k else f"measured ({k} of {n} seeds; the others per epoch, derived)"
+        how += f", val every {', '.join(map(str, r['val_every']))} batches" if r["val_every"] else ""
+        err = _fmt(r["test_errors"]) + (f" ({r['diverged']}/{r['runs']} diverged)" if r["diverged"] else "")
+        key = r["thresholds"][0.98]["seconds"]
+        body.append((key, f"| {r['rule']} | {r['epochs']} | " + " | ".join(cells) + f" | {err} | {_fmt(r['seconds_per_epoch'], 1)} | {how} |"))
+    body.sort(key=lambda kv: kv[0])
+    seeds = ["", "Per seed, seconds to 98 % (– never reached):", "", "| rule | " + " | ".join(["seeds"]) + " |", "|---|---|"]
+    for r in rows:
+        per = r["thresholds"][0.98]["per_seed"]
+        seeds.append(f"| {r['rule']} | " + ", ".join(f"{s}: {'–' if h is None else f'{h[1]:.0f}'}" for s, h in sorted(per.items())) + " |")
+    machines = sorted({r["machine"] for r in rows})
+    return "\n".join([
+        "### MNIST: time to accuracy (fully connected 784-256x5-10)",
+        "",
+        "From the MNIST table's runs (its records, `docs/data/mnist_table.jsonl`; no run of its own): for each rule the wall time "
+        "and the training batches until the validation accuracy first reaches 97 %, 98 % and 98.3 %, as the median over its "
+        "seeds, and that median over BP's (× BP, this table's BP row). A seed that never reaches a threshold within its "
+        "epochs counts as infinitely slow, so the median is over all seeds and is shown only when more than half of them "
+        "reached the threshold (\"not reached\" otherwise); the reaching seeds are counted in brackets. How timed: *per epoch, "
+        "derived* runs were recorded with one validation per epoch and their total time only, so epoch e sits at e × "
+        "(the run's wall time, validation, checkpoints and the final test included, / its epochs); *measured* runs "
+        "(recorded with the benchmark's `ValTimer`) carry the training time at every validation, validation time excluded, "
+        "and with `--val-every N` points within the epoch. Rows sorted by the time to 98 %. Runs have the epochs of their "
+        "config (FW-DTP and CCL: 20; the others: 100), so a rule that needs more epochs than it ran is \"not reached\". "
+        "The seconds depend on the load of the shared machine while a run ran (compare the s/epoch column with the trainer "
+        "speed table's epoch, measured paired with BP); the batches do not.",
+        "",
+        *head,
+        *(row for _, row in body),
+        *seeds,
+        *(["", f"![validation accuracy against training time, mean ± sd over seeds]({Path(*figure.parts[-2:]).as_posix()})"] if figure else []),
+        "",
+        "Machines (as the records name them, per row): " + " | ".join(machines) + ".",
+        "",
+        f"Command: `{PROG} --rewrite` (rewrites this block and the MNIST table from the records).",
+    ])  # fmt: skip
+
+
+def tta_bands(rows: Sequence[dict], records: Sequence[dict], grid: Sequence[float]) -> dict[str, tuple[list[float], list[float], list[float]]]:
+    """Per rule: ``(times, mean, sd)`` of the validation accuracy (%) over seeds on ``grid`` (seconds), each seed's curve a
+    step function (the accuracy of its last validation at or before the time), up to the time every seed still has a
+    point."""
+    by_rule = {rec["rule"]: rec for rec in records}
+    bands = {}
+    for row in rows:
+        rec = by_rule[row["rule"]]
+        curves = [curve_points(r, rec["config"]) for r in rec["runs"] if not r["diverged"] and r["test_error"] is not None]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        start, end = max(c[0][1] for c in curves), min(c[-1][1] for c in curves)
+        ts = [t for t in grid if start <= t <= end]
+        mean, sd = [], []
+        for t in ts:
+            values = [100.0 * next(a for b, tt, a in reversed(c) if tt <= t) for c in curves]
+            mean.append(statistics.mean(values))
+            sd.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        if ts:
+            bands[row["rule"]] = (ts, mean, sd)
+    return bands
+
+
+def plot_tta(rows: Sequence[dict], records: Sequence[dict], path: Path) -> Path | None:
+    """Validation accuracy against training time (log scale), one line per rule (mean over seeds, band ± one sd), with
+    the 98 % line, written to ``path``; None (nothing written) when no run has a curve."""
+    times = [t for rec in records if rec["rule"] not in CNN for r in rec["runs"] for _, t, _ in curve_points(r, rec["config"])]
+    if not times:
+        return None
+    lo, hi = min(times), max(times)
+    grid = [lo * (hi / lo) ** (k / 400) for k in range(401)]
+    bands = tta_bands(rows, records, grid)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.get_cmap("tab20").colors
+    for k, (rule, (ts, mean, sd)) in enumerate(bands.items()):
+        (line,) = ax.plot(ts, mean, label=rule, lw=1.3, color=colors[(2 * k) % 20 + (2 * k) // 20], ls=("-", "--", ":")[k % 3])
+        ax.fill_between(ts, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)], color=line.get_color(), alpha=0.15, lw=0)
+    ax.axhline(98.0, color="k", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_ylim(93, 99)
+    ax.set_xlabel("wall time, seconds (one torch thread; see the table for how each rule was timed)")
+    ax.set_ylabel("validation accuracy %")
+    ax.set_title("MNIST 784-256x5-10: validation accuracy against time (mean ± sd over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right", ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_tta(out: Path, records: Sequence[dict]) -> list[dict]:
+    """Write the time-to-accuracy block (``mnist-tta``) of ``out`` and its figure from the table's ``records``."""
+    rows = time_to_accuracy(records)
+    figure = plot_tta(rows, records, out.parent / TTA_FIGURE) if rows else None
+    common.write_block(out, "mnist-tta", render_tta(rows, figure))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def _rule_name(name: str, p: argparse.ArgumentParser) -> str:
     by_stem = {Path(r.config).stem: r.name for r in RULES.values()}
@@ -494,6 +753,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-train", type=int, help="smoke runs: training images")
     p.add_argument("--num-val", type=int, help="smoke runs: validation images")
     p.add_argument("--data-dir", help="MNIST folder (default: the data cache, $TPLIGHTNING_DATA)")
+    p.add_argument("--val-every", type=int, metavar="N",
+                   help="also evaluate the validation set every N training batches (Lightning's val_check_interval; part of the run's key), "
+                        "for time to accuracy within the epoch")
     p.add_argument("--json", type=Path, help="also write the per-run results here")
     p.add_argument("--record", type=Path,
                    help="record file of finished runs; recorded runs are not trained again (default: data/mnist_runs.jsonl beside --out)")
@@ -511,6 +773,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--jobs must be >= 1")
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be >= 1")
+    if args.val_every is not None and args.val_every < 1:
+        p.error(f"--val-every must be >= 1 batch, got {args.val_every}")
     if args.verify is not None and args.verify < 1:
         p.error(f"--verify must be >= 1 epoch, got {args.verify}")
     return args
@@ -526,6 +790,9 @@ def _extra(args) -> tuple[list[str], list[str]]:
         if value is not None:
             overrides += [f"--data.init_args.{key}", str(value)]
             options += [opt, str(value)]
+    if args.val_every is not None:
+        overrides += ["--trainer.val_check_interval", str(args.val_every)]
+        options += ["--val-every", str(args.val_every)]
     return overrides, options
 
 
@@ -577,7 +844,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.rewrite:
         records = read_records(args.out)
         common.write_block(args.out, "mnist", render(records, plot_curves(records, figure)))
-        print(f"rewrote the MNIST block of {args.out} from its {len(records)} rule records in {common.data_file(args.out, ROWS)}")
+        write_tta(args.out, records)
+        print(f"rewrote the MNIST and time-to-accuracy blocks of {args.out} from its {len(records)} rule records in {common.data_file(args.out, ROWS)}")
         return []
     overrides, options = _extra(args)
     tasks = [(r, RULES[r].config, s, args.epochs, tuple(overrides)) for r in args.rules for s in args.seeds]
@@ -601,6 +869,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         results.append(r)
         if r["error"] is None or r["diverged"]:
             record_run(args.record, r, _machine(args.jobs))
+            r.setdefault("date", date.today().isoformat())  # the record's date: a row's date is its runs' latest, read back or not
         _report(i, len(tasks), start, r)
     records, rows = {rec["rule"]: rec for rec in read_records(args.out)}, []
     for rule in args.rules:
@@ -616,13 +885,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "date": max(r.get("date") or date.today().isoformat() for r in runs),
             "machine": "; ".join(machines),
             "epochs": epochs,
-            "runs": [{k: r.get(k) for k in RUN_FIELDS} for r in runs],
+            "runs": [{**{k: r.get(k) for k in RUN_FIELDS}, **{k: r[k] for k in OPTIONAL_RUN_FIELDS if r.get(k) is not None}} for r in runs],
         }
         rows.append(records[rule])
     write_rows(args.out, rows)
     records = _ordered(records.values())
     common.write_block(args.out, "mnist", render(records, plot_curves(records, figure)))
-    print(f"wrote the MNIST block to {args.out}")
+    for row in write_tta(args.out, records):
+        if row["rule"] in args.rules:
+            for th in THRESHOLDS:
+                per = ", ".join(f"seed {s}: " + ("not reached" if h is None else f"{h[1]:.0f} s, {h[0]} batches") for s, h in row["thresholds"][th]["per_seed"].items())
+                print(f"{row['rule']} to {100 * th:g} %: {per}")
+    print(f"wrote the MNIST and time-to-accuracy blocks to {args.out}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -51,12 +51,12 @@ import torch
 import tplightning as tp
 from tplightning.data.base import TensorData, TensorDataModule
 
-from benchmarks import mnist
+from benchmarks import common, mnist
 from benchmarks.common import RESULTS, config_value, machine, quiet, scratch_run, write_block
 
 PROG = "python -m benchmarks.speed"
 MNIST_RULES = ["BP", "FA", "DFA", "BDFA", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP",
-               "OriginalRDTP", "LeeDTP", "AOSDTP", "DDTPLinear", "DRL", "LDRL", "MTP"]  # fmt: skip
+               "OriginalRDTP", "LeeDTP", "AOSDTP", "DDTPLinear", "DRL", "LDRL", "MTP", "FWDTP", "CCL"]  # fmt: skip
 EXACT_RULES = ["BP", "TPEI", "RTPEI", "RMTPEI", "TPEIReinvert"]
 CNN_RULES = ["BP", "LeeDTP", "OriginalDTP", "DTPAI"]
 CNN_CONFIG = "mnist/cnn_bp.yaml"  # the network of the CNN configs
@@ -123,7 +123,7 @@ def build(name: str, sizes: list[int], classification: bool, network: list[dict]
     args.update(network=network) if network is not None else args.update(sizes=sizes)
     if classification:  # MTP divides by D = tanh', unbounded when tanh saturates: leaky-ReLU for it
         args.update(activation="leaky_relu" if name == "MTP" else "tanh", loss="cross_entropy")
-    if issubclass(cls, (tp.LearnedInverseRule, tp.BDFA)):
+    if issubclass(cls, (tp.LearnedInverseRule, tp.BDFA, tp.CCL)):
         args["feedback_optimizer"] = functools.partial(torch.optim.SGD, lr=1e-4)
     return cls(**args)
 
@@ -542,20 +542,42 @@ def trainer_part(args, device: torch.device) -> dict[int, list[dict]]:
     return out
 
 
-def trainer_table(results: dict[int, list[dict]], device: torch.device) -> str:
+#: labels of the trainer table (the rules' names elsewhere)
+LABELS = {"DTPAI": "DTP-AI", "RDTPAI": "RDTP-AI", "AOSDTP": "AO-SDTP", "DDTPLinear": "DDTP-linear", "LDRL": "L-DRL", "FWDTP": "FW-DTP"}
+#: the trainer part's measurements, one record per block (``common``'s "Run records"), from which its tables are rendered
+TRAINER_RECORD = "speed_trainer.jsonl"
+TRAINER_KIND = common.Kind("speed-trainer", {"block": "str", "command": "str", "machine": "str", "trainer_batches": "int", "skip": "int",
+                                             "repeats": "int", "busy": "bool", "device": "str", "results": "object"}, key=("block",))  # fmt: skip
+
+
+def mnist_timing(out: Path) -> dict[str, tuple[str, str]]:
+    """Per rule of the MNIST table beside ``out``: its recorded seconds per epoch (mean ± sd over seeds) and its time to
+    98 % validation accuracy (``benchmarks.mnist``'s time-to-accuracy table: censored median over seeds, × BP)."""
+    records = mnist.read_records(out)
+    rows = mnist.time_to_accuracy(records)
+    bp = next((r for r in rows if r["rule"] == "BP"), None)
+    return {r["rule"]: (mnist._fmt(r["seconds_per_epoch"], 1), mnist._tta_cell(r["thresholds"][0.98], bp["thresholds"][0.98] if bp else None).split(" · ")[0])
+            for r in rows}  # fmt: skip
+
+
+def trainer_table(results: dict[int, list[dict]], device: torch.device, timing: dict[str, tuple[str, str]] | None = None) -> str:
+    """The trainer part's table; ``timing``: the MNIST records' seconds per epoch and time to 98 % per rule
+    (:func:`mnist_timing`), two columns beside the measured epoch."""
     threads = list(results)
+    timing = timing or {}
     mem = "peak GPU memory growth (MB)" if device.type == "cuda" else "peak RSS growth (MB)"
     head = ("| rule | GFLOP/batch | FLOPs × BP | " + " | ".join(f"{th} thr: ms/batch | × plain | × BP | epoch s | + validation s"
-                                                             for th in threads) + f" | {mem} |")  # fmt: skip
-    rows = [head, "|---|" + "---|" * (5 * len(threads) + 3)]
+                                                             for th in threads) + f" | {mem} | MNIST records: s/epoch | MNIST records: to 98 % |")  # fmt: skip
+    rows = [head, "|---|" + "---|" * (5 * len(threads) + 5)]
     for k, r0 in enumerate(results[threads[0]]):
         cells = []
         for th in threads:
             r = results[th][k]
             cells.append(f"{_ms(r['batch_s'])} | {r['ratio_plain']:.2f} | {r['ratio_bp']:.2f} | {r['epoch_s']:.1f} | {r['tail_s']:.2f}")
-        label = {"DTPAI": "DTP-AI", "RDTPAI": "RDTP-AI", "AOSDTP": "AO-SDTP", "DDTPLinear": "DDTP-linear", "LDRL": "L-DRL"}.get(r0["rule"], r0["rule"])
-        memory = "–" if math.isnan(r0["memory"]) else f"{r0['memory'] / 2**20:.0f}"  # --no-memory
-        rows.append(f"| {label} | {r0['flops'] / 1e9:.3f} | {r0['ratio_flops']:.2f} | " + " | ".join(cells) + f" | {memory} |")
+        label = LABELS.get(r0["rule"], r0["rule"])
+        memory = "–" if r0["memory"] is None or math.isnan(r0["memory"]) else f"{r0['memory'] / 2**20:.0f}"  # --no-memory
+        spe, tta = timing.get(r0["rule"], ("–", "–"))
+        rows.append(f"| {label} | {r0['flops'] / 1e9:.3f} | {r0['ratio_flops']:.2f} | " + " | ".join(cells) + f" | {memory} | {spe} | {tta} |")
     return "\n".join(rows)
 
 
@@ -571,22 +593,46 @@ def trainer_command(args) -> str:
     return " ".join(parts)
 
 
-def write_trainer_table(args, device, results) -> None:
-    tag = "gpu" if device.type == "cuda" else "cpu"
-    busy = " with one core busy" if args.busy else ""
-    body = (f"### Epochs through train.py{busy} ({tag})\n\nEach rule's MNIST config (`configs/mnist/`) run as `train.py` builds it "
-            f"(its loggers, progress bar, checkpoints and validation), one epoch cut to {args.trainer_batches} training batches; "
-            f"ms/batch is the mean time per batch from batch {args.skip} on (start-up excluded), epoch s that times the "
-            f"{results[next(iter(results))][0]['per_epoch']} batches of a full epoch, + validation s the epoch's tail (the full validation pass and "
+def render_trainer(rec: dict, out: Path) -> str:
+    """The trainer block of the record ``rec`` (:data:`TRAINER_KIND`), with the MNIST records beside ``out``."""
+    results = {int(th): [{**r, "memory": math.nan if r["memory"] is None else r["memory"]} for r in rows] for th, rows in rec["results"].items()}
+    device = torch.device(rec["device"])
+    busy = " with one core busy" if rec["busy"] else ""
+    per_epoch = results[next(iter(results))][0]["per_epoch"]
+    return (f"### Epochs through train.py{busy} ({'gpu' if device.type == 'cuda' else 'cpu'})\n\nEach rule's MNIST config (`configs/mnist/`) run as `train.py` builds it "
+            f"(its loggers, progress bar, checkpoints and validation), one epoch cut to {rec['trainer_batches']} training batches; "
+            f"ms/batch is the mean time per batch from batch {rec['skip']} on (start-up excluded), epoch s that times the "
+            f"{per_epoch} batches of a full epoch, + validation s the epoch's tail (the full validation pass and "
             f"the checkpoints after it). The plain PyTorch loop is BP's network and optimizer (AdamW) in a loop of a few lines "
             f"(`plain_run`), with a validation pass and no checkpoint. Every rule ran right after a plain-loop run, "
-            f"{args.repeats} rounds per thread count; × plain is the median of these paired ratios, × BP the median of "
+            f"{rec['repeats']} rounds per thread count; × plain is the median of these paired ratios, × BP the median of "
             f"(rule / its plain run) / (BP / BP's plain run); times are medians over rounds. GFLOP/batch: the floating-point "
             f"operations of one training batch (matrix products; `torch.utils.flop_counter`), FLOPs × BP their ratio to BP's: "
             f"the part of × BP that is the rule's arithmetic. Peak memory: growth from the "
-            f"start of training over a 10-batch run and its validation, each rule in a fresh process, 1 thread.\n\n"
-            f"{trainer_table(results, device)}\n\nCommand: `{trainer_command(args)}`\n\nMachine: {machine(device, threads=False)}.")  # fmt: skip
-    write_block(args.out, f"speed:trainer{'-busy' if args.busy else ''}:{tag}", body)
+            f"start of training over a 10-batch run and its validation, each rule in a fresh process, 1 thread. "
+            f"The last two columns are not measured here: they come from the MNIST campaign's records (`docs/data/mnist_table.jsonl`, "
+            f"one torch thread, whole runs with validation, checkpoints and the final test, on the machines the MNIST "
+            f"table names): the seconds per epoch (mean ± sd over seeds) and the time to 98 % validation accuracy "
+            f"(median over seeds and × BP, from the time-to-accuracy table, where its rules are explained).\n\n"
+            f"{trainer_table(results, device, mnist_timing(out))}\n\nCommand: `{rec['command']}`\n\nMachine: {rec['machine']}.")  # fmt: skip
+
+
+def write_trainer_table(args, device, results) -> None:
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    block = f"speed:trainer{'-busy' if args.busy else ''}:{tag}"
+    rec = {"block": block, "command": trainer_command(args), "machine": machine(device, threads=False), "trainer_batches": args.trainer_batches,
+           "skip": args.skip, "repeats": args.repeats, "busy": bool(args.busy), "device": str(device),
+           "results": {str(th): [{**r, "memory": None if math.isnan(r["memory"]) else r["memory"]} for r in rows] for th, rows in results.items()}}  # fmt: skip
+    common.append_record(common.data_file(args.out, TRAINER_RECORD), TRAINER_KIND, rec)
+    write_block(args.out, block, render_trainer(rec, args.out))
+
+
+def rewrite_trainer(out: Path) -> list[str]:
+    """Render every recorded trainer block of ``out`` again (after new MNIST records, or a change of layout); returns their names."""
+    recs = common.newest(common.read_records(common.data_file(out, TRAINER_RECORD), TRAINER_KIND), key=lambda rec: rec["block"])
+    for block, rec in recs.items():
+        write_block(out, block, render_trainer(rec, out))
+    return list(recs)
 
 
 def parse_args(argv=None):
@@ -611,6 +657,7 @@ def parse_args(argv=None):
                    help="torch CPU threads, one column group each (default: one per core, and 1)")
     t.add_argument("--busy", action="store_true", help="keep one core busy with a spinning process while timing")
     t.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs (a fresh process per rule)")
+    p.add_argument("--rewrite", action="store_true", help="run nothing: render the recorded trainer tables again (docs/data/speed_trainer.jsonl)")
     t.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test: BP and DTP-AI, 4 batches, 1 round, 1 thread")
     args = p.parse_args(argv)
     if args.repeats is None:
@@ -644,6 +691,10 @@ def command(args) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.rewrite:
+        blocks = rewrite_trainer(args.out)
+        print(f"rewrote {', '.join(blocks) or 'no block'} of {args.out} from {common.data_file(args.out, TRAINER_RECORD)}")
+        return {}
     if args.part == "trainer":  # train.py sets its own threads
         threads = torch.get_num_threads()
         try:

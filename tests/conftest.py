@@ -54,6 +54,8 @@ RULES: dict[str, tuple[type, dict]] = {
     "DDTPLinear": (tp.DDTPLinear, {}),
     "LDRL": (tp.LDRL, {"feedback_iterations": 1}),
     "GaussNewton": (tp.GaussNewton, {}),
+    "FWDTP": (tp.FWDTP, {}),
+    "CCL": (tp.CCL, {"feedback_optimizer": SGD}),
 }
 TP_RULES = [n for n in RULES if n not in ("BP", "BPFixed", "GaussNewton")]
 

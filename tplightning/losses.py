@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["Loss", "MSE", "CrossEntropy", "get_loss", "loss_for_task", "LocalScaling", "D", "D_INVERSE"]
+__all__ = ["Loss", "MSE", "CrossEntropy", "get_loss", "loss_for_task", "LocalScaling", "D", "D_INVERSE", "pairing_mse", "class_similarity"]
 
 
 class Loss(ABC):
@@ -183,3 +183,32 @@ class _InverseDerivative(LocalScaling):
 D: LocalScaling = _Derivative()
 #: the update of the modified rules: ``D_i^{-1} (h_i - h^_i)``
 D_INVERSE: LocalScaling = _InverseDerivative()
+
+
+# --------------------------------------------------------------------------------------------- pairing losses
+def pairing_mse(h: Tensor, c: Tensor, scale: float = 1.0) -> Tensor:
+    """The counter-current pairing loss of a layer's forward activation ``h`` and feedback signal ``c`` (Kao & Hariharan
+    2024, the dual networks' layer-wise loss; their autoencoder code, ``utils/loss.py``: ``F.mse_loss(A, B)``):
+    ``scale * mean_{b,j} (h_bj - c_bj)^2``, both of shape ``(B, n)``.
+
+    >>> pairing_mse(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]]), scale=2.0)
+    tensor(5.)
+    """
+    return scale * (h - c).pow(2).mean()
+
+
+def class_similarity(h: Tensor, codes: Tensor, onehot: Tensor, scale: float = 1.0) -> Tensor:
+    """The counter-current pairing loss for classification (Kao & Hariharan 2024; their MLP code, ``utils/loss.py``,
+    ``compute_scl_loss_classification``): every sample's forward activation ``h_b`` (``h``: ``(B, n)``) against the
+    feedback signal ``c_k`` of every class (``codes``: ``(K, n)``, the one-hot code of class ``k`` run down the feedback
+    network), whose inner product should be 1 for the sample's class and 0 for the others (``onehot``: ``(B, K)``):
+
+    ``scale / n * mean_{b,k} (h_b . c_k - onehot_bk)^2``.
+
+    The authors' code writes ``mse_loss(A B^T, I) / n * loss_scale_C * 256`` with ``loss_scale_C = 0.5``: ``scale = 128``.
+
+    >>> h, codes = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> class_similarity(h, codes, torch.tensor([[0.0, 1.0]]))  # (1 - 0)^2 and (0 - 1)^2, mean 1, over n = 2
+    tensor(0.5000)
+    """
+    return scale / h.shape[-1] * (h.flatten(1) @ codes.flatten(1).T - onehot).pow(2).mean()

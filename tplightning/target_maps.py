@@ -63,6 +63,7 @@ __all__ = [
     "DifferenceReconstruction",
     "LocalDifferenceReconstruction",
     "DirectLinear",
+    "FixedInverse",
 ]
 
 
@@ -1119,3 +1120,43 @@ class DirectLinear(_LearnedMap):
         d = (forward_from(step.layers, i, step.hs[i] + eps) - step.hs[-1]).flatten(1)  # (B, n_L)
         r = (d @ self.Q.T - eps.flatten(1)) / (sigma**2 * d.shape[0])
         return self._decayed(r.T @ d)
+
+
+class FixedInverse(OriginalInverse):
+    """``g_i(h) = s_i(B_i h)`` with ``B_i`` fixed and random, never trained: the feedback map of fixed-weight DTP (FW-DTP,
+    Shibuya et al. 2023), used inside :class:`Difference`.
+
+    ``B_i`` has the shape of ``f_{i+1}``'s transpose and is drawn Gaussian with std ``scale / sqrt(fan-in)`` from torch's global
+    generator when the map is bound (``seed_everything`` sets it); it is a buffer (kept in checkpoints, never given to an
+    optimizer) under the name ``Q`` that the original form's map reads. The map has no feedback loss.
+
+    Args:
+        scale: multiplies the std of ``B_i`` (> 0). The authors' code draws ``B`` uniform in ``[-1e-3, 1e-3]`` and runs its
+            batch-normalised variant, which removes the scale; without batch normalisation the scale sets how large the
+            propagated target differences are, and ``1 / sqrt(fan-in)`` (the library's fixed feedback, as feedback
+            alignment's) keeps them of the order of the output's (our choice).
+
+    >>> g = FixedInverse().bind(1, Dense(3, 4, activation="tanh"), Dense(4, 2))
+    >>> g.B.shape, g.feedback_parameters()
+    (torch.Size([4, 2]), [])
+    """
+
+    def __init__(self, scale: float = 1.0):
+        if not scale > 0:
+            raise ConfigError(f"feedback_scale must be > 0, got {scale}")
+        super().__init__(noise_std=0.0, weight_decay=0.0, init="random")
+        self.scale = scale
+
+    def check_layers(self, lower, upper):
+        super().check_layers(lower, upper)  # draws Q as a parameter
+        B = self.Q.detach() * self.scale
+        del self.Q
+        self.register_buffer("Q", B)
+
+    @property
+    def B(self) -> Tensor:
+        """The fixed feedback matrix (the buffer ``Q``)."""
+        return self.Q
+
+    def feedback_grads(self, step, noise):
+        return {}

@@ -82,8 +82,13 @@ def test_trainer_part_writes_a_table_of_epochs_through_train_py(tmp_path, one_th
     assert "--part trainer --trainer-batches 4 --skip 1 --repeats 1 --trainer-threads 1" in text
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines() if line.startswith("| ") and "thr:" not in line}
     assert set(rows) == {speed.PLAIN, "BP", "DTP-AI"}
-    # GFLOP/batch, FLOPs x BP, ms/batch, x plain, x BP, epoch s, + validation s, memory
-    assert all(len(cells) == 8 for cells in rows.values())
+    # GFLOP/batch, FLOPs x BP, ms/batch, x plain, x BP, epoch s, + validation s, memory, MNIST s/epoch, MNIST to 98 %
+    assert all(len(cells) == 10 for cells in rows.values())
+    assert rows[speed.PLAIN][-2:] == [" – ", " – "]  # no MNIST records beside this out
+    # the trainer part keeps a record; --rewrite renders the block from it again
+    out.write_text(out.read_text().replace("| BP |", "| stale |"))
+    speed.main(["--rewrite", "--out", str(out)])
+    assert "| stale |" not in out.read_text() and "| BP |" in out.read_text()
     assert float(rows[speed.PLAIN][3]) == 1.0 and float(rows["BP"][4]) == 1.0
     # one batch of BP on 784-256x5-10 (batch 128): forward 2 B n_in n_out per layer, backward twice that, less the
     # first layer's gradient with respect to the input, which nothing needs; the plain loop does the same work
@@ -152,3 +157,24 @@ def test_the_busy_process_ends_by_itself():
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(pid), f"the spinner {pid} outlived its benchmark"
+
+
+def test_trainer_table_shows_the_mnist_records_beside_the_measured_epoch(tmp_path):
+    """The two columns come from the MNIST table's records (seconds per epoch, time to 98 %), not from the measurement."""
+    out = tmp_path / "RESULTS.md"
+
+    def run(seed, acc, spe):
+        return {"seed": seed, "test_error": 2.0, "best_val_acc": 0.98, "best_epoch": 2, "epochs_run": 2, "seconds": 2 * spe,
+                "seconds_per_epoch": spe, "diverged": False, "error": None, "val_acc": acc}
+
+    for rule, runs in (("BP", [run(0, [0.97, 0.981], 5.0), run(1, [0.98, 0.99], 7.0)]), ("DTPAI", [run(0, [0.9, 0.95], 10.0)])):
+        mnist.write_rows(out, [{"rule": rule, "config": "mnist/bp.yaml", "hparams": "h", "command": "c", "date": "d", "machine": "m",
+                                "epochs": 2, "runs": runs}])
+    timing = speed.mnist_timing(out)
+    # BP: 6.0 ± 1.4 s per epoch; 98 %: seed 0 at epoch 2 (10 s), seed 1 at epoch 1 (7 s): median 8.5 s
+    assert timing["BP"] == ("6.0 ± 1.4", "8 s (1.0× BP)")  # 8.5 shown to the second, rounded half to even
+    assert timing["DTPAI"] == ("10.0", "not reached (0/1)")
+    row = {"rule": "DTPAI", "batch_s": 0.01, "ratio_plain": 2.0, "ratio_bp": 1.5, "epoch_s": 4.3, "tail_s": 0.05, "flops": 7e8,
+           "ratio_flops": 2.3, "memory": math.nan, "per_epoch": 430}
+    table = speed.trainer_table({1: [row]}, torch.device("cpu"), timing)
+    assert table.splitlines()[-1] == "| DTP-AI | 0.700 | 2.30 | 10 | 2.00 | 1.50 | 4.3 | 0.05 | – | 10.0 | not reached (0/1) |"

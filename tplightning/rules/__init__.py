@@ -13,3 +13,7 @@ __all__ = [
     "LearnedInverseRule", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP",
     "DRL", "DDTPLinear", "LDRL", "GaussNewton",
 ]
+from .fw_dtp import FWDTP  # noqa: E402 (issue 31)
+from .ccl import CCL  # noqa: E402 (issue 31)
+
+__all__ += ["FWDTP", "CCL"]
