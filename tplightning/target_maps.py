@@ -1128,7 +1128,9 @@ class FixedInverse(OriginalInverse):
 
     ``B_i`` has the shape of ``f_{i+1}``'s transpose and is drawn Gaussian with std ``scale / sqrt(fan-in)`` from torch's global
     generator when the map is bound (``seed_everything`` sets it); it is a buffer (kept in checkpoints, never given to an
-    optimizer) under the name ``Q`` that the original form's map reads. The map has no feedback loss.
+    optimizer) under the name ``Q`` that the original form's map reads. Above a
+    :class:`~tplightning.blocks.Block`, ``B_i`` is the block's mirror feedback module drawn the same way, its parameters
+    scaled and frozen (``requires_grad`` off, so no optimizer gets them). The map has no feedback loss.
 
     Args:
         scale: multiplies the std of ``B_i`` (> 0). The authors' code draws ``B`` uniform in ``[-1e-3, 1e-3]`` and runs its
@@ -1148,15 +1150,24 @@ class FixedInverse(OriginalInverse):
         self.scale = scale
 
     def check_layers(self, lower, upper):
-        super().check_layers(lower, upper)  # draws Q as a parameter
+        super().check_layers(lower, upper)  # draws Q as a parameter, or a block's feedback module
+        if "Q" not in self._parameters:  # a block above: its mirror module, scaled and frozen
+            with torch.no_grad():
+                for p in self.feedback_module.parameters():
+                    p.mul_(self.scale).requires_grad_(False)
+            return
         B = self.Q.detach() * self.scale
         del self.Q
         self.register_buffer("Q", B)
 
     @property
-    def B(self) -> Tensor:
-        """The fixed feedback matrix (the buffer ``Q``)."""
-        return self.Q
+    def operator(self) -> Tensor | nn.Module:
+        return self.feedback_module if "feedback_module" in self._modules else self.Q
+
+    @property
+    def B(self) -> Tensor | nn.Module:
+        """The fixed feedback matrix (the buffer ``Q``), or above a block its frozen feedback module."""
+        return self.operator
 
     def feedback_grads(self, step, noise):
         return {}

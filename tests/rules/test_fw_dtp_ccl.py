@@ -163,3 +163,20 @@ def test_pairing_losses_literal_values():
     # h codes^T = [[1, 2, 3], [0, 1, 1]]; minus onehot: [[0, 2, 3], [0, 1, 0]]; squares 0 4 9 0 1 0, mean 14/6, / n = 2
     assert float(tp.losses.class_similarity(h, codes, onehot, scale=3.0)) == pytest.approx(3.0 * 14 / 6 / 2)
     assert float(tp.losses.pairing_mse(h, torch.zeros(2, 2), scale=2.0)) == pytest.approx(2.0 * 6 / 4)
+
+
+def test_fwdtp_on_blocks_keeps_each_mirror_module_fixed_and_trains_the_forward_weights():
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 5), nn.Tanh(), nn.Linear(5, 2))
+    rule = tp.FWDTP(network=tp.convert(model, input_shape=(1, 4, 4)), feedback_scale=0.5)
+    mirrors = [g.base.B for g in rule.maps]
+    assert all(isinstance(m, nn.Module) for m in mirrors)
+    fixed = [p.detach().clone() for m in mirrors for p in m.parameters()]
+    forward = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)), torch.randn(32, 2, generator=torch.Generator().manual_seed(2))
+    quiet_trainer(max_epochs=1).fit(rule, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert [torch.equal(a, b) for a, b in zip(fixed, (p for m in mirrors for p in m.parameters()))] == [True] * len(fixed)
+    assert not any(torch.equal(a, b) for a, b in zip(forward, model.parameters()))
