@@ -280,9 +280,32 @@ def _train(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> None:
         raise SystemExit(f"fixture run {' '.join(args)} failed ({'timeout' if timed_out else rc}):\n{out[-3000:]}")
 
 
+#: the fixtures that :func:`make_fixtures` trains: ``good.ckpt`` and ``bp.ckpt`` (one epoch of dtp.yaml, bp.yaml), and
+#: the files made from ``good.ckpt``
+TRAINED = ("good.ckpt", "bp.ckpt", "truncated.ckpt", "flip50.ckpt", "flip75.ckpt", "flip90.ckpt")
+
+
 def make_fixtures(fx: Path, env: dict) -> None:
-    """Write the broken configs and checkpoints the cases name into ``fx``; the two good checkpoints are short runs of
-    dtp.yaml and bp.yaml (one epoch)."""
+    """Write the broken configs and checkpoints the cases name into ``fx``: :func:`make_broken_files`, then the two
+    good checkpoints (short runs of dtp.yaml and bp.yaml, one epoch) and the truncated and bit-flipped copies of the
+    first."""
+    make_broken_files(fx)
+    for config, name in (("dtp.yaml", "good"), ("bp.yaml", "bp")):
+        work = fx / f"run-{name}"
+        work.mkdir(exist_ok=True)
+        _train(["--config", config, *SHORT], work, env)
+        stem = config.removesuffix(".yaml")
+        shutil.copy(work / "runs" / stem / "version_0" / "checkpoints" / "last.ckpt", fx / f"{name}.ckpt")
+    good = (fx / "good.ckpt").read_bytes()
+    (fx / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    for p in (50, 75, 90):
+        data = bytearray(good)
+        data[len(data) * p // 100] ^= 1
+        (fx / f"flip{p}.ckpt").write_bytes(bytes(data))
+
+
+def make_broken_files(fx: Path) -> None:
+    """The fixtures that need no training: broken configs, non-checkpoints, empty folders."""
     import torch
 
     fx.mkdir(parents=True, exist_ok=True)
@@ -303,18 +326,6 @@ def make_fixtures(fx: Path, env: dict) -> None:
     (fx / "text.ckpt").write_text("hello, not a checkpoint\n")
     torch.save({"a": torch.ones(3)}, fx / "foreign.ckpt")
     torch.save({"state_dict": {"w": torch.zeros(2)}}, fx / "foreignsd.ckpt")
-    for config, name in (("dtp.yaml", "good"), ("bp.yaml", "bp")):
-        work = fx / f"run-{name}"
-        work.mkdir(exist_ok=True)
-        _train(["--config", config, *SHORT], work, env)
-        stem = config.removesuffix(".yaml")
-        shutil.copy(work / "runs" / stem / "version_0" / "checkpoints" / "last.ckpt", fx / f"{name}.ckpt")
-    good = (fx / "good.ckpt").read_bytes()
-    (fx / "truncated.ckpt").write_bytes(good[: len(good) // 2])
-    for p in (50, 75, 90):
-        data = bytearray(good)
-        data[len(data) * p // 100] ^= 1
-        (fx / f"flip{p}.ckpt").write_bytes(bytes(data))
 
 
 def run_bad(out: Path, work: Path, timeout: float, only: int | None) -> None:
