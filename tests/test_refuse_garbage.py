@@ -326,6 +326,12 @@ def test_a_negative_leaky_slope_is_refused_by_every_rule(capsys, config):
                                    "number >= 0 (0: a ReLU), got -1.0"), err  # fmt: skip
 
 
+def test_a_negative_teacher_slope_is_named(capsys):
+    err = _refused(capsys, "--data.init_args.teacher_negative_slope", "-0.5")
+    assert err.splitlines()[0] == ("error: --data.init_args.teacher_negative_slope: leaky_relu negative_slope must be a "
+                                   "finite number >= 0 (0: a ReLU), got -0.5"), err  # fmt: skip
+
+
 def test_a_zero_leaky_slope_is_a_relu_refused_only_where_inverted():
     """0 is a ReLU: accepted where no rule inverts the activation (s_1 of 6-6-6, as activation=relu is), refused where
     one does (s_2 of 6-6-6-6, inverted by g_1 = Q_1 s_2^-1)."""

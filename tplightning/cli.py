@@ -265,6 +265,10 @@ def _culprit(err: ConfigError, config) -> None:
     stated = [n for n in names if f"{n}={value.get(n)}" in message]
     best = sorted(quoted, key=lambda n: message.find(repr(value[n]))) or sorted(stated, key=lambda n: message.find(f"{n}="))
     best = best or sorted((n for n in names if n in words), key=message.find)
+    # else the one whose value the message says it got (a check of a shared helper that knows the value, not the
+    # argument's name: teacher_negative_slope's "leaky_relu negative_slope must be ..., got -1.0")
+    best = best or [n for n in names if isinstance(value.get(n), (int, float)) and not isinstance(value.get(n), bool)
+                    and re.search(rf"\bgot {re.escape(str(value[n]))}(?![\w.])", message)]  # fmt: skip
     if section == "trainer.callbacks":
         err.option = f"--trainer.callbacks ({type(owner).__name__})"
     elif not best:
