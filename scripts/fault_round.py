@@ -529,10 +529,10 @@ def counts(out: Path) -> dict:
         rows = [r for r in bad if r["new"] == new]
         result[key] = {"tried": len(rows), **{k: sum(r["kind"] == k for r in rows) for k in KINDS}}
     crash = _records(out, "crash")
-    kills = [x for r in crash for x in r["kills"] if x["killed"]]
+    kills = [x for r in crash for x in r["kills"] if x["killed"]]  # an attempt misses when the run ends first
     result["CRASH"] = {
         "configs": sorted({r["config"] for r in crash}), "epochs": sorted({r["epochs"] for r in crash}), "chains": len(crash),
-        "kills": len(kills), "kills_during_save": sum(x["during_save"] for x in kills), "resumes": sum(r["resumes"] for r in crash),
+        "kill_attempts": sum(len(r["kills"]) for r in crash), "kills": len(kills), "kills_during_save": sum(x["during_save"] for x in kills), "resumes": sum(r["resumes"] for r in crash),
         "fresh_restarts": sum(r["restarts"] for r in crash),
         "identical_finals": sum(r["identical_weights"] and r["identical_metrics"] for r in crash),
         "zero_byte_ckpts": sum(x["zero_byte"] for x in kills), "corrupt_ckpts": sum(x["corrupt"] for x in kills),
