@@ -68,3 +68,21 @@ def test_a_short_round_counts_and_resumes(fr, tmp_path):
     lines = out.read_text().splitlines()
     assert [json.loads(line)["record"]["part"] for line in lines] == ["bad"] * 3 + ["crash"]
     assert fr.main(args) == counts and out.read_text().splitlines() == lines  # a rerun finds every case done
+
+
+def test_a_fit_removes_the_temporary_files_of_dead_saves():
+    """The round's leftover: a run killed during its first save keeps its temporary file, and the fit that starts
+    afresh (in version_1: there is no last.ckpt to resume) saved nothing into its folder again. A file of a live
+    process (this one: another run saving now) stays."""
+    import os
+    from pathlib import Path
+
+    from tplightning.cli import build
+
+    folder = Path("runs/dtp/version_0/checkpoints")
+    folder.mkdir(parents=True)
+    dead, live = folder / ".last.ckpt.tmp-tplightning-4194305", folder / f".epoch=0-step=60.ckpt.tmp-tplightning-{os.getpid()}"
+    dead.write_bytes(b"\x80partial"), live.write_bytes(b"")
+    cli = build(["--config", "dtp.yaml", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    assert not dead.exists() and live.exists()
+    assert Path(cli.trainer.loggers[0].log_dir) == Path("runs/dtp/version_1")

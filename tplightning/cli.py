@@ -51,7 +51,7 @@ import yaml
 
 from ._lightning import LightningCLI, pl
 from .callbacks import ReapplyOptimizerConfig
-from .checkpoints import check_fits, install_atomic_io, read as read_checkpoint
+from .checkpoints import TMP_MARK, check_fits, install_atomic_io, read as read_checkpoint
 from .config_files import CONFIG_DIR, resolve_config_args
 from .errors import ConfigError, _parser_path, accepted_arguments, exception_chain, short_message
 from .rules.base import RESUME_HINT, DivergenceError, LearningRule, build_optimizer
@@ -179,6 +179,42 @@ def newest_last_checkpoint(roots: Sequence[Path]) -> Path:
         raise ConfigError(f"--ckpt_path last: no {where} to resume from; train without --ckpt_path first, or give a "
                           "checkpoint file", option="--ckpt_path")  # fmt: skip
     return max(found)[-1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_saves(roots: Sequence[Path]) -> list[Path]:
+    """Remove (and return) the temporary files of checkpoint saves whose process is gone, in every
+    ``<root>/version_*/checkpoints/`` folder: a save killed before its rename leaves
+    ``.<name>.tmp-tplightning-<pid>``, which the next save into the same folder removes; a run killed during its first
+    save has no ``last.ckpt`` to resume from, so nothing saves into its folder again and the fit that starts afresh
+    removes the file here. A file of a process that is still running (another run saving now) is kept.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> folder = root / "version_0" / "checkpoints"
+    >>> folder.mkdir(parents=True)
+    >>> for pid in (os.getpid(), 2**22 + 1):  # this process, and a pid above Linux's largest
+    ...     _ = (folder / f".last.ckpt.tmp-tplightning-{pid}").write_bytes(b"")
+    >>> [p.name for p in remove_dead_saves([root])], sorted(p.name.rpartition("-")[2] == str(os.getpid()) for p in folder.iterdir())
+    (['.last.ckpt.tmp-tplightning-4194305'], [True])
+    """
+    removed = []
+    for root in dict.fromkeys(roots):
+        for path in root.glob(f"version_*/checkpoints/*{TMP_MARK}*"):
+            pid = path.name.rpartition(TMP_MARK)[2]
+            if pid.isdigit() and not _alive(int(pid)) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def _run_version(ckpt: Path, roots: Sequence[Path]) -> int | str | None:
@@ -374,6 +410,8 @@ class TPLightningCLI(LightningCLI):
             self._checkpoint = read_checkpoint(ckpt)
         if not loggers:
             return
+        if fit:
+            remove_dead_saves(_logger_roots(loggers))
         resumed = _run_version(Path(ckpt), _logger_roots(loggers)) if fit and _local_checkpoint(ckpt) else None
         self._resumed_in_place = resumed is not None and not any(init.get("version") is not None for init in loggers)
         if self.subcommand in _EVALUATE and _local_checkpoint(ckpt) and Path(ckpt).is_file():
