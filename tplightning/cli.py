@@ -18,7 +18,8 @@ What it adds:
 * a diverged run ends with the command that resumes from the last good checkpoint with a smaller
   learning rate, and exit status 1;
 * every checkpoint is written atomically and with a content digest
-  (:class:`~tplightning.checkpoints.AtomicCheckpointIO`);
+  (:class:`~tplightning.checkpoints.AtomicCheckpointIO`); a fit first removes the temporary files of saves whose
+  process is gone (:func:`remove_dead_saves`);
 * every logger of a run writes to one ``<save_dir>/<name>/version_N`` folder (loggers configured with different
   ``save_dir`` or ``name`` are refused, :func:`check_one_folder`); ``validate``/``test``/``predict``
   of a checkpoint (``python -m tplightning``) log beside it, in ``<run folder>/<subcommand>-<checkpoint name>/``;
