@@ -6,7 +6,9 @@ compose (several ``--config``, later wins), overrides (``--trainer.max_epochs 3`
 What it adds:
 
 * ``--ckpt_path`` resumes a fit (the config's values stay; a checkpoint of another rule or network is
-  refused before training) in the folder of the run that wrote it (``.../version_N/checkpoints/x.ckpt`` keeps
+  refused before training; so is it for ``validate``/``test``/``predict``, which evaluate the configured model with
+  the checkpoint's weights rather than overlay the checkpoint's hyper-parameters on the config as the stock
+  ``LightningCLI`` does) in the folder of the run that wrote it (``.../version_N/checkpoints/x.ckpt`` keeps
   logging to ``version_N``: one run, one folder, however often it is resumed); ``--ckpt_path last`` takes the
   newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` of the config's loggers (by modification time, then
   by version number), says which, and is an error when there is none; ``--reapply_optimizer_config true`` resumes with the configured optimizer
@@ -16,8 +18,10 @@ What it adds:
 * a diverged run ends with the command that resumes from the last good checkpoint with a smaller
   learning rate, and exit status 1;
 * every checkpoint is written atomically and with a content digest
-  (:class:`~tplightning.checkpoints.AtomicCheckpointIO`);
-* every logger of a run writes to one ``<save_dir>/<name>/version_N`` folder; ``validate``/``test``/``predict``
+  (:class:`~tplightning.checkpoints.AtomicCheckpointIO`); a fit first removes the temporary files of saves whose
+  process is gone (:func:`remove_dead_saves`);
+* every logger of a run writes to one ``<save_dir>/<name>/version_N`` folder (loggers configured with different
+  ``save_dir`` or ``name`` are refused, :func:`check_one_folder`); ``validate``/``test``/``predict``
   of a checkpoint (``python -m tplightning``) log beside it, in ``<run folder>/<subcommand>-<checkpoint name>/``;
   ``predict`` writes the outputs there, as ``predictions.pt`` (:class:`PredictionWriter`);
 * the default progress bar redraws every :data:`PROGRESS_REFRESH` batches.
@@ -48,7 +52,7 @@ import yaml
 
 from ._lightning import LightningCLI, pl
 from .callbacks import ReapplyOptimizerConfig
-from .checkpoints import check_fits, install_atomic_io, read as read_checkpoint
+from .checkpoints import TMP_MARK, check_fits, install_atomic_io, read as read_checkpoint
 from .config_files import CONFIG_DIR, resolve_config_args
 from .errors import ConfigError, _parser_path, accepted_arguments, exception_chain, short_message
 from .rules.base import RESUME_HINT, DivergenceError, LearningRule, build_optimizer
@@ -178,6 +182,42 @@ def newest_last_checkpoint(roots: Sequence[Path]) -> Path:
     return max(found)[-1]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_saves(roots: Sequence[Path]) -> list[Path]:
+    """Remove (and return) the temporary files of checkpoint saves whose process is gone, in every
+    ``<root>/version_*/checkpoints/`` folder: a save killed before its rename leaves
+    ``.<name>.tmp-tplightning-<pid>``, which the next save into the same folder removes; a run killed during its first
+    save has no ``last.ckpt`` to resume from, so nothing saves into its folder again and the fit that starts afresh
+    removes the file here. A file of a process that is still running (another run saving now) is kept.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> folder = root / "version_0" / "checkpoints"
+    >>> folder.mkdir(parents=True)
+    >>> for pid in (os.getpid(), 2**22 + 1):  # this process, and a pid above Linux's largest
+    ...     _ = (folder / f".last.ckpt.tmp-tplightning-{pid}").write_bytes(b"")
+    >>> [p.name for p in remove_dead_saves([root])], sorted(p.name.rpartition("-")[2] == str(os.getpid()) for p in folder.iterdir())
+    (['.last.ckpt.tmp-tplightning-4194305'], [True])
+    """
+    removed = []
+    for root in dict.fromkeys(roots):
+        for path in root.glob(f"version_*/checkpoints/*{TMP_MARK}*"):
+            pid = path.name.rpartition(TMP_MARK)[2]
+            if pid.isdigit() and not _alive(int(pid)) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 def _run_version(ckpt: Path, roots: Sequence[Path]) -> int | str | None:
     """The version (``N`` of ``version_N``, or the folder's name) of the run that wrote ``ckpt`` when it lies in
     ``<root>/<version>/checkpoints/`` of one of ``roots``; ``None`` otherwise."""
@@ -199,6 +239,42 @@ def _file_loggers(trainer_config) -> list:
         if init is not None and "save_dir" in init and "version" in init:
             found.append(init)
     return found
+
+
+def check_one_folder(trainer_config) -> None:
+    """:class:`~tplightning.errors.ConfigError` when the file loggers of a run (CSV, TensorBoard) would write to
+    different ``<save_dir>/<name>`` folders: one run keeps its logs, checkpoints and config in one folder.
+
+    ``--trainer.logger.init_args.save_dir x`` (or ``.name``) sets the *last* item of a logger list only (jsonargparse's
+    rule for lists), so with the shipped two-logger configs it would split a run's logs over two folders; the error
+    names the option and the list form that moves every logger.
+
+    >>> from types import SimpleNamespace as NS
+    >>> csv = NS(class_path="lightning.pytorch.loggers.CSVLogger", init_args={"save_dir": "runs", "name": "dtp", "version": None})
+    >>> tb = NS(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args={"save_dir": "x", "name": "dtp", "version": None})
+    >>> check_one_folder({"logger": [csv, tb]})
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: the run's loggers would write to different folders (CSVLogger: runs/dtp, TensorBoardLogger: x/dtp): --trainer.logger.init_args.save_dir sets the last logger of the list only; give every logger the same save_dir and name, e.g. --trainer.logger '[{class_path: CSVLogger, init_args: {save_dir: x, name: dtp}}, {class_path: TensorBoardLogger, init_args: {save_dir: x, name: dtp}}]'
+    >>> check_one_folder({"logger": [csv, NS(class_path="TensorBoardLogger", init_args={"save_dir": "runs", "name": "dtp", "version": None})]})
+    """
+    loggers = trainer_config.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    found = []  # (class name, save_dir, name) of each file logger
+    for lg in loggers:
+        init = lg.get("init_args") if hasattr(lg, "get") else getattr(lg, "init_args", None)
+        if init is not None and "save_dir" in init and "version" in init:
+            cls = str(lg.get("class_path") if hasattr(lg, "get") else getattr(lg, "class_path", "")).rpartition(".")[2]
+            found.append((cls, str(init["save_dir"]), str(init.get("name") or "")))
+    if len({(d, n) for _, d, n in found}) <= 1:
+        return
+    last_dir, last_name = found[-1][1], found[-1][2]
+    key = "save_dir" if len({d for _, d, _ in found}) > 1 else "name"
+    where = ", ".join(f"{cls}: {Path(d) / n}" for cls, d, n in found)
+    example = ", ".join(f"{{class_path: {cls}, init_args: {{save_dir: {last_dir}, name: {last_name}}}}}" for cls, _, _ in found)
+    raise ConfigError(f"the run's loggers would write to different folders ({where}): --trainer.logger.init_args.{key} "
+                      "sets the last logger of the list only; give every logger the same save_dir and name, e.g. "
+                      f"--trainer.logger '[{example}]'", option=f"--trainer.logger.init_args.{key}")  # fmt: skip
 
 
 def _config_keys(args: Sequence[str]) -> list[str]:
@@ -226,6 +302,10 @@ def _culprit(err: ConfigError, config) -> None:
     stated = [n for n in names if f"{n}={value.get(n)}" in message]
     best = sorted(quoted, key=lambda n: message.find(repr(value[n]))) or sorted(stated, key=lambda n: message.find(f"{n}="))
     best = best or sorted((n for n in names if n in words), key=message.find)
+    # else the one whose value the message says it got (a check of a shared helper that knows the value, not the
+    # argument's name: teacher_negative_slope's "leaky_relu negative_slope must be ..., got -1.0")
+    best = best or [n for n in names if isinstance(value.get(n), (int, float)) and not isinstance(value.get(n), bool)
+                    and re.search(rf"\bgot {re.escape(str(value[n]))}(?![\w.])", message)]  # fmt: skip
     if section == "trainer.callbacks":
         err.option = f"--trainer.callbacks ({type(owner).__name__})"
     elif not best:
@@ -304,7 +384,10 @@ class TPLightningCLI(LightningCLI):
         self._checkpoint = self._resume = None
         if _local_checkpoint(section.get("ckpt_path")):  # a missing, foreign or corrupt file: a short error, before torch's
             self._checkpoint = read_checkpoint(section["ckpt_path"])
-        if sub == "fit":  # keep the stock CLI from overlaying the checkpoint's hyper-parameters on a resumed fit's config
+        if sub in ("fit", *_EVALUATE):
+            # keep the stock CLI from overlaying the checkpoint's hyper-parameters (its rule class included) on the
+            # config: the config describes the model, and the checkpoint must fit it (check_fits), for a resumed fit
+            # and an evaluation alike
             self._resume, section["ckpt_path"] = section.get("ckpt_path"), None
 
     def before_instantiate_classes(self) -> None:
@@ -315,6 +398,7 @@ class TPLightningCLI(LightningCLI):
         # afterwards (the config saved with the run keeps no version, so rerunning it starts a new one); a resumed fit
         # keeps the version of the run that wrote its checkpoint
         loggers, ckpt = _file_loggers(section.get("trainer", {})), section.get("ckpt_path")
+        check_one_folder(section.get("trainer", {}))
         self._logger_versions = [(init, init.get("version")) for init in loggers]
         fit = self.subcommand in (None, "fit")
         if fit and ckpt == "last":
@@ -327,6 +411,8 @@ class TPLightningCLI(LightningCLI):
             self._checkpoint = read_checkpoint(ckpt)
         if not loggers:
             return
+        if fit:
+            remove_dead_saves(_logger_roots(loggers))
         resumed = _run_version(Path(ckpt), _logger_roots(loggers)) if fit and _local_checkpoint(ckpt) else None
         self._resumed_in_place = resumed is not None and not any(init.get("version") is not None for init in loggers)
         if self.subcommand in _EVALUATE and _local_checkpoint(ckpt) and Path(ckpt).is_file():
@@ -534,6 +620,7 @@ def refuse_idle_fit(trainer, model) -> None:
     for name in ("val_check_interval", "check_val_every_n_epoch"):  # Lightning divides by them
         if getattr(trainer, name, None) == 0:
             raise ConfigError(f"{name} must be > 0 (null: no validation by epochs), got 0", option=f"--trainer.{name}")
+    refuse_automatic_options(trainer, model)
     factory = getattr(model, "forward_optimizer", None)
     if factory is None or not getattr(model, "train_layers", None):
         return
@@ -546,6 +633,39 @@ def refuse_idle_fit(trainer, model) -> None:
         extra = ("; to train the feedback weights alone, set --model.init_args.feedback_only true" if hasattr(model, "feedback_only")
                  else f" ({type(model).__name__} has no feedback weights to train alone)")  # fmt: skip
         raise ConfigError(f"a forward learning rate of 0 trains nothing{extra}", option=option)
+
+
+def refuse_automatic_options(trainer, model) -> None:
+    """:class:`~tplightning.errors.ConfigError` naming the option when a trainer option of automatic optimization is set
+    for a rule that optimizes manually (every rule: each computes its own updates): a ``gradient_clip_val`` other than
+    0 or unset, or an ``accumulate_grad_batches`` other than 1.
+
+    Lightning clips and accumulates only the gradients of its own automatic step: it stops a fit with a traceback for a
+    positive ``gradient_clip_val`` and ignores a negative one without a word. Clipping would belong in a rule's own step
+    (``self.clip_gradients(optimizer, ...)`` in a subclass); the shipped rules take no such option, so every non-zero
+    value is refused here, negative ones included.
+
+    >>> import tplightning as tp
+    >>> from types import SimpleNamespace
+    >>> refuse_automatic_options(SimpleNamespace(gradient_clip_val=-1.0, accumulate_grad_batches=1), tp.BP(sizes=[2, 1]))
+    Traceback (most recent call last):
+    ...
+    tplightning.errors.ConfigError: gradient clipping needs automatic optimization; the rules compute their own updates (manual optimization), which Lightning neither clips nor refuses for a negative value, got -1.0: leave it unset (a subclass may clip in its own step with self.clip_gradients, docs/guide.md)
+    >>> refuse_automatic_options(SimpleNamespace(gradient_clip_val=None, accumulate_grad_batches=1), tp.BP(sizes=[2, 1]))
+    """
+    if getattr(model, "automatic_optimization", True):
+        return
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip is not None and clip != 0:
+        raise ConfigError("gradient clipping needs automatic optimization; the rules compute their own updates (manual "
+                          "optimization), which Lightning neither clips nor refuses for a negative value, got "
+                          f"{float(clip)}: leave it unset (a subclass may clip in its own step with self.clip_gradients, "
+                          "docs/guide.md)", option="--trainer.gradient_clip_val")  # fmt: skip
+    accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise ConfigError("accumulating gradients needs automatic optimization; the rules compute their own updates "
+                          f"(manual optimization) from each batch, got {accumulate}: leave it at 1 and raise "
+                          "--data.init_args.batch_size instead", option="--trainer.accumulate_grad_batches")  # fmt: skip
 
 
 def build(args: Sequence[str]) -> TPLightningCLI:

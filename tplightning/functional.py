@@ -92,7 +92,11 @@ class LeakyReLU(Activation):
     ``__call__`` (BP) takes ``negative_slope``.
 
     Args:
-        negative_slope: slope for negative inputs (a finite number; 0 makes it a ReLU, not invertible).
+        negative_slope: slope for negative inputs, a finite number ``>= 0``. 0 makes it a ReLU: not invertible, so
+            refused by a rule wherever it inverts this activation (``s_2..s_L`` of the thesis-form and exact-inverse
+            maps) and accepted where no rule inverts it (``s_1``, as ``relu`` is). A negative slope is refused
+            everywhere: it makes ``s`` fold negative inputs onto positive ones (``|a|`` at -1), no leaky ReLU and never
+            invertible.
 
     >>> s = LeakyReLU(0.5)
     >>> a = torch.tensor([-2.0, 0.0, 3.0])
@@ -103,8 +107,8 @@ class LeakyReLU(Activation):
     name = "leaky_relu"
 
     def __init__(self, negative_slope: float = 0.35):
-        if not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
-            raise ConfigError(f"leaky_relu negative_slope must be a finite number, got {negative_slope!r}")
+        if not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope) or negative_slope < 0:
+            raise ConfigError(f"leaky_relu negative_slope must be a finite number >= 0 (0: a ReLU), got {negative_slope!r}")
         self.negative_slope = float(negative_slope)
         self.invertible = self.negative_slope > 0
 

@@ -101,8 +101,8 @@ def test_bad_rule_arguments():
     # a leaky slope <= 0 cannot be inverted; layer 2 of a 3-layer net needs s_2^-1
     with pytest.raises(ValueError, match=r"layer 2 activation LeakyReLU\(negative_slope=0.0\) has no inverse"):
         make_rule("DTPAI", sizes=(6, 6, 6, 6), negative_slope=0.0)
-    with pytest.raises(ValueError, match=r"layer 2 activation LeakyReLU\(negative_slope=-0.1\) has no inverse"):
-        make_rule("TPEI", sizes=(6, 6, 6, 6), negative_slope=-0.1)
+    with pytest.raises(ValueError, match=r"negative_slope must be a finite number >= 0 \(0: a ReLU\), got -0.1"):
+        make_rule("TPEI", sizes=(6, 6, 6, 6), negative_slope=-0.1)  # never a leaky ReLU, wherever it is
     make_rule("DTPAI", negative_slope=0.0)  # 6-6-6 with a linear output never inverts s_1
 
 
