@@ -42,8 +42,8 @@ def test_the_checkout_form_configs_slash_name_still_resolves(elsewhere):
     assert resolve_config_args(["--config", "configs/dtp.yaml"]) == ["--config", str(CONFIG_DIR / "dtp.yaml")]
     assert resolve_config_args(["--config", "./configs/mnist/bp.yaml", "--config", "configs/trainer/debug.yaml"]) == [
         "--config", str(CONFIG_DIR / "mnist" / "bp.yaml"), "--config", str(CONFIG_DIR / "trainer" / "debug.yaml")]  # fmt: skip
-    with pytest.raises(FileNotFoundError, match=r"'configs/nope.yaml' not found \(neither as a path nor in .*\); did you mean bp\.yaml\? available: .*dtp\.yaml"):
-        resolve_config_args(["--config", "configs/nope.yaml"])
+    with pytest.raises(FileNotFoundError, match=r"'configs/bpp.yaml' not found \(neither as a path nor in .*\); did you mean bp\.yaml\? available: .*dtp\.yaml"):
+        resolve_config_args(["--config", "configs/bpp.yaml"])
     with pytest.raises(FileNotFoundError, match=r"'other/configs/dtp.yaml' not found"):  # only a leading configs/ is dropped
         resolve_config_args(["--config", "other/configs/dtp.yaml"])
 

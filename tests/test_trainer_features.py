@@ -81,8 +81,9 @@ def test_a_gradient_scaler_leaves_closed_form_updates_unscaled(cls):
 @pytest.mark.parametrize("option, value", [("gradient_clip_val", 1.0), ("accumulate_grad_batches", 2)])
 def test_automatic_clipping_and_accumulation_are_refused(option, value):
     """Rows "gradient clipping" and "accumulate_grad_batches": Lightning refuses them at the start of fit for any
-    module with manual optimization (the rules compute their updates themselves)."""
-    assert "| no: Lightning stops at the start of `fit` |" in _row(option)
+    module with manual optimization (the rules compute their updates themselves); the CLI refuses them earlier, with a
+    short error (tests/test_refuse_garbage.py)."""
+    assert "| no: Lightning stops at the start of `fit`" in _row(option)
     with pytest.raises(Exception, match="not supported for manual optimization"):
         _fit(tp.DTPAI, **{option: value})
 
