@@ -9,7 +9,8 @@ Code blocks, by language (a ``<!-- docs-test: MODE -->`` line just before a bloc
   quick overrides (one epoch of two batches, downloads forbidden; skipped when a MNIST config finds no MNIST in the data
   cache) under ``docs-test: run``; ``--help`` / ``--model.help`` commands run as written. A lab command (``python -m
   benchmarks.mnist ...``) runs its ``--help`` and every option the page gives must appear in it: the campaigns are
-  long, so pages mark them ``docs-test: help``. ``pip install`` lines must name extras that pyproject.toml defines;
+  long, so pages mark them ``docs-test: help``; a lab script (``python scripts/NAME.py ...``) is checked the same way,
+  without a mark. ``pip install`` lines must name extras that pyproject.toml defines;
   environment set-up (``python -m venv``, ``. .venv/bin/activate``) and ``python -m pytest`` are not run;
 * ``yaml``: ``docs-test: excerpt-of NAME`` -- every key and value of the block must be in the shipped config NAME.
 
@@ -186,6 +187,10 @@ def plan(cmd: Command) -> dict | None:
             return {"kind": kind, "args": args + QUICK, "env": {"TPLIGHTNING_NO_DOWNLOAD": "1", **cmd.env}, "expect": 0}
         assert mode in ("", "print_config"), f"{cmd.id}: unknown docs-test mode {mode!r}"
         return {"kind": kind, "args": args + ["--print_config"], "env": cmd.env, "expect": 0}
+    if re.fullmatch(r"scripts/\w+\.py", argv[1]):  # a lab script: long, so its --help runs and the page's options must be in it
+        assert (ROOT / argv[1]).is_file(), f"{cmd.id}: no script {argv[1]}"
+        options = sorted({a.split("=", 1)[0] for a in argv[2:] if a.startswith("--")})
+        return {"kind": "path", "path": argv[1], "args": ["--help"], "env": cmd.env, "expect": 0, "options": options}
     assert argv[1] == "-m", f"{cmd.id}: the docs test does not know this command; teach it"
     module = argv[2]
     if "<" in module:  # a synopsis, python -m pkg.<name> [options]: its package must exist
@@ -217,6 +222,9 @@ def _driver(path: str) -> None:
                     module, function = run["kind"][len("script:"):].split(":")
                     sys.argv = [module, *run["args"]]
                     getattr(importlib.import_module(module), function)()
+                elif run["kind"] == "path":
+                    sys.argv = [str(ROOT / run["path"]), *run["args"]]
+                    runpy.run_path(str(ROOT / run["path"]), run_name="__main__")
                 elif run["kind"] == "stock":
                     sys.argv = ["tplightning", *run["args"]]
                     runpy.run_module("tplightning", run_name="__main__", alter_sys=True)
