@@ -21,6 +21,7 @@ from tplightning.errors import ConfigError
 from tplightning.layers import Dense
 
 from conftest import REPO, quiet_trainer
+from tplightning._lightning import pl
 
 SGD = functools.partial(torch.optim.SGD, lr=0.05)
 
@@ -298,3 +299,47 @@ def test_a_residual_block_trains_with_the_feedback_module_given():
     assert not torch.equal(feedback[0].weight, before)
     with pytest.raises(ConfigError, match=r"feedback keys must be block indices 1..3, got \[4\]"):
         convert(model, feedback={4: feedback})
+
+
+# ------------------------------------------------------------------------------ LeNet-5 under L-DRL: resume and DDP
+class _LeNetData(tp.StudentTeacherDataModule):
+    """32 MNIST-shaped inputs (784 values) with 10 teacher outputs: small enough for a DDP spawn."""
+
+    def __init__(self):
+        super().__init__(sizes=[784, 10, 10], num_train=32, num_val=8, num_test=8, batch_size=8)
+
+
+def _lenet_ldrl() -> tp.LDRL:
+    torch.manual_seed(3)
+    return tp.LDRL(network=convert(lenet(), input_shape=(1, 28, 28)), forward_optimizer=SGD, feedback_optimizer=SGD,
+                   feedback_iterations=2, feedback_init="random")  # fmt: skip
+
+
+class _StopAfterFirstEpoch(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_a_converted_lenet_under_ldrl_resumes_exactly(tmp_path):
+    straight = _lenet_ldrl()
+    quiet_trainer(max_epochs=2).fit(straight, datamodule=_LeNetData())
+    quiet_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[tp.Checkpoint(dirpath=tmp_path, save_top_k=0),
+                                                                      _StopAfterFirstEpoch()]).fit(_lenet_ldrl(), datamodule=_LeNetData())  # fmt: skip
+    resumed = _lenet_ldrl()
+    quiet_trainer(max_epochs=2).fit(resumed, datamodule=_LeNetData(), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.batches_seen == straight.batches_seen == 2 * 4
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["net.layers.0.module.0.weight"], _lenet_ldrl().state_dict()["net.layers.0.module.0.weight"])
+
+
+@pytest.mark.slow
+def test_a_converted_lenet_under_ldrl_keeps_ddp_replicas_identical(tmp_path):
+    from conftest import fit_ddp_replicas, weights_of
+
+    rank0, rank1 = fit_ddp_replicas(_lenet_ldrl(), _LeNetData(), tmp_path, max_epochs=1)
+    for a, b in zip(rank0, rank1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(rank0, weights_of(_lenet_ldrl())) if a.shape == b.shape)
