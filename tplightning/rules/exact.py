@@ -102,7 +102,7 @@ class ExactInverseRule(TargetPropRule):
         for i, layer in enumerate(self.net.layers[1:], start=2):
             if not isinstance(layer, Dense):
                 raise ConfigError(
-                    f"layer {i} is a {type(layer).__name__} {layer.in_shape} -> {layer.out_shape}: an exact inverse of it is not "
+                    f"layer {i} is a {layer.describe()}: an exact inverse of it is not "
                     "available (exact inverses need square dense layers above the first); use a learned-inverse rule (DTPAI, LeeDTP)"
                 )
         if len(set(sizes[1:])) != 1:

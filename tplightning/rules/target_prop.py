@@ -107,7 +107,8 @@ class TargetPropRule(LearningRule):
         layers = list(self.net.layers)
         inverse = self.scaling.inverse
         if (inverse or batch_norm) and not all(isinstance(layer, Dense) for layer in layers):
-            kinds = [f"layer {i} ({layer.describe()})" for i, layer in enumerate(layers, start=1) if not isinstance(layer, Dense)]
+            kinds = sorted({type(layer).__name__ if layer.matrix_structure else f"layer {i}, a {layer.describe()}"
+                            for i, layer in enumerate(layers, start=1) if not isinstance(layer, Dense)})  # fmt: skip
             raise ConfigError(f"{'modified rules (D^-1)' if inverse else 'batch_norm'} need dense layers, got {', '.join(kinds)}")
         self.batch_norm, self.bn_momentum, self.bn_eps = batch_norm, bn_momentum, bn_eps
         self.normalization = InputNormalization(self.net.sizes[:-1], bn_momentum, bn_eps) if batch_norm else None
