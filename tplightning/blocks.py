@@ -32,11 +32,13 @@ The automatic feedback module mirrors the block's modules in reverse order:
 | forward module | feedback module |
 | --- | --- |
 | ``Linear(n_in, n_out)`` | ``Linear(n_out, n_in, bias=False)`` |
-| ``Conv2d(c_in, c_out, k, s, p, d)``, groups 1, zero padding | ``ConvTranspose2d(c_out, c_in, k, s, p, output_padding, d, bias=False)``, ``output_padding`` such that the output has the convolution's input shape exactly |
+| ``Conv2d(c_in, c_out, k, s, p, d)`` | ``ConvTranspose2d(c_out, c_in, k, s, p, output_padding, d, bias=False)``, exact shape |
 | ``MaxPool2d``, ``AvgPool2d``, adaptive 2-d pools | ``Upsample(size=input size, mode="nearest")`` |
 | ``Flatten``, ``Unflatten`` | ``Unflatten`` / ``Flatten`` back to the input's shape |
 | batch norm, dropout, activations, ``Identity`` | nothing (skipped) |
 | anything else | refused: give ``feedback=`` |
+
+(Convolutions with groups 1 and zero padding; ``output_padding`` makes the output the convolution's input shape.)
 
 Nearest upsampling is chosen over ``MaxUnpool2d`` because a target has no pooling indices of its own (the indices of
 the forward pass belong to ``h_i``, not to ``h^_i``). Feedback weights are drawn Gaussian with std ``1/sqrt(fan-in)``
@@ -399,7 +401,10 @@ class Block(Layer):
                 for pos, leaf in leaves(self.module):
                     try:
                         out = leaf(h)
-                    except (RuntimeError, ValueError, TypeError) as err:  # a shape the module cannot take: say which
+                    except RuntimeError as err:
+                        if not type(leaf).__module__.startswith("torch.nn."):
+                            raise  # a module of your own: its error as it is
+                        # a torch module refusing the shape (a wrong input_shape or split): say which, with torch's words
                         raise ConfigError(f"block module {pos} ({type(leaf).__name__}) cannot take inputs of shape "
                                           f"{tuple(h.shape[1:])}: {str(err).splitlines()[0][:160]}") from err  # fmt: skip
                     if not isinstance(out, Tensor):
@@ -670,10 +675,10 @@ def convert(
     feedback: dict[int, nn.Module] | None = None,
     input_shape: Sequence[int] | None = None,
 ) -> Network:
-    """A rule's network of :class:`Block` s from a sequential PyTorch model (the model's own modules, not copies: training
+    """A rule's network of blocks (:class:`Block`) from a sequential PyTorch model (the model's own modules, not copies: training
     the rule trains the model).
 
-    Nested ``nn.Sequential`` s are flattened to their modules. The default split: a block ends after each weighted
+    Nested sequentials (``nn.Sequential``) are flattened to their modules. The default split: a block ends after each weighted
     module (``Linear``, a convolution, or a module of your own with parameters) together with the non-weighted modules
     that follow it (normalisation, activation, pooling, dropout, flatten) up to the next weighted module; modules before
     the first weighted one join the first block.
@@ -723,11 +728,11 @@ def convert(
     blocks, shape = [], None if input_shape is None else tuple(input_shape)
     for b, (start, end) in enumerate(zip(starts, starts[1:] + [len(found)]), start=1):
         group = nn.Sequential(*[m for _, m in found[start:end]])
-        where = ", ".join(p for p, _ in found[start:end])
+        where = ("modules " if end - start > 1 else "module ") + ", ".join(p for p, _ in found[start:end])
         try:
             block = Block(group, input_shape=shape, feedback=feedback.get(b))
         except ConfigError as err:  # say which block (modules at which positions) the message is about
-            raise ConfigError(f"block {b} (modules {where}): {err}") from err
+            raise ConfigError(f"block {b} ({where}): {err}") from err
         blocks.append(block)
         shape = block.out_shape
     return Network(blocks)

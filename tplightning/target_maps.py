@@ -19,7 +19,10 @@ A target map turns the target of layer ``i + 1`` into the target of layer ``i``.
 
 With a dense ``f_{i+1}`` the maps and their feedback gradients are closed forms; with a convolution
 ``Q`` is a transposed convolution (see :meth:`tplightning.layers.Layer.transpose`) and the feedback
-gradient comes from autograd on the same loss.
+gradient comes from autograd on the same loss. With a block ``f_{i+1}`` (:class:`~tplightning.blocks.Block`, any
+``nn.Module``) the learned maps hold the block's feedback *module* ``G_{i+1}`` where they would hold ``Q``
+(:attr:`_LearnedMap.operator`; ``transpose`` applies it), with the same losses and autograd gradients over its
+parameters; the maps that need a matrix or ``s^{-1}`` (exact inverses, the thesis form) refuse a block by name.
 
 A map sees one training step through a :class:`Step`: the forward pass ``[h_0..h_L]``, ``[a_1..a_L]``,
 (for :class:`GradientTarget`) the output error ``e_L = dl/dh_L`` and ``eta^``, and (for the DRL maps, whose loss runs a

@@ -444,7 +444,7 @@ class LearningRule(CheckpointState, pl.LightningModule, metaclass=_AbstractRule)
             from the output, ``-1`` is the output layer); ``None`` trains all.
         network: the layers to train instead of the MLP of ``sizes`` (e.g. a small CNN: a list of
             :class:`~tplightning.layers.Conv2d` and :class:`~tplightning.layers.Dense`), or a PyTorch model: an
-            ``nn.Sequential`` or a list of torch modules, split into :class:`~tplightning.blocks.Block` s by
+            ``nn.Sequential`` or a list of torch modules, split into blocks (:class:`~tplightning.blocks.Block`) by
             :func:`~tplightning.blocks.convert`; ``sizes``, ``activation``, ``negative_slope``, ``bias``, ``init_std`` and
             ``init`` then do not apply.
         norm_guard: training stops (:class:`DivergenceError`) when a parameter's norm exceeds ``norm_guard`` times
