@@ -361,3 +361,17 @@ def test_blocks_the_family_cannot_serve_are_refused_naming_them():
                        Dense(16, 3, activation="linear")])  # fmt: skip
     with pytest.raises(ConfigError, match=r"^DFA sends the output layer's pre-activation error .* ends with Tanh\(\)"):
         tp.DFA(network=nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 6), nn.Tanh()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["BRSF", "KP"])
+def test_ddp_replicas_stay_identical(name, tmp_path):
+    """brSF's magnitudes come from one seed on every rank and KP's B take the all-reduced gradient: replicas agree."""
+    from conftest import fit_ddp_replicas, make_rule, weights_of
+
+    extra = {"forward_optimizer": sgd(0.01, 0.1)} if name == "KP" else {}
+    rank0, rank1 = fit_ddp_replicas(make_rule(name, sizes=(6, 6, 6, 6), **extra), tiny_data(sizes=(6, 6, 6, 6)), tmp_path, max_epochs=2)
+    for a, b in zip(rank0, rank1):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    initial = weights_of(make_rule(name, sizes=(6, 6, 6, 6), **extra))
+    assert any(not torch.equal(a, b) for a, b in zip(rank0, initial) if a.shape == b.shape)
