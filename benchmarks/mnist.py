@@ -323,6 +323,8 @@ def hyper_parameters(config: str, overrides: Sequence[str] = ()) -> str:
     if (network := get("model.init_args.network")) is not None:  # the layers name their own activation and init
         parts = [f"{len(network)} layers ({', '.join(spec['class_path'].rsplit('.', 1)[-1] for spec in network)}), "
                  f"{network[0]['init_args'].get('activation', 'tanh')}, init {network[0]['init_args'].get('init', 'gaussian')}"]
+        if network[0]["class_path"].startswith("torch."):  # torch modules: their own activations, PyTorch's initial weights
+            parts = [f"{len(network)} torch modules ({', '.join(spec['class_path'].rsplit('.', 1)[-1] for spec in network)})"]
     parts.append(f"fwd {opt('forward_optimizer')}")
     if (fb := opt("feedback_optimizer")) is not None:
         parts.append(f"fb {fb}")
@@ -334,6 +336,10 @@ def hyper_parameters(config: str, overrides: Sequence[str] = ()) -> str:
         v = get(f"model.init_args.{key}")
         if v is not None:
             parts.append(f"{label} {v:g}" if isinstance(v, float) else f"{label} {v}")
+    for cb in get("trainer.callbacks") or []:
+        if isinstance(cb, dict) and cb.get("class_path", "").endswith("StepSchedule"):
+            args = cb.get("init_args") or {}
+            parts.append(f"lr × {args.get('gamma', 0.1):g} at {', '.join(f'{m:g}' for m in args.get('milestones', (0.5, 0.75)))} of the epochs")
     parts.append(f"batch {get('data.init_args.batch_size')}")
     return ", ".join(parts)
 

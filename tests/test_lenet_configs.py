@@ -176,3 +176,21 @@ def test_cifar10_config_trains_two_steps_on_fake_batches(stem, root, one_thread)
     assert 0.0 <= out["test_metrics"]["test/acc"] <= 1.0
     n_blocks = {"vgg": 6, "resnet": 8}[stem.split("_")[0]]
     assert len(rule.net.layers) == n_blocks
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark's table
+def test_lenet_rows_get_their_own_table_beside_biotorchs_row():
+    from benchmarks.mnist import hyper_parameters, render
+
+    runs = [{"seed": s, "test_error": e, "best_val_acc": 0.99, "best_epoch": 3, "epochs_run": 3, "seconds": 10.0,
+             "seconds_per_epoch": 3.3, "diverged": False, "error": None, "val_acc": [0.9, 0.95, 0.99]}
+            for s, e in ((0, 1.0), (1, 1.2))]  # fmt: skip
+    rec = {"rule": "LeNet-FA", "config": "mnist/lenet_fa.yaml", "hparams": "h", "command": "c", "date": "d", "machine": "m",
+           "epochs": 3, "runs": runs}  # fmt: skip
+    text = render([rec])
+    fully_connected, lenet = text.split("### LeNet-5 on MNIST, beside biotorch")
+    assert "LeNet-FA" not in fully_connected and "| LeNet-FA | `configs/mnist/lenet_fa.yaml` | 1.10 ± 0.14 |" in lenet
+    assert "| FA | 1.10 ± 0.14 (2 seeds, 3 epochs) | 1.70 |" in lenet  # sd of 1.0 and 1.2: 0.1414
+    assert "| DFA | – | 1.61 |" in lenet and "| KP | – | not in biotorch |" in lenet
+    words = hyper_parameters("mnist/lenet_bp.yaml")
+    assert words.startswith("13 torch modules (Unflatten, Conv2d, ReLU, MaxPool2d,") and "lr × 0.1 at 0.5, 0.75 of the epochs" in words
