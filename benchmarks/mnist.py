@@ -129,6 +129,13 @@ ROW_KIND = common.Kind("mnist-row", {"rule": "str", "config": "str", "hparams": 
                                      "machine": "str", "epochs": "int|null", "runs": "list"}, key=("rule",), check=_runs_problem)  # fmt: skip
 
 
+#: LeNet-5 rows: (rule name, config stem after ``lenet_``)
+LENET_RULES = (("BP", "bp"), ("FA", "fa"), ("DFA", "dfa"), ("USF", "usf"), ("BRSF", "brsf"), ("FRSF", "frsf"), ("KP", "kp"),
+               ("DDTPLinear", "ddtp_linear"), ("LDRL", "ldrl"))  # fmt: skip
+#: biotorch's published LeNet MNIST top-1 test errors % (Sanfiz & Akrout 2021, Benchmarks.md; one run each, 100 epochs,
+#: checkpoint chosen on the test set); rules it does not have are absent
+BIOTORCH_LENET = {"BP": "0.91", "FA": "1.70", "DFA": "1.61", "USF": "0.94", "BRSF": "0.91", "FRSF": "0.97"}
+
 RULES = {
     r.name: r
     for r in [
@@ -148,10 +155,13 @@ RULES = {
         Rule("CCL", "mnist/ccl.yaml"),
         Rule("CNN-BP", "mnist/cnn_bp.yaml"),
         Rule("CNN-LeeDTP", "mnist/cnn_lee_dtp.yaml"),
+        *(Rule(f"LeNet-{name}", f"mnist/lenet_{stem}.yaml") for name, stem in LENET_RULES),
     ]
 }
 #: rows of the convolutional network (mnist/cnn_*.yaml), rendered as a table of their own
 CNN = ("CNN-BP", "CNN-LeeDTP")
+#: rows of LeNet-5 (mnist/lenet_*.yaml), rendered as a table of their own beside biotorch's published row
+LENET = tuple(f"LeNet-{name}" for name, _ in LENET_RULES)
 
 #: thesis table 3.1 (from Bartunov et al. 2018): test error % on MNIST and CIFAR-10, Adam, best of 500 epochs.
 THESIS = [("BP", "1.48", "41.32"), ("FA", "1.85", "41.97"), ("DTP", "1.83", "42.32"), ("AO-SDTP", "1.86", "45.40"),
@@ -365,6 +375,8 @@ def hyper_parameters(config: str, overrides: Sequence[str] = ()) -> str:
     if (network := get("model.init_args.network")) is not None:  # the layers name their own activation and init
         parts = [f"{len(network)} layers ({', '.join(spec['class_path'].rsplit('.', 1)[-1] for spec in network)}), "
                  f"{network[0]['init_args'].get('activation', 'tanh')}, init {network[0]['init_args'].get('init', 'gaussian')}"]
+        if network[0]["class_path"].startswith("torch."):  # torch modules: their own activations, PyTorch's initial weights
+            parts = [f"{len(network)} torch modules ({', '.join(spec['class_path'].rsplit('.', 1)[-1] for spec in network)})"]
     parts.append(f"fwd {opt('forward_optimizer')}")
     if (fb := opt("feedback_optimizer")) is not None:
         parts.append(f"fb {fb}")
@@ -376,6 +388,10 @@ def hyper_parameters(config: str, overrides: Sequence[str] = ()) -> str:
         v = get(f"model.init_args.{key}")
         if v is not None:
             parts.append(f"{label} {v:g}" if isinstance(v, float) else f"{label} {v}")
+    for cb in get("trainer.callbacks") or []:
+        if isinstance(cb, dict) and cb.get("class_path", "").endswith("StepSchedule"):
+            args = cb.get("init_args") or {}
+            parts.append(f"lr × {args.get('gamma', 0.1):g} at {', '.join(f'{m:g}' for m in args.get('milestones', (0.5, 0.75)))} of the epochs")
     parts.append(f"batch {get('data.init_args.batch_size')}")
     return ", ".join(parts)
 
@@ -443,7 +459,7 @@ def curve_bands(records: Sequence[dict]) -> dict[str, tuple[list[float], list[fl
 def plot_curves(records: Sequence[dict], path: Path) -> Path | None:
     """Validation accuracy against epoch of the fully connected rows, one line per rule with a band of ± one sd over
     seeds, written to ``path``; None (nothing written) when no record has curves."""
-    bands = curve_bands([rec for rec in records if rec["rule"] not in CNN])
+    bands = curve_bands([rec for rec in records if rec["rule"] not in CNN + LENET])
     if not bands:
         return None
     import matplotlib
@@ -477,7 +493,7 @@ def plot_curves(records: Sequence[dict], path: Path) -> Path | None:
 def render(records: Sequence[dict], figure: Path | None = None) -> str:
     """The Markdown block (without markers) of the per-rule records (:func:`read_records`); ``figure``: the
     curves figure to show below the table (a path whose last two parts are its link from the Markdown file)."""
-    fc = [rec for rec in records if rec["rule"] not in CNN]
+    fc = [rec for rec in records if rec["rule"] not in CNN + LENET]
     cnn = [rec for rec in records if rec["rule"] in CNN]
     cnn_table = [
         "",
@@ -512,7 +528,40 @@ def render(records: Sequence[dict], figure: Path | None = None) -> str:
         "|---|---|---|",
         *(f"| {n} | {e} | {c} |" for n, e, c in THESIS),
         *cnn_table,
+        *lenet_table(records),
     ])  # fmt: skip
+
+
+def lenet_table(records: Sequence[dict]) -> list[str]:
+    """The Markdown lines of the LeNet-5 section (empty without LeNet rows): our runs, then our mean error beside
+    biotorch's published one per rule."""
+    lenet = [rec for rec in records if rec["rule"] in LENET]
+    if not lenet:
+        return []
+    epochs = sorted({rec["epochs"] for rec in lenet if rec["epochs"] is not None})
+    ours = {}
+    for rec in lenet:
+        errs = [r["test_error"] for r in rec["runs"] if not r["diverged"] and r["test_error"] is not None]
+        ours[rec["rule"]] = f"{_fmt(errs)} ({len(errs)} seed{'s' * (len(errs) != 1)}, {rec['epochs']} epochs)" if errs else "–"
+    return [
+        "",
+        "### LeNet-5 on MNIST, beside biotorch (`configs/mnist/lenet_*.yaml`)",
+        "",
+        "biotorch's LeNetMNIST written as torch modules and converted into blocks (conv 5x5 1->6 with padding 2 on the 28x28 "
+        "images, ReLU, max-pool 2; conv 5x5 6->16, ReLU, max-pool 2; conv 5x5 16->120, ReLU; linear 120->84, ReLU; "
+        "linear 84->10), torch's default initial weights; SGD with momentum 0.9 and weight decay 1e-3, batch 64, the "
+        "learning rate divided by 10 at 50 % and 75 % of the epochs run "
+        f"({', '.join(map(str, epochs))} epochs here against biotorch's 100: this machine's CPU budget; the configs' headers "
+        "and docs/RESULTS.md's LeNet section say how they and the learning rates were chosen); same 55k/5k split, scoring "
+        "and selection on the validation images as above.",
+        "",
+        *HEAD,
+        *_rows(lenet),
+        "",
+        "| rule | test error % here (mean ± sd) | biotorch, published (one run, 100 epochs, best epoch chosen on the test set) |",
+        "|---|---|---|",
+        *(f"| {name} | {ours.get(f'LeNet-{name}', '–')} | {BIOTORCH_LENET.get(name, 'not in biotorch')} |" for name, _ in LENET_RULES),
+    ]
 
 
 def read_records(out: Path) -> list[dict]:

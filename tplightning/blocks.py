@@ -71,7 +71,7 @@ from .functional import Activation, get_activation
 from .layers import Layer, Network
 from .losses import D, LocalScaling
 
-__all__ = ["Block", "convert", "describe_module", "build_module", "ModuleActivation", "AutoFeedback", "DESCRIBERS"]
+__all__ = ["Block", "convert", "describe_module", "build_module", "ModuleActivation", "AutoFeedback", "Residual", "DESCRIBERS"]
 
 #: modules with weights: each starts a new block in :func:`convert`'s default split
 WEIGHTED = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -303,6 +303,37 @@ class AutoFeedback(nn.Sequential):
     @property
     def mirrors(self) -> tuple[tuple[int, nn.Module], ...]:
         return self._mirrors
+
+
+class Residual(nn.Module):
+    """``x + F(x)``: a residual connection around the modules ``F`` (He et al. 2016, eq. 1), whose output has the shape of
+    its input. The activation after the sum (He et al.'s ``ReLU``) is the module that follows it in the model, so that
+    :func:`convert` makes ``Residual -> ReLU`` one block whose trailing activation is the ``ReLU``.
+
+    In a block, the automatic feedback module mirrors it as a residual too: ``G(v) = v + G_F(v)``, ``G_F`` the mirror of
+    ``F``'s modules (:meth:`Block.make_feedback`'s rule, weights drawn at random; ``feedback_init='pinv'`` leaves them so).
+
+    Args:
+        modules: the modules of ``F`` in order (torch modules, or ``{class_path, init_args}`` specs as configs and
+            checkpoints give them).
+
+    >>> block = Residual([nn.Linear(3, 3), nn.Tanh()])
+    >>> x = torch.ones(2, 3)
+    >>> torch.equal(block(x), x + block.body(x))
+    True
+    """
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        super().__init__()
+        self.body = nn.Sequential(*[build_module(m) for m in modules])
+        self._init_args = {"modules": [describe_module(m) for m in self.body]}  # how describe_module records it
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+    def mirror(self, in_shape: Sequence[int]) -> nn.Module:
+        """The feedback module of this residual for inputs of shape ``in_shape``: ``v + G_F(v)``."""
+        return Residual(list(Block(self.body, input_shape=in_shape).make_feedback()))
 
 
 class Block(Layer):
@@ -552,6 +583,8 @@ class Block(Layer):
             return back
         if isinstance(leaf, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             return nn.Upsample(size=tuple(in_shape[1:]), mode="nearest")
+        if isinstance(leaf, Residual):
+            return leaf.mirror(in_shape)
         if isinstance(leaf, (nn.Flatten, nn.Unflatten)):  # back to the input's shape
             return nn.Flatten(1) if len(in_shape) == 1 else nn.Unflatten(1, in_shape)
         raise ConfigError(f"{self.describe()}: module {pos} ({type(leaf).__name__}) has no automatic feedback module "

@@ -12,7 +12,7 @@ from .checkpoints import install_atomic_io
 from .data.base import derive_seed
 from .errors import ConfigError
 
-__all__ = ["InitNearTeacher", "Checkpoint", "ReapplyOptimizerConfig", "resume_mid_epoch", "keep_epoch_open"]
+__all__ = ["InitNearTeacher", "Checkpoint", "ReapplyOptimizerConfig", "StepSchedule", "resume_mid_epoch", "keep_epoch_open"]
 
 
 class InitNearTeacher(pl.Callback):
@@ -191,6 +191,53 @@ def keep_epoch_open(checkpoint: dict) -> None:
 
 #: optimizer hyper-parameters that a resumed run may take from the config instead of the checkpoint
 _STATE_FREE = ("params", "initial_lr")
+
+
+class StepSchedule(pl.Callback):
+    """Step learning-rate schedule at fractions of training: every optimizer's learning rates are multiplied by ``gamma``
+    at each milestone, as ``torch.optim.lr_scheduler.MultiStepLR`` stepped once per epoch, with the milestones given as
+    fractions of ``trainer.max_epochs`` (so a shortened run keeps the schedule's shape).
+
+    Epoch ``e`` (0-based) of ``E`` runs at ``lr_0 * gamma ** #{m in milestones : e >= floor(m * E)}``; with the default
+    milestones (0.5, 0.75) and ``E = 100`` the rate drops at epochs 50 and 75, the schedule of biotorch's benchmarks
+    (Sanfiz & Akrout 2021, ``MultiStepLR(milestones=[50, 75], gamma=0.1)``). ``lr_0`` is each parameter group's
+    configured rate, kept in the group as ``initial_lr`` (saved with the optimizer, so a resumed run continues the
+    schedule). It replaces the rule's own linear decay, which must be off (``lr_final_factor: 1.0``). It applies to
+    every optimizer of the rule (the forward one and, for learned feedback, the feedback one), as the linear decay does.
+
+    Args:
+        milestones: increasing fractions of training in ``(0, 1)`` at which the rates drop.
+        gamma: the factor in ``(0, 1]`` applied at each milestone.
+
+    >>> schedule = StepSchedule(milestones=(0.5, 0.75), gamma=0.1)
+    >>> [schedule.factor(e, epochs=8) for e in range(8)]
+    [1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.010000000000000002, 0.010000000000000002]
+    """
+
+    def __init__(self, milestones: Sequence[float] = (0.5, 0.75), gamma: float = 0.1):
+        milestones = [float(m) for m in milestones]
+        if not milestones or any(not 0 < m < 1 for m in milestones) or milestones != sorted(milestones):
+            raise ConfigError(f"StepSchedule milestones must be increasing fractions of training in (0, 1), got {milestones}")
+        if not 0 < gamma <= 1:
+            raise ConfigError(f"StepSchedule gamma must be in (0, 1], got {gamma}")
+        self.milestones, self.gamma = milestones, float(gamma)
+
+    def factor(self, epoch: int, epochs: int) -> float:
+        """The multiplier of the initial rates in epoch ``epoch`` (0-based) of ``epochs``."""
+        return self.gamma ** sum(epoch >= int(m * epochs) for m in self.milestones)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "lr_final_factor", 1.0) != 1.0:
+            raise ConfigError(f"StepSchedule replaces the rule's linear learning-rate decay: set the rule's lr_final_factor "
+                              f"to 1.0 (got {pl_module.lr_final_factor})")  # fmt: skip
+        if trainer.max_epochs is None or trainer.max_epochs < 1:
+            raise ConfigError(f"StepSchedule needs trainer.max_epochs >= 1 (its milestones are fractions of it), got {trainer.max_epochs}")
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        f = self.factor(trainer.current_epoch, trainer.max_epochs)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * f
 
 
 def _hyperparameters(optimizer) -> list[dict]:
