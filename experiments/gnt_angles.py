@@ -22,15 +22,17 @@ method and layer of their figure script. Conversions: their loss is the batch *m
 ``eta`` is ``eta / 128`` in ours (per-sample errors); ``normalize_lr`` divides their forward rate by ``eta``; their
 feedback losses average over the layer's units as well, so our feedback gradients are ``n_i / 2 = 128`` times theirs
 and their feedback Adam's ``eps`` and weight decay are multiplied by 128 here (:data:`FEEDBACK_SCALE`); their
-random feedback weights are Xavier normal (ours are drawn here with the rule's ``feedback_seed``). Differences left:
-our feedback maps have no biases; float32 training (the angles are computed in float64).
+random feedback weights are Xavier normal (``feedback_init="xavier_normal"``, drawn when the rule is built after
+``seed_everything(seed)``) and their feedback maps have biases inside the feedback nonlinearity, starting at 0
+(``feedback_bias=True``; DDTP-linear's linear direct map has none here: a bias cancels in its difference target and
+its loss, so it would stay at 0). Difference left: float32 training (the angles are computed in float64).
 
 Output: ``gnt_angles.json`` (per rule: the settings, every logged angle with its forward step, and the mean of the
 last ``--tail`` logs per layer) and ``gnt_angles.png``; a rule already in the JSON is skipped (``--force`` reruns it),
 so an interrupted run resumes after the last finished rule. ``--subset`` trains on the first N training images
 (shuffled split), ``--pretrain`` overrides the pre-training epochs, ``--set RULE.key=value`` any rule argument (JSON
 value; ``forward_lr``, ``feedback_lr``, ``feedback_eps`` and ``feedback_adam_wd`` replace one optimizer setting alone, ``top_feedback_std`` rescales the top feedback
-matrix's draw to that std), ``--search N`` runs the authors' damping search
+matrix's draw to that std; ``feedback_init="random"`` and ``feedback_bias=false`` give the library's defaults), ``--search N`` runs the authors' damping search
 (:func:`tplightning.diagnostics.damping_search`, their grid) after training on every ``--every``-th of the first
 batches, N of them, and stores the chosen dampings, e.g. ``--set DRL.feedback_first=false`` (the
 investigation of docs/experiments.md).
@@ -42,7 +44,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -101,15 +102,17 @@ COMMON = {"activation": "tanh", "output_activation": "linear", "loss": "cross_en
 
 
 def build(name: str, sizes: Sequence[int], overrides: dict | None = None, seed: int = 0):
-    """The rule ``name`` at the protocol (``overrides`` replace arguments; ``feedback_init='xavier'`` draws Xavier-normal
-    ``Q`` here, the authors' random feedback)."""
+    """The rule ``name`` at the protocol (``overrides`` replace arguments): the authors' Xavier-normal random feedback
+    and, in the original form ``s_i(Q_i h + d_i)``, their feedback biases."""
     cls_name, kwargs, _ = RULES[name]
     cls = getattr(tp, cls_name)
     args = {**COMMON, "sizes": list(sizes), **kwargs}
     if hasattr(cls, "feedback_first"):  # the DRL family: the authors' feedback-before-forward order, random feedback
-        args.update(feedback_first=True, feedback_init="xavier")
+        args.update(feedback_first=True, feedback_init="xavier_normal")
     elif cls_name == "OriginalDTP":
-        args["feedback_init"] = "xavier"
+        args["feedback_init"] = "xavier_normal"
+    if issubclass(cls, tp.OriginalDTP):  # DTP, DRL, L-DRL: g_i(h) = tanh(Q_i h + d_i) as theirs
+        args["feedback_bias"] = True
     overrides = dict(overrides or {})
     for key, opt, name in (("forward_lr", "forward_optimizer", "lr"), ("feedback_lr", "feedback_optimizer", "lr"),
                            ("feedback_eps", "feedback_optimizer", "eps"), ("feedback_adam_wd", "feedback_optimizer", "weight_decay")):  # fmt: skip
@@ -117,16 +120,8 @@ def build(name: str, sizes: Sequence[int], overrides: dict | None = None, seed: 
             args[opt] = functools.partial(args[opt].func, *args[opt].args, **{**args[opt].keywords, name: overrides.pop(key)})
     args.update(overrides)
     top_std = args.pop("top_feedback_std", None)
-    xavier = args.get("feedback_init") == "xavier"
-    if xavier:
-        args["feedback_init"] = "random"
     pl.seed_everything(seed)
     rule = cls(**args)
-    if xavier:  # nn.init.xavier_normal_ of the authors' feedback weights, (n_i, n_{i+1}) or DDTP's (n_i, n_L)
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for Q in rule.feedback_weights:
-                Q.copy_(torch.randn(Q.shape, generator=gen) * math.sqrt(2.0 / sum(Q.shape)))
     if top_std is not None:  # the top feedback map alone rescaled to this std (the same draw)
         with torch.no_grad():
             Q = rule.feedback_weights[-1]

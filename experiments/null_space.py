@@ -12,8 +12,10 @@ SGD; the forward weights frozen (forward learning rate 0: the update measured is
 feedback-only epoch; the share every ``--every`` (theirs: 10) forward batches. Rules: ``DDTP-linear``
 (:class:`~tplightning.rules.drl.DDTPLinear`), ``DTP`` (:class:`~tplightning.rules.learned.OriginalDTP`, the authors'
 "DTP (pre-trained)") and ``DRL`` (:class:`~tplightning.rules.drl.DRL`, not in the paper's figure), with the authors'
-searched step sizes, feedback rates, ``sigma`` and feedback weight decay (DRL: DTP's). Their MSE is the mean over
-the 2 outputs and the batch of 1, whose gradient is ours (``1/2 ||o - y||^2``).
+searched step sizes, feedback rates, ``sigma`` and feedback weight decay (DRL: DTP's), and their Xavier-normal random
+feedback weights (``feedback_init="xavier_normal"``) with feedback biases in DTP's and DRL's ``tanh(Q_i h + d_i)``
+(``feedback_bias=True``; DDTP-linear's linear direct map has none: a bias would cancel in its targets and loss). Their
+MSE is the mean over the 2 outputs and the batch of 1, whose gradient is ours (``1/2 ||o - y||^2``).
 
 Output: ``null_space.json`` (per rule: every logged share per layer and their mean) and ``null_space.png``; a rule in
 the JSON is skipped (``--force`` reruns it).
@@ -82,13 +84,9 @@ def build(name: str, pretrain: int, seed: int = 0):
         sizes=SIZES, activation="tanh", output_activation="linear", loss="mse", bias=True, init="xavier_normal", lr_final_factor=1.0,
         forward_optimizer=functools.partial(torch.optim.SGD, lr=0.0), target_stepsize=eta,
         feedback_optimizer=functools.partial(torch.optim.SGD, lr=lr_fb, weight_decay=wd), feedback_noise_std=sigma,
-        feedback_init="random", feedback_pretrain_epochs=pretrain, feedback_extra_epochs=1,
-        **({"feedback_first": True} if cls_name != "OriginalDTP" else {}),
+        feedback_init="xavier_normal", feedback_pretrain_epochs=pretrain, feedback_extra_epochs=1,
+        feedback_bias=cls_name != "DDTPLinear", **({"feedback_first": True} if cls_name != "OriginalDTP" else {}),
     )  # fmt: skip
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # the authors' Xavier-normal random feedback weights
-        for Q in rule.feedback_weights:
-            Q.copy_(torch.randn(Q.shape, generator=gen) * math.sqrt(2.0 / sum(Q.shape)))
     return rule
 
 

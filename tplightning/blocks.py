@@ -68,7 +68,7 @@ from torch.func import functional_call
 from . import functional as F
 from .errors import ConfigError
 from .functional import Activation, get_activation
-from .layers import Layer, Network
+from .layers import Layer, Network, random_feedback
 from .losses import D, LocalScaling
 
 __all__ = ["Block", "convert", "describe_module", "build_module", "ModuleActivation", "AutoFeedback", "Residual", "DESCRIBERS"]
@@ -331,9 +331,10 @@ class Residual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.body(x)
 
-    def mirror(self, in_shape: Sequence[int]) -> nn.Module:
-        """The feedback module of this residual for inputs of shape ``in_shape``: ``v + G_F(v)``."""
-        return Residual(list(Block(self.body, input_shape=in_shape).make_feedback()))
+    def mirror(self, in_shape: Sequence[int], law: str = "random") -> nn.Module:
+        """The feedback module of this residual for inputs of shape ``in_shape``: ``v + G_F(v)``, ``G_F``'s weights drawn
+        under ``law`` (:meth:`Block.make_feedback`)."""
+        return Residual(list(Block(self.body, input_shape=in_shape).make_feedback(law)))
 
 
 class Block(Layer):
@@ -550,41 +551,42 @@ class Block(Layer):
             return torch.autograd.grad(out, x, grad_outputs=v.reshape(out.shape))[0]
 
     # ----------------------------------------------------------------------------- feedback
-    def make_feedback(self) -> nn.Module:
+    def make_feedback(self, law: str = "random") -> nn.Module:
         """The feedback module ``G_i`` (this block's output shape -> its input shape) a learned map of the layer below
-        owns: the module given as ``feedback``, or the mirror of the block (the table in :mod:`tplightning.blocks`),
-        weights drawn Gaussian with std ``1/sqrt(fan-in)`` from torch's global generator."""
+        owns: the module given as ``feedback`` (its weights as given), or the mirror of the block (the table in
+        :mod:`tplightning.blocks`), each mirrored weight drawn by :func:`~tplightning.layers.random_feedback` under
+        ``law`` (default: Gaussian with std ``1/sqrt(fan-in)``) from torch's global generator."""
         if self._feedback is not None:
             return self._feedback[0]
         modules, mirrors = [], []
         for pos, leaf, in_shape, out_shape in reversed(self._trace):
             if isinstance(leaf, _SKIPPED_IN_FEEDBACK):
                 continue
-            back = self._mirror(pos, leaf, in_shape, out_shape)
+            back = self._mirror(pos, leaf, in_shape, out_shape, law)
             if isinstance(leaf, WEIGHTED):
                 mirrors.append((len(modules), leaf))
             modules.append(back)
         return AutoFeedback(modules, mirrors)
 
-    def _mirror(self, pos: str, leaf: nn.Module, in_shape: tuple, out_shape: tuple) -> nn.Module:
+    def _mirror(self, pos: str, leaf: nn.Module, in_shape: tuple, out_shape: tuple, law: str) -> nn.Module:
         W = getattr(leaf, "weight", None)
         like = {"dtype": W.dtype, "device": W.device} if W is not None else {}
         if type(leaf) is nn.Linear:
             back = nn.Linear(leaf.out_features, leaf.in_features, bias=False, **like)
             with torch.no_grad():
-                back.weight.copy_(torch.randn(leaf.in_features, leaf.out_features, **like) / leaf.out_features**0.5)
+                back.weight.copy_(random_feedback((leaf.in_features, leaf.out_features), leaf.out_features, law, like=W))
             return back
         if type(leaf) is nn.Conv2d and leaf.groups == 1 and not isinstance(leaf.padding, str) and leaf.padding_mode == "zeros":
             k, s, p, d = leaf.kernel_size, leaf.stride, leaf.padding, leaf.dilation
             extra = [n - ((m - 1) * s[j] - 2 * p[j] + d[j] * (k[j] - 1) + 1) for j, (n, m) in enumerate(zip(in_shape[1:], out_shape[1:]))]
             back = nn.ConvTranspose2d(leaf.out_channels, leaf.in_channels, k, s, p, output_padding=tuple(extra), dilation=d, bias=False, **like)
             with torch.no_grad():
-                back.weight.copy_(torch.randn(*leaf.weight.shape, **like) / (leaf.out_channels * k[0] * k[1]) ** 0.5)
+                back.weight.copy_(random_feedback(leaf.weight.shape, leaf.out_channels * k[0] * k[1], law, like=W))
             return back
         if isinstance(leaf, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             return nn.Upsample(size=tuple(in_shape[1:]), mode="nearest")
         if isinstance(leaf, Residual):
-            return leaf.mirror(in_shape)
+            return leaf.mirror(in_shape, law)
         if isinstance(leaf, (nn.Flatten, nn.Unflatten)):  # back to the input's shape
             return nn.Flatten(1) if len(in_shape) == 1 else nn.Unflatten(1, in_shape)
         raise ConfigError(f"{self.describe()}: module {pos} ({type(leaf).__name__}) has no automatic feedback module "

@@ -36,7 +36,7 @@ from .errors import ConfigError
 from .functional import Activation, get_activation
 from .losses import D, LocalScaling
 
-__all__ = ["Layer", "Dense", "AuxiliaryDense", "Conv2d", "Network", "dense_stack", "build_network", "check_sizes", "build_layer", "resolve_layers"]
+__all__ = ["Layer", "Dense", "AuxiliaryDense", "Conv2d", "Network", "dense_stack", "build_network", "check_sizes", "build_layer", "resolve_layers", "random_feedback", "sign_feedback_scales", "FEEDBACK_LAWS"]
 
 
 def check_sizes(sizes: Sequence[int]) -> list[int]:
@@ -141,12 +141,13 @@ class Layer(nn.Module, metaclass=ABCMeta):
     def adjoint(self) -> Tensor:
         """The transposed weight ``W^T`` in :meth:`feedback_shape` (a feedback weight that starts as the adjoint)."""
 
-    def make_feedback(self) -> Tensor | nn.Module:
-        """A fresh feedback operator ``M`` for :meth:`transpose`, as the learned maps draw it: a Gaussian parameter of
-        :meth:`feedback_shape` with std ``1/sqrt(feedback_fan_in)`` from torch's global generator (a
-        :class:`~tplightning.blocks.Block` returns a feedback module instead)."""
+    def make_feedback(self, law: str = "random") -> Tensor | nn.Module:
+        """A fresh feedback operator ``M`` for :meth:`transpose`, as the learned maps draw it: a parameter of
+        :meth:`feedback_shape` drawn by :func:`random_feedback` under ``law`` (default: Gaussian with std
+        ``1/sqrt(feedback_fan_in)``) from torch's global generator (a :class:`~tplightning.blocks.Block` returns a
+        feedback module instead)."""
         W = self.weight
-        return nn.Parameter(torch.randn(*self.feedback_shape(), dtype=W.dtype, device=W.device) / self.feedback_fan_in**0.5)
+        return nn.Parameter(random_feedback(self.feedback_shape(), self.feedback_fan_in, law, like=W))
 
     @torch.no_grad()
     def init_feedback(self, M: Tensor | nn.Module, gamma: float = 0.0) -> None:
@@ -504,6 +505,56 @@ def build_layer(spec: Layer | dict) -> Layer:
 #: normal (Gaussian with std ``sqrt(2 / (fan_in + fan_out))``, Glorot & Bengio 2010; Meulemans et al. 2020's
 #: ``initialization: xavier_normal``)
 INITS = ("gaussian", "orthogonal", "xavier_normal")
+
+
+#: the laws of a random feedback weight (:func:`random_feedback`): the library's Gaussian with std ``1/sqrt(fan-in)``,
+#: and Glorot & Bengio (2010)'s Xavier normal and Xavier uniform laws
+FEEDBACK_LAWS = ("random", "xavier_normal", "xavier_uniform")
+
+
+def sign_feedback_scales(feedback_shape: Sequence[int]) -> tuple[float, float]:
+    """``(sqrt(2 / (fan_in + fan_out)), sqrt(6 / (fan_in + fan_out)))`` of a weight: the std of a Xavier (Glorot) law and the
+    bound ``a`` of Xavier's uniform law ``U(-a, a)`` (Glorot & Bengio 2010, eq. 16 with ``sqrt(6)``), the scales biotorch gives
+    sign-concordant feedback. ``fan_in + fan_out`` is symmetric in the two leading dimensions, so the weight's shape or its
+    transpose's give the same numbers: for a dense ``(n_out, n_in)`` weight it is ``n_out + n_in``, for a
+    ``(C_out, C_in, k, k)`` kernel ``(C_out + C_in) k^2`` (what ``torch.nn.init.xavier_normal_`` computes).
+
+    >>> sign_feedback_scales((3, 5))  # dense: sqrt(2/8), sqrt(6/8)
+    (0.5, 0.8660254037844386)
+    >>> sign_feedback_scales((2, 1, 3, 3))[0] == (2 / 27) ** 0.5
+    True
+    """
+    n = (feedback_shape[0] + feedback_shape[1]) * math.prod(feedback_shape[2:])
+    return (2 / n) ** 0.5, (6 / n) ** 0.5
+
+
+def random_feedback(shape: Sequence[int], fan_in: int, law: str = "random", *, like: Tensor | None = None) -> Tensor:
+    """A random feedback weight of ``shape`` (a feedback shape: ``W^T``'s for a dense map, the kernel's for a convolution)
+    drawn from torch's global generator under ``law``, in ``like``'s dtype and device:
+
+    * ``random``: Gaussian with std ``1/sqrt(fan_in)``, ``fan_in`` the inputs per unit of the map back (the library's
+      default for every random feedback matrix; one ``torch.randn`` call, so seeded runs keep their numbers);
+    * ``xavier_normal``: Gaussian with std ``sqrt(2 / (fan_in + fan_out))`` of the flattened weight (Glorot & Bengio 2010;
+      ``torch.nn.init.xavier_normal_``'s fans, :func:`sign_feedback_scales`), the law of Meulemans et al. (2020)'s feedback;
+    * ``xavier_uniform``: ``U(-a, a)`` with ``a = sqrt(6 / (fan_in + fan_out))`` (biotorch's feedback alignment draws).
+
+    ``fan_in`` is used by ``random`` only (Xavier's fans follow from ``shape``). A
+    :class:`~tplightning.errors.ConfigError` names ``feedback_init`` for an unknown law.
+
+    >>> _ = torch.manual_seed(0)
+    >>> B = random_feedback((1000, 10), 10, "xavier_uniform")
+    >>> round(float(B.abs().max()), 2), round(sign_feedback_scales((1000, 10))[1], 2)  # within Xavier's bound
+    (0.08, 0.08)
+    """
+    like = {} if like is None else {"dtype": like.dtype, "device": like.device}
+    if law == "random":
+        return torch.randn(*shape, **like) / fan_in**0.5
+    std, bound = sign_feedback_scales(shape)
+    if law == "xavier_normal":
+        return torch.randn(*shape, **like) * std
+    if law == "xavier_uniform":
+        return (2 * torch.rand(*shape, **like) - 1) * bound
+    raise ConfigError(f"feedback_init must be one of {', '.join(map(repr, FEEDBACK_LAWS))} for a random draw, got {law!r}")
 
 
 def _initial_weight(shape: tuple[int, int], init: str, init_std: float | None, generator: torch.Generator | None) -> Tensor:

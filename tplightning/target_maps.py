@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .errors import ConfigError
 from .blocks import Block
-from .layers import AuxiliaryDense, Conv2d, Dense, Layer
+from .layers import FEEDBACK_LAWS, AuxiliaryDense, Conv2d, Dense, Layer, random_feedback, sign_feedback_scales
 
 __all__ = [
     "Step",
@@ -330,6 +330,11 @@ class ExactInverse(_LinearAfterInverse):
         return logs, reinvert
 
 
+#: the initial feedback weights of the learned maps: the forward weights' (regularised) pseudo-inverse, or a random draw
+#: under one of :data:`~tplightning.layers.FEEDBACK_LAWS`
+LEARNED_INITS = ("pinv", "regularised", *FEEDBACK_LAWS)
+
+
 def check_feedback_options(noise_std: float, weight_decay: float, init: str) -> None:
     """:class:`~tplightning.errors.ConfigError` for a negative noise std or weight decay, or an unknown initialisation.
 
@@ -337,12 +342,12 @@ def check_feedback_options(noise_std: float, weight_decay: float, init: str) -> 
     >>> check_feedback_options(1.0, 0.0, "zeros")
     Traceback (most recent call last):
     ...
-    tplightning.errors.ConfigError: feedback_init must be 'pinv' or 'random' or 'regularised', got 'zeros'
+    tplightning.errors.ConfigError: feedback_init must be one of 'pinv', 'regularised', 'random', 'xavier_normal', 'xavier_uniform', got 'zeros'
     """
     if noise_std < 0 or weight_decay < 0:
         raise ConfigError(f"feedback_noise_std and feedback_weight_decay must be >= 0, got {noise_std} and {weight_decay}")
-    if init not in ("pinv", "regularised", "random"):
-        raise ConfigError(f"feedback_init must be 'pinv' or 'random' or 'regularised', got {init!r}")
+    if init not in LEARNED_INITS:
+        raise ConfigError(f"feedback_init must be one of {', '.join(map(repr, LEARNED_INITS))}, got {init!r}")
     if init == "regularised" and not (weight_decay > 0 and noise_std > 0):
         raise ConfigError(
             "feedback_init='regularised' is theorem 4.7's inverse for lambda = feedback_weight_decay > 0 and "
@@ -358,8 +363,10 @@ class _LearnedMap(TargetMap):
         weight_decay: ``lambda`` of the regularised inverse loss (eq. 4.97): the gradient gains ``lambda Q``.
         init: ``pinv`` (``Q = W_{i+1}^dagger``, the thesis' experiments, section 5.2.2; the adjoint ``W^T`` for
             convolutions), ``regularised`` (theorem 4.7's ``W^T (W W^T + lambda/sigma^2 I)^{-1}``, the fixed point the
-            regularised feedback training moves to; :func:`~tplightning.functional.regularised_inverse`) or ``random``
-            (Gaussian, std ``1/sqrt(fan-in)``).
+            regularised feedback training moves to; :func:`~tplightning.functional.regularised_inverse`) or a random draw:
+            ``random`` (Gaussian, std ``1/sqrt(fan-in)``), ``xavier_normal`` or ``xavier_uniform`` (Glorot & Bengio 2010;
+            :func:`~tplightning.layers.random_feedback`). ``pinv`` and ``regularised`` draw the random ``Q`` first too
+            (the global generator moves as for ``random``).
     """
 
     def __init__(self, noise_std: float = 1.0, weight_decay: float = 0.0, init: str = "pinv"):
@@ -367,14 +374,25 @@ class _LearnedMap(TargetMap):
         check_feedback_options(noise_std, weight_decay, init)
         self.noise_std, self.weight_decay, self.init = noise_std, weight_decay, init
 
+    @property
+    def law(self) -> str:
+        """The law of the first random draw of ``Q`` (:func:`~tplightning.layers.random_feedback`): ``init``'s, or ``random``
+        before a pseudo-inverse replaces it."""
+        return self.init if self.init in FEEDBACK_LAWS else "random"
+
+    @property
+    def inverts(self) -> bool:
+        """Whether ``Q`` starts as (and is reset to) the forward weights' pseudo-inverse (``init`` ``pinv`` or ``regularised``)."""
+        return self.init not in FEEDBACK_LAWS
+
     def check_layers(self, lower, upper):
         super().check_layers(lower, upper)
-        M = upper.make_feedback()  # Q: a matrix of the shape of W_{i+1}^T; a block's feedback module G_{i+1}
+        M = upper.make_feedback(self.law)  # Q: a matrix of the shape of W_{i+1}^T; a block's feedback module G_{i+1}
         if isinstance(M, nn.Parameter):
             self.Q = M
         else:
             self.feedback_module = M
-        if self.init != "random":
+        if self.inverts:
             self.init_pinv()
 
     @property
@@ -393,7 +411,7 @@ class _LearnedMap(TargetMap):
         self.upper.init_feedback(self.operator, gamma)
 
     def on_weights_changed(self):
-        if self.init != "random":
+        if self.inverts:
             self.init_pinv()
 
     def _decayed(self, grad: Tensor | dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
@@ -453,18 +471,46 @@ class OriginalInverse(_LearnedMap):
     Alg. A.9 minimises ``mean_b 1/2 ||g_i(f_{i+1}(h_i)) - h_i||^2`` at the layer's activations, here with the noise
     injection of eq. 3.13 (``h_i + sigma eps``; ``sigma = 0`` disables it). Any activation works (no inverse needed).
 
+    With ``bias``, ``g_i(h) = s_i(Q_i h + d_i)``: a feedback bias ``d_i`` inside the nonlinearity, initialised at 0 and
+    trained by the same feedback loss (with the same weight decay), as the feedback bias of Meulemans et al. (2020)'s
+    code (``lib/dtp_layers.py``, ``DTPLayer.propagate_backward``: ``t(Q h + d)``; ``nn.init.constant_(feedbackbias, 0)``;
+    their feedback optimizer holds weights and biases with one weight decay). Dense layers above only.
+
+    The other arguments are those of :class:`_LearnedMap`.
+
+    Args:
+        bias: learn a feedback bias ``d_i`` (a parameter ``d`` of ``n_i`` units).
+
     >>> lower, upper = Dense(2, 2, activation="linear"), Dense(2, 2, activation="linear")
     >>> g = OriginalInverse().bind(1, lower, upper)  # Q = W^dagger at the start
     >>> torch.allclose(g(upper(torch.ones(1, 2))), torch.ones(1, 2), atol=1e-5)
     True
+    >>> OriginalInverse(bias=True).bind(1, lower, upper).d
+    Parameter containing:
+    tensor([0., 0.], requires_grad=True)
     """
+
+    def __init__(self, noise_std: float = 1.0, weight_decay: float = 0.0, init: str = "pinv", bias: bool = False):
+        super().__init__(noise_std, weight_decay, init)
+        self.bias = bool(bias)
+
+    def check_layers(self, lower, upper):
+        super().check_layers(lower, upper)
+        if self.bias:
+            if not upper.closed_form:
+                raise ConfigError(f"feedback_bias needs a dense layer above layer {self.index}, got {upper.describe()}")
+            W = upper.weight
+            self.d = nn.Parameter(torch.zeros(lower.out_features, dtype=W.dtype, device=W.device))
 
     def forward(self, h_next):
         return self.evaluate(h_next)[1]
 
     def evaluate(self, h_next: Tensor) -> tuple[Tensor, Tensor]:
-        """``(Q h, s_i(Q h))``: the feedback gradients reuse the pre-activation (:meth:`q_grad`)."""
+        """``(Q h + d, s_i(Q h + d))`` (``d`` with ``bias`` only): the feedback gradients reuse the pre-activation
+        (:meth:`q_grad`)."""
         c = self.upper.transpose(h_next, self.operator)
+        if self.bias:
+            c = c + self.d
         return c, self.lower.activation(self._shape(c))
 
     def at_own(self, step):
@@ -478,13 +524,16 @@ class OriginalInverse(_LearnedMap):
         """``d/dQ sum_k <u_k, g_i(v_k)>`` for terms ``(v_k, u_k)`` or ``(v_k, u_k, evaluate(v_k))``: the chain rule through
         ``g_i(v) = s_i(Q v)``, which every feedback loss of this form ends with (``u_k = dloss/dg_i(v_k)``). Closed form
         ``sum_k (u_k * s'(Q v_k))^T v_k`` for a dense layer above (reusing ``evaluate(v_k)`` when a term brings it),
-        autograd otherwise."""
+        autograd otherwise. With a feedback bias, ``{Q: that, d: sum_k sum_b (u_k * s'(Q v_k + d))}``."""
         if self.upper.closed_form:
-            act, grad = self.lower.activation, 0
+            act, grad, grad_d = self.lower.activation, 0, 0
             for v, u, *known in terms:
                 c, out = known[0] if known else self.evaluate(v)
-                grad = grad + (u.flatten(1) * act.derivative(c, out.reshape(c.shape))).T @ v
-            return grad
+                du = u.flatten(1) * act.derivative(c, out.reshape(c.shape))
+                grad = grad + du.T @ v
+                if self.bias:
+                    grad_d = grad_d + du.sum(0)
+            return {self.Q: grad, self.d: grad_d} if self.bias else grad
         return self._autograd(lambda Q: sum((u * self.lower.activation(self._shape(self.upper.transpose(v, Q)))).sum() for v, u, *_ in terms))
 
     def feedback_grads(self, step, noise):
@@ -492,6 +541,9 @@ class OriginalInverse(_LearnedMap):
         if self.noise_std > 0:
             h = h + self.noise_std * noise(tuple(h.shape))
         h_next = self.upper(h) if self.noise_std > 0 else step.hs[i + 1]
+        if self.upper.closed_form and self.bias:  # mean_b 1/2 ||g_i(h_next) - h||^2 through q_grad, for Q and d
+            c, g = self.evaluate(h_next)
+            return self._decayed(self.q_grad([(h_next, (g - h) / h.shape[0], (c, g))]))
         if self.upper.closed_form:
             return self._decayed(F.original_inverse_loss_grad(self.Q, h_next, h.flatten(1), self.lower.activation))
         act = self.lower.activation
@@ -617,11 +669,23 @@ def feedback_in_backward(block: Block, weights: dict[str, Tensor]):
 
 
 class _FixedFeedback(TargetMap):
-    """A fixed random feedback matrix ``B`` (a buffer: it never learns), Gaussian with std ``1/sqrt(fan-in)``, drawn from
-    torch's global generator when the map is bound (so ``seed_everything`` sets it)."""
+    """A fixed random feedback matrix ``B`` (a buffer: it never learns) drawn by
+    :func:`~tplightning.layers.random_feedback` from torch's global generator when the map is bound (so
+    ``seed_everything`` sets it).
+
+    Args:
+        init: the law of ``B`` (:data:`~tplightning.layers.FEEDBACK_LAWS`): ``random`` (Gaussian with std
+            ``1/sqrt(fan-in)``), ``xavier_normal`` or ``xavier_uniform`` (Glorot & Bengio 2010, the fans of ``B``).
+    """
+
+    def __init__(self, init: str = "random"):
+        super().__init__()
+        if init not in FEEDBACK_LAWS:
+            raise ConfigError(f"feedback_init must be one of {', '.join(map(repr, FEEDBACK_LAWS))}, got {init!r}")
+        self.init = init
 
     def _draw(self, shape: tuple[int, ...], fan_in: int, like: Tensor, name: str = "B") -> None:
-        self.register_buffer(name, torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5)
+        self.register_buffer(name, random_feedback(shape, fan_in, self.init, like=like))
 
     def feedback_tensors(self) -> list[Tensor]:
         """The feedback weights (``[B]``; one per weighted submodule of a block above)."""
@@ -699,22 +763,7 @@ class TrainedFeedback(FeedbackAlignment):
     """
 
     def _draw(self, shape, fan_in, like, name="B"):
-        setattr(self, name, nn.Parameter(torch.randn(*shape, dtype=like.dtype, device=like.device) / fan_in**0.5))
-
-
-def sign_feedback_scales(feedback_shape: Sequence[int]) -> tuple[float, float]:
-    """``(sqrt(2 / (fan_in + fan_out)), sqrt(6 / (fan_in + fan_out)))`` of a weight: the std of a Xavier (Glorot) law and the
-    bound ``a`` of Xavier's uniform law ``U(-a, a)``, the scales biotorch gives sign-concordant feedback. ``fan_in + fan_out``
-    is symmetric in the two leading dimensions, so the weight's shape or its transpose's give the same numbers: for a dense
-    ``(n_out, n_in)`` weight it is ``n_out + n_in``, for a ``(C_out, C_in, k, k)`` kernel ``(C_out + C_in) k^2``.
-
-    >>> sign_feedback_scales((3, 5))  # dense: sqrt(2/8), sqrt(6/8)
-    (0.5, 0.8660254037844386)
-    >>> sign_feedback_scales((2, 1, 3, 3))[0] == (2 / 27) ** 0.5
-    True
-    """
-    n = (feedback_shape[0] + feedback_shape[1]) * math.prod(feedback_shape[2:])
-    return (2 / n) ** 0.5, (6 / n) ** 0.5
+        setattr(self, name, nn.Parameter(random_feedback(shape, fan_in, self.init, like=like)))
 
 
 class SignSymmetry(FeedbackAlignment):
@@ -741,6 +790,8 @@ class SignSymmetry(FeedbackAlignment):
 
     Args:
         magnitude: ``uniform`` (uSF), ``fixed`` (frSF) or ``batch`` (brSF).
+        init: ``random`` only (the magnitudes' laws are above; another value is a
+            :class:`~tplightning.errors.ConfigError`).
 
     >>> upper = Dense(3, 2, activation="linear")
     >>> g = SignSymmetry().bind(1, Dense(2, 3), upper)
@@ -750,10 +801,12 @@ class SignSymmetry(FeedbackAlignment):
 
     MAGNITUDES = ("uniform", "fixed", "batch")
 
-    def __init__(self, magnitude: str = "uniform"):
-        super().__init__()
+    def __init__(self, magnitude: str = "uniform", init: str = "random"):
+        super().__init__(init)
         if magnitude not in self.MAGNITUDES:
             raise ConfigError(f"magnitude must be one of {', '.join(map(repr, self.MAGNITUDES))}, got {magnitude!r}")
+        if init != "random":
+            raise ConfigError(f"feedback_init must be 'random' for sign-symmetric feedback: its magnitudes have their own law, got {init!r}")
         self.magnitude = magnitude
 
     def check_layers(self, lower, upper):
@@ -845,6 +898,7 @@ class DirectFeedback(_FixedFeedback):
 
     Args:
         output: the network's output layer (``f_L``), whose derivative scales the output error.
+        init: the law of ``B~_i`` (see :class:`_FixedFeedback`; fans ``n_i`` and ``n_L`` for the Xavier laws).
 
     Any layer below may be a :class:`~tplightning.blocks.Block` (``B~_i`` maps to its flattened output); an output block must
     end with its last ``Linear`` or convolution (no activation: ``D_{s_L} = I``).
@@ -856,8 +910,8 @@ class DirectFeedback(_FixedFeedback):
 
     direct = True
 
-    def __init__(self, output: Layer):
-        super().__init__()
+    def __init__(self, output: Layer, init: str = "random"):
+        super().__init__(init)
         self._output = (output,)
 
     def check_layers(self, lower, upper):
@@ -980,7 +1034,7 @@ class DifferenceReconstruction(OriginalInverse):
     become Gauss-Newton targets. The paper's second, damping term ``lambda/sigma^2 ||g^diff_{L,i}(h_L + sigma eps_2) - h_i||^2``
     is replaced by weight decay on ``Q_i`` (``weight_decay``), as in the authors' experiments.
 
-    The other arguments are those of :class:`_LearnedMap`.
+    The other arguments are those of :class:`OriginalInverse` (``bias``: ``g_i(h) = s_i(Q_i h + d_i)``).
 
     Args:
         noise_std: ``sigma`` (> 0; the paper's MNIST search chose about 0.06).
@@ -990,9 +1044,9 @@ class DifferenceReconstruction(OriginalInverse):
     torch.Size([3, 3])
     """
 
-    def __init__(self, noise_std: float = 0.05, weight_decay: float = 0.0, init: str = "pinv"):
+    def __init__(self, noise_std: float = 0.05, weight_decay: float = 0.0, init: str = "pinv", bias: bool = False):
         _check_noise(noise_std, "the DRL")
-        super().__init__(noise_std, weight_decay, init)
+        super().__init__(noise_std, weight_decay, init, bias)
 
     def reconstruction(self, step: Step, h: Tensor) -> Tensor:
         """``h`` (an activation of layer ``i``) run up to the output and back down to layer ``i + 1`` by the maps above."""
@@ -1026,7 +1080,7 @@ class LocalDifferenceReconstruction(OriginalInverse):
     The paper trains ``Q`` for many iterations per batch (20-55 per layer on CIFAR-10, ``feedback_iterations``) with
     per-layer noise 0.4-0.08; here ``sigma`` is one number for all layers.
 
-    The other arguments are those of :class:`_LearnedMap`.
+    The other arguments are those of :class:`OriginalInverse` (``bias``: ``g_i(h) = s_i(Q_i h + d_i)``).
 
     Args:
         noise_std: ``sigma`` (> 0).
@@ -1036,9 +1090,9 @@ class LocalDifferenceReconstruction(OriginalInverse):
     torch.Size([3, 3])
     """
 
-    def __init__(self, noise_std: float = 0.1, weight_decay: float = 0.0, init: str = "pinv"):
+    def __init__(self, noise_std: float = 0.1, weight_decay: float = 0.0, init: str = "pinv", bias: bool = False):
         _check_noise(noise_std, "the L-DRL")
-        super().__init__(noise_std, weight_decay, init)
+        super().__init__(noise_std, weight_decay, init, bias)
 
     def feedback_grads(self, step, noise):
         i, sigma = self.index, self.noise_std
@@ -1071,7 +1125,9 @@ class DirectLinear(_LearnedMap):
         noise_std: ``sigma`` (> 0; the paper's MNIST search chose about 0.09).
         weight_decay: see above.
         init: ``pinv`` (``Q_i = (W_L ... W_{i+1})^dagger``, the linearised network's Gauss-Newton map; dense layers),
-            ``random`` (Gaussian, std ``1/sqrt(n_L)``) or ``regularised`` (``J^T (J J^T + lambda I)^{-1}``, the minimiser above).
+            ``regularised`` (``J^T (J J^T + lambda I)^{-1}``, the minimiser above) or a random draw: ``random`` (Gaussian,
+            std ``1/sqrt(n_L)``), ``xavier_normal`` (std ``sqrt(2 / (n_i + n_L))``, the authors' ``xavier_normal``) or
+            ``xavier_uniform``.
 
     >>> layers = [Dense(2, 3), Dense(3, 3), Dense(3, 1, activation="linear")]
     >>> DirectLinear(layers).bind(1, layers[0], layers[1]).Q.shape  # Q_1: (n_1, n_L)
@@ -1087,9 +1143,8 @@ class DirectLinear(_LearnedMap):
 
     def check_layers(self, lower, upper):
         out = self._net_layers[-1]
-        W = out.weight
-        self.Q = nn.Parameter(torch.randn(lower.out_features, out.out_features, dtype=W.dtype, device=W.device) / out.out_features**0.5)
-        if self.init != "random":
+        self.Q = nn.Parameter(random_feedback((lower.out_features, out.out_features), out.out_features, self.law, like=out.weight))
+        if self.inverts:
             self.init_pinv()
 
     def jacobian_product(self) -> Tensor:

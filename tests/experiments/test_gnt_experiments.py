@@ -41,6 +41,10 @@ def test_gnt_angles_protocol_conversions():
     assert gnt_angles.max_epochs(rule, 3) == 6 + 5  # P + (E - 1)(1 + K) + 1
     Q = rule.feedback_weights[0]  # Xavier normal (5 x 5): std sqrt(2 / 10)
     assert rule.net.layers[0].bias is not None and 0.1 < float(Q.std()) < 0.8
+    assert rule.hparams["feedback_init"] == "xavier_normal" and rule.hparams["feedback_bias"] is True  # the library's options
+    assert all(torch.equal(m.base.d, torch.zeros(5)) for m in rule.maps)  # feedback biases start at 0, as theirs
+    ddtp = gnt_angles.build("DDTP-linear", [6, 5, 5, 3])
+    assert ddtp.hparams["feedback_init"] == "xavier_normal" and not ddtp.hparams["feedback_bias"]
 
 
 def test_null_space_tiny_run(tmp_path):

@@ -512,7 +512,7 @@ def test_original_form_accepts_relu(name):
     ({"feedback_weight_decay": -1e-3}, "feedback_noise_std and feedback_weight_decay must be >= 0"),
     ({"feedback_iterations": 0}, "feedback_iterations must be >= 1"),
     ({"feedback_pretrain_epochs": -1}, "feedback_pretrain_epochs >= 0"),
-    ({"feedback_init": "bogus"}, "feedback_init must be 'pinv' or 'random'"),
+    ({"feedback_init": "bogus"}, "feedback_init must be one of 'pinv', 'regularised', 'random'"),
 ])  # fmt: skip
 @pytest.mark.parametrize("name", ["DTPAI", "OriginalDTP", "LeeDTP"])
 def test_bad_feedback_arguments(name, kw, match):

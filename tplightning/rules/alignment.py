@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .._lightning import OptimizerCallable
 from ..errors import ConfigError
-from ..layers import Dense, Layer
+from ..layers import FEEDBACK_LAWS, Dense, Layer, random_feedback
 from ..target_maps import DirectFeedback, FeedbackAlignment, KolenPollack, SignSymmetry, TrainedFeedback
 from .arguments import arguments_for
 from .base import NORM_GUARD, build_optimizer, check_optimizer_factory
@@ -41,9 +41,17 @@ class FA(TargetPropRule):
 
     Args:
         target_stepsize: ``eta^`` of the output target; 1 makes the update the FA gradient itself.
+        feedback_init: the law of the random ``B_i`` (:func:`~tplightning.layers.random_feedback`): ``random`` (Gaussian
+            with std ``1/sqrt(fan-in)``, ``1/sqrt(n_{i+1})`` for a dense layer above), ``xavier_normal`` (std
+            ``sqrt(2 / (fan_in + fan_out))`` of ``B_i``'s fans, Glorot & Bengio 2010) or ``xavier_uniform``
+            (``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))``: biotorch's draw). The same for DFA's ``B~_i`` (fans ``n_i``
+            and ``n_L``), BDFA's and KP's initial ``B_i``; the sign-symmetric rules (uSF, brSF, frSF) have their own
+            magnitudes and take ``random`` only.
 
     >>> [tuple(B.shape) for B in FA(sizes=[3, 4, 5, 2]).feedback_weights]
     [(4, 5), (5, 2)]
+    >>> round(float(FA(sizes=[3, 400, 10], feedback_init="xavier_uniform").feedback_weights[0].abs().max()), 2)  # a = sqrt(6/410)
+    0.12
     """
 
     def __init__(
@@ -67,11 +75,19 @@ class FA(TargetPropRule):
         batch_norm: bool = False,
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
+        feedback_init: Literal["random", "xavier_normal", "xavier_uniform"] = "random",
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
 
     def make_maps(self):
-        return [FeedbackAlignment() for _ in range(self.num_layers - 1)]
+        return [FeedbackAlignment(self.feedback_law()) for _ in range(self.num_layers - 1)]
+
+    def feedback_law(self) -> str:
+        """``feedback_init``, checked: the law of the random feedback weights (:func:`~tplightning.layers.random_feedback`)."""
+        law = self.hparams["feedback_init"]
+        if law not in FEEDBACK_LAWS:
+            raise ConfigError(f"feedback_init must be one of {', '.join(map(repr, FEEDBACK_LAWS))}, got {law!r}")
+        return law
 
     @property
     def feedback_weights(self) -> list[Tensor]:
@@ -89,7 +105,7 @@ class DFA(FA):
     """
 
     def make_maps(self):
-        return [DirectFeedback(self.net.layers[-1]) for _ in range(self.num_layers - 1)]
+        return [DirectFeedback(self.net.layers[-1], self.feedback_law()) for _ in range(self.num_layers - 1)]
 
 
 class BDFA(FA):
@@ -135,6 +151,7 @@ class BDFA(FA):
         batch_norm: bool = False,
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
+        feedback_init: Literal["random", "xavier_normal", "xavier_uniform"] = "random",
         feedback_optimizer: OptimizerCallable = torch.optim.SGD,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
@@ -149,11 +166,11 @@ class BDFA(FA):
                 f"BDFA's second phase (eqs. 3.25-3.27) runs the labels down through B_i as matrices and the error forward through "
                 f"W_i and D_s_i of dense layers; it cannot serve {', '.join(blocks)}: use FA, DFA, uSF, brSF, frSF or KP there"
             )
-        W = first.weight
-        self.input_feedback = nn.Parameter(torch.randn(first.in_features, first.out_features, dtype=W.dtype, device=W.device) / first.out_features**0.5)
+        shape = (first.in_features, first.out_features)
+        self.input_feedback = nn.Parameter(random_feedback(shape, first.out_features, self.feedback_law(), like=first.weight))
 
     def make_maps(self):
-        return [TrainedFeedback() for _ in range(self.num_layers - 1)]
+        return [TrainedFeedback(self.feedback_law()) for _ in range(self.num_layers - 1)]
 
     def feedback_parameters(self) -> list[Tensor]:
         return [self.input_feedback, *self.feedback_weights]
@@ -199,7 +216,7 @@ class USF(FA):
     """
 
     def make_maps(self):
-        return [SignSymmetry("uniform") for _ in range(self.num_layers - 1)]
+        return [SignSymmetry("uniform", self.feedback_law()) for _ in range(self.num_layers - 1)]
 
 
 class FRSF(FA):
@@ -216,7 +233,7 @@ class FRSF(FA):
     """
 
     def make_maps(self):
-        return [SignSymmetry("fixed") for _ in range(self.num_layers - 1)]
+        return [SignSymmetry("fixed", self.feedback_law()) for _ in range(self.num_layers - 1)]
 
 
 class BRSF(FA):
@@ -264,6 +281,7 @@ class BRSF(FA):
         batch_norm: bool = False,
         bn_momentum: float = 0.1,
         bn_eps: float = 1e-5,
+        feedback_init: Literal["random"] = "random",
         feedback_seed: int = 0,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
@@ -271,7 +289,7 @@ class BRSF(FA):
         self._feedback_gen: torch.Generator | None = None
 
     def make_maps(self):
-        return [SignSymmetry("batch") for _ in range(self.num_layers - 1)]
+        return [SignSymmetry("batch", self.feedback_law()) for _ in range(self.num_layers - 1)]
 
     def feedback_generator(self) -> torch.Generator:
         """The magnitudes' CPU generator (seeded ``feedback_seed`` on first use, or restored from a checkpoint)."""
@@ -318,7 +336,7 @@ class KP(FA):
     """
 
     def make_maps(self):
-        return [KolenPollack() for _ in range(self.num_layers - 1)]
+        return [KolenPollack(self.feedback_law()) for _ in range(self.num_layers - 1)]
 
     def feedback_parameters(self) -> list[Tensor]:
         """The ``B_i`` whose layer above is trained (the others keep their initial values, as FA's); a block above has one per

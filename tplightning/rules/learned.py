@@ -74,7 +74,14 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
             sets the regularised inverse of theorem 4.7, ``W^T (W W^T + lambda/sigma^2 I)^{-1}`` with
             ``lambda = feedback_weight_decay`` (> 0) and ``sigma = feedback_noise_std``, the fixed
             point of the feedback training (:func:`tplightning.functional.regularised_inverse`); ``random``
-            draws Gaussian ``Q_i`` with std ``1/sqrt(n_{i+1})``.
+            draws Gaussian ``Q_i`` with std ``1/sqrt(n_{i+1})``, ``xavier_normal`` and ``xavier_uniform`` draw them under
+            Glorot & Bengio (2010)'s laws with ``Q_i``'s fans (:func:`~tplightning.layers.random_feedback`;
+            ``xavier_normal`` is Meulemans et al. 2020's). A block's automatic feedback module draws its weights the same way.
+        feedback_bias: a feedback bias inside the nonlinearity, ``g_i(h) = s_i(Q_i h + d_i)``, ``d_i`` starting at 0 and
+            trained by the same feedback loss (Meulemans et al. 2020's code;
+            :class:`~tplightning.target_maps.OriginalInverse`). The original form on dense layers only (DTP, DRL,
+            L-DRL, ...); the thesis form ``Q s^{-1}`` and DDTP-linear refuse it (DDTP-linear's linear direct map
+            ``Q_i h_L + d_i`` enters its targets and its loss only as ``g_i(h^_L) - g_i(h_L)``, where ``d_i`` cancels).
         feedback_seed: seed of the feedback noise (offset by the DDP rank).
         feedback_only: train only the feedback weights ``Q_i`` in every epoch (as in the pre-training epochs): the
             forward weights stay as they are and the learning rates keep their initial values. The CLI refuses a forward
@@ -127,7 +134,8 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
         feedback_iterations: int = 1,
         feedback_batch_size: int | None = None,
         feedback_pretrain_epochs: int = 0,
-        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
+        feedback_init: Literal["pinv", "regularised", "random", "xavier_normal", "xavier_uniform"] = "pinv",
+        feedback_bias: bool = False,
         feedback_seed: int = 0,
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
@@ -138,6 +146,11 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
                 f"feedback_iterations must be >= 1 and feedback_pretrain_epochs >= 0, got {feedback_iterations} and {feedback_pretrain_epochs}"
             )
         check_feedback_options(feedback_noise_std, feedback_weight_decay, feedback_init)
+        if feedback_bias and not issubclass(self.feedback_map, OriginalInverse):
+            raise ConfigError(
+                f"feedback_bias needs the original form g_i(h) = s_i(Q_i h + d_i); {type(self).__name__}'s "
+                f"{self.feedback_map.__name__} has no place for it" + (": d_i would cancel in g_i(h^_L) - g_i(h_L)" if self.feedback_map.direct else "")
+            )
         if feedback_batch_size is not None and feedback_batch_size < 1:
             raise ConfigError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {feedback_batch_size}")
         super().__init__(**arguments_for(super().__init__, locals()))
@@ -157,12 +170,15 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
     # ----------------------------------------------------------------------------- pieces
     @property
     def feedback_options(self) -> dict:
-        """The options of the learned maps, from the constructor's arguments: ``noise_std``, ``weight_decay``, ``init``
-        and, for maps that draw their own inputs (:class:`~tplightning.target_maps.ThesisInverse`), ``batch_size``."""
+        """The options of the learned maps, from the constructor's arguments: ``noise_std``, ``weight_decay``, ``init``,
+        ``bias`` when ``feedback_bias`` is on and, for maps that draw their own inputs
+        (:class:`~tplightning.target_maps.ThesisInverse`), ``batch_size``."""
         h = self.hparams
         options = {"noise_std": h["feedback_noise_std"], "weight_decay": h["feedback_weight_decay"], "init": h["feedback_init"]}
         if issubclass(self.feedback_map, ThesisInverse):
             options["batch_size"] = h["feedback_batch_size"]
+        if h.get("feedback_bias"):  # absent from checkpoints written before the option
+            options["bias"] = True
         return options
 
     def make_maps(self):
@@ -459,7 +475,8 @@ class AOSDTP(OriginalDTP):
         feedback_iterations: int = 1,
         feedback_batch_size: int | None = None,
         feedback_pretrain_epochs: int = 0,
-        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
+        feedback_init: Literal["pinv", "regularised", "random", "xavier_normal", "xavier_uniform"] = "pinv",
+        feedback_bias: bool = False,
         feedback_seed: int = 0,
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
@@ -531,7 +548,8 @@ class MTP(TPAI):
         feedback_iterations: int = 1,
         feedback_batch_size: int | None = None,
         feedback_pretrain_epochs: int = 0,
-        feedback_init: Literal["pinv", "regularised", "random"] = "pinv",
+        feedback_init: Literal["pinv", "regularised", "random", "xavier_normal", "xavier_uniform"] = "pinv",
+        feedback_bias: bool = False,
         feedback_seed: int = 0,
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
