@@ -140,11 +140,11 @@ def run_variant(rule: str, variant: str, seed: int, epochs: int, data: list[str]
 
 
 # --------------------------------------------------------------------------------------------- summary
-def _fmt_time(seconds: float, bp: float | None) -> str:
+def _fmt_time(seconds: float, bp: float | None, batches: float) -> str:
     if not math.isfinite(seconds):
         return "not reached"
     ratio = f" ({seconds / bp:.2f}×)" if bp and math.isfinite(bp) else ""
-    return f"{seconds:.0f} s{ratio}"
+    return f"{seconds:.0f} s{ratio}, {batches:.0f} b"
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -167,6 +167,8 @@ def summarise(records: list[dict]) -> list[dict]:
                 row["feedback_steps_per_epoch"] = statistics.median(steps) if steps else None
                 row["tta"] = {th: censored_median([(time_to(r["val_points"], th) or (None, None))[1] for r in ok] + [None] * row["diverged"])
                               for th in THRESHOLDS}  # fmt: skip
+                row["batches_to"] = {th: censored_median([(time_to(r["val_points"], th) or (None, None))[0] for r in ok] + [None] * row["diverged"])
+                                     for th in THRESHOLDS}  # fmt: skip
                 row["test_error"] = [r["test_error"] for r in ok]
                 late = [a for r in ok for a in r["angles"] if a["epoch"] >= r["epochs"] / 2 and a["bp"]]
                 if late:
@@ -194,15 +196,15 @@ def docs_block(rows: list[dict], records: list[dict], command: str) -> str:
         gn = f"{r['angle_gn']:.0f}" if r.get("angle_gn") is not None else "–"
         table.append([r["rule"], r["variant"], ", ".join(map(str, r["seeds"])) + (f" ({r['diverged']} diverged)" if r["diverged"] else ""),
                       f"{r['seconds_per_epoch']:.2f}", "–" if steps is None else f"{steps:.0f}",
-                      *[_fmt_time(r["tta"][th], bp["tta"][th] if bp else None) for th in THRESHOLDS], err, angle, gn])  # fmt: skip
+                      *[_fmt_time(r["tta"][th], bp["tta"][th] if bp else None, r["batches_to"][th]) for th in THRESHOLDS], err, angle, gn])  # fmt: skip
     machines = sorted({r["machine"] for r in records})
     return "\n".join([
         f"Command: `{command}`. Machine: {'; '.join(machines)}. One torch thread; all rows from one invocation's records.", "",
         markdown_table(["rule", "variant", "seeds", "s / epoch", "feedback steps / epoch", "time to 97 %", "time to 98 %",
                         "test error %", "∠e^BP per layer (°)", "∠e^GN (°)"], table),  # fmt: skip
         "", "Times: training seconds (validation and the diagnostics excluded) until the validation accuracy first reaches "
-        "the threshold, median over seeds (a seed that never does counts as infinitely slow), and in brackets its ratio to "
-        "BP's in the same invocation. Angles: mean over the diagnostics of the last half of training (64 samples every "
+        "the threshold, median over seeds (a seed that never does counts as infinitely slow), in brackets its ratio to "
+        "BP's row, and the training batches (b) until then (same median). Angles: mean over the diagnostics of the last half of training (64 samples every "
         f"few hundred batches) and over the seeds; layers 1 to L-1 from the input. `feedback steps / epoch`: the feedback "
         "optimizer's steps (none for the closed form, which sets the maps at every batch).",
     ])  # fmt: skip

@@ -37,9 +37,9 @@ def test_summary_times_ratios_and_late_angles():
     assert [(r["rule"], r["variant"]) for r in rows] == [("BP", "full"), ("DDTPLinear", "every2")]
     b, d = rows
     assert b["tta"] == {0.97: 20.0, 0.98: 30.0} and b["seconds_per_epoch"] == 10.0 and b["feedback_steps_per_epoch"] is None
-    assert d["tta"][0.97] == 18.0 and math.isinf(d["tta"][0.98])  # seed 1 never reaches 98 %: censored, not the median of one
+    assert d["tta"][0.97] == 18.0 and math.isinf(d["tta"][0.98]) and d["batches_to"][0.97] == 1.5  # seed 1 never reaches 98 %: censored, not the median of one
     assert d["feedback_steps_per_epoch"] == 210.0 and d["seconds_per_epoch"] == 12.0
     assert d["angle_bp"] == [45.0, 25.0] and d["angle_gn"] == 40.0  # epochs 2 and 3 of 4 (the last half), not epoch 0
     block = ex.docs_block(rows, bp + ddtp, "python -m experiments.feedback_schedules")
-    assert "| DDTPLinear | every2 | 0, 1 | 12.00 | 210 | 18 s (0.90×) | not reached | 2.50 ± 0.71 | 45 / 25 | 40 |" in block
-    assert "| BP | full | 0, 1 | 10.00 | – | 20 s (1.00×) | 30 s (1.00×) | 2.00 ± 0.71 | – | – |" in block
+    assert "| DDTPLinear | every2 | 0, 1 | 12.00 | 210 | 18 s (0.90×), 2 b | not reached | 2.50 ± 0.71 | 45 / 25 | 40 |" in block
+    assert "| BP | full | 0, 1 | 10.00 | – | 20 s (1.00×), 2 b | 30 s (1.00×), 3 b | 2.00 ± 0.71 | – | – |" in block
