@@ -1,4 +1,4 @@
-"""Feedback schedules on MNIST: what spending fewer feedback updates saves in time and costs in alignment (issue 31).
+"""Feedback schedules on MNIST: what spending fewer feedback updates saves in time and costs in alignment.
 
 Each rule that learns its feedback weights runs its tuned MNIST config (``tplightning/configs/mnist/<rule>.yaml``,
 784-256x5-10) as it is (``full``) and with a :class:`~tplightning.schedules.FeedbackSchedule`

@@ -16,14 +16,18 @@ update. Most of a DTP epoch goes there (Ernoult et al. 2022 count 20-55 feedback
   ``F < threshold`` (the maps are good enough) or when ``F <= (1 + plateau) m``, ``m`` the running mean (exponential,
   ``momentum``) of the losses of the updates *taken*: the loss is no higher than the level that training holds it at,
   so training no longer improves it. The mean ignores skipped measurements, so a loss that rises as the forward
-  weights move away from the maps brings training back. After a rest the next planned update measures again;
+  weights move away from the maps brings training back. After a rest the next planned update measures again. (The
+  updates are taken at the higher losses, so that mean sits above the typical loss and, with ``plateau = 0``, most
+  measurements are skipped.)
+  A skipped measurement still costs its feedback loss: the saving is in the ``rest``;
 * ``closed_form``: instead of training, the maps are set to the minimiser of their feedback loss on every
   ``every``-th batch: ``Q_i = W_{i+1}^T (W_{i+1} W_{i+1}^T + lambda/sigma^2 I)^{-1}`` for the thesis-form maps of the
   DTP-AI family (theorem 4.7; ``W_{i+1}^dagger`` for ``lambda = 0``), ``Q_i = J^T (J J^T + lambda I)^{-1}`` with
   ``J = W_L ... W_{i+1}`` for DDTP-linear on dense layers (the minimiser of its DRL for a linear network). Noise-free:
   no samples are drawn. Rules whose maps have no such closed form (DRL, L-DRL, the original form) refuse it.
 
-The decisions depend on the epoch, the batch index and the loss only; the running mean and the rest count are kept
+The schedule applies in every epoch, the feedback-only ones (``feedback_pretrain_epochs``, ``feedback_extra_epochs``)
+included. The decisions depend on the epoch, the batch index and the loss only; the running mean and the rest count are kept
 in checkpoints (:meth:`LearnedInverseRule.extra_state <tplightning.rules.learned.LearnedInverseRule.extra_state>`), so a
 resumed run continues the schedule exactly. No schedule (``None``, the default) is every rule's plain behaviour.
 
