@@ -4,6 +4,8 @@
         [--storage URL] [--study NAME] [--keep NAME...] [--write-config] [--seed S]
     python -m benchmarks.tune --report [RULE...]      (the tuning table of docs/RESULTS.md)
     python -m benchmarks.tune --rule FA --check [--jobs 2]   (the tuned config against the one before, full schedule)
+    python -m benchmarks.tune --rule DDTPLinear --check --feedback-schedule '{"every": 2}'   (the config with a schedule
+        against the config as it is, full schedule)
 
 Each trial trains the rule's ``mnist/<rule>.yaml`` (in ``tplightning/configs/``) through ``train.py`` with the sampled values as
 overrides (no logger, no checkpoint, no test run) and scores it by its **best validation accuracy** on the
@@ -71,13 +73,18 @@ under a header comment line naming the study, its trials and the date.
 
 **The check** (``--check``, :func:`check`): the tuned config against the config before tuning on the full
 schedule, one seed, by best validation accuracy; the better one stays in ``tplightning/configs/mnist/``, and its run is the
-campaign's run of that seed.
+campaign's run of that seed. With ``--feedback-schedule ARGS`` (a JSON object of
+:class:`~tplightning.schedules.FeedbackSchedule` arguments; :func:`check_schedule`) the check compares the config with
+that ``feedback_schedule`` against the config as it is instead: the schedule is written into the config only if it
+keeps or improves the best validation accuracy; otherwise the config is left untouched. Either way the check is
+appended to ``data/schedule_checks.jsonl`` beside ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import inspect
+import json
 import math
 import os
 import re
@@ -98,6 +105,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 from tplightning._lightning import pl
+from tplightning.errors import ConfigError
 from tplightning.rules.base import DivergenceError
 from tplightning.rules.learned import LearnedInverseRule
 from tplightning.rules.target_prop import TargetPropRule
@@ -878,6 +886,70 @@ def check(rule: str, jobs: int = 1, record: Path = mnist.RECORD, seed: int = 0) 
     return out
 
 
+SCHEDULE_TAG = "# Feedback schedule checked by"
+#: a schedule check's record (:func:`check_schedule`), in ``data/schedule_checks.jsonl`` beside ``--out``
+SCHEDULE_CHECK_KIND = common.Kind("schedule-check", {"rule": "str", "seed": "int", "epochs": "int", "schedule": "object", "kept": "bool",
+                                                     "with_best_val_acc": "number|null", "without_best_val_acc": "number|null",
+                                                     "date": "str"}, key=("rule", "schedule"))  # fmt: skip
+
+
+def with_schedule(text: str, schedule: dict, comment: str) -> str:
+    """The config ``text`` with ``feedback_schedule`` (a ``tplightning.FeedbackSchedule`` of the arguments ``schedule``)
+    under ``model.init_args``, after its ``feedback_init`` line (the learned-feedback configs all set it).
+
+    >>> print(with_schedule("model:\\n  init_args:\\n    feedback_init: pinv\\ndata: {}\\n", {"every": 2}, "checked"))
+    model:
+      init_args:
+        feedback_init: pinv
+        feedback_schedule:  # checked
+          class_path: tplightning.FeedbackSchedule
+          init_args: {"every": 2}
+    data: {}
+    <BLANKLINE>
+    """
+    lines = text.splitlines(keepends=True)
+    at = next((k for k, line in enumerate(lines) if re.match(r"^(\s+)feedback_init:", line)), None)
+    if at is None or any(re.match(r"^\s+feedback_schedule:", line) for line in lines):
+        raise ValueError("the config has no feedback_init line to put feedback_schedule after, or has a feedback_schedule already")
+    indent = re.match(r"^(\s+)", lines[at]).group(1)
+    block = [f"{indent}feedback_schedule:  # {comment}\n", f"{indent}  class_path: tplightning.FeedbackSchedule\n",
+             f"{indent}  init_args: {json.dumps(schedule)}\n"]  # fmt: skip
+    return "".join(lines[: at + 1] + block + lines[at + 1 :])
+
+
+def check_schedule(rule: str, schedule: dict, jobs: int = 1, record: Path = mnist.RECORD, seed: int = 0) -> dict:
+    """Train the config of ``rule`` with ``feedback_schedule`` = ``FeedbackSchedule(**schedule)`` (an override) and as it
+    is, on the full schedule with seed ``seed`` (a run the campaign's ``record`` holds is not trained again; both are
+    recorded there); write the schedule into ``mnist/<rule>.yaml`` (with a ``# Feedback schedule checked by`` header
+    line giving both scores) only if its best validation accuracy is at least the config's. Returns the check's record."""
+    from tplightning.schedules import FeedbackSchedule
+
+    FeedbackSchedule(**schedule)  # a bad argument stops the check before any training (ConfigError)
+    config = _config(rule)
+    path = common._config_path(config)
+    text = path.read_text()
+    value = json.dumps({"class_path": "tplightning.FeedbackSchedule", "init_args": schedule})
+    tasks = {"with": (rule, config, seed, None, ("--model.init_args.feedback_schedule", value)), "without": (rule, config, seed, None, ())}
+    recorded = mnist.read_runs(record)
+    runs = {name: recorded[k] for name, t in tasks.items() if (k := mnist.run_key(*t)) in recorded}
+    todo = [t for name, t in tasks.items() if name not in runs]
+    for r in common.run_all(mnist._run_task, todo, jobs):
+        if r["error"] is not None and not r["diverged"]:
+            raise RuntimeError(f"the check's run of {r['config']} failed: {r['error']}")
+        mnist.record_run(record, r, mnist._machine(jobs))
+        runs["with" if r["overrides"] else "without"] = r
+    with_, without = _score(runs["with"]), _score(runs["without"])
+    epochs = config_value(config, (), "trainer.max_epochs")
+    kept = with_ >= without
+    if kept:
+        command = f"{PROG} --rule {rule} --check --feedback-schedule '{json.dumps(schedule)}'"
+        header = (f"{SCHEDULE_TAG} {command}: {epochs} epochs, seed {seed}, best val/acc {with_:.4f} with the schedule "
+                  f"against {without:.4f} without; the schedule is kept, {date.today().isoformat()}\n")  # fmt: skip
+        path.write_text(header + with_schedule(text, schedule, f"checked: {with_:.4f} against {without:.4f} without (header)"))
+    return {"rule": rule, "seed": seed, "epochs": epochs, "schedule": schedule, "kept": kept, "with_best_val_acc": runs["with"]["best_val_acc"],
+            "without_best_val_acc": runs["without"]["best_val_acc"], "date": date.today().isoformat()}  # fmt: skip
+
+
 #: a check's record (:func:`check`), in ``data/check_runs.jsonl`` beside ``--out``; the latest of a rule is its row
 CHECK_KIND = common.Kind("check", {"rule": "str", "seed": "int", "epochs": "int", "kept": "str", "tuned_values": "str", "date": "str",
                                    **{f"{n}_{k}": t for n in ("tuned", "before") for k, t in
@@ -945,6 +1017,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-config", action="store_true", help="write the best values into the rule's config in tplightning/configs/mnist/")
     p.add_argument("--check", action="store_true",
                    help="tune nothing: train the tuned config and the config before tuning on the full schedule, keep the better")
+    p.add_argument("--feedback-schedule", type=json.loads, metavar="ARGS",
+                   help="--check: compare the config with this feedback_schedule (FeedbackSchedule arguments as JSON, e.g. "
+                        "'{\"every\": 2}') against the config as it is, instead of the tuned config against the one before")
     p.add_argument("--jobs", type=int, default=1, help="--check: worker processes (default: %(default)s)")
     p.add_argument("--record", type=Path, default=mnist.RECORD, help="--check: the campaign's run record (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -956,6 +1031,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         return args
     if args.rule is None:
         p.error("--rule is required (or --report)")
+    if args.feedback_schedule is not None and (not args.check or not isinstance(args.feedback_schedule, dict)):
+        p.error("--feedback-schedule goes with --check and takes a JSON object of FeedbackSchedule arguments, e.g. '{\"every\": 2}'")
     if args.check:
         if args.rule not in RULES:
             p.error(f"--rule {args.rule}: unknown rule; expected one of {', '.join(RULES)}")
@@ -998,6 +1075,15 @@ def main(argv: Sequence[str] | None = None):
             sys.exit(f"{PROG} --report: {err}")
         print(f"wrote the tuning block of {args.out}")
         return None
+    if args.check and args.feedback_schedule is not None:
+        try:
+            result = check_schedule(args.rule, args.feedback_schedule, args.jobs, args.record, args.seed)
+        except (ValueError, ConfigError) as err:
+            sys.exit(f"{PROG} --check: {err}")
+        common.append_record(common.data_file(args.out, "schedule_checks.jsonl"), SCHEDULE_CHECK_KIND, result)
+        print(f"{args.rule}: best val/acc {result['with_best_val_acc']} with the schedule {json.dumps(args.feedback_schedule)}, "
+              f"{result['without_best_val_acc']} without; {'written into the config' if result['kept'] else 'the config is left as it was'}")  # fmt: skip
+        return result
     if args.check:
         try:
             result = check(args.rule, args.jobs, args.record, args.seed)

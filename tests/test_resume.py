@@ -136,15 +136,25 @@ def test_max_steps_counts_batches_for_every_rule():
     assert trained == {name: (11, 11) for name in RULES}
 
 
-@pytest.mark.parametrize("end", [30, 90])  # within the stopped epoch, and across the next epoch's boundary
-def test_a_resume_after_a_max_steps_stop_is_exact(end):
-    run = ["--config", "dtp.yaml", "--test_on", "none", *QUIET]
+#: a feedback schedule with every kind of state: every 2nd batch, 3 updates decaying to 1 over an epoch, a stopping rule
+#: (plateau) whose running mean and rests cross the checkpoint
+SCHEDULE = ["--model.init_args.feedback_schedule", '{"class_path": "tplightning.FeedbackSchedule", "init_args": '
+            '{"every": 2, "iterations": 3, "final_iterations": 1, "decay_epochs": 1, "plateau": 0.0, "rest": 1}}']
+
+
+@pytest.mark.parametrize("end, schedule", [(30, []), (90, []), (90, SCHEDULE)], ids=["30", "90", "90-feedback-schedule"])
+def test_a_resume_after_a_max_steps_stop_is_exact(end, schedule):
+    """Within the stopped epoch, and across the next epoch's boundary; with a feedback schedule too."""
+    run = ["--config", "dtp.yaml", "--test_on", "none", *QUIET, *schedule]
     main([*run, "--trainer.max_steps", "20"])
     assert torch.load(_last(0), weights_only=False)["global_step"] == 20
     resumed = main([*run, "--trainer.max_steps", str(end), "--ckpt_path", str(_last(0))])
     straight = main([*run, "--trainer.max_steps", str(end)])
     assert resumed["cli"].model.batches_seen == straight["cli"].model.batches_seen == end
     _assert_same(resumed["cli"].model, straight["cli"].model)
+    if schedule:
+        state = straight["cli"].model.schedule_state
+        assert resumed["cli"].model.schedule_state == state and state["mean"] > 0  # the stopping rule measured
     lr = [o.param_groups[0]["lr"] for out in (resumed, straight) for o in out["cli"].trainer.optimizers[:1]]
     assert lr[0] == lr[1] == (0.1 if end == 30 else 0.1 * (1 - 0.8 / 59))  # 60 epochs down to 0.2: one step taken
 

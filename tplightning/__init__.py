@@ -25,10 +25,11 @@ from .blocks import Block, convert
 from .callbacks import Checkpoint, InitNearTeacher, ReapplyOptimizerConfig
 from .checkpoints import load
 from .diagnostics import TargetPropDiagnostics
+from .schedules import FeedbackSchedule
 from .data import CIFAR10DataModule, MNISTDataModule, StudentTeacherDataModule, ToyDataModule
 from .rules import *  # noqa: F401,F403
 from .rules import __all__ as _rules
 from .dynamics import DynamicalTP, MultiplexingDTP, TwoPhaseDTP  # noqa: F401 (chapter 6; not in __all__, see tplightning.dynamics)
 
 __version__ = "0.1.0"
-__all__ = ["blocks", "Block", "convert", "functional", "layers", "networks", "selection", "target_maps", "load", "Checkpoint", "ReapplyOptimizerConfig", "InitNearTeacher", "TargetPropDiagnostics", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", "CIFAR10DataModule", *_rules]
+__all__ = ["blocks", "Block", "convert", "functional", "layers", "networks", "selection", "target_maps", "load", "Checkpoint", "ReapplyOptimizerConfig", "InitNearTeacher", "TargetPropDiagnostics", "FeedbackSchedule", "StudentTeacherDataModule", "ToyDataModule", "MNISTDataModule", "CIFAR10DataModule", *_rules]

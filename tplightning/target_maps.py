@@ -89,6 +89,13 @@ class Step:
     maps: Sequence["TargetMap"] = ()
     _error: Tensor | None = field(default=None, repr=False)
     memo: dict = field(default_factory=dict, repr=False)
+    feedback_losses: list | None = field(default=None, repr=False)  # a list: each map appends its feedback loss's value
+
+    def report_loss(self, loss: Callable[[], Tensor]) -> None:
+        """Append ``loss()`` to :attr:`feedback_losses` when the step collects them (the stopping rule of a feedback
+        schedule); otherwise nothing is computed."""
+        if self.feedback_losses is not None:
+            self.feedback_losses.append(loss().detach())
 
     def output_error(self) -> Tensor:
         if self._error is None:
@@ -187,6 +194,15 @@ class TargetMap(nn.Module, metaclass=ABCMeta):
 
     def on_weights_changed(self) -> None:
         """Recompute state derived from the forward weights (they were replaced)."""
+
+    def has_closed_form(self) -> bool:
+        """Whether :meth:`set_closed_form` can set the map to the minimiser of its feedback loss (a feedback schedule's
+        ``closed_form``); maps whose loss has none (or none this library computes) say no."""
+        return False
+
+    def set_closed_form(self) -> None:
+        """Set the feedback weights to the minimiser of this map's feedback loss (where :meth:`has_closed_form`)."""
+        raise ValueError(f"{type(self).__name__} has no closed-form feedback weights")
 
 
 class _LinearAfterInverse(TargetMap):
@@ -456,10 +472,29 @@ class ThesisInverse(_LearnedMap, _LinearAfterInverse):
             raise ConfigError(f"feedback_batch_size must be >= 1 (or None for the training batch size), got {batch_size}")
         self.batch_size = batch_size
 
+    def has_closed_form(self):
+        return isinstance(self.upper, Dense)
+
+    @torch.no_grad()
+    def set_closed_form(self):
+        """``Q = W^T (W W^T + lambda/sigma^2 I)^{-1}`` (``W = W_{i+1}``), the minimiser of Alg. A.8's regularised loss
+        (theorem 4.7; ``W^dagger`` for ``lambda = 0``, theorem 4.6), computed in float64.
+
+        >>> upper = Dense(3, 2, activation="linear")
+        >>> g = ThesisInverse(init="random").bind(1, Dense(3, 3), upper)
+        >>> g.set_closed_form()
+        >>> torch.allclose(g.Q, torch.linalg.pinv(upper.weight.detach()), atol=1e-6)
+        True
+        """
+        if not self.has_closed_form():
+            raise ValueError(f"ThesisInverse's closed form needs a dense layer above, got {type(self.upper).__name__}")
+        self.upper.init_feedback(self.Q, self.weight_decay / self.noise_std**2)
+
     def feedback_grads(self, step, noise):
         B = self.batch_size or step.hs[0].shape[0]
         h = self.noise_std * noise((B, *self.lower.out_shape))
         a_next = self.upper.linear_out(h)  # s^-1(f_{i+1}(h)) - b = W h
+        step.report_loss(lambda: 0.5 * (self._shape(self.upper.transpose(a_next, self.operator)) - h).pow(2).sum() / B)
         if self.upper.closed_form:
             return self._decayed(F.inverse_loss_grad(self.Q, a_next, h.flatten(1)))
         return self._decayed(self._autograd(lambda Q: 0.5 * (self._shape(self.upper.transpose(a_next, Q)) - h).pow(2).sum() / B))
@@ -541,6 +576,7 @@ class OriginalInverse(_LearnedMap):
         if self.noise_std > 0:
             h = h + self.noise_std * noise(tuple(h.shape))
         h_next = self.upper(h) if self.noise_std > 0 else step.hs[i + 1]
+        step.report_loss(lambda: 0.5 * (self.evaluate(h_next)[1] - h).pow(2).sum() / h.shape[0])
         if self.upper.closed_form and self.bias:  # mean_b 1/2 ||g_i(h_next) - h||^2 through q_grad, for Q and d
             c, g = self.evaluate(h_next)
             return self._decayed(self.q_grad([(h_next, (g - h) / h.shape[0], (c, g))]))
@@ -1063,6 +1099,7 @@ class DifferenceReconstruction(OriginalInverse):
         h_rec = self.reconstruction(step, step.hs[i] + eps)
         rec, own = self.evaluate(h_rec), self.own_evaluation(step)
         r = (rec[1] - own[1] - eps) / (sigma**2 * eps.shape[0])  # dL/dg_i(h~_{i+1})
+        step.report_loss(lambda: 0.5 * (rec[1] - own[1] - eps).pow(2).sum() / (sigma**2 * eps.shape[0]))
         return self._decayed(self.q_grad([(h_rec, r, rec), (h_next, -r, own)]))
 
 
@@ -1103,6 +1140,7 @@ class LocalDifferenceReconstruction(OriginalInverse):
         h_x, h_y = self.upper(h + dx), h_next + dy
         own, at_y = self.own_evaluation(step), self.evaluate(h_y)
         dr_y = at_y[1] - own[1]
+        step.report_loss(lambda: (-2 * (dx * (self.evaluate(h_x)[1] - own[1])).sum() + dr_y.pow(2).sum()) / B)
         return self._decayed(self.q_grad([(h_x, -2 * dx / B), (h_y, 2 * dr_y / B, at_y), (h_next, 2 * (dx - dr_y) / B, own)]))
 
 
@@ -1159,6 +1197,23 @@ class DirectLinear(_LearnedMap):
         gamma = self.weight_decay if self.init == "regularised" else 0.0
         self.Q.copy_(F.regularised_inverse(self.jacobian_product(), gamma).to(self.Q.dtype))
 
+    def has_closed_form(self):
+        return all(isinstance(layer, Dense) for layer in self._net_layers[self.index:])
+
+    @torch.no_grad()
+    def set_closed_form(self):
+        """``Q_i = J^T (J J^T + lambda I)^{-1}`` with ``J = W_L ... W_{i+1}`` (:meth:`jacobian_product`): the minimiser of
+        the DRL for a linear network (``J^dagger`` for ``lambda = 0``), the linearised network's for a nonlinear one.
+
+        >>> layers = [Dense(2, 3), Dense(3, 3), Dense(3, 2, activation="linear")]
+        >>> g = DirectLinear(layers, init="random").bind(1, layers[0], layers[1])
+        >>> g.set_closed_form()
+        >>> J = layers[2].weight.detach() @ layers[1].weight.detach()
+        >>> torch.allclose(g.Q, torch.linalg.pinv(J), atol=1e-5)
+        True
+        """
+        self.Q.copy_(F.regularised_inverse(self.jacobian_product(), self.weight_decay).to(self.Q.dtype))
+
     def target(self, h_hat_next, step):
         if step.output_target is None:
             raise ValueError("DirectLinear needs the step's output target h^_L")
@@ -1174,6 +1229,7 @@ class DirectLinear(_LearnedMap):
         eps = sigma * noise(tuple(step.hs[i].shape))
         d = (forward_from(step.layers, i, step.hs[i] + eps) - step.hs[-1]).flatten(1)  # (B, n_L)
         r = (d @ self.Q.T - eps.flatten(1)) / (sigma**2 * d.shape[0])
+        step.report_loss(lambda: 0.5 * (d @ self.Q.T - eps.flatten(1)).pow(2).sum() / (sigma**2 * d.shape[0]))
         return self._decayed(r.T @ d)
 
 

@@ -488,3 +488,52 @@ def test_a_database_study_fails_a_trial_without_heartbeat_and_runs_it_again(tmp_
     first, again = study.get_trials()
     assert (first.state, again.state) == (TrialState.FAIL, TrialState.WAITING) and again.params == first.params
     assert "stale: trial 0: no heartbeat for 1 s; run again as trial 1" in tune.summary(study)
+
+
+@pytest.mark.parametrize("with_acc, kept", [(0.981, True), (0.98, True), (0.979, False)])
+def test_a_schedule_check_writes_the_schedule_only_where_it_keeps_the_validation_accuracy(tmp_path, monkeypatch, with_acc, kept):
+    """The runs are stand-ins with a given best validation accuracy (the decision is what is tested); the config without
+    the schedule scores 0.98, and a tie keeps the schedule."""
+    from benchmarks import common, mnist
+
+    config = tmp_path / "ddtp_linear.yaml"
+    original = (CONFIG_DIR / "mnist" / "ddtp_linear.yaml").read_text()
+    config.write_text(original)
+    monkeypatch.setattr(tune, "_config", lambda rule: str(config))
+    trained = []
+
+    def fake_run(task):
+        rule, cfg, seed, epochs, overrides = task
+        trained.append(list(overrides))
+        acc = with_acc if overrides else 0.98
+        return {"rule": rule, "config": cfg, "seed": seed, "epochs": epochs, "overrides": list(overrides), "args": [],
+                "test_error": 2.0, "best_val_acc": acc, "best_epoch": 1, "epochs_run": 1, "seconds": 1.0,
+                "seconds_per_epoch": 1.0, "diverged": False, "error": None, "val_acc": [acc]}  # fmt: skip
+
+    monkeypatch.setattr(mnist, "_run_task", fake_run)
+    record, out = tmp_path / "runs.jsonl", tmp_path / "results.md"
+    argv = ["--rule", "DDTPLinear", "--check", "--feedback-schedule", '{"every": 2}', "--record", str(record), "--out", str(out)]
+    result = tune.main(argv)
+    assert result["kept"] is kept and len(trained) == 2
+    text = config.read_text()
+    if kept:
+        assert text.startswith(f"# Feedback schedule checked by {tune.PROG} --rule DDTPLinear --check --feedback-schedule "
+                               f"'{{\"every\": 2}}': 100 epochs, seed 0, best val/acc {with_acc:.4f} with the schedule against 0.9800")  # fmt: skip
+        assert yaml.safe_load(text)["model"]["init_args"]["feedback_schedule"] == {"class_path": "tplightning.FeedbackSchedule",
+                                                                                   "init_args": {"every": 2}}  # fmt: skip
+        assert tp.DDTPLinear(sizes=[4, 5, 3], **{"feedback_schedule": tp.FeedbackSchedule(every=2)}).feedback_schedule.every == 2
+    else:
+        assert text == original  # left alone
+    (entry,) = common.read_records(out.parent / "data" / "schedule_checks.jsonl", tune.SCHEDULE_CHECK_KIND)
+    assert entry.record["kept"] is kept and entry.record["with_best_val_acc"] == with_acc
+    trained.clear()
+    config.write_text(original)
+    tune.main(argv)  # both runs are in the record now: nothing is trained again
+    assert trained == []
+
+
+def test_a_schedule_check_refuses_bad_arguments_before_training():
+    with pytest.raises(SystemExit, match="FeedbackSchedule every must be an integer >= 1, got 0"):
+        tune.main(["--rule", "DDTPLinear", "--check", "--feedback-schedule", '{"every": 0}'])
+    with pytest.raises(SystemExit):
+        tune.parse_args(["--rule", "DDTPLinear", "--feedback-schedule", '{"every": 2}'])  # without --check

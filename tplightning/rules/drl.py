@@ -7,7 +7,8 @@ and change how the feedback weights learn; the losses live in :mod:`tplightning.
 (:class:`~tplightning.target_maps.DifferenceReconstruction`, :class:`~tplightning.target_maps.DirectLinear`,
 :class:`~tplightning.target_maps.LocalDifferenceReconstruction`). ``feedback_iterations`` feedback updates follow every
 forward update (:class:`~tplightning.rules.learned.LearnedInverseRule`), after it by default or, with ``feedback_first``,
-before it on the same forward pass (the authors' order). The papers' epoch schedule is two options of
+before it on the same forward pass (the authors' order); ``feedback_schedule``
+(:class:`~tplightning.schedules.FeedbackSchedule`) spends them on fewer batches. The papers' epoch schedule is two options of
 :class:`~tplightning.rules.learned.LearnedInverseRule`: ``feedback_pretrain_epochs`` trains only the feedback weights first
 (Meulemans et al. pre-train them for 6 epochs on MNIST; none of the shipped configs does) and ``feedback_extra_epochs``
 follows every forward epoch with feedback-only epochs (theirs: 1 for DRL on MNIST).
@@ -26,6 +27,7 @@ from torch import nn
 
 from .._lightning import OptimizerCallable
 from ..adaptive import Adaptive
+from ..schedules import FeedbackSchedule
 from ..layers import Layer
 from ..target_maps import DifferenceReconstruction, DirectLinear, LocalDifferenceReconstruction
 from .arguments import arguments_for
@@ -55,6 +57,8 @@ class _FreshFeedbackPass(LearnedInverseRule):
     def update_feedback(self, hs, pre):
         if self.feedback_first and self.trains_forward(self.current_epoch):
             return  # done before the forward update, on this step's pass
+        if self._planned == 0 or (self.feedback_schedule is not None and self.feedback_schedule.closed_form):
+            return super().update_feedback(hs, pre)  # no feedback loss to compute: no fresh pass
         if self.feedback_layers:
             hs, pre = self.forward_pass(hs[0], update_state=False)
         super().update_feedback(hs, pre)
@@ -118,6 +122,7 @@ class DRL(_FreshFeedbackPass, OriginalDTP):
         feedback_extra_epochs: int = 0,
         feedback_first: bool = False,
         adaptive: Adaptive | None = None,
+        feedback_schedule: FeedbackSchedule | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
         self.feedback_first = bool(feedback_first)
@@ -181,6 +186,7 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_extra_epochs: int = 0,
         feedback_first: bool = False,
         adaptive: Adaptive | None = None,
+        feedback_schedule: FeedbackSchedule | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
         self.feedback_first = bool(feedback_first)
@@ -240,6 +246,7 @@ class DDTPLinear(_FreshFeedbackPass):
         feedback_extra_epochs: int = 0,
         feedback_first: bool = False,
         adaptive: Adaptive | None = None,
+        feedback_schedule: FeedbackSchedule | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
         self.feedback_first = bool(feedback_first)

@@ -31,6 +31,7 @@ from ..adaptive import Adaptive, AdaptiveTargetProp
 from ..errors import ConfigError
 from ..layers import Layer
 from ..losses import D_INVERSE
+from ..schedules import FeedbackSchedule
 from ..selection import RandomLayer
 from ..target_maps import Difference, GradientTarget, OriginalInverse, Step, TargetMap, ThesisInverse, check_feedback_options
 from .arguments import arguments_for
@@ -92,6 +93,9 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
             resumed run continues the schedule exactly. The learning-rate schedule moves on forward epochs only.
         adaptive: local adaptive damping and step sizes (:class:`~tplightning.adaptive.Adaptive`; thesis 4.2.3);
             ``None``: fixed ``eta^`` and the decaying learning rate.
+        feedback_schedule: on which batches and how often ``Q`` learns (:class:`~tplightning.schedules.FeedbackSchedule`:
+            every ``k``-th batch, a decreasing count, a stopping rule on the feedback loss, or the closed form for the
+            maps that have one); ``None``: ``feedback_iterations`` updates on every batch.
 
     Attributes:
         feedback_map: the class of the learned maps, built with :attr:`feedback_options`:
@@ -140,6 +144,7 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
         adaptive: Adaptive | None = None,
+        feedback_schedule: FeedbackSchedule | None = None,
     ):
         if feedback_iterations < 1 or feedback_pretrain_epochs < 0:
             raise ConfigError(
@@ -166,6 +171,7 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
         self._noise_gen: torch.Generator | None = None
         self._noise_states: list[Tensor] | None = None  # per-rank states a checkpoint restored, not yet applied
         self.init_adaptive(adaptive)
+        self.init_feedback_schedule(feedback_schedule)
 
     # ----------------------------------------------------------------------------- pieces
     @property
@@ -215,7 +221,10 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
             self.maps[i - 1].base.init_pinv()
 
     def build_optimizers(self):
-        fb = self.feedback_parameters()
+        """The forward optimizer, then ``feedback_optimizer`` on the feedback weights (none when there are none to train,
+        or when a ``feedback_schedule`` sets them in closed form)."""
+        closed = self.feedback_schedule is not None and self.feedback_schedule.closed_form
+        fb = [] if closed else self.feedback_parameters()
         return super().build_optimizers() + ([build_optimizer("feedback_optimizer", self.feedback_optimizer, fb)] if fb else [])
 
     # ----------------------------------------------------------------------------- feedback training
@@ -254,9 +263,10 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
             return self._noise_states[rank]
         return torch.Generator(self.device).manual_seed(self.feedback_seed + rank).get_state()
 
-    def feedback_grads(self, hs: list[Tensor], pre: list[Tensor] | None = None) -> dict[Tensor, Tensor]:
-        """Gradients of every map's (regularised) inverse loss (Alg. A.8 / A.9)."""
-        step = Step(hs, pre or [], self.target_stepsize, layers=list(self.net.layers), maps=list(self.maps))
+    def feedback_grads(self, hs: list[Tensor], pre: list[Tensor] | None = None, losses: list[Tensor] | None = None) -> dict[Tensor, Tensor]:
+        """Gradients of every map's (regularised) inverse loss (Alg. A.8 / A.9); with a list ``losses``, each map also
+        appends its loss's value there (the data term, without the weight decay)."""
+        step = Step(hs, pre or [], self.target_stepsize, layers=list(self.net.layers), maps=list(self.maps), feedback_losses=losses)
         grads: dict[Tensor, Tensor] = {}
         for m in self.maps:
             grads.update(m.feedback_grads(step, self.noise))
@@ -265,9 +275,69 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
     def update_feedback(self, hs, pre) -> None:
         if not self.feedback_layers:
             return
+        if self.feedback_schedule is not None:
+            return self.scheduled_feedback(hs, pre)
         opt = self.optimizer_list()[1]
         for _ in range(self.feedback_iterations):
             self.apply_gradients(opt, self.feedback_grads(hs, pre))
+
+    # ----------------------------------------------------------------------------- feedback schedule
+    def init_feedback_schedule(self, schedule: FeedbackSchedule | dict | None) -> None:
+        """Check the option ``feedback_schedule`` against the rule and create its state; the hyper-parameters keep it as
+        plain data (:meth:`~tplightning.schedules.FeedbackSchedule.spec`), so checkpoints load without unpickling it."""
+        self.feedback_schedule = schedule = FeedbackSchedule.build(schedule)
+        self._planned: int | None = None  # feedback updates planned for the current batch (None: no plan made)
+        if schedule is None:
+            return
+        if schedule.closed_form:
+            lacking = [m for m in self.maps if m.feedback_parameters() and not m.base.has_closed_form()]
+            if lacking:
+                raise ConfigError(
+                    f"feedback_schedule closed_form needs maps whose feedback loss has a closed-form minimiser (thesis-form "
+                    f"maps of the DTP-AI family, DDTP-linear) on dense layers; {type(self).__name__} has "
+                    f"{', '.join(sorted({type(m.base).__name__ for m in lacking}))}"
+                )
+        self.hparams["feedback_schedule"] = schedule.spec()
+        self.schedule_state = schedule.initial_state()
+
+    def plan_feedback(self, batch_idx: int) -> int:
+        """The feedback updates of batch ``batch_idx`` of the current epoch (before the stopping rule), counting down a
+        rest the stopping rule ordered; called once per training batch."""
+        s = self.feedback_schedule
+        if s is None:
+            return self.feedback_iterations
+        n = s.updates(self.current_epoch, batch_idx, self.feedback_iterations)
+        if n and self.schedule_state["resting"] > 0:
+            self.schedule_state["resting"] -= 1
+            return 0
+        return n
+
+    def scheduled_feedback(self, hs, pre) -> None:
+        """The feedback updates :meth:`plan_feedback` planned for this batch, each skipped by the stopping rule when the
+        batch's feedback loss (summed over the layers, averaged over DDP replicas) says so; or the closed form."""
+        s = self.feedback_schedule
+        planned = self._planned if self._planned is not None else self.plan_feedback(0)
+        if s.closed_form:
+            if planned:
+                self.set_feedback_closed_form()
+            return
+        opt = self.optimizer_list()[1] if planned else None
+        for _ in range(planned):
+            losses: list[Tensor] | None = [] if s.stops else None
+            grads = self.feedback_grads(hs, pre, losses)
+            if losses is not None:
+                loss = float(self._mean_over_replicas(torch.stack(losses).sum().double().reshape(1)))
+                if self._trainer is not None:
+                    self.log("feedback/loss", loss, on_step=True, on_epoch=False, batch_size=1)
+                if s.skip(loss, self.schedule_state):
+                    return
+            self.apply_gradients(opt, grads)
+
+    @torch.no_grad()
+    def set_feedback_closed_form(self) -> None:
+        """Every learned map at the minimiser of its feedback loss (:meth:`~tplightning.target_maps.ThesisInverse.set_closed_form`)."""
+        for i in self.feedback_layers:
+            self.maps[i - 1].base.set_closed_form()
 
     def trains_forward(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (0-based) trains the forward weights: not with ``feedback_only``, not in the
@@ -281,6 +351,7 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
         return not self.feedback_only and after >= 0 and after % (1 + self.feedback_extra_epochs) == 0
 
     def training_step(self, batch, batch_idx):
+        self._planned = self.plan_feedback(batch_idx) if self.feedback_schedule is not None else None
         if self.trains_forward(self.current_epoch):
             return super().training_step(batch, batch_idx)
         x, y = batch  # feedback pre-training: only Q learns
@@ -301,8 +372,11 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
     def extra_state(self) -> dict:
         """Adds the noise generator: ``noise_generator`` (this process's state; rank 0's under DDP) and, under DDP,
         ``noise_generators``, every rank's state in rank order, gathered from all ranks (Lightning calls
-        ``on_save_checkpoint`` on every rank and rank 0 writes the file)."""
+        ``on_save_checkpoint`` on every rank and rank 0 writes the file); with a ``feedback_schedule``, its state
+        ``feedback_schedule`` (running mean of the feedback loss and rest, the same on every rank)."""
         state = super().extra_state()
+        if self.feedback_schedule is not None:
+            state["feedback_schedule"] = dict(self.schedule_state)
         own = self._own_noise_state()
         if own is None:
             return state
@@ -320,6 +394,8 @@ class LearnedInverseRule(AdaptiveTargetProp, TargetPropRule):
         different noise (their streams restart rather than continue). The state is applied at the next draw
         (:meth:`noise`), when the rank and device are known."""
         super().load_extra_state(state)
+        if self.feedback_schedule is not None and "feedback_schedule" in state:
+            self.schedule_state = dict(state["feedback_schedule"])
         if "noise_generators" in state:
             self._noise_gen, self._noise_states = None, list(state["noise_generators"])
         elif "noise_generator" in state:
@@ -481,6 +557,7 @@ class AOSDTP(OriginalDTP):
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
         adaptive: Adaptive | None = None,
+        feedback_schedule: FeedbackSchedule | None = None,
         aux_units: int | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))  # aux_units reaches make_network as a recorded argument (self.hparams)
@@ -554,5 +631,6 @@ class MTP(TPAI):
         feedback_only: bool = False,
         feedback_extra_epochs: int = 0,
         adaptive: Adaptive | None = None,
+        feedback_schedule: FeedbackSchedule | None = None,
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
