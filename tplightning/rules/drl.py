@@ -138,6 +138,10 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_iterations: feedback updates per batch (the paper: 20-55 per layer on CIFAR-10).
         feedback_first: as for :class:`DRL`.
         feedback_extra_epochs: as for :class:`DRL`.
+        feedback_activation: ``"lower"`` keeps ``s_i`` in ``g_i(h) = s_i(Q_i h)``; ``"linear"`` drops it,
+            ``g_i(h) = Q_i h``, as the paper's feedback blocks (ending with the transposed layer) do. With ReLU layers
+            below (LeNet-5's blocks) the original form's feedback can die (see
+            :class:`~tplightning.target_maps.LocalDifferenceReconstruction`).
 
     >>> rule = LDRL(sizes=[3, 4, 4, 2])
     >>> type(rule.maps[0].inner).__name__, rule.feedback_iterations
@@ -179,9 +183,15 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_extra_epochs: int = 0,
         feedback_first: bool = False,
         adaptive: Adaptive | None = None,
+        feedback_activation: Literal["lower", "linear"] = "lower",
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
         self.feedback_first = bool(feedback_first)
+
+    @property
+    def feedback_options(self) -> dict:
+        """The learned maps' options, with ``activation`` (``feedback_activation``)."""
+        return {**super().feedback_options, "activation": self.hparams.get("feedback_activation", "lower")}
 
 
 class DDTPLinear(_FreshFeedbackPass):
