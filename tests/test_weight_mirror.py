@@ -78,7 +78,7 @@ def test_one_conv_layer_mirror_step_equals_loops():
     (z,) = _draws(5, (batch, 2, 6, 6))
     x = sigma * z
     y = _conv_np(x, W, 2, 1)
-    expected = (1 - decay) * B0 + lr * _conv_product(x, y, 3, 2, 1) / batch
+    expected = (1 - decay) * B0 + lr * _conv_product(x, y, 3, 2, 1) / (batch * y.shape[2] * y.shape[3])  # mean over samples and positions
     np.testing.assert_allclose(g.B.numpy(), expected, rtol=1e-10, atol=1e-13)
 
 
@@ -96,7 +96,7 @@ def test_block_mirrors_each_weighted_submodule_with_its_own_input_shape():
     g.mirror_step(_noise(9), lr=lr, sigma=sigma, decay=decay, batch_size=batch)
     zc, zl = _draws(9, (batch, 1, 4, 4), (batch, 8))
     xc, xl = sigma * zc, sigma * zl
-    expected_c = (1 - decay) * B0[0] + lr * _conv_product(xc, _conv_np(xc, Wc, 1, 1), 3, 1, 1) / batch
+    expected_c = (1 - decay) * B0[0] + lr * _conv_product(xc, _conv_np(xc, Wc, 1, 1), 3, 1, 1) / (batch * 16)  # 4 x 4 positions
     expected_l = (1 - decay) * B0[1] + lr * (xl.T @ (xl @ Wl.T)) / batch
     np.testing.assert_allclose(g.feedback_tensors()[0].numpy(), expected_c, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(g.feedback_tensors()[1].numpy(), expected_l, rtol=1e-10, atol=1e-13)
@@ -173,3 +173,18 @@ def test_refuses_the_layers_it_cannot_serve():
 def test_refuses_bad_arguments(kw, message):
     with pytest.raises(ConfigError, match=message):
         tp.WM(sizes=[3, 4, 2], **kw)
+
+
+def test_conv_feedback_tends_to_the_kernel_itself():
+    """Without padding every output position sees every kernel offset: the mean over positions is sigma^2 W, so with the
+    default decay the kernel-shaped B tends to W (angle and scale), not to W times the number of positions."""
+    torch.manual_seed(2)
+    upper = Conv2d((2, 6, 6), out_channels=3, kernel_size=3, activation="tanh").double()
+    g = WeightMirror().bind(1, Dense(4, 72).double(), upper)
+    W = upper.weight.detach().numpy()
+    noise = _noise(0)
+    for _ in range(600):
+        g.mirror_step(noise, lr=0.05, sigma=1.0, decay=0.05, batch_size=16)
+    B = g.B.numpy()
+    assert _angle_deg(B, W) < 5
+    assert float((B * W).sum() / (W * W).sum()) == pytest.approx(1.0, rel=0.1)

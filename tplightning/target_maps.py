@@ -60,6 +60,7 @@ __all__ = [
     "SignSymmetry",
     "KolenPollack",
     "WeightMirror",
+    "mirror_product",
     "DirectFeedback",
     "Difference",
     "plain",
@@ -873,14 +874,15 @@ def _mirror_input_shapes(block: Block, names: Sequence[str]) -> list[tuple[int, 
 
 
 def mirror_product(owner: Layer | nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """``sum_b y_b x_b^T`` with ``y = W x`` (no bias, no activation: the linear part of ``owner``, a dense or convolutional
+    """``mean_b y_b x_b^T`` with ``y = W x`` (no bias, no activation: the linear part of ``owner``, a dense or convolutional
     layer or a ``Linear``/convolution module), in ``weight``'s shape: the vector-Jacobian product of ``W -> W x`` with the
-    output ``y`` itself. For a convolution it is the correlation of ``y`` with ``x`` over positions (the kernel's
-    "outer product").
+    output ``y`` itself, over the batch size. For a convolution it is the correlation of ``y`` with ``x``, averaged over
+    the output positions too, so that its mean is ``sigma^2 W`` for noise of std ``sigma``, as for a dense layer (up to
+    the padding's border).
 
-    >>> W, x = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -1.0]])  # y = W x = 1
-    >>> mirror_product(nn.Linear(2, 1), x, W)  # y x^T
-    tensor([[ 3., -1.]])
+    >>> W, x = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -1.0], [1.0, 1.0]])  # y = W x = (1, 3)
+    >>> mirror_product(nn.Linear(2, 1), x, W)  # (1 (3, -1) + 3 (1, 1)) / 2
+    tensor([[3., 1.]])
     """
     with torch.enable_grad():
         W = weight.detach().requires_grad_(True)
@@ -890,7 +892,8 @@ def mirror_product(owner: Layer | nn.Module, x: Tensor, weight: Tensor) -> Tenso
             y = nnf.conv2d(x, W, None, owner.stride, owner.padding)
         else:
             y = _input_map(owner, x, W)
-        return torch.autograd.grad(y, W, grad_outputs=y.detach())[0]
+        positions = y[0, 0].numel() if y.dim() > 2 else 1
+        return torch.autograd.grad(y, W, grad_outputs=y.detach())[0] / (x.shape[0] * positions)
 
 
 class WeightMirror(FeedbackAlignment):
@@ -913,7 +916,8 @@ class WeightMirror(FeedbackAlignment):
     Dense layers above (``B`` in ``W^T``'s shape), this library's convolutional layers (``B`` in the kernel's shape; the
     mirror runs the convolution only, not the pooling) and blocks: one ``B_k`` per ``Linear`` or zero-padded convolution,
     each mirrored with noise of that submodule's input shape through that submodule alone. For a convolution the product
-    sums over positions, so ``B`` tends to a multiple of the kernel up to border effects of the padding. Not AO-SDTP's
+    is averaged over output positions as well (:func:`mirror_product`), so ``B`` tends to the kernel itself up to border
+    effects of the padding (the sum over positions would make it the kernel times their number). Not AO-SDTP's
     auxiliary layer (its fixed rows are no forward weight to mirror). ``B`` starts random, as FA's (a buffer, in
     checkpoints).
 
@@ -950,7 +954,7 @@ class WeightMirror(FeedbackAlignment):
     @torch.no_grad()
     def mirror_step(self, noise: Callable[[tuple[int, ...]], Tensor], lr: float, sigma: float, decay: float, batch_size: int) -> None:
         """One mirror step on every feedback weight of this map: ``B <- (1 - decay) B + lr mean_b x_b y_b^T`` with
-        ``x = sigma * noise((batch_size, *input shape))`` and ``y = W x``.
+        ``x = sigma * noise((batch_size, *input shape))`` and ``y = W x`` (:func:`mirror_product`).
 
         Args:
             noise: returns standard normal draws of a shape (on any device; moved to the weights').
@@ -961,8 +965,7 @@ class WeightMirror(FeedbackAlignment):
         """
         for owner, W, B, shape in self.mirrored():
             x = sigma * noise((batch_size, *shape)).to(dtype=W.dtype, device=W.device)
-            product = transposed_for(owner, mirror_product(owner, x, W))
-            B.mul_(1.0 - decay).add_(product, alpha=lr / batch_size)
+            B.mul_(1.0 - decay).add_(transposed_for(owner, mirror_product(owner, x, W)), alpha=lr)
 
 
 class DirectFeedback(_FixedFeedback):
