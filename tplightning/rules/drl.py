@@ -128,8 +128,9 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
     ``g_i(h) = s_i(Q_i h)`` with difference targets; ``Q_i`` minimises a loss of layer ``i + 1`` alone whose minimum makes
     ``J_{g_i} = J_{f_{i+1}}^T``, so that the difference targets approach backprop's gradient targets
     (:class:`~tplightning.target_maps.LocalDifferenceReconstruction`). The paper's feedback map inverts each block with a
-    transposed layer after the activation; this library's original form ``s_i(Q_i h)`` is used instead (our choice, so
-    that DTP, DRL and L-DRL differ only in the feedback loss). Run: ``python train.py --config ldrl.yaml``.
+    transposed layer after the activation; this library's original form ``s_i(Q_i h)`` is used by default (our choice, so
+    that DTP, DRL and L-DRL differ only in the feedback loss) and ``feedback_activation="linear"`` gives the paper's
+    ``Q_i h`` (LeNet-5's config uses it). Run: ``python train.py --config ldrl.yaml``.
 
     It takes every argument of :class:`~tplightning.rules.learned.LearnedInverseRule` too.
 
