@@ -188,3 +188,37 @@ def test_conv_feedback_tends_to_the_kernel_itself():
     B = g.B.numpy()
     assert _angle_deg(B, W) < 5
     assert float((B * W).sum() / (W * W).sum()) == pytest.approx(1.0, rel=0.1)
+
+
+class _StopAfterEpoch(pl.Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _wm():
+    torch.manual_seed(0)
+    return tp.WM(sizes=[6, 5, 4, 6], activation="tanh", mirror_initial_steps=4, mirror_steps=2, mirror_lr=0.2, mirror_noise_std=0.7,
+                 forward_optimizer=lambda p: torch.optim.SGD(p, lr=0.05))  # fmt: skip
+
+
+def test_resume_continues_the_mirror_noise_exactly(tmp_path):
+    """1 epoch, checkpoint, 2 more epochs equals 3 epochs straight: B, the forward weights and the noise generator's state
+    (the initial mirror steps are not repeated on resume)."""
+    from conftest import quiet_trainer, tiny_data
+
+    folder = tmp_path / "ckpt"
+    quiet_trainer(max_epochs=3, enable_checkpointing=True, callbacks=[tp.Checkpoint(dirpath=folder, save_top_k=0), _StopAfterEpoch(0)]).fit(
+        _wm(), datamodule=tiny_data(sizes=(6, 5, 4, 6)))  # fmt: skip
+    resumed = tp.load(folder / "last.ckpt")
+    quiet_trainer(max_epochs=3).fit(resumed, datamodule=tiny_data(sizes=(6, 5, 4, 6)), ckpt_path=folder / "last.ckpt")
+    straight = _wm()
+    quiet_trainer(max_epochs=3).fit(straight, datamodule=tiny_data(sizes=(6, 5, 4, 6)))
+    sa, sb = resumed.state_dict(), straight.state_dict()
+    assert sa.keys() == sb.keys() and any(k.endswith(".B") for k in sa)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+    assert torch.equal(resumed.feedback_generator().get_state(), straight.feedback_generator().get_state())
