@@ -131,7 +131,7 @@ ROW_KIND = common.Kind("mnist-row", {"rule": "str", "config": "str", "hparams": 
 
 #: LeNet-5 rows: (rule name, config stem after ``lenet_``)
 LENET_RULES = (("BP", "bp"), ("FA", "fa"), ("DFA", "dfa"), ("USF", "usf"), ("BRSF", "brsf"), ("FRSF", "frsf"), ("KP", "kp"),
-               ("DDTPLinear", "ddtp_linear"), ("LDRL", "ldrl"))  # fmt: skip
+               ("WM", "wm"), ("DDTPLinear", "ddtp_linear"), ("LDRL", "ldrl"))  # fmt: skip
 #: biotorch's published LeNet MNIST top-1 test errors % (Sanfiz & Akrout 2021, Benchmarks.md; one run each, 100 epochs,
 #: checkpoint chosen on the test set); rules it does not have are absent
 BIOTORCH_LENET = {"BP": "0.91", "FA": "1.70", "DFA": "1.61", "USF": "0.94", "BRSF": "0.91", "FRSF": "0.97"}

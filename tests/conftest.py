@@ -35,6 +35,7 @@ RULES: dict[str, tuple[type, dict]] = {
     "BRSF": (tp.BRSF, {}),
     "FRSF": (tp.FRSF, {}),
     "KP": (tp.KP, {}),
+    "WM": (tp.WM, {}),
     "TPEI": (tp.TPEI, {}),
     "DTPEI": (tp.DTPEI, {}),
     "RTPEI": (tp.RTPEI, {}),

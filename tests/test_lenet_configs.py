@@ -25,8 +25,8 @@ from tplightning.errors import ConfigError
 
 from tests.data.test_cifar10 import fake_md5, root  # noqa: F401 - fixtures: fake CIFAR-10 batch files
 
-LENET = ["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "ddtp_linear", "ldrl"]
-RULE = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "USF", "brsf": "BRSF", "frsf": "FRSF", "kp": "KP", "ddtp_linear": "DDTPLinear", "ldrl": "LDRL"}
+LENET = ["bp", "fa", "dfa", "usf", "brsf", "frsf", "kp", "wm", "ddtp_linear", "ldrl"]
+RULE = {"bp": "BP", "fa": "FA", "dfa": "DFA", "usf": "USF", "brsf": "BRSF", "frsf": "FRSF", "kp": "KP", "wm": "WM", "ddtp_linear": "DDTPLinear", "ldrl": "LDRL"}
 CIFAR = ["vgg_bp", "vgg_ldrl", "resnet_bp", "resnet_ldrl"]
 
 

@@ -365,9 +365,10 @@ def test_blocks_the_family_cannot_serve_are_refused_naming_them():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["BRSF", "KP"])
+@pytest.mark.parametrize("name", ["BRSF", "KP", "WM"])
 def test_ddp_replicas_stay_identical(name, tmp_path):
-    """brSF's magnitudes come from one seed on every rank and KP's B take the all-reduced gradient: replicas agree."""
+    """brSF's magnitudes and WM's mirror noise come from one seed on every rank and KP's B take the all-reduced gradient:
+    replicas agree."""
     from conftest import fit_ddp_replicas, make_rule, weights_of
 
     extra = {"forward_optimizer": sgd(0.01, 0.1)} if name == "KP" else {}

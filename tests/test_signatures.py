@@ -24,7 +24,7 @@ def test_no_pass_through(cls):
 
 
 def test_rules_are_all_checked():
-    assert {"DTPAI", "LeeDTP", "FA", "BDFA", "TPEI", "DRL", "LDRL", "DDTPLinear", "MTP", "AOSDTP", "BPFixed", "FWDTP", "CCL"} <= {c.__name__ for c in RULES}
+    assert {"DTPAI", "LeeDTP", "FA", "BDFA", "TPEI", "DRL", "LDRL", "DDTPLinear", "MTP", "AOSDTP", "BPFixed", "FWDTP", "CCL", "WM"} <= {c.__name__ for c in RULES}
 
 
 def test_dtpai_shows_its_arguments_with_defaults():
@@ -42,6 +42,8 @@ def test_dtpai_shows_its_arguments_with_defaults():
     (tp.LDRL, "feedback_iterations", 20), (tp.DDTPLinear, "feedback_noise_std", 0.1), (tp.MTP, "batch_norm", True),
     (tp.AOSDTP, "aux_units", None), (tp.TPEI, "threshold", 0.5), (tp.LeeDTP, "feedback_init", "pinv"),
     (tp.FWDTP, "feedback_scale", 1.0), (tp.CCL, "target_stepsize", 1.0), (tp.CCL, "pairing", "mse"), (tp.CCL, "grad_clip", None),
+    (tp.WM, "mirror_lr", 0.1), (tp.WM, "mirror_weight_decay", None), (tp.WM, "mirror_initial_steps", 0),
+    (tp.LDRL, "feedback_activation", "lower"),
 ])
 def test_presets_show_their_own_defaults(cls, name, default):
     """The signature's default is the one the rule records when the argument is left out."""

@@ -12,6 +12,8 @@ A target map turns the target of layer ``i + 1`` into the target of layer ``i``.
   Alg. A.9 on the current activations with optional noise injection (eq. 3.13);
 * :class:`GradientTarget` ``h^_i = h_i - eta^ dl/dh_i`` for the layer below the output (Lee et al. 2015's
   penultimate target), which needs no feedback weights;
+* :class:`FeedbackAlignment` and its family (:class:`SignSymmetry`, :class:`KolenPollack`, :class:`WeightMirror`)
+  carry feedback weights ``B`` in place of ``W^T`` (feedback-alignment "targets");
 * :class:`Difference` wraps any of them: ``h^_i = h_i + g_i(h^_{i+1}) - g_i(h_{i+1})`` (eq. 4.101);
 * :class:`DifferenceReconstruction` (DRL, Meulemans et al. 2020) and :class:`LocalDifferenceReconstruction` (L-DRL,
   Ernoult et al. 2022): the original form ``s_i(Q_i h)`` trained by their feedback losses instead of Alg. A.9;
@@ -57,6 +59,8 @@ __all__ = [
     "TrainedFeedback",
     "SignSymmetry",
     "KolenPollack",
+    "WeightMirror",
+    "mirror_product",
     "DirectFeedback",
     "Difference",
     "plain",
@@ -500,6 +504,9 @@ class ThesisInverse(_LearnedMap, _LinearAfterInverse):
         return self._decayed(self._autograd(lambda Q: 0.5 * (self._shape(self.upper.transpose(a_next, Q)) - h).pow(2).sum() / B))
 
 
+_IDENTITY = F.get_activation("linear")
+
+
 class OriginalInverse(_LearnedMap):
     """``g_i(h) = s_i(Q_i h)`` (eq. 5.54), ``Q`` trained by Alg. A.9 on the current activations.
 
@@ -540,13 +547,18 @@ class OriginalInverse(_LearnedMap):
     def forward(self, h_next):
         return self.evaluate(h_next)[1]
 
+    @property
+    def feedback_activation(self):
+        """``s_i`` of ``g_i(h) = s_i(Q_i h)``: the lower layer's activation."""
+        return self.lower.activation
+
     def evaluate(self, h_next: Tensor) -> tuple[Tensor, Tensor]:
         """``(Q h + d, s_i(Q h + d))`` (``d`` with ``bias`` only): the feedback gradients reuse the pre-activation
         (:meth:`q_grad`)."""
         c = self.upper.transpose(h_next, self.operator)
         if self.bias:
             c = c + self.d
-        return c, self.lower.activation(self._shape(c))
+        return c, self.feedback_activation(self._shape(c))
 
     def at_own(self, step):
         return self.own_evaluation(step)[1]
@@ -561,7 +573,7 @@ class OriginalInverse(_LearnedMap):
         ``sum_k (u_k * s'(Q v_k))^T v_k`` for a dense layer above (reusing ``evaluate(v_k)`` when a term brings it),
         autograd otherwise. With a feedback bias, ``{Q: that, d: sum_k sum_b (u_k * s'(Q v_k + d))}``."""
         if self.upper.closed_form:
-            act, grad, grad_d = self.lower.activation, 0, 0
+            act, grad, grad_d = self.feedback_activation, 0, 0
             for v, u, *known in terms:
                 c, out = known[0] if known else self.evaluate(v)
                 du = u.flatten(1) * act.derivative(c, out.reshape(c.shape))
@@ -569,7 +581,8 @@ class OriginalInverse(_LearnedMap):
                 if self.bias:
                     grad_d = grad_d + du.sum(0)
             return {self.Q: grad, self.d: grad_d} if self.bias else grad
-        return self._autograd(lambda Q: sum((u * self.lower.activation(self._shape(self.upper.transpose(v, Q)))).sum() for v, u, *_ in terms))
+        act = self.feedback_activation
+        return self._autograd(lambda Q: sum((u * act(self._shape(self.upper.transpose(v, Q)))).sum() for v, u, *_ in terms))
 
     def feedback_grads(self, step, noise):
         i, h = self.index, step.hs[self.index]
@@ -581,8 +594,8 @@ class OriginalInverse(_LearnedMap):
             c, g = self.evaluate(h_next)
             return self._decayed(self.q_grad([(h_next, (g - h) / h.shape[0], (c, g))]))
         if self.upper.closed_form:
-            return self._decayed(F.original_inverse_loss_grad(self.Q, h_next, h.flatten(1), self.lower.activation))
-        act = self.lower.activation
+            return self._decayed(F.original_inverse_loss_grad(self.Q, h_next, h.flatten(1), self.feedback_activation))
+        act = self.feedback_activation
         return self._decayed(self._autograd(lambda Q: 0.5 * (act(self._shape(self.upper.transpose(h_next, Q))) - h).pow(2).sum() / h.shape[0]))
 
 
@@ -926,6 +939,124 @@ class KolenPollack(TrainedFeedback):
         return {B: transposed_for(owner, grads[W]) for W, owner, B in pairs if W in grads}
 
 
+def _mirror_input_shapes(block: Block, names: Sequence[str]) -> list[tuple[int, ...]]:
+    """The input shape (without the batch) of each submodule ``names`` of ``block.module``, read by forward hooks on zeros of
+    the block's input shape in eval mode (no statistics change)."""
+    seen: dict[str, tuple[int, ...]] = {}
+    W = block.weight
+
+    def record(name, module, args):
+        seen.setdefault(name, tuple(args[0].shape[1:]))
+
+    handles = [block.module.get_submodule(n).register_forward_pre_hook(functools.partial(record, n)) for n in names]
+    modes = {m: m.training for m in block.module.modules()}
+    block.module.eval()
+    try:
+        with torch.no_grad():
+            block.module(torch.zeros(2, *block.in_shape, dtype=W.dtype, device=W.device))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return [seen[n] for n in names]
+
+
+def mirror_product(owner: Layer | nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """``mean_b y_b x_b^T`` with ``y = W x`` (no bias, no activation: the linear part of ``owner``, a dense or convolutional
+    layer or a ``Linear``/convolution module), in ``weight``'s shape: the vector-Jacobian product of ``W -> W x`` with the
+    output ``y`` itself, over the batch size. For a convolution it is the correlation of ``y`` with ``x``, averaged over
+    the output positions too, so that its mean is ``sigma^2 W`` for noise of std ``sigma``, as for a dense layer (up to
+    the padding's border).
+
+    >>> W, x = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -1.0], [1.0, 1.0]])  # y = W x = (1, 3)
+    >>> mirror_product(nn.Linear(2, 1), x, W)  # (1 (3, -1) + 3 (1, 1)) / 2
+    tensor([[3., 1.]])
+    """
+    with torch.enable_grad():
+        W = weight.detach().requires_grad_(True)
+        if isinstance(owner, Dense):
+            y = nnf.linear(x, W)
+        elif isinstance(owner, Conv2d):
+            y = nnf.conv2d(x, W, None, owner.stride, owner.padding)
+        else:
+            y = _input_map(owner, x, W)
+        positions = y[0, 0].numel() if y.dim() > 2 else 1
+        return torch.autograd.grad(y, W, grad_outputs=y.detach())[0] / (x.shape[0] * positions)
+
+
+class WeightMirror(FeedbackAlignment):
+    """Weight-mirror feedback (Akrout et al. 2019, section 3, eq. 7 and the weight decay that follows it):
+    :class:`FeedbackAlignment`'s target, with ``B_i`` learned in *mirror mode* so that it aligns with ``W_{i+1}^T``.
+
+    In mirror mode each layer is driven by its own zero-mean noise ``x ~ N(0, sigma^2 I)`` in its input space (not
+    propagated from below), sent through its forward weights, ``y = W_{i+1} x``, and the feedback weight takes the
+    Hebbian product of the two, with weight decay:
+
+    ``B_i <- B_i + eta_B mean_b x_b y_b^T - lambda B_i``.
+
+    ``E[x y^T] = sigma^2 W_{i+1}^T``, so ``B_i -> (eta_B sigma^2 / lambda) W_{i+1}^T`` in the mean (``lambda = eta_B
+    sigma^2`` gives ``W^T`` itself; without decay ``B`` grows along ``W^T`` and the random start fades). Choices where the
+    sources differ or are silent: ``y`` is the linear part ``W x`` without bias or activation (the paper's derivation;
+    the authors' fully connected code runs ``x`` through ``sigmoid(W x + b)``), ``x`` is Gaussian (their code:
+    uniform), the product is averaged over the mirror batch (their code sums it) and the decay acts in the same step.
+    :meth:`mirror_step` does one step; the rule (:class:`~tplightning.rules.alignment.WM`) decides when.
+
+    Dense layers above (``B`` in ``W^T``'s shape), this library's convolutional layers (``B`` in the kernel's shape; the
+    mirror runs the convolution only, not the pooling) and blocks: one ``B_k`` per ``Linear`` or zero-padded convolution,
+    each mirrored with noise of that submodule's input shape through that submodule alone. For a convolution the product
+    is averaged over output positions as well (:func:`mirror_product`), so ``B`` tends to the kernel itself up to border
+    effects of the padding (the sum over positions would make it the kernel times their number). Not AO-SDTP's
+    auxiliary layer (its fixed rows are no forward weight to mirror). ``B`` starts random, as FA's (a buffer, in
+    checkpoints).
+
+    >>> upper = Dense(3, 2, activation="linear")
+    >>> g = WeightMirror().bind(1, Dense(2, 3), upper)
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> for _ in range(300):
+    ...     g.mirror_step(lambda shape: torch.randn(shape, generator=gen), lr=0.1, sigma=1.0, decay=0.1, batch_size=64)
+    >>> bool(torch.allclose(g.B, upper.weight.detach().T, atol=0.15))  # lambda = eta_B sigma^2: B -> W^T
+    True
+    """
+
+    def check_layers(self, lower, upper):
+        if not isinstance(upper, (Dense, Conv2d, Block)) or isinstance(upper, AuxiliaryDense):
+            raise ConfigError(
+                f"the weight mirror sends noise through layer {self.index + 1}'s whole weight: it needs a Dense or Conv2d layer or a "
+                f"block there, got {type(upper).__name__}"
+            )
+        super().check_layers(lower, upper)
+        if self._slots:
+            names = [name for name, _, _ in self._slots]
+            self._mirror_shapes = tuple(_mirror_input_shapes(upper, names))
+        else:
+            self._mirror_shapes = (tuple(upper.in_shape) if isinstance(upper, Conv2d) else (upper.in_features,),)
+
+    def mirrored(self) -> list[tuple[Layer | nn.Module, Tensor, Tensor, tuple[int, ...]]]:
+        """``[(owner, W, B, input shape)]``: each forward weight above (a block's weighted submodules in order) with its
+        feedback weight and the shape of the noise it is mirrored with."""
+        if self._slots:
+            owners = [self.upper.module.get_submodule(name) for name, _, _ in self._slots]
+            return [(m, m.weight, self.slot_feedback(k), shape) for k, (m, shape) in enumerate(zip(owners, self._mirror_shapes))]
+        return [(self.upper, self.upper.weight, self.B, self._mirror_shapes[0])]
+
+    @torch.no_grad()
+    def mirror_step(self, noise: Callable[[tuple[int, ...]], Tensor], lr: float, sigma: float, decay: float, batch_size: int) -> None:
+        """One mirror step on every feedback weight of this map: ``B <- (1 - decay) B + lr mean_b x_b y_b^T`` with
+        ``x = sigma * noise((batch_size, *input shape))`` and ``y = W x`` (:func:`mirror_product`).
+
+        Args:
+            noise: returns standard normal draws of a shape (on any device; moved to the weights').
+            lr: ``eta_B``.
+            sigma: the noise's standard deviation.
+            decay: ``lambda``.
+            batch_size: noise samples per step.
+        """
+        for owner, W, B, shape in self.mirrored():
+            x = sigma * noise((batch_size, *shape)).to(dtype=W.dtype, device=W.device)
+            B.mul_(1.0 - decay).add_(transposed_for(owner, mirror_product(owner, x, W)), alpha=lr)
+
+
 class DirectFeedback(_FixedFeedback):
     """Direct feedback alignment (Noekland 2016; thesis eq. 3.21): every hidden layer hears the output error directly.
 
@@ -1117,19 +1248,38 @@ class LocalDifferenceReconstruction(OriginalInverse):
     The paper trains ``Q`` for many iterations per batch (20-55 per layer on CIFAR-10, ``feedback_iterations``) with
     per-layer noise 0.4-0.08; here ``sigma`` is one number for all layers.
 
+    ``activation="linear"`` drops ``s_i``: ``g_i(h) = Q_i h``, the paper's feedback, whose blocks end with the transposed
+    layer (scalingDTP's feedback networks); ``"lower"`` (default) keeps the original form. With a ReLU ``s_i`` the original
+    form can die: the loss's term ``||g_i(h_{i+1} + eta) - g_i(h_{i+1})||^2`` is smallest where ``Q_i h`` is negative
+    everywhere, and there the targets of layer ``i`` stop moving.
+
     The other arguments are those of :class:`OriginalInverse` (``bias``: ``g_i(h) = s_i(Q_i h + d_i)``).
 
     Args:
         noise_std: ``sigma`` (> 0).
+        activation: ``"lower"`` (``s_i``) or ``"linear"`` (none).
 
     >>> g = LocalDifferenceReconstruction(noise_std=0.1).bind(1, Dense(2, 3), Dense(3, 3))
     >>> g.Q.shape
     torch.Size([3, 3])
+    >>> lin = LocalDifferenceReconstruction(activation="linear").bind(1, Dense(2, 3, activation="relu"), Dense(3, 3))
+    >>> torch.allclose(lin(-torch.ones(1, 3)), -torch.ones(1, 3) @ lin.Q.T)  # Q h, no ReLU
+    True
     """
 
-    def __init__(self, noise_std: float = 0.1, weight_decay: float = 0.0, init: str = "pinv", bias: bool = False):
+    ACTIVATIONS = ("lower", "linear")
+
+    def __init__(self, noise_std: float = 0.1, weight_decay: float = 0.0, init: str = "pinv", bias: bool = False, activation: str = "lower"):
         _check_noise(noise_std, "the L-DRL")
+        if activation not in self.ACTIVATIONS:
+            raise ConfigError(f"feedback_activation must be one of {', '.join(map(repr, self.ACTIVATIONS))}, got {activation!r}")
         super().__init__(noise_std, weight_decay, init, bias)
+        self.activation = activation
+
+    @property
+    def feedback_activation(self):
+        """``s_i``, or the identity with ``activation="linear"``."""
+        return _IDENTITY if self.activation == "linear" else self.lower.activation
 
     def feedback_grads(self, step, noise):
         i, sigma = self.index, self.noise_std

@@ -83,7 +83,7 @@ def _contract(name: str) -> type:
 
 
 for _name in ("BP", "BPFixed", "TPEI", "RTPEI", "RMTPEI", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP",
-              "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP", "FA", "DFA", "BDFA", "USF", "BRSF", "FRSF", "KP", "DRL", "DDTPLinear",
+              "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP", "FA", "DFA", "BDFA", "USF", "BRSF", "FRSF", "KP", "WM", "DRL", "DDTPLinear",
               "LDRL", "GaussNewton",
               "FWDTP", "CCL"):
     globals()[f"Test{_name}Contract"] = _contract(_name)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tplightning as tp
+from tplightning.errors import ConfigError
 from tplightning.target_maps import Step
 
 SGD = functools.partial(torch.optim.SGD, lr=0.01)
@@ -149,6 +150,24 @@ def test_ldrl_converges_to_the_transposed_forward_weights_on_a_linear_network():
     _train_feedback(rule, torch.randn(256, 6, dtype=torch.float64), 1000, 1.0)  # the loss scales with sigma^2 = 0.25
     for i in (1, 2):
         torch.testing.assert_close(rule.Q(i).detach(), rule.forward_weights[i].detach().T, rtol=0, atol=2e-2)
+
+
+def test_ldrl_linear_feedback_reaches_the_transposed_output_weight_above_relu_layers():
+    """``feedback_activation="linear"`` (``g_i(h) = Q_i h``): above ReLU hidden layers the output map's ``Q`` still reaches
+    ``W_L^T`` (the L-DRL's minimum, ``J_g = J_f^T`` with ``J_f = W_L`` for a linear output layer); the original form
+    ``relu(Q h)`` cannot (its Jacobian is zero wherever ``Q h < 0``) and ends far from it."""
+    x = torch.randn(256, 6, dtype=torch.float64)
+    ends = {}
+    for form in ("linear", "lower"):
+        rule = _rule(tp.LDRL, (6, 5, 4, 3), activation="relu", feedback_noise_std=0.5, feedback_init="random", feedback_activation=form)
+        _train_feedback(rule, x, 1000, 1.0)
+        ends[form] = float((rule.Q(2).detach() - rule.forward_weights[2].detach().T).abs().max())
+    assert ends["linear"] < 3e-2 < 0.1 < ends["lower"]
+
+
+def test_ldrl_refuses_an_unknown_feedback_activation():
+    with pytest.raises(ConfigError, match="feedback_activation must be one of 'lower', 'linear', got 'tanh'"):
+        tp.LDRL(sizes=[3, 4, 2], feedback_activation="tanh")
 
 
 @pytest.mark.parametrize("cls", NEW, ids=lambda c: c.__name__)

@@ -1,5 +1,5 @@
 """Learning rules, one LightningModule family per file on the shared :class:`LearningRule` base."""
-from .alignment import BDFA, BRSF, DFA, FA, FRSF, KP, USF
+from .alignment import BDFA, BRSF, DFA, FA, FRSF, KP, USF, WM
 from .backprop import BP, BPFixed
 from .base import DivergenceError, LearningRule
 from .drl import DRL, LDRL, DDTPLinear
@@ -9,7 +9,7 @@ from .learned import AOSDTP, DTPAI, MTP, RDTPAI, RTPAI, TPAI, LearnedInverseRule
 from .target_prop import TargetPropRule
 
 __all__ = [
-    "LearningRule", "DivergenceError", "BP", "BPFixed", "FA", "DFA", "BDFA", "USF", "BRSF", "FRSF", "KP", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI",
+    "LearningRule", "DivergenceError", "BP", "BPFixed", "FA", "DFA", "BDFA", "USF", "BRSF", "FRSF", "KP", "WM", "TargetPropRule", "ExactInverseRule", "TPEI", "RTPEI", "RMTPEI", "DTPEI",
     "LearnedInverseRule", "TPAI", "RTPAI", "DTPAI", "RDTPAI", "OriginalTP", "OriginalRTP", "OriginalDTP", "OriginalRDTP", "LeeDTP", "AOSDTP", "MTP",
     "DRL", "DDTPLinear", "LDRL", "GaussNewton",
 ]

@@ -1,6 +1,6 @@
 """Feedback alignment presets: FA (thesis 3.2.1, Lillicrap et al. 2016), DFA (3.2.2, Noekland 2016), BDFA (3.2.4, Luo et al. 2017),
-and the family biotorch ships beside them: sign symmetry (uSF, brSF, frSF; Liao, Leibo & Poggio 2016) and Kolen–Pollack
-feedback (KP; Akrout et al. 2019).
+and the family biotorch ships beside them: sign symmetry (uSF, brSF, frSF; Liao, Leibo & Poggio 2016), Kolen–Pollack
+feedback (KP) and weight mirrors (WM; both Akrout et al. 2019).
 
 FA and DFA are target-propagation rules whose maps carry fixed random feedback matrices
 (:class:`~tplightning.target_maps.FeedbackAlignment`, :class:`~tplightning.target_maps.DirectFeedback`): the propagated
@@ -8,7 +8,8 @@ FA and DFA are target-propagation rules whose maps carry fixed random feedback m
 is then eq. 3.20's. ``target_stepsize`` defaults to 1 here, so the forward learning rate means what it means for BP.
 Bidirectional FA (3.2.4) trains the feedback weights in a second, auto-encoder phase (:class:`BDFA`); broadcast FA
 (3.2.3) needs spiking neurons and is not implemented. The sign-symmetric rules and KP are FA with another ``B_i``
-(:class:`~tplightning.target_maps.SignSymmetry`, :class:`~tplightning.target_maps.KolenPollack`).
+(:class:`~tplightning.target_maps.SignSymmetry`, :class:`~tplightning.target_maps.KolenPollack`,
+:class:`~tplightning.target_maps.WeightMirror`).
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ from torch import Tensor, nn
 from .._lightning import OptimizerCallable
 from ..errors import ConfigError
 from ..layers import FEEDBACK_LAWS, Dense, Layer, random_feedback
-from ..target_maps import DirectFeedback, FeedbackAlignment, KolenPollack, SignSymmetry, TrainedFeedback
+from ..target_maps import DirectFeedback, FeedbackAlignment, KolenPollack, SignSymmetry, TrainedFeedback, WeightMirror
 from .arguments import arguments_for
 from .base import NORM_GUARD, build_optimizer, check_optimizer_factory
 from .target_prop import TargetPropRule
 
-__all__ = ["FA", "DFA", "BDFA", "USF", "BRSF", "FRSF", "KP"]
+__all__ = ["FA", "DFA", "BDFA", "USF", "BRSF", "FRSF", "KP", "WM"]
 
 
 class FA(TargetPropRule):
@@ -354,3 +355,116 @@ class KP(FA):
         for m in self.maps:
             grads.update(m.mirrored_grads(grads))
         return grads
+
+
+class WM(FA):
+    """Weight mirrors (Akrout et al. 2019, section 3, eq. 7 with weight decay): FA whose ``B_i`` learn in *mirror mode*,
+    ``B_i <- B_i + eta_B mean_b x_b (W_{i+1} x_b)^T - lambda B_i`` with fresh noise ``x ~ N(0, sigma^2 I)`` in each layer's
+    input space, so that ``B_i`` aligns with ``W_{i+1}^T`` (:class:`~tplightning.target_maps.WeightMirror`).
+
+    As in the authors' code, mirror mode runs ``mirror_initial_steps`` times before the first training batch (they mirror
+    over as many noise batches as the training set has batches) and ``mirror_steps`` times after every forward update.
+    The noise comes from a CPU generator seeded ``feedback_seed``, the same on every DDP replica (it carries no data, so
+    replicas stay identical); its state is in the checkpoint, so a resumed run draws what the uninterrupted one would.
+    With ``mirror_weight_decay = mirror_lr * mirror_noise_std**2`` the mean ``B`` is ``W^T`` itself (the default).
+    Run: ``python train.py --config wm.yaml``.
+
+    It takes every argument of :class:`FA` too.
+
+    Args:
+        mirror_lr: ``eta_B``.
+        mirror_noise_std: ``sigma`` of the mirror noise.
+        mirror_weight_decay: ``lambda``; ``None``: ``eta_B sigma^2``.
+        mirror_batch_size: noise samples per mirror step.
+        mirror_steps: mirror steps after each forward update.
+        mirror_initial_steps: mirror steps before the first training batch.
+        feedback_init: the law of the random initial ``B_i``, as :class:`FA`'s.
+        feedback_seed: seed of the noise's generator.
+
+    >>> rule = WM(sizes=[3, 4, 2], mirror_initial_steps=300)
+    >>> rule.mirror(rule.mirror_initial_steps)
+    >>> bool(torch.allclose(rule.feedback_weights[0], rule.net.weights[1].detach().T, atol=0.2))
+    True
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int] = (6, 6, 6),
+        activation: str = "leaky_relu",
+        output_activation: str = "linear",
+        negative_slope: float = 0.35,
+        bias: bool = False,
+        loss: Literal["mse", "cross_entropy"] = "mse",
+        init_std: float | None = None,
+        init: Literal["gaussian", "orthogonal", "xavier_normal"] = "gaussian",
+        forward_optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_final_factor: float = 0.2,
+        train_layers: Sequence[int] | None = None,
+        network: Sequence[Layer | nn.Module] | nn.Module | None = None,
+        norm_guard: float | None = NORM_GUARD,
+        *,
+        target_stepsize: float = 1.0,
+        layer_seed: int = 0,
+        batch_norm: bool = False,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        feedback_init: Literal["random", "xavier_normal", "xavier_uniform"] = "random",
+        mirror_lr: float = 0.1,
+        mirror_noise_std: float = 1.0,
+        mirror_weight_decay: float | None = None,
+        mirror_batch_size: int = 64,
+        mirror_steps: int = 1,
+        mirror_initial_steps: int = 0,
+        feedback_seed: int = 0,
+    ):
+        super().__init__(**arguments_for(super().__init__, locals()))
+        for name, value in (("mirror_lr", mirror_lr), ("mirror_noise_std", mirror_noise_std)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+        if mirror_weight_decay is not None and (isinstance(mirror_weight_decay, bool) or not isinstance(mirror_weight_decay, (int, float))
+                                                or not 0 <= mirror_weight_decay < 1):  # fmt: skip
+            raise ConfigError(f"mirror_weight_decay must be a number in [0, 1) or null (mirror_lr * mirror_noise_std**2), got {mirror_weight_decay!r}")
+        for name, value, low in (("mirror_batch_size", mirror_batch_size, 1), ("mirror_steps", mirror_steps, 0),
+                                 ("mirror_initial_steps", mirror_initial_steps, 0)):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        decay = mirror_lr * mirror_noise_std**2 if mirror_weight_decay is None else mirror_weight_decay
+        if not decay < 1:
+            raise ConfigError(f"mirror_weight_decay = mirror_lr * mirror_noise_std**2 = {decay:g} must be < 1: give a smaller mirror_lr or mirror_noise_std, or mirror_weight_decay")
+        self.mirror_lr, self.mirror_noise_std, self.mirror_decay = float(mirror_lr), float(mirror_noise_std), float(decay)
+        self.mirror_batch_size, self.mirror_steps, self.mirror_initial_steps = mirror_batch_size, mirror_steps, mirror_initial_steps
+        self.feedback_seed = feedback_seed
+        self._feedback_gen: torch.Generator | None = None
+
+    def make_maps(self):
+        return [WeightMirror(self.feedback_law()) for _ in range(self.num_layers - 1)]
+
+    def feedback_generator(self) -> torch.Generator:
+        """The mirror noise's CPU generator (seeded ``feedback_seed`` on first use, or restored from a checkpoint)."""
+        if self._feedback_gen is None:
+            self._feedback_gen = torch.Generator().manual_seed(self.feedback_seed)
+        return self._feedback_gen
+
+    def mirror(self, steps: int) -> None:
+        """``steps`` mirror steps of every feedback weight (layer 1's map first in each step)."""
+        g = self.feedback_generator()
+        for _ in range(steps):
+            for m in self.maps:
+                m.mirror_step(lambda shape: torch.randn(shape, generator=g), self.mirror_lr, self.mirror_noise_std, self.mirror_decay,
+                              self.mirror_batch_size)  # fmt: skip
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 0 and batch_idx == 0 and self.mirror_initial_steps:
+            self.mirror(self.mirror_initial_steps)
+        loss = super().training_step(batch, batch_idx)
+        self.mirror(self.mirror_steps)
+        return loss
+
+    def extra_state(self) -> dict:
+        """Adds ``feedback_generator``, the mirror noise's generator state."""
+        return {**super().extra_state(), "feedback_generator": self.feedback_generator().get_state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if "feedback_generator" in state:
+            self.feedback_generator().set_state(state["feedback_generator"])

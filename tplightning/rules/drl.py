@@ -134,8 +134,9 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
     ``g_i(h) = s_i(Q_i h)`` with difference targets; ``Q_i`` minimises a loss of layer ``i + 1`` alone whose minimum makes
     ``J_{g_i} = J_{f_{i+1}}^T``, so that the difference targets approach backprop's gradient targets
     (:class:`~tplightning.target_maps.LocalDifferenceReconstruction`). The paper's feedback map inverts each block with a
-    transposed layer after the activation; this library's original form ``s_i(Q_i h)`` is used instead (our choice, so
-    that DTP, DRL and L-DRL differ only in the feedback loss). Run: ``python train.py --config ldrl.yaml``.
+    transposed layer after the activation; this library's original form ``s_i(Q_i h)`` is used by default (our choice, so
+    that DTP, DRL and L-DRL differ only in the feedback loss) and ``feedback_activation="linear"`` gives the paper's
+    ``Q_i h`` (LeNet-5's config uses it). Run: ``python train.py --config ldrl.yaml``.
 
     It takes every argument of :class:`~tplightning.rules.learned.LearnedInverseRule` too.
 
@@ -144,6 +145,10 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_iterations: feedback updates per batch (the paper: 20-55 per layer on CIFAR-10).
         feedback_first: as for :class:`DRL`.
         feedback_extra_epochs: as for :class:`DRL`.
+        feedback_activation: ``"lower"`` keeps ``s_i`` in ``g_i(h) = s_i(Q_i h)``; ``"linear"`` drops it,
+            ``g_i(h) = Q_i h``, as the paper's feedback blocks (ending with the transposed layer) do. With ReLU layers
+            below (LeNet-5's blocks) the original form's feedback can die (see
+            :class:`~tplightning.target_maps.LocalDifferenceReconstruction`).
 
     >>> rule = LDRL(sizes=[3, 4, 4, 2])
     >>> type(rule.maps[0].inner).__name__, rule.feedback_iterations
@@ -187,9 +192,15 @@ class LDRL(_FreshFeedbackPass, OriginalDTP):
         feedback_first: bool = False,
         adaptive: Adaptive | None = None,
         feedback_schedule: FeedbackSchedule | None = None,
+        feedback_activation: Literal["lower", "linear"] = "lower",
     ):
         super().__init__(**arguments_for(super().__init__, locals()))
         self.feedback_first = bool(feedback_first)
+
+    @property
+    def feedback_options(self) -> dict:
+        """The learned maps' options, with ``activation`` (``feedback_activation``)."""
+        return {**super().feedback_options, "activation": self.hparams.get("feedback_activation", "lower")}
 
 
 class DDTPLinear(_FreshFeedbackPass):
