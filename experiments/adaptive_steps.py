@@ -333,8 +333,9 @@ def mnist_variants(lrs: Sequence[float], fraction: float) -> dict[str, tuple[str
 
 
 def mnist_tasks(variants_: dict, seeds: Sequence[int], epochs: int, data: Sequence[str]) -> list[tuple]:
-    """The MNIST runs ``(variant, config, seed, epochs, overrides)`` (:func:`benchmarks.mnist.run_key`'s arguments)."""
-    return [(v, config, seed, epochs, tuple([*overrides, *data])) for v, (_, config, overrides) in variants_.items() for seed in seeds]
+    """The MNIST runs ``(variant, config, seed, epochs, overrides)`` (:func:`benchmarks.mnist.run_key`'s arguments), seed
+    by seed (an interrupted campaign leaves whole seeds)."""
+    return [(v, config, seed, epochs, tuple([*overrides, *data])) for seed in seeds for v, (_, config, overrides) in variants_.items()]
 
 
 def _mnist_runs_row(variant: str, config: str, epochs: int, runs: list[dict]) -> dict:
