@@ -21,7 +21,7 @@ SGD, BP with Adam and the global Gauss-Newton / Levenberg-Marquardt reference
   training seconds at every validation); records ``<out>/adaptive_steps_mnist_runs.jsonl`` (the MNIST benchmark's
   record kind and run key), summary ``adaptive_steps_mnist.json``, figure ``adaptive_steps_mnist.png`` (validation
   accuracy against training seconds and against epochs, mean and band of +- one sd over seeds); the time and epochs to
-  95, 97 and 98 % validation accuracy are medians over seeds with a seed that never gets there counted as never
+  90, 95, 97 and 98 % validation accuracy are medians over seeds with a seed that never gets there counted as never
   (:func:`benchmarks.mnist.censored_median`).
 
 Each run is :func:`benchmarks.student_teacher.run_one` (one seed sets the teacher, its data, the student's perturbation,
@@ -70,7 +70,7 @@ MNIST_EPOCHS = 20
 #: rule -> (config, the adaptive pieces that apply to it on cross-entropy with plain SGD)
 MNIST_PIECES = {"DTPAI": ("mnist/dtp_ai.yaml", ("LayerDamping", "LayerStep")), "LeeDTP": ("mnist/lee_dtp.yaml", ("LayerStep",))}
 #: validation accuracies whose time and epochs the MNIST table reports
-MNIST_THRESHOLDS = (0.95, 0.97, 0.98)
+MNIST_THRESHOLDS = (0.9, 0.95, 0.97, 0.98)
 
 
 def adaptive(fraction: float, mode: str = "all") -> str:
