@@ -339,7 +339,8 @@ def mnist_tasks(variants_: dict, seeds: Sequence[int], epochs: int, data: Sequen
 
 
 def _mnist_runs_row(variant: str, config: str, epochs: int, runs: list[dict]) -> dict:
-    return {"rule": variant, "config": config, "epochs": epochs, "machine": "; ".join(dict.fromkeys(r["machine"] for r in runs)), "runs": runs}
+    """A variant's runs as a row of the MNIST benchmark's table (what its curve and band functions read)."""
+    return {"rule": variant, "config": config, "epochs": epochs, "runs": runs}
 
 
 def summarise_mnist(runs: Sequence[dict]) -> dict:
@@ -359,7 +360,7 @@ def summarise_mnist(runs: Sequence[dict]) -> dict:
              "diverged": sum(bool(r["diverged"]) for r in mine), "failed": [r["error"] for r in mine if not r["diverged"] and r["test_error"] is None],
              "test_errors": [r["test_error"] for r in ok], "best_epochs": [r["best_epoch"] for r in ok], "val_acc": [r["val_acc"] for r in ok],
              "train_seconds_per_epoch": [r["val_points"][-1][1] / len(r["val_points"]) for r in ok if r.get("val_points")],
-             "machine": "; ".join(dict.fromkeys(r["machine"] for r in mine)), "thresholds": {}}  # fmt: skip
+             "machines": list(dict.fromkeys(r["machine"] for r in mine)), "thresholds": {}}  # fmt: skip
         for th in MNIST_THRESHOLDS:
             per_seed = {}
             for r in mine:
@@ -400,9 +401,9 @@ def mnist_block(summary: dict, command: str, figure: str | None) -> str:
                      *(cell(e["thresholds"][th]) for th in MNIST_THRESHOLDS), _mean_sd(e["train_seconds_per_epoch"], 1)])  # fmt: skip
     seeds = sorted({s for e in summary.values() for s in e["seeds"]})
     epochs = sorted({e["epochs"] for e in summary.values()})
-    per_seed = [f"{v}: " + ", ".join(f"{s} {'–' if h is None else f'{h[1]:.0f} s/{h[0]} ep'}" for s, h in e["thresholds"][0.98]["per_seed"].items())
+    per_seed = [f"{v}: " + ", ".join(f"seed {s} {'–' if h is None else f'{h[1]:.0f} s/{h[0]} ep'}" for s, h in e["thresholds"][0.98]["per_seed"].items())
                 for v, e in summary.items()]  # fmt: skip
-    machines = sorted({m for e in summary.values() for m in e["machine"].split("; ")})
+    machines = list(dict.fromkeys(m for e in summary.values() for m in e["machines"]))
     return "\n".join([
         f"**mnist** (784-256x5-10, {', '.join(map(str, epochs))} epochs, seeds {', '.join(map(str, seeds))}). Command: `{command}`",
         "",
@@ -414,7 +415,7 @@ def mnist_block(summary: dict, command: str, figure: str | None) -> str:
         markdown_table(["variant", "test error % (best val epoch)", "val acc % after epoch 1", "best val acc %",
                         *(f"to {100 * th:g} % val acc" for th in MNIST_THRESHOLDS), "training s/epoch"], rows),  # fmt: skip
         "",
-        "Per seed, to 98 %: " + "; ".join(per_seed) + ".",
+        "Per seed, to 98 % (training seconds / epochs; – never): " + "; ".join(per_seed) + ".",
         *(["", f"![{NAME}_mnist]({figure})"] if figure else []),
         "",
         "Machine: " + " | ".join(machines) + ".",

@@ -64,6 +64,7 @@ def test_summary_counts_epochs_and_seconds_to_an_accuracy_over_seeds():
     block = ex.mnist_block(s, "python -m experiments.adaptive_steps --tables mnist", None)
     assert "| A | 1.93 ± 1.01 | 94.33 ± 3.79 | 98.07 ± 1.01 | 10 s · 1 ep (3/3) | 20 s · 1 ep (3/3) | 20 s · 2 ep (3/3) | 40 s · 3 ep (2/3) | 13.3 ± 5.8 |" in block
     assert "| B | 2.50 ± 2.12 (1/3 diverged) |" in block and "not reached (1/3)" in block
+    assert "A: seed 0 30 s/3 ep, seed 1 40 s/2 ep, seed 2 –;" in block and "Machine: here." in block
 
 
 @needs_mnist
