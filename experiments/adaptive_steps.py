@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -443,10 +444,10 @@ def plot_mnist(records: Sequence[dict], out: Path) -> Path | None:
         for ax, (xs, m, d) in ((ax_e, (range(1, len(mean) + 1), mean, sd)), (ax_t, in_time.get(variant, ([], [], [])))):
             ax.plot(list(xs), m, style, **kw)
             ax.fill_between(list(xs), [a - b for a, b in zip(m, d)], [a + b for a, b in zip(m, d)], color=kw["color"], alpha=0.12, lw=0)
-    best = max(max(m) for m, _ in in_epochs.values())
+    best, worst = max(max(m) for m, _ in in_epochs.values()), min(min(m) for m, _ in in_epochs.values())
     for ax in (ax_t, ax_e):
         ax.axhline(98.0, color="gray", lw=0.6)
-        ax.set_ylim(max(80.0, best - 8), min(100.0, best + 0.7))
+        ax.set_ylim(max(50.0, worst - 1), min(100.0, max(best, 98.0) + 0.5))
         ax.set_ylabel("validation accuracy %")
         ax.grid(alpha=0.3)
     ax_t.set(title="MNIST: val acc vs training time", xlabel="training seconds (one torch thread)", xscale="log")
@@ -490,7 +491,7 @@ def run_mnist(args: argparse.Namespace) -> dict:
     if data:
         command.append(f"--num-train {data[3]} --num-val {data[5]}")
     if args.variants:
-        command.append(f"--variants {','.join(args.variants)}")
+        command.append(f"--variants {shlex.quote(','.join(args.variants))}")
     return {"summary": summary, "figure": figure, "command": " ".join([*command, f"--out docs/data/{NAME} --docs"])}
 
 
