@@ -11,7 +11,18 @@ SGD, BP with Adam and the global Gauss-Newton / Levenberg-Marquardt reference
 * ``exact``: 6-6-6, batch 1, TP-EI, RTP-EI, RMTP-EI (fig. 5.7; its learning rates, 2000 samples), and TP-EI and
   RMTP-EI with the layer step alone (``+layer-step``, the ablation);
 * ``deep``: 6-6-6-6-6-6, batch 32, TP-AI and DTP-AI (fig. 5.13; TP-AI's 1e-4 for both, BP 5e-6; 3840 samples);
-* ``contracting``: 6-6-4, batch 32, TP-AI and DTP-AI (fig. 5.18's learning rates).
+* ``contracting``: 6-6-4, batch 32, TP-AI and DTP-AI (fig. 5.18's learning rates);
+* ``mnist`` (hypothesis (c), run only when named): the 784-256x5-10 network of ``mnist/dtp_ai.yaml`` and
+  ``mnist/lee_dtp.yaml`` (20 epochs by default), each as shipped (tuned AdamW), with plain SGD at the learning rate(s)
+  ``--mnist-lr`` (weight decay 0, the config's schedule) and with the same SGD plus the pieces that apply to the rule
+  on cross-entropy (:data:`MNIST_PIECES`: DTP-AI ``LayerDamping`` + ``LayerStep``; LeeDTP ``LayerStep``, its
+  original-form maps take no damping; the output step needs the L2 loss). Each run is :func:`benchmarks.mnist.run_one`
+  (the test error of the best-validation checkpoint, the validation accuracy of every epoch, :class:`ValTimer`'s
+  training seconds at every validation); records ``<out>/adaptive_steps_mnist_runs.jsonl`` (the MNIST benchmark's
+  record kind and run key), summary ``adaptive_steps_mnist.json``, figure ``adaptive_steps_mnist.png`` (validation
+  accuracy against training seconds and against epochs, mean and band of +- one sd over seeds); the time and epochs to
+  90, 95, 97 and 98 % validation accuracy are medians over seeds with a seed that never gets there counted as never
+  (:func:`benchmarks.mnist.censored_median`).
 
 Each run is :func:`benchmarks.student_teacher.run_one` (one seed sets the teacher, its data, the student's perturbation,
 the shuffling, the draws and the noise) with a callback that scores the whole training and test sets before training
@@ -23,16 +34,19 @@ from the records. "Epochs to BP": the first epoch at which a variant's mean trai
 mean training MSE.
 
     python -m experiments.adaptive_steps [--out DIR] [--tables exact,deep,contracting] [--seeds N] [--epochs E]
-        [--num-train N] [--variants V,V,...] [--fraction F] [--docs]
+        [--num-train N] [--num-val N] [--variants V,V,...] [--fraction F] [--mnist-lr LR,LR,...] [--docs]
 
 ``--docs`` also copies the figures to docs/figures/ and writes the tables and verdicts between the markers
-``<!-- adaptive_steps:start/end -->`` of docs/experiments.md, from every table's latest records in ``--out``.
+``<!-- adaptive_steps:start/end -->`` of docs/experiments.md, from every student-teacher table's latest records in
+``--out``; with ``--tables mnist``, the MNIST table (the runs the invocation asked for) between
+``<!-- adaptive_steps_mnist:start/end -->``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -41,6 +55,7 @@ from typing import Sequence
 from tplightning._lightning import pl
 
 from benchmarks import common
+from benchmarks import mnist as mnist_bench
 from benchmarks.student_teacher import mse, run_one, seed_args
 from experiments.common import REPO, save_figure, save_json, single_thread, subplots
 
@@ -49,6 +64,14 @@ RECORDS = "adaptive_steps_runs.jsonl"
 LR = "--model.init_args.forward_optimizer"
 ADAM = json.dumps({"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001}})
 BASELINES = ("BP-SGD", "BP-Adam", "GN-LM")
+#: the MNIST table (hypothesis (c)); not one of :data:`TABLES` (its runs are the MNIST benchmark's)
+MNIST = "mnist"
+MNIST_RECORDS = "adaptive_steps_mnist_runs.jsonl"
+MNIST_EPOCHS = 20
+#: rule -> (config, the adaptive pieces that apply to it on cross-entropy with plain SGD)
+MNIST_PIECES = {"DTPAI": ("mnist/dtp_ai.yaml", ("LayerDamping", "LayerStep")), "LeeDTP": ("mnist/lee_dtp.yaml", ("LayerStep",))}
+#: validation accuracies whose time and epochs the MNIST table reports
+MNIST_THRESHOLDS = (0.9, 0.95, 0.97, 0.98)
 
 
 def adaptive(fraction: float, mode: str = "all") -> str:
@@ -287,22 +310,216 @@ def docs_block(summary: dict, verdicts_: dict) -> str:
     return "\n".join(parts)
 
 
+# --------------------------------------------------------------------------------------------- MNIST (hypothesis (c))
+def mnist_variants(lrs: Sequence[float], fraction: float) -> dict[str, tuple[str, str, list[str]]]:
+    """``{variant: (rule, config, overrides)}`` of the MNIST table: per rule the config as shipped (``<rule> AdamW``),
+    and per SGD learning rate ``lr`` plain SGD (``<rule> SGD <lr>``) and SGD with the rule's pieces of
+    :data:`MNIST_PIECES` (``<rule> SGD <lr>+adaptive``).
+
+    >>> list(mnist_variants([0.01], 0.1))[:3]
+    ['DTPAI AdamW', 'DTPAI SGD 0.01', 'DTPAI SGD 0.01+adaptive']
+    """
+    out = {}
+    for rule, (config, pieces) in MNIST_PIECES.items():
+        out[f"{rule} AdamW"] = (rule, config, [])
+        for lr in lrs:
+            sgd = [LR, json.dumps({"class_path": "torch.optim.SGD", "init_args": {"lr": lr, "weight_decay": 0.0}})]
+            out[f"{rule} SGD {lr:g}"] = (rule, config, sgd)
+            kw = {"damping": "LayerDamping", "layer_step": "LayerStep"}
+            parts = {k: {"class_path": f"tplightning.adaptive.{v}", "init_args": {"fraction": fraction} if v == "LayerStep" else {}}
+                     for k, v in kw.items() if v in pieces}  # fmt: skip
+            value = json.dumps({"class_path": "tplightning.adaptive.Adaptive", "init_args": parts})
+            out[f"{rule} SGD {lr:g}+adaptive"] = (rule, config, [*sgd, "--model.init_args.adaptive", value])
+    return out
+
+
+def mnist_tasks(variants_: dict, seeds: Sequence[int], epochs: int, data: Sequence[str]) -> list[tuple]:
+    """The MNIST runs ``(variant, config, seed, epochs, overrides)`` (:func:`benchmarks.mnist.run_key`'s arguments), seed
+    by seed (an interrupted campaign leaves whole seeds)."""
+    return [(v, config, seed, epochs, tuple([*overrides, *data])) for seed in seeds for v, (_, config, overrides) in variants_.items()]
+
+
+def _mnist_runs_row(variant: str, config: str, epochs: int, runs: list[dict]) -> dict:
+    """A variant's runs as a row of the MNIST benchmark's table (what its curve and band functions read)."""
+    return {"rule": variant, "config": config, "epochs": epochs, "runs": runs}
+
+
+def summarise_mnist(runs: Sequence[dict]) -> dict:
+    """Per variant (``runs``: its MNIST benchmark records): the test errors of the best-validation checkpoints, the
+    validation curves, the training seconds per epoch (:class:`benchmarks.mnist.ValTimer`'s, validation excluded) and,
+    per threshold of :data:`MNIST_THRESHOLDS`, each seed's ``(epochs, seconds)`` to it (None: never) and the censored
+    medians over seeds; only the seeds every variant ran count."""
+    variants_ = list(dict.fromkeys(r["rule"] for r in runs))
+    if not variants_:
+        return {}
+    seeds = set.intersection(*({r["seed"] for r in runs if r["rule"] == v} for v in variants_))
+    out = {}
+    for variant in variants_:
+        mine = sorted((r for r in runs if r["rule"] == variant and r["seed"] in seeds), key=lambda r: r["seed"])
+        ok = [r for r in mine if not r["diverged"] and r["test_error"] is not None]
+        e = {"config": mine[0]["config"], "epochs": mine[0]["epochs"], "seeds": [r["seed"] for r in mine], "runs": len(mine),
+             "diverged": sum(bool(r["diverged"]) for r in mine), "failed": [r["error"] for r in mine if not r["diverged"] and r["test_error"] is None],
+             "test_errors": [r["test_error"] for r in ok], "best_epochs": [r["best_epoch"] for r in ok], "val_acc": [r["val_acc"] for r in ok],
+             "train_seconds_per_epoch": [r["val_points"][-1][1] / len(r["val_points"]) for r in ok if r.get("val_points")],
+             "machines": list(dict.fromkeys(r["machine"] for r in mine)), "thresholds": {}}  # fmt: skip
+        for th in MNIST_THRESHOLDS:
+            per_seed = {}
+            for r in mine:
+                points = mnist_bench.curve_points(r, r["config"]) if r in ok else []
+                hit = mnist_bench.time_to(points, th)
+                bpe = mnist_bench.batches_per_epoch(r, r["config"]) if hit else None
+                per_seed[r["seed"]] = None if hit is None else (math.ceil(hit[0] / bpe), hit[1])
+            e["thresholds"][th] = {"per_seed": per_seed, "reached": sum(h is not None for h in per_seed.values()), "of": len(per_seed),
+                                   "epochs": mnist_bench.censored_median([None if h is None else h[0] for h in per_seed.values()]),
+                                   "seconds": mnist_bench.censored_median([None if h is None else h[1] for h in per_seed.values()])}  # fmt: skip
+        out[variant] = e
+    return out
+
+
+def _mean_sd(values: Sequence[float], digits: int = 2) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def mnist_block(summary: dict, command: str, figure: str | None) -> str:
+    """The block of docs/experiments.md for the MNIST table: its command, the table, the per-seed times and the
+    machines."""
+    from experiments.common import markdown_table
+
+    def cell(t: dict) -> str:
+        count = f"({t['reached']}/{t['of']})"
+        return f"not reached {count}" if not math.isfinite(t["seconds"]) else f"{t['seconds']:.0f} s · {t['epochs']:.0f} ep {count}"
+
+    rows = []
+    for variant, e in summary.items():
+        curves = e["val_acc"]
+        err = _mean_sd(e["test_errors"]) + (f" ({e['diverged']}/{e['runs']} diverged)" if e["diverged"] else "")
+        err += "".join(f" ({f})" for f in e["failed"])
+        rows.append([variant, err, _mean_sd([100 * c[0] for c in curves]), _mean_sd([100 * max(c) for c in curves]),
+                     *(cell(e["thresholds"][th]) for th in MNIST_THRESHOLDS), _mean_sd(e["train_seconds_per_epoch"], 1)])  # fmt: skip
+    seeds = sorted({s for e in summary.values() for s in e["seeds"]})
+    epochs = sorted({e["epochs"] for e in summary.values()})
+    per_seed = [f"{v}: " + ", ".join(f"seed {s} {'–' if h is None else f'{h[1]:.0f} s/{h[0]} ep'}" for s, h in e["thresholds"][0.98]["per_seed"].items())
+                for v, e in summary.items()]  # fmt: skip
+    machines = list(dict.fromkeys(m for e in summary.values() for m in e["machines"]))
+    return "\n".join([
+        f"**mnist** (784-256x5-10, {', '.join(map(str, epochs))} epochs, seeds {', '.join(map(str, seeds))}). Command: `{command}`",
+        "",
+        "Test error: the 10k test images scored with the checkpoint of the best validation epoch (mean ± sd over seeds). "
+        "Time to an accuracy: the training seconds (validation excluded) and the epochs until the validation accuracy "
+        "(5k images, once per epoch) first reaches it, the median over seeds with a seed that never does counted as "
+        "never (shown only when more than half reach it; reaching seeds in brackets).",
+        "",
+        markdown_table(["variant", "test error % (best val epoch)", "val acc % after epoch 1", "best val acc %",
+                        *(f"to {100 * th:g} % val acc" for th in MNIST_THRESHOLDS), "training s/epoch"], rows),  # fmt: skip
+        "",
+        "Per seed, to 98 % (training seconds / epochs; – never): " + "; ".join(per_seed) + ".",
+        *(["", f"![{NAME}_mnist]({figure})"] if figure else []),
+        "",
+        "Machine: " + " | ".join(machines) + ".",
+    ])  # fmt: skip
+
+
+def plot_mnist(records: Sequence[dict], out: Path) -> Path | None:
+    """Validation accuracy against training seconds (log scale) and against epochs, one line per variant (mean over
+    seeds, band of ± one sd; :func:`benchmarks.mnist.tta_bands`, :func:`benchmarks.mnist.curve_bands`); one colour per
+    rule and SGD learning rate, the line style tells the variant."""
+    times = [t for rec in records for r in rec["runs"] for _, t, _ in mnist_bench.curve_points(r, rec["config"])]
+    if not times:
+        return None
+    lo, hi = min(times), max(times)
+    grid = [lo * (hi / lo) ** (k / 400) for k in range(401)] if hi > lo else [lo]
+    in_time = mnist_bench.tta_bands([{"rule": rec["rule"]} for rec in records], records, grid)
+    in_epochs = mnist_bench.curve_bands(records)
+    fig, (ax_t, ax_e) = subplots(2, width=5.0, height=3.8)
+    families = list(dict.fromkeys(v.split("+")[0].replace(" AdamW", "") for v in in_epochs))
+    colors = {f: f"C{k}" for k, f in enumerate(families)}
+    for variant, (mean, sd) in in_epochs.items():
+        family = variant.split("+")[0].replace(" AdamW", "")
+        style = "-" if variant.endswith("AdamW") else "--" if variant.endswith("+adaptive") else ":"
+        kw = {"color": colors[family], "label": variant, "lw": 1.3}
+        for ax, (xs, m, d) in ((ax_e, (range(1, len(mean) + 1), mean, sd)), (ax_t, in_time.get(variant, ([], [], [])))):
+            ax.plot(list(xs), m, style, **kw)
+            ax.fill_between(list(xs), [a - b for a, b in zip(m, d)], [a + b for a, b in zip(m, d)], color=kw["color"], alpha=0.12, lw=0)
+    best, worst = max(max(m) for m, _ in in_epochs.values()), min(min(m) for m, _ in in_epochs.values())
+    for ax in (ax_t, ax_e):
+        ax.axhline(98.0, color="gray", lw=0.6)
+        ax.set_ylim(max(50.0, worst - 1), min(100.0, max(best, 98.0) + 0.5))
+        ax.set_ylabel("validation accuracy %")
+        ax.grid(alpha=0.3)
+    ax_t.set(title="MNIST: val acc vs training time", xlabel="training seconds (one torch thread)", xscale="log")
+    ax_e.set(title="MNIST: val acc vs epoch", xlabel="epoch")
+    ax_e.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return save_figure(fig, out, f"{NAME}_{MNIST}", dpi=80)
+
+
+def run_mnist(args: argparse.Namespace) -> dict:
+    """The MNIST table: run what is not recorded in ``<out>/adaptive_steps_mnist_runs.jsonl`` (one run at a time,
+    each appended as it finishes), then summarise the runs asked for, write the JSON and the figure."""
+    epochs = args.epochs or MNIST_EPOCHS
+    data = []
+    if args.num_train or args.num_val:
+        n_train, n_val = args.num_train or 55000, args.num_val or 5000
+        data = ["--data.init_args.subset", str(n_train + n_val), "--data.init_args.num_train", str(n_train), "--data.init_args.num_val", str(n_val)]
+    variants_ = mnist_variants(args.mnist_lr, args.fraction)
+    if args.variants:
+        variants_ = {k: v for k, v in variants_.items() if k in args.variants}
+    tasks = mnist_tasks(variants_, range(args.seeds), epochs, data)
+    path = args.out / MNIST_RECORDS
+    recorded = mnist_bench.read_runs(path)
+    start = time.perf_counter()
+    for k, task in enumerate(tasks, start=1):
+        if mnist_bench.run_key(*task) in recorded:
+            continue
+        variant, config, seed, _, overrides = task
+        result = mnist_bench.run_one(*task)
+        mnist_bench.record_run(path, result, mnist_bench._machine(1))
+        score = result["error"] if result["test_error"] is None else f"test error {result['test_error']:.2f}%, val acc {result['val_acc']}"
+        print(f"[{k}/{len(tasks)} {time.perf_counter() - start:.0f}s] {MNIST} {variant} seed {seed}: {score}", flush=True)
+    recorded = mnist_bench.read_runs(path)
+    runs = [recorded[key] for task in tasks if (key := mnist_bench.run_key(*task)) in recorded]
+    summary = summarise_mnist(runs)
+    records = [_mnist_runs_row(v, e["config"], e["epochs"], [r for r in runs if r["rule"] == v and r["seed"] in e["seeds"]])
+               for v, e in summary.items()]  # fmt: skip
+    figure = plot_mnist(records, args.out)
+    save_json(args.out, f"{NAME}_{MNIST}", {"summary": summary, "runs": len(runs)})
+    command = [f"python -m experiments.{NAME} --tables {MNIST} --seeds {args.seeds} --epochs {epochs}",
+               f"--mnist-lr {','.join(f'{lr:g}' for lr in args.mnist_lr)} --fraction {args.fraction:g}"]
+    if data:
+        command.append(f"--num-train {data[3]} --num-val {data[5]}")
+    if args.variants:
+        command.append(f"--variants {shlex.quote(','.join(args.variants))}")
+    return {"summary": summary, "figure": figure, "command": " ".join([*command, f"--out docs/data/{NAME} --docs"])}
+
+
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "out" / NAME, help="output folder (default: %(default)s)")
-    p.add_argument("--tables", default="exact,deep,contracting", help="comma-separated tables (default: %(default)s)")
+    p.add_argument("--tables", default="exact,deep,contracting",
+                   help=f"comma-separated tables, of {', '.join([*TABLES, MNIST])} (default: %(default)s)")
     p.add_argument("--variants", default="", help="comma-separated variants (default: all of each table)")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=60, help="epochs (default: %(default)s)")
-    p.add_argument("--num-train", type=int, default=0, help="training samples (0: the table's)")
+    p.add_argument("--epochs", type=int, default=0, help=f"epochs (0, the default: 60, and {MNIST_EPOCHS} for mnist)")
+    p.add_argument("--num-train", type=int, default=0, help="training samples (0: the table's; mnist: the config's 55000)")
+    p.add_argument("--num-val", type=int, default=0, help="mnist: validation images (0: the config's 5000)")
     p.add_argument("--fraction", type=float, default=0.1, help="LayerStep fraction (default: %(default)s)")
+    p.add_argument("--mnist-lr", default="0.01", help="mnist: comma-separated SGD learning rates (default: %(default)s)")
     p.add_argument("--docs", action="store_true", help="also copy the figures to docs/figures/ and write the block of docs/experiments.md")
     args = p.parse_args(argv)
     args.tables = [t for t in args.tables.split(",") if t]
-    unknown = set(args.tables) - set(TABLES)
+    unknown = set(args.tables) - {*TABLES, MNIST}
     if unknown:
-        p.error(f"unknown tables {sorted(unknown)}; choose from {', '.join(TABLES)}")
+        p.error(f"unknown tables {sorted(unknown)}; choose from {', '.join([*TABLES, MNIST])}")
     args.variants = [v for v in args.variants.split(",") if v]
+    try:
+        args.mnist_lr = [float(v) for v in args.mnist_lr.split(",") if v]
+    except ValueError:
+        p.error(f"--mnist-lr takes comma-separated numbers, got {args.mnist_lr!r}")
+    if not args.mnist_lr or min(args.mnist_lr) <= 0:
+        p.error(f"--mnist-lr takes positive learning rates, got {args.mnist_lr}")
     return args
 
 
@@ -312,13 +529,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     path = args.out / RECORDS
     done = {RUN_KIND.key_of(e.record) for e in common.read_records(path, RUN_KIND)}
     wanted = []
-    for table in args.tables:
+    for table in (t for t in args.tables if t != MNIST):
         n = args.num_train or TABLES[table][1]
         for variant in variants(table):
             if args.variants and variant not in args.variants:
                 continue
             for seed in range(args.seeds):
-                key = {"table": table, "variant": variant, "seed": seed, "epochs": args.epochs, "num_train": n, "fraction": args.fraction}
+                key = {"table": table, "variant": variant, "seed": seed, "epochs": args.epochs or 60, "num_train": n, "fraction": args.fraction}
                 wanted.append(key)
     start = time.perf_counter()
     with single_thread():
@@ -329,10 +546,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             common.append_record(path, RUN_KIND, record)
             last = "diverged: " + str(record["error"]) if record["diverged"] else f"train MSE {record['train_mse'][-1]:.4g}"
             print(f"[{k}/{len(wanted)} {time.perf_counter() - start:.0f}s] {key['table']} {key['variant']} seed {key['seed']}: {last}", flush=True)
+        mnist = run_mnist(args) if MNIST in args.tables else None
     summary = summarise(latest_settings([e.record for e in common.read_records(path, RUN_KIND)]))
     result = {"verdicts": verdicts(summary), "summary": summary}
-    save_json(args.out, NAME, result)
-    figures = plot(summary, args.out)
+    if mnist is not None:
+        result["mnist"] = mnist["summary"]
+    if wanted:
+        save_json(args.out, NAME, result)
+    figures = plot(summary, args.out) if wanted else []
+    if mnist is not None and mnist["figure"] is not None:
+        figures.append(mnist["figure"])
     if args.docs:
         import shutil
 
@@ -342,7 +565,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         FIGURES.mkdir(parents=True, exist_ok=True)
         for f in figures:
             shutil.copy(f, FIGURES / f.name)
-        write_block(DOCS, NAME, docs_block(summary, result["verdicts"]))
+        if wanted:
+            write_block(DOCS, NAME, docs_block(summary, result["verdicts"]))
+        if mnist is not None:
+            figure = None if mnist["figure"] is None else f"figures/{mnist['figure'].name}"
+            write_block(DOCS, f"{NAME}_{MNIST}", mnist_block(mnist["summary"], mnist["command"], figure))
     print(json.dumps(result["verdicts"]))
     return result
 
