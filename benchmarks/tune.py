@@ -842,6 +842,20 @@ def _tuned_values(text: str) -> str:
     return "; ".join(f"{k} {_fmt(v)}" for k, v in tuned.items() if before.get(k, object()) != v)
 
 
+def _paired_runs(tasks: dict, record: Path, jobs: int, name_of) -> dict:
+    """The runs of a check's ``tasks`` (name -> benchmark task): taken from ``record`` where recorded, else trained and
+    appended to it; ``name_of(run)`` names a fresh run."""
+    recorded = mnist.read_runs(record)
+    runs = {name: recorded[k] for name, t in tasks.items() if (k := mnist.run_key(*t)) in recorded}
+    todo = [t for name, t in tasks.items() if name not in runs]
+    for r in common.run_all(mnist._run_task, todo, jobs):
+        if r["error"] is not None and not r["diverged"]:
+            raise RuntimeError(f"the check's run of {r['config']} failed: {r['error']}")
+        mnist.record_run(record, r, mnist._machine(jobs))
+        runs[name_of(r)] = r
+    return runs
+
+
 def check(rule: str, jobs: int = 1, record: Path = mnist.RECORD, seed: int = 0) -> dict:
     """Train the tuned config of ``rule`` and the config as it was before tuning (:func:`before_tuning`) on the
     full schedule (the config's epochs and data) with seed ``seed``; keep the one with the higher best validation
@@ -861,14 +875,7 @@ def check(rule: str, jobs: int = 1, record: Path = mnist.RECORD, seed: int = 0) 
     before_path.parent.mkdir(parents=True, exist_ok=True)
     before_path.write_text(before_text)
     tasks = {"tuned": (rule, config, seed, None, ()), "before": (rule, common.shown(before_path), seed, None, ())}
-    recorded = mnist.read_runs(record)
-    runs = {name: recorded[k] for name, t in tasks.items() if (k := mnist.run_key(*t)) in recorded}
-    todo = [t for name, t in tasks.items() if name not in runs]
-    for r in common.run_all(mnist._run_task, todo, jobs):
-        if r["error"] is not None and not r["diverged"]:
-            raise RuntimeError(f"the check's run of {r['config']} failed: {r['error']}")
-        mnist.record_run(record, r, mnist._machine(jobs))
-        runs["tuned" if r["config"] == config else "before"] = r
+    runs = _paired_runs(tasks, record, jobs, lambda r: "tuned" if r["config"] == config else "before")
     tuned, before = _score(runs["tuned"]), _score(runs["before"])
     kept, values = ("tuned" if tuned >= before else "before"), _tuned_values(text)
     epochs = config_value(config, (), "trainer.max_epochs")
@@ -930,14 +937,7 @@ def check_schedule(rule: str, schedule: dict, jobs: int = 1, record: Path = mnis
     text = path.read_text()
     value = json.dumps({"class_path": "tplightning.FeedbackSchedule", "init_args": schedule})
     tasks = {"with": (rule, config, seed, None, ("--model.init_args.feedback_schedule", value)), "without": (rule, config, seed, None, ())}
-    recorded = mnist.read_runs(record)
-    runs = {name: recorded[k] for name, t in tasks.items() if (k := mnist.run_key(*t)) in recorded}
-    todo = [t for name, t in tasks.items() if name not in runs]
-    for r in common.run_all(mnist._run_task, todo, jobs):
-        if r["error"] is not None and not r["diverged"]:
-            raise RuntimeError(f"the check's run of {r['config']} failed: {r['error']}")
-        mnist.record_run(record, r, mnist._machine(jobs))
-        runs["with" if r["overrides"] else "without"] = r
+    runs = _paired_runs(tasks, record, jobs, lambda r: "with" if r["overrides"] else "without")
     with_, without = _score(runs["with"]), _score(runs["without"])
     epochs = config_value(config, (), "trainer.max_epochs")
     kept = with_ >= without
