@@ -116,6 +116,23 @@ def save_figure(fig, out: Path, name: str, dpi: int = 100) -> Path:
     return path
 
 
+def plot_layer_logs(results: dict, key: str, layers: int, out: Path, name: str, ylabel: str, ylim: tuple[float, float],
+                    width: float = 3.6, lw: float | None = None) -> Path:
+    """One panel per layer: ``log[key][i]`` of every logged forward step, a line per rule of ``results`` (rule ->
+    ``{"logs": [{"forward_step": ..., key: [...]}, ...]}``); saved as ``out/name.png``."""
+    fig, axes = subplots(max(layers, 1), width=width, height=2.8)
+    style = {} if lw is None else {"lw": lw}
+    for i, ax in enumerate(axes):
+        for rule, r in results.items():
+            ax.plot([e["forward_step"] for e in r["logs"]], [e[key][i] for e in r["logs"]], label=rule, **style)
+        ax.set_title(f"layer {i + 1}")
+        ax.set_xlabel("forward step")
+        ax.set_ylim(*ylim)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=7)
+    return save_figure(fig, out, name)
+
+
 def robust_gaussian(
     batch: int, rows: int, cols: int, tau: float = 0.4, gen: torch.Generator | None = None, diagonal: bool = False
 ) -> Tensor:

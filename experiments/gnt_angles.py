@@ -55,7 +55,7 @@ import tplightning as tp
 from tplightning._lightning import pl
 from tplightning.diagnostics import DAMPING_GRID, TargetPropDiagnostics, damping_search
 
-from experiments.common import REPO, save_figure, subplots
+from experiments.common import REPO, plot_layer_logs
 
 NAME = "gnt_angles"
 BATCH = 128
@@ -173,19 +173,8 @@ def run_rule(name: str, args) -> dict:
 
 
 def plot(results: dict, out: Path) -> Path:
-    rules = list(results)
     L = max((len(r["first"]) for r in results.values()), default=0)
-    fig, axes = subplots(max(L, 1), width=3.0, height=2.8)
-    for i, ax in enumerate(axes):
-        for name in rules:
-            logs = results[name]["logs"]
-            ax.plot([e["forward_step"] for e in logs], [e["angles"][i] for e in logs], label=name)
-        ax.set_title(f"layer {i + 1}")
-        ax.set_xlabel("forward step")
-        ax.set_ylim(0, 95)
-    axes[0].set_ylabel("GNT angle (degrees)")
-    axes[-1].legend(fontsize=7)
-    return save_figure(fig, out, NAME)
+    return plot_layer_logs(results, "angles", L, out, NAME, "GNT angle (degrees)", (0, 95), width=3.0)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:

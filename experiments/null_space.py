@@ -39,7 +39,7 @@ from tplightning._lightning import pl
 from tplightning.data.base import TensorData, TensorDataModule
 from tplightning.diagnostics import TargetPropDiagnostics
 
-from experiments.common import REPO, save_figure, subplots
+from experiments.common import REPO, plot_layer_logs
 
 NAME = "null_space"
 SIZES = [6, 6, 6, 2]
@@ -108,16 +108,7 @@ def run_rule(name: str, args) -> dict:
 
 def plot(results: dict, out: Path) -> Path:
     L = max((len(r["mean"]) for r in results.values()), default=1)
-    fig, axes = subplots(L, width=3.2, height=2.8)
-    for c, ax in enumerate(axes):
-        for name, r in results.items():
-            ax.plot([e["forward_step"] for e in r["logs"]], [e["shares"][c] for e in r["logs"]], label=name, lw=0.8)
-        ax.set_title(f"layer {c + 1}")
-        ax.set_xlabel("forward step")
-        ax.set_ylim(0, 1)
-    axes[0].set_ylabel("null-space share")
-    axes[-1].legend(fontsize=7)
-    return save_figure(fig, out, NAME)
+    return plot_layer_logs(results, "shares", L, out, NAME, "null-space share", (0, 1), width=3.2, lw=0.8)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -901,6 +901,13 @@ class SignSymmetry(FeedbackAlignment):
         return self.slot_feedback(0)
 
 
+def _require_whole_weight(upper, why: str) -> None:
+    """Refuse a layer above without one whole forward weight per weighted module (``why`` says who needs it): a
+    :class:`~tplightning.layers.Dense` or :class:`~tplightning.layers.Conv2d` layer or a block, not AO-SDTP's auxiliary layer."""
+    if not isinstance(upper, (Dense, Conv2d, Block)) or isinstance(upper, AuxiliaryDense):
+        raise ConfigError(f"{why}: it needs a Dense or Conv2d layer or a block there, got {type(upper).__name__}")
+
+
 class KolenPollack(TrainedFeedback):
     """Kolen–Pollack feedback (Akrout et al. 2019, eqs. 16-17): :class:`FeedbackAlignment`'s target, ``B_i`` a parameter
     that takes ``W_{i+1}``'s own update, transposed:
@@ -921,11 +928,7 @@ class KolenPollack(TrainedFeedback):
     """
 
     def check_layers(self, lower, upper):
-        if not isinstance(upper, (Dense, Conv2d, Block)) or isinstance(upper, AuxiliaryDense):
-            raise ConfigError(
-                f"Kolen-Pollack feedback mirrors the update of layer {self.index + 1}'s whole weight: it needs a Dense or Conv2d "
-                f"layer or a block there, got {type(upper).__name__}"
-            )
+        _require_whole_weight(upper, f"Kolen-Pollack feedback mirrors the update of layer {self.index + 1}'s whole weight")
         super().check_layers(lower, upper)
 
     def mirrored_grads(self, grads: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
@@ -1020,11 +1023,7 @@ class WeightMirror(FeedbackAlignment):
     """
 
     def check_layers(self, lower, upper):
-        if not isinstance(upper, (Dense, Conv2d, Block)) or isinstance(upper, AuxiliaryDense):
-            raise ConfigError(
-                f"the weight mirror sends noise through layer {self.index + 1}'s whole weight: it needs a Dense or Conv2d layer or a "
-                f"block there, got {type(upper).__name__}"
-            )
+        _require_whole_weight(upper, f"the weight mirror sends noise through layer {self.index + 1}'s whole weight")
         super().check_layers(lower, upper)
         if self._slots:
             names = [name for name, _, _ in self._slots]
